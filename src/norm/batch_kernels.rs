@@ -1,0 +1,807 @@
+//! Fused batch-norm kernels over an (N, C, S) tensor (S = product of the spatial dims, 1 for BatchNorm1d on (N, C)).
+//!
+//! The kernels come in stages so that SyncBN, Ghost BN and statistics re-estimation reuse them unchanged:
+//!
+//! ```text
+//! forward : local_moments ──► Moments::merge (exact parallel Welford; across workers) ──► stats_from_moments ──► normalize
+//! backward: backward_sums ──► BackwardSums::add (across workers) ──► backward_dx
+//! ```
+//!
+//! `train_forward` and `train_backward` are the fused single-process forms: one parallel task per channel
+//! computes the statistics (two passes: Σx, then shifted Σd and Σd²) and normalises while the channel's slice is
+//! still hot in cache, and the backward computes its two reductions and dx in the same task.
+//! With S = 1 the channels are contiguous in memory, so those kernels work on blocks of channels, row by row.
+
+use super::lanes;
+use crate::Real;
+use rayon::prelude::*;
+
+/// Dimensions of an (N, C, S) view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ncs {
+    pub n: usize,
+    pub c: usize,
+    pub s: usize,
+}
+
+impl Ncs {
+    /// Values per channel.
+    pub fn m(&self) -> usize {
+        self.n * self.s
+    }
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.s
+    }
+}
+
+/// Per-channel count, mean and M2 = Σ(x-mean)²: the exact, mergeable summary of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub count: u64,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+impl Moments {
+    pub fn empty(c: usize) -> Self {
+        Moments {
+            count: 0,
+            mean: vec![0.0; c],
+            m2: vec![0.0; c],
+        }
+    }
+    /// Exact parallel-Welford merge (Chan et al.): the result summarises the union of both batches.
+    /// Either side may be empty.
+    pub fn merge(&self, other: &Moments) -> Moments {
+        assert_eq!(
+            self.mean.len(),
+            other.mean.len(),
+            "merging moments of different channel counts"
+        );
+        if other.count == 0 {
+            return self.clone();
+        }
+        if self.count == 0 {
+            return other.clone();
+        }
+        let (na, nb) = (self.count as f64, other.count as f64);
+        let n = na + nb;
+        let mut out = Moments::empty(self.mean.len());
+        out.count = self.count + other.count;
+        for c in 0..self.mean.len() {
+            let delta = other.mean[c] - self.mean[c];
+            out.mean[c] = self.mean[c] + delta * nb / n;
+            out.m2[c] = self.m2[c] + other.m2[c] + delta * delta * na * nb / n;
+        }
+        out
+    }
+    /// Biased variance Σ(x-mean)²/n.
+    pub fn var_biased(&self) -> Vec<f64> {
+        let n = self.count.max(1) as f64;
+        self.m2.iter().map(|m| m / n).collect()
+    }
+    /// Unbiased variance Σ(x-mean)²/(n-1) (NaN-free: n=1 gives +inf as in PyTorch's formula m/(m-1)).
+    pub fn var_unbiased(&self) -> Vec<f64> {
+        let n = self.count as f64;
+        self.m2.iter().map(|m| m / (n - 1.0)).collect()
+    }
+}
+
+/// What the forward saved for the backward: per channel the shift used inside the kernels (the mean rounded to T),
+/// the exact mean, the biased variance, and 1/sqrt(var+eps); `count` values per channel.
+#[derive(Debug, Clone)]
+pub struct BatchStats<T> {
+    pub shift: Vec<T>,
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+    pub invstd: Vec<f64>,
+    pub count: u64,
+}
+
+impl<T: Real> BatchStats<T> {
+    pub fn from_moments(m: &Moments, eps: f64) -> Self {
+        let var = m.var_biased();
+        let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+        BatchStats {
+            shift: m.mean.iter().map(|&v| T::of_f64(v)).collect(),
+            mean: m.mean.clone(),
+            var,
+            invstd,
+            count: m.count,
+        }
+    }
+    /// The per-channel affine (s, b') of the normalising pass: y = (x - shift)·s + b'.
+    /// Backward recomputes it identically, so a fused ReLU's mask matches the forward bit for bit.
+    #[inline]
+    pub fn channel_affine(&self, c: usize, weight: Option<&[T]>, bias: Option<&[T]>) -> (T, T) {
+        let w = weight.map_or(1.0, |w| w[c].as_f64());
+        let b = bias.map_or(0.0, |b| b[c].as_f64());
+        let s = w * self.invstd[c];
+        let delta = self.mean[c] - self.shift[c].as_f64();
+        (T::of_f64(s), T::of_f64(b - delta * s))
+    }
+}
+
+/// Per-channel (Σdy, Σdy·(x-mean)) of the backward.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackwardSums {
+    pub sum_dy: Vec<f64>,
+    pub dot: Vec<f64>,
+}
+
+impl BackwardSums {
+    /// Element-wise sum (the all-reduce of SyncBN's backward).
+    pub fn add(&self, o: &BackwardSums) -> BackwardSums {
+        BackwardSums {
+            sum_dy: self
+                .sum_dy
+                .iter()
+                .zip(&o.sum_dy)
+                .map(|(a, b)| a + b)
+                .collect(),
+            dot: self.dot.iter().zip(&o.dot).map(|(a, b)| a + b).collect(),
+        }
+    }
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    /// # Safety
+    /// `off..off+len` must lie in the buffer and no other live slice may overlap it.
+    #[inline(always)]
+    unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(off), len)
+    }
+}
+
+#[inline(always)]
+fn chunk<T>(x: &[T], d: Ncs, n: usize, c: usize) -> &[T] {
+    let off = (n * d.c + c) * d.s;
+    &x[off..off + d.s]
+}
+
+/// Channel blocks for the S = 1 layout.
+fn channel_blocks(c: usize) -> Vec<(usize, usize)> {
+    let threads = rayon::current_num_threads().max(1);
+    let bs = (c.div_ceil(threads * 4))
+        .clamp(16, 256)
+        .next_multiple_of(16)
+        .min(c.max(1));
+    (0..c).step_by(bs).map(|a| (a, (a + bs).min(c))).collect()
+}
+
+/// Two-pass statistics of one channel: returns (shift, Σ(x-shift), Σ(x-shift)²).
+#[inline]
+fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
+    let m = d.m() as f64;
+    let total: f64 = (0..d.n).map(|n| lanes::sum(chunk(x, d, n, c))).sum();
+    let shift = T::of_f64(total / m);
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for n in 0..d.n {
+        let (a, b) = lanes::shifted_moments(chunk(x, d, n, c), shift);
+        s1 += a;
+        s2 += b;
+    }
+    (shift, s1, s2)
+}
+
+/// Two-pass statistics of a block of channels [c0, c1) in the S = 1 layout.
+fn block_moments<T: Real>(x: &[T], d: Ncs, c0: usize, c1: usize) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let w = c1 - c0;
+    let m = d.n as f64;
+    let mut tot = vec![0.0f64; w];
+    for n in 0..d.n {
+        let row = &x[n * d.c + c0..n * d.c + c1];
+        for (t, v) in tot.iter_mut().zip(row) {
+            *t += v.as_f64();
+        }
+    }
+    let shift: Vec<T> = tot.iter().map(|t| T::of_f64(t / m)).collect();
+    let mut s1 = vec![0.0f64; w];
+    let mut s2 = vec![0.0f64; w];
+    for n in 0..d.n {
+        let row = &x[n * d.c + c0..n * d.c + c1];
+        for i in 0..w {
+            let dv = (row[i] - shift[i]).as_f64();
+            s1[i] += dv;
+            s2[i] += dv * dv;
+        }
+    }
+    (shift, s1, s2)
+}
+
+fn moments_from_shifted(shift: f64, s1: f64, s2: f64, m: f64) -> (f64, f64) {
+    let dm = s1 / m;
+    let mean = shift + dm;
+    let m2 = (s2 - s1 * dm).max(0.0);
+    (mean, m2)
+}
+
+/// Stage 1 of the forward: this process's per-channel moments.
+pub fn local_moments<T: Real>(x: &[T], d: Ncs) -> Moments {
+    assert_eq!(x.len(), d.numel());
+    let mut out = Moments::empty(d.c);
+    out.count = d.m() as u64;
+    if d.m() == 0 {
+        return out;
+    }
+    let m = d.m() as f64;
+    if d.s == 1 {
+        let parts: Vec<_> = channel_blocks(d.c)
+            .into_par_iter()
+            .map(|(c0, c1)| (c0, block_moments(x, d, c0, c1)))
+            .collect();
+        for (c0, (sh, s1, s2)) in parts {
+            for i in 0..sh.len() {
+                let (mean, m2) = moments_from_shifted(sh[i].as_f64(), s1[i], s2[i], m);
+                out.mean[c0 + i] = mean;
+                out.m2[c0 + i] = m2;
+            }
+        }
+    } else {
+        let per: Vec<(f64, f64)> = (0..d.c)
+            .into_par_iter()
+            .map(|c| {
+                let (sh, s1, s2) = channel_moments(x, d, c);
+                moments_from_shifted(sh.as_f64(), s1, s2, m)
+            })
+            .collect();
+        for (c, (mean, m2)) in per.into_iter().enumerate() {
+            out.mean[c] = mean;
+            out.m2[c] = m2;
+        }
+    }
+    out
+}
+
+#[inline]
+fn normalize_channel<T: Real>(
+    x: &[T],
+    y: SyncPtr<T>,
+    d: Ncs,
+    c: usize,
+    s: T,
+    b: T,
+    shift: T,
+    relu: bool,
+) {
+    for n in 0..d.n {
+        let off = (n * d.c + c) * d.s;
+        // SAFETY: (n, c) chunks are disjoint and each is written by exactly one task.
+        let out = unsafe { y.slice(off, d.s) };
+        if relu {
+            lanes::affine_shifted_relu(&x[off..off + d.s], out, shift, s, b);
+        } else {
+            lanes::affine_shifted(&x[off..off + d.s], out, shift, s, b);
+        }
+    }
+}
+
+fn normalize_rows<T: Real>(
+    x: &[T],
+    y: SyncPtr<T>,
+    d: Ncs,
+    c0: usize,
+    sh: &[T],
+    s: &[T],
+    b: &[T],
+    relu: bool,
+) {
+    let w = sh.len();
+    let z = T::zero();
+    for n in 0..d.n {
+        let off = n * d.c + c0;
+        // SAFETY: each task owns the columns [c0, c0+w) of every row.
+        let out = unsafe { y.slice(off, w) };
+        let row = &x[off..off + w];
+        for i in 0..w {
+            let t = (row[i] - sh[i]) * s[i] + b[i];
+            out[i] = if relu && !(t > z) { z } else { t };
+        }
+    }
+}
+
+/// Stage 3 of the forward: y = weight·(x-mean)·invstd + bias (then ReLU when `relu`), with statistics that may
+/// come from several workers.
+pub fn normalize<T: Real>(
+    x: &[T],
+    y: &mut [T],
+    d: Ncs,
+    st: &BatchStats<T>,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) {
+    assert_eq!(x.len(), d.numel());
+    assert_eq!(y.len(), d.numel());
+    let yp = SyncPtr(y.as_mut_ptr());
+    if d.s == 1 {
+        channel_blocks(d.c).into_par_iter().for_each(|(c0, c1)| {
+            let (s, b): (Vec<T>, Vec<T>) =
+                (c0..c1).map(|c| st.channel_affine(c, weight, bias)).unzip();
+            normalize_rows(x, yp, d, c0, &st.shift[c0..c1], &s, &b, relu);
+        });
+    } else {
+        (0..d.c).into_par_iter().for_each(|c| {
+            let (s, b) = st.channel_affine(c, weight, bias);
+            normalize_channel(x, yp, d, c, s, b, st.shift[c], relu);
+        });
+    }
+}
+
+/// Fused training forward: per channel, statistics then normalisation while the channel is hot in cache.
+/// Requires more than one value per channel (checked by the layer).
+pub fn train_forward<T: Real>(
+    x: &[T],
+    y: &mut [T],
+    d: Ncs,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    relu: bool,
+) -> BatchStats<T> {
+    assert_eq!(x.len(), d.numel());
+    assert_eq!(y.len(), d.numel());
+    let m = d.m() as f64;
+    let yp = SyncPtr(y.as_mut_ptr());
+    let mut st = BatchStats {
+        shift: vec![T::zero(); d.c],
+        mean: vec![0.0; d.c],
+        var: vec![0.0; d.c],
+        invstd: vec![0.0; d.c],
+        count: d.m() as u64,
+    };
+    if d.s == 1 {
+        let parts: Vec<_> = channel_blocks(d.c)
+            .into_par_iter()
+            .map(|(c0, c1)| {
+                let (sh, s1, s2) = block_moments(x, d, c0, c1);
+                let mut local = BatchStats {
+                    shift: sh.clone(),
+                    mean: vec![0.0; c1 - c0],
+                    var: vec![0.0; c1 - c0],
+                    invstd: vec![0.0; c1 - c0],
+                    count: d.m() as u64,
+                };
+                for i in 0..c1 - c0 {
+                    let (mean, m2) = moments_from_shifted(sh[i].as_f64(), s1[i], s2[i], m);
+                    local.mean[i] = mean;
+                    local.var[i] = m2 / m;
+                    local.invstd[i] = 1.0 / (m2 / m + eps).sqrt();
+                }
+                let (s, b): (Vec<T>, Vec<T>) = (0..c1 - c0)
+                    .map(|i| {
+                        let w = weight.map(|w| &w[c0..c1]);
+                        let bb = bias.map(|b| &b[c0..c1]);
+                        local.channel_affine(i, w, bb)
+                    })
+                    .unzip();
+                normalize_rows(x, yp, d, c0, &sh, &s, &b, relu);
+                (c0, local)
+            })
+            .collect();
+        for (c0, local) in parts {
+            let w = local.mean.len();
+            st.shift[c0..c0 + w].copy_from_slice(&local.shift);
+            st.mean[c0..c0 + w].copy_from_slice(&local.mean);
+            st.var[c0..c0 + w].copy_from_slice(&local.var);
+            st.invstd[c0..c0 + w].copy_from_slice(&local.invstd);
+        }
+    } else {
+        let per: Vec<(T, f64, f64, f64)> = (0..d.c)
+            .into_par_iter()
+            .map(|c| {
+                let (sh, s1, s2) = channel_moments(x, d, c);
+                let (mean, m2) = moments_from_shifted(sh.as_f64(), s1, s2, m);
+                let var = m2 / m;
+                let invstd = 1.0 / (var + eps).sqrt();
+                let w = weight.map_or(1.0, |w| w[c].as_f64());
+                let bb = bias.map_or(0.0, |b| b[c].as_f64());
+                let s = w * invstd;
+                let delta = mean - sh.as_f64();
+                normalize_channel(
+                    x,
+                    yp,
+                    d,
+                    c,
+                    T::of_f64(s),
+                    T::of_f64(bb - delta * s),
+                    sh,
+                    relu,
+                );
+                (sh, mean, var, invstd)
+            })
+            .collect();
+        for (c, (sh, mean, var, invstd)) in per.into_iter().enumerate() {
+            st.shift[c] = sh;
+            st.mean[c] = mean;
+            st.var[c] = var;
+            st.invstd[c] = invstd;
+        }
+    }
+    st
+}
+
+/// Eval forward: one per-channel affine pass y = x·a + b (ReLU when `relu`).
+pub fn eval_forward<T: Real>(x: &[T], y: &mut [T], d: Ncs, a: &[T], b: &[T], relu: bool) {
+    assert_eq!(x.len(), d.numel());
+    assert_eq!(y.len(), d.numel());
+    if d.s == 1 {
+        let z = T::zero();
+        let rows_per = (d.n / (rayon::current_num_threads() * 4)).max(1);
+        y.par_chunks_mut(d.c * rows_per)
+            .zip(x.par_chunks(d.c * rows_per))
+            .for_each(|(yo, xi)| {
+                for (yr, xr) in yo.chunks_mut(d.c).zip(xi.chunks(d.c)) {
+                    for i in 0..d.c {
+                        let t = xr[i] * a[i] + b[i];
+                        yr[i] = if relu && !(t > z) { z } else { t };
+                    }
+                }
+            });
+    } else {
+        y.par_chunks_mut(d.s)
+            .zip(x.par_chunks(d.s))
+            .enumerate()
+            .for_each(|(k, (yo, xi))| {
+                let c = k % d.c;
+                if relu {
+                    lanes::affine_relu(xi, yo, a[c], b[c]);
+                } else {
+                    lanes::affine(xi, yo, a[c], b[c]);
+                }
+            });
+    }
+}
+
+/// Stage 1 of the backward: per-channel Σdy and Σdy·(x-mean) (dy masked by the fused ReLU when `relu`).
+pub fn backward_sums<T: Real>(
+    x: &[T],
+    dy: &[T],
+    d: Ncs,
+    st: &BatchStats<T>,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) -> BackwardSums {
+    let mut out = BackwardSums {
+        sum_dy: vec![0.0; d.c],
+        dot: vec![0.0; d.c],
+    };
+    if d.s == 1 {
+        let parts: Vec<_> = channel_blocks(d.c)
+            .into_par_iter()
+            .map(|(c0, c1)| {
+                let (s, b): (Vec<T>, Vec<T>) =
+                    (c0..c1).map(|c| st.channel_affine(c, weight, bias)).unzip();
+                (
+                    c0,
+                    block_backward_sums(x, dy, d, c0, &st.shift[c0..c1], &s, &b, relu),
+                )
+            })
+            .collect();
+        for (c0, (sd, dt)) in parts {
+            for i in 0..sd.len() {
+                let c = c0 + i;
+                out.sum_dy[c] = sd[i];
+                out.dot[c] = dt[i] - (st.mean[c] - st.shift[c].as_f64()) * sd[i];
+            }
+        }
+    } else {
+        let per: Vec<(f64, f64)> = (0..d.c)
+            .into_par_iter()
+            .map(|c| {
+                let (s, b) = st.channel_affine(c, weight, bias);
+                let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
+                (sd, dt - (st.mean[c] - st.shift[c].as_f64()) * sd)
+            })
+            .collect();
+        for (c, (sd, dt)) in per.into_iter().enumerate() {
+            out.sum_dy[c] = sd;
+            out.dot[c] = dt;
+        }
+    }
+    out
+}
+
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn channel_backward_sums<T: Real>(
+    x: &[T],
+    dy: &[T],
+    d: Ncs,
+    c: usize,
+    shift: T,
+    s: T,
+    b: T,
+    relu: bool,
+) -> (f64, f64) {
+    let (mut s1, mut s2) = (0.0, 0.0);
+    for n in 0..d.n {
+        let (a1, a2) = if relu {
+            lanes::dy_moments_relu(chunk(dy, d, n, c), chunk(x, d, n, c), shift, s, b)
+        } else {
+            lanes::dy_moments(chunk(dy, d, n, c), chunk(x, d, n, c), shift)
+        };
+        s1 += a1;
+        s2 += a2;
+    }
+    (s1, s2)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block_backward_sums<T: Real>(
+    x: &[T],
+    dy: &[T],
+    d: Ncs,
+    c0: usize,
+    sh: &[T],
+    s: &[T],
+    b: &[T],
+    relu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let w = sh.len();
+    let z = T::zero();
+    let mut s1 = vec![0.0f64; w];
+    let mut s2 = vec![0.0f64; w];
+    for n in 0..d.n {
+        let off = n * d.c + c0;
+        let (xr, gr) = (&x[off..off + w], &dy[off..off + w]);
+        for i in 0..w {
+            let dv = xr[i] - sh[i];
+            let g = if relu && !(dv * s[i] + b[i] > z) {
+                z
+            } else {
+                gr[i]
+            };
+            s1[i] += g.as_f64();
+            s2[i] += g.as_f64() * dv.as_f64();
+        }
+    }
+    (s1, s2)
+}
+
+/// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3.
+#[inline]
+fn dx_coefficients<T: Real>(
+    st: &BatchStats<T>,
+    c: usize,
+    sums: &BackwardSums,
+    count: f64,
+    weight: Option<&[T]>,
+) -> (T, T, T) {
+    let w = weight.map_or(1.0, |w| w[c].as_f64());
+    let inv = st.invstd[c];
+    let k1 = inv * w;
+    let k2 = -sums.dot[c] * inv * inv / count * k1;
+    let delta = st.mean[c] - st.shift[c].as_f64();
+    let k3 = -sums.sum_dy[c] / count * k1 - delta * k2;
+    (T::of_f64(k1), T::of_f64(k2), T::of_f64(k3))
+}
+
+/// Stage 3 of the backward: dx from (possibly all-reduced) sums; `count` is the global number of values per channel.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_dx<T: Real>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    d: Ncs,
+    st: &BatchStats<T>,
+    sums: &BackwardSums,
+    count: u64,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) {
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    let count = count as f64;
+    if d.s == 1 {
+        channel_blocks(d.c).into_par_iter().for_each(|(c0, c1)| {
+            block_dx(x, dy, dxp, d, c0, c1, st, sums, count, weight, bias, relu);
+        });
+    } else {
+        (0..d.c).into_par_iter().for_each(|c| {
+            let (k1, k2, k3) = dx_coefficients(st, c, sums, count, weight);
+            let (s, b) = st.channel_affine(c, weight, bias);
+            channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
+        });
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn channel_dx<T: Real>(
+    x: &[T],
+    dy: &[T],
+    dx: SyncPtr<T>,
+    d: Ncs,
+    c: usize,
+    shift: T,
+    s: T,
+    b: T,
+    k1: T,
+    k2: T,
+    k3: T,
+    relu: bool,
+) {
+    for n in 0..d.n {
+        let off = (n * d.c + c) * d.s;
+        // SAFETY: (n, c) chunks are disjoint, one task per channel.
+        let out = unsafe { dx.slice(off, d.s) };
+        let (xs, gs) = (&x[off..off + d.s], &dy[off..off + d.s]);
+        if relu {
+            lanes::bwd_dx_relu(gs, xs, out, shift, s, b, k1, k2, k3);
+        } else {
+            lanes::bwd_dx(gs, xs, out, shift, k1, k2, k3);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block_dx<T: Real>(
+    x: &[T],
+    dy: &[T],
+    dx: SyncPtr<T>,
+    d: Ncs,
+    c0: usize,
+    c1: usize,
+    st: &BatchStats<T>,
+    sums: &BackwardSums,
+    count: f64,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) {
+    let w = c1 - c0;
+    let z = T::zero();
+    let mut k = Vec::with_capacity(w);
+    let mut sb = Vec::with_capacity(w);
+    for c in c0..c1 {
+        k.push(dx_coefficients(st, c, sums, count, weight));
+        sb.push(st.channel_affine(c, weight, bias));
+    }
+    let sh = &st.shift[c0..c1];
+    for n in 0..d.n {
+        let off = n * d.c + c0;
+        // SAFETY: each task owns columns [c0, c1) of every row.
+        let out = unsafe { dx.slice(off, w) };
+        let (xr, gr) = (&x[off..off + w], &dy[off..off + w]);
+        for i in 0..w {
+            let dv = xr[i] - sh[i];
+            let g = if relu && !(dv * sb[i].0 + sb[i].1 > z) {
+                z
+            } else {
+                gr[i]
+            };
+            out[i] = g * k[i].0 + dv * k[i].1 + k[i].2;
+        }
+    }
+}
+
+/// Fused training backward: per channel the two reductions, then dx while the channel is hot in cache.
+/// Returns the sums (dweight = dot·invstd, dbias = sum_dy).
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward<T: Real>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    d: Ncs,
+    st: &BatchStats<T>,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) -> BackwardSums {
+    if d.s == 1 {
+        let sums = backward_sums(x, dy, d, st, weight, bias, relu);
+        backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
+        return sums;
+    }
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    let count = st.count as f64;
+    let per: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (s, b) = st.channel_affine(c, weight, bias);
+            let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
+            let dot = dt - (st.mean[c] - st.shift[c].as_f64()) * sd;
+            let w = weight.map_or(1.0, |w| w[c].as_f64());
+            let inv = st.invstd[c];
+            let k1 = inv * w;
+            let k2 = -dot * inv * inv / count * k1;
+            let delta = st.mean[c] - st.shift[c].as_f64();
+            let k3 = -sd / count * k1 - delta * k2;
+            channel_dx(
+                x,
+                dy,
+                dxp,
+                d,
+                c,
+                st.shift[c],
+                s,
+                b,
+                T::of_f64(k1),
+                T::of_f64(k2),
+                T::of_f64(k3),
+                relu,
+            );
+            (sd, dot)
+        })
+        .collect();
+    let (sum_dy, dot) = per.into_iter().unzip();
+    BackwardSums { sum_dy, dot }
+}
+
+/// Eval-mode backward with fixed per-channel affine y = x·a + b: dx = dy·a (masked by the fused ReLU).
+/// Returns per channel (Σdy, Σdy·x) with the same mask, from which the layer derives dweight and dbias.
+pub fn eval_backward<T: Real>(
+    x: &[T],
+    dy: &[T],
+    dx: &mut [T],
+    d: Ncs,
+    a: &[T],
+    b: &[T],
+    relu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    if d.s == 1 {
+        let z = T::zero();
+        let parts: Vec<_> = channel_blocks(d.c)
+            .into_par_iter()
+            .map(|(c0, c1)| {
+                let w = c1 - c0;
+                let mut s1 = vec![0.0f64; w];
+                let mut s2 = vec![0.0f64; w];
+                for n in 0..d.n {
+                    let off = n * d.c + c0;
+                    // SAFETY: each task owns columns [c0, c1).
+                    let out = unsafe { dxp.slice(off, w) };
+                    for i in 0..w {
+                        let (xv, g) = (x[off + i], dy[off + i]);
+                        let g = if relu && !(xv * a[c0 + i] + b[c0 + i] > z) {
+                            z
+                        } else {
+                            g
+                        };
+                        out[i] = g * a[c0 + i];
+                        s1[i] += g.as_f64();
+                        s2[i] += g.as_f64() * xv.as_f64();
+                    }
+                }
+                (c0, s1, s2)
+            })
+            .collect();
+        let mut sd = vec![0.0; d.c];
+        let mut sx = vec![0.0; d.c];
+        for (c0, s1, s2) in parts {
+            sd[c0..c0 + s1.len()].copy_from_slice(&s1);
+            sx[c0..c0 + s2.len()].copy_from_slice(&s2);
+        }
+        return (sd, sx);
+    }
+    let per: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (mut s1, mut s2) = (0.0, 0.0);
+            for n in 0..d.n {
+                let off = (n * d.c + c) * d.s;
+                let (xs, gs) = (&x[off..off + d.s], &dy[off..off + d.s]);
+                let (a1, a2) = lanes::dy_x_sums(gs, xs, relu.then_some((a[c], b[c])));
+                s1 += a1;
+                s2 += a2;
+                // SAFETY: one task per channel; chunks disjoint.
+                let out = unsafe { dxp.slice(off, d.s) };
+                if relu {
+                    lanes::scale_relu(gs, xs, out, a[c], b[c]);
+                } else {
+                    lanes::scale(gs, out, a[c]);
+                }
+            }
+            (s1, s2)
+        })
+        .collect();
+    per.into_iter().unzip()
+}

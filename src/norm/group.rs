@@ -1,0 +1,208 @@
+//! Group normalization (Wu & He 2018): statistics per sample over each group of C/G channels and all spatial
+//! positions; biased variance; identical computation in train and eval; per-channel affine.
+//!
+//! | | |
+//! |---|---|
+//! | defaults | eps 1e-5, affine (weight 1, bias 0) |
+//! | running statistics | none |
+//! | C % G != 0 | configuration error |
+//! | one value per group | allowed (output = bias), as in PyTorch |
+
+use super::batch_kernels::Ncs;
+use super::group_kernels::{self as k, GroupStats};
+use super::{check_channels, check_eps, check_same_shape, contiguous, pslice};
+use crate::state::{join, StateDict, Stateful};
+use crate::{Mode, NvError, Param, Real, Result};
+use ndarray::{ArrayD, ArrayViewD};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupNormConfig {
+    pub num_groups: usize,
+    pub num_channels: usize,
+    pub eps: f64,
+    pub affine: bool,
+}
+
+impl GroupNormConfig {
+    pub fn new(num_groups: usize, num_channels: usize) -> Self {
+        GroupNormConfig {
+            num_groups,
+            num_channels,
+            eps: 1e-5,
+            affine: true,
+        }
+    }
+    pub fn eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+    pub fn affine(mut self, a: bool) -> Self {
+        self.affine = a;
+        self
+    }
+    pub fn build<T: Real>(self) -> Result<GroupNorm<T>> {
+        GroupNorm::new(self)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GroupNorm<T: Real = f32> {
+    pub cfg: GroupNormConfig,
+    pub weight: Option<Param<T>>,
+    pub bias: Option<Param<T>>,
+    saved: Option<(GroupStats<T>, Vec<usize>)>,
+}
+
+impl<T: Real> GroupNorm<T> {
+    pub const NAME: &'static str = "GroupNorm";
+
+    pub fn new(cfg: GroupNormConfig) -> Result<Self> {
+        check_eps(cfg.eps)?;
+        if cfg.num_groups == 0 || cfg.num_channels == 0 || cfg.num_channels % cfg.num_groups != 0 {
+            return Err(NvError::Config(format!(
+                "num_channels ({}) must be divisible by num_groups ({}), both > 0",
+                cfg.num_channels, cfg.num_groups
+            )));
+        }
+        let c = cfg.num_channels;
+        let (weight, bias) = if cfg.affine {
+            (
+                Some(Param::filled(&[c], T::one())),
+                Some(Param::filled(&[c], T::zero())),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(GroupNorm {
+            cfg,
+            weight,
+            bias,
+            saved: None,
+        })
+    }
+
+    fn dims(&self, shape: &[usize]) -> Result<Ncs> {
+        if shape.len() < 2 {
+            return Err(NvError::Rank {
+                layer: Self::NAME,
+                expected: "(N, C, *)".into(),
+                got: shape.to_vec(),
+            });
+        }
+        check_channels(Self::NAME, shape, self.cfg.num_channels)?;
+        Ok(Ncs {
+            n: shape[0],
+            c: shape[1],
+            s: shape[2..].iter().product(),
+        })
+    }
+
+    pub fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
+        let mut y = ArrayD::zeros(x.raw_dim());
+        self.forward_into(x.view(), y.as_slice_mut().unwrap(), mode)?;
+        Ok(y)
+    }
+
+    /// Forward into a caller-owned buffer. GroupNorm computes the same thing in both modes.
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], _mode: Mode) -> Result<()> {
+        let d = self.dims(x.shape())?;
+        if y.len() != d.numel() {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: "output buffer size".into(),
+            });
+        }
+        let xs = contiguous(&x);
+        let st = k::forward(
+            &xs,
+            y,
+            d,
+            self.cfg.num_groups,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.eps,
+        );
+        self.saved = Some((st, x.shape().to_vec()));
+        Ok(())
+    }
+
+    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
+        let mut dx = ArrayD::zeros(x.raw_dim());
+        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().unwrap(), mode)?;
+        Ok(dx)
+    }
+
+    pub fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: &mut [T],
+        mode: Mode,
+    ) -> Result<()> {
+        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        let d = self.dims(x.shape())?;
+        let Some((st, shape)) = &self.saved else {
+            return Err(NvError::NoSavedState {
+                layer: Self::NAME,
+                mode,
+            });
+        };
+        if shape != x.shape() {
+            return Err(NvError::NoSavedState {
+                layer: Self::NAME,
+                mode,
+            });
+        }
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        let sums = k::backward(&xs, &gs, dx, d, st, pslice(&self.weight));
+        accumulate_affine_grads(&mut self.weight, &mut self.bias, &sums, d);
+        Ok(())
+    }
+}
+
+/// Adds per-(n, c) (Σdy, Σdy·x̂) into per-channel dweight, dbias.
+pub(crate) fn accumulate_affine_grads<T: Real>(
+    w: &mut Option<Param<T>>,
+    b: &mut Option<Param<T>>,
+    sums: &[(f64, f64)],
+    d: Ncs,
+) {
+    if let (Some(w), Some(b)) = (w.as_mut(), b.as_mut()) {
+        let mut gw = vec![0.0f64; d.c];
+        let mut gb = vec![0.0f64; d.c];
+        for (i, (a, gx)) in sums.iter().enumerate() {
+            gb[i % d.c] += a;
+            gw[i % d.c] += gx;
+        }
+        for (g, v) in w.grads_mut().iter_mut().zip(gw) {
+            *g = *g + T::of_f64(v);
+        }
+        for (g, v) in b.grads_mut().iter_mut().zip(gb) {
+            *g = *g + T::of_f64(v);
+        }
+    }
+}
+
+impl<T: Real> Stateful<T> for GroupNorm<T> {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
+            sd.insert_float(join(prefix, "weight"), &w.value);
+            sd.insert_float(join(prefix, "bias"), &b.value);
+        }
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            sd.load_float(&join(prefix, "weight"), &mut w.value)?;
+            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
+        }
+        Ok(())
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        if let Some(w) = self.weight.as_mut() {
+            f(&join(prefix, "weight"), w);
+        }
+        if let Some(b) = self.bias.as_mut() {
+            f(&join(prefix, "bias"), b);
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The normalization family. One file per layer; the fused kernels they share live in `*_kernels.rs` and `lanes.rs`.
+//!
+//! | layer | statistics over | train | eval |
+//! |---|---|---|---|
+//! | [`BatchNorm`] | (N, *spatial) per channel | batch stats, running stats updated | running stats |
+//! | [`FrozenBatchNorm`] | — | fixed affine | fixed affine |
+//! | [`GroupNorm`] | (C/G, *spatial) per sample and group | same in both | same in both |
+//! | [`LayerNorm`] | trailing `normalized_shape` per sample | same in both | same in both |
+//! | [`InstanceNorm`] | (*spatial) per sample and channel | instance stats | running stats if tracked |
+//! | [`BatchChannelNorm`] | BN part per channel + LN part per sample | batch stats | running stats (BN part) |
+
+pub mod batch;
+pub mod batch_kernels;
+pub mod bcn;
+pub mod frozen;
+pub mod group;
+pub mod group_kernels;
+pub mod instance;
+pub mod lanes;
+pub mod layer;
+
+pub use batch::{BatchNorm, BatchNormConfig, Convention};
+pub use bcn::{BatchChannelNorm, BatchChannelNormConfig};
+pub use frozen::FrozenBatchNorm;
+pub use group::{GroupNorm, GroupNormConfig};
+pub use instance::{InstanceNorm, InstanceNormConfig};
+pub use layer::{LayerNorm, LayerNormConfig};
+
+use crate::{NvError, Real, Result};
+use ndarray::ArrayViewD;
+use std::borrow::Cow;
+
+/// The input as a contiguous row-major slice (copied only when it is not already one).
+pub(crate) fn contiguous<'a, T: Real>(x: &'a ArrayViewD<'_, T>) -> Cow<'a, [T]> {
+    match x.as_slice() {
+        Some(s) => Cow::Borrowed(s),
+        None => Cow::Owned(x.iter().copied().collect()),
+    }
+}
+
+pub(crate) fn check_eps(eps: f64) -> Result<()> {
+    if !(eps > 0.0) || !eps.is_finite() {
+        return Err(NvError::Config(format!(
+            "eps must be a finite number > 0, got {eps}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_momentum(m: Option<f64>) -> Result<()> {
+    if let Some(m) = m {
+        if !(0.0..=1.0).contains(&m) {
+            return Err(NvError::Config(format!(
+                "momentum must lie in [0, 1], got {m}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn check_same_shape(layer: &'static str, x: &[usize], dy: &[usize]) -> Result<()> {
+    if x != dy {
+        return Err(NvError::Shape {
+            layer,
+            msg: format!("dy has shape {dy:?} but x has shape {x:?}"),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn check_channels(layer: &'static str, shape: &[usize], expected: usize) -> Result<()> {
+    if shape[1] != expected {
+        return Err(NvError::Channels {
+            layer,
+            expected,
+            got: shape[1],
+            shape: shape.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Optional parameter → optional slice.
+pub(crate) fn pslice<T: Real>(p: &Option<crate::Param<T>>) -> Option<&[T]> {
+    p.as_ref().map(|p| p.values())
+}
+
+/// The common interface of every normalization layer, so a model can swap one for another (`--norm`).
+pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
+    /// Forward into a caller-owned buffer with x's number of elements.
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: crate::Mode) -> Result<()>;
+    /// Backward into a caller-owned buffer; accumulates parameter gradients. `mode` must match the forward.
+    fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: &mut [T],
+        mode: crate::Mode,
+    ) -> Result<()>;
+    /// The layer's name for messages and tables.
+    fn name(&self) -> &'static str;
+    fn forward(&mut self, x: &ndarray::ArrayD<T>, mode: crate::Mode) -> Result<ndarray::ArrayD<T>> {
+        let mut y = ndarray::ArrayD::zeros(x.raw_dim());
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), mode)?;
+        Ok(y)
+    }
+    fn backward(
+        &mut self,
+        x: &ndarray::ArrayD<T>,
+        dy: &ndarray::ArrayD<T>,
+        mode: crate::Mode,
+    ) -> Result<ndarray::ArrayD<T>> {
+        let mut dx = ndarray::ArrayD::zeros(x.raw_dim());
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            mode,
+        )?;
+        Ok(dx)
+    }
+}
+
+macro_rules! impl_norm_layer {
+    ($($t:ident),*) => {$(
+        impl<T: Real> NormLayer<T> for $t<T> {
+            fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: crate::Mode) -> Result<()> {
+                $t::forward_into(self, x, y, mode)
+            }
+            fn backward_into(&mut self, x: ArrayViewD<T>, dy: ArrayViewD<T>, dx: &mut [T], mode: crate::Mode) -> Result<()> {
+                $t::backward_into(self, x, dy, dx, mode)
+            }
+            fn name(&self) -> &'static str {
+                $t::<T>::NAME
+            }
+        }
+    )*};
+}
+impl_norm_layer!(
+    BatchNorm,
+    FrozenBatchNorm,
+    GroupNorm,
+    LayerNorm,
+    InstanceNorm,
+    BatchChannelNorm
+);

@@ -1,0 +1,111 @@
+//! State dicts under PyTorch's names (`weight`, `bias`, `running_mean`, `running_var`, `num_batches_tracked`).
+//!
+//! A [`StateDict`] maps dotted names (`features.0.weight`) to tensors. Floats are stored as `f32` whatever the
+//! layer's element type, integers (`num_batches_tracked`) as `i64`, as in a PyTorch `state_dict()`.
+
+use crate::{NvError, Param, Real, Result};
+use ndarray::{ArrayD, IxDyn};
+use std::collections::BTreeMap;
+
+/// One tensor of a state dict.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateTensor {
+    F32(ArrayD<f32>),
+    I64(ArrayD<i64>),
+}
+
+impl StateTensor {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            StateTensor::F32(a) => a.shape(),
+            StateTensor::I64(a) => a.shape(),
+        }
+    }
+}
+
+/// Ordered name → tensor map.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StateDict {
+    pub tensors: BTreeMap<String, StateTensor>,
+}
+
+/// Joins a prefix and a name the way PyTorch does (`""` + `weight` = `weight`, `bn1` + `weight` = `bn1.weight`).
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl StateDict {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn insert_float<T: Real>(&mut self, name: String, a: &ArrayD<T>) {
+        self.tensors
+            .insert(name, StateTensor::F32(a.mapv(|v| v.as_f64() as f32)));
+    }
+    pub fn insert_i64(&mut self, name: String, v: i64) {
+        self.tensors
+            .insert(name, StateTensor::I64(ArrayD::from_elem(IxDyn(&[]), v)));
+    }
+    pub fn get(&self, name: &str) -> Option<&StateTensor> {
+        self.tensors.get(name)
+    }
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+    /// Copies a float tensor into `dst`, checking its shape.
+    pub fn load_float<T: Real>(&self, name: &str, dst: &mut ArrayD<T>) -> Result<()> {
+        match self.tensors.get(name) {
+            Some(StateTensor::F32(a)) => {
+                if a.shape() != dst.shape() {
+                    return Err(NvError::State(format!(
+                        "{name}: expected shape {:?}, found {:?}",
+                        dst.shape(),
+                        a.shape()
+                    )));
+                }
+                dst.zip_mut_with(a, |d, s| *d = T::of_f64(*s as f64));
+                Ok(())
+            }
+            Some(StateTensor::I64(_)) => Err(NvError::State(format!(
+                "{name}: expected a float tensor, found int64"
+            ))),
+            None => Err(NvError::State(format!("missing key {name}"))),
+        }
+    }
+    /// Reads a scalar int64 (`num_batches_tracked`); a float scalar is accepted too.
+    pub fn load_i64(&self, name: &str) -> Result<i64> {
+        match self.tensors.get(name) {
+            Some(StateTensor::I64(a)) if a.len() == 1 => Ok(*a.iter().next().unwrap()),
+            Some(StateTensor::F32(a)) if a.len() == 1 => Ok(*a.iter().next().unwrap() as i64),
+            Some(t) => Err(NvError::State(format!(
+                "{name}: expected a scalar, found shape {:?}",
+                t.shape()
+            ))),
+            None => Err(NvError::State(format!("missing key {name}"))),
+        }
+    }
+}
+
+/// Anything with named parameters and buffers.
+pub trait Stateful<T: Real> {
+    /// Appends this module's tensors under `prefix` (PyTorch names).
+    fn save_state(&self, prefix: &str, sd: &mut StateDict);
+    /// Loads this module's tensors from `prefix`; a missing key or a wrong shape is an error.
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()>;
+    /// Visits every trainable parameter with its full name.
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>));
+    /// Zeroes every gradient.
+    fn zero_grad(&mut self) {
+        self.visit_params("", &mut |_, p| p.zero_grad());
+    }
+    /// Convenience: the whole state dict.
+    fn state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        self.save_state("", &mut sd);
+        sd
+    }
+}

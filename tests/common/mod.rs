@@ -1,0 +1,140 @@
+//! Shared test helpers: fixture loading and tolerant comparison.
+#![allow(dead_code)]
+
+use ndarray::{ArrayD, IxDyn};
+use normvision::state::{StateDict, StateTensor};
+use safetensors::SafeTensors;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub struct Fixture {
+    pub name: String,
+    pub meta: serde_json::Value,
+    pub f32s: BTreeMap<String, ArrayD<f32>>,
+    pub i64s: BTreeMap<String, i64>,
+}
+
+pub fn fixture_dir(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(family)
+}
+
+pub fn load_fixture(family: &str, name: &str) -> Fixture {
+    let path = fixture_dir(family).join(format!("{name}.safetensors"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, md) = SafeTensors::read_metadata(&bytes).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(
+        md.metadata()
+            .as_ref()
+            .and_then(|m| m.get("meta"))
+            .expect("meta"),
+    )
+    .unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut f32s = BTreeMap::new();
+    let mut i64s = BTreeMap::new();
+    for (k, v) in st.tensors() {
+        match v.dtype() {
+            safetensors::Dtype::F32 => {
+                let data: Vec<f32> = v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                f32s.insert(
+                    k.to_string(),
+                    ArrayD::from_shape_vec(IxDyn(v.shape()), data).unwrap(),
+                );
+            }
+            safetensors::Dtype::I64 => {
+                i64s.insert(
+                    k.to_string(),
+                    i64::from_le_bytes(v.data()[..8].try_into().unwrap()),
+                );
+            }
+            d => panic!("unexpected dtype {d:?}"),
+        }
+    }
+    Fixture {
+        name: name.to_string(),
+        meta,
+        f32s,
+        i64s,
+    }
+}
+
+pub fn list_fixtures(family: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(fixture_dir(family))
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension()? == "safetensors")
+                .then(|| p.file_stem().unwrap().to_string_lossy().to_string())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+impl Fixture {
+    pub fn get(&self, k: &str) -> &ArrayD<f32> {
+        self.f32s
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: missing tensor {k}", self.name))
+    }
+    pub fn has(&self, k: &str) -> bool {
+        self.f32s.contains_key(k) || self.i64s.contains_key(k)
+    }
+    /// Tensors under `prefix.` as a state dict with the prefix stripped.
+    pub fn state(&self, prefix: &str) -> StateDict {
+        let mut sd = StateDict::new();
+        let p = format!("{prefix}.");
+        for (k, v) in &self.f32s {
+            if let Some(rest) = k.strip_prefix(&p) {
+                sd.tensors
+                    .insert(rest.to_string(), StateTensor::F32(v.clone()));
+            }
+        }
+        for (k, v) in &self.i64s {
+            if let Some(rest) = k.strip_prefix(&p) {
+                sd.tensors.insert(
+                    rest.to_string(),
+                    StateTensor::I64(ArrayD::from_elem(IxDyn(&[]), *v)),
+                );
+            }
+        }
+        sd
+    }
+    pub fn steps(&self) -> Vec<String> {
+        self.meta["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    }
+    pub fn cfg(&self) -> &serde_json::Value {
+        &self.meta["config"]
+    }
+}
+
+/// |a - b| <= atol + rtol·|b| element-wise, with a readable failure.
+pub fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, rtol: f32, atol: f32) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let mut worst = (0.0f32, 0usize);
+    for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+        let err = (a - b).abs() - (atol + rtol * b.abs());
+        if !(err <= 0.0) && (err > worst.0 || worst.0 == 0.0) {
+            worst = (err.max(f32::MIN_POSITIVE), i);
+        }
+    }
+    if worst.0 > 0.0 {
+        let i = worst.1;
+        panic!(
+            "{what}: mismatch at flat index {i}: got {} want {} (rtol {rtol}, atol {atol})",
+            got.iter().nth(i).unwrap(),
+            want.iter().nth(i).unwrap()
+        );
+    }
+}
