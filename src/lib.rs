@@ -3,12 +3,19 @@
 //!
 //! See `docs/ARCHITECTURE.md` for the module map and how a batch flows through it.
 
+pub mod cli;
+pub mod data;
 pub mod error;
+pub mod io;
 pub mod mode;
+pub mod model;
+pub mod nn;
 pub mod norm;
+pub mod optim;
 pub mod param;
 pub mod real;
 pub mod state;
+pub mod train;
 
 pub use error::{NvError, Result};
 pub use mode::Mode;

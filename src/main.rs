@@ -1,1 +1,253 @@
-fn main() {}
+//! The `normvision` binary.
+
+use clap::{Parser, Subcommand};
+use normvision::cli::args::{set_threads, DataArgs, TrainArgs};
+use normvision::cli::{bench_kernels, commands};
+use normvision::model::{ModelKind, NormKind};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "normvision",
+    version,
+    about = "Batch normalization and its alternatives: train, evaluate and benchmark vision models on the CPU",
+    long_about = "normvision trains convolutional networks with batch normalization (or GroupNorm, LayerNorm, InstanceNorm, \
+Batch-Channel Norm, frozen BN, or none) on Fashion-MNIST, IDX files or image folders, with hand-written fused kernels.\n\n\
+Quick start:\n  normvision train                 # reference CNN + BN on Fashion-MNIST, 5 epochs\n  \
+normvision compare               # BN vs no normalization, side by side\n  \
+normvision eval --checkpoint runs/cnn-batch/model.safetensors\n  \
+normvision predict --checkpoint runs/cnn-batch/model.safetensors shoe.png"
+)]
+struct Cli {
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model (defaults: reference CNN with BatchNorm on Fashion-MNIST, SGD momentum 0.9, lr 0.05, 5 epochs).
+    Train {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Checkpoint path [default: runs/<model>-<norm>/model.safetensors].
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Continue the run of this checkpoint (same losses as an uninterrupted run).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// JSON-lines log [default: next to the checkpoint, .jsonl].
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// No progress bar.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Train the same network with each normalization and print a comparison table (the README's main job).
+    Compare {
+        #[command(flatten)]
+        train: TrainArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Normalizations to compare.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![NormKind::Batch, NormKind::None])]
+        norms: Vec<NormKind>,
+        /// Accuracy for the "steps to" column.
+        #[arg(long, default_value_t = 0.9)]
+        target: f64,
+        /// Where checkpoints and logs go.
+        #[arg(long, default_value = "runs/compare")]
+        out_dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Evaluate a checkpoint on the test set.
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Classify PNG/JPEG images with a checkpoint (top-k classes with probabilities).
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Image files; they are converted to the model's channels and resized to its input size.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        top_k: usize,
+        /// Class names, comma-separated (default: Fashion-MNIST's for 10-class grayscale models).
+        #[arg(long, value_delimiter = ',')]
+        classes: Option<Vec<String>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training and inference throughput (images/s) on synthetic 28x28 batches.
+    Bench {
+        #[arg(long, value_enum, default_value_t = ModelKind::Cnn)]
+        model: ModelKind,
+        #[arg(long, value_enum, default_value_t = NormKind::Batch)]
+        norm: NormKind,
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        /// Timed steps (median reported).
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// train, eval or both.
+        #[arg(long, default_value = "both")]
+        mode: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time the normalization kernels (train forward, forward+backward, eval) on the benchmark shapes.
+    BenchKernels {
+        /// Comma-separated ops: batch_norm, group_norm, layer_norm, instance_norm.
+        #[arg(long, value_delimiter = ',', default_values_t = bench_kernels::OPS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+        ops: Vec<String>,
+        /// Comma-separated modes: train_fwd, train_fwd_bwd, eval_fwd.
+        #[arg(long, value_delimiter = ',', default_values_t = bench_kernels::MODES.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+        modes: Vec<String>,
+        /// Comma-separated shapes such as 64x32x28x28,512x1024 (default: the benchmark grid).
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        reps: usize,
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn run(cli: Cli) -> normvision::Result<()> {
+    match cli.cmd {
+        Cmd::BenchKernels {
+            ops,
+            modes,
+            shapes,
+            reps,
+            warmup,
+            json,
+        } => {
+            let threads = cli.threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let shapes: Vec<Vec<usize>> = if shapes.is_empty() {
+                bench_kernels::DEFAULT_SHAPES
+                    .iter()
+                    .map(|s| s.to_vec())
+                    .collect()
+            } else {
+                shapes
+                    .iter()
+                    .map(|s| bench_kernels::parse_shape(s))
+                    .collect::<normvision::Result<_>>()?
+            };
+            if !json {
+                println!(
+                    "{:<14} {:<18} {:<14} {:>7} {:>10} {:>10} {:>8}",
+                    "op", "shape", "mode", "threads", "min ms", "median ms", "GB/s"
+                );
+            }
+            bench_kernels::run(&ops, &shapes, &modes, threads, warmup, reps, |r| {
+                if json {
+                    println!("{}", serde_json::to_string(r).expect("serialisable"));
+                } else {
+                    let shape = r
+                        .shape
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join("x");
+                    println!(
+                        "{:<14} {:<18} {:<14} {:>7} {:>10.3} {:>10.3} {:>8.1}",
+                        r.op, shape, r.mode, r.threads, r.min_ms, r.median_ms, r.gbps
+                    );
+                }
+            })
+        }
+        cmd => {
+            set_threads(cli.threads)?;
+            match cmd {
+                Cmd::Train {
+                    train,
+                    data,
+                    out,
+                    resume,
+                    log,
+                    json,
+                    quiet,
+                } => commands::train(&train, &data, out, resume, log, json, quiet).map(|_| ()),
+                Cmd::Compare {
+                    train,
+                    data,
+                    norms,
+                    target,
+                    out_dir,
+                    json,
+                    quiet,
+                } => commands::compare(&train, &data, &norms, target, json, quiet, &out_dir),
+                Cmd::Eval {
+                    checkpoint,
+                    data,
+                    batch_size,
+                    json,
+                } => commands::eval(&checkpoint, &data, batch_size, json),
+                Cmd::Predict {
+                    checkpoint,
+                    images,
+                    top_k,
+                    classes,
+                    json,
+                } => commands::predict(&checkpoint, &images, top_k, classes, json),
+                Cmd::Bench {
+                    model,
+                    norm,
+                    batch_size,
+                    steps,
+                    warmup,
+                    mode,
+                    json,
+                } => {
+                    if !["train", "eval", "both"].contains(&mode.as_str()) {
+                        return Err(normvision::NvError::Config(format!(
+                            "--mode must be train, eval or both, got {mode}"
+                        )));
+                    }
+                    commands::bench(model, norm, batch_size, steps, warmup, &mode, json).map(|_| ())
+                }
+                Cmd::BenchKernels { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -158,12 +158,6 @@ impl<T> SyncPtr<T> {
     }
 }
 
-#[inline(always)]
-fn chunk<T>(x: &[T], d: Ncs, n: usize, c: usize) -> &[T] {
-    let off = (n * d.c + c) * d.s;
-    &x[off..off + d.s]
-}
-
 /// Channel blocks for the S = 1 layout.
 fn channel_blocks(c: usize) -> Vec<(usize, usize)> {
     let threads = rayon::current_num_threads().max(1);
@@ -178,14 +172,9 @@ fn channel_blocks(c: usize) -> Vec<(usize, usize)> {
 #[inline]
 fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
     let m = d.m() as f64;
-    let total: f64 = (0..d.n).map(|n| lanes::sum(chunk(x, d, n, c))).sum();
+    let total = lanes::sum_channel(x, c * d.s, d.n, d.s, d.c * d.s);
     let shift = T::of_f64(total / m);
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for n in 0..d.n {
-        let (a, b) = lanes::shifted_moments(chunk(x, d, n, c), shift);
-        s1 += a;
-        s2 += b;
-    }
+    let (s1, s2) = lanes::shifted_moments_channel(x, c * d.s, d.n, d.s, d.c * d.s, shift);
     (shift, s1, s2)
 }
 
@@ -520,17 +509,16 @@ fn channel_backward_sums<T: Real>(
     b: T,
     relu: bool,
 ) -> (f64, f64) {
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for n in 0..d.n {
-        let (a1, a2) = if relu {
-            lanes::dy_moments_relu(chunk(dy, d, n, c), chunk(x, d, n, c), shift, s, b)
-        } else {
-            lanes::dy_moments(chunk(dy, d, n, c), chunk(x, d, n, c), shift)
-        };
-        s1 += a1;
-        s2 += a2;
-    }
-    (s1, s2)
+    lanes::dy_moments_channel(
+        dy,
+        x,
+        c * d.s,
+        d.n,
+        d.s,
+        d.c * d.s,
+        shift,
+        relu.then_some((s, b)),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -597,6 +585,7 @@ pub fn backward_dx<T: Real>(
     bias: Option<&[T]>,
     relu: bool,
 ) {
+    assert_eq!(dx.len(), d.numel(), "dx buffer size");
     let dxp = SyncPtr(dx.as_mut_ptr());
     let count = count as f64;
     if d.s == 1 {
@@ -695,6 +684,7 @@ pub fn train_backward<T: Real>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> BackwardSums {
+    assert_eq!(dx.len(), d.numel(), "dx buffer size");
     if d.s == 1 {
         let sums = backward_sums(x, dy, d, st, weight, bias, relu);
         backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
@@ -746,6 +736,7 @@ pub fn eval_backward<T: Real>(
     b: &[T],
     relu: bool,
 ) -> (Vec<f64>, Vec<f64>) {
+    assert_eq!(dx.len(), d.numel(), "dx buffer size");
     let dxp = SyncPtr(dx.as_mut_ptr());
     if d.s == 1 {
         let z = T::zero();

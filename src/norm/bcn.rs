@@ -16,7 +16,9 @@
 
 use super::batch_kernels::{self as bk, BatchStats, Ncs};
 use super::group_kernels::block_stats;
-use super::{check_channels, check_eps, check_momentum, check_same_shape, contiguous, lanes};
+use super::{
+    check_channels, check_dx_len, check_eps, check_momentum, check_same_shape, contiguous, lanes,
+};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -233,6 +235,7 @@ impl<T: Real> BatchChannelNorm<T> {
         mode: Mode,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
         let sv = match &self.saved {
             Some(s) if s.shape == x.shape() && s.batch == mode.is_train() => s,

@@ -5,7 +5,7 @@
 //! `num_batches_tracked`. Build one from a trained [`BatchNorm`] with [`FrozenBatchNorm::from_batch_norm`].
 
 use super::batch_kernels::{self as k, Ncs};
-use super::{check_channels, check_eps, check_same_shape, contiguous, BatchNorm};
+use super::{check_channels, check_dx_len, check_eps, check_same_shape, contiguous, BatchNorm};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -70,7 +70,10 @@ impl<T: Real> FrozenBatchNorm<T> {
         let mut a = Vec::with_capacity(self.num_features);
         let mut b = Vec::with_capacity(self.num_features);
         for c in 0..self.num_features {
-            let s = self.weight[c].as_f64() / (self.running_var[c].as_f64() + self.eps).sqrt();
+            // w·(1/sqrt(v+eps)), rounded exactly as BatchNorm's eval affine (and torchvision's w·rsqrt(v+eps)),
+            // so that from_batch_norm reproduces the BatchNorm's eval output bit for bit.
+            let invstd = 1.0 / (self.running_var[c].as_f64() + self.eps).sqrt();
+            let s = self.weight[c].as_f64() * invstd;
             a.push(T::of_f64(s));
             b.push(T::of_f64(
                 self.bias[c].as_f64() - self.running_mean[c].as_f64() * s,
@@ -130,6 +133,7 @@ impl<T: Real> FrozenBatchNorm<T> {
         _mode: Mode,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
         let (a, b) = self.scale_shift();
         k::eval_backward(

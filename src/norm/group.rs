@@ -10,7 +10,7 @@
 
 use super::batch_kernels::Ncs;
 use super::group_kernels::{self as k, GroupStats};
-use super::{check_channels, check_eps, check_same_shape, contiguous, pslice};
+use super::{check_channels, check_dx_len, check_eps, check_same_shape, contiguous, pslice};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
@@ -140,6 +140,7 @@ impl<T: Real> GroupNorm<T> {
         mode: Mode,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
         let Some((st, shape)) = &self.saved else {
             return Err(NvError::NoSavedState {

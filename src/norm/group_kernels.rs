@@ -20,6 +20,11 @@ pub struct GroupStats<T> {
     pub invstd: Vec<f64>,
 }
 
+/// Blocks per rayon task so that a task has at least ~16K values (tiny per-task work drowns in scheduling).
+pub(crate) fn min_blocks(blk: usize) -> usize {
+    (16384 / blk.max(1)).max(1)
+}
+
 /// Statistics of one contiguous block: (shift, mean, biased var).
 #[inline]
 pub fn block_stats<T: Real>(xb: &[T]) -> (T, f64, f64) {
@@ -53,6 +58,7 @@ pub fn forward<T: Real>(
     } else {
         y.par_chunks_mut(blk)
             .zip(x.par_chunks(blk))
+            .with_min_len(min_blocks(blk))
             .enumerate()
             .map(|(k, (yb, xb))| {
                 let g = k % groups;
@@ -111,6 +117,7 @@ pub fn backward<T: Real>(
     let per: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(blk)
         .zip(x.par_chunks(blk).zip(dy.par_chunks(blk)))
+        .with_min_len(min_blocks(blk))
         .enumerate()
         .map(|(k, (dxb, (xb, gb)))| {
             let g = k % groups;

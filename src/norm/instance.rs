@@ -13,7 +13,7 @@
 use super::batch_kernels::{self as bk, Ncs};
 use super::group::accumulate_affine_grads;
 use super::group_kernels::{self as k, GroupStats};
-use super::{check_eps, check_momentum, check_same_shape, contiguous, pslice};
+use super::{check_dx_len, check_eps, check_momentum, check_same_shape, contiguous, pslice};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -258,6 +258,7 @@ impl<T: Real> InstanceNorm<T> {
         mode: Mode,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         match (&self.saved, self.uses_instance_stats(mode)) {

@@ -1,103 +1,177 @@
 //! Lane-wise building blocks of the normalization kernels.
 //!
-//! Every reduction keeps `W` independent `f64` accumulators over `chunks_exact(W)` so that LLVM turns it into
-//! vector code (a plain `iter().sum()` cannot be vectorised: float addition is not associative). Inputs are
-//! converted to `f64` before they are accumulated, so sums over hundreds of thousands of `f32` values keep full
-//! `f32` precision, the same choice PyTorch's CPU kernels make (`acc_type<float>` is `double`).
+//! Every reduction keeps `W` independent accumulators over `chunks_exact(W)` so that LLVM turns it into vector
+//! code (a plain `iter().sum()` cannot be vectorised: float addition is not associative). The lanes accumulate in
+//! `T` for at most 64 values each and are then flushed into `f64`, so sums over hundreds of thousands of `f32`
+//! values keep full `f32` precision (as PyTorch's CPU kernels do with `acc_type<float> = double`) while the
+//! hot loop stays in packed `f32`.
 //!
 //! Statistics use a *shift*: the caller subtracts a value close to the mean (the `f32`-rounded mean of a first
 //! pass), which makes `x - shift` exact for data concentrated around its mean (Sterbenz), so that even inputs
 //! with mean 1e4 and standard deviation 1e-1 keep their variance. Elementwise passes compute in `T`.
 
+use super::simd;
 use crate::Real;
 
 const W: usize = 16;
+/// Chunks of `W` accumulated in `T` before the lane sums are flushed into `f64` (1024 values per flush).
+const FLUSH: usize = 64;
 
 /// Σx.
 #[inline]
 pub fn sum<T: Real>(xs: &[T]) -> f64 {
-    let mut acc = [0.0f64; W];
-    let mut chunks = xs.chunks_exact(W);
-    for c in &mut chunks {
-        for i in 0..W {
-            acc[i] += c[i].as_f64();
-        }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let Some(x) = simd::as_f32(xs) {
+        return simd::sum(x, simd::Strided::contiguous(x.len()));
     }
-    let mut s: f64 = chunks.remainder().iter().map(|v| v.as_f64()).sum();
-    s += acc.iter().sum::<f64>();
-    s
+    let mut total = 0.0f64;
+    for blk in xs.chunks(W * FLUSH) {
+        let mut acc = [T::zero(); W];
+        let mut chunks = blk.chunks_exact(W);
+        for c in &mut chunks {
+            let c: &[T; W] = c.try_into().expect("chunks_exact");
+            for i in 0..W {
+                acc[i] = acc[i] + c[i];
+            }
+        }
+        total += acc.iter().map(|v| v.as_f64()).sum::<f64>();
+        total += chunks.remainder().iter().map(|v| v.as_f64()).sum::<f64>();
+    }
+    total
 }
 
 /// (Σd, Σd²) with d = x - shift.
 #[inline]
 pub fn shifted_moments<T: Real>(xs: &[T], shift: T) -> (f64, f64) {
-    let sh = shift.as_f64();
-    let mut a1 = [0.0f64; W];
-    let mut a2 = [0.0f64; W];
-    let mut chunks = xs.chunks_exact(W);
-    for c in &mut chunks {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let (Some(x), Some(sh)) = (simd::as_f32(xs), simd::val_f32(shift)) {
+        return simd::shifted_moments(x, simd::Strided::contiguous(x.len()), sh);
+    }
+    let (mut t1, mut t2) = (0.0f64, 0.0f64);
+    for blk in xs.chunks(W * FLUSH) {
+        let mut a1 = [T::zero(); W];
+        let mut a2 = [T::zero(); W];
+        let mut chunks = blk.chunks_exact(W);
+        for c in &mut chunks {
+            let c: &[T; W] = c.try_into().expect("chunks_exact");
+            for i in 0..W {
+                let d = c[i] - shift;
+                a1[i] = a1[i] + d;
+                a2[i] = a2[i] + d * d;
+            }
+        }
         for i in 0..W {
-            let d = (c[i] - shift).as_f64();
-            a1[i] += d;
-            a2[i] += d * d;
+            t1 += a1[i].as_f64();
+            t2 += a2[i].as_f64();
+        }
+        for v in chunks.remainder() {
+            let d = (*v - shift).as_f64();
+            t1 += d;
+            t2 += d * d;
         }
     }
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for v in chunks.remainder() {
-        let d = v.as_f64() - sh;
-        s1 += d;
-        s2 += d * d;
-    }
-    (s1 + a1.iter().sum::<f64>(), s2 + a2.iter().sum::<f64>())
+    (t1, t2)
 }
 
 /// (Σdy, Σdy·(x - shift)).
 #[inline]
 pub fn dy_moments<T: Real>(dy: &[T], x: &[T], shift: T) -> (f64, f64) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let (Some(g), Some(v), Some(sh)) = (simd::as_f32(dy), simd::as_f32(x), simd::val_f32(shift))
+    {
+        return simd::dy_moments(g, v, simd::Strided::contiguous(v.len()), sh, None);
+    }
     debug_assert_eq!(dy.len(), x.len());
-    let mut a1 = [0.0f64; W];
-    let mut a2 = [0.0f64; W];
-    let mut cd = dy.chunks_exact(W);
-    let mut cx = x.chunks_exact(W);
-    for (g, v) in (&mut cd).zip(&mut cx) {
+    let (mut t1, mut t2) = (0.0f64, 0.0f64);
+    for (bd, bx) in dy.chunks(W * FLUSH).zip(x.chunks(W * FLUSH)) {
+        let mut a1 = [T::zero(); W];
+        let mut a2 = [T::zero(); W];
+        let mut cd = bd.chunks_exact(W);
+        let mut cx = bx.chunks_exact(W);
+        for (g, v) in (&mut cd).zip(&mut cx) {
+            let g: &[T; W] = g.try_into().expect("chunks_exact");
+            let v: &[T; W] = v.try_into().expect("chunks_exact");
+            for i in 0..W {
+                a1[i] = a1[i] + g[i];
+                a2[i] = a2[i] + g[i] * (v[i] - shift);
+            }
+        }
         for i in 0..W {
-            let gi = g[i].as_f64();
-            a1[i] += gi;
-            a2[i] += gi * (v[i] - shift).as_f64();
+            t1 += a1[i].as_f64();
+            t2 += a2[i].as_f64();
+        }
+        for (g, v) in cd.remainder().iter().zip(cx.remainder()) {
+            t1 += g.as_f64();
+            t2 += (*g * (*v - shift)).as_f64();
         }
     }
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for (g, v) in cd.remainder().iter().zip(cx.remainder()) {
-        s1 += g.as_f64();
-        s2 += g.as_f64() * (*v - shift).as_f64();
-    }
-    (s1 + a1.iter().sum::<f64>(), s2 + a2.iter().sum::<f64>())
+    (t1, t2)
 }
 
 /// As [`dy_moments`], with dy masked by the ReLU that followed: dy is kept where `(x-shift)*s + b > 0`.
 #[inline]
 pub fn dy_moments_relu<T: Real>(dy: &[T], x: &[T], shift: T, s: T, b: T) -> (f64, f64) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let (Some(g), Some(v), Some(sh), Some(s32), Some(b32)) = (
+        simd::as_f32(dy),
+        simd::as_f32(x),
+        simd::val_f32(shift),
+        simd::val_f32(s),
+        simd::val_f32(b),
+    ) {
+        return simd::dy_moments(
+            g,
+            v,
+            simd::Strided::contiguous(v.len()),
+            sh,
+            Some((s32, b32)),
+        );
+    }
     let z = T::zero();
-    let mut a1 = [0.0f64; W];
-    let mut a2 = [0.0f64; W];
-    let mut cd = dy.chunks_exact(W);
-    let mut cx = x.chunks_exact(W);
-    for (g, v) in (&mut cd).zip(&mut cx) {
+    let (mut t1, mut t2) = (0.0f64, 0.0f64);
+    for (bd, bx) in dy.chunks(W * FLUSH).zip(x.chunks(W * FLUSH)) {
+        let mut a1 = [T::zero(); W];
+        let mut a2 = [T::zero(); W];
+        let mut cd = bd.chunks_exact(W);
+        let mut cx = bx.chunks_exact(W);
+        for (g, v) in (&mut cd).zip(&mut cx) {
+            let g: &[T; W] = g.try_into().expect("chunks_exact");
+            let v: &[T; W] = v.try_into().expect("chunks_exact");
+            for i in 0..W {
+                let d = v[i] - shift;
+                let gi = if d * s + b > z { g[i] } else { z };
+                a1[i] = a1[i] + gi;
+                a2[i] = a2[i] + gi * d;
+            }
+        }
         for i in 0..W {
-            let d = v[i] - shift;
-            let gi = if d * s + b > z { g[i] } else { z }.as_f64();
-            a1[i] += gi;
-            a2[i] += gi * d.as_f64();
+            t1 += a1[i].as_f64();
+            t2 += a2[i].as_f64();
+        }
+        for (g, v) in cd.remainder().iter().zip(cx.remainder()) {
+            let d = *v - shift;
+            let gi = if d * s + b > z { *g } else { z };
+            t1 += gi.as_f64();
+            t2 += (gi * d).as_f64();
         }
     }
-    let (mut s1, mut s2) = (0.0, 0.0);
-    for (g, v) in cd.remainder().iter().zip(cx.remainder()) {
-        let d = *v - shift;
-        let gi = if d * s + b > z { *g } else { z }.as_f64();
-        s1 += gi;
-        s2 += gi * d.as_f64();
-    }
-    (s1 + a1.iter().sum::<f64>(), s2 + a2.iter().sum::<f64>())
+    (t1, t2)
 }
 
 /// y = (x - shift)·s + b.
@@ -190,4 +264,111 @@ pub fn dy_x_sums<T: Real>(dy: &[T], x: &[T], relu: Option<(T, T)>) -> (f64, f64)
         None => dy_moments(dy, x, T::zero()),
         Some((a, b)) => dy_moments_relu(dy, x, T::zero(), a, b),
     }
+}
+
+/// Σx over one channel of an (N, C, S) tensor (chunks `start + k·stride`, `len` values each, k < n).
+#[inline]
+pub fn sum_channel<T: Real>(x: &[T], start: usize, n: usize, len: usize, stride: usize) -> f64 {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let Some(xf) = simd::as_f32(x) {
+        return simd::sum(
+            xf,
+            simd::Strided {
+                start,
+                n,
+                len,
+                stride,
+            },
+        );
+    }
+    (0..n)
+        .map(|k| sum(&x[start + k * stride..start + k * stride + len]))
+        .sum()
+}
+
+/// (Σd, Σd²), d = x - shift, over one channel of an (N, C, S) tensor.
+#[inline]
+pub fn shifted_moments_channel<T: Real>(
+    x: &[T],
+    start: usize,
+    n: usize,
+    len: usize,
+    stride: usize,
+    shift: T,
+) -> (f64, f64) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let (Some(xf), Some(sh)) = (simd::as_f32(x), simd::val_f32(shift)) {
+        return simd::shifted_moments(
+            xf,
+            simd::Strided {
+                start,
+                n,
+                len,
+                stride,
+            },
+            sh,
+        );
+    }
+    let (mut a, mut b) = (0.0, 0.0);
+    for k in 0..n {
+        let (p, q) = shifted_moments(&x[start + k * stride..start + k * stride + len], shift);
+        a += p;
+        b += q;
+    }
+    (a, b)
+}
+
+/// (Σg, Σg·(x - shift)) over one channel, g = dy or dy masked by the fused ReLU (`relu = Some((s, b))`).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn dy_moments_channel<T: Real>(
+    dy: &[T],
+    x: &[T],
+    start: usize,
+    n: usize,
+    len: usize,
+    stride: usize,
+    shift: T,
+    relu: Option<(T, T)>,
+) -> (f64, f64) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let (Some(g), Some(xf), Some(sh)) = (simd::as_f32(dy), simd::as_f32(x), simd::val_f32(shift))
+    {
+        let r = relu.map(|(s, b)| (simd::val_f32(s).unwrap(), simd::val_f32(b).unwrap()));
+        return simd::dy_moments(
+            g,
+            xf,
+            simd::Strided {
+                start,
+                n,
+                len,
+                stride,
+            },
+            sh,
+            r,
+        );
+    }
+    let (mut a, mut b) = (0.0, 0.0);
+    for k in 0..n {
+        let r = start + k * stride..start + k * stride + len;
+        let (p, q) = match relu {
+            None => dy_moments(&dy[r.clone()], &x[r], shift),
+            Some((s, bb)) => dy_moments_relu(&dy[r.clone()], &x[r], shift, s, bb),
+        };
+        a += p;
+        b += q;
+    }
+    (a, b)
 }

@@ -9,7 +9,9 @@
 //! Kernels: one task per block of rows; each row's statistics (Σx, shifted Σd, Σd²) then its normalisation while
 //! the row is hot. Backward: per row Σu and Σu·x̂ (u = dy·w) with dweight/dbias accumulated per task, then dx.
 
-use super::{check_eps, check_same_shape, contiguous, group_kernels::block_stats};
+use super::{
+    check_dx_len, check_eps, check_same_shape, contiguous, group_kernels::block_stats, lanes,
+};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
@@ -188,6 +190,7 @@ impl<T: Real> LayerNorm<T> {
         mode: Mode,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let (rows, d) = self.dims(x.shape())?;
         let st = match &self.saved {
             Some(st) if st.shape == x.shape() => st,
@@ -211,6 +214,9 @@ impl<T: Real> LayerNorm<T> {
             .map(|(t, (dxb, (xb, gb)))| {
                 let mut gw = if want_w { vec![T::zero(); d] } else { vec![] };
                 let mut gbias = if want_b { vec![T::zero(); d] } else { vec![] };
+                // per-task scratch rows: x̂ and u = dy·w
+                let mut xh = vec![T::zero(); d];
+                let mut u = vec![T::zero(); d];
                 for (j, ((dxr, xr), gr)) in dxb
                     .chunks_mut(d)
                     .zip(xb.chunks(d))
@@ -223,33 +229,31 @@ impl<T: Real> LayerNorm<T> {
                         T::of_f64(r),
                         T::of_f64(-(st.mean[row] - shift.as_f64()) * r),
                     );
-                    let mut a1 = [0.0f64; 8];
-                    let mut a2 = [0.0f64; 8];
                     for i in 0..d {
-                        let xh = (xr[i] - shift) * rt + c0;
-                        let u = match w {
-                            Some(w) => gr[i] * w[i],
-                            None => gr[i],
-                        };
-                        a1[i % 8] += u.as_f64();
-                        a2[i % 8] += (u * xh).as_f64();
-                        if want_w {
-                            gw[i] = gw[i] + gr[i] * xh;
+                        xh[i] = (xr[i] - shift) * rt + c0;
+                    }
+                    match w {
+                        Some(w) => {
+                            for i in 0..d {
+                                u[i] = gr[i] * w[i];
+                            }
                         }
-                        if want_b {
+                        None => u.copy_from_slice(gr),
+                    }
+                    if want_w {
+                        for i in 0..d {
+                            gw[i] = gw[i] + gr[i] * xh[i];
+                        }
+                    }
+                    if want_b {
+                        for i in 0..d {
                             gbias[i] = gbias[i] + gr[i];
                         }
                     }
-                    let su: f64 = a1.iter().sum();
-                    let sux: f64 = a2.iter().sum();
+                    let (su, sux) = lanes::dy_moments(&u, &xh, T::zero());
                     let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
                     for i in 0..d {
-                        let xh = (xr[i] - shift) * rt + c0;
-                        let u = match w {
-                            Some(w) => gr[i] * w[i],
-                            None => gr[i],
-                        };
-                        dxr[i] = rt * (u - k_su - xh * k_sux);
+                        dxr[i] = rt * (u[i] - k_su - xh[i] * k_sux);
                     }
                 }
                 (gw, gbias)

@@ -18,6 +18,7 @@ pub mod group_kernels;
 pub mod instance;
 pub mod lanes;
 pub mod layer;
+pub mod simd;
 
 pub use batch::{BatchNorm, BatchNormConfig, Convention};
 pub use bcn::{BatchChannelNorm, BatchChannelNormConfig};
@@ -63,6 +64,18 @@ pub(crate) fn check_same_shape(layer: &'static str, x: &[usize], dy: &[usize]) -
         return Err(NvError::Shape {
             layer,
             msg: format!("dy has shape {dy:?} but x has shape {x:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// The caller-owned dx buffer of `backward_into` must have x's number of elements.
+pub(crate) fn check_dx_len(layer: &'static str, dx_len: usize, x_shape: &[usize]) -> Result<()> {
+    let numel: usize = x_shape.iter().product();
+    if dx_len != numel {
+        return Err(NvError::Shape {
+            layer,
+            msg: format!("dx buffer has {dx_len} elements, input {numel}"),
         });
     }
     Ok(())

@@ -1,0 +1,119 @@
+//! Timing of the `nn` layers on the shapes of the Fashion-MNIST reference CNN (batch 128, f32):
+//! the four 3×3/pad-1 convolutions, forward and backward, under both thread strategies, plus max pooling.
+//!
+//!     cargo bench --bench nn_layers                              # release profile
+//!     cargo test --test nn_timing -- --ignored --nocapture        # same code, test profile (opt-level 2)
+//!
+//! Environment: `NV_BENCH_REPS` (default 10) timed repetitions after 2 warm-up calls; the table shows the
+//! minimum and the median in milliseconds per call, and GFLOP/s of the minimum (2·MACs of the GEMMs).
+
+use ndarray::{ArrayD, IxDyn};
+use normvision::nn::*;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// (in_channels, out_channels, height = width) of the four convolutions.
+pub const CONV_SHAPES: [(usize, usize, usize); 4] =
+    [(1, 32, 28), (32, 32, 28), (32, 64, 14), (64, 64, 14)];
+pub const BATCH: usize = 128;
+
+fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..2 {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (t[0], t[t.len() / 2])
+}
+
+fn randn(shape: &[usize], seed: u64) -> ArrayD<f32> {
+    let mut r = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || r.gen_range(-1.0f32..1.0))
+}
+
+pub fn main() {
+    let reps: usize = std::env::var("NV_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    println!(
+        "rayon threads: {}, batch {BATCH}, {reps} reps",
+        rayon::current_num_threads()
+    );
+    println!(
+        "{:<22} {:<6} {:<16} {:>9} {:>9} {:>8}",
+        "conv (3x3, pad 1)", "split", "op", "min ms", "med ms", "GFLOP/s"
+    );
+    for (ci, co, hw) in CONV_SHAPES {
+        let x = randn(&[BATCH, ci, hw, hw], 1);
+        let dy = randn(&[BATCH, co, hw, hw], 2);
+        let macs = (BATCH * co * hw * hw * ci * 9) as f64;
+        for par in [ConvParallel::Batch, ConvParallel::Gemm] {
+            let mut conv = Conv2dConfig::new(ci, co, 3)
+                .padding(1)
+                .build::<f32>(&mut rand_pcg::Pcg64Mcg::seed_from_u64(3))
+                .unwrap();
+            conv.parallel = par;
+            let mut y = vec![0f32; dy.len()];
+            let mut dx = vec![0f32; x.len()];
+            let label = format!("{ci}->{co} {hw}x{hw}");
+            let mut row = |op: &str, gemms: f64, t: (f64, f64)| {
+                println!(
+                    "{:<22} {:<6} {:<16} {:>9.2} {:>9.2} {:>8.1}",
+                    label,
+                    format!("{par:?}"),
+                    op,
+                    t.0,
+                    t.1,
+                    2.0 * macs * gemms / t.0 / 1e6
+                );
+            };
+            row(
+                "forward",
+                1.0,
+                time(reps, || drop(conv.forward(&x).unwrap())),
+            );
+            row(
+                "forward_into",
+                1.0,
+                time(reps, || conv.forward_into(x.view(), &mut y).unwrap()),
+            );
+            row(
+                "backward",
+                2.0,
+                time(reps, || {
+                    conv.backward_into(x.view(), dy.view(), Some(&mut dx))
+                        .unwrap()
+                }),
+            );
+            row(
+                "backward (no dx)",
+                1.0,
+                time(reps, || {
+                    conv.backward_into(x.view(), dy.view(), None).unwrap()
+                }),
+            );
+        }
+    }
+    for (c, hw) in [(32, 28), (64, 14)] {
+        let x = randn(&[BATCH, c, hw, hw], 4);
+        let mut mp = MaxPool2dConfig::new(2).build::<f32>().unwrap();
+        let y = mp.forward(&x).unwrap();
+        let t = time(reps, || drop(mp.forward(&x).unwrap()));
+        println!(
+            "maxpool2 {c}x{hw}x{hw}  forward  min {:.2} ms  median {:.2} ms",
+            t.0, t.1
+        );
+        let t = time(reps, || drop(mp.backward(&x, &y).unwrap()));
+        println!(
+            "maxpool2 {c}x{hw}x{hw}  backward min {:.2} ms  median {:.2} ms",
+            t.0, t.1
+        );
+    }
+}

@@ -1,0 +1,274 @@
+//! Command-line arguments shared by the training commands, and their translation into a [`TrainConfig`].
+
+use crate::data::{fashion_mnist, load_image_folder, Augment, Dataset};
+use crate::model::{ModelKind, NormKind};
+use crate::nn::init::{Init, InitSpec};
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::schedule::Schedule;
+use crate::optim::sgd::SgdConfig;
+use crate::optim::{DecayPolicy, LrSchedule, OptimConfig};
+use crate::train::TrainConfig;
+use crate::{NvError, Result};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    Sgd,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScheduleArg {
+    Constant,
+    Step,
+    Cosine,
+    OneCycle,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InitArg {
+    /// PyTorch's default (kaiming-uniform, a = sqrt(5)).
+    Default,
+    KaimingUniform,
+    KaimingNormal,
+    XavierUniform,
+    XavierNormal,
+}
+
+impl From<InitArg> for Init {
+    fn from(a: InitArg) -> Init {
+        match a {
+            InitArg::Default => Init::Default,
+            InitArg::KaimingUniform => Init::KaimingUniform,
+            InitArg::KaimingNormal => Init::KaimingNormal,
+            InitArg::XavierUniform => Init::XavierUniform,
+            InitArg::XavierNormal => Init::XavierNormal,
+        }
+    }
+}
+
+/// Where the images come from.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Fashion-MNIST (or any MNIST-format IDX) directory [default: /usr/share/datasets/fashion-mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Train on an image folder instead (one sub-folder per class, PNG/JPEG); needs --test-folder.
+    #[arg(long, value_name = "DIR", requires = "test_folder")]
+    pub image_folder: Option<PathBuf>,
+    /// The evaluation image folder (same class sub-folders).
+    #[arg(long, value_name = "DIR")]
+    pub test_folder: Option<PathBuf>,
+    /// Image size (H = W) and channels for image folders.
+    #[arg(long, default_value_t = 28)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+}
+
+impl DataArgs {
+    /// (train, test) datasets.
+    pub fn load(&self) -> Result<(Arc<Dataset>, Arc<Dataset>)> {
+        match (&self.image_folder, &self.test_folder) {
+            (Some(tr), Some(te)) => {
+                let s = self.image_size;
+                let train = load_image_folder(tr, self.channels, s, s)?;
+                let test = load_image_folder(te, self.channels, s, s)?;
+                if train.classes != test.classes {
+                    return Err(NvError::Config(format!(
+                        "train classes {:?} differ from test classes {:?}",
+                        train.classes, test.classes
+                    )));
+                }
+                Ok((Arc::new(train), Arc::new(test)))
+            }
+            _ => Ok((
+                Arc::new(fashion_mnist::load(
+                    self.data.as_deref(),
+                    fashion_mnist::Split::Train,
+                )?),
+                Arc::new(fashion_mnist::load(
+                    self.data.as_deref(),
+                    fashion_mnist::Split::Test,
+                )?),
+            )),
+        }
+    }
+}
+
+/// Model, optimizer and run arguments of `train` (and of each run of `compare`).
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// Network: cnn (reference CNN), mlp (BN paper's sigmoid MLP), resnet (ResNet-20 style).
+    #[arg(long, value_enum, default_value_t = ModelKind::Cnn)]
+    pub model: ModelKind,
+    /// Normalization used everywhere in the model.
+    #[arg(long, value_enum, default_value_t = NormKind::Batch)]
+    pub norm: NormKind,
+    /// Groups for --norm group.
+    #[arg(long, default_value_t = 8)]
+    pub groups: usize,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+    pub optimizer: OptimizerArg,
+    /// SGD momentum (AdamW: beta1 stays 0.9).
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long)]
+    pub nesterov: bool,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Exclude biases and normalization parameters from weight decay.
+    #[arg(long)]
+    pub no_decay_norm_bias: bool,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Constant)]
+    pub schedule: ScheduleArg,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    /// Step schedule: decay every this many steps, by --gamma.
+    #[arg(long, default_value_t = 1000)]
+    pub step_size: u64,
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+    /// Augment training images: random crop (pad 2) and horizontal flip.
+    #[arg(long)]
+    pub augment: bool,
+    #[arg(long, value_enum, default_value_t = InitArg::KaimingNormal)]
+    pub init: InitArg,
+    /// Multiply initial weights by this factor (init-robustness experiments).
+    #[arg(long, default_value_t = 1.0)]
+    pub init_scale: f64,
+    /// Dropout before the classifier.
+    #[arg(long, default_value_t = 0.0)]
+    pub dropout: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also evaluate every K steps.
+    #[arg(long, value_name = "K")]
+    pub eval_every: Option<u64>,
+    /// Stop at the first evaluation with at least this test accuracy (e.g. 0.9) and report the step.
+    #[arg(long)]
+    pub target_acc: Option<f64>,
+    /// Use only the first N training samples.
+    #[arg(long, default_value_t = 0)]
+    pub train_limit: usize,
+    /// Use only the first N test samples.
+    #[arg(long, default_value_t = 0)]
+    pub test_limit: usize,
+    /// Steps of loss at ln(classes) after which a run counts as diverged (0 disables).
+    #[arg(long, default_value_t = 200)]
+    pub divergence_window: u64,
+}
+
+impl TrainArgs {
+    pub fn to_config(&self, dataset: &Dataset) -> Result<TrainConfig> {
+        let [c, h, w] = dataset.shape;
+        let mut cfg = TrainConfig::reference(self.model, self.norm);
+        cfg.model.in_channels = c;
+        cfg.model.height = h;
+        cfg.model.width = w;
+        cfg.model.num_classes = dataset.classes.len();
+        cfg.model.groups = self.groups;
+        cfg.model.init = InitSpec {
+            init: self.init.into(),
+            scale: self.init_scale,
+        };
+        cfg.model.dropout = self.dropout;
+        cfg.model.seed = self.seed;
+        let decay = if self.no_decay_norm_bias {
+            DecayPolicy::ExcludeNormAndBias
+        } else {
+            DecayPolicy::All
+        };
+        cfg.optim = match self.optimizer {
+            OptimizerArg::Sgd => OptimConfig::Sgd(SgdConfig {
+                lr: self.lr,
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay,
+                decay,
+                ..SgdConfig::default()
+            }),
+            OptimizerArg::Adamw => OptimConfig::Adamw(AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                decay,
+                ..AdamWConfig::default()
+            }),
+        };
+        let per_epoch = dataset
+            .len()
+            .min(if self.train_limit > 0 {
+                self.train_limit
+            } else {
+                usize::MAX
+            })
+            .div_ceil(self.batch_size.max(1)) as u64;
+        let total = self
+            .max_steps
+            .unwrap_or(per_epoch * self.epochs as u64)
+            .max(1);
+        let sched = match self.schedule {
+            ScheduleArg::Constant => Schedule::Constant { lr: self.lr },
+            ScheduleArg::Step => Schedule::Step {
+                lr: self.lr,
+                step_size: self.step_size,
+                gamma: self.gamma,
+            },
+            ScheduleArg::Cosine => Schedule::Cosine {
+                lr: self.lr,
+                min_lr: 0.0,
+                total_steps: total,
+            },
+            ScheduleArg::OneCycle => Schedule::one_cycle(self.lr, total),
+        };
+        cfg.schedule = LrSchedule::with_warmup(
+            sched,
+            self.warmup_steps,
+            if self.warmup_steps > 0 { 0.0 } else { 1.0 },
+        )?;
+        cfg.epochs = self.epochs;
+        cfg.max_steps = self.max_steps;
+        cfg.batch_size = self.batch_size;
+        cfg.eval_every_steps = self.eval_every;
+        cfg.target_acc = self.target_acc;
+        cfg.label_smoothing = self.label_smoothing;
+        cfg.augment = self.augment.then(|| Augment::crop_flip(2));
+        cfg.seed = self.seed;
+        cfg.divergence_window = self.divergence_window;
+        cfg.train_limit = self.train_limit;
+        cfg.test_limit = self.test_limit;
+        if let Some(t) = self.target_acc {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(NvError::Config(format!(
+                    "--target-acc is a fraction in [0, 1], got {t}"
+                )));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Sets the global rayon pool's size (call once, before any parallel work).
+pub fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(t) = threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t.max(1))
+            .build_global()
+            .map_err(|e| NvError::Config(format!("--threads: {e}")))?;
+    }
+    Ok(())
+}

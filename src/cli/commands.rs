@@ -1,0 +1,409 @@
+//! The training-side subcommands: train, eval, predict, bench, compare.
+
+use super::args::{DataArgs, TrainArgs};
+use crate::data::{load_image_for_model, DataLoader, LoaderConfig};
+use crate::model::{Model, ModelConfig, ModelKind, NormKind};
+use crate::nn::loss::cross_entropy;
+use crate::optim::Optimizer;
+use crate::state::Stateful;
+use crate::train::{self, checkpoint, RunOptions, TrainReport};
+use crate::{Mode, NvError, Result};
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn fmt_pct(a: Option<f64>) -> String {
+    a.map(|v| format!("{:.2}%", v * 100.0))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// The people-facing summary of one run.
+pub fn print_report(label: &str, r: &TrainReport) {
+    let accs = r.epoch_accs();
+    println!(
+        "{label}: {} steps, {:.0} img/s (training)",
+        r.steps, r.train_img_s
+    );
+    println!(
+        "  {:<6} {:>10} {:>10} {:>10}",
+        "epoch", "step", "test acc", "test loss"
+    );
+    for e in r.evals.iter().filter(|e| e.end_of_epoch) {
+        println!(
+            "  {:<6} {:>10} {:>9.2}% {:>10.4}",
+            e.epoch,
+            e.step,
+            e.test_acc * 100.0,
+            e.test_loss
+        );
+    }
+    if accs.is_empty() {
+        if let Some(e) = r.evals.last() {
+            println!(
+                "  last evaluation at step {}: {:.2}%",
+                e.step,
+                e.test_acc * 100.0
+            );
+        }
+    }
+    if let Some(s) = r.reached_target_at {
+        println!("  reached the target accuracy at step {s}");
+    }
+    if let Some(d) = &r.diverged {
+        println!("  DIVERGED: {d}");
+    }
+}
+
+pub fn train(
+    args: &TrainArgs,
+    data: &DataArgs,
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    log: Option<PathBuf>,
+    json_out: bool,
+    quiet: bool,
+) -> Result<TrainReport> {
+    let (train_ds, test_ds) = data.load()?;
+    let cfg = args.to_config(&train_ds)?;
+    let name = format!("{}-{}", cfg.model.kind.as_str(), cfg.model.norm.as_str());
+    let dir = PathBuf::from("runs").join(&name);
+    let ckpt = out.unwrap_or_else(|| dir.join("model.safetensors"));
+    let log = log.unwrap_or_else(|| ckpt.with_extension("jsonl"));
+    let resume = match resume {
+        Some(p) => Some(checkpoint::load(&p)?),
+        None => None,
+    };
+    if !quiet && !json_out {
+        eprintln!(
+            "training {} with --norm {} on {} images ({} threads); checkpoint {}, log {}",
+            cfg.model.kind.as_str(),
+            cfg.model.norm,
+            train_ds.len(),
+            rayon::current_num_threads(),
+            ckpt.display(),
+            log.display()
+        );
+    }
+    let opts = RunOptions {
+        checkpoint: Some(ckpt.clone()),
+        log: Some(log),
+        progress: !quiet && std::io::stderr().is_terminal(),
+        resume,
+        label: name.clone(),
+    };
+    let r = train::train(&cfg, train_ds, test_ds, opts)?;
+    if json_out {
+        println!("{}", serde_json::to_string(&json!({"model": cfg.model.kind.as_str(), "norm": cfg.model.norm.as_str(), "report": r})).expect("json"));
+    } else {
+        print_report(&name, &r);
+        if r.diverged.is_some() {
+            println!(
+                "  the last good checkpoint (if any) is kept at {}",
+                ckpt.display()
+            );
+        } else {
+            println!("  checkpoint: {}", ckpt.display());
+        }
+    }
+    Ok(r)
+}
+
+pub fn eval(
+    checkpoint_path: &Path,
+    data: &DataArgs,
+    batch_size: usize,
+    json_out: bool,
+) -> Result<()> {
+    let ck = checkpoint::load(checkpoint_path)?;
+    let mut model = checkpoint::restore_model(&ck)?;
+    let (_, test) = data.load()?;
+    check_data_matches(&model.cfg, &test)?;
+    let loader = DataLoader::new(
+        test.clone(),
+        ck.norm.clone(),
+        LoaderConfig::eval(batch_size),
+    )?;
+    let t = Instant::now();
+    let (acc, loss) = train::evaluate(&mut model, &loader)?;
+    let secs = t.elapsed().as_secs_f64();
+    if json_out {
+        println!(
+            "{}",
+            json!({"checkpoint": checkpoint_path, "test_acc": acc, "test_loss": loss, "samples": test.len(), "img_s": test.len() as f64 / secs})
+        );
+    } else {
+        println!(
+            "{}: test accuracy {:.2}%, loss {:.4} on {} images ({:.0} img/s)",
+            checkpoint_path.display(),
+            acc * 100.0,
+            loss,
+            test.len(),
+            test.len() as f64 / secs
+        );
+    }
+    Ok(())
+}
+
+fn check_data_matches(cfg: &ModelConfig, ds: &crate::data::Dataset) -> Result<()> {
+    if ds.shape != [cfg.in_channels, cfg.height, cfg.width] || ds.classes.len() != cfg.num_classes {
+        return Err(NvError::Config(format!(
+            "the data ({:?}, {} classes) does not match the model ({}x{}x{}, {} classes)",
+            ds.shape,
+            ds.classes.len(),
+            cfg.in_channels,
+            cfg.height,
+            cfg.width,
+            cfg.num_classes
+        )));
+    }
+    Ok(())
+}
+
+pub fn predict(
+    checkpoint_path: &Path,
+    images: &[PathBuf],
+    top_k: usize,
+    classes: Option<Vec<String>>,
+    json_out: bool,
+) -> Result<()> {
+    let ck = checkpoint::load(checkpoint_path)?;
+    let mut model = checkpoint::restore_model(&ck)?;
+    let c = &model.cfg;
+    let names: Vec<String> = classes.unwrap_or_else(|| {
+        if c.num_classes == 10 && c.in_channels == 1 {
+            crate::data::fashion_mnist::CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        } else {
+            (0..c.num_classes).map(|i| format!("class {i}")).collect()
+        }
+    });
+    let (ch, h, w) = (c.in_channels, c.height, c.width);
+    for path in images {
+        let mut x = load_image_for_model(path, ch, h, w)?;
+        ck.norm.normalize(&mut x)?;
+        let logits = model.forward(&x.into_dyn(), Mode::Eval)?;
+        let row: Vec<f64> = logits.iter().map(|v| *v as f64).collect();
+        let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+        let mut probs: Vec<(usize, f64)> =
+            row.iter().map(|v| (v - m).exp() / z).enumerate().collect();
+        probs.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
+        probs.truncate(top_k.max(1));
+        if json_out {
+            let top: Vec<_> = probs.iter().map(|(i, p)| json!({"class": names.get(*i).cloned().unwrap_or_default(), "index": i, "prob": p})).collect();
+            println!("{}", json!({"image": path, "top": top}));
+        } else {
+            println!("{}", path.display());
+            for (i, p) in &probs {
+                println!(
+                    "  {:>6.2}%  {}",
+                    p * 100.0,
+                    names.get(*i).map(String::as_str).unwrap_or("?")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Training and inference throughput on synthetic data of the model's input shape (no dataset needed).
+#[allow(clippy::too_many_arguments)]
+pub fn bench(
+    kind: ModelKind,
+    norm: NormKind,
+    batch: usize,
+    steps: usize,
+    warmup: usize,
+    mode: &str,
+    json_out: bool,
+) -> Result<Vec<(String, f64)>> {
+    let cfg = ModelConfig::fashion(kind, norm);
+    let mut model = Model::new(cfg.clone())?;
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
+    let x = ArrayD::from_shape_fn(
+        IxDyn(&[batch, cfg.in_channels, cfg.height, cfg.width]),
+        |_| rng.gen::<f32>() * 2.0 - 1.0,
+    );
+    let y: Vec<usize> = (0..batch).map(|i| i % cfg.num_classes).collect();
+    let mut opt = crate::optim::OptimConfig::Sgd(crate::optim::sgd::SgdConfig {
+        lr: 0.01,
+        momentum: 0.9,
+        ..Default::default()
+    })
+    .build()?;
+    let mut out = vec![];
+    let modes: Vec<&str> = if mode == "both" {
+        vec!["train", "eval"]
+    } else {
+        vec![mode]
+    };
+    for m in modes {
+        let mut times = vec![];
+        for i in 0..warmup + steps {
+            let t = Instant::now();
+            if m == "train" {
+                model.zero_grad();
+                let logits = model.forward(&x, Mode::Train)?;
+                let (_, d) = cross_entropy(&logits, &y, 0.0)?;
+                model.backward(&x, &d, Mode::Train)?;
+                opt.step(&mut model)?;
+            } else {
+                model.forward(&x, Mode::Eval)?;
+            }
+            if i >= warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let med = times[times.len() / 2];
+        let img_s = batch as f64 / med;
+        let best = batch as f64 / times[0];
+        if json_out {
+            println!(
+                "{}",
+                json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": m, "batch": batch,
+                "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3})
+            );
+        } else {
+            println!("{} --norm {} {m:<5} batch {batch}, {} threads: {img_s:.0} img/s (median of {steps}; best {best:.0})",
+                kind.as_str(), norm, rayon::current_num_threads());
+        }
+        out.push((m.to_string(), img_s));
+    }
+    Ok(out)
+}
+
+/// The main job: the same network with BatchNorm and without normalization, side by side.
+pub fn compare(
+    args: &TrainArgs,
+    data: &DataArgs,
+    norms: &[NormKind],
+    target: f64,
+    json_out: bool,
+    quiet: bool,
+    out_dir: &Path,
+) -> Result<()> {
+    let (train_ds, test_ds) = data.load()?;
+    let mut rows = vec![];
+    for &norm in norms {
+        let mut a = args.clone();
+        a.norm = norm;
+        a.eval_every = a.eval_every.or(Some(100));
+        let cfg = a.to_config(&train_ds)?;
+        let label = format!("{}-{}", cfg.model.kind.as_str(), norm.as_str());
+        let ckpt = out_dir.join(format!("{label}.safetensors"));
+        let opts = RunOptions {
+            checkpoint: Some(ckpt.clone()),
+            log: Some(ckpt.with_extension("jsonl")),
+            progress: !quiet && std::io::stderr().is_terminal(),
+            resume: None,
+            label: label.clone(),
+        };
+        if !quiet && !json_out {
+            eprintln!(
+                "== {label}: lr {}, batch {}, {} epochs ({} threads)",
+                a.lr,
+                a.batch_size,
+                a.epochs,
+                rayon::current_num_threads()
+            );
+        }
+        let r = train::train(&cfg, Arc::clone(&train_ds), Arc::clone(&test_ds), opts)?;
+        let steps_to = r
+            .evals
+            .iter()
+            .find(|e| e.test_acc >= target)
+            .map(|e| e.step);
+        if json_out {
+            println!(
+                "{}",
+                json!({"model": cfg.model.kind.as_str(), "norm": norm.as_str(), "lr": a.lr, "epoch_acc": r.epoch_accs(),
+                "steps_to_target": steps_to, "target": target, "train_img_s": r.train_img_s, "diverged": r.diverged})
+            );
+        } else if !quiet {
+            print_report(&label, &r);
+        }
+        rows.push((norm, r, steps_to));
+    }
+    if !json_out {
+        let epochs = rows
+            .iter()
+            .map(|(_, r, _)| r.epoch_accs().len())
+            .max()
+            .unwrap_or(0);
+        println!();
+        println!(
+            "{} on {} training / {} test images, lr {}, batch {} (evaluated every {} steps)",
+            args.model.as_str(),
+            train_ds.len().min(if args.train_limit > 0 {
+                args.train_limit
+            } else {
+                usize::MAX
+            }),
+            test_ds.len().min(if args.test_limit > 0 {
+                args.test_limit
+            } else {
+                usize::MAX
+            }),
+            args.lr,
+            args.batch_size,
+            args.eval_every.unwrap_or(100)
+        );
+        let mut head = format!("| {:<8} |", "norm");
+        for e in 1..=epochs {
+            head += &format!(" {:>8} |", format!("epoch {e}"));
+        }
+        head += &format!(
+            " {:>14} | {:>9} | {:<10} |",
+            format!("steps to {:.0}%", target * 100.0),
+            "img/s",
+            "status"
+        );
+        println!("{head}");
+        println!(
+            "|{}|",
+            head.split('|')
+                .skip(1)
+                .filter(|s| !s.is_empty())
+                .map(|s| "-".repeat(s.len()))
+                .collect::<Vec<_>>()
+                .join("|")
+        );
+        for (norm, r, steps_to) in &rows {
+            let accs = r.epoch_accs();
+            let mut line = format!("| {:<8} |", norm.as_str());
+            for e in 0..epochs {
+                line += &format!(" {:>8} |", fmt_pct(accs.get(e).copied()));
+            }
+            let status = if r.diverged.is_some() {
+                "diverged"
+            } else {
+                "ok"
+            };
+            line += &format!(
+                " {:>14} | {:>9.0} | {:<10} |",
+                steps_to
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "not reached".into()),
+                r.train_img_s,
+                status
+            );
+            println!("{line}");
+        }
+        for (norm, r, _) in &rows {
+            if let Some(d) = &r.diverged {
+                println!("{norm}: diverged: {d}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(dead_code)]
+fn _assert_optimizer_object_safe(_: &dyn Optimizer) {}

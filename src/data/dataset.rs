@@ -1,0 +1,349 @@
+//! An in-memory image classification dataset, its per-channel statistics and the normalization built from them.
+//!
+//! Pixels stay `u8` in memory (Fashion-MNIST's 60 000 training images take 47 MB); batches are converted to
+//! `f32` as `x / 255`, augmented in that `[0, 1]` range, then normalized as `(x / 255 - mean) / std`.
+
+use crate::{NvError, Result};
+use ndarray::Array4;
+use serde::{Deserialize, Serialize};
+
+/// Images `(N, C, H, W)` as `u8`, one label per image, and the class names labels index into.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// `N * C * H * W` pixels, sample-major, then channel, row, column.
+    pub images: Vec<u8>,
+    /// One label per sample, each `< classes.len()`.
+    pub labels: Vec<usize>,
+    /// Class names; label `k` is `classes[k]`.
+    pub classes: Vec<String>,
+    /// `(C, H, W)` of every sample.
+    pub shape: [usize; 3],
+}
+
+impl Dataset {
+    /// Builds a dataset, checking the pixel count, the label count and the label range.
+    pub fn new(
+        images: Vec<u8>,
+        labels: Vec<usize>,
+        classes: Vec<String>,
+        shape: [usize; 3],
+    ) -> Result<Dataset> {
+        if shape.contains(&0) {
+            return Err(NvError::Config(format!(
+                "dataset: sample shape (C, H, W) = {shape:?} must be positive"
+            )));
+        }
+        if classes.is_empty() {
+            return Err(NvError::Config("dataset: no classes".into()));
+        }
+        let per = shape.iter().product::<usize>();
+        if images.len() != labels.len() * per {
+            return Err(NvError::Config(format!(
+                "dataset: {} labels of shape {shape:?} need {} pixels, got {}",
+                labels.len(),
+                labels.len() * per,
+                images.len()
+            )));
+        }
+        if let Some((i, &l)) = labels.iter().enumerate().find(|(_, &l)| l >= classes.len()) {
+            return Err(NvError::Config(format!(
+                "dataset: label {l} at index {i} is out of range for {} classes",
+                classes.len()
+            )));
+        }
+        Ok(Dataset {
+            images,
+            labels,
+            classes,
+            shape,
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+    pub fn channels(&self) -> usize {
+        self.shape[0]
+    }
+    /// Pixels per sample, `C * H * W`.
+    pub fn sample_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// The pixels of sample `i` (`C * H * W`, channel-major). Panics if `i >= len()`, like slice indexing.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let s = self.sample_len();
+        &self.images[i * s..(i + 1) * s]
+    }
+    /// How many samples each class has.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.classes.len()];
+        for &l in &self.labels {
+            c[l] += 1;
+        }
+        c
+    }
+
+    /// A new dataset holding the samples at `indices`, in that order (repeats allowed).
+    pub fn subset(&self, indices: &[usize]) -> Result<Dataset> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(NvError::Config(format!(
+                "dataset: index {i} out of range for {} samples",
+                self.len()
+            )));
+        }
+        let s = self.sample_len();
+        let mut images = Vec::with_capacity(indices.len() * s);
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+        }
+        Ok(Dataset {
+            images,
+            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes.clone(),
+            shape: self.shape,
+        })
+    }
+
+    /// Samples `start..end`.
+    pub fn slice(&self, start: usize, end: usize) -> Result<Dataset> {
+        if start > end || end > self.len() {
+            return Err(NvError::Config(format!(
+                "dataset: slice {start}..{end} out of range for {} samples",
+                self.len()
+            )));
+        }
+        let idx: Vec<usize> = (start..end).collect();
+        self.subset(&idx)
+    }
+
+    /// The first `min(k, len)` samples (`--limit k`).
+    pub fn take(&self, k: usize) -> Dataset {
+        self.slice(0, k.min(self.len())).expect("in range")
+    }
+
+    /// The samples whose label is in `keep`. Labels keep their original ids and the class list is unchanged,
+    /// so a model's outputs still line up with `classes`. An out-of-range class id is an error.
+    pub fn filter_classes(&self, keep: &[usize]) -> Result<Dataset> {
+        if let Some(&k) = keep.iter().find(|&&k| k >= self.num_classes()) {
+            return Err(NvError::Config(format!(
+                "dataset: class {k} out of range for {} classes",
+                self.num_classes()
+            )));
+        }
+        let idx: Vec<usize> = (0..self.len())
+            .filter(|&i| keep.contains(&self.labels[i]))
+            .collect();
+        self.subset(&idx)
+    }
+
+    /// Per-channel mean and (population) standard deviation of `x / 255` over every pixel of every sample,
+    /// accumulated in `f64`. Compute it on the training set only. An empty dataset is an error.
+    pub fn mean_std(&self) -> Result<Normalization> {
+        if self.is_empty() {
+            return Err(NvError::Config(
+                "dataset: cannot compute mean/std of an empty dataset".into(),
+            ));
+        }
+        let c = self.channels();
+        let hw = self.shape[1] * self.shape[2];
+        // Integer histogram per channel: exact, fast, independent of summation order.
+        let mut hist = vec![[0u64; 256]; c];
+        for img in self.images.chunks_exact(c * hw) {
+            for (ch, plane) in img.chunks_exact(hw).enumerate() {
+                let h = &mut hist[ch];
+                for &p in plane {
+                    h[p as usize] += 1;
+                }
+            }
+        }
+        let mut mean = Vec::with_capacity(c);
+        let mut std = Vec::with_capacity(c);
+        for h in &hist {
+            let n: u64 = h.iter().sum();
+            let m = h
+                .iter()
+                .enumerate()
+                .map(|(v, &k)| v as f64 / 255.0 * k as f64)
+                .sum::<f64>()
+                / n as f64;
+            let var = h
+                .iter()
+                .enumerate()
+                .map(|(v, &k)| (v as f64 / 255.0 - m).powi(2) * k as f64)
+                .sum::<f64>()
+                / n as f64;
+            mean.push(m as f32);
+            std.push(var.sqrt() as f32);
+        }
+        Normalization::new(mean, std)
+    }
+
+    /// Copies samples `indices` into a `(B, C, H, W)` array of `x / 255` (no normalization).
+    pub fn batch_unit(&self, indices: &[usize]) -> Array4<f32> {
+        let [c, h, w] = self.shape;
+        let s = self.sample_len();
+        let mut out = Array4::<f32>::zeros((indices.len(), c, h, w));
+        let dst = out.as_slice_mut().expect("fresh array");
+        for (k, &i) in indices.iter().enumerate() {
+            for (d, &p) in dst[k * s..(k + 1) * s].iter_mut().zip(self.image(i)) {
+                *d = p as f32 / 255.0;
+            }
+        }
+        out
+    }
+
+    /// Samples `indices` as a normalized `(B, C, H, W)` batch with their labels (no augmentation).
+    pub fn batch(
+        &self,
+        indices: &[usize],
+        norm: &Normalization,
+    ) -> Result<(Array4<f32>, Vec<usize>)> {
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(NvError::Config(format!(
+                "dataset: index {i} out of range for {} samples",
+                self.len()
+            )));
+        }
+        let mut x = self.batch_unit(indices);
+        norm.normalize(&mut x)?;
+        Ok((x, indices.iter().map(|&i| self.labels[i]).collect()))
+    }
+}
+
+/// Per-channel `mean` and `std` applied as `(x - mean) / std` to values already scaled to `[0, 1]`.
+/// Saved with the model so evaluation and `predict` use the training set's statistics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Normalization {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Normalization {
+    /// Checks one mean and one finite, positive std per channel.
+    pub fn new(mean: Vec<f32>, std: Vec<f32>) -> Result<Normalization> {
+        let n = Normalization { mean, std };
+        n.validate()?;
+        Ok(n)
+    }
+    /// No-op normalization (mean 0, std 1) for `channels` channels.
+    pub fn identity(channels: usize) -> Normalization {
+        Normalization {
+            mean: vec![0.0; channels],
+            std: vec![1.0; channels],
+        }
+    }
+    /// Validates after deserialization.
+    pub fn validate(&self) -> Result<()> {
+        if self.mean.is_empty() || self.mean.len() != self.std.len() {
+            return Err(NvError::Config(format!(
+                "normalization: need one mean and one std per channel, got {} and {}",
+                self.mean.len(),
+                self.std.len()
+            )));
+        }
+        if self.mean.iter().any(|m| !m.is_finite())
+            || self.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err(NvError::Config(format!(
+                "normalization: mean must be finite and std finite and positive, got mean {:?} std {:?}",
+                self.mean, self.std
+            )));
+        }
+        Ok(())
+    }
+    pub fn channels(&self) -> usize {
+        self.mean.len()
+    }
+    /// Normalizes a `(B, C, H, W)` batch of `[0, 1]` values in place.
+    pub fn normalize(&self, x: &mut Array4<f32>) -> Result<()> {
+        let c = x.shape()[1];
+        if c != self.channels() {
+            return Err(NvError::Channels {
+                layer: "Normalization",
+                expected: self.channels(),
+                got: c,
+                shape: x.shape().to_vec(),
+            });
+        }
+        for ch in 0..c {
+            let (m, s) = (self.mean[ch], self.std[ch]);
+            x.index_axis_mut(ndarray::Axis(1), ch)
+                .mapv_inplace(|v| (v - m) / s);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy() -> Dataset {
+        // 4 samples, 2 channels of 1x2 pixels
+        Dataset::new(
+            vec![
+                0, 255, 10, 20, 255, 255, 30, 40, 0, 0, 50, 60, 51, 51, 70, 80,
+            ],
+            vec![0, 1, 2, 1],
+            vec!["a".into(), "b".into(), "c".into()],
+            [2, 1, 2],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn construction_checks() {
+        assert!(Dataset::new(vec![0; 3], vec![0], vec!["a".into()], [1, 2, 2]).is_err());
+        assert!(Dataset::new(vec![0; 4], vec![1], vec!["a".into()], [1, 2, 2]).is_err());
+        assert!(Dataset::new(vec![], vec![], vec!["a".into()], [1, 0, 2]).is_err());
+    }
+
+    #[test]
+    fn subsets() {
+        let d = toy();
+        assert_eq!(d.take(2).labels, vec![0, 1]);
+        assert_eq!(d.take(10).len(), 4);
+        let s = d.slice(1, 3).unwrap();
+        assert_eq!(s.image(1), &[0, 0, 50, 60]);
+        assert!(d.slice(3, 5).is_err());
+        let f = d.filter_classes(&[1]).unwrap();
+        assert_eq!(f.labels, vec![1, 1]);
+        assert_eq!(f.image(1), &[51, 51, 70, 80]);
+        assert_eq!(f.classes.len(), 3);
+        assert!(d.filter_classes(&[3]).is_err());
+        assert_eq!(d.class_counts(), vec![1, 2, 1]);
+    }
+
+    #[test]
+    fn mean_std_and_normalize() {
+        let d = toy();
+        let n = d.mean_std().unwrap();
+        let ch0: Vec<f64> = [0., 255., 255., 255., 0., 0., 51., 51.]
+            .iter()
+            .map(|v| v / 255.)
+            .collect();
+        let m0 = ch0.iter().sum::<f64>() / 8.0;
+        let s0 = (ch0.iter().map(|v| (v - m0).powi(2)).sum::<f64>() / 8.0).sqrt();
+        assert!((n.mean[0] as f64 - m0).abs() < 1e-7 && (n.std[0] as f64 - s0).abs() < 1e-7);
+        let (x, y) = d.batch(&[2, 0], &n).unwrap();
+        assert_eq!(y, vec![2, 0]);
+        assert_eq!(x.shape(), &[2, 2, 1, 2]);
+        let want = (50.0 / 255.0 - n.mean[1]) / n.std[1];
+        assert!((x[[0, 1, 0, 0]] - want).abs() < 1e-6);
+        assert!(Normalization::new(vec![0.5], vec![0.0]).is_err());
+        let mut bad = Array4::zeros((1, 3, 1, 1));
+        assert!(matches!(
+            n.normalize(&mut bad),
+            Err(NvError::Channels { .. })
+        ));
+        let empty = d.take(0);
+        assert!(empty.mean_std().is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! Batches over a [`Dataset`], prepared on a background thread while the training step runs.
+//!
+//! Determinism: the order of epoch `e` is a Fisher–Yates shuffle driven by a `Pcg64Mcg` whose state is derived
+//! from `(seed, e)` only, and the augmentation of the sample at position `i` of that order uses a `Pcg64Mcg`
+//! derived from `(seed, e, i)` only. So any batch is a pure function of `(seed, epoch, batch index)` and a run
+//! resumed with [`DataLoader::epoch_from`] sees exactly the batches the uninterrupted run would have seen.
+//! The shuffle draws raw `u64`s (no `rand` range-sampling algorithm), so the order does not change with `rand`.
+//!
+//! Prefetch: each epoch iterator owns one producer thread feeding a bounded `sync_channel` of depth
+//! [`LoaderConfig::prefetch`]. Dropping the iterator mid-epoch disconnects the channel and joins the thread,
+//! which exits at its next send (or before building the next batch), so nothing hangs or leaks.
+
+use super::augment::Augment;
+use super::dataset::{Dataset, Normalization};
+use crate::{NvError, Result};
+use ndarray::Array4;
+use rand::RngCore;
+use rand_pcg::Pcg64Mcg;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// A batch: `(B, C, H, W)` normalized images and their labels.
+pub type Batch = (Array4<f32>, Vec<usize>);
+
+/// How batches are formed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Reshuffle every epoch (training); `false` keeps dataset order (evaluation).
+    pub shuffle: bool,
+    /// Drop the last batch when it is smaller than `batch_size`.
+    pub drop_last: bool,
+    pub seed: u64,
+    /// Applied to every sample before normalization; `None` (or an identity) for evaluation.
+    pub augment: Option<Augment>,
+    /// Batches prepared ahead (channel depth), at least 1.
+    pub prefetch: usize,
+}
+
+impl LoaderConfig {
+    /// Training defaults: shuffle, keep the last partial batch, prefetch 2, no augmentation.
+    pub fn train(batch_size: usize, seed: u64) -> LoaderConfig {
+        LoaderConfig {
+            batch_size,
+            shuffle: true,
+            drop_last: false,
+            seed,
+            augment: None,
+            prefetch: 2,
+        }
+    }
+    /// Evaluation: dataset order, every sample, no augmentation.
+    pub fn eval(batch_size: usize) -> LoaderConfig {
+        LoaderConfig {
+            shuffle: false,
+            ..Self::train(batch_size, 0)
+        }
+    }
+}
+
+/// SplitMix64 finalizer.
+fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A 128-bit PCG state from `(seed, epoch, stream)`; distinct inputs give unrelated generators.
+pub fn derive_rng(seed: u64, epoch: u64, stream: u64) -> Pcg64Mcg {
+    let a = mix64(seed ^ mix64(epoch ^ mix64(stream)));
+    let b = mix64(a ^ 0x6A09_E667_F3BC_C908);
+    Pcg64Mcg::new(((a as u128) << 64) | b as u128)
+}
+
+/// Uniform-ish integer in `0..n` from one `u64` (Lemire's multiply-shift; bias < n / 2^64).
+fn below(rng: &mut Pcg64Mcg, n: usize) -> usize {
+    ((rng.next_u64() as u128 * n as u128) >> 64) as usize
+}
+
+/// Iterates a dataset in batches.
+#[derive(Debug, Clone)]
+pub struct DataLoader {
+    dataset: Arc<Dataset>,
+    norm: Normalization,
+    cfg: LoaderConfig,
+}
+
+impl DataLoader {
+    /// Checks the batch size, the normalization's channel count and the augmentation ranges.
+    pub fn new(
+        dataset: Arc<Dataset>,
+        norm: Normalization,
+        cfg: LoaderConfig,
+    ) -> Result<DataLoader> {
+        if cfg.batch_size == 0 {
+            return Err(NvError::Config(
+                "loader: batch_size must be positive".into(),
+            ));
+        }
+        norm.validate()?;
+        if norm.channels() != dataset.channels() {
+            return Err(NvError::Config(format!(
+                "loader: normalization has {} channels, dataset images have {}",
+                norm.channels(),
+                dataset.channels()
+            )));
+        }
+        if let Some(a) = &cfg.augment {
+            a.validate()?;
+        }
+        Ok(DataLoader { dataset, norm, cfg })
+    }
+    pub fn dataset(&self) -> &Arc<Dataset> {
+        &self.dataset
+    }
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+    pub fn normalization(&self) -> &Normalization {
+        &self.norm
+    }
+    /// Batches per epoch.
+    pub fn num_batches(&self) -> usize {
+        let (n, b) = (self.dataset.len(), self.cfg.batch_size);
+        if self.cfg.drop_last {
+            n / b
+        } else {
+            n.div_ceil(b)
+        }
+    }
+    /// Sample indices of epoch `epoch` in visiting order (a pure function of `(seed, epoch)`).
+    pub fn epoch_order(&self, epoch: usize) -> Vec<usize> {
+        epoch_order(self.dataset.len(), self.cfg.shuffle, self.cfg.seed, epoch)
+    }
+    /// All batches of `epoch`.
+    pub fn epoch(&self, epoch: usize) -> EpochIter {
+        self.epoch_from(epoch, 0)
+            .expect("batch 0 is always a valid start")
+    }
+    /// The batches of `epoch` from batch `start_batch` on (resume). `start_batch == num_batches()` gives an
+    /// empty iterator; beyond that is an error.
+    pub fn epoch_from(&self, epoch: usize, start_batch: usize) -> Result<EpochIter> {
+        let nb = self.num_batches();
+        if start_batch > nb {
+            return Err(NvError::Config(format!(
+                "loader: cannot resume at batch {start_batch}: an epoch has {nb} batches"
+            )));
+        }
+        let depth = self.cfg.prefetch.max(1);
+        let (tx, rx) = sync_channel::<Batch>(depth);
+        let stop = Arc::new(AtomicBool::new(false));
+        let job = BatchMaker {
+            dataset: Arc::clone(&self.dataset),
+            norm: self.norm.clone(),
+            cfg: self.cfg.clone(),
+            order: self.epoch_order(epoch),
+            epoch,
+        };
+        let stop2 = Arc::clone(&stop);
+        let handle = std::thread::Builder::new()
+            .name(format!("loader-epoch-{epoch}"))
+            .spawn(move || {
+                let mut scratch = Vec::new();
+                for b in start_batch..nb {
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let batch = job.make(b, &mut scratch);
+                    if tx.send(batch).is_err() {
+                        break; // receiver dropped
+                    }
+                }
+            })
+            .map_err(NvError::Io)?;
+        Ok(EpochIter {
+            rx: Some(rx),
+            handle: Some(handle),
+            stop,
+            epoch,
+            next: start_batch,
+            num_batches: nb,
+        })
+    }
+    /// Builds batch `index` of `epoch` synchronously (same result as the iterator's).
+    pub fn batch_at(&self, epoch: usize, index: usize) -> Result<Batch> {
+        if index >= self.num_batches() {
+            return Err(NvError::Config(format!(
+                "loader: batch {index} out of range ({} per epoch)",
+                self.num_batches()
+            )));
+        }
+        let job = BatchMaker {
+            dataset: Arc::clone(&self.dataset),
+            norm: self.norm.clone(),
+            cfg: self.cfg.clone(),
+            order: self.epoch_order(epoch),
+            epoch,
+        };
+        Ok(job.make(index, &mut Vec::new()))
+    }
+}
+
+/// The visiting order of `n` samples in `epoch`: identity without shuffle, otherwise Fisher–Yates with
+/// [`derive_rng`]`(seed, epoch, 0)`.
+pub fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if shuffle {
+        let mut rng = derive_rng(seed, epoch as u64, 0);
+        for i in (1..n).rev() {
+            let j = below(&mut rng, i + 1);
+            order.swap(i, j);
+        }
+    }
+    order
+}
+
+struct BatchMaker {
+    dataset: Arc<Dataset>,
+    norm: Normalization,
+    cfg: LoaderConfig,
+    order: Vec<usize>,
+    epoch: usize,
+}
+
+impl BatchMaker {
+    fn make(&self, b: usize, scratch: &mut Vec<f32>) -> Batch {
+        let bs = self.cfg.batch_size;
+        let start = b * bs;
+        let end = (start + bs).min(self.order.len());
+        let idx = &self.order[start..end];
+        let mut x = self.dataset.batch_unit(idx);
+        if let Some(aug) = self.cfg.augment.as_ref().filter(|a| !a.is_identity()) {
+            let shape = self.dataset.shape;
+            let s = self.dataset.sample_len();
+            let data = x.as_slice_mut().expect("fresh array");
+            for (k, img) in data.chunks_exact_mut(s).enumerate() {
+                // stream 1 + position in the epoch order: independent of batch size and thread timing
+                let mut rng = derive_rng(self.cfg.seed, self.epoch as u64, 1 + (start + k) as u64);
+                aug.apply(img, shape, &mut rng, scratch);
+            }
+        }
+        self.norm
+            .normalize(&mut x)
+            .expect("channel count checked in DataLoader::new");
+        (x, idx.iter().map(|&i| self.dataset.labels[i]).collect())
+    }
+}
+
+/// The batches of one epoch, produced on a background thread. Yields [`Batch`]es in order.
+pub struct EpochIter {
+    rx: Option<Receiver<Batch>>,
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    epoch: usize,
+    next: usize,
+    num_batches: usize,
+}
+
+impl EpochIter {
+    /// The epoch being iterated.
+    pub fn epoch(&self) -> usize {
+        self.epoch
+    }
+    /// Index (within the epoch) of the batch the next call to `next` returns.
+    pub fn next_index(&self) -> usize {
+        self.next
+    }
+    pub fn num_batches(&self) -> usize {
+        self.num_batches
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        if self.next >= self.num_batches {
+            return None;
+        }
+        match self.rx.as_ref()?.recv() {
+            Ok(b) => {
+                self.next += 1;
+                Some(b)
+            }
+            // The producer died (a panic while building a batch): surface it instead of ending quietly.
+            Err(_) => {
+                let h = self.handle.take();
+                if let Some(Err(p)) = h.map(JoinHandle::join) {
+                    std::panic::resume_unwind(p);
+                }
+                None
+            }
+        }
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let r = self.num_batches - self.next;
+        (r, Some(r))
+    }
+}
+
+impl ExactSizeIterator for EpochIter {}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        drop(self.rx.take()); // a producer blocked in send() now gets Err and exits
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! Data: IDX (MNIST-format) files, Fashion-MNIST, image folders, an in-memory [`Dataset`] with its
+//! [`Normalization`], augmentation, and a prefetching, resumable [`DataLoader`].
+//!
+//! Pixels flow as `u8` → `x / 255` → [`Augment`] (training only) → `(x - mean) / std` → `(B, C, H, W)` `f32`.
+
+pub mod augment;
+pub mod dataset;
+pub mod fashion_mnist;
+pub mod idx;
+pub mod image_folder;
+pub mod loader;
+
+pub use augment::Augment;
+pub use dataset::{Dataset, Normalization};
+pub use image_folder::{load_image_folder, load_image_for_model};
+pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig};

@@ -1,0 +1,331 @@
+//! Models: the reference CNN, the BN paper's sigmoid MLP and a ResNet-20 for 28x28 inputs, each built with any
+//! normalization (`--norm`), and the [`Model`] wrapper the trainer drives:
+//!
+//! ```text
+//! images (N, C, H, W) ──► Model::forward(Mode) ──► logits (N, K) ──► loss ──► Model::backward ──► optimizer
+//! ```
+
+pub mod norm_layer;
+pub mod residual;
+pub mod sequential;
+
+pub use norm_layer::{build_norm, NormAdapter, NormKind};
+pub use residual::BasicBlock;
+pub use sequential::Sequential;
+
+use crate::nn::activation::{Flatten, ReLU, Sigmoid};
+use crate::nn::conv::Conv2dConfig;
+use crate::nn::dropout::Dropout;
+use crate::nn::init::{Init, InitSpec};
+use crate::nn::linear::LinearConfig;
+use crate::nn::pool::{GlobalAvgPool, MaxPool2dConfig};
+use crate::nn::Layer;
+use crate::state::{StateDict, Stateful};
+use crate::{Mode, NvError, Param, Result};
+use ndarray::ArrayD;
+use rand::SeedableRng;
+
+/// Which network to build.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// The reference CNN: 4 conv3x3 + norm + ReLU (2 max-pools), linear(→128) + norm + ReLU, linear(→classes).
+    Cnn,
+    /// 784-100-100-100-10 with sigmoid, the BN paper's MNIST network (norm before each sigmoid).
+    Mlp,
+    /// ResNet-20 style for 28x28: conv stem (16), 3 stages x 3 basic blocks (16, 32, 64; stride 2 between
+    /// stages with projection shortcuts), global average pool, linear.
+    Resnet,
+}
+
+impl ModelKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelKind::Cnn => "cnn",
+            ModelKind::Mlp => "mlp",
+            ModelKind::Resnet => "resnet",
+        }
+    }
+}
+
+/// Everything needed to rebuild a model (saved in checkpoints).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    pub norm: NormKind,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub num_classes: usize,
+    /// Groups for `--norm group`.
+    pub groups: usize,
+    pub init: InitSpec,
+    /// Dropout before the classifier (0 = none).
+    pub dropout: f64,
+    pub seed: u64,
+}
+
+impl ModelConfig {
+    /// The reference CNN on Fashion-MNIST with BatchNorm and Kaiming-normal init (experiments.md).
+    pub fn fashion(kind: ModelKind, norm: NormKind) -> Self {
+        ModelConfig {
+            kind,
+            norm,
+            in_channels: 1,
+            height: 28,
+            width: 28,
+            num_classes: 10,
+            groups: 8,
+            init: InitSpec {
+                init: Init::KaimingNormal,
+                scale: 1.0,
+            },
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// A network with its configuration.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub net: Sequential,
+}
+
+fn push_norm_relu(
+    seq: &mut Sequential,
+    idx: &mut usize,
+    norm: NormKind,
+    c: usize,
+    spatial: bool,
+    groups: usize,
+) -> Result<()> {
+    match build_norm(norm, c, spatial, true, groups)? {
+        Some((n, fused)) => {
+            seq.push(idx.to_string(), n);
+            *idx += 1;
+            if !fused {
+                seq.push(idx.to_string(), Box::new(ReLU::new()));
+            }
+            // A fused ReLU keeps its PyTorch index so the names match nn.Sequential(conv, bn, relu, ...).
+            *idx += 1;
+        }
+        None => {
+            seq.push(idx.to_string(), Box::new(ReLU::new()));
+            *idx += 1;
+        }
+    }
+    Ok(())
+}
+
+impl Model {
+    pub fn new(cfg: ModelConfig) -> Result<Self> {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(cfg.seed);
+        let net = match cfg.kind {
+            ModelKind::Cnn => Self::cnn(&cfg, &mut rng)?,
+            ModelKind::Mlp => Self::mlp(&cfg, &mut rng)?,
+            ModelKind::Resnet => Self::resnet(&cfg, &mut rng)?,
+        };
+        Ok(Model { cfg, net })
+    }
+
+    fn conv(
+        cin: usize,
+        cout: usize,
+        bias: bool,
+        init: InitSpec,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Box<dyn Layer<f32>>> {
+        let mut c = Conv2dConfig::new(cin, cout, 3)
+            .padding(1)
+            .bias(bias)
+            .build::<f32>(rng)?;
+        c.reset_parameters(init.init, init.scale, rng)?;
+        Ok(Box::new(c))
+    }
+
+    fn linear(
+        i: usize,
+        o: usize,
+        bias: bool,
+        init: InitSpec,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Box<dyn Layer<f32>>> {
+        let mut l = LinearConfig::new(i, o).bias(bias).build::<f32>(rng)?;
+        l.reset_parameters(init.init, init.scale, rng)?;
+        Ok(Box::new(l))
+    }
+
+    fn cnn(cfg: &ModelConfig, rng: &mut impl rand::Rng) -> Result<Sequential> {
+        if cfg.height % 4 != 0 || cfg.width % 4 != 0 {
+            return Err(NvError::Config(format!(
+                "cnn needs H and W divisible by 4, got {}x{}",
+                cfg.height, cfg.width
+            )));
+        }
+        let bias = cfg.norm.wants_bias_before();
+        let mut s = Sequential::new();
+        let mut i = 0usize;
+        let chans = [(cfg.in_channels, 32), (32, 32), (32, 64), (64, 64)];
+        for (k, &(cin, cout)) in chans.iter().enumerate() {
+            s.push(i.to_string(), Self::conv(cin, cout, bias, cfg.init, rng)?);
+            i += 1;
+            push_norm_relu(&mut s, &mut i, cfg.norm, cout, true, cfg.groups)?;
+            if k % 2 == 1 {
+                s.push(
+                    i.to_string(),
+                    Box::new(MaxPool2dConfig::new(2).build::<f32>()?),
+                );
+                i += 1;
+            }
+        }
+        s.push(i.to_string(), Box::new(Flatten::new()));
+        i += 1;
+        let feat = 64 * (cfg.height / 4) * (cfg.width / 4);
+        s.push(
+            i.to_string(),
+            Self::linear(
+                feat,
+                128,
+                bias || cfg.norm == NormKind::Instance,
+                cfg.init,
+                rng,
+            )?,
+        );
+        i += 1;
+        push_norm_relu(&mut s, &mut i, cfg.norm, 128, false, cfg.groups)?;
+        if cfg.dropout > 0.0 {
+            s.push(
+                i.to_string(),
+                Box::new(Dropout::new(cfg.dropout, cfg.seed ^ 0xD50)?),
+            );
+            i += 1;
+        }
+        s.push(
+            i.to_string(),
+            Self::linear(128, cfg.num_classes, true, cfg.init, rng)?,
+        );
+        Ok(s)
+    }
+
+    fn mlp(cfg: &ModelConfig, rng: &mut impl rand::Rng) -> Result<Sequential> {
+        if cfg.norm == NormKind::Instance {
+            return Err(NvError::Config("the mlp has no spatial dims: instance norm does not apply (use batch, layer, group or bcn)".into()));
+        }
+        let bias = cfg.norm.wants_bias_before();
+        let mut s = Sequential::new();
+        let mut i = 0usize;
+        s.push(i.to_string(), Box::new(Flatten::new()));
+        i += 1;
+        let mut fin = cfg.in_channels * cfg.height * cfg.width;
+        for _ in 0..3 {
+            s.push(i.to_string(), Self::linear(fin, 100, bias, cfg.init, rng)?);
+            i += 1;
+            if let Some((n, _)) = build_norm(cfg.norm, 100, false, false, cfg.groups.min(4))? {
+                s.push(i.to_string(), n);
+                i += 1;
+            }
+            s.push(i.to_string(), Box::new(Sigmoid::new()));
+            i += 1;
+            fin = 100;
+        }
+        s.push(
+            i.to_string(),
+            Self::linear(100, cfg.num_classes, true, cfg.init, rng)?,
+        );
+        Ok(s)
+    }
+
+    fn resnet(cfg: &ModelConfig, rng: &mut impl rand::Rng) -> Result<Sequential> {
+        let bias = cfg.norm.wants_bias_before();
+        let mut s = Sequential::new();
+        s.push(
+            "conv1",
+            Self::conv(cfg.in_channels, 16, bias, cfg.init, rng)?,
+        );
+        match build_norm(cfg.norm, 16, true, true, cfg.groups)? {
+            Some((n, fused)) => {
+                s.push("bn1", n);
+                if !fused {
+                    s.push("relu", Box::new(ReLU::new()));
+                }
+            }
+            None => s.push("relu", Box::new(ReLU::new())),
+        }
+        let mut cin = 16;
+        for (stage, &cout) in [16usize, 32, 64].iter().enumerate() {
+            for b in 0..3 {
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                let blk = BasicBlock::new(cin, cout, stride, cfg.norm, cfg.groups, cfg.init, rng)?;
+                s.push(format!("layer{}.{b}", stage + 1), Box::new(blk));
+                cin = cout;
+            }
+        }
+        s.push("avgpool", Box::new(GlobalAvgPool::new()));
+        if cfg.dropout > 0.0 {
+            s.push(
+                "dropout",
+                Box::new(Dropout::new(cfg.dropout, cfg.seed ^ 0xD50)?),
+            );
+        }
+        s.push(
+            "fc",
+            Self::linear(64, cfg.num_classes, true, cfg.init, rng)?,
+        );
+        Ok(s)
+    }
+
+    /// Checks an input batch's shape against the configuration.
+    pub fn check_input(&self, x: &ArrayD<f32>) -> Result<()> {
+        let want = [self.cfg.in_channels, self.cfg.height, self.cfg.width];
+        if x.ndim() != 4 || x.shape()[1..] != want {
+            return Err(NvError::Shape {
+                layer: "Model",
+                msg: format!(
+                    "expected input (N, {}, {}, {}), got {:?}",
+                    want[0],
+                    want[1],
+                    want[2],
+                    x.shape()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Logits (N, classes).
+    pub fn forward(&mut self, x: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        self.check_input(x)?;
+        self.net.forward(x, mode)
+    }
+
+    /// Backpropagates dL/dlogits through the network, accumulating parameter gradients.
+    pub fn backward(
+        &mut self,
+        x: &ArrayD<f32>,
+        dlogits: &ArrayD<f32>,
+        mode: Mode,
+    ) -> Result<ArrayD<f32>> {
+        self.net.backward(x, dlogits, mode)
+    }
+
+    pub fn num_params(&mut self) -> usize {
+        let mut n = 0;
+        self.net.visit_params("", &mut |_, p| n += p.len());
+        n
+    }
+}
+
+impl Stateful<f32> for Model {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        self.net.save_state(prefix, sd)
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        self.net.load_state(prefix, sd)
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<f32>)) {
+        self.net.visit_params(prefix, f)
+    }
+}

@@ -1,0 +1,774 @@
+//! 2-D convolution (`nn.Conv2d`) by im2col + GEMM, with a hand-written backward.
+//!
+//! | | PyTorch `nn.Conv2d` | here |
+//! |---|---|---|
+//! | defaults | stride 1, padding 0, dilation 1, groups 1, bias | same ([`Conv2dConfig::new`]) |
+//! | weight | (O, C/groups, kh, kw) | same, `weight` |
+//! | bias | (O), `bias=True` | same, `Option`, `bias` |
+//! | output size | ⌊(H + 2p − d(k−1) − 1)/s⌋ + 1 | same |
+//! | padding mode | zeros (default) | zeros only |
+//! | init | kaiming_uniform(a=√5), bias U(±1/√fan_in) | same ([`Conv2dConfig::build`], [`Init::Default`]) |
+//! | input | (N, C, H, W) or (C, H, W) | (N, C, H, W) only |
+//!
+//! Forward, per sample and group: `y = W · im2col(x) + b`. Backward: `dW += dy · colᵀ` (columns recomputed
+//! from `x`, never stored for the whole batch), `db += Σ dy`, `dx = col2im(Wᵀ · dy)`. A 1×1, stride-1, unpadded
+//! convolution skips im2col: the input itself is the column matrix.
+//!
+//! Threads: by default ([`ConvParallel::Batch`]) the batch is split into one contiguous chunk per rayon thread;
+//! each chunk owns an im2col workspace and a private dW/db accumulator (summed at the end), and its GEMMs run
+//! single-threaded. [`ConvParallel::Gemm`] instead walks the batch sequentially and lets each GEMM use all
+//! threads. The workspaces live in the layer and are reused between calls.
+
+use super::init::Init;
+use super::matmul::{matmul, Op, Par};
+use super::{check_nonempty, check_rank, IntoPair, Layer};
+use crate::norm::contiguous;
+use crate::state::{join, StateDict, Stateful};
+use crate::{Mode, NvError, Param, Real, Result};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use rayon::prelude::*;
+
+/// Configuration with PyTorch's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Conv2dConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel_size: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+    pub dilation: (usize, usize),
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl Conv2dConfig {
+    /// PyTorch defaults: stride 1, padding 0, dilation 1, groups 1, bias.
+    pub fn new(in_channels: usize, out_channels: usize, kernel_size: impl IntoPair) -> Self {
+        Conv2dConfig {
+            in_channels,
+            out_channels,
+            kernel_size: kernel_size.pair(),
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+            bias: true,
+        }
+    }
+    pub fn stride(mut self, s: impl IntoPair) -> Self {
+        self.stride = s.pair();
+        self
+    }
+    pub fn padding(mut self, p: impl IntoPair) -> Self {
+        self.padding = p.pair();
+        self
+    }
+    pub fn dilation(mut self, d: impl IntoPair) -> Self {
+        self.dilation = d.pair();
+        self
+    }
+    pub fn groups(mut self, g: usize) -> Self {
+        self.groups = g;
+        self
+    }
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+    /// Checks the configuration (PyTorch's constructor errors).
+    pub fn validate(&self) -> Result<()> {
+        let err = |m: String| Err(NvError::Config(format!("Conv2d: {m}")));
+        if self.in_channels == 0 || self.out_channels == 0 {
+            return err(format!(
+                "in_channels and out_channels must be > 0, got {} and {}",
+                self.in_channels, self.out_channels
+            ));
+        }
+        if self.groups == 0 {
+            return err("groups must be a positive integer".into());
+        }
+        if self.in_channels % self.groups != 0 {
+            return err(format!(
+                "in_channels ({}) must be divisible by groups ({})",
+                self.in_channels, self.groups
+            ));
+        }
+        if self.out_channels % self.groups != 0 {
+            return err(format!(
+                "out_channels ({}) must be divisible by groups ({})",
+                self.out_channels, self.groups
+            ));
+        }
+        for (what, (a, b)) in [
+            ("kernel_size", self.kernel_size),
+            ("stride", self.stride),
+            ("dilation", self.dilation),
+        ] {
+            if a == 0 || b == 0 {
+                return err(format!("{what} must be > 0, got ({a}, {b})"));
+            }
+        }
+        Ok(())
+    }
+    /// Builds the layer with PyTorch's default initialisation drawn from `rng`.
+    pub fn build<T: Real>(self, rng: &mut impl rand::Rng) -> Result<Conv2d<T>> {
+        let mut c = Conv2d::new(self)?;
+        c.reset_parameters(Init::Default, 1.0, rng)?;
+        Ok(c)
+    }
+}
+
+/// How [`Conv2d`] spreads its work over rayon's threads (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ConvParallel {
+    /// One batch chunk per thread, single-threaded GEMMs (the default: faster for batch ≥ threads).
+    Batch,
+    /// Samples one after another, each GEMM multi-threaded.
+    Gemm,
+}
+
+/// Per-thread scratch: the im2col matrix and private parameter-gradient accumulators.
+#[derive(Debug, Clone, Default)]
+struct Workspace<T> {
+    col: Vec<T>,
+    dw: Vec<T>,
+    db: Vec<f64>,
+}
+
+/// The shapes of one call.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    oh: usize,
+    ow: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    ph: usize,
+    pw: usize,
+    dh: usize,
+    dw: usize,
+    groups: usize,
+}
+
+impl Geom {
+    fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+    fn in_size(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_size(&self) -> usize {
+        self.o * self.p()
+    }
+    /// Rows of one group's column matrix: C/groups · kh · kw.
+    fn kdim(&self) -> usize {
+        self.c / self.groups * self.kh * self.kw
+    }
+    fn og(&self) -> usize {
+        self.o / self.groups
+    }
+    /// 1×1, stride 1, no padding: the input is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+    fn col_len(&self) -> usize {
+        if self.pointwise() {
+            0
+        } else {
+            self.c * self.kh * self.kw * self.p()
+        }
+    }
+    /// For kernel column `kj`: the input column offset `off` (iw = ow·sw + off) and the range [lo, hi) of
+    /// output columns whose input column lies inside the image.
+    fn col_range(&self, kj: usize) -> (isize, usize, usize) {
+        let off = (kj * self.dw) as isize - self.pw as isize;
+        let sw = self.sw as isize;
+        let lo = if off >= 0 {
+            0
+        } else {
+            ((-off + sw - 1) / sw) as usize
+        };
+        let last = self.w as isize - 1 - off;
+        let hi = if last < 0 {
+            0
+        } else {
+            (last / sw) as usize + 1
+        };
+        let lo = lo.min(self.ow);
+        (off, lo, hi.min(self.ow).max(lo))
+    }
+}
+
+/// Unfolds one sample (C, H, W) into `col` (C·kh·kw, OH·OW), rows ordered (c, ki, kj), zeros for padding.
+fn im2col<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
+    let (p, hw) = (g.p(), g.h * g.w);
+    let ranges: Vec<_> = (0..g.kw).map(|kj| g.col_range(kj)).collect();
+    let mut rows = col[..g.c * g.kh * g.kw * p].chunks_exact_mut(p);
+    for c in 0..g.c {
+        let xc = &x[c * hw..(c + 1) * hw];
+        for ki in 0..g.kh {
+            for &(off, lo, hi) in &ranges {
+                let row = rows.next().expect("sized by the caller");
+                for (oh, r) in row.chunks_exact_mut(g.ow).enumerate() {
+                    let ih = (oh * g.sh + ki * g.dh) as isize - g.ph as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        r.fill(T::zero());
+                        continue;
+                    }
+                    let xr = &xc[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    r[..lo].fill(T::zero());
+                    r[hi..].fill(T::zero());
+                    if lo == hi {
+                        continue;
+                    }
+                    let start = (lo as isize * g.sw as isize + off) as usize;
+                    if g.sw == 1 {
+                        r[lo..hi].copy_from_slice(&xr[start..start + (hi - lo)]);
+                    } else {
+                        for (d, s) in r[lo..hi].iter_mut().zip(xr[start..].iter().step_by(g.sw)) {
+                            *d = *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `dx = 0`, then every column entry is added back to the input position it came from.
+fn col2im<T: Real>(g: &Geom, col: &[T], dx: &mut [T]) {
+    let (p, hw) = (g.p(), g.h * g.w);
+    dx[..g.c * hw].fill(T::zero());
+    let ranges: Vec<_> = (0..g.kw).map(|kj| g.col_range(kj)).collect();
+    let mut rows = col[..g.c * g.kh * g.kw * p].chunks_exact(p);
+    for c in 0..g.c {
+        let dxc = &mut dx[c * hw..(c + 1) * hw];
+        for ki in 0..g.kh {
+            for &(off, lo, hi) in &ranges {
+                let row = rows.next().expect("sized by the caller");
+                if lo == hi {
+                    continue;
+                }
+                for (oh, r) in row.chunks_exact(g.ow).enumerate() {
+                    let ih = (oh * g.sh + ki * g.dh) as isize - g.ph as isize;
+                    if ih < 0 || ih >= g.h as isize {
+                        continue;
+                    }
+                    let dr = &mut dxc[ih as usize * g.w..(ih as usize + 1) * g.w];
+                    let start = (lo as isize * g.sw as isize + off) as usize;
+                    if g.sw == 1 {
+                        for (d, s) in dr[start..start + (hi - lo)].iter_mut().zip(&r[lo..hi]) {
+                            *d = *d + *s;
+                        }
+                    } else {
+                        for (d, s) in dr[start..].iter_mut().step_by(g.sw).zip(&r[lo..hi]) {
+                            *d = *d + *s;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward of one sample: `y (O, P) = W · col + b`.
+#[allow(clippy::too_many_arguments)]
+fn forward_sample<T: Real>(
+    g: &Geom,
+    x: &[T],
+    y: &mut [T],
+    w: &[T],
+    bias: Option<&[T]>,
+    col: &mut [T],
+    par: Par,
+) {
+    let (p, og, kdim) = (g.p(), g.og(), g.kdim());
+    let cols: &[T] = if g.pointwise() {
+        x
+    } else {
+        im2col(g, x, col);
+        col
+    };
+    if let Some(b) = bias {
+        for (yo, &bo) in y.chunks_exact_mut(p).zip(b) {
+            yo.fill(bo);
+        }
+    }
+    for gi in 0..g.groups {
+        matmul(
+            og,
+            p,
+            kdim,
+            &w[gi * og * kdim..(gi + 1) * og * kdim],
+            Op::N,
+            &cols[gi * kdim * p..(gi + 1) * kdim * p],
+            Op::N,
+            &mut y[gi * og * p..(gi + 1) * og * p],
+            bias.is_some(),
+            par,
+        );
+    }
+}
+
+/// Backward of one sample: `dw += dy · colᵀ`, `db += Σ_p dy`, and `dx = col2im(Wᵀ · dy)` when asked.
+#[allow(clippy::too_many_arguments)]
+fn backward_sample<T: Real>(
+    g: &Geom,
+    x: &[T],
+    dy: &[T],
+    dx: Option<&mut [T]>,
+    w: &[T],
+    ws: &mut Workspace<T>,
+    want_db: bool,
+    par: Par,
+) {
+    let (p, og, kdim) = (g.p(), g.og(), g.kdim());
+    if want_db {
+        for (d, dyo) in ws.db.iter_mut().zip(dy.chunks_exact(p)) {
+            *d += dyo.iter().map(|v| v.as_f64()).sum::<f64>();
+        }
+    }
+    {
+        let cols: &[T] = if g.pointwise() {
+            x
+        } else {
+            im2col(g, x, &mut ws.col);
+            &ws.col
+        };
+        for gi in 0..g.groups {
+            matmul(
+                og,
+                kdim,
+                p,
+                &dy[gi * og * p..(gi + 1) * og * p],
+                Op::N,
+                &cols[gi * kdim * p..(gi + 1) * kdim * p],
+                Op::T,
+                &mut ws.dw[gi * og * kdim..(gi + 1) * og * kdim],
+                true,
+                par,
+            );
+        }
+    }
+    let Some(dx) = dx else { return };
+    // d(col) = Wᵀ · dy, straight into dx for a pointwise convolution, else into the workspace and folded back.
+    let wt_dy = |dcol: &mut [T]| {
+        for gi in 0..g.groups {
+            matmul(
+                kdim,
+                p,
+                og,
+                &w[gi * og * kdim..(gi + 1) * og * kdim],
+                Op::T,
+                &dy[gi * og * p..(gi + 1) * og * p],
+                Op::N,
+                &mut dcol[gi * kdim * p..(gi + 1) * kdim * p],
+                false,
+                par,
+            );
+        }
+    };
+    if g.pointwise() {
+        wt_dy(dx);
+    } else {
+        wt_dy(&mut ws.col);
+        col2im(g, &ws.col, dx);
+    }
+}
+
+/// A 2-D convolution layer. Parameters are public under PyTorch's names.
+#[derive(Debug, Clone)]
+pub struct Conv2d<T: Real = f32> {
+    pub cfg: Conv2dConfig,
+    pub weight: Param<T>,
+    pub bias: Option<Param<T>>,
+    /// How the work is spread over threads; [`ConvParallel::Batch`] unless changed.
+    pub parallel: ConvParallel,
+    ws: Vec<Workspace<T>>,
+}
+
+impl<T: Real> Conv2d<T> {
+    pub const NAME: &'static str = "Conv2d";
+
+    /// A layer with zero weights and bias (to be loaded from a state dict or initialised with
+    /// [`Conv2d::reset_parameters`]); [`Conv2dConfig::build`] gives PyTorch's default initialisation.
+    pub fn new(cfg: Conv2dConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (kh, kw) = cfg.kernel_size;
+        let weight = Param::filled(
+            &[cfg.out_channels, cfg.in_channels / cfg.groups, kh, kw],
+            T::zero(),
+        );
+        let bias = cfg
+            .bias
+            .then(|| Param::filled(&[cfg.out_channels], T::zero()));
+        Ok(Conv2d {
+            cfg,
+            weight,
+            bias,
+            parallel: ConvParallel::Batch,
+            ws: Vec::new(),
+        })
+    }
+
+    /// Re-initialises weight and bias (see [`Init`]); gradients are untouched.
+    pub fn reset_parameters(
+        &mut self,
+        init: Init,
+        scale: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Result<()> {
+        init.apply(&mut self.weight, self.bias.as_mut(), scale, rng)
+    }
+
+    fn geom(&self, shape: &[usize]) -> Result<Geom> {
+        check_rank(Self::NAME, shape, 4, "4-D (N, C, H, W)")?;
+        crate::norm::check_channels(Self::NAME, shape, self.cfg.in_channels)?;
+        check_nonempty(Self::NAME, shape)?;
+        let c = &self.cfg;
+        let (h, w) = (shape[2], shape[3]);
+        let ekh = c.dilation.0 * (c.kernel_size.0 - 1) + 1;
+        let ekw = c.dilation.1 * (c.kernel_size.1 - 1) + 1;
+        let (hp, wp) = (h + 2 * c.padding.0, w + 2 * c.padding.1);
+        if hp < ekh || wp < ekw {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "Calculated padded input size per channel: ({hp} x {wp}). Kernel size: ({ekh} x {ekw}). \
+                     Kernel size can't be greater than actual input size"
+                ),
+            });
+        }
+        Ok(Geom {
+            n: shape[0],
+            c: shape[1],
+            h,
+            w,
+            o: c.out_channels,
+            oh: (hp - ekh) / c.stride.0 + 1,
+            ow: (wp - ekw) / c.stride.1 + 1,
+            kh: c.kernel_size.0,
+            kw: c.kernel_size.1,
+            sh: c.stride.0,
+            sw: c.stride.1,
+            ph: c.padding.0,
+            pw: c.padding.1,
+            dh: c.dilation.0,
+            dw: c.dilation.1,
+            groups: c.groups,
+        })
+    }
+
+    /// The output shape for an input shape, or the error a forward would raise.
+    pub fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let g = self.geom(input)?;
+        Ok(vec![g.n, g.o, g.oh, g.ow])
+    }
+
+    /// (number of workspaces, samples per workspace) for a batch of `n`.
+    fn split(&self, n: usize) -> (usize, usize) {
+        let threads = rayon::current_num_threads().max(1);
+        let chunks = match self.parallel {
+            ConvParallel::Batch => threads.min(n).max(1),
+            ConvParallel::Gemm => 1,
+        };
+        (chunks, n.div_ceil(chunks).max(1))
+    }
+
+    fn gemm_par(&self) -> Par {
+        match self.parallel {
+            ConvParallel::Batch => Par::Seq,
+            ConvParallel::Gemm => Par::all(),
+        }
+    }
+
+    fn prepare_ws(&mut self, count: usize, col: usize, dw: usize, db: usize) {
+        if self.ws.len() < count {
+            self.ws.resize_with(count, Workspace::default);
+        }
+        for ws in &mut self.ws[..count] {
+            ws.col.resize(col, T::zero());
+            ws.dw.clear();
+            ws.dw.resize(dw, T::zero());
+            ws.db.clear();
+            ws.db.resize(db, 0.0);
+        }
+    }
+
+    /// Forward pass, allocating the output.
+    pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
+        let shape = self.output_shape(x.shape())?;
+        let mut y = ArrayD::zeros(IxDyn(&shape));
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"))?;
+        Ok(y)
+    }
+
+    /// Forward pass into a caller-owned buffer of the output's size (see [`Conv2d::output_shape`]).
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T]) -> Result<()> {
+        let g = self.geom(x.shape())?;
+        if y.len() != g.n * g.out_size() {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "output buffer has {} elements, expected {}",
+                    y.len(),
+                    g.n * g.out_size()
+                ),
+            });
+        }
+        if g.n == 0 {
+            return Ok(());
+        }
+        let xs = contiguous(&x);
+        let (chunks, per) = self.split(g.n);
+        let par = self.gemm_par();
+        self.prepare_ws(chunks, g.col_len(), 0, 0);
+        let w = self.weight.values();
+        let bias = self.bias.as_ref().map(|b| b.values());
+        let (is, os) = (g.in_size(), g.out_size());
+        let run = |xc: &[T], yc: &mut [T], ws: &mut Workspace<T>| {
+            for (xs, ys) in xc.chunks_exact(is).zip(yc.chunks_exact_mut(os)) {
+                forward_sample(&g, xs, ys, w, bias, &mut ws.col, par);
+            }
+        };
+        if chunks == 1 {
+            run(&xs, y, &mut self.ws[0]);
+        } else {
+            xs.par_chunks(per * is)
+                .zip(y.par_chunks_mut(per * os))
+                .zip(self.ws[..chunks].par_iter_mut())
+                .for_each(|((xc, yc), ws)| run(xc, yc, ws));
+        }
+        Ok(())
+    }
+
+    /// Backward pass: returns dx and accumulates dweight, dbias.
+    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
+        let mut dx = ArrayD::zeros(x.raw_dim());
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            Some(dx.as_slice_mut().expect("fresh array")),
+        )?;
+        Ok(dx)
+    }
+
+    /// Accumulates dweight and dbias only (for a first layer, whose input needs no gradient).
+    pub fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<()> {
+        self.backward_into(x.view(), dy.view(), None)
+    }
+
+    /// Backward into a caller-owned dx buffer of x's size (`None`: parameter gradients only).
+    pub fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: Option<&mut [T]>,
+    ) -> Result<()> {
+        let g = self.geom(x.shape())?;
+        let want = [g.n, g.o, g.oh, g.ow];
+        if dy.shape() != want {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has shape {:?}, the output has shape {want:?}",
+                    dy.shape()
+                ),
+            });
+        }
+        if let Some(d) = &dx {
+            if d.len() != x.len() {
+                return Err(NvError::Shape {
+                    layer: Self::NAME,
+                    msg: format!("dx buffer has {} elements, input {}", d.len(), x.len()),
+                });
+            }
+        }
+        if g.n == 0 {
+            return Ok(());
+        }
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        let (chunks, per) = self.split(g.n);
+        let par = self.gemm_par();
+        let want_db = self.bias.is_some();
+        let wlen = self.weight.len();
+        self.prepare_ws(chunks, g.col_len(), wlen, if want_db { g.o } else { 0 });
+        let w = self.weight.values();
+        let (is, os) = (g.in_size(), g.out_size());
+        let run = |xc: &[T], gc: &[T], mut dxc: Option<&mut [T]>, ws: &mut Workspace<T>| {
+            for (s, (xs, gs)) in xc.chunks_exact(is).zip(gc.chunks_exact(os)).enumerate() {
+                let dxs = dxc.as_deref_mut().map(|d| &mut d[s * is..(s + 1) * is]);
+                backward_sample(&g, xs, gs, dxs, w, ws, want_db, par);
+            }
+        };
+        if chunks == 1 {
+            run(&xs, &gs, dx, &mut self.ws[0]);
+        } else {
+            let mut dx_chunks: Vec<Option<&mut [T]>> = match dx {
+                Some(d) => d.chunks_mut(per * is).map(Some).collect(),
+                None => (0..chunks).map(|_| None).collect(),
+            };
+            xs.par_chunks(per * is)
+                .zip(gs.par_chunks(per * os))
+                .zip(dx_chunks.par_iter_mut())
+                .zip(self.ws[..chunks].par_iter_mut())
+                .for_each(|(((xc, gc), dxc), ws)| run(xc, gc, dxc.as_deref_mut(), ws));
+        }
+        let used = chunks.min(g.n.div_ceil(per));
+        let dw = self.weight.grads_mut();
+        for ws in &self.ws[..used] {
+            for (d, s) in dw.iter_mut().zip(&ws.dw) {
+                *d = *d + *s;
+            }
+        }
+        if let Some(b) = self.bias.as_mut() {
+            let db = b.grads_mut();
+            for (o, d) in db.iter_mut().enumerate() {
+                let s: f64 = self.ws[..used].iter().map(|ws| ws.db[o]).sum();
+                *d = *d + T::of_f64(s);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: Real> Layer<T> for Conv2d<T> {
+    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+        Conv2d::forward(self, x)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+        Conv2d::backward(self, x, dy)
+    }
+    fn name(&self) -> String {
+        let c = &self.cfg;
+        let mut s = format!(
+            "Conv2d({}, {}, kernel_size={:?}, stride={:?}",
+            c.in_channels, c.out_channels, c.kernel_size, c.stride
+        );
+        if c.padding != (0, 0) {
+            s += &format!(", padding={:?}", c.padding);
+        }
+        if c.dilation != (1, 1) {
+            s += &format!(", dilation={:?}", c.dilation);
+        }
+        if c.groups != 1 {
+            s += &format!(", groups={}", c.groups);
+        }
+        if !c.bias {
+            s += ", bias=False";
+        }
+        s + ")"
+    }
+}
+
+impl<T: Real> Stateful<T> for Conv2d<T> {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        sd.insert_float(join(prefix, "weight"), &self.weight.value);
+        if let Some(b) = &self.bias {
+            sd.insert_float(join(prefix, "bias"), &b.value);
+        }
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        sd.load_float(&join(prefix, "weight"), &mut self.weight.value)?;
+        if let Some(b) = self.bias.as_mut() {
+            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
+        }
+        Ok(())
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        f(&join(prefix, "weight"), &mut self.weight);
+        if let Some(b) = self.bias.as_mut() {
+            f(&join(prefix, "bias"), b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct (seven nested loops) convolution for cross-checking im2col.
+    fn direct(
+        cfg: &Conv2dConfig,
+        x: &ArrayD<f64>,
+        w: &ArrayD<f64>,
+        b: Option<&ArrayD<f64>>,
+    ) -> ArrayD<f64> {
+        let s = x.shape();
+        let (n, c, h, wd) = (s[0], s[1], s[2], s[3]);
+        let (kh, kw) = cfg.kernel_size;
+        let o = cfg.out_channels;
+        let (cg, og) = (c / cfg.groups, o / cfg.groups);
+        let oh = (h + 2 * cfg.padding.0 - cfg.dilation.0 * (kh - 1) - 1) / cfg.stride.0 + 1;
+        let ow = (wd + 2 * cfg.padding.1 - cfg.dilation.1 * (kw - 1) - 1) / cfg.stride.1 + 1;
+        let mut y = ArrayD::zeros(IxDyn(&[n, o, oh, ow]));
+        for ni in 0..n {
+            for oc in 0..o {
+                let gi = oc / og;
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let mut acc = b.map_or(0.0, |b| b[[oc]]);
+                        for ci in 0..cg {
+                            for ki in 0..kh {
+                                for kj in 0..kw {
+                                    let ih = (i * cfg.stride.0 + ki * cfg.dilation.0) as isize
+                                        - cfg.padding.0 as isize;
+                                    let iw = (j * cfg.stride.1 + kj * cfg.dilation.1) as isize
+                                        - cfg.padding.1 as isize;
+                                    if ih >= 0 && iw >= 0 && (ih as usize) < h && (iw as usize) < wd
+                                    {
+                                        acc += w[[oc, ci, ki, kj]]
+                                            * x[[ni, gi * cg + ci, ih as usize, iw as usize]];
+                                    }
+                                }
+                            }
+                        }
+                        y[[ni, oc, i, j]] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_direct_convolution() {
+        use rand::SeedableRng;
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(7);
+        let cfgs = [
+            Conv2dConfig::new(3, 4, 3),
+            Conv2dConfig::new(4, 6, (3, 2))
+                .stride((2, 1))
+                .padding((1, 2)),
+            Conv2dConfig::new(4, 6, 3).dilation(2).padding(2).groups(2),
+            Conv2dConfig::new(4, 4, 1).bias(false),
+            Conv2dConfig::new(4, 2, 1).stride(2),
+            Conv2dConfig::new(2, 3, 5).stride(3).padding(1),
+        ];
+        for cfg in cfgs {
+            for par in [ConvParallel::Batch, ConvParallel::Gemm] {
+                let mut conv = cfg.clone().build::<f64>(&mut rng).unwrap();
+                conv.parallel = par;
+                let mut x = ArrayD::zeros(IxDyn(&[3, cfg.in_channels, 7, 9]));
+                super::super::init::normal(&mut x, 0.0, 1.0, &mut rng);
+                let y = conv.forward(&x).unwrap();
+                let want = direct(
+                    &cfg,
+                    &x,
+                    &conv.weight.value,
+                    conv.bias.as_ref().map(|b| &b.value),
+                );
+                assert_eq!(y.shape(), want.shape(), "{cfg:?}");
+                for (a, b) in y.iter().zip(want.iter()) {
+                    assert!((a - b).abs() < 1e-12, "{cfg:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Fully connected layer (`nn.Linear`): y = x·Wᵀ + b over the last dimension.
+//!
+//! | | PyTorch `nn.Linear` | here |
+//! |---|---|---|
+//! | weight / bias | (out, in) / (out), `bias=True` | same (`weight`, `bias`) |
+//! | input | (*, in) | same (rank ≥ 1; leading dimensions are flattened into rows) |
+//! | init | kaiming_uniform(a=√5), bias U(±1/√in) | same ([`LinearConfig::build`]) |
+//!
+//! Backward: `dW += dyᵀ·x`, `db += Σ_rows dy`, `dx = dy·W`, each one GEMM (multi-threaded when large).
+
+use super::init::Init;
+use super::matmul::{matmul, Op, Par};
+use super::Layer;
+use crate::norm::contiguous;
+use crate::state::{join, StateDict, Stateful};
+use crate::{Mode, NvError, Param, Real, Result};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+/// Configuration with PyTorch's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LinearConfig {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub bias: bool,
+}
+
+impl LinearConfig {
+    pub fn new(in_features: usize, out_features: usize) -> Self {
+        LinearConfig {
+            in_features,
+            out_features,
+            bias: true,
+        }
+    }
+    pub fn bias(mut self, b: bool) -> Self {
+        self.bias = b;
+        self
+    }
+    /// Builds the layer with PyTorch's default initialisation drawn from `rng`.
+    pub fn build<T: Real>(self, rng: &mut impl rand::Rng) -> Result<Linear<T>> {
+        let mut l = Linear::new(self)?;
+        l.reset_parameters(Init::Default, 1.0, rng)?;
+        Ok(l)
+    }
+}
+
+/// A fully connected layer. Parameters are public under PyTorch's names.
+#[derive(Debug, Clone)]
+pub struct Linear<T: Real = f32> {
+    pub cfg: LinearConfig,
+    pub weight: Param<T>,
+    pub bias: Option<Param<T>>,
+}
+
+/// Multiply-adds above which a GEMM uses all threads.
+const PAR_FLOPS: usize = 1 << 18;
+
+fn par_for(m: usize, n: usize, k: usize) -> Par {
+    if m * n * k >= PAR_FLOPS {
+        Par::all()
+    } else {
+        Par::Seq
+    }
+}
+
+impl<T: Real> Linear<T> {
+    pub const NAME: &'static str = "Linear";
+
+    /// Zero weight and bias; see [`LinearConfig::build`] for PyTorch's initialisation.
+    pub fn new(cfg: LinearConfig) -> Result<Self> {
+        if cfg.in_features == 0 || cfg.out_features == 0 {
+            return Err(NvError::Config(format!(
+                "Linear: in_features and out_features must be > 0, got {} and {}",
+                cfg.in_features, cfg.out_features
+            )));
+        }
+        Ok(Linear {
+            weight: Param::filled(&[cfg.out_features, cfg.in_features], T::zero()),
+            bias: cfg
+                .bias
+                .then(|| Param::filled(&[cfg.out_features], T::zero())),
+            cfg,
+        })
+    }
+
+    pub fn reset_parameters(
+        &mut self,
+        init: Init,
+        scale: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Result<()> {
+        init.apply(&mut self.weight, self.bias.as_mut(), scale, rng)
+    }
+
+    /// Rows of the flattened input (product of the leading dimensions).
+    fn rows(&self, shape: &[usize]) -> Result<usize> {
+        let Some((&last, lead)) = shape.split_last() else {
+            return Err(NvError::Rank {
+                layer: Self::NAME,
+                expected: "(*, in_features) (rank >= 1)".into(),
+                got: shape.to_vec(),
+            });
+        };
+        if last != self.cfg.in_features {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "mat1 and mat2 shapes cannot be multiplied: input {shape:?} has {last} features in its last \
+                     dimension, the layer expects in_features = {}",
+                    self.cfg.in_features
+                ),
+            });
+        }
+        Ok(lead.iter().product())
+    }
+
+    pub fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.rows(input)?;
+        let mut s = input.to_vec();
+        *s.last_mut().expect("rank >= 1") = self.cfg.out_features;
+        Ok(s)
+    }
+
+    pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
+        let shape = self.output_shape(x.shape())?;
+        let mut y = ArrayD::zeros(IxDyn(&shape));
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"))?;
+        Ok(y)
+    }
+
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T]) -> Result<()> {
+        let m = self.rows(x.shape())?;
+        let (k, n) = (self.cfg.in_features, self.cfg.out_features);
+        if y.len() != m * n {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!("output buffer has {} elements, expected {}", y.len(), m * n),
+            });
+        }
+        let xs = contiguous(&x);
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(n) {
+                row.copy_from_slice(b.values());
+            }
+        }
+        // y (m×n) = x (m×k) · Wᵀ, W stored (n×k).
+        matmul(
+            m,
+            n,
+            k,
+            &xs,
+            Op::N,
+            self.weight.values(),
+            Op::T,
+            y,
+            self.bias.is_some(),
+            par_for(m, n, k),
+        );
+        Ok(())
+    }
+
+    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
+        let mut dx = ArrayD::zeros(x.raw_dim());
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            Some(dx.as_slice_mut().expect("fresh array")),
+        )?;
+        Ok(dx)
+    }
+
+    /// Accumulates dweight, dbias; writes dx into `dx` when given.
+    pub fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: Option<&mut [T]>,
+    ) -> Result<()> {
+        let want = self.output_shape(x.shape())?;
+        if dy.shape() != want.as_slice() {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has shape {:?}, the output has shape {want:?}",
+                    dy.shape()
+                ),
+            });
+        }
+        let m = self.rows(x.shape())?;
+        let (k, n) = (self.cfg.in_features, self.cfg.out_features);
+        if let Some(d) = &dx {
+            if d.len() != m * k {
+                return Err(NvError::Shape {
+                    layer: Self::NAME,
+                    msg: format!("dx buffer has {} elements, input {}", d.len(), m * k),
+                });
+            }
+        }
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        if let Some(b) = self.bias.as_mut() {
+            let mut acc = vec![0f64; n];
+            for row in gs.chunks_exact(n) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.as_f64();
+                }
+            }
+            for (g, a) in b.grads_mut().iter_mut().zip(acc) {
+                *g = *g + T::of_f64(a);
+            }
+        }
+        // dW (n×k) += dyᵀ (n×m) · x (m×k); dy stored (m×n).
+        matmul(
+            n,
+            k,
+            m,
+            &gs,
+            Op::T,
+            &xs,
+            Op::N,
+            self.weight.grads_mut(),
+            true,
+            par_for(m, n, k),
+        );
+        if let Some(dx) = dx {
+            // dx (m×k) = dy (m×n) · W (n×k).
+            matmul(
+                m,
+                k,
+                n,
+                &gs,
+                Op::N,
+                self.weight.values(),
+                Op::N,
+                dx,
+                false,
+                par_for(m, n, k),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl<T: Real> Layer<T> for Linear<T> {
+    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+        Linear::forward(self, x)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+        Linear::backward(self, x, dy)
+    }
+    fn name(&self) -> String {
+        format!(
+            "Linear(in_features={}, out_features={}, bias={})",
+            self.cfg.in_features,
+            self.cfg.out_features,
+            if self.cfg.bias { "True" } else { "False" }
+        )
+    }
+}
+
+impl<T: Real> Stateful<T> for Linear<T> {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        sd.insert_float(join(prefix, "weight"), &self.weight.value);
+        if let Some(b) = &self.bias {
+            sd.insert_float(join(prefix, "bias"), &b.value);
+        }
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        sd.load_float(&join(prefix, "weight"), &mut self.weight.value)?;
+        if let Some(b) = self.bias.as_mut() {
+            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
+        }
+        Ok(())
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        f(&join(prefix, "weight"), &mut self.weight);
+        if let Some(b) = self.bias.as_mut() {
+            f(&join(prefix, "bias"), b);
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Layers around the normalizations: convolution, linear, pooling, activations, dropout, loss, initialisation.
+//!
+//! Every layer has a hand-written backward (Caffe/Darknet style, no autograd tape) and implements [`Layer`]:
+//! the model keeps each layer's input and hands it back to `backward`. Parameter gradients accumulate.
+//!
+//! | layer | input → output | parameters (PyTorch names) | state kept between forward and backward |
+//! |---|---|---|---|
+//! | [`Conv2d`] | (N, C, H, W) → (N, O, H', W') | `weight` (O, C/groups, kh, kw), `bias` (O) | im2col workspace only |
+//! | [`Linear`] | (*, in) → (*, out) | `weight` (out, in), `bias` (out) | — |
+//! | [`MaxPool2d`] | (N, C, H, W) → (N, C, H', W') | — | argmax indices |
+//! | [`AvgPool2d`] | (N, C, H, W) → (N, C, H', W') | — | — |
+//! | [`GlobalAvgPool`] | (N, C, H, W) → (N, C) | — | — |
+//! | [`ReLU`], [`Sigmoid`] | any → same | — | — |
+//! | [`Flatten`] | (N, *) → (N, prod(*)) | — | — |
+//! | [`Dropout`] | any → same | — | mask (train), RNG |
+//!
+//! [`CrossEntropyLoss`] is not a layer: it maps logits and integer targets to `(loss, dlogits)`.
+//! [`init`] holds PyTorch's initialisation schemes.
+
+pub mod activation;
+pub mod conv;
+pub mod dropout;
+pub mod init;
+pub mod linear;
+pub mod loss;
+pub mod matmul;
+pub mod pool;
+pub mod simd;
+
+pub use activation::{Flatten, ReLU, Sigmoid};
+pub use conv::{Conv2d, Conv2dConfig, ConvParallel};
+pub use dropout::Dropout;
+pub use init::{Init, InitSpec};
+pub use linear::{Linear, LinearConfig};
+pub use loss::{accuracy, argmax, cross_entropy, CrossEntropyLoss};
+pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dConfig};
+
+use crate::state::Stateful;
+use crate::{Mode, NvError, Real, Result};
+use ndarray::ArrayD;
+use rayon::prelude::*;
+
+/// A layer of a model: forward, and a backward that receives the same input `x` the forward saw.
+pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
+    /// Forward pass.
+    fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>>;
+    /// Backward pass: given the forward's input `x` and dL/dy, returns dL/dx and accumulates parameter gradients.
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>>;
+    /// A short name for tables and errors.
+    fn name(&self) -> String;
+}
+
+/// A size given either once for both spatial dimensions (`3`) or per dimension (`(3, 5)`), as in PyTorch.
+pub trait IntoPair {
+    fn pair(self) -> (usize, usize);
+}
+impl IntoPair for usize {
+    fn pair(self) -> (usize, usize) {
+        (self, self)
+    }
+}
+impl IntoPair for (usize, usize) {
+    fn pair(self) -> (usize, usize) {
+        self
+    }
+}
+
+/// Errors unless `shape` has exactly `rank` dimensions.
+pub(crate) fn check_rank(
+    layer: &'static str,
+    shape: &[usize],
+    rank: usize,
+    expected: &str,
+) -> Result<()> {
+    if shape.len() != rank {
+        return Err(NvError::Rank {
+            layer,
+            expected: expected.to_string(),
+            got: shape.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// Errors if any dimension after the batch dimension is zero (PyTorch rejects such inputs too).
+pub(crate) fn check_nonempty(layer: &'static str, shape: &[usize]) -> Result<()> {
+    if shape[1..].contains(&0) {
+        return Err(NvError::Shape {
+            layer,
+            msg: format!("expected non-zero sizes in every dimension but the batch, got {shape:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Elements below which element-wise and per-plane loops stay on the calling thread.
+pub(crate) const PAR_MIN: usize = 1 << 15;
+
+/// `out[i] = f(a[i])`, in parallel chunks when large.
+pub(crate) fn map_into<T: Real>(a: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
+    debug_assert_eq!(a.len(), out.len());
+    if a.len() < PAR_MIN {
+        out.iter_mut().zip(a).for_each(|(o, &v)| *o = f(v));
+    } else {
+        out.par_chunks_mut(PAR_MIN)
+            .zip(a.par_chunks(PAR_MIN))
+            .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &v)| *o = f(v)));
+    }
+}
+
+/// `out[i] = f(a[i], b[i])`, in parallel chunks when large.
+pub(crate) fn zip_map_into<T: Real>(a: &[T], b: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sync) {
+    debug_assert!(a.len() == out.len() && b.len() == out.len());
+    if a.len() < PAR_MIN {
+        for ((o, &u), &v) in out.iter_mut().zip(a).zip(b) {
+            *o = f(u, v);
+        }
+    } else {
+        out.par_chunks_mut(PAR_MIN)
+            .zip(a.par_chunks(PAR_MIN).zip(b.par_chunks(PAR_MIN)))
+            .for_each(|(o, (a, b))| {
+                for ((o, &u), &v) in o.iter_mut().zip(a).zip(b) {
+                    *o = f(u, v);
+                }
+            });
+    }
+}
+
+/// A [`Stateful`] impl for layers without parameters or buffers.
+macro_rules! stateless {
+    ($($t:ident),*) => {$(
+        impl<T: $crate::Real> $crate::state::Stateful<T> for $t<T> {
+            fn save_state(&self, _prefix: &str, _sd: &mut $crate::state::StateDict) {}
+            fn load_state(&mut self, _prefix: &str, _sd: &$crate::state::StateDict) -> $crate::Result<()> {
+                Ok(())
+            }
+            fn visit_params(&mut self, _prefix: &str, _f: &mut dyn FnMut(&str, &mut $crate::Param<T>)) {}
+        }
+    )*};
+}
+pub(crate) use stateless;
+
+/// An owned array's elements as a row-major slice (copied only when the array is not in standard layout).
+pub(crate) fn cont<T: Real>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
+}

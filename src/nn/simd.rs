@@ -1,0 +1,414 @@
+//! Hand-written AVX-512 f32 GEMM kernels for the convolution shapes (few output rows, long rows), used when the
+//! CPU has AVX-512F; everything else goes through the `gemm` crate ([`super::matmul`]).
+//!
+//! Two kernels, both on row-major data without transposes:
+//!
+//! - [`gemm_nn`]: `C (m×n) (+)= A·B` with `A` packed by [`pack_a`] into 8-row panels (k × 8, zero-padded) and `B`
+//!   row-major with leading dimension `ldb`. Register tile 8 rows × 48 columns (24 zmm accumulators); the last
+//!   column vector of a row is masked, so `n` need not be a multiple of 16. Forward (`W·col`) and the data
+//!   gradient (`Wᵀ·dy`).
+//! - [`gemm_nt`]: `C (m×n) (+)= A·Bᵀ` where both `A` (m×len) and `B` (n×len) are row-major along the reduction
+//!   dimension: dot products in a 4×6 register tile, reduced horizontally at the end. The weight gradient
+//!   (`dy·colᵀ`), without transposing either operand.
+//!
+//! The public functions check every bound before entering `unsafe` code.
+
+/// Rows of an A panel of [`gemm_nn`].
+pub const MR: usize = 8;
+
+/// Whether the kernels can run on this CPU (AVX-512F, checked once).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Length of the packed form of an m×k matrix.
+pub fn packed_len(m: usize, k: usize) -> usize {
+    m.div_ceil(MR) * MR * k
+}
+
+/// Packs op(A) (m×k, element (i, p) at `a[i·rs + p·cs]`) into `out` as ⌈m/8⌉ panels of k×8, rows past m zero.
+pub fn pack_a(m: usize, k: usize, a: &[f32], rs: usize, cs: usize, out: &mut Vec<f32>) {
+    if m > 0 && k > 0 {
+        assert!(
+            (m - 1) * rs + (k - 1) * cs < a.len(),
+            "pack_a: source too short"
+        );
+    }
+    out.clear();
+    out.resize(packed_len(m, k), 0.0);
+    if k == 0 {
+        return;
+    }
+    for (pi, panel) in out.chunks_exact_mut(MR * k).enumerate() {
+        for r in 0..MR {
+            let i = pi * MR + r;
+            if i >= m {
+                break;
+            }
+            for p in 0..k {
+                panel[p * MR + r] = a[i * rs + p * cs];
+            }
+        }
+    }
+}
+
+/// `C (m×n) = [C +] A·B`: `ap` from [`pack_a`] (m×k), `b` k×n with row stride `ldb`, `c` with row stride `ldc`.
+/// Panics if a slice is too short or the CPU lacks AVX-512F.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    ap: &[f32],
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(available(), "gemm_nn needs AVX-512F");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ap.len() >= packed_len(m, k), "gemm_nn: packed A too short");
+    assert!(n <= ldb || k <= 1, "gemm_nn: ldb < n");
+    assert!(
+        k == 0 || (k - 1) * ldb + n <= b.len(),
+        "gemm_nn: B too short"
+    );
+    assert!(n <= ldc || m == 1, "gemm_nn: ldc < n");
+    assert!((m - 1) * ldc + n <= c.len(), "gemm_nn: C too short");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is available (asserted); the asserts above bound every address the kernels touch:
+    // panel rows < packed_len, B rows k·ldb + (column < n, masked), C rows < m with columns < n (masked).
+    unsafe {
+        x86::gemm_nn(
+            m,
+            n,
+            k,
+            ap.as_ptr(),
+            b.as_ptr(),
+            ldb,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+/// `C (m×n) = [C +] A·Bᵀ` with `A` m×len (row stride `lda`), `B` n×len (row stride `ldb`), `C` row stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(
+    m: usize,
+    n: usize,
+    len: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(available(), "gemm_nt needs AVX-512F");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * lda + len <= a.len(), "gemm_nt: A too short");
+    assert!((n - 1) * ldb + len <= b.len(), "gemm_nt: B too short");
+    assert!(
+        (m - 1) * ldc + n <= c.len() && (n <= ldc || m == 1),
+        "gemm_nt: C too short"
+    );
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: AVX-512F is available; rows of A (< m) and B (< n) are read over [0, len) only (masked tail);
+    // C is written at rows < m, columns < n.
+    unsafe {
+        x86::gemm_nt(
+            m,
+            n,
+            len,
+            a.as_ptr(),
+            lda,
+            b.as_ptr(),
+            ldb,
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::MR;
+    use std::arch::x86_64::*;
+
+    /// Columns of the gemm_nn register tile (3 vectors).
+    const NR: usize = 48;
+
+    #[inline(always)]
+    fn tail_mask(cols: usize) -> __mmask16 {
+        if cols >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
+        }
+    }
+
+    /// One 8×(16·NV) tile over the whole reduction; the last vector of each row is masked by `last`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_nn<const NV: usize>(
+        k: usize,
+        a: *const f32,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        last: __mmask16,
+        accumulate: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        let mut ap = a;
+        let mut bp = b;
+        for _ in 0..k {
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, x) in bv.iter_mut().enumerate() {
+                let m = if v + 1 == NV { last } else { 0xFFFF };
+                *x = _mm512_maskz_loadu_ps(m, bp.add(16 * v));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add(i));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(av, bv[v], *x);
+                }
+            }
+            ap = ap.add(MR);
+            bp = bp.add(ldb);
+        }
+        for (i, row) in acc.iter().enumerate().take(rows) {
+            for (v, x) in row.iter().enumerate() {
+                let m = if v + 1 == NV { last } else { 0xFFFF };
+                let p = c.add(i * ldc + 16 * v);
+                let mut r = *x;
+                if accumulate {
+                    r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, p));
+                }
+                _mm512_mask_storeu_ps(p, m, r);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_nn(
+        m: usize,
+        n: usize,
+        k: usize,
+        ap: *const f32,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut j = 0;
+        while j < n {
+            let w = (n - j).min(NR);
+            let nv = w.div_ceil(16);
+            let last = tail_mask(w - 16 * (nv - 1));
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(MR);
+                let a = ap.add(i * k);
+                let bj = b.add(j);
+                let cij = c.add(i * ldc + j);
+                match nv {
+                    3 => tile_nn::<3>(k, a, bj, ldb, cij, ldc, rows, last, accumulate),
+                    2 => tile_nn::<2>(k, a, bj, ldb, cij, ldc, rows, last, accumulate),
+                    _ => tile_nn::<1>(k, a, bj, ldb, cij, ldc, rows, last, accumulate),
+                }
+                i += MR;
+            }
+            j += NR;
+        }
+    }
+
+    const TA: usize = 4;
+    const TB: usize = 6;
+
+    /// Dot products of TA rows of A with TB rows of B over `len`; returns the TA×TB sums.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_nt(len: usize, a: [*const f32; TA], b: [*const f32; TB]) -> [[f32; TB]; TA] {
+        let mut acc = [[_mm512_setzero_ps(); TB]; TA];
+        let full = len / 16;
+        let mut off = 0;
+        for _ in 0..full {
+            let mut bv = [_mm512_setzero_ps(); TB];
+            for (x, p) in bv.iter_mut().zip(b) {
+                *x = _mm512_loadu_ps(p.add(off));
+            }
+            for (row, p) in acc.iter_mut().zip(a) {
+                let av = _mm512_loadu_ps(p.add(off));
+                for (x, y) in row.iter_mut().zip(bv) {
+                    *x = _mm512_fmadd_ps(av, y, *x);
+                }
+            }
+            off += 16;
+        }
+        if off < len {
+            let m = tail_mask(len - off);
+            let mut bv = [_mm512_setzero_ps(); TB];
+            for (x, p) in bv.iter_mut().zip(b) {
+                *x = _mm512_maskz_loadu_ps(m, p.add(off));
+            }
+            for (row, p) in acc.iter_mut().zip(a) {
+                let av = _mm512_maskz_loadu_ps(m, p.add(off));
+                for (x, y) in row.iter_mut().zip(bv) {
+                    *x = _mm512_fmadd_ps(av, y, *x);
+                }
+            }
+        }
+        let mut out = [[0f32; TB]; TA];
+        for (o, row) in out.iter_mut().zip(acc) {
+            for (s, x) in o.iter_mut().zip(row) {
+                *s = _mm512_reduce_add_ps(x);
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemm_nt(
+        m: usize,
+        n: usize,
+        len: usize,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        ldb: usize,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let mut j = 0;
+        while j < n {
+            let nb = (n - j).min(TB);
+            // rows past the end repeat the last valid row; their results are discarded
+            let bp: [*const f32; TB] = std::array::from_fn(|t| b.add((j + t.min(nb - 1)) * ldb));
+            let mut i = 0;
+            while i < m {
+                let na = (m - i).min(TA);
+                let ap: [*const f32; TA] =
+                    std::array::from_fn(|t| a.add((i + t.min(na - 1)) * lda));
+                let out = tile_nt(len, ap, bp);
+                for (r, o) in out.iter().enumerate().take(na) {
+                    let crow = c.add((i + r) * ldc + j);
+                    for (t, &v) in o.iter().enumerate().take(nb) {
+                        let d = crow.add(t);
+                        *d = if accumulate { *d + v } else { v };
+                    }
+                }
+                i += TA;
+            }
+            j += TB;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kernels_match_naive_products() {
+        if !available() {
+            return;
+        }
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (8, 48, 5),
+            (9, 50, 3),
+            (32, 784, 36),
+            (3, 17, 0),
+            (13, 97, 29),
+            (64, 196, 40),
+        ] {
+            let a = lcg(m * k.max(1), 1);
+            let ldb = n + 3;
+            let b = lcg(k.max(1) * ldb, 2);
+            let ldc = n + 1;
+            let mut ap = Vec::new();
+            pack_a(m, k, &a, k, 1, &mut ap);
+            for accumulate in [false, true] {
+                let mut c = lcg(m * ldc, 3);
+                let c0 = c.clone();
+                gemm_nn(m, n, k, &ap, &b, ldb, &mut c, ldc, accumulate);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut s = if accumulate {
+                            c0[i * ldc + j] as f64
+                        } else {
+                            0.0
+                        };
+                        for p in 0..k {
+                            s += a[i * k + p] as f64 * b[p * ldb + j] as f64;
+                        }
+                        assert!(
+                            (c[i * ldc + j] as f64 - s).abs() < 1e-4,
+                            "nn {m}x{n}x{k} at ({i},{j})"
+                        );
+                    }
+                    if ldc > n {
+                        assert_eq!(c[i * ldc + n], c0[i * ldc + n], "nn wrote past n");
+                    }
+                }
+            }
+            // A·Bᵀ with B stored n×k
+            let bt = lcg(n * (k + 2), 4);
+            for accumulate in [false, true] {
+                let mut c = lcg(m * ldc, 5);
+                let c0 = c.clone();
+                gemm_nt(m, n, k, &a, k, &bt, k + 2, &mut c, ldc, accumulate);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut s = if accumulate {
+                            c0[i * ldc + j] as f64
+                        } else {
+                            0.0
+                        };
+                        for p in 0..k {
+                            s += a[i * k + p] as f64 * bt[j * (k + 2) + p] as f64;
+                        }
+                        assert!(
+                            (c[i * ldc + j] as f64 - s).abs() < 1e-4,
+                            "nt {m}x{n}x{k} at ({i},{j})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

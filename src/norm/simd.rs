@@ -1,0 +1,260 @@
+//! Explicit AVX2/FMA versions of the `f32` reductions in [`lanes`](super::lanes).
+//!
+//! LLVM does not reliably turn the generic lane-array reductions into packed code (it emitted scalar `vmovss`
+//! and `vinsertps` for them on this project's machines), so the `f32` reductions are written with intrinsics:
+//! 4 independent 8-wide accumulators, flushed into `f64` every 1024 values, the same accumulation scheme as the
+//! generic code. Used only when the binary is compiled with AVX2 and FMA enabled (the project builds with
+//! `-C target-cpu=native`); otherwise the generic code runs.
+
+#![allow(unsafe_code)]
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod imp {
+    use std::arch::x86_64::*;
+
+    const FLUSH: usize = 1024;
+
+    #[inline(always)]
+    unsafe fn hsum_pd(v: __m256d) -> f64 {
+        let lo = _mm256_castpd256_pd128(v);
+        let hi = _mm256_extractf128_pd(v, 1);
+        let s = _mm_add_pd(lo, hi);
+        let h = _mm_unpackhi_pd(s, s);
+        _mm_cvtsd_f64(_mm_add_sd(s, h))
+    }
+
+    /// Sum of 8 f32 lanes in f64.
+    #[inline(always)]
+    unsafe fn hsum_ps_f64(v: __m256) -> f64 {
+        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+        hsum_pd(_mm256_add_pd(lo, hi))
+    }
+
+    /// Chunks `x[start + k·stride .. start + k·stride + len]` for k in 0..n: one channel of an (N, C, S) tensor.
+    #[derive(Clone, Copy)]
+    pub struct Strided {
+        pub start: usize,
+        pub n: usize,
+        pub len: usize,
+        pub stride: usize,
+    }
+
+    impl Strided {
+        pub fn contiguous(len: usize) -> Self {
+            Strided {
+                start: 0,
+                n: 1,
+                len,
+                stride: len,
+            }
+        }
+        #[inline(always)]
+        fn check(&self, total: usize) {
+            if self.n > 0 {
+                assert!(
+                    self.start + (self.n - 1) * self.stride + self.len <= total,
+                    "strided view out of bounds"
+                );
+            }
+        }
+    }
+
+    pub fn sum(xs: &[f32], v: Strided) -> f64 {
+        v.check(xs.len());
+        let mut total = 0.0f64;
+        let mut since = 0usize;
+        unsafe {
+            let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let n16 = v.len / 16 * 16;
+            for k in 0..v.n {
+                let p = xs.as_ptr().add(v.start + k * v.stride);
+                let mut i = 0;
+                while i < n16 {
+                    a0 = _mm256_add_ps(a0, _mm256_loadu_ps(p.add(i)));
+                    a1 = _mm256_add_ps(a1, _mm256_loadu_ps(p.add(i + 8)));
+                    i += 16;
+                    since += 16;
+                    if since >= FLUSH {
+                        total += hsum_ps_f64(_mm256_add_ps(a0, a1));
+                        a0 = _mm256_setzero_ps();
+                        a1 = _mm256_setzero_ps();
+                        since = 0;
+                    }
+                }
+                while i < v.len {
+                    total += *p.add(i) as f64;
+                    i += 1;
+                }
+            }
+            total += hsum_ps_f64(_mm256_add_ps(a0, a1));
+        }
+        total
+    }
+
+    pub fn shifted_moments(xs: &[f32], v: Strided, shift: f32) -> (f64, f64) {
+        v.check(xs.len());
+        let (mut t1, mut t2) = (0.0f64, 0.0f64);
+        let mut since = 0usize;
+        unsafe {
+            let sh = _mm256_set1_ps(shift);
+            let (mut s0, mut s1, mut q0, mut q1) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            let n16 = v.len / 16 * 16;
+            for k in 0..v.n {
+                let p = xs.as_ptr().add(v.start + k * v.stride);
+                let mut i = 0;
+                while i < n16 {
+                    let d0 = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), sh);
+                    let d1 = _mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), sh);
+                    s0 = _mm256_add_ps(s0, d0);
+                    s1 = _mm256_add_ps(s1, d1);
+                    q0 = _mm256_fmadd_ps(d0, d0, q0);
+                    q1 = _mm256_fmadd_ps(d1, d1, q1);
+                    i += 16;
+                    since += 16;
+                    if since >= FLUSH {
+                        t1 += hsum_ps_f64(_mm256_add_ps(s0, s1));
+                        t2 += hsum_ps_f64(_mm256_add_ps(q0, q1));
+                        (s0, s1, q0, q1) = (
+                            _mm256_setzero_ps(),
+                            _mm256_setzero_ps(),
+                            _mm256_setzero_ps(),
+                            _mm256_setzero_ps(),
+                        );
+                        since = 0;
+                    }
+                }
+                while i < v.len {
+                    let d = (*p.add(i) - shift) as f64;
+                    t1 += d;
+                    t2 += d * d;
+                    i += 1;
+                }
+            }
+            t1 += hsum_ps_f64(_mm256_add_ps(s0, s1));
+            t2 += hsum_ps_f64(_mm256_add_ps(q0, q1));
+        }
+        (t1, t2)
+    }
+
+    /// (Σg, Σg·(x-shift)) where g = dy, or dy masked by (x-shift)·s + b > 0 when `relu` is `Some((s, b))`.
+    pub fn dy_moments(
+        dy: &[f32],
+        x: &[f32],
+        v: Strided,
+        shift: f32,
+        relu: Option<(f32, f32)>,
+    ) -> (f64, f64) {
+        v.check(dy.len());
+        v.check(x.len());
+        let (mut t1, mut t2) = (0.0f64, 0.0f64);
+        let mut since = 0usize;
+        let (rs, rb) = relu.unwrap_or((0.0, 0.0));
+        unsafe {
+            let sh = _mm256_set1_ps(shift);
+            let (vs, vb, zero) = (_mm256_set1_ps(rs), _mm256_set1_ps(rb), _mm256_setzero_ps());
+            let (mut s0, mut s1, mut q0, mut q1) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
+            let n16 = v.len / 16 * 16;
+            for k in 0..v.n {
+                let off = v.start + k * v.stride;
+                let (pd, px) = (dy.as_ptr().add(off), x.as_ptr().add(off));
+                let mut i = 0;
+                while i < n16 {
+                    let mut g0 = _mm256_loadu_ps(pd.add(i));
+                    let mut g1 = _mm256_loadu_ps(pd.add(i + 8));
+                    let d0 = _mm256_sub_ps(_mm256_loadu_ps(px.add(i)), sh);
+                    let d1 = _mm256_sub_ps(_mm256_loadu_ps(px.add(i + 8)), sh);
+                    if relu.is_some() {
+                        // the forward computes (x - shift)·s + b without FMA contraction; do the same here
+                        let z0 = _mm256_add_ps(_mm256_mul_ps(d0, vs), vb);
+                        let z1 = _mm256_add_ps(_mm256_mul_ps(d1, vs), vb);
+                        g0 = _mm256_and_ps(g0, _mm256_cmp_ps(z0, zero, _CMP_GT_OQ));
+                        g1 = _mm256_and_ps(g1, _mm256_cmp_ps(z1, zero, _CMP_GT_OQ));
+                    }
+                    s0 = _mm256_add_ps(s0, g0);
+                    s1 = _mm256_add_ps(s1, g1);
+                    q0 = _mm256_fmadd_ps(g0, d0, q0);
+                    q1 = _mm256_fmadd_ps(g1, d1, q1);
+                    i += 16;
+                    since += 16;
+                    if since >= FLUSH {
+                        t1 += hsum_ps_f64(_mm256_add_ps(s0, s1));
+                        t2 += hsum_ps_f64(_mm256_add_ps(q0, q1));
+                        (s0, s1, q0, q1) = (
+                            _mm256_setzero_ps(),
+                            _mm256_setzero_ps(),
+                            _mm256_setzero_ps(),
+                            _mm256_setzero_ps(),
+                        );
+                        since = 0;
+                    }
+                }
+                while i < v.len {
+                    let d = *px.add(i) - shift;
+                    let g = *pd.add(i);
+                    let g = if relu.is_some() && !(d * rs + rb > 0.0) {
+                        0.0
+                    } else {
+                        g
+                    };
+                    t1 += g as f64;
+                    t2 += (g * d) as f64;
+                    i += 1;
+                }
+            }
+            t1 += hsum_ps_f64(_mm256_add_ps(s0, s1));
+            t2 += hsum_ps_f64(_mm256_add_ps(q0, q1));
+        }
+        (t1, t2)
+    }
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+pub use imp::*;
+
+/// Reinterprets a slice of `T` as `f32` when `T` is `f32`.
+#[inline(always)]
+pub fn as_f32<T: 'static>(xs: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (same type, same layout).
+        Some(unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const f32, xs.len()) })
+    } else {
+        None
+    }
+}
+
+/// Reinterprets a value of `T` as `f32` when `T` is `f32`.
+#[inline(always)]
+pub fn val_f32<T: Copy + 'static>(v: T) -> Option<f32> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32.
+        Some(unsafe { std::mem::transmute_copy::<T, f32>(&v) })
+    } else {
+        None
+    }
+}
+
+/// Whether the explicit SIMD path is compiled in.
+pub const ENABLED: bool = cfg!(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+));

@@ -1,0 +1,193 @@
+//! SGD with momentum, dampening, Nesterov and (coupled) weight decay, as `torch.optim.SGD`
+//! (`_single_tensor_sgd`, the CPU path), in `f32` with PyTorch's operation order:
+//!
+//! ```text
+//! g = grad + wd * p                      (if wd != 0 and the policy applies to p)
+//! if momentum != 0:
+//!     buf = g                            (first step: a copy)
+//!     buf = momentum * buf + (1 - dampening) * g   (later steps)
+//!     g = g + momentum * buf  if nesterov  else  buf
+//! p = p - lr * g
+//! ```
+
+use super::{check_shape, float_tensor, key, parse_key, DecayPolicy, Optimizer};
+use crate::state::{StateDict, Stateful};
+use crate::{NvError, Result};
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// SGD hyper-parameters. `Default` is PyTorch's (lr 1e-3, everything else 0/off).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SgdConfig {
+    pub lr: f64,
+    pub momentum: f64,
+    pub dampening: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// Which parameters `weight_decay` applies to.
+    pub decay: DecayPolicy,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig {
+            lr: 1e-3,
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            decay: DecayPolicy::All,
+        }
+    }
+}
+
+impl SgdConfig {
+    /// Same checks as PyTorch's constructor.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(NvError::Config(format!("SGD: {m}")));
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad(format!("Invalid learning rate: {}", self.lr));
+        }
+        if !(self.momentum.is_finite() && self.momentum >= 0.0) {
+            return bad(format!("Invalid momentum value: {}", self.momentum));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!("Invalid weight_decay value: {}", self.weight_decay));
+        }
+        if !self.dampening.is_finite() {
+            return bad(format!("Invalid dampening value: {}", self.dampening));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return bad("Nesterov momentum requires a momentum and zero dampening".into());
+        }
+        Ok(())
+    }
+}
+
+/// Stochastic gradient descent.
+#[derive(Debug, Clone)]
+pub struct Sgd {
+    pub cfg: SgdConfig,
+    buffers: BTreeMap<String, ArrayD<f32>>,
+    steps: u64,
+}
+
+impl Sgd {
+    pub fn new(cfg: SgdConfig) -> Result<Sgd> {
+        cfg.validate()?;
+        Ok(Sgd {
+            cfg,
+            buffers: BTreeMap::new(),
+            steps: 0,
+        })
+    }
+    /// The momentum buffer of a parameter, once it exists.
+    pub fn momentum_buffer(&self, name: &str) -> Option<&ArrayD<f32>> {
+        self.buffers.get(name)
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, model: &mut dyn Stateful<f32>) -> Result<()> {
+        // Check every saved buffer first so a mismatch leaves all parameters untouched.
+        let mut err = None;
+        model.visit_params("", &mut |name, p| {
+            if let (None, Some(b)) = (&err, self.buffers.get(name)) {
+                err = check_shape(name, "momentum_buffer", b.shape(), p.value.shape()).err();
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let lr = self.cfg.lr as f32;
+        let momentum = self.cfg.momentum as f32;
+        let one_minus_damp = (1.0 - self.cfg.dampening) as f32;
+        let (nesterov, decay) = (self.cfg.nesterov, self.cfg.decay);
+        let wd_all = self.cfg.weight_decay;
+        let buffers = &mut self.buffers;
+        model.visit_params("", &mut |name, p| {
+            let wd = if wd_all != 0.0 && decay.applies(name, p.value.ndim()) {
+                wd_all as f32
+            } else {
+                0.0
+            };
+            let mut g: Vec<f32> = p.grad.iter().copied().collect();
+            let dim = p.value.raw_dim();
+            let v = p.value.as_slice_mut().expect("parameters are contiguous");
+            if wd != 0.0 {
+                for (g, &x) in g.iter_mut().zip(v.iter()) {
+                    *g += wd * x;
+                }
+            }
+            if momentum != 0.0 {
+                match buffers.get_mut(name) {
+                    None => {
+                        let b =
+                            ArrayD::from_shape_vec(dim.clone(), g.clone()).expect("same length");
+                        buffers.insert(name.to_string(), b);
+                    }
+                    Some(b) => {
+                        for (b, &g) in b.iter_mut().zip(&g) {
+                            *b = *b * momentum + one_minus_damp * g;
+                        }
+                    }
+                }
+                let b = &buffers[name];
+                if nesterov {
+                    for (g, &b) in g.iter_mut().zip(b.iter()) {
+                        *g += momentum * b;
+                    }
+                } else {
+                    g.iter_mut().zip(b.iter()).for_each(|(g, &b)| *g = b);
+                }
+            }
+            for (x, &g) in v.iter_mut().zip(&g) {
+                *x += -lr * g;
+            }
+        });
+        self.steps += 1;
+        Ok(())
+    }
+    fn lr(&self) -> f64 {
+        self.cfg.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+    fn set_momentum(&mut self, momentum: f64) {
+        self.cfg.momentum = momentum;
+    }
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+    fn state_dict(&self) -> StateDict {
+        let mut sd = StateDict::new();
+        sd.insert_i64(format!("{}.step", super::PREFIX), self.steps as i64);
+        for (n, b) in &self.buffers {
+            sd.insert_float(key(n, "momentum_buffer"), b);
+        }
+        sd
+    }
+    fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
+        let steps = sd.load_i64("optim.step")?;
+        if steps < 0 {
+            return Err(NvError::State(format!(
+                "optim.step: negative step count {steps}"
+            )));
+        }
+        let mut buffers = BTreeMap::new();
+        for k in sd.keys() {
+            if let Some((p, _)) = parse_key(k, &["momentum_buffer"])? {
+                buffers.insert(p.to_string(), float_tensor(sd, k)?.clone());
+            }
+        }
+        self.buffers = buffers;
+        self.steps = steps as u64;
+        Ok(())
+    }
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+}

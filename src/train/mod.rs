@@ -1,0 +1,72 @@
+//! Training: the loop that drives a batch through the model and back, evaluation, divergence detection,
+//! checkpoints and logs.
+//!
+//! ```text
+//! DataLoader (background thread) ─► Model::forward(Train) ─► cross_entropy ─► Model::backward ─► Optimizer::step
+//!        every epoch / k steps: evaluate(Eval) ─► JSON log, progress bar, --target-acc, checkpoint (atomic)
+//! ```
+
+pub mod checkpoint;
+pub mod log;
+pub mod trainer;
+
+pub use checkpoint::{Checkpoint, Position};
+pub use trainer::{evaluate, train, EvalPoint, RunOptions, TrainReport};
+
+use crate::data::Augment;
+use crate::model::{ModelConfig, ModelKind, NormKind};
+use crate::optim::sgd::SgdConfig;
+use crate::optim::{LrSchedule, OptimConfig};
+
+/// Everything that defines a training run (saved in checkpoints and logs).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    pub optim: OptimConfig,
+    pub schedule: LrSchedule,
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (counted over the whole run).
+    pub max_steps: Option<u64>,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Also evaluate every k steps (besides every epoch).
+    pub eval_every_steps: Option<u64>,
+    /// Stop at the first evaluation reaching this test accuracy (0-1).
+    pub target_acc: Option<f64>,
+    pub label_smoothing: f64,
+    pub augment: Option<Augment>,
+    pub seed: u64,
+    /// Steps over which a loss stuck at ln(classes) means the run diverged (0 disables the check).
+    pub divergence_window: u64,
+    /// Use only the first k training / test samples (0 = all).
+    pub train_limit: usize,
+    pub test_limit: usize,
+}
+
+impl TrainConfig {
+    /// The reference recipe of `experiments.md`: SGD momentum 0.9, batch 128, constant lr 0.05, 5 epochs.
+    pub fn reference(kind: ModelKind, norm: NormKind) -> Self {
+        let lr = 0.05;
+        TrainConfig {
+            model: ModelConfig::fashion(kind, norm),
+            optim: OptimConfig::Sgd(SgdConfig {
+                lr,
+                momentum: 0.9,
+                ..SgdConfig::default()
+            }),
+            schedule: LrSchedule::constant(lr),
+            epochs: 5,
+            max_steps: None,
+            batch_size: 128,
+            eval_batch_size: 500,
+            eval_every_steps: None,
+            target_acc: None,
+            label_smoothing: 0.0,
+            augment: None,
+            seed: 0,
+            divergence_window: 200,
+            train_limit: 0,
+            test_limit: 0,
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The training loop.
+
+use super::checkpoint::{self, Position};
+use super::log::JsonLog;
+use super::TrainConfig;
+use crate::data::{DataLoader, Dataset, LoaderConfig, Normalization};
+use crate::model::Model;
+use crate::nn::loss::{count_correct, cross_entropy};
+use crate::optim::Optimizer;
+use crate::state::Stateful;
+use crate::{Mode, NvError, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Options that do not change what is computed.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Where to write checkpoints (after every epoch and at the end; never after a divergence).
+    pub checkpoint: Option<PathBuf>,
+    /// JSON-lines log.
+    pub log: Option<PathBuf>,
+    /// Show an indicatif progress bar.
+    pub progress: bool,
+    /// Continue this checkpoint's run (model, optimizer, position); its config is used, with `epochs` and
+    /// `max_steps` taken from the config passed to [`train`].
+    pub resume: Option<checkpoint::Checkpoint>,
+    /// A label for the progress bar.
+    pub label: String,
+}
+
+/// One evaluation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalPoint {
+    pub step: u64,
+    pub epoch: usize,
+    pub test_acc: f64,
+    pub test_loss: f64,
+    /// Mean training loss since the previous evaluation.
+    pub train_loss: f64,
+    pub end_of_epoch: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TrainReport {
+    pub evals: Vec<EvalPoint>,
+    /// Loss of every step of this invocation, in order.
+    pub losses: Vec<f64>,
+    pub steps: u64,
+    /// Why the run was declared diverged, if it was.
+    pub diverged: Option<String>,
+    /// The step of the first evaluation at or above `target_acc`.
+    pub reached_target_at: Option<u64>,
+    /// Training throughput (images per second of training steps, evaluation excluded).
+    pub train_img_s: f64,
+    pub final_test_acc: Option<f64>,
+}
+
+impl TrainReport {
+    /// Test accuracy at the end of each epoch.
+    pub fn epoch_accs(&self) -> Vec<f64> {
+        self.evals
+            .iter()
+            .filter(|e| e.end_of_epoch)
+            .map(|e| e.test_acc)
+            .collect()
+    }
+}
+
+/// Accuracy and mean loss of `model` in eval mode over a loader.
+pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
+    let (mut correct, mut n, mut loss_sum) = (0usize, 0usize, 0.0f64);
+    for (x, y) in loader.epoch(0) {
+        let logits = model.forward(&x.into_dyn(), Mode::Eval)?;
+        let (loss, _) = cross_entropy(&logits, &y, 0.0)?;
+        correct += count_correct(&logits, &y)?;
+        loss_sum += loss * y.len() as f64;
+        n += y.len();
+    }
+    model.net.clear_cache();
+    if n == 0 {
+        return Err(NvError::Config("evaluation set is empty".into()));
+    }
+    Ok((correct as f64 / n as f64, loss_sum / n as f64))
+}
+
+fn limit(ds: Arc<Dataset>, k: usize) -> Result<Arc<Dataset>> {
+    if k == 0 || k >= ds.len() {
+        Ok(ds)
+    } else {
+        Ok(Arc::new(ds.slice(0, k)?))
+    }
+}
+
+/// Trains per `cfg` (or continues `opts.resume`), evaluating on `test`. A divergence is reported in the
+/// returned [`TrainReport`] (not as an error): the loop stops, says so, and leaves the last good checkpoint.
+pub fn train(
+    cfg: &TrainConfig,
+    train_ds: Arc<Dataset>,
+    test_ds: Arc<Dataset>,
+    opts: RunOptions,
+) -> Result<TrainReport> {
+    let train_ds = limit(train_ds, cfg.train_limit)?;
+    let test_ds = limit(test_ds, cfg.test_limit)?;
+    let (mut model, mut opt, norm, mut pos, run_cfg): (
+        Model,
+        Box<dyn Optimizer>,
+        Normalization,
+        Position,
+        TrainConfig,
+    ) = match &opts.resume {
+        Some(ck) => {
+            let mut rc = ck.config.clone();
+            rc.epochs = cfg.epochs;
+            rc.max_steps = cfg.max_steps;
+            let m = checkpoint::restore_model(ck)?;
+            let mut o = rc.optim.build()?;
+            o.load_state_dict(&ck.optim_state)?;
+            (m, o, ck.norm.clone(), ck.position, rc)
+        }
+        None => (
+            Model::new(cfg.model.clone())?,
+            cfg.optim.build()?,
+            train_ds.mean_std()?,
+            Position::default(),
+            cfg.clone(),
+        ),
+    };
+    let cfg = &run_cfg;
+    if cfg.batch_size == 0 {
+        return Err(NvError::Config("batch size must be > 0".into()));
+    }
+    let loader = DataLoader::new(
+        train_ds.clone(),
+        norm.clone(),
+        LoaderConfig {
+            augment: cfg.augment.clone(),
+            ..LoaderConfig::train(cfg.batch_size, cfg.seed)
+        },
+    )?;
+    let test_loader = DataLoader::new(
+        test_ds,
+        norm.clone(),
+        LoaderConfig::eval(cfg.eval_batch_size.max(1)),
+    )?;
+    let mut log = match (&opts.log, opts.resume.is_some()) {
+        (Some(p), false) => JsonLog::create(p)?,
+        (Some(p), true) => JsonLog::append(p)?,
+        (None, _) => JsonLog::disabled(),
+    };
+    log.write(&json!({"event": "start", "config": cfg, "resume_from": pos, "train_samples": train_ds.len(),
+        "threads": rayon::current_num_threads()}))?;
+
+    let classes = cfg.model.num_classes as f64;
+    let chance_loss = classes.ln();
+    let mut report = TrainReport {
+        evals: vec![],
+        losses: vec![],
+        steps: pos.step,
+        diverged: None,
+        reached_target_at: None,
+        train_img_s: 0.0,
+        final_test_acc: None,
+    };
+    let mut window: VecDeque<f64> = VecDeque::new();
+    let (mut train_secs, mut train_imgs) = (0.0f64, 0usize);
+    let (mut since_eval_loss, mut since_eval_n) = (0.0f64, 0usize);
+    let nb = loader.num_batches();
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:28}] {pos}/{len} {msg}")
+        .expect("template")
+        .progress_chars("=> ");
+    let mut last_acc = None;
+    let mut stop = false;
+
+    'epochs: while pos.epoch < cfg.epochs {
+        let bar = if opts.progress {
+            ProgressBar::new(nb as u64)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("{} e{}", opts.label, pos.epoch + 1));
+        bar.set_position(pos.batch as u64);
+        let (mut ep_correct, mut ep_seen) = (0usize, 0usize);
+        let epoch_start = Instant::now();
+        let mut ep_imgs = 0usize;
+        for (x, y) in loader.epoch_from(pos.epoch, pos.batch)? {
+            if cfg.max_steps.is_some_and(|m| pos.step >= m) {
+                stop = true;
+                break;
+            }
+            let t0 = Instant::now();
+            let lr = cfg.schedule.lr_at(pos.step);
+            opt.set_lr(lr);
+            if let Some(m) = cfg.schedule.momentum_at(pos.step) {
+                opt.set_momentum(m);
+            }
+            model.zero_grad();
+            let xd = x.into_dyn();
+            let step_result = (|| -> Result<(f64, usize)> {
+                let logits = model.forward(&xd, Mode::Train)?;
+                let (loss, dlogits) = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+                if !loss.is_finite() {
+                    return Err(NvError::NonFinite(format!("loss {loss}")));
+                }
+                let correct = count_correct(&logits, &y)?;
+                model.backward(&xd, &dlogits, Mode::Train)?;
+                Ok((loss, correct))
+            })();
+            let (loss, correct) = match step_result {
+                Ok(v) => v,
+                Err(NvError::NonFinite(msg)) => {
+                    report.diverged = Some(format!(
+                        "non-finite values at step {} ({msg})",
+                        pos.step + 1
+                    ));
+                    break 'epochs;
+                }
+                Err(e) => return Err(e),
+            };
+            opt.step(&mut model)?;
+            let dt = t0.elapsed().as_secs_f64();
+            train_secs += dt;
+            train_imgs += y.len();
+            ep_imgs += y.len();
+            pos.step += 1;
+            pos.batch += 1;
+            report.losses.push(loss);
+            ep_correct += correct;
+            ep_seen += y.len();
+            since_eval_loss += loss;
+            since_eval_n += 1;
+            log.write(&json!({"event": "step", "step": pos.step, "epoch": pos.epoch + 1, "loss": loss, "lr": lr,
+                "batch_acc": correct as f64 / y.len() as f64, "img_s": y.len() as f64 / dt}))?;
+            bar.inc(1);
+            bar.set_message(format!(
+                "loss {loss:.4} acc {:.3} {:.0} img/s{}",
+                ep_correct as f64 / ep_seen as f64,
+                ep_imgs as f64 / epoch_start.elapsed().as_secs_f64(),
+                last_acc
+                    .map(|a: f64| format!(" test {:.2}%", a * 100.0))
+                    .unwrap_or_default()
+            ));
+            // A net that "trains" at chance has diverged even without a NaN.
+            if cfg.divergence_window > 0 {
+                window.push_back(loss);
+                if window.len() as u64 > cfg.divergence_window {
+                    window.pop_front();
+                }
+                if pos.step >= 2 * cfg.divergence_window
+                    && window.len() as u64 == cfg.divergence_window
+                {
+                    let mean = window.iter().sum::<f64>() / window.len() as f64;
+                    if (mean - chance_loss).abs() < 0.01 * chance_loss {
+                        report.diverged = Some(format!(
+                            "loss stuck at ln({classes}) = {chance_loss:.4} (chance level) for the last {} steps (mean {mean:.4})",
+                            cfg.divergence_window
+                        ));
+                        break 'epochs;
+                    }
+                }
+            }
+            if cfg.eval_every_steps.is_some_and(|k| pos.step % k == 0) {
+                let (acc, tl) = evaluate(&mut model, &test_loader)?;
+                last_acc = Some(acc);
+                let p = EvalPoint {
+                    step: pos.step,
+                    epoch: pos.epoch + 1,
+                    test_acc: acc,
+                    test_loss: tl,
+                    train_loss: since_eval_loss / since_eval_n.max(1) as f64,
+                    end_of_epoch: false,
+                };
+                (since_eval_loss, since_eval_n) = (0.0, 0);
+                log.write(&json!({"event": "eval", "eval": p}))?;
+                report.evals.push(p);
+                if cfg.target_acc.is_some_and(|t| acc >= t) {
+                    report.reached_target_at = Some(pos.step);
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        bar.finish_and_clear();
+        if stop && report.reached_target_at.is_some() {
+            break;
+        }
+        let epoch_done = pos.batch >= nb;
+        if epoch_done {
+            pos.epoch += 1;
+            pos.batch = 0;
+            let (acc, tl) = evaluate(&mut model, &test_loader)?;
+            last_acc = Some(acc);
+            let p = EvalPoint {
+                step: pos.step,
+                epoch: pos.epoch,
+                test_acc: acc,
+                test_loss: tl,
+                train_loss: since_eval_loss / since_eval_n.max(1) as f64,
+                end_of_epoch: true,
+            };
+            (since_eval_loss, since_eval_n) = (0.0, 0);
+            log.write(&json!({"event": "eval", "eval": p, "train_acc": ep_correct as f64 / ep_seen.max(1) as f64}))?;
+            report.evals.push(p);
+            if let Some(path) = &opts.checkpoint {
+                checkpoint::save(path, cfg, &norm, pos, &model, opt.as_ref(), Some(acc))?;
+            }
+            if cfg.target_acc.is_some_and(|t| acc >= t) {
+                report.reached_target_at = Some(pos.step);
+                break;
+            }
+            // Evaluation at chance after a full epoch is divergence too.
+            if cfg.divergence_window > 0
+                && acc <= 1.0 / classes + 0.005
+                && pos.step >= 2 * cfg.divergence_window
+            {
+                report.diverged = Some(format!(
+                    "test accuracy {:.2}% is chance level after epoch {}",
+                    acc * 100.0,
+                    pos.epoch
+                ));
+                break;
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+    report.steps = pos.step;
+    report.train_img_s = if train_secs > 0.0 {
+        train_imgs as f64 / train_secs
+    } else {
+        0.0
+    };
+    report.final_test_acc = report.evals.last().map(|e| e.test_acc);
+    match &report.diverged {
+        Some(why) => {
+            log.write(&json!({"event": "diverged", "step": pos.step, "reason": why}))?;
+        }
+        None => {
+            // Save where the run stopped (mid-epoch after --max-steps), so --resume continues from here.
+            if let Some(path) = &opts.checkpoint {
+                if pos.batch != 0 || report.evals.last().is_none_or(|e| e.step != pos.step) {
+                    checkpoint::save(path, cfg, &norm, pos, &model, opt.as_ref(), last_acc)?;
+                }
+            }
+        }
+    }
+    log.write(&json!({"event": "end", "steps": pos.step, "train_img_s": report.train_img_s,
+        "final_test_acc": report.final_test_acc, "diverged": report.diverged, "reached_target_at": report.reached_target_at}))?;
+    log.flush()?;
+    Ok(report)
+}

@@ -1,0 +1,700 @@
+//! Gradient checks of every `nn` layer (conv, linear, pooling, activations, dropout, loss): the hand-written
+//! backward against f64 central finite differences of L = Σ y·r (r fixed random, so dL/dy = r), for dx and every
+//! parameter gradient. Also: gradients accumulate, the thread split of Conv2d does not change results, and the
+//! typed errors for bad input.
+//!
+//! Error measure: max_i |fd_i − analytic_i| / max(1, max_i |analytic_i|) per gradient tensor, below [`TOL`]
+//! (h = 1e-6: truncation O(h²), round-off ≈ |L|·1e-16/h ≈ 1e-9).
+
+use ndarray::{ArrayD, IxDyn};
+use normvision::nn::*;
+use normvision::state::Stateful;
+use normvision::{Mode, NvError};
+use rand::{Rng, SeedableRng};
+use rand_distr::StandardNormal;
+use rand_pcg::Pcg64;
+
+const H: f64 = 1e-6;
+const TOL: f64 = 1e-6;
+
+fn rng(seed: u64) -> Pcg64 {
+    Pcg64::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut Pcg64, shape: &[usize]) -> ArrayD<f64> {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.sample::<f64, _>(StandardNormal))
+}
+
+/// Standard normal values at least `margin` away from 0 (for kinks at 0).
+fn randn_away(rng: &mut Pcg64, shape: &[usize], margin: f64) -> ArrayD<f64> {
+    randn(rng, shape).mapv(|v| {
+        if v.abs() < margin {
+            v.signum() * margin + v
+        } else {
+            v
+        }
+    })
+}
+
+fn loss<L: Layer<f64>>(l: &mut L, x: &ArrayD<f64>, r: &ArrayD<f64>, mode: Mode) -> f64 {
+    let y = l.forward(x, mode).expect("forward");
+    assert_eq!(y.shape(), r.shape());
+    y.iter().zip(r.iter()).map(|(a, b)| a * b).sum()
+}
+
+fn rel_err(fd: &[f64], an: &[f64]) -> f64 {
+    assert_eq!(fd.len(), an.len());
+    let scale = an.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+    fd.iter()
+        .zip(an)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+fn params<L: Layer<f64>>(l: &mut L) -> Vec<(String, Vec<f64>, Vec<f64>)> {
+    let mut v = vec![];
+    l.visit_params("", &mut |n, p| {
+        v.push((
+            n.to_string(),
+            p.value.iter().copied().collect(),
+            p.grad.iter().copied().collect(),
+        ))
+    });
+    v
+}
+
+/// Checks dx and every parameter gradient of `base` at `x`; the layer must expose exactly `expect_params`.
+/// Every loss evaluation runs on a fresh clone (so dropout replays the same mask). Returns the worst error.
+fn gradcheck<L: Layer<f64> + Clone>(
+    what: &str,
+    base: &L,
+    x: &ArrayD<f64>,
+    mode: Mode,
+    expect_params: &[&str],
+    seed: u64,
+) -> f64 {
+    let mut rg = rng(seed);
+    let y = base.clone().forward(x, mode).expect("forward");
+    let r = randn(&mut rg, y.shape());
+
+    let mut l = base.clone();
+    l.zero_grad();
+    l.forward(x, mode).unwrap();
+    let dx = l.backward(x, &r, mode).expect("backward");
+    assert_eq!(dx.shape(), x.shape(), "{what}: dx shape");
+    let an = params(&mut l);
+    let names: Vec<&str> = an.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, expect_params, "{what}: parameter names");
+
+    // gradients accumulate: a second backward doubles them
+    l.forward(x, mode).unwrap();
+    l.backward(x, &r, mode).unwrap();
+    for ((n, _, g1), (_, _, g2)) in an.iter().zip(params(&mut l)) {
+        for (a, b) in g1.iter().zip(&g2) {
+            assert!(
+                (2.0 * a - b).abs() <= 1e-12 * (1.0 + b.abs()),
+                "{what}: {n} does not accumulate"
+            );
+        }
+    }
+
+    let mut worst = 0.0f64;
+    let mut fd = vec![0.0; x.len()];
+    for i in 0..x.len() {
+        let mut xp = x.clone();
+        xp.as_slice_mut().unwrap()[i] += H;
+        let mut xm = x.clone();
+        xm.as_slice_mut().unwrap()[i] -= H;
+        fd[i] = (loss(&mut base.clone(), &xp, &r, mode) - loss(&mut base.clone(), &xm, &r, mode))
+            / (2.0 * H);
+    }
+    let e = rel_err(&fd, dx.as_slice().unwrap());
+    assert!(e < TOL, "{what}: dx error {e:e}");
+    worst = worst.max(e);
+
+    for (name, vals, grad) in &an {
+        let mut fd = vec![0.0; vals.len()];
+        for (i, f) in fd.iter_mut().enumerate() {
+            let eval = |delta: f64| {
+                let mut l = base.clone();
+                l.visit_params("", &mut |n, p| {
+                    if n == name {
+                        p.value.as_slice_mut().unwrap()[i] += delta;
+                    }
+                });
+                loss(&mut l, x, &r, mode)
+            };
+            *f = (eval(H) - eval(-H)) / (2.0 * H);
+        }
+        let e = rel_err(&fd, grad);
+        assert!(e < TOL, "{what}: d{name} error {e:e}");
+        worst = worst.max(e);
+    }
+    eprintln!("{what}: worst error {worst:.2e}");
+    worst
+}
+
+fn conv(cfg: Conv2dConfig, seed: u64) -> Conv2d<f64> {
+    let mut c = cfg.build::<f64>(&mut rng(seed)).unwrap();
+    // make the bias matter as much as the weights
+    if let Some(b) = c.bias.as_mut() {
+        b.value.mapv_inplace(|v| v * 5.0);
+    }
+    c
+}
+
+#[test]
+fn conv2d_gradients() {
+    let cases: Vec<(&str, Conv2dConfig, [usize; 4])> = vec![
+        (
+            "3x3 pad1",
+            Conv2dConfig::new(3, 4, 3).padding(1),
+            [2, 3, 5, 6],
+        ),
+        ("3x3 no pad", Conv2dConfig::new(2, 3, 3), [2, 2, 5, 4]),
+        (
+            "stride2 pad1 kernel 3x2",
+            Conv2dConfig::new(3, 4, (3, 2)).stride(2).padding(1),
+            [2, 3, 7, 6],
+        ),
+        (
+            "dilation2 pad2",
+            Conv2dConfig::new(2, 3, 3).dilation(2).padding(2),
+            [2, 2, 7, 8],
+        ),
+        (
+            "groups2",
+            Conv2dConfig::new(4, 6, 3).padding(1).groups(2),
+            [2, 4, 5, 5],
+        ),
+        (
+            "depthwise",
+            Conv2dConfig::new(3, 3, 3).padding(1).groups(3),
+            [2, 3, 4, 5],
+        ),
+        (
+            "no bias",
+            Conv2dConfig::new(3, 2, 3).padding(1).bias(false),
+            [2, 3, 4, 4],
+        ),
+        ("1x1 pointwise", Conv2dConfig::new(4, 3, 1), [2, 4, 3, 5]),
+        (
+            "1x1 pointwise groups2 no bias",
+            Conv2dConfig::new(4, 6, 1).groups(2).bias(false),
+            [2, 4, 3, 3],
+        ),
+        (
+            "1x1 stride2",
+            Conv2dConfig::new(3, 2, 1).stride(2),
+            [2, 3, 5, 6],
+        ),
+        (
+            "1x1 pad1",
+            Conv2dConfig::new(2, 2, 1).padding(1),
+            [1, 2, 3, 4],
+        ),
+        (
+            "non-square everything",
+            Conv2dConfig::new(2, 4, (2, 3))
+                .stride((2, 1))
+                .padding((0, 2))
+                .dilation((1, 2))
+                .groups(2),
+            [3, 2, 6, 5],
+        ),
+        (
+            "kernel = input",
+            Conv2dConfig::new(2, 3, (4, 5)),
+            [2, 2, 4, 5],
+        ),
+        (
+            "batch 5",
+            Conv2dConfig::new(2, 3, 3).stride(2).padding(1),
+            [5, 2, 5, 5],
+        ),
+    ];
+    for (i, (what, cfg, shape)) in cases.into_iter().enumerate() {
+        let mut bias_names = vec!["weight"];
+        if cfg.bias {
+            bias_names.push("bias");
+        }
+        for par in [ConvParallel::Batch, ConvParallel::Gemm] {
+            let mut c = conv(cfg.clone(), 100 + i as u64);
+            c.parallel = par;
+            let x = randn(&mut rng(200 + i as u64), &shape);
+            gradcheck(
+                &format!("conv {what} {par:?}"),
+                &c,
+                &x,
+                Mode::Train,
+                &bias_names,
+                300 + i as u64,
+            );
+        }
+    }
+}
+
+/// The batch split must not depend on the number of threads: 1, 2 and 3 rayon threads, both strategies,
+/// batch sizes that do not divide evenly.
+#[test]
+fn conv2d_thread_split_is_exact() {
+    let cfg = Conv2dConfig::new(3, 4, 3).padding(1).stride((1, 2));
+    for n in [1, 4, 5, 7] {
+        let x = randn(&mut rng(n as u64), &[n, 3, 6, 7]);
+        let base = conv(cfg.clone(), 9);
+        let dy = randn(
+            &mut rng(50 + n as u64),
+            &base.output_shape(x.shape()).unwrap(),
+        );
+        let mut results = vec![];
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for par in [ConvParallel::Batch, ConvParallel::Gemm] {
+                let mut c = base.clone();
+                c.parallel = par;
+                let (y, dx) = pool.install(|| {
+                    let y = c.forward(&x).unwrap();
+                    (y, c.backward(&x, &dy).unwrap())
+                });
+                results.push((
+                    y,
+                    dx,
+                    c.weight.grad.clone(),
+                    c.bias.as_ref().unwrap().grad.clone(),
+                ));
+            }
+        }
+        let (y0, dx0, dw0, db0) = &results[0];
+        for (y, dx, dw, db) in &results[1..] {
+            for (a, b) in [(y, y0), (dx, dx0), (dw, dw0), (db, db0)] {
+                let e = a
+                    .iter()
+                    .zip(b.iter())
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0, f64::max);
+                assert!(e < 1e-12, "batch {n}: results differ by {e}");
+            }
+        }
+        // backward_params gives the same parameter gradients without dx
+        let mut c = base.clone();
+        c.backward_params(&x, &dy).unwrap();
+        let e = c
+            .weight
+            .grad
+            .iter()
+            .zip(dw0.iter())
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max);
+        assert!(e < 1e-12);
+    }
+}
+
+#[test]
+fn linear_gradients() {
+    let mut r = rng(1);
+    let l = LinearConfig::new(5, 3).build::<f64>(&mut r).unwrap();
+    gradcheck(
+        "linear",
+        &l,
+        &randn(&mut r, &[4, 5]),
+        Mode::Train,
+        &["weight", "bias"],
+        2,
+    );
+    gradcheck(
+        "linear rank 3",
+        &l,
+        &randn(&mut r, &[2, 3, 5]),
+        Mode::Train,
+        &["weight", "bias"],
+        3,
+    );
+    let l = LinearConfig::new(6, 4)
+        .bias(false)
+        .build::<f64>(&mut r)
+        .unwrap();
+    gradcheck(
+        "linear no bias",
+        &l,
+        &randn(&mut r, &[3, 6]),
+        Mode::Eval,
+        &["weight"],
+        4,
+    );
+    // large enough for the multi-threaded GEMM path
+    let l = LinearConfig::new(64, 40).build::<f64>(&mut r).unwrap();
+    let x = randn(&mut r, &[128, 64]);
+    let mut a = l.clone();
+    let y = a.forward(&x).unwrap();
+    for i in [0usize, 77, 127] {
+        for o in [0usize, 13, 39] {
+            let want: f64 = (0..64)
+                .map(|k| x[[i, k]] * l.weight.value[[o, k]])
+                .sum::<f64>()
+                + l.bias.as_ref().unwrap().value[[o]];
+            assert!((y[[i, o]] - want).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn pooling_gradients() {
+    let mut r = rng(7);
+    let x = randn(&mut r, &[2, 3, 6, 5]);
+    let cases: Vec<(&str, MaxPool2dConfig)> = vec![
+        ("max k2", MaxPool2dConfig::new(2)),
+        ("max k3 s2 p1", MaxPool2dConfig::new(3).stride(2).padding(1)),
+        (
+            "max k(3,2) s(1,2) p(1,0)",
+            MaxPool2dConfig::new((3, 2)).stride((1, 2)).padding((1, 0)),
+        ),
+        (
+            "max k2 dilation2",
+            MaxPool2dConfig::new(2).stride(1).dilation(2),
+        ),
+        ("max k2 ceil", MaxPool2dConfig::new(2).ceil_mode(true)),
+        (
+            "max k3 s2 p1 ceil",
+            MaxPool2dConfig::new(3).stride(2).padding(1).ceil_mode(true),
+        ),
+    ];
+    for (what, cfg) in cases {
+        let p = cfg.build::<f64>().unwrap();
+        gradcheck(what, &p, &x, Mode::Train, &[], 1);
+    }
+    let cases: Vec<(&str, AvgPool2dConfig)> = vec![
+        ("avg k2", AvgPool2dConfig::new(2)),
+        ("avg k3 s2 p1", AvgPool2dConfig::new(3).stride(2).padding(1)),
+        (
+            "avg k3 s2 p1 exclude pad",
+            AvgPool2dConfig::new(3)
+                .stride(2)
+                .padding(1)
+                .count_include_pad(false),
+        ),
+        ("avg k2 ceil", AvgPool2dConfig::new(2).ceil_mode(true)),
+        (
+            "avg k3 s2 p1 ceil",
+            AvgPool2dConfig::new(3).stride(2).padding(1).ceil_mode(true),
+        ),
+        (
+            "avg k(2,3) divisor 4",
+            AvgPool2dConfig::new((2, 3))
+                .stride(1)
+                .divisor_override(Some(4)),
+        ),
+    ];
+    for (what, cfg) in cases {
+        let p = cfg.build::<f64>().unwrap();
+        gradcheck(what, &p, &x, Mode::Train, &[], 2);
+    }
+    gradcheck(
+        "global avg",
+        &GlobalAvgPool::<f64>::new(),
+        &x,
+        Mode::Train,
+        &[],
+        3,
+    );
+}
+
+#[test]
+fn maxpool_backward_without_matching_forward_recomputes_argmax() {
+    let mut r = rng(8);
+    let x = randn(&mut r, &[2, 2, 4, 4]);
+    let other = randn(&mut r, &[1, 2, 6, 6]);
+    let mut a = MaxPool2dConfig::new(2).build::<f64>().unwrap();
+    let y = a.forward(&x).unwrap();
+    let dy = randn(&mut r, y.shape());
+    let want = a.backward(&x, &dy).unwrap();
+    let mut b = MaxPool2dConfig::new(2).build::<f64>().unwrap();
+    b.forward(&other).unwrap(); // a different shape: indices are recomputed from x
+    assert_eq!(b.backward(&x, &dy).unwrap(), want);
+    let mut c = MaxPool2dConfig::new(2).build::<f64>().unwrap();
+    assert_eq!(c.backward(&x, &dy).unwrap(), want);
+    // every dy lands on exactly one element, the window maximum
+    assert!((want.sum() - dy.sum()).abs() < 1e-12);
+}
+
+#[test]
+fn activation_gradients() {
+    let mut r = rng(11);
+    let x = randn_away(&mut r, &[3, 4, 5], 1e-3);
+    gradcheck("relu", &ReLU::<f64>::new(), &x, Mode::Train, &[], 1);
+    gradcheck(
+        "sigmoid",
+        &Sigmoid::<f64>::new(),
+        &(x.clone() * 4.0),
+        Mode::Train,
+        &[],
+        2,
+    );
+    gradcheck(
+        "flatten",
+        &Flatten::<f64>::new(),
+        &randn(&mut r, &[2, 3, 2, 2]),
+        Mode::Train,
+        &[],
+        3,
+    );
+    // a large input uses the parallel element-wise path
+    let big = randn_away(&mut r, &[4, 8, 32, 33], 1e-3);
+    let mut relu = ReLU::<f64>::new();
+    let y = relu.forward(&big, Mode::Train).unwrap();
+    assert!(y.iter().zip(big.iter()).all(|(a, b)| *a == b.max(0.0)));
+    let mut s = Sigmoid::<f64>::new();
+    let y = s
+        .forward(
+            &ArrayD::from_shape_vec(IxDyn(&[3]), vec![-800.0, 0.0, 800.0]).unwrap(),
+            Mode::Eval,
+        )
+        .unwrap();
+    assert_eq!(y.as_slice().unwrap(), &[0.0, 0.5, 1.0]);
+    let y = relu
+        .forward(&ArrayD::from_elem(IxDyn(&[2]), f64::NAN), Mode::Train)
+        .unwrap();
+    assert!(
+        y.iter().all(|v| v.is_nan()),
+        "relu(NaN) is NaN as in PyTorch"
+    );
+}
+
+#[test]
+fn dropout_gradients_and_modes() {
+    let mut r = rng(12);
+    let x = randn(&mut r, &[4, 6]);
+    let d = Dropout::<f64>::new(0.4, 99).unwrap();
+    gradcheck("dropout train", &d, &x, Mode::Train, &[], 1);
+    gradcheck("dropout eval", &d, &x, Mode::Eval, &[], 2);
+    // backward in train mode needs the mask of a train forward on x's shape
+    let mut d = Dropout::<f64>::new(0.4, 99).unwrap();
+    assert!(matches!(
+        d.backward(&x, &x, Mode::Train),
+        Err(NvError::NoSavedState { .. })
+    ));
+    d.forward(&x, Mode::Train).unwrap();
+    let dx = d
+        .backward(&x, &ArrayD::ones(x.raw_dim()), Mode::Train)
+        .unwrap();
+    let y = {
+        let mut d2 = Dropout::<f64>::new(0.4, 99).unwrap();
+        d2.forward(&ArrayD::ones(x.raw_dim()), Mode::Train).unwrap()
+    };
+    assert_eq!(dx, y, "dx is dy times the mask");
+}
+
+#[test]
+fn cross_entropy_gradients() {
+    let mut r = rng(13);
+    let logits = randn(&mut r, &[5, 7]) * 3.0;
+    let targets = [0usize, 6, 3, 3, 1];
+    for eps in [0.0, 0.1, 1.0] {
+        let (l0, g) = cross_entropy(&logits, &targets, eps).unwrap();
+        assert!(l0 > 0.0);
+        let mut fd = vec![0.0; logits.len()];
+        for (i, f) in fd.iter_mut().enumerate() {
+            let mut p = logits.clone();
+            p.as_slice_mut().unwrap()[i] += H;
+            let mut m = logits.clone();
+            m.as_slice_mut().unwrap()[i] -= H;
+            *f = (cross_entropy(&p, &targets, eps).unwrap().0
+                - cross_entropy(&m, &targets, eps).unwrap().0)
+                / (2.0 * H);
+        }
+        let e = rel_err(&fd, g.as_slice().unwrap());
+        assert!(e < TOL, "cross entropy eps {eps}: error {e:e}");
+        // each row of the gradient sums to zero
+        for row in g.as_slice().unwrap().chunks(7) {
+            assert!(row.iter().sum::<f64>().abs() < 1e-12);
+        }
+    }
+    // reference value: one sample, logits [0, ln 2, ln 3] → p = [1/6, 2/6, 3/6]
+    let x = ArrayD::from_shape_vec(IxDyn(&[1, 3]), vec![0.0, 2f64.ln(), 3f64.ln()]).unwrap();
+    let (l, _) = cross_entropy(&x, &[2], 0.0).unwrap();
+    assert!((l - 2f64.ln()).abs() < 1e-12);
+    let (l, _) = CrossEntropyLoss::label_smoothing(0.3)
+        .unwrap()
+        .forward(&x, &[2])
+        .unwrap();
+    let logp = [(1.0f64 / 6.0).ln(), (2.0f64 / 6.0).ln(), 0.5f64.ln()];
+    let want = -0.7 * logp[2] - 0.1 * logp.iter().sum::<f64>();
+    assert!((l - want).abs() < 1e-12);
+}
+
+fn assert_rank<T>(r: normvision::Result<T>) {
+    assert!(
+        matches!(r, Err(NvError::Rank { .. })),
+        "expected a Rank error"
+    );
+}
+fn assert_shape<T>(r: normvision::Result<T>) {
+    assert!(
+        matches!(r, Err(NvError::Shape { .. })),
+        "expected a Shape error"
+    );
+}
+fn assert_config<T>(r: normvision::Result<T>) {
+    assert!(
+        matches!(r, Err(NvError::Config(_))),
+        "expected a Config error"
+    );
+}
+
+#[test]
+fn errors_are_typed_never_panics() {
+    let mut r = rng(14);
+    // Conv2d
+    assert_config(Conv2d::<f32>::new(Conv2dConfig::new(3, 4, 3).groups(2)));
+    assert_config(Conv2d::<f32>::new(Conv2dConfig::new(4, 3, 3).groups(2)));
+    assert_config(Conv2d::<f32>::new(Conv2dConfig::new(4, 4, 3).groups(0)));
+    assert_config(Conv2d::<f32>::new(Conv2dConfig::new(4, 4, 3).stride(0)));
+    assert_config(Conv2d::<f32>::new(Conv2dConfig::new(4, 4, (3, 0))));
+    assert_config(Conv2d::<f32>::new(Conv2dConfig::new(0, 4, 3)));
+    let mut c = Conv2dConfig::new(3, 4, 3).build::<f64>(&mut r).unwrap();
+    assert_rank(c.forward(&randn(&mut r, &[3, 5, 5])));
+    assert_rank(c.forward(&randn(&mut r, &[1, 3, 5, 5, 1])));
+    assert!(matches!(
+        c.forward(&randn(&mut r, &[2, 4, 5, 5])),
+        Err(NvError::Channels {
+            expected: 3,
+            got: 4,
+            ..
+        })
+    ));
+    assert_shape(c.forward(&randn(&mut r, &[2, 3, 2, 5])));
+    assert_shape(c.forward(&randn(&mut r, &[2, 3, 0, 5])));
+    let mut c2 = Conv2dConfig::new(3, 4, 3)
+        .dilation(2)
+        .build::<f64>(&mut r)
+        .unwrap();
+    assert_shape(c2.forward(&randn(&mut r, &[1, 3, 4, 9]))); // dilated kernel is 5 tall
+    let mut c3 = Conv2dConfig::new(3, 4, 3)
+        .padding(1)
+        .build::<f64>(&mut r)
+        .unwrap();
+    assert_eq!(
+        c3.forward(&randn(&mut r, &[1, 3, 1, 1])).unwrap().shape(),
+        &[1, 4, 1, 1]
+    );
+    let x = randn(&mut r, &[2, 3, 5, 5]);
+    assert_shape(c.backward(&x, &randn(&mut r, &[2, 4, 4, 3])));
+    assert_eq!(
+        c.forward(&randn(&mut r, &[0, 3, 5, 5])).unwrap().shape(),
+        &[0, 4, 3, 3]
+    );
+    let mut buf = vec![0.0; 7];
+    assert_shape(c.forward_into(x.view(), &mut buf));
+    assert!(
+        c.weight.grad.iter().all(|v| *v == 0.0),
+        "failed calls leave gradients alone"
+    );
+
+    // Linear
+    let mut l = LinearConfig::new(5, 3).build::<f64>(&mut r).unwrap();
+    assert_shape(l.forward(&randn(&mut r, &[4, 6])));
+    assert_rank(l.forward(&ArrayD::from_elem(IxDyn(&[]), 1.0)));
+    assert_shape(l.backward(&randn(&mut r, &[4, 5]), &randn(&mut r, &[4, 4])));
+    assert_config(Linear::<f32>::new(LinearConfig::new(0, 3)));
+
+    // Pooling
+    let mut mp = MaxPool2dConfig::new(2).build::<f64>().unwrap();
+    assert_rank(mp.forward(&randn(&mut r, &[3, 4, 4])));
+    assert_shape(mp.forward(&randn(&mut r, &[1, 3, 1, 4])));
+    assert_shape(mp.backward(&randn(&mut r, &[1, 3, 4, 4]), &randn(&mut r, &[1, 3, 3, 2])));
+    assert_config(MaxPool2dConfig::new(2).padding(2).build::<f32>());
+    assert_config(MaxPool2dConfig::new(2).stride(0).build::<f32>());
+    assert_config(AvgPool2dConfig::new(3).padding(2).build::<f32>());
+    assert_config(
+        AvgPool2dConfig::new(3)
+            .divisor_override(Some(0))
+            .build::<f32>(),
+    );
+    let mut ap = AvgPool2dConfig::new(3).build::<f64>().unwrap();
+    assert_shape(ap.forward(&randn(&mut r, &[1, 1, 2, 2])));
+    assert_rank(ap.forward(&randn(&mut r, &[4, 4])));
+    let mut gp = GlobalAvgPool::<f64>::new();
+    assert_rank(gp.forward(&randn(&mut r, &[2, 3])));
+    assert_shape(gp.backward(&randn(&mut r, &[2, 3, 2, 2]), &randn(&mut r, &[2, 4])));
+
+    // Activations
+    assert_rank(Flatten::<f64>::new().forward(&randn(&mut r, &[5]), Mode::Train));
+    assert_shape(Flatten::<f64>::new().backward(
+        &randn(&mut r, &[2, 3, 2]),
+        &randn(&mut r, &[2, 5]),
+        Mode::Train,
+    ));
+    assert_shape(ReLU::<f64>::new().backward(
+        &randn(&mut r, &[2, 3]),
+        &randn(&mut r, &[3, 2]),
+        Mode::Train,
+    ));
+
+    // Loss
+    let logits = randn(&mut r, &[3, 4]);
+    assert_shape(cross_entropy(&logits, &[0, 4, 1], 0.0));
+    assert_shape(cross_entropy(&logits, &[0, 1], 0.0));
+    assert_rank(cross_entropy(&randn(&mut r, &[3, 4, 1]), &[0, 1, 2], 0.0));
+    assert_config(cross_entropy(&logits, &[0, 1, 2], 1.5));
+    assert_config(CrossEntropyLoss::label_smoothing(-0.1));
+    let mut bad = logits.clone();
+    bad[[1, 2]] = f64::NAN;
+    assert!(matches!(
+        cross_entropy(&bad, &[0, 1, 2], 0.0),
+        Err(NvError::NonFinite(_))
+    ));
+    bad[[1, 2]] = f64::INFINITY;
+    assert!(matches!(
+        cross_entropy(&bad, &[0, 1, 2], 0.1),
+        Err(NvError::NonFinite(_))
+    ));
+    assert_rank(argmax(&randn(&mut r, &[4])));
+    assert_shape(accuracy(&logits, &[0, 1]));
+}
+
+#[test]
+fn state_dicts_use_pytorch_names() {
+    let mut r = rng(15);
+    let c = Conv2dConfig::new(3, 4, 3).build::<f32>(&mut r).unwrap();
+    let sd = c.state_dict();
+    assert_eq!(sd.keys().cloned().collect::<Vec<_>>(), ["bias", "weight"]);
+    assert_eq!(sd.get("weight").unwrap().shape(), &[4, 3, 3, 3]);
+    let mut c2 = Conv2d::<f32>::new(Conv2dConfig::new(3, 4, 3)).unwrap();
+    c2.load_state("", &sd).unwrap();
+    assert_eq!(c2.weight.value, c.weight.value);
+    let mut wrong = Conv2d::<f32>::new(Conv2dConfig::new(3, 5, 3)).unwrap();
+    assert!(matches!(wrong.load_state("", &sd), Err(NvError::State(_))));
+    let nb = Conv2d::<f32>::new(Conv2dConfig::new(3, 4, 3).bias(false)).unwrap();
+    assert_eq!(
+        nb.state_dict().keys().cloned().collect::<Vec<_>>(),
+        ["weight"]
+    );
+
+    let l = LinearConfig::new(5, 2).build::<f32>(&mut r).unwrap();
+    let mut sd = normvision::state::StateDict::new();
+    l.save_state("fc", &mut sd);
+    assert_eq!(
+        sd.keys().cloned().collect::<Vec<_>>(),
+        ["fc.bias", "fc.weight"]
+    );
+    assert_eq!(sd.get("fc.weight").unwrap().shape(), &[2, 5]);
+    assert!(MaxPool2dConfig::new(2)
+        .build::<f32>()
+        .unwrap()
+        .state_dict()
+        .tensors
+        .is_empty());
+    // PyTorch's default init bound 1/sqrt(fan_in)
+    let bound = 1.0 / 27f32.sqrt();
+    assert!(c.weight.value.iter().all(|v| v.abs() <= bound));
+    assert!(c
+        .bias
+        .as_ref()
+        .unwrap()
+        .value
+        .iter()
+        .all(|v| v.abs() <= bound));
+}
