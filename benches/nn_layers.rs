@@ -1,5 +1,6 @@
 //! Timing of the `nn` layers on the shapes of the Fashion-MNIST reference CNN (batch 128, f32):
-//! the four 3×3/pad-1 convolutions, forward and backward, under both thread strategies, plus max pooling.
+//! the four 3×3/pad-1 convolutions, forward and backward, with the AVX-512 kernels (batch split over threads)
+//! and with the `gemm` crate under both thread strategies, plus max pooling.
 //!
 //!     cargo bench --bench nn_layers                              # release profile
 //!     cargo test --test nn_timing -- --ignored --nocapture        # same code, test profile (opt-level 2)
@@ -54,20 +55,25 @@ pub fn main() {
         let x = randn(&[BATCH, ci, hw, hw], 1);
         let dy = randn(&[BATCH, co, hw, hw], 2);
         let macs = (BATCH * co * hw * hw * ci * 9) as f64;
-        for par in [ConvParallel::Batch, ConvParallel::Gemm] {
+        for (split, par, simd) in [
+            ("avx512", ConvParallel::Batch, true),
+            ("Batch", ConvParallel::Batch, false),
+            ("Gemm", ConvParallel::Gemm, false),
+        ] {
             let mut conv = Conv2dConfig::new(ci, co, 3)
                 .padding(1)
                 .build::<f32>(&mut rand_pcg::Pcg64Mcg::seed_from_u64(3))
                 .unwrap();
             conv.parallel = par;
+            conv.simd = simd;
             let mut y = vec![0f32; dy.len()];
             let mut dx = vec![0f32; x.len()];
             let label = format!("{ci}->{co} {hw}x{hw}");
-            let mut row = |op: &str, gemms: f64, t: (f64, f64)| {
+            let row = |op: &str, gemms: f64, t: (f64, f64)| {
                 println!(
                     "{:<22} {:<6} {:<16} {:>9.2} {:>9.2} {:>8.1}",
                     label,
-                    format!("{par:?}"),
+                    split,
                     op,
                     t.0,
                     t.1,

@@ -31,6 +31,14 @@ pub enum NvError {
         layer: &'static str,
         shape: Vec<usize>,
     },
+    /// Instance statistics would be computed from a single spatial element.
+    #[error(
+        "{layer}: Expected more than 1 spatial element when training, got input size {shape:?}"
+    )]
+    OneSpatialElement {
+        layer: &'static str,
+        shape: Vec<usize>,
+    },
     /// A configuration value is out of range (eps <= 0, groups not dividing channels, ...).
     #[error("invalid configuration: {0}")]
     Config(String),

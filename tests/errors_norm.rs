@@ -410,18 +410,26 @@ fn instance_norm_one_spatial_element_when_training() {
     assert_err!(
         "IN (2,3,1,1)",
         inorm.forward(&data(&[2, 3, 1, 1]), Mode::Train),
-        NvError::OneValuePerChannel { .. }
+        NvError::OneSpatialElement { .. }
+    );
+    let msg = inorm
+        .forward(&data(&[2, 3, 1, 1]), Mode::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("Expected more than 1 spatial element when training"),
+        "{msg}"
     );
     assert_err!(
         "IN unbatched (3,1,1)",
         inorm.forward(&data(&[3, 1, 1]), Mode::Train),
-        NvError::OneValuePerChannel { .. }
+        NvError::OneSpatialElement { .. }
     );
     let mut in1: InstanceNorm<f32> = InstanceNormConfig::d1(3).build().unwrap();
     assert_err!(
         "IN1d (4,3,1)",
         in1.forward(&data(&[4, 3, 1]), Mode::Train),
-        NvError::OneValuePerChannel { .. }
+        NvError::OneSpatialElement { .. }
     );
     // GroupNorm allows one value per group (PyTorch does too).
     let mut gn: GroupNorm<f32> = GroupNormConfig::new(3, 3).build().unwrap();

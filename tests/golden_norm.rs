@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use ndarray::ArrayD;
 use normvision::norm::*;
-use normvision::state::{StateDict, StateTensor, Stateful};
+use normvision::state::{StateDict, StateTensor};
 use normvision::Mode;
 
 const RTOL: f32 = 1e-5;

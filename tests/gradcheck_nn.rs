@@ -698,3 +698,72 @@ fn state_dicts_use_pytorch_names() {
         .iter()
         .all(|v| v.abs() <= bound));
 }
+
+/// The f32 AVX-512 path (when the CPU has it) against the f64 reference path of the same layer, on every
+/// configuration shape the kernels special-case: groups, pointwise, stride, dilation, tails of 8 rows / 16 columns.
+#[test]
+fn conv2d_f32_fast_path_matches_f64() {
+    let cases: Vec<(Conv2dConfig, [usize; 4])> = vec![
+        (Conv2dConfig::new(1, 32, 3).padding(1), [3, 1, 28, 28]),
+        (Conv2dConfig::new(5, 13, 3).padding(1), [2, 5, 9, 11]),
+        (
+            Conv2dConfig::new(6, 9, (3, 2)).stride(2).padding(1),
+            [3, 6, 7, 6],
+        ),
+        (
+            Conv2dConfig::new(4, 6, 3).dilation(2).padding(2).groups(2),
+            [2, 4, 7, 8],
+        ),
+        (
+            Conv2dConfig::new(8, 12, 1).groups(4).bias(false),
+            [2, 8, 5, 7],
+        ),
+        (Conv2dConfig::new(3, 17, 1), [2, 3, 4, 5]),
+        (
+            Conv2dConfig::new(16, 16, 3).padding(1).groups(16),
+            [2, 16, 6, 6],
+        ),
+    ];
+    for (i, (cfg, shape)) in cases.into_iter().enumerate() {
+        let c64 = conv(cfg.clone(), 500 + i as u64);
+        let mut c32 = Conv2d::<f32>::new(cfg.clone()).unwrap();
+        c32.load_state("", &c64.state_dict()).unwrap();
+        let mut c64 = Conv2d::<f64>::new(cfg.clone()).unwrap();
+        c64.load_state("", &c32.state_dict()).unwrap();
+        let x64 = randn(&mut rng(600 + i as u64), &shape).mapv(|v| v as f32 as f64);
+        let x32 = x64.mapv(|v| v as f32);
+        let y64 = c64.forward(&x64).unwrap();
+        let dy64 = randn(&mut rng(700 + i as u64), y64.shape()).mapv(|v| v as f32 as f64);
+        let dy32 = dy64.mapv(|v| v as f32);
+        let dx64 = c64.backward(&x64, &dy64).unwrap();
+        for simd in [true, false] {
+            let mut c = c32.clone();
+            c.simd = simd;
+            let y = c.forward(&x32).unwrap();
+            let dx = c.backward(&x32, &dy32).unwrap();
+            let pairs = [
+                ("y", y.mapv(|v| v as f64), &y64),
+                ("dx", dx.mapv(|v| v as f64), &dx64),
+                ("dw", c.weight.grad.mapv(|v| v as f64), &c64.weight.grad),
+            ];
+            for (what, got, want) in pairs {
+                let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+                let e = got
+                    .iter()
+                    .zip(want.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f64::max)
+                    / scale;
+                assert!(e < 1e-5, "case {i} {cfg:?} simd={simd}: {what} error {e:e}");
+            }
+            if let (Some(b), Some(b64)) = (&c.bias, &c64.bias) {
+                for (a, w) in b.grad.iter().zip(b64.grad.iter()) {
+                    assert!(
+                        (*a as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                        "case {i}: db"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -116,3 +116,41 @@ fn simd_shapes() {
         );
     }
 }
+
+/// Single-thread CPU time per sample of each conv phase (AVX-512 path), to see what im2col/col2im cost.
+#[test]
+#[ignore = "timing"]
+fn conv_profile() {
+    use ndarray::{ArrayD, IxDyn};
+    use normvision::nn::*;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        for (ci, co, hw) in [(1usize, 32usize, 28usize), (32, 32, 28), (32, 64, 14), (64, 64, 14)] {
+            let n = 32;
+            let x = ArrayD::from_shape_fn(IxDyn(&[n, ci, hw, hw]), |i| ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 - 5.0);
+            let dy = ArrayD::from_shape_fn(IxDyn(&[n, co, hw, hw]), |i| ((i[1] * 5 + i[2] + i[3] * 3) % 7) as f32 - 3.0);
+            let mut c = Conv2dConfig::new(ci, co, 3).padding(1).build::<f32>(&mut <rand_pcg::Pcg64Mcg as rand::SeedableRng>::seed_from_u64(1)).unwrap();
+            let mut y = vec![0f32; dy.len()];
+            let mut dx = vec![0f32; x.len()];
+            let mut t = |f: &mut dyn FnMut()| {
+                f();
+                let mut best = f64::MAX;
+                for _ in 0..3 {
+                    let t0 = cpu_ns();
+                    for _ in 0..10 {
+                        f();
+                    }
+                    best = best.min((cpu_ns() - t0) as f64 / 10.0 / n as f64 / 1e3);
+                }
+                best
+            };
+            let f = t(&mut || c.forward_into(x.view(), &mut y).unwrap());
+            let bp = t(&mut || c.backward_into(x.view(), dy.view(), None).unwrap());
+            let b = t(&mut || c.backward_into(x.view(), dy.view(), Some(&mut dx)).unwrap());
+            println!("{ci}->{co} {hw}: per sample fwd {f:.1} us, bwd params {bp:.1} us, bwd full {b:.1} us");
+        }
+    });
+}

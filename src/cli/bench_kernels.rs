@@ -20,6 +20,8 @@ pub const DEFAULT_SHAPES: &[&[usize]] = &[
 ];
 pub const OPS: &[&str] = &["batch_norm", "group_norm", "layer_norm", "instance_norm"];
 pub const MODES: &[&str] = &["train_fwd", "train_fwd_bwd", "eval_fwd"];
+/// Groups of the benchmark's GroupNorm (`nn.GroupNorm(8, C)` on the PyTorch side).
+pub const GROUP_NORM_GROUPS: usize = 8;
 
 /// One measured row.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,12 +37,16 @@ pub struct KernelTiming {
     pub gbps: f64,
 }
 
-/// Builds the benchmark's layer for an op and shape; `None` when the op does not apply to the shape.
+/// Builds the benchmark's layer for an op and shape; `None` when the op does not apply to the shape
+/// (group_norm / instance_norm on a non-4-D shape, group_norm when C is not divisible by [`GROUP_NORM_GROUPS`]).
 pub fn layer_for(op: &str, shape: &[usize]) -> Result<Option<Box<dyn NormLayer<f32>>>> {
     let c = shape[1];
     Ok(match (op, shape.len()) {
         ("batch_norm", _) => Some(Box::new(BatchNormConfig::new(c).build::<f32>()?)),
-        ("group_norm", 4) => Some(Box::new(GroupNormConfig::new(8, c).build::<f32>()?)),
+        // GroupNorm(8, C) needs C divisible by 8; other shapes are skipped (as tools/bench_norm_vs_torch.py does).
+        ("group_norm", 4) if c % GROUP_NORM_GROUPS == 0 => Some(Box::new(
+            GroupNormConfig::new(GROUP_NORM_GROUPS, c).build::<f32>()?,
+        )),
         ("layer_norm", _) => Some(Box::new(LayerNormConfig::new(&shape[1..]).build::<f32>()?)),
         ("instance_norm", 4) => Some(Box::new(InstanceNormConfig::d2(c).build::<f32>()?)),
         ("group_norm" | "instance_norm", _) => None,

@@ -10,8 +10,9 @@ use ndarray::ArrayD;
 #[derive(Default)]
 pub struct Sequential {
     pub layers: Vec<(String, Box<dyn Layer<f32>>)>,
-    /// acts[i] is the input of layer i in the last forward (acts[0] the block input).
-    acts: Vec<ArrayD<f32>>,
+    /// outs[i] is the output of layer i in the last forward; layer i's input is outs[i-1], or the block input
+    /// (which `backward` receives again, so it is never copied).
+    outs: Vec<ArrayD<f32>>,
 }
 
 impl Sequential {
@@ -29,34 +30,46 @@ impl Sequential {
     }
     /// Drops the saved activations (to free memory after an eval pass).
     pub fn clear_cache(&mut self) {
-        self.acts.clear();
+        self.outs.clear();
     }
 }
 
 impl Layer<f32> for Sequential {
     fn forward(&mut self, x: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
-        self.acts.clear();
-        let mut cur = x.clone();
-        for (name, l) in self.layers.iter_mut() {
-            let y = l.forward(&cur, mode).map_err(|e| annotate(name, e))?;
-            self.acts.push(std::mem::replace(&mut cur, y));
+        self.outs.clear();
+        if self.layers.is_empty() {
+            return Ok(x.clone());
         }
-        Ok(cur)
+        for i in 0..self.layers.len() {
+            let input = if i == 0 { x } else { &self.outs[i - 1] };
+            let (name, l) = &mut self.layers[i];
+            let y = l.forward(input, mode).map_err(|e| annotate(name, e))?;
+            self.outs.push(y);
+        }
+        // The caller gets a copy; the saved output of the last layer stays for layers that need it (none of the
+        // current ones do, so release it instead of copying).
+        Ok(self.outs.pop().expect("non-empty"))
     }
-    fn backward(&mut self, _x: &ArrayD<f32>, dy: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
-        if self.acts.len() != self.layers.len() {
+    fn backward(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        if self.layers.is_empty() {
+            return Ok(dy.clone());
+        }
+        if self.outs.len() + 1 != self.layers.len() {
             return Err(NvError::NoSavedState {
                 layer: "Sequential",
                 mode,
             });
         }
-        let mut g = dy.clone();
-        for (i, (name, l)) in self.layers.iter_mut().enumerate().rev() {
-            g = l
-                .backward(&self.acts[i], &g, mode)
+        let mut g: Option<ArrayD<f32>> = None;
+        for i in (0..self.layers.len()).rev() {
+            let input = if i == 0 { x } else { &self.outs[i - 1] };
+            let (name, l) = &mut self.layers[i];
+            let next = l
+                .backward(input, g.as_ref().unwrap_or(dy), mode)
                 .map_err(|e| annotate(name, e))?;
+            g = Some(next);
         }
-        Ok(g)
+        Ok(g.expect("non-empty"))
     }
     fn name(&self) -> String {
         "Sequential".into()

@@ -21,6 +21,7 @@
 
 use super::init::Init;
 use super::matmul::{matmul, Op, Par};
+use super::simd;
 use super::{check_nonempty, check_rank, IntoPair, Layer};
 use crate::norm::contiguous;
 use crate::state::{join, StateDict, Stateful};
@@ -177,6 +178,10 @@ impl Geom {
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
     }
+    /// Stride 1 and OW = W: im2col rows are shifted copies of whole planes ([`im2col_flat`]).
+    fn flat_rows(&self) -> bool {
+        self.sh == 1 && self.sw == 1 && self.ow == self.w
+    }
     fn col_len(&self) -> usize {
         if self.pointwise() {
             0
@@ -207,6 +212,56 @@ impl Geom {
 
 /// Unfolds one sample (C, H, W) into `col` (C·kh·kw, OH·OW), rows ordered (c, ki, kj), zeros for padding.
 fn im2col<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
+    if g.flat_rows() {
+        im2col_flat(g, x, col)
+    } else {
+        im2col_rows(g, x, col)
+    }
+}
+
+/// For stride 1 with OW = W, row (c, ki, kj) of the column matrix is the flat input plane shifted by a constant
+/// `delta = (ki·dh − ph)·W + kj·dw − pw`, except at padding positions. Returns, for that row: the valid output
+/// rows [oh_lo, oh_hi), the valid output columns [lo, hi), and the flat destination range [d0, d1) whose source
+/// `d + delta` lies inside the plane.
+fn flat_row(g: &Geom, ki: usize, kj: usize) -> (usize, usize, usize, usize, usize, usize, isize) {
+    let (h, w) = (g.h as isize, g.w as isize);
+    let dy = (ki * g.dh) as isize - g.ph as isize;
+    // valid oh: 0 <= oh + dy < h
+    let oh_lo = (-dy).clamp(0, g.oh as isize) as usize;
+    let oh_hi = (h - dy).clamp(oh_lo as isize, g.oh as isize) as usize;
+    let (dxo, lo, hi) = g.col_range(kj);
+    let delta = dy * w + dxo;
+    let d0 = ((oh_lo as isize) * w).max(-delta);
+    let d1 = ((oh_hi as isize) * w).min(h * w - delta).max(d0);
+    (oh_lo, oh_hi, lo, hi, d0 as usize, d1 as usize, delta)
+}
+
+fn im2col_flat<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
+    let (p, hw, ow) = (g.p(), g.h * g.w, g.ow);
+    let rows: Vec<_> = (0..g.kh)
+        .flat_map(|ki| (0..g.kw).map(move |kj| (ki, kj)))
+        .map(|(ki, kj)| flat_row(g, ki, kj))
+        .collect();
+    let mut out = col[..g.c * g.kh * g.kw * p].chunks_exact_mut(p);
+    for c in 0..g.c {
+        let xc = &x[c * hw..(c + 1) * hw];
+        for &(oh_lo, oh_hi, lo, hi, d0, d1, delta) in &rows {
+            let row = out.next().expect("sized by the caller");
+            row[..d0].fill(T::zero());
+            row[d1..].fill(T::zero());
+            let s0 = (d0 as isize + delta) as usize;
+            row[d0..d1].copy_from_slice(&xc[s0..s0 + (d1 - d0)]);
+            if lo > 0 || hi < ow {
+                for r in row[oh_lo * ow..oh_hi * ow].chunks_exact_mut(ow) {
+                    r[..lo].fill(T::zero());
+                    r[hi..].fill(T::zero());
+                }
+            }
+        }
+    }
+}
+
+fn im2col_rows<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
     let (p, hw) = (g.p(), g.h * g.w);
     let ranges: Vec<_> = (0..g.kw).map(|kj| g.col_range(kj)).collect();
     let mut rows = col[..g.c * g.kh * g.kw * p].chunks_exact_mut(p);
@@ -242,7 +297,43 @@ fn im2col<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
 }
 
 /// The adjoint of [`im2col`]: `dx = 0`, then every column entry is added back to the input position it came from.
-fn col2im<T: Real>(g: &Geom, col: &[T], dx: &mut [T]) {
+/// Entries of `col` at padding positions may be overwritten (set to zero).
+fn col2im<T: Real>(g: &Geom, col: &mut [T], dx: &mut [T]) {
+    if g.flat_rows() {
+        col2im_flat(g, col, dx)
+    } else {
+        col2im_rows(g, col, dx)
+    }
+}
+
+fn col2im_flat<T: Real>(g: &Geom, col: &mut [T], dx: &mut [T]) {
+    let (p, hw, ow) = (g.p(), g.h * g.w, g.ow);
+    dx[..g.c * hw].fill(T::zero());
+    let rows: Vec<_> = (0..g.kh)
+        .flat_map(|ki| (0..g.kw).map(move |kj| (ki, kj)))
+        .map(|(ki, kj)| flat_row(g, ki, kj))
+        .collect();
+    let mut inp = col[..g.c * g.kh * g.kw * p].chunks_exact_mut(p);
+    for c in 0..g.c {
+        let dxc = &mut dx[c * hw..(c + 1) * hw];
+        for &(oh_lo, oh_hi, lo, hi, d0, d1, delta) in &rows {
+            let row = inp.next().expect("sized by the caller");
+            // padding columns would wrap around to the neighbouring input row: drop them first
+            if lo > 0 || hi < ow {
+                for r in row[oh_lo * ow..oh_hi * ow].chunks_exact_mut(ow) {
+                    r[..lo].fill(T::zero());
+                    r[hi..].fill(T::zero());
+                }
+            }
+            let s0 = (d0 as isize + delta) as usize;
+            for (d, v) in dxc[s0..s0 + (d1 - d0)].iter_mut().zip(&row[d0..d1]) {
+                *d = *d + *v;
+            }
+        }
+    }
+}
+
+fn col2im_rows<T: Real>(g: &Geom, col: &[T], dx: &mut [T]) {
     let (p, hw) = (g.p(), g.h * g.w);
     dx[..g.c * hw].fill(T::zero());
     let ranges: Vec<_> = (0..g.kw).map(|kj| g.col_range(kj)).collect();
@@ -378,7 +469,107 @@ fn backward_sample<T: Real>(
         wt_dy(dx);
     } else {
         wt_dy(&mut ws.col);
-        col2im(g, &ws.col, dx);
+        col2im(g, &mut ws.col, dx);
+    }
+}
+
+/// [`forward_sample`] for f32 with the AVX-512 kernel; `wp` holds the packed weights of every group.
+fn fast_forward_sample(
+    g: &Geom,
+    x: &[f32],
+    y: &mut [f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    col: &mut [f32],
+) {
+    let (p, og, kdim) = (g.p(), g.og(), g.kdim());
+    let plen = simd::packed_len(og, kdim);
+    let cols: &[f32] = if g.pointwise() {
+        x
+    } else {
+        im2col(g, x, col);
+        col
+    };
+    if let Some(b) = bias {
+        for (yo, &bo) in y.chunks_exact_mut(p).zip(b) {
+            yo.fill(bo);
+        }
+    }
+    for gi in 0..g.groups {
+        simd::gemm_nn(
+            og,
+            p,
+            kdim,
+            &wp[gi * plen..(gi + 1) * plen],
+            &cols[gi * kdim * p..(gi + 1) * kdim * p],
+            p,
+            &mut y[gi * og * p..(gi + 1) * og * p],
+            p,
+            bias.is_some(),
+        );
+    }
+}
+
+/// [`backward_sample`] for f32 with the AVX-512 kernels; `wpt` holds the packed transposed weights.
+#[allow(clippy::too_many_arguments)]
+fn fast_backward_sample(
+    g: &Geom,
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    wpt: &[f32],
+    col: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f64],
+) {
+    let (p, og, kdim) = (g.p(), g.og(), g.kdim());
+    for (d, dyo) in db.iter_mut().zip(dy.chunks_exact(p)) {
+        *d += dyo.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    {
+        let cols: &[f32] = if g.pointwise() {
+            x
+        } else {
+            im2col(g, x, col);
+            col
+        };
+        for gi in 0..g.groups {
+            simd::gemm_nt(
+                og,
+                kdim,
+                p,
+                &dy[gi * og * p..(gi + 1) * og * p],
+                p,
+                &cols[gi * kdim * p..(gi + 1) * kdim * p],
+                p,
+                &mut dw[gi * og * kdim..(gi + 1) * og * kdim],
+                kdim,
+                true,
+            );
+        }
+    }
+    let Some(dx) = dx else { return };
+    let plen = simd::packed_len(kdim, og);
+    let wt_dy = |dcol: &mut [f32]| {
+        for gi in 0..g.groups {
+            simd::gemm_nn(
+                kdim,
+                p,
+                og,
+                &wpt[gi * plen..(gi + 1) * plen],
+                &dy[gi * og * p..(gi + 1) * og * p],
+                p,
+                &mut dcol[gi * kdim * p..(gi + 1) * kdim * p],
+                p,
+                false,
+            );
+        }
+    };
+    if g.pointwise() {
+        wt_dy(dx);
+    } else {
+        wt_dy(col);
+        col2im(g, col, dx);
     }
 }
 
@@ -390,7 +581,11 @@ pub struct Conv2d<T: Real = f32> {
     pub bias: Option<Param<T>>,
     /// How the work is spread over threads; [`ConvParallel::Batch`] unless changed.
     pub parallel: ConvParallel,
+    /// Use the AVX-512 kernels for f32 when the CPU has them (with [`ConvParallel::Batch`]); `true` unless changed.
+    pub simd: bool,
     ws: Vec<Workspace<T>>,
+    /// Packed weights (forward) or transposed weights (backward) for the AVX-512 kernels.
+    packed: Vec<f32>,
 }
 
 impl<T: Real> Conv2d<T> {
@@ -413,7 +608,9 @@ impl<T: Real> Conv2d<T> {
             weight,
             bias,
             parallel: ConvParallel::Batch,
+            simd: true,
             ws: Vec::new(),
+            packed: Vec::new(),
         })
     }
 
@@ -488,6 +685,31 @@ impl<T: Real> Conv2d<T> {
         }
     }
 
+    /// Whether this call takes the AVX-512 f32 path.
+    fn fast(&self) -> bool {
+        self.simd
+            && self.parallel == ConvParallel::Batch
+            && simd::available()
+            && simd::as_f32(self.weight.values()).is_some()
+    }
+
+    /// Packs every group's weight matrix (og × kdim), or its transpose, for [`simd::gemm_nn`].
+    fn pack_weights(&mut self, g: &Geom, transposed: bool) {
+        let w = simd::as_f32(self.weight.values()).expect("f32 layer");
+        let (og, kdim) = (g.og(), g.kdim());
+        let mut one = Vec::new();
+        self.packed.clear();
+        for gi in 0..g.groups {
+            let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
+            if transposed {
+                simd::pack_a(kdim, og, wg, 1, kdim, &mut one);
+            } else {
+                simd::pack_a(og, kdim, wg, kdim, 1, &mut one);
+            }
+            self.packed.extend_from_slice(&one);
+        }
+    }
+
     fn prepare_ws(&mut self, count: usize, col: usize, dw: usize, db: usize) {
         if self.ws.len() < count {
             self.ws.resize_with(count, Workspace::default);
@@ -528,13 +750,30 @@ impl<T: Real> Conv2d<T> {
         let xs = contiguous(&x);
         let (chunks, per) = self.split(g.n);
         let par = self.gemm_par();
+        let fast = self.fast();
+        if fast {
+            self.pack_weights(&g, false);
+        }
         self.prepare_ws(chunks, g.col_len(), 0, 0);
         let w = self.weight.values();
         let bias = self.bias.as_ref().map(|b| b.values());
+        let packed = &self.packed[..];
         let (is, os) = (g.in_size(), g.out_size());
         let run = |xc: &[T], yc: &mut [T], ws: &mut Workspace<T>| {
             for (xs, ys) in xc.chunks_exact(is).zip(yc.chunks_exact_mut(os)) {
-                forward_sample(&g, xs, ys, w, bias, &mut ws.col, par);
+                if fast {
+                    let f = |s| simd::as_f32(s).expect("f32");
+                    fast_forward_sample(
+                        &g,
+                        f(xs),
+                        simd::as_f32_mut(ys).expect("f32"),
+                        packed,
+                        bias.map(f),
+                        simd::as_f32_mut(&mut ws.col).expect("f32"),
+                    );
+                } else {
+                    forward_sample(&g, xs, ys, w, bias, &mut ws.col, par);
+                }
             }
         };
         if chunks == 1 {
@@ -598,13 +837,32 @@ impl<T: Real> Conv2d<T> {
         let par = self.gemm_par();
         let want_db = self.bias.is_some();
         let wlen = self.weight.len();
+        let fast = self.fast();
+        if fast && dx.is_some() {
+            self.pack_weights(&g, true);
+        }
         self.prepare_ws(chunks, g.col_len(), wlen, if want_db { g.o } else { 0 });
         let w = self.weight.values();
+        let packed = &self.packed[..];
         let (is, os) = (g.in_size(), g.out_size());
         let run = |xc: &[T], gc: &[T], mut dxc: Option<&mut [T]>, ws: &mut Workspace<T>| {
             for (s, (xs, gs)) in xc.chunks_exact(is).zip(gc.chunks_exact(os)).enumerate() {
                 let dxs = dxc.as_deref_mut().map(|d| &mut d[s * is..(s + 1) * is]);
-                backward_sample(&g, xs, gs, dxs, w, ws, want_db, par);
+                if fast {
+                    let f = |s| simd::as_f32(s).expect("f32");
+                    fast_backward_sample(
+                        &g,
+                        f(xs),
+                        f(gs),
+                        dxs.map(|d| simd::as_f32_mut(d).expect("f32")),
+                        packed,
+                        simd::as_f32_mut(&mut ws.col).expect("f32"),
+                        simd::as_f32_mut(&mut ws.dw).expect("f32"),
+                        &mut ws.db,
+                    );
+                } else {
+                    backward_sample(&g, xs, gs, dxs, w, ws, want_db, par);
+                }
             }
         };
         if chunks == 1 {

@@ -257,10 +257,10 @@ mod x86 {
         for _ in 0..full {
             let mut bv = [_mm512_setzero_ps(); TB];
             for (x, p) in bv.iter_mut().zip(b) {
-                *x = _mm512_loadu_ps(p.add(off));
+                *x = _mm512_maskz_loadu_ps(0xFFFF, p.add(off));
             }
             for (row, p) in acc.iter_mut().zip(a) {
-                let av = _mm512_loadu_ps(p.add(off));
+                let av = _mm512_maskz_loadu_ps(0xFFFF, p.add(off));
                 for (x, y) in row.iter_mut().zip(bv) {
                     *x = _mm512_fmadd_ps(av, y, *x);
                 }
@@ -326,6 +326,20 @@ mod x86 {
             j += TB;
         }
     }
+}
+
+/// `&[T]` as `&[f32]` when `T` is `f32` (`None` otherwise).
+pub fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so the cast is the identity.
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
+}
+
+/// `&mut [T]` as `&mut [f32]` when `T` is `f32` (`None` otherwise).
+pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so the cast is the identity; the borrow is carried over.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) })
 }
 
 #[cfg(test)]

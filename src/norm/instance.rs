@@ -185,7 +185,7 @@ impl<T: Real> InstanceNorm<T> {
         let xs = contiguous(&x);
         if self.uses_instance_stats(mode) {
             if mode.is_train() && d.s <= 1 {
-                return Err(NvError::OneValuePerChannel {
+                return Err(NvError::OneSpatialElement {
                     layer: Self::NAME,
                     shape,
                 });

@@ -104,12 +104,10 @@ pub fn train(
     test_ds: Arc<Dataset>,
     opts: RunOptions,
 ) -> Result<TrainReport> {
-    let train_ds = limit(train_ds, cfg.train_limit)?;
-    let test_ds = limit(test_ds, cfg.test_limit)?;
     let (mut model, mut opt, norm, mut pos, run_cfg): (
         Model,
         Box<dyn Optimizer>,
-        Normalization,
+        Option<Normalization>,
         Position,
         TrainConfig,
     ) = match &opts.resume {
@@ -120,17 +118,25 @@ pub fn train(
             let m = checkpoint::restore_model(ck)?;
             let mut o = rc.optim.build()?;
             o.load_state_dict(&ck.optim_state)?;
-            (m, o, ck.norm.clone(), ck.position, rc)
+            (m, o, Some(ck.norm.clone()), ck.position, rc)
         }
         None => (
             Model::new(cfg.model.clone())?,
             cfg.optim.build()?,
-            train_ds.mean_std()?,
+            None,
             Position::default(),
             cfg.clone(),
         ),
     };
     let cfg = &run_cfg;
+    // The run's own limits (a resumed run keeps its checkpoint's, whatever the caller's config says), so it
+    // sees the same samples as the run that wrote the checkpoint.
+    let train_ds = limit(train_ds, cfg.train_limit)?;
+    let test_ds = limit(test_ds, cfg.test_limit)?;
+    let norm = match norm {
+        Some(n) => n,
+        None => train_ds.mean_std()?,
+    };
     if cfg.batch_size == 0 {
         return Err(NvError::Config("batch size must be > 0".into()));
     }

@@ -1,0 +1,225 @@
+//! The `normvision` binary's surface: help texts and the machine-readable (`--json`) output of the two
+//! benchmark commands. Runs the real binary (`CARGO_BIN_EXE_normvision`) with tiny sizes.
+
+use std::process::{Command, Output};
+
+fn normvision(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args(args)
+        // Keep the shared machine quiet: one worker thread is plenty for these sizes.
+        .args(["--threads", "1"])
+        .output()
+        .expect("run normvision")
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+fn assert_ok(what: &str, o: &Output) {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}
+
+/// Every stdout line parsed as JSON (non-empty lines must all be JSON objects).
+fn json_lines(what: &str, o: &Output) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let out = text(&o.stdout);
+    let rows: Vec<_> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match serde_json::from_str::<serde_json::Value>(l) {
+            Ok(serde_json::Value::Object(m)) => m,
+            other => panic!("{what}: line is not a JSON object: {l:?} ({other:?})"),
+        })
+        .collect();
+    assert!(!rows.is_empty(), "{what}: no output lines");
+    rows
+}
+
+#[test]
+fn top_level_help_lists_the_subcommands() {
+    let o = normvision(&["--help"]);
+    assert_ok("--help", &o);
+    let h = text(&o.stdout);
+    for cmd in [
+        "train",
+        "compare",
+        "eval",
+        "predict",
+        "bench",
+        "bench-kernels",
+        "--threads",
+    ] {
+        assert!(h.contains(cmd), "--help does not mention {cmd}:\n{h}");
+    }
+}
+
+#[test]
+fn train_help_mentions_the_main_options() {
+    let o = normvision(&["train", "--help"]);
+    assert_ok("train --help", &o);
+    let h = text(&o.stdout);
+    for opt in [
+        "--model",
+        "--norm",
+        "--epochs",
+        "--max-steps",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--schedule",
+        "--seed",
+        "--data",
+        "--out",
+        "--resume",
+        "--train-limit",
+        "--test-limit",
+        "--divergence-window",
+    ] {
+        assert!(h.contains(opt), "train --help does not mention {opt}:\n{h}");
+    }
+    // the value enums are listed
+    for v in ["batch", "none", "group", "cnn", "resnet"] {
+        assert!(h.contains(v), "train --help does not list {v}:\n{h}");
+    }
+}
+
+#[test]
+fn unknown_option_fails_with_usage() {
+    let o = normvision(&["train", "--no-such-option"]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("--no-such-option"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn bench_json_lines() {
+    let o = normvision(&[
+        "bench",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "8",
+        "--json",
+    ]);
+    assert_ok("bench --json", &o);
+    let rows = json_lines("bench --json", &o);
+    // default --mode both: one train row, one eval row
+    let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["train", "eval"]);
+    for r in &rows {
+        for k in ["model", "norm", "mode", "img_s"] {
+            assert!(r.contains_key(k), "bench row without {k}: {r:?}");
+        }
+        assert_eq!(r["model"], "cnn");
+        assert_eq!(r["norm"], "batch");
+        assert_eq!(r["batch"], 8);
+        let img_s = r["img_s"].as_f64().expect("img_s is a number");
+        assert!(img_s.is_finite() && img_s > 0.0, "img_s {img_s}");
+    }
+}
+
+#[test]
+fn bench_rejects_a_bad_mode() {
+    let o = normvision(&["bench", "--steps", "1", "--mode", "sideways"]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("--mode") && !e.contains("panicked"), "{e}");
+}
+
+fn bench_kernels_rows(shapes: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let o = normvision(&[
+        "bench-kernels",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--shapes",
+        shapes,
+        "--json",
+    ]);
+    let what = format!("bench-kernels --shapes {shapes} --json");
+    assert_ok(&what, &o);
+    let rows = json_lines(&what, &o);
+    for r in &rows {
+        for k in ["op", "shape", "mode", "threads", "min_ms", "median_ms"] {
+            assert!(r.contains_key(k), "bench-kernels row without {k}: {r:?}");
+        }
+        assert_eq!(r["threads"], 1);
+        let (min, med) = (
+            r["min_ms"].as_f64().expect("min_ms is a number"),
+            r["median_ms"].as_f64().expect("median_ms is a number"),
+        );
+        assert!(min >= 0.0 && min <= med, "min {min} median {med}");
+    }
+    rows
+}
+
+fn op_modes(
+    rows: &[serde_json::Map<String, serde_json::Value>],
+) -> std::collections::BTreeSet<(String, String)> {
+    let set: std::collections::BTreeSet<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap().to_string(),
+                r["mode"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(set.len(), rows.len(), "duplicate rows: {rows:?}");
+    set
+}
+
+const MODES: [&str; 3] = ["train_fwd", "train_fwd_bwd", "eval_fwd"];
+
+#[test]
+fn bench_kernels_json_lines() {
+    // C = 3: GroupNorm(8, C) does not apply (C not divisible by 8) and is skipped, as in the PyTorch script;
+    // the three other ops run in all three modes.
+    let rows = bench_kernels_rows("4x3x5x5");
+    assert_eq!(rows.len(), 9, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["shape"], serde_json::json!([4, 3, 5, 5]));
+    }
+    let seen = op_modes(&rows);
+    for op in ["batch_norm", "layer_norm", "instance_norm"] {
+        for mode in MODES {
+            assert!(
+                seen.contains(&(op.into(), mode.into())),
+                "missing {op}/{mode}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_kernels_all_ops_on_eight_channels() {
+    let rows = bench_kernels_rows("2x8x3x3");
+    assert_eq!(rows.len(), 12, "{rows:?}");
+    let seen = op_modes(&rows);
+    for op in ["batch_norm", "group_norm", "layer_norm", "instance_norm"] {
+        for mode in MODES {
+            assert!(
+                seen.contains(&(op.into(), mode.into())),
+                "missing {op}/{mode}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_kernels_rejects_a_bad_shape() {
+    let o = normvision(&["bench-kernels", "--shapes", "4xAx5", "--reps", "1"]);
+    assert!(!o.status.success());
+    let e = text(&o.stderr);
+    assert!(e.contains("bad shape") && !e.contains("panicked"), "{e}");
+}
