@@ -158,16 +158,6 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Channel blocks for the S = 1 layout.
-fn channel_blocks(c: usize) -> Vec<(usize, usize)> {
-    let threads = rayon::current_num_threads().max(1);
-    let bs = (c.div_ceil(threads * 4))
-        .clamp(16, 256)
-        .next_multiple_of(16)
-        .min(c.max(1));
-    (0..c).step_by(bs).map(|a| (a, (a + bs).min(c))).collect()
-}
-
 /// Two-pass statistics of one channel: returns (shift, Σ(x-shift), Σ(x-shift)²).
 #[inline]
 fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
@@ -175,31 +165,6 @@ fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
     let total = lanes::sum_channel(x, c * d.s, d.n, d.s, d.c * d.s);
     let shift = T::of_f64(total / m);
     let (s1, s2) = lanes::shifted_moments_channel(x, c * d.s, d.n, d.s, d.c * d.s, shift);
-    (shift, s1, s2)
-}
-
-/// Two-pass statistics of a block of channels [c0, c1) in the S = 1 layout.
-fn block_moments<T: Real>(x: &[T], d: Ncs, c0: usize, c1: usize) -> (Vec<T>, Vec<f64>, Vec<f64>) {
-    let w = c1 - c0;
-    let m = d.n as f64;
-    let mut tot = vec![0.0f64; w];
-    for n in 0..d.n {
-        let row = &x[n * d.c + c0..n * d.c + c1];
-        for (t, v) in tot.iter_mut().zip(row) {
-            *t += v.as_f64();
-        }
-    }
-    let shift: Vec<T> = tot.iter().map(|t| T::of_f64(t / m)).collect();
-    let mut s1 = vec![0.0f64; w];
-    let mut s2 = vec![0.0f64; w];
-    for n in 0..d.n {
-        let row = &x[n * d.c + c0..n * d.c + c1];
-        for i in 0..w {
-            let dv = (row[i] - shift[i]).as_f64();
-            s1[i] += dv;
-            s2[i] += dv * dv;
-        }
-    }
     (shift, s1, s2)
 }
 
@@ -220,30 +185,20 @@ pub fn local_moments<T: Real>(x: &[T], d: Ncs) -> Moments {
     }
     let m = d.m() as f64;
     if d.s == 1 {
-        let parts: Vec<_> = channel_blocks(d.c)
-            .into_par_iter()
-            .map(|(c0, c1)| (c0, block_moments(x, d, c0, c1)))
-            .collect();
-        for (c0, (sh, s1, s2)) in parts {
-            for i in 0..sh.len() {
-                let (mean, m2) = moments_from_shifted(sh[i].as_f64(), s1[i], s2[i], m);
-                out.mean[c0 + i] = mean;
-                out.m2[c0 + i] = m2;
-            }
-        }
-    } else {
-        let per: Vec<(f64, f64)> = (0..d.c)
-            .into_par_iter()
-            .map(|c| {
-                let (sh, s1, s2) = channel_moments(x, d, c);
-                moments_from_shifted(sh.as_f64(), s1, s2, m)
-            })
-            .collect();
-        for (c, (mean, m2)) in per.into_iter().enumerate() {
-            out.mean[c] = mean;
-            out.m2[c] = m2;
-        }
+        return super::rows_kernels::moments(x, d).1;
     }
+    let per: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (sh, s1, s2) = channel_moments(x, d, c);
+            moments_from_shifted(sh.as_f64(), s1, s2, m)
+        })
+        .collect();
+    for (c, (mean, m2)) in per.into_iter().enumerate() {
+        out.mean[c] = mean;
+        out.m2[c] = m2;
+    }
+
     out
 }
 
@@ -270,30 +225,6 @@ fn normalize_channel<T: Real>(
     }
 }
 
-fn normalize_rows<T: Real>(
-    x: &[T],
-    y: SyncPtr<T>,
-    d: Ncs,
-    c0: usize,
-    sh: &[T],
-    s: &[T],
-    b: &[T],
-    relu: bool,
-) {
-    let w = sh.len();
-    let z = T::zero();
-    for n in 0..d.n {
-        let off = n * d.c + c0;
-        // SAFETY: each task owns the columns [c0, c0+w) of every row.
-        let out = unsafe { y.slice(off, w) };
-        let row = &x[off..off + w];
-        for i in 0..w {
-            let t = (row[i] - sh[i]) * s[i] + b[i];
-            out[i] = if relu && !(t > z) { z } else { t };
-        }
-    }
-}
-
 /// Stage 3 of the forward: y = weight·(x-mean)·invstd + bias (then ReLU when `relu`), with statistics that may
 /// come from several workers.
 pub fn normalize<T: Real>(
@@ -309,17 +240,12 @@ pub fn normalize<T: Real>(
     assert_eq!(y.len(), d.numel());
     let yp = SyncPtr(y.as_mut_ptr());
     if d.s == 1 {
-        channel_blocks(d.c).into_par_iter().for_each(|(c0, c1)| {
-            let (s, b): (Vec<T>, Vec<T>) =
-                (c0..c1).map(|c| st.channel_affine(c, weight, bias)).unzip();
-            normalize_rows(x, yp, d, c0, &st.shift[c0..c1], &s, &b, relu);
-        });
-    } else {
-        (0..d.c).into_par_iter().for_each(|c| {
-            let (s, b) = st.channel_affine(c, weight, bias);
-            normalize_channel(x, yp, d, c, s, b, st.shift[c], relu);
-        });
+        return super::rows_kernels::normalize(x, y, d, st, weight, bias, relu);
     }
+    (0..d.c).into_par_iter().for_each(|c| {
+        let (s, b) = st.channel_affine(c, weight, bias);
+        normalize_channel(x, yp, d, c, s, b, st.shift[c], relu);
+    });
 }
 
 /// Fused training forward: per channel, statistics then normalisation while the channel is hot in cache.
@@ -345,73 +271,39 @@ pub fn train_forward<T: Real>(
         count: d.m() as u64,
     };
     if d.s == 1 {
-        let parts: Vec<_> = channel_blocks(d.c)
-            .into_par_iter()
-            .map(|(c0, c1)| {
-                let (sh, s1, s2) = block_moments(x, d, c0, c1);
-                let mut local = BatchStats {
-                    shift: sh.clone(),
-                    mean: vec![0.0; c1 - c0],
-                    var: vec![0.0; c1 - c0],
-                    invstd: vec![0.0; c1 - c0],
-                    count: d.m() as u64,
-                };
-                for i in 0..c1 - c0 {
-                    let (mean, m2) = moments_from_shifted(sh[i].as_f64(), s1[i], s2[i], m);
-                    local.mean[i] = mean;
-                    local.var[i] = m2 / m;
-                    local.invstd[i] = 1.0 / (m2 / m + eps).sqrt();
-                }
-                let (s, b): (Vec<T>, Vec<T>) = (0..c1 - c0)
-                    .map(|i| {
-                        let w = weight.map(|w| &w[c0..c1]);
-                        let bb = bias.map(|b| &b[c0..c1]);
-                        local.channel_affine(i, w, bb)
-                    })
-                    .unzip();
-                normalize_rows(x, yp, d, c0, &sh, &s, &b, relu);
-                (c0, local)
-            })
-            .collect();
-        for (c0, local) in parts {
-            let w = local.mean.len();
-            st.shift[c0..c0 + w].copy_from_slice(&local.shift);
-            st.mean[c0..c0 + w].copy_from_slice(&local.mean);
-            st.var[c0..c0 + w].copy_from_slice(&local.var);
-            st.invstd[c0..c0 + w].copy_from_slice(&local.invstd);
-        }
-    } else {
-        let per: Vec<(T, f64, f64, f64)> = (0..d.c)
-            .into_par_iter()
-            .map(|c| {
-                let (sh, s1, s2) = channel_moments(x, d, c);
-                let (mean, m2) = moments_from_shifted(sh.as_f64(), s1, s2, m);
-                let var = m2 / m;
-                let invstd = 1.0 / (var + eps).sqrt();
-                let w = weight.map_or(1.0, |w| w[c].as_f64());
-                let bb = bias.map_or(0.0, |b| b[c].as_f64());
-                let s = w * invstd;
-                let delta = mean - sh.as_f64();
-                normalize_channel(
-                    x,
-                    yp,
-                    d,
-                    c,
-                    T::of_f64(s),
-                    T::of_f64(bb - delta * s),
-                    sh,
-                    relu,
-                );
-                (sh, mean, var, invstd)
-            })
-            .collect();
-        for (c, (sh, mean, var, invstd)) in per.into_iter().enumerate() {
-            st.shift[c] = sh;
-            st.mean[c] = mean;
-            st.var[c] = var;
-            st.invstd[c] = invstd;
-        }
+        return super::rows_kernels::train_forward(x, y, d, weight, bias, eps, relu);
     }
+    let per: Vec<(T, f64, f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (sh, s1, s2) = channel_moments(x, d, c);
+            let (mean, m2) = moments_from_shifted(sh.as_f64(), s1, s2, m);
+            let var = m2 / m;
+            let invstd = 1.0 / (var + eps).sqrt();
+            let w = weight.map_or(1.0, |w| w[c].as_f64());
+            let bb = bias.map_or(0.0, |b| b[c].as_f64());
+            let s = w * invstd;
+            let delta = mean - sh.as_f64();
+            normalize_channel(
+                x,
+                yp,
+                d,
+                c,
+                T::of_f64(s),
+                T::of_f64(bb - delta * s),
+                sh,
+                relu,
+            );
+            (sh, mean, var, invstd)
+        })
+        .collect();
+    for (c, (sh, mean, var, invstd)) in per.into_iter().enumerate() {
+        st.shift[c] = sh;
+        st.mean[c] = mean;
+        st.var[c] = var;
+        st.invstd[c] = invstd;
+    }
+
     st
 }
 
@@ -462,38 +354,21 @@ pub fn backward_sums<T: Real>(
         dot: vec![0.0; d.c],
     };
     if d.s == 1 {
-        let parts: Vec<_> = channel_blocks(d.c)
-            .into_par_iter()
-            .map(|(c0, c1)| {
-                let (s, b): (Vec<T>, Vec<T>) =
-                    (c0..c1).map(|c| st.channel_affine(c, weight, bias)).unzip();
-                (
-                    c0,
-                    block_backward_sums(x, dy, d, c0, &st.shift[c0..c1], &s, &b, relu),
-                )
-            })
-            .collect();
-        for (c0, (sd, dt)) in parts {
-            for i in 0..sd.len() {
-                let c = c0 + i;
-                out.sum_dy[c] = sd[i];
-                out.dot[c] = dt[i] - (st.mean[c] - st.shift[c].as_f64()) * sd[i];
-            }
-        }
-    } else {
-        let per: Vec<(f64, f64)> = (0..d.c)
-            .into_par_iter()
-            .map(|c| {
-                let (s, b) = st.channel_affine(c, weight, bias);
-                let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
-                (sd, dt - (st.mean[c] - st.shift[c].as_f64()) * sd)
-            })
-            .collect();
-        for (c, (sd, dt)) in per.into_iter().enumerate() {
-            out.sum_dy[c] = sd;
-            out.dot[c] = dt;
-        }
+        return super::rows_kernels::backward_sums(x, dy, d, st, weight, bias, relu);
     }
+    let per: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (s, b) = st.channel_affine(c, weight, bias);
+            let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
+            (sd, dt - (st.mean[c] - st.shift[c].as_f64()) * sd)
+        })
+        .collect();
+    for (c, (sd, dt)) in per.into_iter().enumerate() {
+        out.sum_dy[c] = sd;
+        out.dot[c] = dt;
+    }
+
     out
 }
 
@@ -519,38 +394,6 @@ fn channel_backward_sums<T: Real>(
         shift,
         relu.then_some((s, b)),
     )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn block_backward_sums<T: Real>(
-    x: &[T],
-    dy: &[T],
-    d: Ncs,
-    c0: usize,
-    sh: &[T],
-    s: &[T],
-    b: &[T],
-    relu: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let w = sh.len();
-    let z = T::zero();
-    let mut s1 = vec![0.0f64; w];
-    let mut s2 = vec![0.0f64; w];
-    for n in 0..d.n {
-        let off = n * d.c + c0;
-        let (xr, gr) = (&x[off..off + w], &dy[off..off + w]);
-        for i in 0..w {
-            let dv = xr[i] - sh[i];
-            let g = if relu && !(dv * s[i] + b[i] > z) {
-                z
-            } else {
-                gr[i]
-            };
-            s1[i] += g.as_f64();
-            s2[i] += g.as_f64() * dv.as_f64();
-        }
-    }
-    (s1, s2)
 }
 
 /// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3.
@@ -586,19 +429,16 @@ pub fn backward_dx<T: Real>(
     relu: bool,
 ) {
     assert_eq!(dx.len(), d.numel(), "dx buffer size");
+    if d.s == 1 {
+        return super::rows_kernels::backward_dx(x, dy, dx, d, st, sums, count, weight, bias, relu);
+    }
     let dxp = SyncPtr(dx.as_mut_ptr());
     let count = count as f64;
-    if d.s == 1 {
-        channel_blocks(d.c).into_par_iter().for_each(|(c0, c1)| {
-            block_dx(x, dy, dxp, d, c0, c1, st, sums, count, weight, bias, relu);
-        });
-    } else {
-        (0..d.c).into_par_iter().for_each(|c| {
-            let (k1, k2, k3) = dx_coefficients(st, c, sums, count, weight);
-            let (s, b) = st.channel_affine(c, weight, bias);
-            channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
-        });
-    }
+    (0..d.c).into_par_iter().for_each(|c| {
+        let (k1, k2, k3) = dx_coefficients(st, c, sums, count, weight);
+        let (s, b) = st.channel_affine(c, weight, bias);
+        channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
+    });
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -630,47 +470,6 @@ fn channel_dx<T: Real>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn block_dx<T: Real>(
-    x: &[T],
-    dy: &[T],
-    dx: SyncPtr<T>,
-    d: Ncs,
-    c0: usize,
-    c1: usize,
-    st: &BatchStats<T>,
-    sums: &BackwardSums,
-    count: f64,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    relu: bool,
-) {
-    let w = c1 - c0;
-    let z = T::zero();
-    let mut k = Vec::with_capacity(w);
-    let mut sb = Vec::with_capacity(w);
-    for c in c0..c1 {
-        k.push(dx_coefficients(st, c, sums, count, weight));
-        sb.push(st.channel_affine(c, weight, bias));
-    }
-    let sh = &st.shift[c0..c1];
-    for n in 0..d.n {
-        let off = n * d.c + c0;
-        // SAFETY: each task owns columns [c0, c1) of every row.
-        let out = unsafe { dx.slice(off, w) };
-        let (xr, gr) = (&x[off..off + w], &dy[off..off + w]);
-        for i in 0..w {
-            let dv = xr[i] - sh[i];
-            let g = if relu && !(dv * sb[i].0 + sb[i].1 > z) {
-                z
-            } else {
-                gr[i]
-            };
-            out[i] = g * k[i].0 + dv * k[i].1 + k[i].2;
-        }
-    }
-}
-
 /// Fused training backward: per channel the two reductions, then dx while the channel is hot in cache.
 /// Returns the sums (dweight = dot·invstd, dbias = sum_dy).
 #[allow(clippy::too_many_arguments)]
@@ -686,8 +485,8 @@ pub fn train_backward<T: Real>(
 ) -> BackwardSums {
     assert_eq!(dx.len(), d.numel(), "dx buffer size");
     if d.s == 1 {
-        let sums = backward_sums(x, dy, d, st, weight, bias, relu);
-        backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
+        let sums = super::rows_kernels::backward_sums(x, dy, d, st, weight, bias, relu);
+        super::rows_kernels::backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
         return sums;
     }
     let dxp = SyncPtr(dx.as_mut_ptr());
@@ -739,39 +538,7 @@ pub fn eval_backward<T: Real>(
     assert_eq!(dx.len(), d.numel(), "dx buffer size");
     let dxp = SyncPtr(dx.as_mut_ptr());
     if d.s == 1 {
-        let z = T::zero();
-        let parts: Vec<_> = channel_blocks(d.c)
-            .into_par_iter()
-            .map(|(c0, c1)| {
-                let w = c1 - c0;
-                let mut s1 = vec![0.0f64; w];
-                let mut s2 = vec![0.0f64; w];
-                for n in 0..d.n {
-                    let off = n * d.c + c0;
-                    // SAFETY: each task owns columns [c0, c1).
-                    let out = unsafe { dxp.slice(off, w) };
-                    for i in 0..w {
-                        let (xv, g) = (x[off + i], dy[off + i]);
-                        let g = if relu && !(xv * a[c0 + i] + b[c0 + i] > z) {
-                            z
-                        } else {
-                            g
-                        };
-                        out[i] = g * a[c0 + i];
-                        s1[i] += g.as_f64();
-                        s2[i] += g.as_f64() * xv.as_f64();
-                    }
-                }
-                (c0, s1, s2)
-            })
-            .collect();
-        let mut sd = vec![0.0; d.c];
-        let mut sx = vec![0.0; d.c];
-        for (c0, s1, s2) in parts {
-            sd[c0..c0 + s1.len()].copy_from_slice(&s1);
-            sx[c0..c0 + s2.len()].copy_from_slice(&s2);
-        }
-        return (sd, sx);
+        return super::rows_kernels::eval_backward(x, dy, dx, d, a, b, relu);
     }
     let per: Vec<(f64, f64)> = (0..d.c)
         .into_par_iter()

@@ -18,6 +18,7 @@ pub mod group_kernels;
 pub mod instance;
 pub mod lanes;
 pub mod layer;
+pub mod rows_kernels;
 pub mod simd;
 
 pub use batch::{BatchNorm, BatchNormConfig, Convention};
