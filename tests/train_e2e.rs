@@ -15,7 +15,7 @@ use normvision::optim::schedule::Schedule;
 use normvision::optim::sgd::SgdConfig;
 use normvision::optim::{LrSchedule, OptimConfig};
 use normvision::state::{StateTensor, Stateful};
-use normvision::train::{self, checkpoint, RunOptions, TrainConfig, TrainReport};
+use normvision::train::{self, checkpoint, RunOptions, TrainConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
@@ -80,7 +80,9 @@ fn synthetic(n: usize, seed: u64) -> Dataset {
 
 /// Fashion-MNIST when installed, otherwise synthetic data (the train/test limits of the config apply either way).
 fn small_data() -> (Pair, &'static str) {
-    match fashion() {
+    // NV_TEST_SYNTHETIC=1 exercises the fallback even where Fashion-MNIST is installed.
+    let force = std::env::var_os("NV_TEST_SYNTHETIC").is_some_and(|v| v == "1");
+    match if force { None } else { fashion() } {
         Some(p) => (p, "fashion-mnist"),
         None => (
             (Arc::new(synthetic(1200, 1)), Arc::new(synthetic(300, 2))),
@@ -104,9 +106,10 @@ fn opts_with_checkpoint(path: &Path) -> RunOptions {
 // end to end on Fashion-MNIST
 // ------------------------------------------------------------------------------------------------
 
-/// Test accuracy the 150-step run must beat. Measured: see the report in the run's stderr (`--nocapture`);
-/// 10 classes, so chance is 10%.
-const ACC_FLOOR: f64 = 0.72;
+/// Test accuracy the 150-step run must reach (chance is 10%). Measured 85.6% (82.6%, 85.4%, 85.6% after
+/// epochs 1-3; 85.5% before a kernel change: the run is deterministic for given kernels, and the floor leaves
+/// room for rounding-level changes in them). Mean loss: 0.95 over the first 20 steps, 0.25 over the last 20.
+const ACC_FLOOR: f64 = 0.80;
 
 #[test]
 fn fashion_mnist_cnn_batchnorm_learns() {
@@ -157,7 +160,12 @@ fn fashion_mnist_cnn_batchnorm_learns() {
             .collect::<Vec<_>>()
     );
     assert!(
-        first > 1.0 && last < 0.5 * first,
+        r.losses[0] > 1.5,
+        "first loss {} (chance is ln 10 = 2.30)",
+        r.losses[0]
+    );
+    assert!(
+        last < 0.5 * first,
         "loss did not fall enough: first 20 steps {first:.4}, last 20 {last:.4}"
     );
     assert_eq!(accs.len(), 3);
@@ -360,11 +368,12 @@ fn resume_mlp_adamw_schedule_augment_is_exact() {
 }
 
 #[test]
-fn resume_mlp_dropout_is_exact() {
-    // Dropout masks come from the layer's own RNG, which must continue where it stopped.
-    let mut cfg = small(ModelKind::Mlp, NormKind::Batch, 640, 64, 2);
+fn resume_cnn_dropout_is_exact() {
+    // Dropout masks come from the layer's own RNG, which must continue where it stopped. (Only the CNN and the
+    // ResNet have a dropout layer; the MLP ignores `dropout`.)
+    let mut cfg = small(ModelKind::Cnn, NormKind::Batch, 160, 32, 2);
     cfg.model.dropout = 0.3;
-    check_resume("mlp+bn dropout", &cfg, 15, 6);
+    check_resume("cnn+bn dropout", &cfg, 8, 3);
 }
 
 #[test]
@@ -460,6 +469,108 @@ fn plain_cnn_at_huge_lr_diverges_and_keeps_the_last_good_checkpoint() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names, ["plain.safetensors"]);
+}
+
+/// With one batch per epoch, every step is followed by an evaluation and a checkpoint: the weights that blow
+/// up must be caught there (as a divergence in the report, not an error) and never saved.
+#[test]
+fn divergence_caught_at_epoch_end_evaluation() {
+    let ((train_ds, test_ds), source) = small_data();
+    let mut cfg = small(ModelKind::Cnn, NormKind::None, 32, 32, 1);
+    cfg.test_limit = 50;
+    cfg.divergence_window = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("plain.safetensors");
+    train::train(
+        &cfg,
+        Arc::clone(&train_ds),
+        Arc::clone(&test_ds),
+        opts_with_checkpoint(&ck),
+    )
+    .unwrap();
+    let mut c = checkpoint::load(&ck).unwrap();
+    let lr = 50.0;
+    c.config.optim = OptimConfig::Sgd(SgdConfig {
+        lr,
+        momentum: 0.9,
+        ..SgdConfig::default()
+    });
+    c.config.schedule = LrSchedule::constant(lr);
+    let mut cont = cfg.clone();
+    cont.epochs = 40;
+    let bad = train::train(
+        &cont,
+        Arc::clone(&train_ds),
+        Arc::clone(&test_ds),
+        RunOptions {
+            checkpoint: Some(ck.clone()),
+            resume: Some(c),
+            ..RunOptions::default()
+        },
+    )
+    .expect("a divergence is a report, not an error");
+    let why = bad.diverged.clone().expect("must diverge");
+    eprintln!(
+        "one batch per epoch ({source}): diverged after {} steps: {why}; losses {:?}",
+        bad.steps,
+        bad.losses
+            .iter()
+            .map(|l| format!("{l:.3e}"))
+            .collect::<Vec<_>>()
+    );
+    assert!(bad.steps < 40);
+    // Whatever was saved before the divergence loads and holds finite weights.
+    let c = checkpoint::load(&ck).unwrap();
+    assert!(c.position.step <= bad.steps);
+    let mut m = checkpoint::restore_model(&c).unwrap();
+    let mut finite = true;
+    m.visit_params("", &mut |_, p| {
+        finite &= p.value.iter().all(|v| v.is_finite())
+    });
+    assert!(finite, "a checkpoint with non-finite weights was saved");
+}
+
+/// A plain CNN at lr 1 on Fashion-MNIST blows up, recovers to finite losses, and settles at chance level: the
+/// run is declared diverged at an end-of-epoch evaluation, and that epoch's state is not saved.
+#[test]
+fn chance_level_epoch_is_diverged_and_not_saved() {
+    let Some((train_ds, test_ds)) = fashion() else {
+        eprintln!(
+            "SKIPPED chance_level_epoch_is_diverged_and_not_saved: Fashion-MNIST is not installed"
+        );
+        return;
+    };
+    let mut cfg = small(ModelKind::Cnn, NormKind::None, 128, 32, 10);
+    cfg.test_limit = 50;
+    cfg.divergence_window = 5;
+    let lr = 1.0;
+    cfg.optim = OptimConfig::Sgd(SgdConfig {
+        lr,
+        momentum: 0.9,
+        ..SgdConfig::default()
+    });
+    cfg.schedule = LrSchedule::constant(lr);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("plain.safetensors");
+    let r = train::train(&cfg, train_ds, test_ds, opts_with_checkpoint(&ck)).unwrap();
+    let why = r.diverged.clone().expect("must diverge");
+    eprintln!(
+        "lr {lr}: diverged after {} steps: {why}; epoch accs {:?}",
+        r.steps,
+        r.epoch_accs()
+    );
+    assert!(r.steps < 40);
+    if why.contains("chance level") {
+        // the epoch declared diverged was evaluated but not checkpointed
+        let c = checkpoint::load(&ck).unwrap();
+        assert!(
+            c.position.step < r.steps,
+            "checkpoint at step {} = the diverged state",
+            c.position.step
+        );
+    } else if ck.exists() {
+        checkpoint::load(&ck).unwrap();
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -563,6 +674,75 @@ fn cli_checkpoint(root: &Path) -> (PathBuf, PathBuf) {
     assert_ok("train on synthetic IDX", &o);
     assert!(ck.is_file());
     (data, ck)
+}
+
+/// `train --max-steps k` then `train --resume` to N gives the losses of one `train --max-steps N` run.
+#[test]
+fn cli_resume_matches_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_idx_dir(&data, 200, 40);
+    let losses = |o: &Output| -> Vec<f64> {
+        let v: serde_json::Value = serde_json::from_str(stdout(o).trim()).unwrap();
+        v["report"]["losses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_f64().unwrap())
+            .collect()
+    };
+    let common = [
+        "train",
+        "--data",
+        s(&data),
+        "--model",
+        "mlp",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--train-limit",
+        "150",
+        "--lr",
+        "0.1",
+        "--seed",
+        "5",
+        "--json",
+    ];
+    let a_ck = dir.path().join("a.safetensors");
+    let o = nv(&[&common[..], &["--max-steps", "12", "--out", s(&a_ck)]].concat());
+    assert_ok("uninterrupted", &o);
+    let a = losses(&o);
+    assert_eq!(a.len(), 12);
+
+    let b_ck = dir.path().join("b.safetensors");
+    let o = nv(&[&common[..], &["--max-steps", "7", "--out", s(&b_ck)]].concat());
+    assert_ok("first part", &o);
+    let mut b = losses(&o);
+    // Resume with only the step budget: model, data limit, lr and seed come from the checkpoint.
+    let o = nv(&[
+        "train",
+        "--data",
+        s(&data),
+        "--epochs",
+        "3",
+        "--max-steps",
+        "12",
+        "--json",
+        "--resume",
+        s(&b_ck),
+        "--out",
+        s(&b_ck),
+    ]);
+    assert_ok("resumed part", &o);
+    b.extend(losses(&o));
+    assert_eq!(bits(&b), bits(&a), "resumed {b:?}\nuninterrupted {a:?}");
+    let (ca, cb) = (
+        checkpoint::load(&a_ck).unwrap(),
+        checkpoint::load(&b_ck).unwrap(),
+    );
+    assert_eq!(ca.position, cb.position);
+    assert!(ca.model_state == cb.model_state && ca.optim_state == cb.optim_state);
 }
 
 #[test]
@@ -921,9 +1101,4 @@ fn write_atomic_replaces_and_leaves_no_temp_file() {
         assert_eq!(checkpoint::load(&ck).unwrap().position.step, step);
         assert_eq!(listing(&dir.path().join("ck")), ["model.safetensors"]);
     }
-}
-
-#[allow(dead_code)]
-fn _report_is_serializable(r: &TrainReport) -> String {
-    serde_json::to_string(r).unwrap()
 }

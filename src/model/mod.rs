@@ -24,6 +24,8 @@ use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Result};
 use ndarray::ArrayD;
 use rand::SeedableRng;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Which network to build.
 #[derive(
@@ -92,6 +94,63 @@ impl ModelConfig {
 pub struct Model {
     pub cfg: ModelConfig,
     pub net: Sequential,
+    /// The training step set by [`Model::begin_step`], shared with the model's dropout layers.
+    step: Arc<AtomicU64>,
+}
+
+/// `step` value meaning "no step announced": dropout then draws from its RNG sequentially.
+const NO_STEP: u64 = u64::MAX;
+
+/// Dropout whose mask RNG is a pure function of `(seed, training step)` once the trainer announces steps with
+/// [`Model::begin_step`], so a run resumed from a checkpoint (which saves the position, not RNG states) draws
+/// exactly the masks the uninterrupted run drew. Without announced steps it behaves like plain [`Dropout`].
+struct StepDropout {
+    inner: Dropout<f32>,
+    seed: u64,
+    step: Arc<AtomicU64>,
+    seeded_for: u64,
+}
+
+impl StepDropout {
+    fn new(p: f64, seed: u64, step: Arc<AtomicU64>) -> Result<Self> {
+        Ok(StepDropout {
+            inner: Dropout::new(p, seed)?,
+            seed,
+            step,
+            seeded_for: NO_STEP,
+        })
+    }
+}
+
+impl Layer<f32> for StepDropout {
+    fn forward(&mut self, x: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        let step = self.step.load(Ordering::Relaxed);
+        if mode.is_train() && step != NO_STEP && step != self.seeded_for {
+            // stream u64::MAX: unrelated to the data loader's streams (0 = shuffle, 1 + i = augmentation)
+            self.inner
+                .set_rng_state(crate::data::loader::derive_rng(self.seed, step, u64::MAX));
+            self.seeded_for = step;
+        }
+        self.inner.forward(x, mode)
+    }
+    fn backward(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
+        self.inner.backward(x, dy, mode)
+    }
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}
+
+impl Stateful<f32> for StepDropout {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        self.inner.save_state(prefix, sd)
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        self.inner.load_state(prefix, sd)
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<f32>)) {
+        self.inner.visit_params(prefix, f)
+    }
 }
 
 fn push_norm_relu(
@@ -123,12 +182,20 @@ fn push_norm_relu(
 impl Model {
     pub fn new(cfg: ModelConfig) -> Result<Self> {
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(cfg.seed);
+        let step = Arc::new(AtomicU64::new(NO_STEP));
         let net = match cfg.kind {
-            ModelKind::Cnn => Self::cnn(&cfg, &mut rng)?,
+            ModelKind::Cnn => Self::cnn(&cfg, &mut rng, &step)?,
             ModelKind::Mlp => Self::mlp(&cfg, &mut rng)?,
-            ModelKind::Resnet => Self::resnet(&cfg, &mut rng)?,
+            ModelKind::Resnet => Self::resnet(&cfg, &mut rng, &step)?,
         };
-        Ok(Model { cfg, net })
+        Ok(Model { cfg, net, step })
+    }
+
+    /// Announces that the next training forward belongs to optimizer step `step` (0-based). Layers with their
+    /// own randomness (dropout) then draw from an RNG derived from `(seed, step)`, so every random draw of a run
+    /// is fixed by the seed and the position, and a resumed run repeats the uninterrupted one exactly.
+    pub fn begin_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
     }
 
     fn conv(
@@ -158,7 +225,11 @@ impl Model {
         Ok(Box::new(l))
     }
 
-    fn cnn(cfg: &ModelConfig, rng: &mut impl rand::Rng) -> Result<Sequential> {
+    fn cnn(
+        cfg: &ModelConfig,
+        rng: &mut impl rand::Rng,
+        step: &Arc<AtomicU64>,
+    ) -> Result<Sequential> {
         if cfg.height % 4 != 0 || cfg.width % 4 != 0 {
             return Err(NvError::Config(format!(
                 "cnn needs H and W divisible by 4, got {}x{}",
@@ -199,7 +270,11 @@ impl Model {
         if cfg.dropout > 0.0 {
             s.push(
                 i.to_string(),
-                Box::new(Dropout::new(cfg.dropout, cfg.seed ^ 0xD50)?),
+                Box::new(StepDropout::new(
+                    cfg.dropout,
+                    cfg.seed ^ 0xD50,
+                    Arc::clone(step),
+                )?),
             );
             i += 1;
         }
@@ -238,7 +313,11 @@ impl Model {
         Ok(s)
     }
 
-    fn resnet(cfg: &ModelConfig, rng: &mut impl rand::Rng) -> Result<Sequential> {
+    fn resnet(
+        cfg: &ModelConfig,
+        rng: &mut impl rand::Rng,
+        step: &Arc<AtomicU64>,
+    ) -> Result<Sequential> {
         let bias = cfg.norm.wants_bias_before();
         let mut s = Sequential::new();
         s.push(
@@ -267,7 +346,11 @@ impl Model {
         if cfg.dropout > 0.0 {
             s.push(
                 "dropout",
-                Box::new(Dropout::new(cfg.dropout, cfg.seed ^ 0xD50)?),
+                Box::new(StepDropout::new(
+                    cfg.dropout,
+                    cfg.seed ^ 0xD50,
+                    Arc::clone(step),
+                )?),
             );
         }
         s.push(

@@ -88,6 +88,38 @@ pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
     Ok((correct as f64 / n as f64, loss_sum / n as f64))
 }
 
+/// The name of the first parameter holding a NaN or an infinity, if any.
+fn non_finite_param(model: &mut Model) -> Option<String> {
+    let mut bad = None;
+    model.visit_params("", &mut |name, p| {
+        if bad.is_none() && p.value.iter().any(|v| !v.is_finite()) {
+            bad = Some(name.to_string());
+        }
+    });
+    bad
+}
+
+/// [`evaluate`] during training: non-finite parameters or outputs (a diverged model) are `Ok(Err(reason))`,
+/// so the run reports a divergence instead of failing.
+fn evaluate_checked(
+    model: &mut Model,
+    loader: &DataLoader,
+    step: u64,
+) -> Result<std::result::Result<(f64, f64), String>> {
+    if let Some(p) = non_finite_param(model) {
+        return Ok(Err(format!(
+            "non-finite values in parameter {p} after step {step}"
+        )));
+    }
+    match evaluate(model, loader) {
+        Ok(v) => Ok(Ok(v)),
+        Err(NvError::NonFinite(msg)) => Ok(Err(format!(
+            "non-finite values when evaluating after step {step} ({msg})"
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
 fn limit(ds: Arc<Dataset>, k: usize) -> Result<Arc<Dataset>> {
     if k == 0 || k >= ds.len() {
         Ok(ds)
@@ -206,6 +238,7 @@ pub fn train(
                 opt.set_momentum(m);
             }
             model.zero_grad();
+            model.begin_step(pos.step);
             let xd = x.into_dyn();
             let step_result = (|| -> Result<(f64, usize)> {
                 let logits = model.forward(&xd, Mode::Train)?;
@@ -271,7 +304,13 @@ pub fn train(
                 }
             }
             if cfg.eval_every_steps.is_some_and(|k| pos.step % k == 0) {
-                let (acc, tl) = evaluate(&mut model, &test_loader)?;
+                let (acc, tl) = match evaluate_checked(&mut model, &test_loader, pos.step)? {
+                    Ok(v) => v,
+                    Err(why) => {
+                        report.diverged = Some(why);
+                        break 'epochs;
+                    }
+                };
                 last_acc = Some(acc);
                 let p = EvalPoint {
                     step: pos.step,
@@ -299,7 +338,13 @@ pub fn train(
         if epoch_done {
             pos.epoch += 1;
             pos.batch = 0;
-            let (acc, tl) = evaluate(&mut model, &test_loader)?;
+            let (acc, tl) = match evaluate_checked(&mut model, &test_loader, pos.step)? {
+                Ok(v) => v,
+                Err(why) => {
+                    report.diverged = Some(why);
+                    break 'epochs;
+                }
+            };
             last_acc = Some(acc);
             let p = EvalPoint {
                 step: pos.step,
@@ -312,14 +357,8 @@ pub fn train(
             (since_eval_loss, since_eval_n) = (0.0, 0);
             log.write(&json!({"event": "eval", "eval": p, "train_acc": ep_correct as f64 / ep_seen.max(1) as f64}))?;
             report.evals.push(p);
-            if let Some(path) = &opts.checkpoint {
-                checkpoint::save(path, cfg, &norm, pos, &model, opt.as_ref(), Some(acc))?;
-            }
-            if cfg.target_acc.is_some_and(|t| acc >= t) {
-                report.reached_target_at = Some(pos.step);
-                break;
-            }
-            // Evaluation at chance after a full epoch is divergence too.
+            // Evaluation at chance after a full epoch is divergence too (checked before saving, so the last good
+            // checkpoint is kept).
             if cfg.divergence_window > 0
                 && acc <= 1.0 / classes + 0.005
                 && pos.step >= 2 * cfg.divergence_window
@@ -329,6 +368,13 @@ pub fn train(
                     acc * 100.0,
                     pos.epoch
                 ));
+                break;
+            }
+            if let Some(path) = &opts.checkpoint {
+                checkpoint::save(path, cfg, &norm, pos, &model, opt.as_ref(), Some(acc))?;
+            }
+            if cfg.target_acc.is_some_and(|t| acc >= t) {
+                report.reached_target_at = Some(pos.step);
                 break;
             }
         }
@@ -343,6 +389,15 @@ pub fn train(
         0.0
     };
     report.final_test_acc = report.evals.last().map(|e| e.test_acc);
+    // The last update can leave NaN/inf weights behind a finite loss: never save those as a checkpoint.
+    if report.diverged.is_none() {
+        if let Some(p) = non_finite_param(&mut model) {
+            report.diverged = Some(format!(
+                "non-finite values in parameter {p} after step {}",
+                pos.step
+            ));
+        }
+    }
     match &report.diverged {
         Some(why) => {
             log.write(&json!({"event": "diverged", "step": pos.step, "reason": why}))?;
