@@ -14,6 +14,7 @@ pub mod norm;
 pub mod optim;
 pub mod param;
 pub mod real;
+pub mod runtime;
 pub mod state;
 pub mod train;
 

@@ -243,6 +243,7 @@ fn run(cli: Cli) -> normvision::Result<()> {
 }
 
 fn main() -> ExitCode {
+    normvision::runtime::tune_allocator();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
