@@ -3,9 +3,9 @@
 //! and with the `gemm` crate under both thread strategies, plus max pooling.
 //!
 //!     cargo bench --bench nn_layers                              # release profile
-//!     cargo test --test nn_timing -- --ignored --nocapture        # same code, test profile (opt-level 2)
 //!
-//! Environment: `NV_BENCH_REPS` (default 10) timed repetitions after 2 warm-up calls; the table shows the
+//! Environment: `NV_BENCH_SPLITS` (default `avx512,Batch,Gemm`) selects the variants, `NV_BENCH_REPS`
+//! (default 10) the timed repetitions after 2 warm-up calls; the table shows the
 //! minimum and the median in milliseconds per call, and GFLOP/s of the minimum (2·MACs of the GEMMs).
 
 use ndarray::{ArrayD, IxDyn};
@@ -43,6 +43,11 @@ pub fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    let splits: Vec<String> = std::env::var("NV_BENCH_SPLITS")
+        .unwrap_or_else(|_| "avx512,Batch,Gemm".into())
+        .split(',')
+        .map(|s| s.to_string())
+        .collect();
     println!(
         "rayon threads: {}, batch {BATCH}, {reps} reps",
         rayon::current_num_threads()
@@ -60,6 +65,9 @@ pub fn main() {
             ("Batch", ConvParallel::Batch, false),
             ("Gemm", ConvParallel::Gemm, false),
         ] {
+            if !splits.iter().any(|s| s == split) {
+                continue;
+            }
             let mut conv = Conv2dConfig::new(ci, co, 3)
                 .padding(1)
                 .build::<f32>(&mut rand_pcg::Pcg64Mcg::seed_from_u64(3))

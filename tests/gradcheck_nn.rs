@@ -213,6 +213,21 @@ fn conv2d_gradients() {
             Conv2dConfig::new(2, 3, 3).stride(2).padding(1),
             [5, 2, 5, 5],
         ),
+        (
+            "padded input smaller than kernel",
+            Conv2dConfig::new(2, 3, 3).padding(1),
+            [2, 2, 1, 2],
+        ),
+        (
+            "k5 pad2 on 2x3",
+            Conv2dConfig::new(2, 2, 5).padding(2),
+            [1, 2, 2, 3],
+        ),
+        (
+            "1x1 input pad1",
+            Conv2dConfig::new(1, 2, 3).padding(1),
+            [2, 1, 1, 1],
+        ),
     ];
     for (i, (what, cfg, shape)) in cases.into_iter().enumerate() {
         let mut bias_names = vec!["weight"];
@@ -722,6 +737,21 @@ fn conv2d_f32_fast_path_matches_f64() {
         (
             Conv2dConfig::new(16, 16, 3).padding(1).groups(16),
             [2, 16, 6, 6],
+        ),
+        (Conv2dConfig::new(3, 9, 5).padding(2), [2, 3, 2, 3]),
+        (
+            Conv2dConfig::new(3, 9, 3).padding((1, 2)).dilation((1, 2)),
+            [2, 3, 5, 4],
+        ),
+        // 8 or more channels per group: dx through the implicit full convolution too
+        (Conv2dConfig::new(12, 10, 3).padding(1), [3, 12, 7, 9]),
+        (
+            Conv2dConfig::new(16, 6, 3).padding(2).dilation(2).groups(2),
+            [2, 16, 6, 5],
+        ),
+        (
+            Conv2dConfig::new(9, 20, (5, 3)).padding((2, 1)).bias(false),
+            [2, 9, 4, 6],
         ),
     ];
     for (i, (cfg, shape)) in cases.into_iter().enumerate() {

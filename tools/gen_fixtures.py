@@ -410,12 +410,168 @@ def norm_cases() -> List[StepCase]:
 
 
 # --------------------------------------------------------------------------------------
+# nn family: conv, linear, pooling, activations, cross-entropy (one forward + backward each)
+# --------------------------------------------------------------------------------------
+#
+# Layout of a "layer" fixture (see tests/fixtures/nn/README.md):
+#
+#     __metadata__["meta"] = JSON {"layer", "config", "input_shape", "output_shape", "torch_module", "torch_version"}
+#     init.<param>   parameters as initialised by PyTorch's default reset_parameters() (seeded)
+#     x, dy          input ~ randn and upstream gradient ~ randn (shaped like y)
+#     y              forward output
+#     dx             d/dx of (y * dy).sum()
+#     grad.<param>   gradient of each parameter
+#
+# A "loss" fixture (cross_entropy) holds logits (N, K) float32, target (N,) int64, loss (shape [])
+# = F.cross_entropy(logits, target, label_smoothing=...) with mean reduction, dlogits = d loss / d logits,
+# and pred (N,) int64 = logits.argmax(1).
+
+
+class GlobalAvgPool(nn.Module):
+    """(N, C, H, W) -> (N, C): adaptive_avg_pool2d(x, 1).flatten(1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+@dataclass
+class LayerCase:
+    name: str
+    layer: str
+    config: dict
+    build: Callable[[], nn.Module]
+    shape: Tuple[int, ...]
+    input_scale: float = 1.0
+
+    def generate(self) -> Tuple[Dict[str, np.ndarray], dict]:
+        torch.manual_seed(case_seed(self.name))
+        module = self.build()  # PyTorch's default initialisation, from the seeded generator
+        params = dict(module.named_parameters())
+        x = (torch.randn(*self.shape) * self.input_scale).requires_grad_()
+        y = module(x)
+        dy = torch.randn(*y.shape)
+        (y * dy).sum().backward()
+        t: Dict[str, torch.Tensor] = {"x": x.detach(), "dy": dy, "y": y.detach(), "dx": x.grad}
+        for n, p in params.items():
+            t[f"init.{n}"] = p.detach()
+            t[f"grad.{n}"] = p.grad
+        meta = {
+            "layer": self.layer,
+            "config": self.config,
+            "input_shape": list(self.shape),
+            "output_shape": list(y.shape),
+            "torch_module": type(module).__name__,
+            "torch_version": torch.__version__,
+        }
+        meta = json.loads(json.dumps(meta))  # tuples (kernel_size=(3, 2)) become lists, as read back
+        return {k: to_numpy(v) for k, v in t.items()}, meta
+
+
+@dataclass
+class LossCase:
+    name: str
+    n: int
+    k: int
+    label_smoothing: float = 0.0
+    scale: float = 1.0
+
+    def generate(self) -> Tuple[Dict[str, np.ndarray], dict]:
+        torch.manual_seed(case_seed(self.name))
+        logits = (torch.randn(self.n, self.k) * self.scale).requires_grad_()
+        target = torch.randint(0, self.k, (self.n,))
+        loss = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+        loss.backward()
+        t = {
+            "logits": logits.detach(),
+            "target": target,
+            "loss": loss.detach(),
+            "dlogits": logits.grad,
+            "pred": logits.detach().argmax(1),
+        }
+        meta = {
+            "layer": "cross_entropy",
+            "config": {"label_smoothing": self.label_smoothing, "reduction": "mean"},
+            "input_shape": [self.n, self.k],
+            "torch_module": "CrossEntropyLoss",
+            "torch_version": torch.__version__,
+        }
+        return {k: to_numpy(v) for k, v in t.items()}, meta
+
+
+def conv_case(name, shape, in_channels, out_channels, kernel_size, **kw) -> LayerCase:
+    cfg = {"in_channels": in_channels, "out_channels": out_channels, "kernel_size": kernel_size,
+           "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": True}
+    cfg.update(kw)
+    return LayerCase(name, "conv2d", cfg, lambda: nn.Conv2d(**cfg), tuple(shape))
+
+
+def linear_case(name, shape, in_features, out_features, bias=True) -> LayerCase:
+    cfg = {"in_features": in_features, "out_features": out_features, "bias": bias}
+    return LayerCase(name, "linear", cfg, lambda: nn.Linear(**cfg), tuple(shape))
+
+
+def maxpool_case(name, shape, kernel_size, **kw) -> LayerCase:
+    cfg = {"kernel_size": kernel_size, "stride": None, "padding": 0, "dilation": 1, "ceil_mode": False}
+    cfg.update(kw)
+    return LayerCase(name, "max_pool2d", cfg, lambda: nn.MaxPool2d(**cfg), tuple(shape))
+
+
+def avgpool_case(name, shape, kernel_size, **kw) -> LayerCase:
+    cfg = {"kernel_size": kernel_size, "stride": None, "padding": 0, "ceil_mode": False,
+           "count_include_pad": True, "divisor_override": None}
+    cfg.update(kw)
+    return LayerCase(name, "avg_pool2d", cfg, lambda: nn.AvgPool2d(**cfg), tuple(shape))
+
+
+def nn_cases() -> list:
+    return [
+        # conv2d (PyTorch default init; kernel_size/stride/padding/dilation as int or [h, w])
+        conv_case("conv_3x3_pad1", (2, 3, 6, 5), 3, 4, 3, padding=1),
+        conv_case("conv_k3x2_stride2_pad1", (2, 3, 7, 6), 3, 4, (3, 2), stride=2, padding=1),
+        conv_case("conv_dilation2_pad2", (2, 2, 7, 8), 2, 3, 3, padding=2, dilation=2),
+        conv_case("conv_groups2_no_bias", (2, 4, 5, 5), 4, 6, 3, padding=1, groups=2, bias=False),
+        conv_case("conv_depthwise", (2, 4, 5, 6), 4, 4, 3, padding=1, groups=4),
+        conv_case("conv_1x1", (2, 8, 4, 3), 8, 5, 1),
+        conv_case("conv_mixed_k2x3_s2x1_p0x2_d1x2_g2", (3, 4, 6, 5), 4, 6, (2, 3), stride=(2, 1),
+                  padding=(0, 2), dilation=(1, 2), groups=2),
+        conv_case("conv_1to32_8x8", (2, 1, 8, 8), 1, 32, 3, padding=1),
+        conv_case("conv_32to16_5x5", (2, 32, 5, 5), 32, 16, 3, padding=1),
+        # linear
+        linear_case("linear_5to3", (4, 5), 5, 3),
+        linear_case("linear_rank3_no_bias", (2, 3, 7), 7, 4, bias=False),
+        linear_case("linear_64to10", (8, 64), 64, 10),
+        # pooling
+        maxpool_case("maxpool_k2", (2, 3, 6, 5), 2),
+        maxpool_case("maxpool_k3_s2_p1", (2, 3, 7, 6), 3, stride=2, padding=1),
+        maxpool_case("maxpool_k2_s1_d2", (2, 2, 6, 6), 2, stride=1, dilation=2),
+        maxpool_case("maxpool_k2_ceil", (2, 2, 7, 7), 2, ceil_mode=True),
+        avgpool_case("avgpool_k2", (2, 3, 6, 5), 2),
+        avgpool_case("avgpool_k3_s2_p1", (2, 3, 7, 6), 3, stride=2, padding=1),
+        avgpool_case("avgpool_k3_s2_p1_exclude_pad", (2, 3, 7, 6), 3, stride=2, padding=1,
+                     count_include_pad=False),
+        avgpool_case("avgpool_k2_ceil", (2, 2, 7, 7), 2, ceil_mode=True),
+        avgpool_case("avgpool_k3_s2_p1_ceil", (2, 2, 6, 6), 3, stride=2, padding=1, ceil_mode=True),
+        avgpool_case("avgpool_k2x3_s1_divisor4", (2, 2, 5, 6), (2, 3), stride=1, divisor_override=4),
+        LayerCase("global_avg_pool", "global_avg_pool", {}, GlobalAvgPool, (2, 3, 4, 5)),
+        # activations
+        LayerCase("relu", "relu", {}, nn.ReLU, (2, 3, 4, 5)),
+        LayerCase("sigmoid", "sigmoid", {}, nn.Sigmoid, (2, 3, 4, 5), input_scale=4.0),
+        LayerCase("flatten", "flatten", {"start_dim": 1, "end_dim": -1}, nn.Flatten, (2, 3, 2, 2)),
+        # cross entropy (mean reduction)
+        LossCase("cross_entropy_8x5", 8, 5),
+        LossCase("cross_entropy_smooth0.1_8x5", 8, 5, label_smoothing=0.1),
+        LossCase("cross_entropy_smooth0.3_16x10", 16, 10, label_smoothing=0.3, scale=3.0),
+        LossCase("cross_entropy_large_logits_6x4", 6, 4, scale=40.0),
+    ]
+
+
+# --------------------------------------------------------------------------------------
 # Families and main
 # --------------------------------------------------------------------------------------
 
 FAMILIES: Dict[str, Callable[[], list]] = {
     "norm": norm_cases,
-    # "conv": conv_cases, "pool": pool_cases, "linear": linear_cases, "loss": loss_cases,
+    "nn": nn_cases,
     # "net": network_cases,  -- future families
 }
 

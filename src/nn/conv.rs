@@ -1,4 +1,4 @@
-//! 2-D convolution (`nn.Conv2d`) by im2col + GEMM, with a hand-written backward.
+//! 2-D convolution (`nn.Conv2d`) as GEMMs over column matrices, with a hand-written backward.
 //!
 //! | | PyTorch `nn.Conv2d` | here |
 //! |---|---|---|
@@ -9,20 +9,31 @@
 //! | padding mode | zeros (default) | zeros only |
 //! | init | kaiming_uniform(a=√5), bias U(±1/√fan_in) | same ([`Conv2dConfig::build`], [`Init::Default`]) |
 //! | input | (N, C, H, W) or (C, H, W) | (N, C, H, W) only |
+//! | errors | wrong rank / channels, kernel larger than the padded input, groups not dividing channels | same, as [`NvError`] values |
 //!
-//! Forward, per sample and group: `y = W · im2col(x) + b`. Backward: `dW += dy · colᵀ` (columns recomputed
-//! from `x`, never stored for the whole batch), `db += Σ dy`, `dx = col2im(Wᵀ · dy)`. A 1×1, stride-1, unpadded
-//! convolution skips im2col: the input itself is the column matrix.
+//! Per sample and group: forward `y = W · col(x) + b`; backward `dW += dy · col(x)ᵀ` (columns recomputed from
+//! `x`, never stored for the whole batch), `db += Σ dy`, `dx = col2im(Wᵀ · dy)`. Which code computes it:
 //!
-//! Threads: by default ([`ConvParallel::Batch`]) the batch is split into one contiguous chunk per rayon thread;
-//! each chunk owns an im2col workspace and a private dW/db accumulator (summed at the end), and its GEMMs run
-//! single-threaded. [`ConvParallel::Gemm`] instead walks the batch sequentially and lets each GEMM use all
-//! threads. The workspaces live in the layer and are reused between calls.
+//! | path | when | column matrix | kernels |
+//! |---|---|---|---|
+//! | implicit | f32, AVX-512F, [`ConvParallel::Batch`], stride 1 with "same" output size (3×3 pad 1, …) | never built: rows are shifted views of a zero-padded copy of the image; dx is the full convolution of padded dy with the flipped kernel (≥ 8 channels per group) | [`simd`] with row-offset tables |
+//! | explicit | f32, AVX-512F, `Batch`, any other geometry | im2col per sample into the workspace (1×1 stride-1 unpadded: the input itself) | [`simd`] |
+//! | generic | f64, no AVX-512F, `simd = false`, or [`ConvParallel::Gemm`] | as explicit | the `gemm` crate |
+//!
+//! The implicit products run over Q = (H−1)·(W+2p) + W columns (output (oh, ow) at column oh·(W+2p) + ow); the
+//! 2p columns per row that fall between image rows are computed and dropped (7 % extra work at 28×28, 13 % at
+//! 14×14), which costs less than writing and reading the column matrix.
+//!
+//! Threads: by default ([`ConvParallel::Batch`]) the batch is split into a few contiguous chunks per rayon thread
+//! (work stealing evens out a core slowed by other processes); each chunk owns its workspaces (column matrix,
+//! padded copies, a private dW/db accumulator summed at the end) and runs single-threaded GEMMs.
+//! [`ConvParallel::Gemm`] walks the batch sequentially and lets each GEMM use all threads (slower for the
+//! shapes of small-image CNNs; kept for comparison). Workspaces live in the layer and are reused between calls.
 
 use super::init::Init;
 use super::matmul::{matmul, Op, Par};
 use super::simd;
-use super::{check_nonempty, check_rank, IntoPair, Layer};
+use super::{check_nonempty, check_rank, sum_f64, IntoPair, Layer};
 use crate::norm::contiguous;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
@@ -119,6 +130,17 @@ impl Conv2dConfig {
     }
 }
 
+/// Layouts of the packed weights (see `Conv2d::pack_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pack {
+    Forward,
+    Transposed,
+    DataGrad,
+}
+
+/// Batch chunks per rayon thread under [`ConvParallel::Batch`].
+const CHUNKS_PER_THREAD: usize = 4;
+
 /// How [`Conv2d`] spreads its work over rayon's threads (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConvParallel {
@@ -134,6 +156,26 @@ struct Workspace<T> {
     col: Vec<T>,
     dw: Vec<T>,
     db: Vec<f64>,
+    /// Zero-bordered padded copies of x and dy for the implicit path, with the (planes, Hp, Wp) they were
+    /// zeroed for (only the interior is rewritten per sample).
+    xpad: Vec<T>,
+    xpad_key: (usize, usize, usize),
+    dypad: Vec<T>,
+    dypad_key: (usize, usize, usize),
+}
+
+/// Makes `buf` a zeroed (planes × hp × wp) buffer unless it already is one for that key (borders stay zero:
+/// only interiors are ever written).
+fn ensure_padded<T: Real>(
+    buf: &mut Vec<T>,
+    key: &mut (usize, usize, usize),
+    want: (usize, usize, usize),
+) {
+    if *key != want {
+        buf.clear();
+        buf.resize(want.0 * want.1 * want.2, T::zero());
+        *key = want;
+    }
 }
 
 /// The shapes of one call.
@@ -177,6 +219,26 @@ impl Geom {
     /// 1×1, stride 1, no padding: the input is its own column matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.sh == 1 && self.sw == 1 && self.ph == 0 && self.pw == 0
+    }
+    /// Stride 1, output the size of the input ("same" padding), not pointwise: the AVX-512 path reads the column
+    /// matrix as shifted rows of a zero-padded copy of the image ([`implicit_offsets`]) instead of building it.
+    fn implicit(&self) -> bool {
+        self.sh == 1 && self.sw == 1 && self.oh == self.h && self.ow == self.w && !self.pointwise()
+    }
+    /// On the implicit path, whether dx is computed implicitly too: its product has C/groups rows, padded to
+    /// 8-row panels, so with fewer channels the explicit `col2im(Wᵀ·dy)` does less work.
+    fn implicit_dx(&self) -> bool {
+        self.implicit() && self.c / self.groups >= simd::MR
+    }
+    fn hp(&self) -> usize {
+        self.h + 2 * self.ph
+    }
+    fn wp(&self) -> usize {
+        self.w + 2 * self.pw
+    }
+    /// Columns of the implicit products: output (oh, ow) is column oh·Wp + ow; ow ≥ W are discarded.
+    fn q(&self) -> usize {
+        (self.h - 1) * self.wp() + self.w
     }
     /// Stride 1 and OW = W: im2col rows are shifted copies of whole planes ([`im2col_flat`]).
     fn flat_rows(&self) -> bool {
@@ -231,7 +293,7 @@ fn flat_row(g: &Geom, ki: usize, kj: usize) -> (usize, usize, usize, usize, usiz
     let oh_hi = (h - dy).clamp(oh_lo as isize, g.oh as isize) as usize;
     let (dxo, lo, hi) = g.col_range(kj);
     let delta = dy * w + dxo;
-    let d0 = ((oh_lo as isize) * w).max(-delta);
+    let d0 = ((oh_lo as isize) * w).max(-delta).min(oh_hi as isize * w);
     let d1 = ((oh_hi as isize) * w).min(h * w - delta).max(d0);
     (oh_lo, oh_hi, lo, hi, d0 as usize, d1 as usize, delta)
 }
@@ -249,8 +311,10 @@ fn im2col_flat<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
             let row = out.next().expect("sized by the caller");
             row[..d0].fill(T::zero());
             row[d1..].fill(T::zero());
-            let s0 = (d0 as isize + delta) as usize;
-            row[d0..d1].copy_from_slice(&xc[s0..s0 + (d1 - d0)]);
+            if d1 > d0 {
+                let s0 = (d0 as isize + delta) as usize;
+                row[d0..d1].copy_from_slice(&xc[s0..s0 + (d1 - d0)]);
+            }
             if lo > 0 || hi < ow {
                 for r in row[oh_lo * ow..oh_hi * ow].chunks_exact_mut(ow) {
                     r[..lo].fill(T::zero());
@@ -325,9 +389,11 @@ fn col2im_flat<T: Real>(g: &Geom, col: &mut [T], dx: &mut [T]) {
                     r[hi..].fill(T::zero());
                 }
             }
-            let s0 = (d0 as isize + delta) as usize;
-            for (d, v) in dxc[s0..s0 + (d1 - d0)].iter_mut().zip(&row[d0..d1]) {
-                *d = *d + *v;
+            if d1 > d0 {
+                let s0 = (d0 as isize + delta) as usize;
+                for (d, v) in dxc[s0..s0 + (d1 - d0)].iter_mut().zip(&row[d0..d1]) {
+                    *d = *d + *v;
+                }
             }
         }
     }
@@ -422,7 +488,7 @@ fn backward_sample<T: Real>(
     let (p, og, kdim) = (g.p(), g.og(), g.kdim());
     if want_db {
         for (d, dyo) in ws.db.iter_mut().zip(dy.chunks_exact(p)) {
-            *d += dyo.iter().map(|v| v.as_f64()).sum::<f64>();
+            *d += sum_f64(dyo);
         }
     }
     {
@@ -524,7 +590,7 @@ fn fast_backward_sample(
 ) {
     let (p, og, kdim) = (g.p(), g.og(), g.kdim());
     for (d, dyo) in db.iter_mut().zip(dy.chunks_exact(p)) {
-        *d += dyo.iter().map(|&v| v as f64).sum::<f64>();
+        *d += sum_f64(dyo);
     }
     {
         let cols: &[f32] = if g.pointwise() {
@@ -570,6 +636,179 @@ fn fast_backward_sample(
     } else {
         wt_dy(col);
         col2im(g, col, dx);
+    }
+}
+
+/// Row offsets of the implicit column matrices within one group's padded planes (Hp × Wp each):
+/// forward / weight gradient, rows (c, ki, kj) at `c·HpWp + ki·dh·Wp + kj·dw` of the padded input; data gradient,
+/// rows (o, ki, kj) at `o·HpWp + (kh−1−ki)·dh·Wp + (kw−1−kj)·dw` of the padded dy (a full convolution with the
+/// flipped kernel: with "same" padding, 2·ph = dh·(kh−1)).
+fn implicit_offsets(g: &Geom) -> (Vec<usize>, Vec<usize>) {
+    let (hpwp, wp) = (g.hp() * g.wp(), g.wp());
+    let rows = |planes: usize, flip: bool| -> Vec<usize> {
+        let mut v = Vec::with_capacity(planes * g.kh * g.kw);
+        for c in 0..planes {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let (a, b) = if flip {
+                        (g.kh - 1 - ki, g.kw - 1 - kj)
+                    } else {
+                        (ki, kj)
+                    };
+                    v.push(c * hpwp + a * g.dh * wp + b * g.dw);
+                }
+            }
+        }
+        v
+    };
+    (rows(g.c / g.groups, false), rows(g.og(), true))
+}
+
+/// Copies `planes` planes (H × W) into the interiors of zero-bordered (Hp × Wp) planes.
+fn pad_into(g: &Geom, planes: usize, src: &[f32], dst: &mut [f32]) {
+    let (hw, hpwp, wp) = (g.h * g.w, g.hp() * g.wp(), g.wp());
+    for (sp, dp) in src[..planes * hw]
+        .chunks_exact(hw)
+        .zip(dst.chunks_exact_mut(hpwp))
+    {
+        for (sr, dr) in sp.chunks_exact(g.w).zip(dp[g.ph * wp..].chunks_mut(wp)) {
+            for (d, s) in dr[g.pw..g.pw + g.w].iter_mut().zip(sr) {
+                *d = *s;
+            }
+        }
+    }
+}
+
+/// Copies rows × (H × W) results out of the implicit layout (row stride Q, column oh·Wp + ow), adding `bias[r]`.
+fn unpad_into(g: &Geom, rows: usize, src: &[f32], dst: &mut [f32], bias: Option<&[f32]>) {
+    let (hw, q, wp) = (g.h * g.w, g.q(), g.wp());
+    for (r, (sp, dp)) in src
+        .chunks(q)
+        .zip(dst.chunks_exact_mut(hw))
+        .take(rows)
+        .enumerate()
+    {
+        let b = bias.map_or(0.0, |b| b[r]);
+        for (oh, dr) in dp.chunks_exact_mut(g.w).enumerate() {
+            for (d, s) in dr.iter_mut().zip(&sp[oh * wp..oh * wp + g.w]) {
+                *d = *s + b;
+            }
+        }
+    }
+}
+
+/// Forward of one sample on the implicit path: `y = W · rows(xpad) + b`, per group, through `out` (og × Q).
+#[allow(clippy::too_many_arguments)]
+fn implicit_forward_sample(
+    g: &Geom,
+    x: &[f32],
+    y: &mut [f32],
+    wp: &[f32],
+    bias: Option<&[f32]>,
+    offs: &[usize],
+    xpad: &mut [f32],
+    out: &mut [f32],
+) {
+    pad_into(g, g.c, x, xpad);
+    let (og, cg, kdim, q, hpwp) = (g.og(), g.c / g.groups, g.kdim(), g.q(), g.hp() * g.wp());
+    let plen = simd::packed_len(og, kdim);
+    let hw = g.h * g.w;
+    for gi in 0..g.groups {
+        simd::gemm_nn_rows(
+            og,
+            q,
+            kdim,
+            &wp[gi * plen..(gi + 1) * plen],
+            &xpad[gi * cg * hpwp..(gi + 1) * cg * hpwp],
+            offs,
+            &mut out[..og * q],
+            q,
+            false,
+        );
+        unpad_into(
+            g,
+            og,
+            out,
+            &mut y[gi * og * hw..(gi + 1) * og * hw],
+            bias.map(|b| &b[gi * og..(gi + 1) * og]),
+        );
+    }
+}
+
+/// Backward of one sample on the implicit path: `dw += dy · rows(xpad)ᵀ` (dy read in the implicit layout from its
+/// padded copy, zero at the discarded columns), `db += Σ dy`, and `dx = W' · rows(dypad)` when asked (or
+/// `col2im(Wᵀ·dy)` with fewer than 8 channels per group; `wdp` is packed to match, see `Geom::implicit_dx`).
+#[allow(clippy::too_many_arguments)]
+fn implicit_backward_sample(
+    g: &Geom,
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    wdp: &[f32],
+    offs: (&[usize], &[usize]),
+    xpad: &mut [f32],
+    dypad: &mut [f32],
+    out: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f64],
+) {
+    let (og, cg, kdim, q, hpwp) = (g.og(), g.c / g.groups, g.kdim(), g.q(), g.hp() * g.wp());
+    let hw = g.h * g.w;
+    for (d, dyo) in db.iter_mut().zip(dy.chunks_exact(hw)) {
+        *d += sum_f64(dyo);
+    }
+    pad_into(g, g.c, x, xpad);
+    pad_into(g, g.o, dy, dypad);
+    let first = g.ph * g.wp() + g.pw;
+    for gi in 0..g.groups {
+        simd::gemm_nt_rows(
+            og,
+            kdim,
+            q,
+            &dypad[gi * og * hpwp + first..(gi + 1) * og * hpwp],
+            hpwp,
+            &xpad[gi * cg * hpwp..(gi + 1) * cg * hpwp],
+            offs.0,
+            &mut dw[gi * og * kdim..(gi + 1) * og * kdim],
+            kdim,
+            true,
+        );
+    }
+    let Some(dx) = dx else { return };
+    if !g.implicit_dx() {
+        // few input channels: d(col) = Wᵀ·dy into `out` (kdim·groups × P), folded back by col2im
+        let (p, plen) = (g.p(), simd::packed_len(kdim, og));
+        for gi in 0..g.groups {
+            simd::gemm_nn(
+                kdim,
+                p,
+                og,
+                &wdp[gi * plen..(gi + 1) * plen],
+                &dy[gi * og * p..(gi + 1) * og * p],
+                p,
+                &mut out[gi * kdim * p..(gi + 1) * kdim * p],
+                p,
+                false,
+            );
+        }
+        col2im(g, out, dx);
+        return;
+    }
+    let k2 = og * g.kh * g.kw;
+    let plen = simd::packed_len(cg, k2);
+    for gi in 0..g.groups {
+        simd::gemm_nn_rows(
+            cg,
+            q,
+            k2,
+            &wdp[gi * plen..(gi + 1) * plen],
+            &dypad[gi * og * hpwp..(gi + 1) * og * hpwp],
+            offs.1,
+            &mut out[..cg * q],
+            q,
+            false,
+        );
+        unpad_into(g, cg, out, &mut dx[gi * cg * hw..(gi + 1) * cg * hw], None);
     }
 }
 
@@ -671,9 +910,11 @@ impl<T: Real> Conv2d<T> {
     /// (number of workspaces, samples per workspace) for a batch of `n`.
     fn split(&self, n: usize) -> (usize, usize) {
         let threads = rayon::current_num_threads().max(1);
+        // A few chunks per thread, so that work stealing evens out a thread that is slowed down (other
+        // processes on the core); each chunk owns a workspace.
         let chunks = match self.parallel {
-            ConvParallel::Batch => threads.min(n).max(1),
-            ConvParallel::Gemm => 1,
+            ConvParallel::Batch if threads > 1 => (threads * CHUNKS_PER_THREAD).min(n).max(1),
+            _ => 1,
         };
         (chunks, n.div_ceil(chunks).max(1))
     }
@@ -693,18 +934,25 @@ impl<T: Real> Conv2d<T> {
             && simd::as_f32(self.weight.values()).is_some()
     }
 
-    /// Packs every group's weight matrix (og × kdim), or its transpose, for [`simd::gemm_nn`].
-    fn pack_weights(&mut self, g: &Geom, transposed: bool) {
+    /// Packs every group's weights for [`simd::gemm_nn`]: as is (og × kdim, forward), transposed (kdim × og,
+    /// explicit data gradient), or as the implicit data-gradient matrix (cg × og·kh·kw, element (c, (o, t)) =
+    /// W[o, c, t]).
+    fn pack_weights(&mut self, g: &Geom, mode: Pack) {
         let w = simd::as_f32(self.weight.values()).expect("f32 layer");
-        let (og, kdim) = (g.og(), g.kdim());
+        let (og, kdim, cg, kk) = (g.og(), g.kdim(), g.c / g.groups, g.kh * g.kw);
         let mut one = Vec::new();
         self.packed.clear();
         for gi in 0..g.groups {
             let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
-            if transposed {
-                simd::pack_a(kdim, og, wg, 1, kdim, &mut one);
-            } else {
-                simd::pack_a(og, kdim, wg, kdim, 1, &mut one);
+            match mode {
+                Pack::Forward => simd::pack_a(og, kdim, wg, kdim, 1, &mut one),
+                Pack::Transposed => simd::pack_a(kdim, og, wg, 1, kdim, &mut one),
+                Pack::DataGrad => simd::pack_a_with(
+                    cg,
+                    og * kk,
+                    |c, r| wg[(r / kk) * kdim + c * kk + r % kk],
+                    &mut one,
+                ),
             }
             self.packed.extend_from_slice(&one);
         }
@@ -751,17 +999,43 @@ impl<T: Real> Conv2d<T> {
         let (chunks, per) = self.split(g.n);
         let par = self.gemm_par();
         let fast = self.fast();
+        let implicit = fast && g.implicit();
         if fast {
-            self.pack_weights(&g, false);
+            self.pack_weights(&g, Pack::Forward);
         }
-        self.prepare_ws(chunks, g.col_len(), 0, 0);
+        let col_len = if implicit {
+            g.og() * g.q()
+        } else {
+            g.col_len()
+        };
+        self.prepare_ws(chunks, col_len, 0, 0);
+        let offs = if implicit {
+            implicit_offsets(&g).0
+        } else {
+            vec![]
+        };
         let w = self.weight.values();
         let bias = self.bias.as_ref().map(|b| b.values());
         let packed = &self.packed[..];
         let (is, os) = (g.in_size(), g.out_size());
         let run = |xc: &[T], yc: &mut [T], ws: &mut Workspace<T>| {
+            if implicit {
+                ensure_padded(&mut ws.xpad, &mut ws.xpad_key, (g.c, g.hp(), g.wp()));
+            }
             for (xs, ys) in xc.chunks_exact(is).zip(yc.chunks_exact_mut(os)) {
-                if fast {
+                if implicit {
+                    let f = |s| simd::as_f32(s).expect("f32");
+                    implicit_forward_sample(
+                        &g,
+                        f(xs),
+                        simd::as_f32_mut(ys).expect("f32"),
+                        packed,
+                        bias.map(f),
+                        &offs,
+                        simd::as_f32_mut(&mut ws.xpad).expect("f32"),
+                        simd::as_f32_mut(&mut ws.col).expect("f32"),
+                    );
+                } else if fast {
                     let f = |s| simd::as_f32(s).expect("f32");
                     fast_forward_sample(
                         &g,
@@ -838,17 +1112,52 @@ impl<T: Real> Conv2d<T> {
         let want_db = self.bias.is_some();
         let wlen = self.weight.len();
         let fast = self.fast();
+        let implicit = fast && g.implicit();
         if fast && dx.is_some() {
-            self.pack_weights(&g, true);
+            let mode = if g.implicit_dx() {
+                Pack::DataGrad
+            } else {
+                Pack::Transposed
+            };
+            self.pack_weights(&g, mode);
         }
-        self.prepare_ws(chunks, g.col_len(), wlen, if want_db { g.o } else { 0 });
+        let col_len = match (implicit, dx.is_some()) {
+            (true, false) => 0,
+            (true, true) if g.implicit_dx() => (g.c / g.groups) * g.q(),
+            _ => g.col_len(),
+        };
+        self.prepare_ws(chunks, col_len, wlen, if want_db { g.o } else { 0 });
+        let (offs_f, offs_b) = if implicit {
+            implicit_offsets(&g)
+        } else {
+            (vec![], vec![])
+        };
         let w = self.weight.values();
         let packed = &self.packed[..];
         let (is, os) = (g.in_size(), g.out_size());
         let run = |xc: &[T], gc: &[T], mut dxc: Option<&mut [T]>, ws: &mut Workspace<T>| {
+            if implicit {
+                ensure_padded(&mut ws.xpad, &mut ws.xpad_key, (g.c, g.hp(), g.wp()));
+                ensure_padded(&mut ws.dypad, &mut ws.dypad_key, (g.o, g.hp(), g.wp()));
+            }
             for (s, (xs, gs)) in xc.chunks_exact(is).zip(gc.chunks_exact(os)).enumerate() {
                 let dxs = dxc.as_deref_mut().map(|d| &mut d[s * is..(s + 1) * is]);
-                if fast {
+                if implicit {
+                    let f = |s| simd::as_f32(s).expect("f32");
+                    implicit_backward_sample(
+                        &g,
+                        f(xs),
+                        f(gs),
+                        dxs.map(|d| simd::as_f32_mut(d).expect("f32")),
+                        packed,
+                        (&offs_f, &offs_b),
+                        simd::as_f32_mut(&mut ws.xpad).expect("f32"),
+                        simd::as_f32_mut(&mut ws.dypad).expect("f32"),
+                        simd::as_f32_mut(&mut ws.col).expect("f32"),
+                        simd::as_f32_mut(&mut ws.dw).expect("f32"),
+                        &mut ws.db,
+                    );
+                } else if fast {
                     let f = |s| simd::as_f32(s).expect("f32");
                     fast_backward_sample(
                         &g,

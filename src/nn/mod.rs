@@ -5,7 +5,7 @@
 //!
 //! | layer | input → output | parameters (PyTorch names) | state kept between forward and backward |
 //! |---|---|---|---|
-//! | [`Conv2d`] | (N, C, H, W) → (N, O, H', W') | `weight` (O, C/groups, kh, kw), `bias` (O) | im2col workspace only |
+//! | [`Conv2d`] | (N, C, H, W) → (N, O, H', W') | `weight` (O, C/groups, kh, kw), `bias` (O) | workspaces only (column matrix, padded copies) |
 //! | [`Linear`] | (*, in) → (*, out) | `weight` (out, in), `bias` (out) | — |
 //! | [`MaxPool2d`] | (N, C, H, W) → (N, C, H', W') | — | argmax indices |
 //! | [`AvgPool2d`] | (N, C, H, W) → (N, C, H', W') | — | — |
@@ -139,6 +139,20 @@ macro_rules! stateless {
     )*};
 }
 pub(crate) use stateless;
+
+/// Σ a[i] in f64 with eight independent partial sums (vectorisable, unlike one serial f64 chain).
+pub(crate) fn sum_f64<T: Real>(a: &[T]) -> f64 {
+    let mut acc = [0f64; 8];
+    let chunks = a.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (s, v) in acc.iter_mut().zip(c) {
+            *s += v.as_f64();
+        }
+    }
+    let tail: f64 = rest.iter().map(|v| v.as_f64()).sum();
+    acc.iter().sum::<f64>() + tail
+}
 
 /// An owned array's elements as a row-major slice (copied only when the array is not in standard layout).
 pub(crate) fn cont<T: Real>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {

@@ -15,7 +15,7 @@
 //! Planes (n, c) are processed in parallel when the input is large.
 
 use super::cont;
-use super::{check_nonempty, check_rank, stateless, IntoPair, Layer, PAR_MIN};
+use super::{check_nonempty, check_rank, stateless, sum_f64, IntoPair, Layer, PAR_MIN};
 use crate::{Mode, NvError, Real, Result};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -257,48 +257,105 @@ impl<T: Real> MaxPool2d<T> {
         Ok(vec![input[0], input[1], g.oh, g.ow])
     }
 
-    /// Max and argmax of every window of one plane.
-    fn plane(g: &Geom, x: &[T], y: &mut [T], idx: &mut [u32]) {
-        for oh in 0..g.oh {
+    /// Max and argmax of every window of one plane. `rows[oh]` / `cols[ow]` are the in-image kernel ranges of
+    /// each window; `kj_cols[kj] = (off, lo, hi)`: kernel column kj reads iw = ow·sw + off, in-image for ow in
+    /// [lo, hi). The loops run over a whole output row per kernel element (independent lanes, no dependency
+    /// chain through one window), in PyTorch's order (ki, kj), so the result is the sequential one: the first
+    /// in-image element sets the index, then `(val > maxval) || isnan(val)` takes over.
+    fn plane(
+        g: &Geom,
+        rows: &[(usize, usize)],
+        cols: &[(usize, usize)],
+        kj_cols: &[(isize, usize, usize)],
+        x: &[T],
+        y: &mut [T],
+        idx: &mut [u32],
+    ) {
+        for (oh, &(ki_lo, ki_hi)) in rows.iter().enumerate() {
             let h0 = (oh * g.sh) as isize - g.ph as isize;
-            for ow in 0..g.ow {
-                let w0 = (ow * g.sw) as isize - g.pw as isize;
-                let mut best = T::neg_infinity();
-                let mut arg = NO_INDEX;
-                for ki in 0..g.kh {
-                    let ih = h0 + (ki * g.dh) as isize;
-                    if ih < 0 || ih >= g.h as isize {
+            let yr = &mut y[oh * g.ow..(oh + 1) * g.ow];
+            let ir = &mut idx[oh * g.ow..(oh + 1) * g.ow];
+            for (ow, (yv, iv)) in yr.iter_mut().zip(ir.iter_mut()).enumerate() {
+                let (kj_lo, kj_hi) = cols[ow];
+                *yv = T::neg_infinity();
+                *iv = if ki_lo == ki_hi || kj_lo == kj_hi {
+                    NO_INDEX
+                } else {
+                    let ih = (h0 + (ki_lo * g.dh) as isize) as usize;
+                    let iw = (ow * g.sw) as isize + kj_cols[kj_lo].0;
+                    (ih * g.w + iw as usize) as u32
+                };
+            }
+            for ki in ki_lo..ki_hi {
+                let ih = (h0 + (ki * g.dh) as isize) as usize;
+                let xr = &x[ih * g.w..(ih + 1) * g.w];
+                let base = (ih * g.w) as u32;
+                for &(off, lo, hi) in kj_cols {
+                    if lo >= hi {
                         continue;
                     }
-                    let row = ih as usize * g.w;
-                    for kj in 0..g.kw {
-                        let iw = w0 + (kj * g.dw) as isize;
-                        if iw < 0 || iw >= g.w as isize {
-                            continue;
-                        }
-                        let i = row + iw as usize;
-                        let v = x[i];
-                        // PyTorch: the first valid element initialises the index; then
-                        // `if (val > maxval) || isnan(val)` takes over (first maximum wins, NaN propagates).
-                        if arg == NO_INDEX {
-                            arg = i as u32;
-                        }
-                        if v > best || v.is_nan() {
-                            best = v;
-                            arg = i as u32;
-                        }
+                    // iterators and wrapping index steps keep the loop free of bounds and overflow checks
+                    let start = ((lo * g.sw) as isize + off) as usize;
+                    let mut i = base + start as u32;
+                    let step = g.sw as u32;
+                    let lanes = yr[lo..hi].iter_mut().zip(ir[lo..hi].iter_mut());
+                    for ((yv, iv), &v) in lanes.zip(xr[start..].iter().step_by(g.sw)) {
+                        let take = (v > *yv) | v.is_nan(); // `|`, not `||`: no unpredictable branch
+                        *yv = if take { v } else { *yv };
+                        *iv = if take { i } else { *iv };
+                        i = i.wrapping_add(step);
                     }
                 }
-                y[oh * g.ow + ow] = best;
-                idx[oh * g.ow + ow] = arg;
             }
         }
     }
 
+    /// For every kernel column kj: (off, lo, hi) with iw = ow·sw + off in-image for ow in [lo, hi).
+    fn kernel_cols(g: &Geom) -> Vec<(isize, usize, usize)> {
+        (0..g.kw)
+            .map(|kj| {
+                let off = (kj * g.dw) as isize - g.pw as isize;
+                let ok = |ow: usize| {
+                    let iw = (ow * g.sw) as isize + off;
+                    iw >= 0 && iw < g.w as isize
+                };
+                let lo = (0..g.ow).find(|&o| ok(o)).unwrap_or(g.ow);
+                let hi = (lo..g.ow).rev().find(|&o| ok(o)).map_or(lo, |o| o + 1);
+                (off, lo, hi)
+            })
+            .collect()
+    }
+
+    /// In-image kernel index range [lo, hi) for every output position along one dimension.
+    fn ranges(
+        out: usize,
+        input: usize,
+        k: usize,
+        s: usize,
+        p: usize,
+        d: usize,
+    ) -> Vec<(usize, usize)> {
+        (0..out)
+            .map(|o| {
+                let start = (o * s) as isize - p as isize;
+                let ok = |t: usize| {
+                    let i = start + (t * d) as isize;
+                    i >= 0 && i < input as isize
+                };
+                let lo = (0..k).find(|&t| ok(t)).unwrap_or(k);
+                let hi = (lo..k).rev().find(|&t| ok(t)).map_or(lo, |t| t + 1);
+                (lo, hi)
+            })
+            .collect()
+    }
+
     fn run_forward(g: &Geom, x: &[T], y: &mut [T], idx: &mut [u32]) {
         let big = g.planes * g.hw() >= PAR_MIN;
+        let rows = Self::ranges(g.oh, g.h, g.kh, g.sh, g.ph, g.dh);
+        let cols = Self::ranges(g.ow, g.w, g.kw, g.sw, g.pw, g.dw);
+        let kj_cols = Self::kernel_cols(g);
         for_planes(big, x, g.hw(), y, g.ohw(), idx, g.ohw(), |x, y, i| {
-            Self::plane(g, x, y, i)
+            Self::plane(g, &rows, &cols, &kj_cols, x, y, i)
         });
     }
 
@@ -645,7 +702,7 @@ impl<T: Real> GlobalAvgPool<T> {
         let mut y = ArrayD::zeros(IxDyn(&x.shape()[..2]));
         let ys = y.as_slice_mut().expect("fresh");
         let mean = |(yv, xp): (&mut T, &[T])| {
-            *yv = T::of_f64(xp.iter().map(|v| v.as_f64()).sum::<f64>() / hw as f64);
+            *yv = T::of_f64(sum_f64(xp) / hw as f64);
         };
         if planes * hw >= PAR_MIN {
             ys.par_iter_mut().zip(xs.par_chunks(hw)).for_each(mean);

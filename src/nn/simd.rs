@@ -11,6 +11,10 @@
 //!   dimension: dot products in a 4×6 register tile, reduced horizontally at the end. The weight gradient
 //!   (`dy·colᵀ`), without transposing either operand.
 //!
+//! The `*_rows` variants take the start of every B row from an offset table instead of a stride: row p of B is
+//! `b[offs[p]..offs[p] + n]`. Rows may overlap, which is how the convolution reads shifted views of a padded
+//! image as the rows of its column matrix without building it (implicit im2col).
+//!
 //! The public functions check every bound before entering `unsafe` code.
 
 /// Rows of an A panel of [`gemm_nn`].
@@ -61,6 +65,22 @@ pub fn pack_a(m: usize, k: usize, a: &[f32], rs: usize, cs: usize, out: &mut Vec
     }
 }
 
+/// Packs an m×k matrix given element-wise by `at(i, p)` (see [`pack_a`]).
+pub fn pack_a_with(m: usize, k: usize, at: impl Fn(usize, usize) -> f32, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(packed_len(m, k), 0.0);
+    if k == 0 {
+        return;
+    }
+    for (pi, panel) in out.chunks_exact_mut(MR * k).enumerate() {
+        for r in 0..MR.min(m.saturating_sub(pi * MR)) {
+            for p in 0..k {
+                panel[p * MR + r] = at(pi * MR + r, p);
+            }
+        }
+    }
+}
+
 /// `C (m×n) = [C +] A·B`: `ap` from [`pack_a`] (m×k), `b` k×n with row stride `ldb`, `c` with row stride `ldc`.
 /// Panics if a slice is too short or the CPU lacks AVX-512F.
 #[allow(clippy::too_many_arguments)]
@@ -75,21 +95,42 @@ pub fn gemm_nn(
     ldc: usize,
     accumulate: bool,
 ) {
+    let offs: Vec<usize> = (0..k).map(|p| p * ldb).collect();
+    gemm_nn_rows(m, n, k, ap, b, &offs, c, ldc, accumulate)
+}
+
+/// [`gemm_nn`] with row p of B at `b[offs[p]..offs[p] + n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    ap: &[f32],
+    b: &[f32],
+    offs: &[usize],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(available(), "gemm_nn needs AVX-512F");
     if m == 0 || n == 0 {
         return;
     }
     assert!(ap.len() >= packed_len(m, k), "gemm_nn: packed A too short");
-    assert!(n <= ldb || k <= 1, "gemm_nn: ldb < n");
     assert!(
-        k == 0 || (k - 1) * ldb + n <= b.len(),
-        "gemm_nn: B too short"
+        offs.len() >= k,
+        "gemm_nn: {} row offsets for k = {k}",
+        offs.len()
+    );
+    assert!(
+        offs[..k].iter().all(|&o| o + n <= b.len()),
+        "gemm_nn: a B row runs past the end"
     );
     assert!(n <= ldc || m == 1, "gemm_nn: ldc < n");
     assert!((m - 1) * ldc + n <= c.len(), "gemm_nn: C too short");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: AVX-512F is available (asserted); the asserts above bound every address the kernels touch:
-    // panel rows < packed_len, B rows k·ldb + (column < n, masked), C rows < m with columns < n (masked).
+    // panel rows < packed_len, B rows offs[p] + (column < n, masked), C rows < m with columns < n (masked).
     unsafe {
         x86::gemm_nn(
             m,
@@ -97,7 +138,7 @@ pub fn gemm_nn(
             k,
             ap.as_ptr(),
             b.as_ptr(),
-            ldb,
+            offs.as_ptr(),
             c.as_mut_ptr(),
             ldc,
             accumulate,
@@ -119,12 +160,38 @@ pub fn gemm_nt(
     ldc: usize,
     accumulate: bool,
 ) {
+    let offs: Vec<usize> = (0..n).map(|j| j * ldb).collect();
+    gemm_nt_rows(m, n, len, a, lda, b, &offs, c, ldc, accumulate)
+}
+
+/// [`gemm_nt`] with row j of B at `b[offs[j]..offs[j] + len]`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt_rows(
+    m: usize,
+    n: usize,
+    len: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    offs: &[usize],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(available(), "gemm_nt needs AVX-512F");
     if m == 0 || n == 0 {
         return;
     }
     assert!((m - 1) * lda + len <= a.len(), "gemm_nt: A too short");
-    assert!((n - 1) * ldb + len <= b.len(), "gemm_nt: B too short");
+    assert!(
+        offs.len() >= n,
+        "gemm_nt: {} row offsets for n = {n}",
+        offs.len()
+    );
+    assert!(
+        offs[..n].iter().all(|&o| o + len <= b.len()),
+        "gemm_nt: a B row runs past the end"
+    );
     assert!(
         (m - 1) * ldc + n <= c.len() && (n <= ldc || m == 1),
         "gemm_nt: C too short"
@@ -140,7 +207,7 @@ pub fn gemm_nt(
             a.as_ptr(),
             lda,
             b.as_ptr(),
-            ldb,
+            offs.as_ptr(),
             c.as_mut_ptr(),
             ldc,
             accumulate,
@@ -172,7 +239,7 @@ mod x86 {
         k: usize,
         a: *const f32,
         b: *const f32,
-        ldb: usize,
+        offs: *const usize,
         c: *mut f32,
         ldc: usize,
         rows: usize,
@@ -181,8 +248,8 @@ mod x86 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; MR];
         let mut ap = a;
-        let mut bp = b;
-        for _ in 0..k {
+        for p in 0..k {
+            let bp = b.add(*offs.add(p));
             let mut bv = [_mm512_setzero_ps(); NV];
             for (v, x) in bv.iter_mut().enumerate() {
                 let m = if v + 1 == NV { last } else { 0xFFFF };
@@ -195,7 +262,6 @@ mod x86 {
                 }
             }
             ap = ap.add(MR);
-            bp = bp.add(ldb);
         }
         for (i, row) in acc.iter().enumerate().take(rows) {
             for (v, x) in row.iter().enumerate() {
@@ -218,7 +284,7 @@ mod x86 {
         k: usize,
         ap: *const f32,
         b: *const f32,
-        ldb: usize,
+        offs: *const usize,
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
@@ -235,9 +301,9 @@ mod x86 {
                 let bj = b.add(j);
                 let cij = c.add(i * ldc + j);
                 match nv {
-                    3 => tile_nn::<3>(k, a, bj, ldb, cij, ldc, rows, last, accumulate),
-                    2 => tile_nn::<2>(k, a, bj, ldb, cij, ldc, rows, last, accumulate),
-                    _ => tile_nn::<1>(k, a, bj, ldb, cij, ldc, rows, last, accumulate),
+                    3 => tile_nn::<3>(k, a, bj, offs, cij, ldc, rows, last, accumulate),
+                    2 => tile_nn::<2>(k, a, bj, offs, cij, ldc, rows, last, accumulate),
+                    _ => tile_nn::<1>(k, a, bj, offs, cij, ldc, rows, last, accumulate),
                 }
                 i += MR;
             }
@@ -298,7 +364,7 @@ mod x86 {
         a: *const f32,
         lda: usize,
         b: *const f32,
-        ldb: usize,
+        offs: *const usize,
         c: *mut f32,
         ldc: usize,
         accumulate: bool,
@@ -307,7 +373,7 @@ mod x86 {
         while j < n {
             let nb = (n - j).min(TB);
             // rows past the end repeat the last valid row; their results are discarded
-            let bp: [*const f32; TB] = std::array::from_fn(|t| b.add((j + t.min(nb - 1)) * ldb));
+            let bp: [*const f32; TB] = std::array::from_fn(|t| b.add(*offs.add(j + t.min(nb - 1))));
             let mut i = 0;
             while i < m {
                 let na = (m - i).min(TA);

@@ -12,6 +12,8 @@ pub struct Fixture {
     pub meta: serde_json::Value,
     pub f32s: BTreeMap<String, ArrayD<f32>>,
     pub i64s: BTreeMap<String, i64>,
+    /// Every int64 tensor in full (`i64s` holds their first element, for scalars such as num_batches_tracked).
+    pub i64_arrays: BTreeMap<String, ArrayD<i64>>,
 }
 
 pub fn fixture_dir(family: &str) -> PathBuf {
@@ -34,6 +36,7 @@ pub fn load_fixture(family: &str, name: &str) -> Fixture {
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut f32s = BTreeMap::new();
     let mut i64s = BTreeMap::new();
+    let mut i64_arrays = BTreeMap::new();
     for (k, v) in st.tensors() {
         match v.dtype() {
             safetensors::Dtype::F32 => {
@@ -48,9 +51,17 @@ pub fn load_fixture(family: &str, name: &str) -> Fixture {
                 );
             }
             safetensors::Dtype::I64 => {
-                i64s.insert(
+                let data: Vec<i64> = v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                if let Some(&first) = data.first() {
+                    i64s.insert(k.to_string(), first);
+                }
+                i64_arrays.insert(
                     k.to_string(),
-                    i64::from_le_bytes(v.data()[..8].try_into().unwrap()),
+                    ArrayD::from_shape_vec(IxDyn(v.shape()), data).unwrap(),
                 );
             }
             d => panic!("unexpected dtype {d:?}"),
@@ -61,6 +72,7 @@ pub fn load_fixture(family: &str, name: &str) -> Fixture {
         meta,
         f32s,
         i64s,
+        i64_arrays,
     }
 }
 
@@ -82,6 +94,11 @@ impl Fixture {
         self.f32s
             .get(k)
             .unwrap_or_else(|| panic!("{}: missing tensor {k}", self.name))
+    }
+    pub fn get_i64(&self, k: &str) -> &ArrayD<i64> {
+        self.i64_arrays
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: missing int64 tensor {k}", self.name))
     }
     pub fn has(&self, k: &str) -> bool {
         self.f32s.contains_key(k) || self.i64s.contains_key(k)
