@@ -139,14 +139,18 @@ fn for_planes<T: Real, A: Send>(
     f: impl Fn(&[T], &mut [T], &mut [A]) + Sync,
 ) {
     if big {
+        // Planes are small (a 28x28 plane is 3 KB): hand rayon at least ~16K values per task.
+        let min = (16384 / a_len.max(1)).max(1);
         if aux_len == 0 {
             a.par_chunks(a_len)
                 .zip(b.par_chunks_mut(b_len))
+                .with_min_len(min)
                 .for_each(|(a, b)| f(a, b, &mut []));
         } else {
             a.par_chunks(a_len)
                 .zip(b.par_chunks_mut(b_len))
                 .zip(aux.par_chunks_mut(aux_len))
+                .with_min_len(min)
                 .for_each(|((a, b), x)| f(a, b, x));
         }
     } else if aux_len == 0 {
@@ -351,6 +355,43 @@ impl<T: Real> MaxPool2d<T> {
 
     fn run_forward(g: &Geom, x: &[T], y: &mut [T], idx: &mut [u32]) {
         let big = g.planes * g.hw() >= PAR_MIN;
+        if (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
+            && 2 * g.oh <= g.h
+            && 2 * g.ow <= g.w
+        {
+            // The common 2x2/stride-2 window: a straight-line max over two input rows per output row.
+            // Ties go to the first element in row-major window order, as in the general path and PyTorch.
+            let (w, ow) = (g.w, g.ow);
+            for_planes(big, x, g.hw(), y, g.ohw(), idx, g.ohw(), |x, y, ix| {
+                for oi in 0..g.oh {
+                    let r0 = &x[2 * oi * w..2 * oi * w + w];
+                    let r1 = &x[(2 * oi + 1) * w..(2 * oi + 1) * w + w];
+                    let yo = &mut y[oi * ow..(oi + 1) * ow];
+                    let io = &mut ix[oi * ow..(oi + 1) * ow];
+                    let base = (2 * oi * w) as u32;
+                    for oj in 0..ow {
+                        let j = 2 * oj;
+                        let (mut best, mut at) = (r0[j], base + j as u32);
+                        // A NaN is taken and then kept, as in the general path (PyTorch propagates NaN).
+                        if (r0[j + 1] > best) | r0[j + 1].is_nan() {
+                            best = r0[j + 1];
+                            at = base + j as u32 + 1;
+                        }
+                        if (r1[j] > best) | r1[j].is_nan() {
+                            best = r1[j];
+                            at = base + (w + j) as u32;
+                        }
+                        if (r1[j + 1] > best) | r1[j + 1].is_nan() {
+                            best = r1[j + 1];
+                            at = base + (w + j) as u32 + 1;
+                        }
+                        yo[oj] = best;
+                        io[oj] = at;
+                    }
+                }
+            });
+            return;
+        }
         let rows = Self::ranges(g.oh, g.h, g.kh, g.sh, g.ph, g.dh);
         let cols = Self::ranges(g.ow, g.w, g.kw, g.sw, g.pw, g.dw);
         let kj_cols = Self::kernel_cols(g);
