@@ -56,10 +56,10 @@ pub fn moments<T: Real>(x: &[T], d: Ncs) -> (Vec<T>, Moments) {
     });
     let shift: Vec<T> = tot.iter().map(|t| T::of_f64(t / m)).collect();
     let (s1, s2) = reduce_rows(x, None, d, |xr, _, a1, a2| {
-        for i in 0..xr.len() {
-            let dv = (xr[i] - shift[i]).as_f64();
-            a1[i] += dv;
-            a2[i] += dv * dv;
+        for (((p, q), &v), &h) in a1.iter_mut().zip(a2.iter_mut()).zip(xr).zip(&shift) {
+            let dv = (v - h).as_f64();
+            *p += dv;
+            *q += dv * dv;
         }
     });
     let mut out = Moments::empty(d.c);
@@ -90,13 +90,15 @@ pub fn normalize<T: Real>(
         .zip(x.par_chunks(rpt))
         .for_each(|(yb, xb)| {
             for (yr, xr) in yb.chunks_mut(d.c).zip(xb.chunks(d.c)) {
+                let n = d.c;
+                let (yr, xr, sh, s, b) = (&mut yr[..n], &xr[..n], &sh[..n], &s[..n], &b[..n]);
                 if relu {
-                    for i in 0..d.c {
+                    for i in 0..n {
                         let t = (xr[i] - sh[i]) * s[i] + b[i];
                         yr[i] = if t > z { t } else { z };
                     }
                 } else {
-                    for i in 0..d.c {
+                    for i in 0..n {
                         yr[i] = (xr[i] - sh[i]) * s[i] + b[i];
                     }
                 }
@@ -136,7 +138,17 @@ pub fn backward_sums<T: Real>(
     let z = T::zero();
     let (sd, dt) = reduce_rows(x, Some(dy), d, |xr, gr, a1, a2| {
         let gr = gr.expect("dy");
-        for i in 0..xr.len() {
+        let n = xr.len();
+        let (xr, gr, a1, a2, sh, s, b) = (
+            &xr[..n],
+            &gr[..n],
+            &mut a1[..n],
+            &mut a2[..n],
+            &sh[..n],
+            &s[..n],
+            &b[..n],
+        );
+        for i in 0..n {
             let dv = xr[i] - sh[i];
             let g = if relu && !(dv * s[i] + b[i] > z) {
                 z
@@ -189,7 +201,11 @@ pub fn backward_dx<T: Real>(
         .zip(x.par_chunks(rpt).zip(dy.par_chunks(rpt)))
         .for_each(|(ob, (xb, gb))| {
             for ((or, xr), gr) in ob.chunks_mut(d.c).zip(xb.chunks(d.c)).zip(gb.chunks(d.c)) {
-                for i in 0..d.c {
+                let n = d.c;
+                let (or, xr, gr, sh, s, b) =
+                    (&mut or[..n], &xr[..n], &gr[..n], &sh[..n], &s[..n], &b[..n]);
+                let (k1, k2, k3) = (&k1[..n], &k2[..n], &k3[..n]);
+                for i in 0..n {
                     let dv = xr[i] - sh[i];
                     let g = if relu && !(dv * s[i] + b[i] > z) {
                         z
@@ -218,7 +234,9 @@ pub fn eval_backward<T: Real>(
         .zip(x.par_chunks(rpt).zip(dy.par_chunks(rpt)))
         .for_each(|(ob, (xb, gb))| {
             for ((or, xr), gr) in ob.chunks_mut(d.c).zip(xb.chunks(d.c)).zip(gb.chunks(d.c)) {
-                for i in 0..d.c {
+                let n = d.c;
+                let (or, xr, gr, a, b) = (&mut or[..n], &xr[..n], &gr[..n], &a[..n], &b[..n]);
+                for i in 0..n {
                     let g = if relu && !(xr[i] * a[i] + b[i] > z) {
                         z
                     } else {
@@ -230,7 +248,16 @@ pub fn eval_backward<T: Real>(
         });
     reduce_rows(x, Some(dy), d, |xr, gr, a1, a2| {
         let gr = gr.expect("dy");
-        for i in 0..xr.len() {
+        let n = xr.len();
+        let (xr, gr, a1, a2, a, b) = (
+            &xr[..n],
+            &gr[..n],
+            &mut a1[..n],
+            &mut a2[..n],
+            &a[..n],
+            &b[..n],
+        );
+        for i in 0..n {
             let g = if relu && !(xr[i] * a[i] + b[i] > z) {
                 z
             } else {
