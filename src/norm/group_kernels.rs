@@ -25,17 +25,15 @@ pub(crate) fn min_blocks(blk: usize) -> usize {
     (16384 / blk.max(1)).max(1)
 }
 
-/// Statistics of one contiguous block: (shift, mean, biased var).
+/// Statistics of one contiguous block in one pass ([`lanes::block_moments`]): (shift = mean rounded to T, mean, biased var).
 #[inline]
 pub fn block_stats<T: Real>(xb: &[T]) -> (T, f64, f64) {
     let m = xb.len() as f64;
     if xb.is_empty() {
         return (T::zero(), 0.0, 0.0);
     }
-    let shift = T::of_f64(lanes::sum(xb) / m);
-    let (s1, s2) = lanes::shifted_moments(xb, shift);
-    let dm = s1 / m;
-    (shift, shift.as_f64() + dm, ((s2 - s1 * dm) / m).max(0.0))
+    let (mean, m2) = lanes::block_moments(xb);
+    (T::of_f64(mean), mean, (m2 / m).max(0.0))
 }
 
 /// Fused forward. `weight`/`bias` are per channel (length C) or absent.

@@ -372,3 +372,38 @@ pub fn dy_moments_channel<T: Real>(
     }
     (a, b)
 }
+
+/// One-pass (mean, M2) of a contiguous slice, for per-sample statistics (GroupNorm, LayerNorm, InstanceNorm):
+/// 512-value sub-blocks are each reduced around their own shift (the mean of their first 16 values) and merged
+/// exactly (Chan et al.). One read of the data instead of the two of [`sum`] + [`shifted_moments`], with the
+/// same protection against cancellation as long as a sub-block's first values are not far outliers.
+#[inline]
+pub fn block_moments<T: Real>(xs: &[T]) -> (f64, f64) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    if let Some(x) = simd::as_f32(xs) {
+        return simd::block_moments(x);
+    }
+    let (mut n_tot, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
+    for blk in xs.chunks(512) {
+        let head = &blk[..blk.len().min(16)];
+        let k = T::of_f64(head.iter().map(|v| v.as_f64()).sum::<f64>() / head.len() as f64);
+        let (s1, s2) = shifted_moments(blk, k);
+        let n = blk.len() as f64;
+        let dm = s1 / n;
+        let (bm, bm2) = (k.as_f64() + dm, (s2 - s1 * dm).max(0.0));
+        if n_tot == 0.0 {
+            (n_tot, mean, m2) = (n, bm, bm2);
+        } else {
+            let tot = n_tot + n;
+            let delta = bm - mean;
+            mean += delta * n / tot;
+            m2 += bm2 + delta * delta * n_tot * n / tot;
+            n_tot = tot;
+        }
+    }
+    (mean, m2)
+}
