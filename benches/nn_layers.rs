@@ -8,6 +8,8 @@
 //! (default 10) the timed repetitions after 2 warm-up calls; the table shows the
 //! minimum and the median in milliseconds per call, and GFLOP/s of the minimum (2·MACs of the GEMMs).
 
+#![allow(clippy::needless_range_loop)]
+
 use ndarray::{ArrayD, IxDyn};
 use normvision::nn::*;
 use rand::{Rng, SeedableRng};

@@ -4,6 +4,8 @@
 //! Throughput is reported in bytes with the same effective-bytes convention as `normvision bench-kernels`
 //! (2·numel·4 for a forward, 5·numel·4 for forward+backward), so criterion's GB/s compare with the STREAM figure.
 
+#![allow(clippy::needless_range_loop)]
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::{

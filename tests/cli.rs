@@ -1,6 +1,8 @@
 //! The `normvision` binary's surface: help texts and the machine-readable (`--json`) output of the two
 //! benchmark commands. Runs the real binary (`CARGO_BIN_EXE_normvision`) with tiny sizes.
 
+#![allow(clippy::needless_range_loop)]
+
 use std::process::{Command, Output};
 
 fn normvision(args: &[&str]) -> Output {

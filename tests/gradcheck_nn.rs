@@ -6,6 +6,8 @@
 //! Error measure: max_i |fd_i − analytic_i| / max(1, max_i |analytic_i|) per gradient tensor, below [`TOL`]
 //! (h = 1e-6: truncation O(h²), round-off ≈ |L|·1e-16/h ≈ 1e-9).
 
+#![allow(clippy::needless_range_loop)]
+
 use ndarray::{ArrayD, IxDyn};
 use normvision::nn::*;
 use normvision::state::Stateful;

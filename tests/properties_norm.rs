@@ -1,6 +1,8 @@
 //! Property tests (proptest) of the normalization family: what the definitions imply for any input, rather than
 //! particular numbers. Case counts are kept modest so the file runs in seconds.
 
+#![allow(clippy::needless_range_loop)]
+
 use ndarray::{ArrayD, Axis, Dimension, IxDyn, Slice};
 use normvision::norm::batch_kernels::{local_moments, Moments, Ncs};
 use normvision::norm::*;

@@ -44,7 +44,7 @@ pub fn layer_for(op: &str, shape: &[usize]) -> Result<Option<Box<dyn NormLayer<f
     Ok(match (op, shape.len()) {
         ("batch_norm", _) => Some(Box::new(BatchNormConfig::new(c).build::<f32>()?)),
         // GroupNorm(8, C) needs C divisible by 8; other shapes are skipped (as tools/bench_norm_vs_torch.py does).
-        ("group_norm", 4) if c % GROUP_NORM_GROUPS == 0 => Some(Box::new(
+        ("group_norm", 4) if c.is_multiple_of(GROUP_NORM_GROUPS) => Some(Box::new(
             GroupNormConfig::new(GROUP_NORM_GROUPS, c).build::<f32>()?,
         )),
         ("layer_norm", _) => Some(Box::new(LayerNormConfig::new(&shape[1..]).build::<f32>()?)),

@@ -428,7 +428,7 @@ mod tests {
     #[test]
     fn round_trip_all_types() {
         let dir = tempfile::tempdir().unwrap();
-        let arrays = vec![
+        let arrays = [
             IdxArray::new(vec![2, 3], IdxData::U8(vec![0, 1, 2, 253, 254, 255])).unwrap(),
             IdxArray::new(vec![4], IdxData::I8(vec![-128, -1, 0, 127])).unwrap(),
             IdxArray::new(vec![2, 1, 2], IdxData::I16(vec![-32768, -2, 3, 32767])).unwrap(),

@@ -230,7 +230,7 @@ impl Model {
         rng: &mut impl rand::Rng,
         step: &Arc<AtomicU64>,
     ) -> Result<Sequential> {
-        if cfg.height % 4 != 0 || cfg.width % 4 != 0 {
+        if !cfg.height.is_multiple_of(4) || !cfg.width.is_multiple_of(4) {
             return Err(NvError::Config(format!(
                 "cnn needs H and W divisible by 4, got {}x{}",
                 cfg.height, cfg.width

@@ -83,6 +83,9 @@ impl Stateful<f32> for NormAdapter {
     }
 }
 
+/// A built normalization layer and whether it absorbed the following ReLU.
+pub type BuiltNorm = (Box<dyn Layer<f32>>, bool);
+
 /// Builds the normalization for `c` channels. `spatial` is true after a convolution (input (N, C, H, W)), false
 /// after a linear layer (input (N, C)). `relu` asks for a fused ReLU; the returned flag says whether it was fused
 /// (only BatchNorm and FrozenBatchNorm fuse; the caller adds a separate ReLU otherwise).
@@ -93,7 +96,7 @@ pub fn build_norm(
     spatial: bool,
     relu: bool,
     groups: usize,
-) -> Result<Option<(Box<dyn Layer<f32>>, bool)>> {
+) -> Result<Option<BuiltNorm>> {
     let wrap = |n: Box<dyn NormLayer<f32>>, fused: bool| {
         Ok(Some((
             Box::new(NormAdapter(n)) as Box<dyn Layer<f32>>,
@@ -117,7 +120,7 @@ pub fn build_norm(
         }
         NormKind::Group => {
             let g = groups.min(c);
-            if c % g != 0 {
+            if !c.is_multiple_of(g) {
                 return Err(NvError::Config(format!(
                     "--groups {g} does not divide {c} channels"
                 )));

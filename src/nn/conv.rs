@@ -99,13 +99,13 @@ impl Conv2dConfig {
         if self.groups == 0 {
             return err("groups must be a positive integer".into());
         }
-        if self.in_channels % self.groups != 0 {
+        if !self.in_channels.is_multiple_of(self.groups) {
             return err(format!(
                 "in_channels ({}) must be divisible by groups ({})",
                 self.in_channels, self.groups
             ));
         }
-        if self.out_channels % self.groups != 0 {
+        if !self.out_channels.is_multiple_of(self.groups) {
             return err(format!(
                 "out_channels ({}) must be divisible by groups ({})",
                 self.out_channels, self.groups

@@ -203,6 +203,7 @@ pub fn local_moments<T: Real>(x: &[T], d: Ncs) -> Moments {
 }
 
 #[inline]
+#[allow(clippy::too_many_arguments)]
 fn normalize_channel<T: Real>(
     x: &[T],
     y: SyncPtr<T>,

@@ -58,7 +58,10 @@ impl<T: Real> GroupNorm<T> {
 
     pub fn new(cfg: GroupNormConfig) -> Result<Self> {
         check_eps(cfg.eps)?;
-        if cfg.num_groups == 0 || cfg.num_channels == 0 || cfg.num_channels % cfg.num_groups != 0 {
+        if cfg.num_groups == 0
+            || cfg.num_channels == 0
+            || !cfg.num_channels.is_multiple_of(cfg.num_groups)
+        {
             return Err(NvError::Config(format!(
                 "num_channels ({}) must be divisible by num_groups ({}), both > 0",
                 cfg.num_channels, cfg.num_groups

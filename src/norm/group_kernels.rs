@@ -48,7 +48,7 @@ pub fn forward<T: Real>(
 ) -> GroupStats<T> {
     assert_eq!(x.len(), d.numel());
     assert_eq!(y.len(), d.numel());
-    assert!(groups > 0 && d.c % groups == 0);
+    assert!(groups > 0 && d.c.is_multiple_of(groups));
     let cpg = d.c / groups;
     let blk = cpg * d.s;
     let per: Vec<(T, f64, f64, f64)> = if blk == 0 {

@@ -210,9 +210,8 @@ impl LrSchedule {
                 if !(pct_start > 0.0 && pct_start < 1.0) {
                     return bad(format!("pct_start must be in (0, 1), got {pct_start}"));
                 }
-                if !(div_factor.is_finite() && div_factor > 0.0)
-                    || !(final_div_factor.is_finite() && final_div_factor > 0.0)
-                {
+                let positive = |v: f64| v.is_finite() && v > 0.0;
+                if !positive(div_factor) || !positive(final_div_factor) {
                     return bad(format!(
                         "div_factor ({div_factor}) and final_div_factor ({final_div_factor}) must be positive"
                     ));

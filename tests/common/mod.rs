@@ -142,7 +142,7 @@ pub fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, rtol: f32
     let mut worst = (0.0f32, 0usize);
     for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
         let err = (a - b).abs() - (atol + rtol * b.abs());
-        if !(err <= 0.0) && (err > worst.0 || worst.0 == 0.0) {
+        if (err > 0.0 || err.is_nan()) && (err > worst.0 || worst.0 == 0.0 || err.is_nan()) {
             worst = (err.max(f32::MIN_POSITIVE), i);
         }
     }
