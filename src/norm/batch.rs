@@ -15,8 +15,9 @@
 //! `num_batches_tracked` counts training forwards (an `i64`, as in PyTorch).
 
 use super::batch_kernels::{self as k, BatchStats, Ncs};
+use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
 use super::{check_channels, check_eps, check_momentum, check_same_shape, contiguous, pslice};
-use crate::state::{join, StateDict, Stateful};
+use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
@@ -438,41 +439,28 @@ impl<T: Real> BatchNorm<T> {
 
 impl<T: Real> Stateful<T> for BatchNorm<T> {
     fn save_state(&self, prefix: &str, sd: &mut StateDict) {
-        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
-            sd.insert_float(join(prefix, "weight"), &w.value);
-            sd.insert_float(join(prefix, "bias"), &b.value);
-        }
-        if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
-            sd.insert_float(join(prefix, "running_mean"), rm);
-            sd.insert_float(join(prefix, "running_var"), rv);
-            sd.insert_i64(
-                join(prefix, "num_batches_tracked"),
-                self.num_batches_tracked,
-            );
-        }
+        save_affine(prefix, &self.weight, &self.bias, sd);
+        save_running(
+            prefix,
+            &self.running_mean,
+            &self.running_var,
+            self.num_batches_tracked,
+            sd,
+        );
     }
     fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            sd.load_float(&join(prefix, "weight"), &mut w.value)?;
-            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
-        }
-        if let (Some(rm), Some(rv)) = (self.running_mean.as_mut(), self.running_var.as_mut()) {
-            sd.load_float(&join(prefix, "running_mean"), rm)?;
-            sd.load_float(&join(prefix, "running_var"), rv)?;
-            // Old PyTorch checkpoints lack num_batches_tracked; PyTorch then keeps 0.
-            self.num_batches_tracked = sd
-                .load_i64(&join(prefix, "num_batches_tracked"))
-                .unwrap_or(0);
-        }
+        load_affine(prefix, &mut self.weight, &mut self.bias, sd)?;
+        load_running(
+            prefix,
+            &mut self.running_mean,
+            &mut self.running_var,
+            &mut self.num_batches_tracked,
+            sd,
+        )?;
         self.saved = None;
         Ok(())
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
-        if let Some(w) = self.weight.as_mut() {
-            f(&join(prefix, "weight"), w);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            f(&join(prefix, "bias"), b);
-        }
+        visit_affine(prefix, &mut self.weight, &mut self.bias, f);
     }
 }

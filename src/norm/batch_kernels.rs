@@ -399,7 +399,7 @@ fn channel_backward_sums<T: Real>(
 
 /// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3.
 #[inline]
-fn dx_coefficients<T: Real>(
+pub(crate) fn dx_coefficients<T: Real>(
     st: &BatchStats<T>,
     c: usize,
     sums: &BackwardSums,

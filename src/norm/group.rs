@@ -9,9 +9,10 @@
 //! | one value per group | allowed (output = bias), as in PyTorch |
 
 use super::batch_kernels::Ncs;
+use super::buffers::{load_affine, save_affine, visit_affine};
 use super::group_kernels::{self as k, GroupStats};
 use super::{check_channels, check_dx_len, check_eps, check_same_shape, contiguous, pslice};
-use crate::state::{join, StateDict, Stateful};
+use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
 
@@ -189,24 +190,12 @@ pub(crate) fn accumulate_affine_grads<T: Real>(
 
 impl<T: Real> Stateful<T> for GroupNorm<T> {
     fn save_state(&self, prefix: &str, sd: &mut StateDict) {
-        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
-            sd.insert_float(join(prefix, "weight"), &w.value);
-            sd.insert_float(join(prefix, "bias"), &b.value);
-        }
+        save_affine(prefix, &self.weight, &self.bias, sd);
     }
     fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            sd.load_float(&join(prefix, "weight"), &mut w.value)?;
-            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
-        }
-        Ok(())
+        load_affine(prefix, &mut self.weight, &mut self.bias, sd)
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
-        if let Some(w) = self.weight.as_mut() {
-            f(&join(prefix, "weight"), w);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            f(&join(prefix, "bias"), b);
-        }
+        visit_affine(prefix, &mut self.weight, &mut self.bias, f);
     }
 }

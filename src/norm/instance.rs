@@ -11,10 +11,11 @@
 //! | unbatched (C, *spatial) input | accepted, treated as N = 1 |
 
 use super::batch_kernels::{self as bk, Ncs};
+use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
 use super::group::accumulate_affine_grads;
 use super::group_kernels::{self as k, GroupStats};
 use super::{check_dx_len, check_eps, check_momentum, check_same_shape, contiguous, pslice};
-use crate::state::{join, StateDict, Stateful};
+use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
@@ -298,40 +299,28 @@ impl<T: Real> InstanceNorm<T> {
 
 impl<T: Real> Stateful<T> for InstanceNorm<T> {
     fn save_state(&self, prefix: &str, sd: &mut StateDict) {
-        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
-            sd.insert_float(join(prefix, "weight"), &w.value);
-            sd.insert_float(join(prefix, "bias"), &b.value);
-        }
-        if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
-            sd.insert_float(join(prefix, "running_mean"), rm);
-            sd.insert_float(join(prefix, "running_var"), rv);
-            sd.insert_i64(
-                join(prefix, "num_batches_tracked"),
-                self.num_batches_tracked,
-            );
-        }
+        save_affine(prefix, &self.weight, &self.bias, sd);
+        save_running(
+            prefix,
+            &self.running_mean,
+            &self.running_var,
+            self.num_batches_tracked,
+            sd,
+        );
     }
     fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            sd.load_float(&join(prefix, "weight"), &mut w.value)?;
-            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
-        }
-        if let (Some(rm), Some(rv)) = (self.running_mean.as_mut(), self.running_var.as_mut()) {
-            sd.load_float(&join(prefix, "running_mean"), rm)?;
-            sd.load_float(&join(prefix, "running_var"), rv)?;
-            self.num_batches_tracked = sd
-                .load_i64(&join(prefix, "num_batches_tracked"))
-                .unwrap_or(0);
-        }
+        load_affine(prefix, &mut self.weight, &mut self.bias, sd)?;
+        load_running(
+            prefix,
+            &mut self.running_mean,
+            &mut self.running_var,
+            &mut self.num_batches_tracked,
+            sd,
+        )?;
         self.saved = None;
         Ok(())
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
-        if let Some(w) = self.weight.as_mut() {
-            f(&join(prefix, "weight"), w);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            f(&join(prefix, "bias"), b);
-        }
+        visit_affine(prefix, &mut self.weight, &mut self.bias, f);
     }
 }

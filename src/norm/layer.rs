@@ -9,10 +9,11 @@
 //! Kernels: one task per block of rows; each row's statistics (Σx, shifted Σd, Σd²) then its normalisation while
 //! the row is hot. Backward: per row Σu and Σu·x̂ (u = dy·w) with dweight/dbias accumulated per task, then dx.
 
+use super::buffers::{load_affine, save_affine, visit_affine};
 use super::{
     check_dx_len, check_eps, check_same_shape, contiguous, group_kernels::block_stats, lanes,
 };
-use crate::state::{join, StateDict, Stateful};
+use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
 use rayon::prelude::*;
@@ -281,28 +282,12 @@ impl<T: Real> LayerNorm<T> {
 
 impl<T: Real> Stateful<T> for LayerNorm<T> {
     fn save_state(&self, prefix: &str, sd: &mut StateDict) {
-        if let Some(w) = &self.weight {
-            sd.insert_float(join(prefix, "weight"), &w.value);
-        }
-        if let Some(b) = &self.bias {
-            sd.insert_float(join(prefix, "bias"), &b.value);
-        }
+        save_affine(prefix, &self.weight, &self.bias, sd);
     }
     fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
-        if let Some(w) = self.weight.as_mut() {
-            sd.load_float(&join(prefix, "weight"), &mut w.value)?;
-        }
-        if let Some(b) = self.bias.as_mut() {
-            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
-        }
-        Ok(())
+        load_affine(prefix, &mut self.weight, &mut self.bias, sd)
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
-        if let Some(w) = self.weight.as_mut() {
-            f(&join(prefix, "weight"), w);
-        }
-        if let Some(b) = self.bias.as_mut() {
-            f(&join(prefix, "bias"), b);
-        }
+        visit_affine(prefix, &mut self.weight, &mut self.bias, f);
     }
 }

@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod batch_kernels;
 pub mod bcn;
+mod buffers;
 pub mod frozen;
 pub mod group;
 pub mod group_kernels;

@@ -3,7 +3,7 @@
 //! (vectorised across channels), the partial sums are added, and the elementwise passes run over the same
 //! row blocks. Every memory access is sequential, unlike a channel-major walk with a stride of C.
 
-use super::batch_kernels::{BackwardSums, BatchStats, Moments, Ncs};
+use super::batch_kernels::{dx_coefficients, BackwardSums, BatchStats, Moments, Ncs};
 use crate::Real;
 use rayon::prelude::*;
 
@@ -184,14 +184,10 @@ pub fn backward_dx<T: Real>(
     let mut k2 = Vec::with_capacity(d.c);
     let mut k3 = Vec::with_capacity(d.c);
     for c in 0..d.c {
-        let w = weight.map_or(1.0, |w| w[c].as_f64());
-        let inv = st.invstd[c];
-        let a = inv * w;
-        let bq = -sums.dot[c] * inv * inv / count * a;
-        let delta = st.mean[c] - st.shift[c].as_f64();
-        k1.push(T::of_f64(a));
-        k2.push(T::of_f64(bq));
-        k3.push(T::of_f64(-sums.sum_dy[c] / count * a - delta * bq));
+        let (a, bq, cq) = dx_coefficients(st, c, sums, count, weight);
+        k1.push(a);
+        k2.push(bq);
+        k3.push(cq);
     }
     let (s, b): (Vec<T>, Vec<T>) = (0..d.c).map(|c| st.channel_affine(c, weight, bias)).unzip();
     let sh = &st.shift;
