@@ -41,17 +41,17 @@ only JSON lines (environment / load information then goes to stderr).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import os
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (RunLoadMeter, check_load_after, check_load_before, find_normvision,  # noqa: E402
+                      fmt, fmt_x, format_load, json_lines, make_parser, parse_list, print_table,
+                      ratio, run_normvision_cmd, run_torch_subprocess, time_reps, torch_setup,
+                      write_header, write_run_warning)
 
 ALL_OPS = ["batch_norm", "group_norm", "layer_norm", "instance_norm"]
 ALL_MODES = ["train_fwd", "train_fwd_bwd", "eval_fwd"]
@@ -108,14 +108,6 @@ def parse_shape(s):
     return shape
 
 
-def parse_list(s, allowed, what):
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown {what}: {', '.join(bad)} (allowed: {', '.join(allowed)})")
-    return items
-
-
 # --------------------------------------------------------------------------------------
 # Job list
 # --------------------------------------------------------------------------------------
@@ -143,174 +135,18 @@ def build_jobs(ops, modes, shapes):
 
 
 # --------------------------------------------------------------------------------------
-# Machine load check
-# --------------------------------------------------------------------------------------
-
-def _read_proc_stat():
-    cpus = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if not line.startswith("cpu"):
-                continue
-            parts = line.split()
-            vals = [int(v) for v in parts[1:]]
-            idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-            steal = vals[7] if len(vals) > 7 else 0
-            # guest/guest_nice (fields 9,10) are already included in user/nice
-            total = sum(vals[:8])
-            cpus[parts[0]] = (total, idle, steal)
-    return cpus
-
-
-def machine_load(sample_s=1.0):
-    info = {"ncpu": os.cpu_count()}
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        info["affinity_cpus"] = info["ncpu"]
-    try:
-        with open("/proc/loadavg") as f:
-            la = f.read().split()
-        info["loadavg"] = [float(la[0]), float(la[1]), float(la[2])]
-        info["runnable"] = la[3]
-    except OSError:
-        info["loadavg"] = None
-    try:
-        a = _read_proc_stat()
-        time.sleep(sample_s)
-        b = _read_proc_stat()
-        busy = {}
-        dt_all = b["cpu"][0] - a["cpu"][0]
-        info["steal_pct"] = 100.0 * (b["cpu"][2] - a["cpu"][2]) / dt_all if dt_all > 0 else 0.0
-        for k in b:
-            if k not in a:
-                continue
-            dt = b[k][0] - a[k][0]
-            di = b[k][1] - a[k][1]
-            busy[k] = 100.0 * (dt - di) / dt if dt > 0 else 0.0
-        info["busy_pct"] = busy.get("cpu")
-        info["per_cpu_busy_pct"] = [busy[k] for k in sorted(busy, key=lambda s: (len(s), s)) if k != "cpu"]
-    except (OSError, ValueError, IndexError):
-        info["busy_pct"] = None
-        info["per_cpu_busy_pct"] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    warnings = []
-    busy = info.get("busy_pct")
-    per = info.get("per_cpu_busy_pct") or []
-    if busy is not None and (busy >= 10.0 or (per and max(per) >= 30.0)):
-        warnings.append(
-            f"machine looks loaded: CPU busy {busy:.0f}% over {sample_s:.0f} s "
-            f"(per CPU: {', '.join(f'{p:.0f}%' for p in per)}); other processes are using "
-            f"cores, timings (especially multi-threaded ones) will be noisy")
-    steal = info.get("steal_pct")
-    if steal is not None and steal >= 5.0:
-        warnings.append(f"hypervisor steal time is {steal:.0f}% (VM vCPUs are being descheduled); "
-                        f"timings will be noisy")
-    la = info.get("loadavg")
-    # The load average lags by minutes; only use it when the /proc/stat sample is unavailable.
-    if la and la[0] >= 0.75 and busy is None:
-        warnings.append(f"1-min load average is {la[0]:.2f} (something ran recently); "
-                        f"timings may be noisy")
-    info["warnings"] = warnings
-    return info
-
-
-class RunLoadMeter:
-    """CPU time used by OTHER processes while the benchmark runs: system busy time from
-    /proc/stat minus this process's and its (waited-for) children's CPU time."""
-
-    def __init__(self):
-        self.ok = True
-        try:
-            self.stat0 = _read_proc_stat()["cpu"]
-        except (OSError, KeyError, ValueError, IndexError):
-            self.ok = False
-        self.times0 = os.times()
-        self.wall0 = time.perf_counter()
-
-    def others_cores(self):
-        """Average number of cores used by other processes since construction (None if unknown)."""
-        if not self.ok:
-            return None
-        try:
-            st = _read_proc_stat()["cpu"]
-        except (OSError, KeyError, ValueError, IndexError):
-            return None
-        t = os.times()
-        wall = time.perf_counter() - self.wall0
-        if wall <= 0:
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = ((st[0] - st[1]) - (self.stat0[0] - self.stat0[1])) / hz
-        ours = sum(t[:4]) - sum(self.times0[:4])
-        return max(0.0, (busy - ours) / wall)
-
-
-def format_load(info):
-    lines = []
-    cpu = info.get("cpu_model", "unknown CPU")
-    lines.append(f"CPU: {cpu}; {info['ncpu']} logical CPUs ({info['affinity_cpus']} usable)")
-    la = info.get("loadavg")
-    busy = info.get("busy_pct")
-    per = info.get("per_cpu_busy_pct") or []
-    s = "load: "
-    s += f"loadavg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (runnable {info.get('runnable')})" if la else "loadavg n/a"
-    if busy is not None:
-        s += f"; CPU busy {busy:.1f}% over ~1 s (per CPU: {', '.join(f'{p:.0f}%' for p in per)})"
-    if info.get("steal_pct") is not None:
-        s += f"; steal {info['steal_pct']:.1f}%"
-    lines.append(s)
-    for w in info["warnings"]:
-        lines.append(f"WARNING: {w}")
-    return lines
-
-
-# --------------------------------------------------------------------------------------
 # PyTorch worker (runs in a subprocess, one per thread count)
 # --------------------------------------------------------------------------------------
 
 def _time_calls(fn, warmup, reps, before=None):
-    for _ in range(warmup):
-        if before is not None:
-            before()
-        fn()
-    times = []
-    gc_was = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(reps):
-            if before is not None:
-                before()
-            t0 = time.perf_counter()
-            fn()
-            t1 = time.perf_counter()
-            times.append((t1 - t0) * 1e3)
-    finally:
-        if gc_was:
-            gc.enable()
+    times = [dt * 1e3 for dt in time_reps(fn, warmup, reps, before)]
     return min(times), statistics.median(times)
 
 
 def torch_worker(spec):
     threads = spec["threads"]
-    import torch  # noqa: imported only in the worker
+    torch = torch_setup(threads)  # torch is imported only in the worker
     from torch import nn
-
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    torch.manual_seed(0)
-    meta = {"meta": True, "torch_version": torch.__version__, "threads": torch.get_num_threads()}
-    print(json.dumps(meta), flush=True)
 
     warmup, reps = spec["warmup"], spec["reps"]
     for op, shape, mode in spec["jobs"]:
@@ -366,19 +202,11 @@ def run_torch(jobs, threads, reps, warmup):
     """Returns ({key: {"nchw": (min, med), "cl": (min, med)}}, meta)."""
     spec = {"threads": threads, "reps": reps, "warmup": warmup,
             "jobs": [[op, list(shape), mode] for op, shape, mode, _ in jobs]}
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_torch-worker"],
-                          input=json.dumps(spec), capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"error: PyTorch worker (threads={threads}) failed with exit code "
-                         f"{proc.returncode} (python: {sys.executable}; is torch installed? "
-                         f"use tools/bench_norm_vs_torch.sh or set TORCH_PYTHON)")
+    stdout = run_torch_subprocess(__file__, spec, threads, f"threads={threads}",
+                                  "tools/bench_norm_vs_torch.sh")
     res, meta = {}, {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         try:
             d = json.loads(line)
         except ValueError:
@@ -396,30 +224,10 @@ def run_torch(jobs, threads, reps, warmup):
 # normvision side
 # --------------------------------------------------------------------------------------
 
-def build_normvision():
-    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    if not target_dir.is_absolute():
-        target_dir = REPO_ROOT / target_dir
-    print("[normvision] cargo build --release ...", file=sys.stderr)
-    proc = subprocess.run(["cargo", "build", "--release"], cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        raise SystemExit("error: cargo build --release failed")
-    return target_dir / "release" / "normvision"
-
-
 def parse_normvision_output(text, threads):
     """Parse `bench-kernels --json` output: one JSON object per line; non-JSON lines ignored."""
     res = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(d, dict) or not {"op", "shape", "mode", "median_ms"} <= d.keys():
-            continue
+    for d in json_lines(text, ("op", "shape", "mode", "median_ms")):
         try:
             key = (str(d["op"]), tuple(int(s) for s in d["shape"]), str(d["mode"]),
                    int(d.get("threads", threads)))
@@ -437,14 +245,8 @@ def run_normvision(binary, threads, reps, warmup, ops, modes, shapes_arg):
     if shapes_arg:
         cmd += ["--shapes", ",".join(shape_str(s) for s in shapes_arg)]
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot run normvision binary {binary}: {e}")
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
-        raise SystemExit(f"error: `{' '.join(cmd)}` failed with exit code {proc.returncode}")
-    res = parse_normvision_output(proc.stdout, threads)
+    stdout = run_normvision_cmd(cmd, f"cannot run normvision binary {binary}")
+    res = parse_normvision_output(stdout, threads)
     print(f"[normvision] threads={threads}: {len(res)} rows in {time.time() - t0:.1f} s",
           file=sys.stderr)
     return res
@@ -467,12 +269,6 @@ def merge_best(acc, new):
 def is_noisy(pair):
     return pair is not None and pair[0] is not None and pair[0] > 0 and \
         pair[1] > NOISY_MEDIAN_OVER_MIN * pair[0]
-
-
-def ratio(a, b):
-    if a is None or b is None or b <= 0:
-        return None
-    return a / b
 
 
 def make_rows(jobs, threads_list, torch_res, nv_res, have_nv):
@@ -512,14 +308,6 @@ def make_rows(jobs, threads_list, torch_res, nv_res, have_nv):
     return rows, dropped, missing, extra
 
 
-def fmt(v, spec, na="-"):
-    return na if v is None else format(v, spec)
-
-
-def fmt_x(v):
-    return "-" if v is None else f"{v:.2f}x"
-
-
 TABLE_HEADER = ["op", "shape", "mode", "thr", "torch NCHW ms", "torch CL ms", "nv ms",
                 "x NCHW", "x CL", "x NCHW (min)", "x CL (min)", "nv GB/s", "torch GB/s", "noisy"]
 
@@ -533,30 +321,9 @@ def table_cells(r):
             ",".join(n.replace("torch_", "").replace("normvision", "nv") for n in r["noisy"])]
 
 
-def print_table(rows, markdown, out):
-    cells = [table_cells(r) for r in rows]
-    left = {0, 1, 2}
-    if markdown:
-        out.write("| " + " | ".join(TABLE_HEADER) + " |\n")
-        out.write("|" + "|".join(":---" if i in left else "---:" for i in range(len(TABLE_HEADER))) + "|\n")
-        for c in cells:
-            out.write("| " + " | ".join(c) + " |\n")
-        return
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
-              for i, h in enumerate(TABLE_HEADER)]
-
-    def line(c):
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
-
-    out.write(line(TABLE_HEADER).rstrip() + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    prev = None
-    for r, c in zip(rows, cells):
-        grp = (r["threads"], r["op"])
-        if prev is not None and grp != prev:
-            out.write("\n")
-        prev = grp
-        out.write(line(c).rstrip() + "\n")
+def print_rows_table(rows, markdown, out):
+    print_table(TABLE_HEADER, [table_cells(r) for r in rows], {0, 1, 2}, markdown, out,
+                group_of=lambda i: (rows[i]["threads"], rows[i]["op"]))
 
 
 # Targets: (name, op, modes, [(column, min-column, threshold, label)], best_layout)
@@ -648,9 +415,7 @@ def main(argv=None):
         torch_worker(json.load(sys.stdin))
         return 0
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring for details.")
+    p = make_parser(__doc__)
     p.add_argument("--threads", default="1,2",
                    type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                    help="comma-separated thread counts (default 1,2)")
@@ -690,20 +455,11 @@ def main(argv=None):
     info_out = sys.stderr if args.json else sys.stdout
 
     # Build before the load check (cargo itself loads the machine).
-    binary = None
-    if not args.torch_only:
-        binary = Path(args.normvision) if args.normvision else build_normvision()
-        if not binary.exists():
-            raise SystemExit(f"error: normvision binary not found: {binary}")
+    binary = find_normvision(args.normvision, args.torch_only)
 
-    load = machine_load(1.0)
-    ncpu = load["affinity_cpus"] or load["ncpu"] or 1
-    for t in args.threads:
-        if t > ncpu:
-            load["warnings"].append(f"--threads {t} exceeds the {ncpu} usable CPUs (oversubscribed)")
-    if not args.json:  # with --json the whole header goes to stderr at the end anyway
-        for w in load["warnings"]:
-            print(f"WARNING: {w}", file=sys.stderr)
+    # With --json the whole header goes to stderr at the end anyway.
+    load = check_load_before(args.threads, lambda t, ncpu: f"--threads {t} exceeds the {ncpu} usable CPUs "
+                             f"(oversubscribed)", quiet=args.json)
 
     torch_res, torch_meta = {}, {}
     nv_res = {}
@@ -719,16 +475,7 @@ def main(argv=None):
                 merge_best(nv_res, run_normvision(binary, t, args.reps, args.warmup, args.ops,
                                                   args.modes, args.shapes))
 
-    others = meter.others_cores()
-    if others is not None:
-        load["others_cores_during_run"] = others
-        msg = f"other processes used on average {others:.2f} cores while the benchmark ran"
-        if others >= 0.15:
-            msg = ("WARNING: " + msg + "; the timings (especially multi-threaded ones) are not "
-                   "trustworthy, re-run on an idle machine")
-            if not args.json:
-                print(msg, file=sys.stderr)
-        load["during_run"] = msg
+    check_load_after(load, meter, quiet=args.json)
 
     rows, dropped, missing, extra = make_rows(jobs, args.threads, torch_res, nv_res, binary is not None)
     if dropped:
@@ -751,8 +498,7 @@ def main(argv=None):
                f"(re-run, or use --rounds)")
 
     if args.json:
-        for line in hdr:
-            print(line, file=sys.stderr)
+        write_header(hdr, sys.stderr, False)
         for r in rows:
             print(json.dumps(r))
         results = evaluate_targets(rows) if binary is not None else []
@@ -760,15 +506,13 @@ def main(argv=None):
             print_summary(results, sys.stderr, False)
     else:
         out = sys.stdout
-        for line in hdr:
-            out.write((f"> {line}  \n" if args.markdown else line + "\n"))
+        write_header(hdr, out, args.markdown)
         out.write("\n")
-        print_table(rows, args.markdown, out)
+        print_rows_table(rows, args.markdown, out)
         results = evaluate_targets(rows) if binary is not None else []
         if results:
             print_summary(results, out, args.markdown)
-        if load.get("during_run", "").startswith("WARNING"):
-            out.write("\n" + load["during_run"] + "\n")
+        write_run_warning(load, out)
         n_noisy = sum(1 for r in rows if r["noisy"])
         if n_noisy:
             out.write(f"\nnote: {n_noisy}/{len(rows)} rows are noisy (median > "

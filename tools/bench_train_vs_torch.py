@@ -41,20 +41,22 @@ The tables go to stdout, progress to stderr. With --json, stdout carries only JS
 from __future__ import annotations
 
 import argparse
-import gc
 import gzip
 import json
 import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (RunLoadMeter, check_load_after, check_load_before, find_normvision,  # noqa: E402
+                      fmt, fmt_x, format_load, json_lines, make_parser, parse_list, print_table,
+                      ratio, run_normvision_cmd, run_torch_subprocess, time_reps, torch_setup,
+                      write_header, write_run_warning)
 
 ALL_NORMS = ["batch", "none"]
 LAYOUTS = ["nchw", "channels_last"]
@@ -70,16 +72,6 @@ DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 DIVERGENCE_WINDOW = 200
 SPEEDUP_TARGET = 1.3
 TARGET_NORMS = {"batch"}  # the targets are defined for the reference CNN with BatchNorm
-
-
-def parse_list(s, allowed, what):
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown {what}: {', '.join(bad)} (allowed: {', '.join(allowed)})")
-    if not items:
-        raise argparse.ArgumentTypeError(f"empty {what} list")
-    return items
 
 
 def parse_ints(s):
@@ -100,134 +92,6 @@ def parse_floats(s):
     if not v or any(not (x > 0 and math.isfinite(x)) for x in v):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {s!r}")
     return v
-
-
-# --------------------------------------------------------------------------------------
-# Machine load check (same rules as tools/bench_norm_vs_torch.py)
-# --------------------------------------------------------------------------------------
-
-def _read_proc_stat():
-    cpus = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if not line.startswith("cpu"):
-                continue
-            parts = line.split()
-            vals = [int(v) for v in parts[1:]]
-            idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-            steal = vals[7] if len(vals) > 7 else 0
-            total = sum(vals[:8])  # guest/guest_nice are already included in user/nice
-            cpus[parts[0]] = (total, idle, steal)
-    return cpus
-
-
-def machine_load(sample_s=1.0):
-    info = {"ncpu": os.cpu_count()}
-    try:
-        info["affinity_cpus"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        info["affinity_cpus"] = info["ncpu"]
-    try:
-        with open("/proc/loadavg") as f:
-            la = f.read().split()
-        info["loadavg"] = [float(la[0]), float(la[1]), float(la[2])]
-        info["runnable"] = la[3]
-    except OSError:
-        info["loadavg"] = None
-    try:
-        a = _read_proc_stat()
-        time.sleep(sample_s)
-        b = _read_proc_stat()
-        busy = {}
-        dt_all = b["cpu"][0] - a["cpu"][0]
-        info["steal_pct"] = 100.0 * (b["cpu"][2] - a["cpu"][2]) / dt_all if dt_all > 0 else 0.0
-        for k in b:
-            if k not in a:
-                continue
-            dt = b[k][0] - a[k][0]
-            di = b[k][1] - a[k][1]
-            busy[k] = 100.0 * (dt - di) / dt if dt > 0 else 0.0
-        info["busy_pct"] = busy.get("cpu")
-        info["per_cpu_busy_pct"] = [busy[k] for k in sorted(busy, key=lambda s: (len(s), s)) if k != "cpu"]
-    except (OSError, ValueError, IndexError, KeyError):
-        info["busy_pct"] = None
-        info["per_cpu_busy_pct"] = []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    warnings = []
-    busy = info.get("busy_pct")
-    per = info.get("per_cpu_busy_pct") or []
-    if busy is not None and (busy >= 10.0 or (per and max(per) >= 30.0)):
-        warnings.append(
-            f"machine looks loaded: CPU busy {busy:.0f}% over {sample_s:.0f} s "
-            f"(per CPU: {', '.join(f'{p:.0f}%' for p in per)}); other processes are using "
-            f"cores, timings (especially multi-threaded ones) will be noisy")
-    steal = info.get("steal_pct")
-    if steal is not None and steal >= 5.0:
-        warnings.append(f"hypervisor steal time is {steal:.0f}% (VM vCPUs are being descheduled); "
-                        f"timings will be noisy")
-    la = info.get("loadavg")
-    # The load average lags by minutes; only use it when the /proc/stat sample is unavailable.
-    if la and la[0] >= 0.75 and busy is None:
-        warnings.append(f"1-min load average is {la[0]:.2f} (something ran recently); timings may be noisy")
-    info["warnings"] = warnings
-    return info
-
-
-class RunLoadMeter:
-    """CPU time used by OTHER processes while the benchmark runs: system busy time from
-    /proc/stat minus this process's and its (waited-for) children's CPU time."""
-
-    def __init__(self):
-        self.ok = True
-        try:
-            self.stat0 = _read_proc_stat()["cpu"]
-        except (OSError, KeyError, ValueError, IndexError):
-            self.ok = False
-        self.times0 = os.times()
-        self.wall0 = time.perf_counter()
-
-    def others_cores(self):
-        """Average number of cores used by other processes since construction (None if unknown)."""
-        if not self.ok:
-            return None
-        try:
-            st = _read_proc_stat()["cpu"]
-        except (OSError, KeyError, ValueError, IndexError):
-            return None
-        t = os.times()
-        wall = time.perf_counter() - self.wall0
-        if wall <= 0:
-            return None
-        hz = os.sysconf("SC_CLK_TCK")
-        busy = ((st[0] - st[1]) - (self.stat0[0] - self.stat0[1])) / hz
-        ours = sum(t[:4]) - sum(self.times0[:4])
-        return max(0.0, (busy - ours) / wall)
-
-
-def format_load(info):
-    lines = []
-    cpu = info.get("cpu_model", "unknown CPU")
-    lines.append(f"CPU: {cpu}; {info['ncpu']} logical CPUs ({info['affinity_cpus']} usable)")
-    la = info.get("loadavg")
-    busy = info.get("busy_pct")
-    per = info.get("per_cpu_busy_pct") or []
-    s = "load: "
-    s += f"loadavg {la[0]:.2f} {la[1]:.2f} {la[2]:.2f} (runnable {info.get('runnable')})" if la else "loadavg n/a"
-    if busy is not None:
-        s += f"; CPU busy {busy:.1f}% over ~1 s (per CPU: {', '.join(f'{p:.0f}%' for p in per)})"
-    if info.get("steal_pct") is not None:
-        s += f"; steal {info['steal_pct']:.1f}%"
-    lines.append(s)
-    for w in info["warnings"]:
-        lines.append(f"WARNING: {w}")
-    return lines
 
 
 # --------------------------------------------------------------------------------------
@@ -268,26 +132,13 @@ def build_torch_cnn(norm, nn, torch):
     return model
 
 
-def _torch_setup(threads, seed=0):
-    import torch
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    torch.manual_seed(seed)
-    print(json.dumps({"meta": True, "torch_version": torch.__version__,
-                      "threads": torch.get_num_threads()}), flush=True)
-    return torch
-
-
 def _median_best(times_s, batch):
     med = statistics.median(times_s)
     return batch / med, batch / min(times_s), med * 1e3
 
 
 def torch_speed_worker(spec):
-    torch = _torch_setup(spec["threads"])
+    torch = torch_setup(spec["threads"])
     from torch import nn
     import torch.nn.functional as F
 
@@ -317,19 +168,7 @@ def torch_speed_worker(spec):
                     def step():
                         with torch.no_grad():
                             model(x)
-                for _ in range(warmup):
-                    step()
-                times = []
-                gc_was = gc.isenabled()
-                gc.disable()
-                try:
-                    for _ in range(steps):
-                        t0 = time.perf_counter()
-                        step()
-                        times.append(time.perf_counter() - t0)
-                finally:
-                    if gc_was:
-                        gc.enable()
+                times = time_reps(step, warmup, steps)
                 img_s, best, ms = _median_best(times, B)
                 print(json.dumps({"norm": norm, "mode": mode, "layout": layout, "batch": B,
                                   "threads": spec["threads"], "img_s": img_s, "img_s_best": best,
@@ -368,7 +207,7 @@ def load_fashion_mnist(data_dir, train_limit, test_limit):
 
 
 def torch_accuracy_worker(spec):
-    torch = _torch_setup(spec["threads"], spec["seed"])
+    torch = torch_setup(spec["threads"], spec["seed"])
     from torch import nn
     import torch.nn.functional as F
 
@@ -452,20 +291,10 @@ def torch_accuracy_worker(spec):
 
 def run_torch_worker(spec, show_stderr=False):
     """Runs a worker subprocess; returns (list of JSON rows, meta)."""
-    env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(spec["threads"])
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--_torch-worker"],
-                          input=json.dumps(spec), stdout=subprocess.PIPE,
-                          stderr=None if show_stderr else subprocess.PIPE, text=True, env=env)
-    if proc.returncode != 0:
-        if proc.stderr:
-            sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"error: PyTorch worker ({spec['kind']}, threads={spec['threads']}) failed with exit "
-                         f"code {proc.returncode} (python: {sys.executable}; is torch installed? use "
-                         f"tools/bench_train_vs_torch.sh or set TORCH_PYTHON)")
+    stdout = run_torch_subprocess(__file__, spec, spec["threads"], f"{spec['kind']}, threads={spec['threads']}",
+                                  "tools/bench_train_vs_torch.sh", show_stderr=show_stderr)
     rows, meta = [], {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         try:
             d = json.loads(line)
         except ValueError:
@@ -483,33 +312,6 @@ def run_torch_worker(spec, show_stderr=False):
 # normvision side
 # --------------------------------------------------------------------------------------
 
-def build_normvision():
-    target_dir = Path(os.environ.get("CARGO_TARGET_DIR", REPO_ROOT / "target"))
-    if not target_dir.is_absolute():
-        target_dir = REPO_ROOT / target_dir
-    print("[normvision] cargo build --release ...", file=sys.stderr)
-    proc = subprocess.run(["cargo", "build", "--release"], cwd=REPO_ROOT)
-    if proc.returncode != 0:
-        raise SystemExit("error: cargo build --release failed")
-    return target_dir / "release" / "normvision"
-
-
-def _json_lines(text, required):
-    """JSON objects (one per line) that have all `required` keys; other lines are ignored."""
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(d, dict) and set(required) <= d.keys():
-            out.append(d)
-    return out
-
-
 def _float_or_none(v):
     try:
         f = float(v)
@@ -521,7 +323,7 @@ def _float_or_none(v):
 def parse_bench_output(text, threads, batch):
     """`normvision bench --json` lines -> {(norm, mode, threads): {img_s, img_s_best, ms_median}}."""
     res = {}
-    for d in _json_lines(text, ("norm", "mode", "img_s")):
+    for d in json_lines(text, ("norm", "mode", "img_s")):
         if d.get("model", "cnn") != "cnn":
             continue
         if d.get("batch") is not None and int(d["batch"]) != batch:
@@ -538,15 +340,9 @@ def parse_bench_output(text, threads, batch):
 
 def run_normvision(cmd, what):
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot run normvision ({cmd[0]}): {e}")
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
-        raise SystemExit(f"error: `{' '.join(cmd)}` failed with exit code {proc.returncode}")
+    stdout = run_normvision_cmd(cmd, f"cannot run normvision ({cmd[0]})")
     print(f"[normvision] {what} in {time.time() - t0:.1f} s", file=sys.stderr)
-    return proc.stdout
+    return stdout
 
 
 def normvision_bench(binary, threads, norm, batch, steps, warmup, modes):
@@ -567,7 +363,7 @@ def normvision_bench(binary, threads, norm, batch, steps, warmup, modes):
 def parse_compare_output(text):
     """`normvision compare --json` lines -> {norm: row} (rows normalized)."""
     res = {}
-    for d in _json_lines(text, ("norm", "epoch_acc")):
+    for d in json_lines(text, ("norm", "epoch_acc")):
         if d.get("model", "cnn") != "cnn":
             continue
         accs = d.get("epoch_acc") or []
@@ -607,45 +403,10 @@ def normvision_compare(binary, threads, lr, args, out_dir):
 # Formatting helpers
 # --------------------------------------------------------------------------------------
 
-def fmt(v, spec, na="-"):
-    return na if v is None else format(v, spec)
-
-
-def fmt_x(v):
-    return "-" if v is None else f"{v:.2f}x"
-
-
 def fmt_pct(v):
     return "-" if v is None else f"{v * 100:.2f}%"
 
 
-def ratio(a, b):
-    if a is None or b is None or b <= 0:
-        return None
-    return a / b
-
-
-def print_table(header, cells, left, markdown, out, group_of=None):
-    if markdown:
-        out.write("| " + " | ".join(header) + " |\n")
-        out.write("|" + "|".join(":---" if i in left else "---:" for i in range(len(header))) + "|\n")
-        for c in cells:
-            out.write("| " + " | ".join(c) + " |\n")
-        return
-    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(header)]
-
-    def line(c):
-        return "  ".join(v.ljust(w) if i in left else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths)))
-
-    out.write(line(header).rstrip() + "\n")
-    out.write("  ".join("-" * w for w in widths) + "\n")
-    prev = None
-    for i, c in enumerate(cells):
-        grp = group_of(i) if group_of else None
-        if prev is not None and grp != prev:
-            out.write("\n")
-        prev = grp
-        out.write(line(c).rstrip() + "\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -876,14 +637,12 @@ def main(argv=None):
         (torch_speed_worker if spec["kind"] == "speed" else torch_accuracy_worker)(spec)
         return 0
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="See the module docstring for details.")
+    p = make_parser(__doc__)
     p.add_argument("--part", choices=["speed", "accuracy", "all"], default="speed",
                    help="speed (part A, default), accuracy (part B, long) or all")
     p.add_argument("--threads", default=[1, 2], type=parse_ints,
                    help="comma-separated thread counts for part A (default 1,2)")
-    p.add_argument("--norms", default=["batch"], type=lambda s: parse_list(s, ALL_NORMS, "norm"),
+    p.add_argument("--norms", default=["batch"], type=lambda s: parse_list(s, ALL_NORMS, "norm", allow_empty=False),
                    help="comma-separated subset of batch,none (default: batch for speed; "
                         "batch,none for accuracy unless given)")
     p.add_argument("--batch-size", type=int, default=128, help="part A batch size (default 128)")
@@ -933,20 +692,11 @@ def main(argv=None):
             p.error(f"Fashion-MNIST directory not found: {data} (use --data)")
 
     # Build before the load check (cargo itself loads the machine).
-    binary = None
-    if not args.torch_only:
-        binary = Path(args.normvision) if args.normvision else build_normvision()
-        if not binary.exists():
-            raise SystemExit(f"error: normvision binary not found: {binary}")
+    binary = find_normvision(args.normvision, args.torch_only)
 
-    load = machine_load(1.0)
-    ncpu = load["affinity_cpus"] or load["ncpu"] or 1
-    for t in set((args.threads if do_speed else []) + ([acc_threads] if do_acc else [])):
-        if t > ncpu:
-            load["warnings"].append(f"{t} threads exceed the {ncpu} usable CPUs (oversubscribed)")
-    if not args.json:
-        for w in load["warnings"]:
-            print(f"WARNING: {w}", file=sys.stderr)
+    load = check_load_before(set((args.threads if do_speed else []) + ([acc_threads] if do_acc else [])),
+                             lambda t, ncpu: f"{t} threads exceed the {ncpu} usable CPUs (oversubscribed)",
+                             quiet=args.json)
 
     meter = RunLoadMeter()
     speed_rows, acc_rows, meta = [], [], {}
@@ -964,16 +714,7 @@ def main(argv=None):
             print("WARNING: normvision compare reported nothing for: " + ", ".join(
                 f"lr {lr:g} {n}" for lr, n in missing), file=sys.stderr)
 
-    others = meter.others_cores()
-    if others is not None:
-        load["others_cores_during_run"] = others
-        msg = f"other processes used on average {others:.2f} cores while the benchmark ran"
-        if others >= 0.15:
-            msg = ("WARNING: " + msg + "; the timings (especially multi-threaded ones) are not "
-                   "trustworthy, re-run on an idle machine")
-            if not args.json:
-                print(msg, file=sys.stderr)
-        load["during_run"] = msg
+    check_load_after(load, meter, quiet=args.json)
 
     hdr = [f"normvision vs PyTorch {meta.get('torch_version', '?')} (CPU, f32), reference CNN; "
            f"binary: {binary if binary else '(torch only)'}"]
@@ -995,16 +736,14 @@ def main(argv=None):
 
     results = evaluate_speed_targets(speed_rows, args.threads) if (speed_rows and binary is not None) else []
     if args.json:
-        for line in hdr:
-            print(line, file=sys.stderr)
+        write_header(hdr, sys.stderr, False)
         for r in speed_rows + acc_rows:
             print(json.dumps(r))
         if results:
             print_summary("Targets (median-based)", results, sys.stderr, False)
     else:
         out = sys.stdout
-        for line in hdr:
-            out.write(f"> {line}  \n" if args.markdown else line + "\n")
+        write_header(hdr, out, args.markdown)
         if speed_rows:
             out.write("\n" + ("### Speed (images/s)\n\n" if args.markdown else "Speed (images/s):\n"))
             print_table(SPEED_HEADER, [speed_cells(r) for r in speed_rows], {0, 1, 2}, args.markdown, out,
@@ -1021,8 +760,7 @@ def main(argv=None):
                 for eng in ("torch", "normvision"):
                     if r[f"{eng}_diverged"]:
                         out.write(f"{eng} lr {r['lr']:g} {r['norm']}: diverged: {r[f'{eng}_diverged']}\n")
-        if load.get("during_run", "").startswith("WARNING"):
-            out.write("\n" + load["during_run"] + "\n")
+        write_run_warning(load, out)
     if args.strict and any(s.startswith(("FAIL", "INCOMPLETE")) for _, s, _ in results):
         return 1
     return 0
