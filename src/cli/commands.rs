@@ -4,7 +4,6 @@ use super::args::{DataArgs, TrainArgs};
 use crate::data::{load_image_for_model, DataLoader, LoaderConfig};
 use crate::model::{Model, ModelConfig, ModelKind, NormKind};
 use crate::nn::loss::cross_entropy;
-use crate::optim::Optimizer;
 use crate::state::Stateful;
 use crate::train::{self, checkpoint, RunOptions, TrainReport};
 use crate::{Mode, NvError, Result};
@@ -404,6 +403,3 @@ pub fn compare(
     }
     Ok(())
 }
-
-#[allow(dead_code)]
-fn _assert_optimizer_object_safe(_: &dyn Optimizer) {}

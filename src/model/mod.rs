@@ -9,11 +9,11 @@ pub mod norm_layer;
 pub mod residual;
 pub mod sequential;
 
-pub use norm_layer::{build_norm, NormAdapter, NormKind};
+pub use norm_layer::{build_norm, push_norm_relu, NormAdapter, NormKind};
 pub use residual::BasicBlock;
 pub use sequential::Sequential;
 
-use crate::nn::activation::{Flatten, ReLU, Sigmoid};
+use crate::nn::activation::{Flatten, Sigmoid};
 use crate::nn::conv::Conv2dConfig;
 use crate::nn::dropout::Dropout;
 use crate::nn::init::{Init, InitSpec};
@@ -90,6 +90,18 @@ impl ModelConfig {
     }
 }
 
+/// Builds a convolution and initialises it with `init` (drawn after PyTorch's default, as before, so a seed
+/// gives the same weights).
+pub(crate) fn init_conv(
+    cfg: Conv2dConfig,
+    init: InitSpec,
+    rng: &mut impl rand::Rng,
+) -> Result<crate::nn::conv::Conv2d<f32>> {
+    let mut c = cfg.build::<f32>(rng)?;
+    c.reset_parameters(init.init, init.scale, rng)?;
+    Ok(c)
+}
+
 /// A network with its configuration.
 pub struct Model {
     pub cfg: ModelConfig,
@@ -153,7 +165,7 @@ impl Stateful<f32> for StepDropout {
     }
 }
 
-fn push_norm_relu(
+fn push_norm_relu_indexed(
     seq: &mut Sequential,
     idx: &mut usize,
     norm: NormKind,
@@ -161,21 +173,13 @@ fn push_norm_relu(
     spatial: bool,
     groups: usize,
 ) -> Result<()> {
-    match build_norm(norm, c, spatial, true, groups)? {
-        Some((n, fused)) => {
-            seq.push(idx.to_string(), n);
-            *idx += 1;
-            if !fused {
-                seq.push(idx.to_string(), Box::new(ReLU::new()));
-            }
-            // A fused ReLU keeps its PyTorch index so the names match nn.Sequential(conv, bn, relu, ...).
-            *idx += 1;
-        }
-        None => {
-            seq.push(idx.to_string(), Box::new(ReLU::new()));
-            *idx += 1;
-        }
-    }
+    let (n, r) = (idx.to_string(), (*idx + 1).to_string());
+    // With a norm, the ReLU keeps its own index even when fused, so names match nn.Sequential(conv, bn, relu).
+    *idx += if push_norm_relu(seq, &n, &r, norm, c, spatial, groups)? {
+        2
+    } else {
+        1
+    };
     Ok(())
 }
 
@@ -205,12 +209,11 @@ impl Model {
         init: InitSpec,
         rng: &mut impl rand::Rng,
     ) -> Result<Box<dyn Layer<f32>>> {
-        let mut c = Conv2dConfig::new(cin, cout, 3)
-            .padding(1)
-            .bias(bias)
-            .build::<f32>(rng)?;
-        c.reset_parameters(init.init, init.scale, rng)?;
-        Ok(Box::new(c))
+        Ok(Box::new(init_conv(
+            Conv2dConfig::new(cin, cout, 3).padding(1).bias(bias),
+            init,
+            rng,
+        )?))
     }
 
     fn linear(
@@ -243,7 +246,7 @@ impl Model {
         for (k, &(cin, cout)) in chans.iter().enumerate() {
             s.push(i.to_string(), Self::conv(cin, cout, bias, cfg.init, rng)?);
             i += 1;
-            push_norm_relu(&mut s, &mut i, cfg.norm, cout, true, cfg.groups)?;
+            push_norm_relu_indexed(&mut s, &mut i, cfg.norm, cout, true, cfg.groups)?;
             if k % 2 == 1 {
                 s.push(
                     i.to_string(),
@@ -266,7 +269,7 @@ impl Model {
             )?,
         );
         i += 1;
-        push_norm_relu(&mut s, &mut i, cfg.norm, 128, false, cfg.groups)?;
+        push_norm_relu_indexed(&mut s, &mut i, cfg.norm, 128, false, cfg.groups)?;
         if cfg.dropout > 0.0 {
             s.push(
                 i.to_string(),
@@ -324,15 +327,7 @@ impl Model {
             "conv1",
             Self::conv(cfg.in_channels, 16, bias, cfg.init, rng)?,
         );
-        match build_norm(cfg.norm, 16, true, true, cfg.groups)? {
-            Some((n, fused)) => {
-                s.push("bn1", n);
-                if !fused {
-                    s.push("relu", Box::new(ReLU::new()));
-                }
-            }
-            None => s.push("relu", Box::new(ReLU::new())),
-        }
+        push_norm_relu(&mut s, "bn1", "relu", cfg.norm, 16, true, cfg.groups)?;
         let mut cin = 16;
         for (stage, &cout) in [16usize, 32, 64].iter().enumerate() {
             for b in 0..3 {

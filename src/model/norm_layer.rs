@@ -150,3 +150,30 @@ pub fn build_norm(
         ),
     }
 }
+
+/// Appends the normalization for `c` channels followed by a ReLU, under `norm_name` and `relu_name`: the ReLU
+/// is fused into the norm where the norm supports it, and stands alone when there is no norm. Returns whether a
+/// norm layer was added (callers that number children, like `nn.Sequential`, keep the ReLU's index either way).
+pub fn push_norm_relu(
+    seq: &mut super::Sequential,
+    norm_name: &str,
+    relu_name: &str,
+    kind: NormKind,
+    c: usize,
+    spatial: bool,
+    groups: usize,
+) -> Result<bool> {
+    match build_norm(kind, c, spatial, true, groups)? {
+        Some((n, fused)) => {
+            seq.push(norm_name, n);
+            if !fused {
+                seq.push(relu_name, Box::new(crate::nn::activation::ReLU::new()));
+            }
+            Ok(true)
+        }
+        None => {
+            seq.push(relu_name, Box::new(crate::nn::activation::ReLU::new()));
+            Ok(false)
+        }
+    }
+}

@@ -2,9 +2,9 @@
 //! shortcut (1x1 conv, stride s, + norm) when the shape changes and the identity otherwise.
 //! State-dict names follow the usual PyTorch CIFAR ResNet: `conv1`, `bn1`, `conv2`, `bn2`, `shortcut.0`, `shortcut.1`.
 
-use super::norm_layer::{build_norm, NormKind};
+use super::init_conv;
+use super::norm_layer::{build_norm, push_norm_relu, NormKind};
 use super::Sequential;
-use crate::nn::activation::ReLU;
 use crate::nn::conv::Conv2dConfig;
 use crate::nn::init::InitSpec;
 use crate::nn::Layer;
@@ -30,38 +30,32 @@ impl BasicBlock {
     ) -> Result<Self> {
         let bias = norm.wants_bias_before();
         let mut main = Sequential::new();
-        let mut c1 = Conv2dConfig::new(cin, cout, 3)
-            .stride(stride)
-            .padding(1)
-            .bias(bias)
-            .build::<f32>(rng)?;
-        c1.reset_parameters(init.init, init.scale, rng)?;
+        let c1 = init_conv(
+            Conv2dConfig::new(cin, cout, 3)
+                .stride(stride)
+                .padding(1)
+                .bias(bias),
+            init,
+            rng,
+        )?;
         main.push("conv1", Box::new(c1));
-        match build_norm(norm, cout, true, true, groups)? {
-            Some((n, fused)) => {
-                main.push("bn1", n);
-                if !fused {
-                    main.push("relu1", Box::new(ReLU::new()));
-                }
-            }
-            None => main.push("relu1", Box::new(ReLU::new())),
-        }
-        let mut c2 = Conv2dConfig::new(cout, cout, 3)
-            .padding(1)
-            .bias(bias)
-            .build::<f32>(rng)?;
-        c2.reset_parameters(init.init, init.scale, rng)?;
+        push_norm_relu(&mut main, "bn1", "relu1", norm, cout, true, groups)?;
+        let c2 = init_conv(
+            Conv2dConfig::new(cout, cout, 3).padding(1).bias(bias),
+            init,
+            rng,
+        )?;
         main.push("conv2", Box::new(c2));
         if let Some((n, _)) = build_norm(norm, cout, true, false, groups)? {
             main.push("bn2", n);
         }
         let mut shortcut = Sequential::new();
         if stride != 1 || cin != cout {
-            let mut sc = Conv2dConfig::new(cin, cout, 1)
-                .stride(stride)
-                .bias(bias)
-                .build::<f32>(rng)?;
-            sc.reset_parameters(init.init, init.scale, rng)?;
+            let sc = init_conv(
+                Conv2dConfig::new(cin, cout, 1).stride(stride).bias(bias),
+                init,
+                rng,
+            )?;
             shortcut.push("0", Box::new(sc));
             if let Some((n, _)) = build_norm(norm, cout, true, false, groups)? {
                 shortcut.push("1", n);

@@ -276,10 +276,3 @@ pub fn val_f32<T: Copy + 'static>(v: T) -> Option<f32> {
         None
     }
 }
-
-/// Whether the explicit SIMD path is compiled in.
-pub const ENABLED: bool = cfg!(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-));
