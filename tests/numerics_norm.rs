@@ -305,6 +305,49 @@ fn batch_norm_1d_s1_layout() {
     assert!(e_dx <= DX_RTOL, "dx error {e_dx:e}");
 }
 
+/// The S = 1 kernels cut (N, C) into tiles in three ways, chosen by the thread count and the shape: one tile
+/// (small inputs, one thread), one column block of channels per thread (C ≥ 256 per thread; fused), and one row
+/// block per thread (fewer channels; staged, partial sums added across blocks). Every way must give the f64
+/// reference's y and dx on hard data, on 1, 2 and 3 threads.
+#[test]
+fn batch_norm_1d_s1_every_tiling_matches_the_reference() {
+    for (n, c) in [(2048usize, 3usize), (8192, 3), (64, 1100), (40, 1024), (3, 600)] {
+        let mut g = Pcg64::seed_from_u64(n as u64 * 31 + c as u64);
+        let x = ArrayD::from_shape_fn(IxDyn(&[n, c]), |i| {
+            let z: f64 = g.sample(StandardNormal);
+            (1e4 + 0.3 * i[1] as f64 + 0.1 * z) as f32
+        });
+        let dy = randn32(9, &[n, c]);
+        let key = |i: &[usize]| i[1];
+        let (xh, _, var, _) = reference_norm(&to64(&x), c, key);
+        let dx_ref = reference_dx(&xh, &to64(&dy), &var, key);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (y, dx, relu_y) = pool.install(|| {
+                let mut bn: BatchNorm<f32> = BatchNormConfig::d1(c).affine(false).build().unwrap();
+                let y = bn.forward(&x, Mode::Train).unwrap();
+                let dx = bn.backward(&x, &dy, Mode::Train).unwrap();
+                let mut fused: BatchNorm<f32> = BatchNormConfig::d1(c)
+                    .affine(false)
+                    .fuse_relu(true)
+                    .build()
+                    .unwrap();
+                (y, dx, fused.forward(&x, Mode::Train).unwrap())
+            });
+            let e_y = max_abs_err(&y, &xh);
+            let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
+            let e_relu = max_abs_err(&relu_y, &xh.mapv(|v| v.max(0.0)));
+            println!("({n}, {c}) on {threads} threads: y {e_y:.2e}, relu {e_relu:.2e}, dx {e_dx:.2e}");
+            assert!(e_y <= Y_ATOL, "({n}, {c}) T={threads}: y error {e_y:e}");
+            assert!(e_relu <= Y_ATOL, "({n}, {c}) T={threads}: relu y error {e_relu:e}");
+            assert!(e_dx <= DX_RTOL, "({n}, {c}) T={threads}: dx error {e_dx:e}");
+        }
+    }
+}
+
 /// Eval mode uses PyTorch's formula y = x·a + b with a = γ/sqrt(running_var+eps): with |x·a| ≈ 1e5 the f32 product
 /// alone carries an absolute error of up to ulp(1e5)/2 ≈ 4e-3, so eval on such data is only accurate to a few ulps
 /// of |x·a|. This pins that behaviour (it is what PyTorch computes) rather than the tighter training bound.

@@ -146,14 +146,14 @@ impl BackwardSums {
 
 /// A raw pointer that rayon tasks may share; each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct SyncPtr<T>(*mut T);
+pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
 unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 impl<T> SyncPtr<T> {
     /// # Safety
     /// `off..off+len` must lie in the buffer and no other live slice may overlap it.
     #[inline(always)]
-    unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
+    pub(crate) unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
         std::slice::from_raw_parts_mut(self.0.add(off), len)
     }
 }
@@ -397,21 +397,23 @@ fn channel_backward_sums<T: Real>(
     )
 }
 
-/// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3.
+/// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3, from channel `c`'s Σdy and
+/// Σdy·(x-mean) over `count` values.
 #[inline]
 pub(crate) fn dx_coefficients<T: Real>(
     st: &BatchStats<T>,
     c: usize,
-    sums: &BackwardSums,
+    sum_dy: f64,
+    dot: f64,
     count: f64,
     weight: Option<&[T]>,
 ) -> (T, T, T) {
     let w = weight.map_or(1.0, |w| w[c].as_f64());
     let inv = st.invstd[c];
     let k1 = inv * w;
-    let k2 = -sums.dot[c] * inv * inv / count * k1;
+    let k2 = -dot * inv * inv / count * k1;
     let delta = st.mean[c] - st.shift[c].as_f64();
-    let k3 = -sums.sum_dy[c] / count * k1 - delta * k2;
+    let k3 = -sum_dy / count * k1 - delta * k2;
     (T::of_f64(k1), T::of_f64(k2), T::of_f64(k3))
 }
 
@@ -436,7 +438,7 @@ pub fn backward_dx<T: Real>(
     let dxp = SyncPtr(dx.as_mut_ptr());
     let count = count as f64;
     (0..d.c).into_par_iter().for_each(|c| {
-        let (k1, k2, k3) = dx_coefficients(st, c, sums, count, weight);
+        let (k1, k2, k3) = dx_coefficients(st, c, sums.sum_dy[c], sums.dot[c], count, weight);
         let (s, b) = st.channel_affine(c, weight, bias);
         channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
     });
@@ -486,9 +488,7 @@ pub fn train_backward<T: Real>(
 ) -> BackwardSums {
     assert_eq!(dx.len(), d.numel(), "dx buffer size");
     if d.s == 1 {
-        let sums = super::rows_kernels::backward_sums(x, dy, d, st, weight, bias, relu);
-        super::rows_kernels::backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
-        return sums;
+        return super::rows_kernels::train_backward(x, dy, dx, d, st, weight, bias, relu);
     }
     let dxp = SyncPtr(dx.as_mut_ptr());
     let count = st.count as f64;
@@ -498,26 +498,8 @@ pub fn train_backward<T: Real>(
             let (s, b) = st.channel_affine(c, weight, bias);
             let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
             let dot = dt - (st.mean[c] - st.shift[c].as_f64()) * sd;
-            let w = weight.map_or(1.0, |w| w[c].as_f64());
-            let inv = st.invstd[c];
-            let k1 = inv * w;
-            let k2 = -dot * inv * inv / count * k1;
-            let delta = st.mean[c] - st.shift[c].as_f64();
-            let k3 = -sd / count * k1 - delta * k2;
-            channel_dx(
-                x,
-                dy,
-                dxp,
-                d,
-                c,
-                st.shift[c],
-                s,
-                b,
-                T::of_f64(k1),
-                T::of_f64(k2),
-                T::of_f64(k3),
-                relu,
-            );
+            let (k1, k2, k3) = dx_coefficients(st, c, sd, dot, count, weight);
+            channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
             (sd, dot)
         })
         .collect();
