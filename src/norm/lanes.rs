@@ -240,6 +240,72 @@ pub fn bwd_dx_relu<T: Real>(
     }
 }
 
+/// [`affine_shifted`] / [`affine_shifted_relu`] with streaming stores when `stream` and the build has
+/// AVX-512 (bitwise the same result); call [`stream_fence`] before the output is read by another thread.
+#[inline]
+pub fn affine_shifted_to<T: Real>(x: &[T], y: &mut [T], shift: T, s: T, b: T, relu: bool, stream: bool) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if stream {
+        if let (Some(xf), Some(yf), Some(sh), Some(sf), Some(bf)) = (
+            simd::as_f32(x),
+            simd::as_f32_mut(y),
+            simd::val_f32(shift),
+            simd::val_f32(s),
+            simd::val_f32(b),
+        ) {
+            return simd::stream::affine_shifted(xf, yf, sh, sf, bf, relu);
+        }
+    }
+    let _ = stream;
+    if relu {
+        affine_shifted_relu(x, y, shift, s, b)
+    } else {
+        affine_shifted(x, y, shift, s, b)
+    }
+}
+
+/// [`bwd_dx`] / [`bwd_dx_relu`] (mask from `relu = Some((s, b))`) with streaming stores when `stream`.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_dx_to<T: Real>(
+    dy: &[T],
+    x: &[T],
+    dx: &mut [T],
+    shift: T,
+    relu: Option<(T, T)>,
+    k: (T, T, T),
+    stream: bool,
+) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if stream {
+        let f = |v: T| simd::val_f32(v);
+        if let (Some(gf), Some(xf), Some(of), Some(sh), Some(k1), Some(k2), Some(k3)) = (
+            simd::as_f32(dy),
+            simd::as_f32(x),
+            simd::as_f32_mut(dx),
+            f(shift),
+            f(k.0),
+            f(k.1),
+            f(k.2),
+        ) {
+            let r = relu.map(|(s, b)| (f(s).expect("f32"), f(b).expect("f32")));
+            return simd::stream::bwd_dx(gf, xf, of, sh, r, k1, k2, k3);
+        }
+    }
+    let _ = stream;
+    match relu {
+        Some((s, b)) => bwd_dx_relu(dy, x, dx, shift, s, b, k.0, k.1, k.2),
+        None => bwd_dx(dy, x, dx, shift, k.0, k.1, k.2),
+    }
+}
+
+/// Orders earlier streaming stores (no-op without AVX-512).
+#[inline]
+pub fn stream_fence() {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    simd::stream::fence();
+}
+
 /// dx = dy·a (eval-mode / frozen backward).
 #[inline]
 pub fn scale<T: Real>(dy: &[T], dx: &mut [T], a: T) {
@@ -406,4 +472,47 @@ pub fn block_moments<T: Real>(xs: &[T]) -> (f64, f64) {
         }
     }
     (mean, m2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The streaming-store passes must give bitwise the generic passes' results, for every length and
+    /// alignment of the output (scalar head, packed body, scalar tail), with and without the ReLU mask.
+    #[test]
+    fn streaming_passes_are_bitwise_the_generic_passes() {
+        let mut g = rand_pcg::Pcg64Mcg::seed_from_u64(3);
+        let total = 700;
+        let x: Vec<f32> = (0..total).map(|_| g.gen::<f32>() * 4.0 - 2.0).collect();
+        let dy: Vec<f32> = (0..total).map(|_| g.gen::<f32>() * 2.0 - 1.0).collect();
+        let (shift, s, b) = (0.1f32, 1.7f32, -0.3f32);
+        let k = (0.9f32, -0.05f32, 0.01f32);
+        for start in 0..17 {
+            for len in [0usize, 1, 5, 15, 16, 17, 31, 64, 100, 333, 600] {
+                let xs = &x[start..start + len];
+                let gs = &dy[start..start + len];
+                for relu in [false, true] {
+                    let mut a = vec![0f32; total];
+                    let mut bb = vec![0f32; total];
+                    affine_shifted_to(xs, &mut a[start..start + len], shift, s, b, relu, false);
+                    affine_shifted_to(xs, &mut bb[start..start + len], shift, s, b, relu, true);
+                    stream_fence();
+                    assert!(
+                        a.iter().zip(&bb).all(|(p, q)| p.to_bits() == q.to_bits()),
+                        "affine start {start} len {len} relu {relu}"
+                    );
+                    let mask = relu.then_some((s, b));
+                    bwd_dx_to(gs, xs, &mut a[start..start + len], shift, mask, k, false);
+                    bwd_dx_to(gs, xs, &mut bb[start..start + len], shift, mask, k, true);
+                    stream_fence();
+                    assert!(
+                        a.iter().zip(&bb).all(|(p, q)| p.to_bits() == q.to_bits()),
+                        "dx start {start} len {len} relu {relu}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -248,6 +248,125 @@ mod imp {
     }
 }
 
+/// Elementwise passes that write with non-temporal (streaming) stores: for outputs much larger than the caches,
+/// a normal store first reads the destination line into cache (read-for-ownership) and later evicts it, about
+/// twice the memory traffic of the write itself. The arithmetic is the generic code's, operation for operation
+/// (separate multiply and add, no FMA), so the results are bitwise the same. Stores are 64-byte aligned: a
+/// scalar head runs up to the first aligned element. Callers must [`fence`] before other threads read the output.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+pub mod stream {
+    use std::arch::x86_64::*;
+
+    /// Runs scalar `f(i)` up to the first index whose output address is 64-byte aligned; returns that index.
+    #[inline(always)]
+    fn head(out: *mut f32, n: usize, mut f: impl FnMut(usize)) -> usize {
+        let mis = (out as usize) % 64;
+        let skip = if mis == 0 { 0 } else { ((64 - mis) / 4).min(n) };
+        for i in 0..skip {
+            f(i);
+        }
+        skip
+    }
+
+    /// y = (x - shift)·s + b, then ReLU when `relu`.
+    pub fn affine_shifted(x: &[f32], y: &mut [f32], shift: f32, s: f32, b: f32, relu: bool) {
+        assert_eq!(x.len(), y.len());
+        let n = x.len();
+        let one = |x: &[f32], y: &mut [f32], i: usize| {
+            let t = (x[i] - shift) * s + b;
+            y[i] = if relu && !(t > 0.0) { 0.0 } else { t };
+        };
+        let yp = y.as_mut_ptr();
+        let mut i = head(yp, n, |i| one(x, unsafe { std::slice::from_raw_parts_mut(yp, n) }, i));
+        // SAFETY: i + 16 <= n bounds every load and store; stores are 64-byte aligned by `head`.
+        unsafe {
+            let (vh, vs, vb, z) = (
+                _mm512_set1_ps(shift),
+                _mm512_set1_ps(s),
+                _mm512_set1_ps(b),
+                _mm512_setzero_ps(),
+            );
+            while i + 16 <= n {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), vh);
+                let mut t = _mm512_add_ps(_mm512_mul_ps(d, vs), vb);
+                if relu {
+                    let keep = _mm512_cmp_ps_mask(t, z, _CMP_GT_OQ);
+                    t = _mm512_maskz_mov_ps(keep, t);
+                }
+                _mm512_stream_ps(yp.add(i), t);
+                i += 16;
+            }
+        }
+        while i < n {
+            one(x, y, i);
+            i += 1;
+        }
+    }
+
+    /// dx = g·k1 + (x - shift)·k2 + k3, g = dy masked by (x - shift)·s + b > 0 when `relu` is `Some((s, b))`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bwd_dx(
+        dy: &[f32],
+        x: &[f32],
+        dx: &mut [f32],
+        shift: f32,
+        relu: Option<(f32, f32)>,
+        k1: f32,
+        k2: f32,
+        k3: f32,
+    ) {
+        assert_eq!(x.len(), dx.len());
+        assert_eq!(dy.len(), dx.len());
+        let n = x.len();
+        let one = |dx: &mut [f32], i: usize| {
+            let d = x[i] - shift;
+            let g = match relu {
+                Some((s, b)) if !(d * s + b > 0.0) => 0.0,
+                _ => dy[i],
+            };
+            dx[i] = g * k1 + d * k2 + k3;
+        };
+        let dp = dx.as_mut_ptr();
+        let mut i = head(dp, n, |i| one(unsafe { std::slice::from_raw_parts_mut(dp, n) }, i));
+        let (rs, rb) = relu.unwrap_or((0.0, 0.0));
+        // SAFETY: as in `affine_shifted`.
+        unsafe {
+            let (vh, v1, v2, v3) = (
+                _mm512_set1_ps(shift),
+                _mm512_set1_ps(k1),
+                _mm512_set1_ps(k2),
+                _mm512_set1_ps(k3),
+            );
+            let (vs, vb, z) = (_mm512_set1_ps(rs), _mm512_set1_ps(rb), _mm512_setzero_ps());
+            while i + 16 <= n {
+                let d = _mm512_sub_ps(_mm512_loadu_ps(x.as_ptr().add(i)), vh);
+                let mut g = _mm512_loadu_ps(dy.as_ptr().add(i));
+                if relu.is_some() {
+                    let t = _mm512_add_ps(_mm512_mul_ps(d, vs), vb);
+                    g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, z, _CMP_GT_OQ), g);
+                }
+                let r = _mm512_add_ps(
+                    _mm512_add_ps(_mm512_mul_ps(g, v1), _mm512_mul_ps(d, v2)),
+                    v3,
+                );
+                _mm512_stream_ps(dp.add(i), r);
+                i += 16;
+            }
+        }
+        while i < n {
+            one(dx, i);
+            i += 1;
+        }
+    }
+
+    /// Orders the streaming stores before whatever follows (they are weakly ordered, even against locks).
+    #[inline]
+    pub fn fence() {
+        // SAFETY: sfence has no preconditions.
+        unsafe { _mm_sfence() }
+    }
+}
+
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -261,6 +380,17 @@ pub fn as_f32<T: 'static>(xs: &[T]) -> Option<&[f32]> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         // SAFETY: T is f32 (same type, same layout).
         Some(unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const f32, xs.len()) })
+    } else {
+        None
+    }
+}
+
+/// Reinterprets a mutable slice of `T` as `f32` when `T` is `f32`.
+#[inline(always)]
+pub fn as_f32_mut<T: 'static>(xs: &mut [T]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (same type, same layout).
+        Some(unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr() as *mut f32, xs.len()) })
     } else {
         None
     }
