@@ -423,15 +423,36 @@ fn group_norm_on_hard_data() {
 
 #[test]
 fn layer_norm_on_hard_data() {
-    let x = hard_input(11);
+    check_layer_norm(&SHAPE, &[vec![16usize], vec![16, 16], vec![3, 16, 16]]);
+}
+
+/// Rows longer than the backward's 1024-column chunks, on 1, 2 and 3 threads.
+#[test]
+fn layer_norm_long_rows_on_hard_data() {
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| check_layer_norm(&[2, 3, 37, 41], &[vec![3, 37, 41], vec![37, 41]]));
+    }
+}
+
+fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
+    let nd = shape.len();
+    let mut g = Pcg64::seed_from_u64(11);
+    let x = ArrayD::from_shape_fn(IxDyn(shape), |i| {
+        let z: f64 = g.sample(StandardNormal);
+        (1e4 + 0.3 * i[1] as f64 + 0.1 * z) as f32
+    });
     let x64 = to64(&x);
-    let dy = randn32(12, &SHAPE);
-    for ns in [vec![16usize], vec![16, 16], vec![3, 16, 16]] {
+    let dy = randn32(12, shape);
+    for ns in norm_shapes.iter().cloned() {
         let k = ns.len();
-        let lead = SHAPE[..4 - k].to_vec();
+        let lead = shape[..nd - k].to_vec();
         let rows: usize = lead.iter().product();
         let lead2 = lead.clone();
-        let key = move |i: &[usize]| i[..4 - k].iter().zip(&lead2).fold(0, |a, (v, d)| a * d + v);
+        let key = move |i: &[usize]| i[..nd - k].iter().zip(&lead2).fold(0, |a, (v, d)| a * d + v);
         let (xh, _, var, _) = reference_norm(&x64, rows, &key);
         let mut ln: LayerNorm<f32> = LayerNormConfig::new(&ns).build().unwrap();
         let nsz: usize = ns.iter().product();
@@ -442,19 +463,19 @@ fn layer_norm_on_hard_data() {
         let wf: Vec<f32> = w.iter().copied().collect();
         let bf: Vec<f32> = b.iter().copied().collect();
         let flat = |i: &IxDyn| {
-            i.slice()[4 - k..]
+            i.slice()[nd - k..]
                 .iter()
                 .zip(&ns)
                 .fold(0, |a, (v, d)| a * d + v)
         };
         let y = ln.forward(&x, Mode::Train).unwrap();
-        let y_ref = ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| {
+        let y_ref = ArrayD::from_shape_fn(IxDyn(shape), |i| {
             let j = flat(&i);
             wf[j] as f64 * xh[&i] + bf[j] as f64
         });
         let e_y = max_abs_err(&y, &y_ref);
         let dx = ln.backward(&x, &dy, Mode::Train).unwrap();
-        let u = ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| dy[&i] as f64 * wf[flat(&i)] as f64);
+        let u = ArrayD::from_shape_fn(IxDyn(shape), |i| dy[&i] as f64 * wf[flat(&i)] as f64);
         let dx_ref = reference_dx(&xh, &u, &var, &key);
         let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
         let (mut gw, mut gb) = (vec![0.0; nsz], vec![0.0; nsz]);

@@ -69,6 +69,13 @@ pub struct LayerNorm<T: Real = f32> {
     saved: Option<RowStats<T>>,
 }
 
+/// Columns per task in the backward's first phase: at most 1024 (the chunk's x̂, u, weight and two gradient
+/// rows, 5 × 4 KB of f32, stay in L1), fewer when that is what it takes to give every thread a chunk.
+fn col_chunk(d: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    d.div_ceil(threads).clamp(1, 1024).next_multiple_of(16).min(d.max(1))
+}
+
 fn rows_per_task(rows: usize, d: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let by_count = rows.div_ceil(threads * 4).max(1);
@@ -206,74 +213,114 @@ impl<T: Real> LayerNorm<T> {
         let w = self.weight.as_ref().map(|p| p.values());
         let want_w = self.weight.is_some();
         let want_b = self.bias.is_some();
-        let rpt = rows_per_task(rows, d);
         let df = d as f64;
-        let partials: Vec<(Vec<T>, Vec<T>)> = dx
-            .par_chunks_mut(rpt * d)
+        // Per-row constants of x̂ = (x - shift)·r + c0.
+        let rc: Vec<(T, T, T)> = (0..rows)
+            .map(|row| {
+                let (shift, r) = (st.shift[row], st.invstd[row]);
+                let c0 = -(st.mean[row] - shift.as_f64()) * r;
+                (shift, T::of_f64(r), T::of_f64(c0))
+            })
+            .collect();
+        // Phase 1, by column chunks over all rows: dweight and dbias of the chunk's columns (each task owns its
+        // columns, so no partial copies), and every row's Σu and Σu·x̂ over the chunk (u = dy·w). One read of x
+        // and dy; the chunk's weight, gradients and scratch stay in L1.
+        let chunk = col_chunk(d);
+        let mut gw_all = vec![T::zero(); if want_w { d } else { 0 }];
+        let mut gb_all = vec![T::zero(); if want_b { d } else { 0 }];
+        let starts: Vec<usize> = (0..d).step_by(chunk).collect();
+        let parts: Vec<(Vec<T>, Vec<T>, Vec<(f64, f64)>)> = starts
+            .par_iter()
+            .map(|&lo| {
+                let n = chunk.min(d - lo);
+                let mut gw = vec![T::zero(); if want_w { n } else { 0 }];
+                let mut gbias = vec![T::zero(); if want_b { n } else { 0 }];
+                let mut xh = vec![T::zero(); n];
+                let mut u = vec![T::zero(); n];
+                let mut sums = Vec::with_capacity(rows);
+                for (row, &(shift, rt, c0)) in rc.iter().enumerate() {
+                    let off = row * d + lo;
+                    let (xr, g) = (&xs[off..off + n], &gs[off..off + n]);
+                    for i in 0..n {
+                        xh[i] = (xr[i] - shift) * rt + c0;
+                    }
+                    match w {
+                        Some(w) => {
+                            let w = &w[lo..lo + n];
+                            for i in 0..n {
+                                u[i] = g[i] * w[i];
+                            }
+                        }
+                        None => u.copy_from_slice(g),
+                    }
+                    if want_w {
+                        for i in 0..n {
+                            gw[i] = gw[i] + g[i] * xh[i];
+                        }
+                    }
+                    if want_b {
+                        for i in 0..n {
+                            gbias[i] = gbias[i] + g[i];
+                        }
+                    }
+                    sums.push(lanes::dy_moments(&u, &xh, T::zero()));
+                }
+                (gw, gbias, sums)
+            })
+            .collect();
+        let mut row_sums = vec![(0.0f64, 0.0f64); rows];
+        for (&lo, (gw, gbias, sums)) in starts.iter().zip(parts) {
+            if want_w {
+                gw_all[lo..lo + gw.len()].copy_from_slice(&gw);
+            }
+            if want_b {
+                gb_all[lo..lo + gbias.len()].copy_from_slice(&gbias);
+            }
+            for (acc, (a, b)) in row_sums.iter_mut().zip(sums) {
+                acc.0 += a;
+                acc.1 += b;
+            }
+        }
+        // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D).
+        let rpt = rows_per_task(rows, d);
+        dx.par_chunks_mut(rpt * d)
             .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
             .enumerate()
-            .map(|(t, (dxb, (xb, gb)))| {
-                let mut gw = if want_w { vec![T::zero(); d] } else { vec![] };
-                let mut gbias = if want_b { vec![T::zero(); d] } else { vec![] };
-                // per-task scratch rows: x̂ and u = dy·w
-                let mut xh = vec![T::zero(); d];
-                let mut u = vec![T::zero(); d];
-                for (j, ((dxr, xr), gr)) in dxb
+            .for_each(|(t, (dxb, (xb, gb)))| {
+                for (j, ((o, xr), g)) in dxb
                     .chunks_mut(d)
                     .zip(xb.chunks(d))
                     .zip(gb.chunks(d))
                     .enumerate()
                 {
                     let row = t * rpt + j;
-                    let (shift, r) = (st.shift[row], st.invstd[row]);
-                    let (rt, c0) = (
-                        T::of_f64(r),
-                        T::of_f64(-(st.mean[row] - shift.as_f64()) * r),
-                    );
-                    for i in 0..d {
-                        xh[i] = (xr[i] - shift) * rt + c0;
-                    }
+                    let (shift, rt, c0) = rc[row];
+                    let (su, sux) = row_sums[row];
+                    let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
                     match w {
                         Some(w) => {
                             for i in 0..d {
-                                u[i] = gr[i] * w[i];
+                                let xh = (xr[i] - shift) * rt + c0;
+                                o[i] = rt * (g[i] * w[i] - k_su - xh * k_sux);
                             }
                         }
-                        None => u.copy_from_slice(gr),
-                    }
-                    if want_w {
-                        for i in 0..d {
-                            gw[i] = gw[i] + gr[i] * xh[i];
+                        None => {
+                            for i in 0..d {
+                                let xh = (xr[i] - shift) * rt + c0;
+                                o[i] = rt * (g[i] - k_su - xh * k_sux);
+                            }
                         }
-                    }
-                    if want_b {
-                        for i in 0..d {
-                            gbias[i] = gbias[i] + gr[i];
-                        }
-                    }
-                    let (su, sux) = lanes::dy_moments(&u, &xh, T::zero());
-                    let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
-                    for i in 0..d {
-                        dxr[i] = rt * (u[i] - k_su - xh[i] * k_sux);
                     }
                 }
-                (gw, gbias)
-            })
-            .collect();
+            });
         if let Some(wp) = self.weight.as_mut() {
-            let g = wp.grads_mut();
-            for (pw, _) in &partials {
-                for (gi, v) in g.iter_mut().zip(pw) {
-                    *gi = *gi + *v;
-                }
+            for (gi, v) in wp.grads_mut().iter_mut().zip(&gw_all) {
+                *gi = *gi + *v;
             }
         }
         if let Some(bp) = self.bias.as_mut() {
-            let g = bp.grads_mut();
-            for (_, pb) in &partials {
-                for (gi, v) in g.iter_mut().zip(pb) {
-                    *gi = *gi + *v;
-                }
+            for (gi, v) in bp.grads_mut().iter_mut().zip(&gb_all) {
+                *gi = *gi + *v;
             }
         }
         Ok(())
