@@ -311,7 +311,13 @@ fn batch_norm_1d_s1_layout() {
 /// reference's y and dx on hard data, on 1, 2 and 3 threads.
 #[test]
 fn batch_norm_1d_s1_every_tiling_matches_the_reference() {
-    for (n, c) in [(2048usize, 3usize), (8192, 3), (64, 1100), (40, 1024), (3, 600)] {
+    for (n, c) in [
+        (2048usize, 3usize),
+        (8192, 3),
+        (64, 1100),
+        (40, 1024),
+        (3, 600),
+    ] {
         let mut g = Pcg64::seed_from_u64(n as u64 * 31 + c as u64);
         let x = ArrayD::from_shape_fn(IxDyn(&[n, c]), |i| {
             let z: f64 = g.sample(StandardNormal);
@@ -340,9 +346,14 @@ fn batch_norm_1d_s1_every_tiling_matches_the_reference() {
             let e_y = max_abs_err(&y, &xh);
             let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
             let e_relu = max_abs_err(&relu_y, &xh.mapv(|v| v.max(0.0)));
-            println!("({n}, {c}) on {threads} threads: y {e_y:.2e}, relu {e_relu:.2e}, dx {e_dx:.2e}");
+            println!(
+                "({n}, {c}) on {threads} threads: y {e_y:.2e}, relu {e_relu:.2e}, dx {e_dx:.2e}"
+            );
             assert!(e_y <= Y_ATOL, "({n}, {c}) T={threads}: y error {e_y:e}");
-            assert!(e_relu <= Y_ATOL, "({n}, {c}) T={threads}: relu y error {e_relu:e}");
+            assert!(
+                e_relu <= Y_ATOL,
+                "({n}, {c}) T={threads}: relu y error {e_relu:e}"
+            );
             assert!(e_dx <= DX_RTOL, "({n}, {c}) T={threads}: dx error {e_dx:e}");
         }
     }
@@ -452,7 +463,12 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
         let lead = shape[..nd - k].to_vec();
         let rows: usize = lead.iter().product();
         let lead2 = lead.clone();
-        let key = move |i: &[usize]| i[..nd - k].iter().zip(&lead2).fold(0, |a, (v, d)| a * d + v);
+        let key = move |i: &[usize]| {
+            i[..nd - k]
+                .iter()
+                .zip(&lead2)
+                .fold(0, |a, (v, d)| a * d + v)
+        };
         let (xh, _, var, _) = reference_norm(&x64, rows, &key);
         let mut ln: LayerNorm<f32> = LayerNormConfig::new(&ns).build().unwrap();
         let nsz: usize = ns.iter().product();

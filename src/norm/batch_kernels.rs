@@ -226,22 +226,8 @@ fn normalize_channel<T: Real>(
     }
 }
 
-/// Outputs of at least this many bytes are written with streaming stores by the per-channel passes.
-/// Measured on this project's machine, one thread, fused forward: (32, 64, 56, 56) 6.7 → 4.8 ms,
-/// (256, 16, 32, 32) 4.2 → 2.9 ms, (128, 32, 28, 28) 2.5 → 1.9 ms, (64, 32, 28, 28) 0.82 → 0.74 ms.
-/// The per-channel walk writes N separate chunks per channel, which the hardware prefetcher cannot cover, so
-/// every normal store waits for a read-for-ownership.
-pub const STREAM_BYTES: usize = 16 << 20;
-
 fn streams<T>(d: Ncs) -> bool {
-    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let limit = *LIMIT.get_or_init(|| {
-        std::env::var("NV_STREAM_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(STREAM_BYTES)
-    });
-    d.numel() * std::mem::size_of::<T>() >= limit
+    lanes::stream_output(d.numel() * std::mem::size_of::<T>())
 }
 
 /// Stage 3 of the forward: y = weight·(x-mean)·invstd + bias (then ReLU when `relu`), with statistics that may
@@ -484,7 +470,15 @@ fn channel_dx<T: Real>(
         // SAFETY: (n, c) chunks are disjoint, one task per channel.
         let out = unsafe { dx.slice(off, d.s) };
         let (xs, gs) = (&x[off..off + d.s], &dy[off..off + d.s]);
-        lanes::bwd_dx_to(gs, xs, out, shift, relu.then_some((s, b)), (k1, k2, k3), stream);
+        lanes::bwd_dx_to(
+            gs,
+            xs,
+            out,
+            shift,
+            relu.then_some((s, b)),
+            (k1, k2, k3),
+            stream,
+        );
     }
     if stream {
         lanes::stream_fence();

@@ -51,6 +51,7 @@ pub fn forward<T: Real>(
     assert!(groups > 0 && d.c.is_multiple_of(groups));
     let cpg = d.c / groups;
     let blk = cpg * d.s;
+    let stream = lanes::stream_output(std::mem::size_of_val(y));
     let per: Vec<(T, f64, f64, f64)> = if blk == 0 {
         vec![(T::zero(), 0.0, 0.0, 0.0); d.n * groups]
     } else {
@@ -68,13 +69,18 @@ pub fn forward<T: Real>(
                     let s = weight.map_or(1.0, |w| w[c].as_f64()) * invstd;
                     let b = bias.map_or(0.0, |b| b[c].as_f64()) - delta * s;
                     let r = j * d.s..(j + 1) * d.s;
-                    lanes::affine_shifted(
+                    lanes::affine_shifted_to(
                         &xb[r.clone()],
                         &mut yb[r],
                         shift,
                         T::of_f64(s),
                         T::of_f64(b),
+                        false,
+                        stream,
                     );
+                }
+                if stream {
+                    lanes::stream_fence();
                 }
                 (shift, mean, var, invstd)
             })
@@ -112,6 +118,7 @@ pub fn backward<T: Real>(
         return vec![(0.0, 0.0); d.n * d.c];
     }
     let m = blk as f64;
+    let stream = lanes::stream_output(std::mem::size_of_val(dx));
     let per: Vec<Vec<(f64, f64)>> = dx
         .par_chunks_mut(blk)
         .zip(x.par_chunks(blk).zip(dy.par_chunks(blk)))
@@ -139,15 +146,18 @@ pub fn backward<T: Real>(
                 let c = g * cpg + j;
                 let gam = weight.map_or(1.0, |w| w[c].as_f64());
                 let rr = j * d.s..(j + 1) * d.s;
-                lanes::bwd_dx(
+                lanes::bwd_dx_to(
                     &gb[rr.clone()],
                     &xb[rr.clone()],
                     &mut dxb[rr],
                     shift,
-                    T::of_f64(r * gam),
-                    T::of_f64(k2),
-                    T::of_f64(k3),
+                    None,
+                    (T::of_f64(r * gam), T::of_f64(k2), T::of_f64(k3)),
+                    stream,
                 );
+            }
+            if stream {
+                lanes::stream_fence();
             }
             sums
         })

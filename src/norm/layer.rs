@@ -69,11 +69,20 @@ pub struct LayerNorm<T: Real = f32> {
     saved: Option<RowStats<T>>,
 }
 
+/// One column chunk's dweight, dbias and per-row (Σu, Σu·x̂) from the backward's first phase.
+type ChunkGrads<T> = (Vec<T>, Vec<T>, Vec<(f64, f64)>);
+
+/// Values per scratch chunk of the elementwise passes (16 KB of f32: stays in L1).
+const CHUNK: usize = 4096;
+
 /// Columns per task in the backward's first phase: at most 1024 (the chunk's x̂, u, weight and two gradient
 /// rows, 5 × 4 KB of f32, stay in L1), fewer when that is what it takes to give every thread a chunk.
 fn col_chunk(d: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    d.div_ceil(threads).clamp(1, 1024).next_multiple_of(16).min(d.max(1))
+    d.div_ceil(threads)
+        .clamp(1, 1024)
+        .next_multiple_of(16)
+        .min(d.max(1))
 }
 
 fn rows_per_task(rows: usize, d: usize) -> usize {
@@ -138,33 +147,45 @@ impl<T: Real> LayerNorm<T> {
         let b = self.bias.as_ref().map(|p| p.values());
         let eps = self.cfg.eps;
         let rpt = rows_per_task(rows, d);
+        let stream = lanes::stream_output(std::mem::size_of_val(y));
         let per: Vec<Vec<(T, f64, f64)>> = y
             .par_chunks_mut(rpt * d)
             .zip(xs.par_chunks(rpt * d))
             .map(|(yb, xb)| {
                 let mut out = Vec::with_capacity(rpt);
+                let mut buf = vec![T::zero(); CHUNK.min(d)];
                 for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
                     let (shift, mean, var) = block_stats(xr);
                     let r = 1.0 / (var + eps).sqrt();
                     let (rt, c0) = (T::of_f64(r), T::of_f64(-(mean - shift.as_f64()) * r));
-                    match (w, b) {
-                        (Some(w), Some(b)) => {
-                            for i in 0..d {
-                                yr[i] = ((xr[i] - shift) * rt + c0) * w[i] + b[i];
+                    for lo in (0..d).step_by(CHUNK) {
+                        let n = CHUNK.min(d - lo);
+                        let (o, xr) = (&mut buf[..n], &xr[lo..lo + n]);
+                        match (w, b) {
+                            (Some(w), Some(b)) => {
+                                let (w, b) = (&w[lo..lo + n], &b[lo..lo + n]);
+                                for i in 0..n {
+                                    o[i] = ((xr[i] - shift) * rt + c0) * w[i] + b[i];
+                                }
+                            }
+                            (Some(w), None) => {
+                                let w = &w[lo..lo + n];
+                                for i in 0..n {
+                                    o[i] = ((xr[i] - shift) * rt + c0) * w[i];
+                                }
+                            }
+                            _ => {
+                                for i in 0..n {
+                                    o[i] = (xr[i] - shift) * rt + c0;
+                                }
                             }
                         }
-                        (Some(w), None) => {
-                            for i in 0..d {
-                                yr[i] = ((xr[i] - shift) * rt + c0) * w[i];
-                            }
-                        }
-                        _ => {
-                            for i in 0..d {
-                                yr[i] = (xr[i] - shift) * rt + c0;
-                            }
-                        }
+                        lanes::store_to(o, &mut yr[lo..lo + n], stream);
                     }
                     out.push((shift, mean, r));
+                }
+                if stream {
+                    lanes::stream_fence();
                 }
                 out
             })
@@ -229,7 +250,7 @@ impl<T: Real> LayerNorm<T> {
         let mut gw_all = vec![T::zero(); if want_w { d } else { 0 }];
         let mut gb_all = vec![T::zero(); if want_b { d } else { 0 }];
         let starts: Vec<usize> = (0..d).step_by(chunk).collect();
-        let parts: Vec<(Vec<T>, Vec<T>, Vec<(f64, f64)>)> = starts
+        let parts: Vec<ChunkGrads<T>> = starts
             .par_iter()
             .map(|&lo| {
                 let n = chunk.min(d - lo);
@@ -281,13 +302,15 @@ impl<T: Real> LayerNorm<T> {
                 acc.1 += b;
             }
         }
-        // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D).
+        // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D), through an L1 chunk (streamed out when large).
         let rpt = rows_per_task(rows, d);
+        let stream = lanes::stream_output(std::mem::size_of_val(dx));
         dx.par_chunks_mut(rpt * d)
             .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
             .enumerate()
             .for_each(|(t, (dxb, (xb, gb)))| {
-                for (j, ((o, xr), g)) in dxb
+                let mut buf = vec![T::zero(); CHUNK.min(d)];
+                for (j, ((or, xr), gr)) in dxb
                     .chunks_mut(d)
                     .zip(xb.chunks(d))
                     .zip(gb.chunks(d))
@@ -297,20 +320,29 @@ impl<T: Real> LayerNorm<T> {
                     let (shift, rt, c0) = rc[row];
                     let (su, sux) = row_sums[row];
                     let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
-                    match w {
-                        Some(w) => {
-                            for i in 0..d {
-                                let xh = (xr[i] - shift) * rt + c0;
-                                o[i] = rt * (g[i] * w[i] - k_su - xh * k_sux);
+                    for lo in (0..d).step_by(CHUNK) {
+                        let n = CHUNK.min(d - lo);
+                        let (o, xr, g) = (&mut buf[..n], &xr[lo..lo + n], &gr[lo..lo + n]);
+                        match w {
+                            Some(w) => {
+                                let w = &w[lo..lo + n];
+                                for i in 0..n {
+                                    let xh = (xr[i] - shift) * rt + c0;
+                                    o[i] = rt * (g[i] * w[i] - k_su - xh * k_sux);
+                                }
+                            }
+                            None => {
+                                for i in 0..n {
+                                    let xh = (xr[i] - shift) * rt + c0;
+                                    o[i] = rt * (g[i] - k_su - xh * k_sux);
+                                }
                             }
                         }
-                        None => {
-                            for i in 0..d {
-                                let xh = (xr[i] - shift) * rt + c0;
-                                o[i] = rt * (g[i] - k_su - xh * k_sux);
-                            }
-                        }
+                        lanes::store_to(o, &mut or[lo..lo + n], stream);
                     }
+                }
+                if stream {
+                    lanes::stream_fence();
                 }
             });
         if let Some(wp) = self.weight.as_mut() {

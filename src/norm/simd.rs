@@ -277,7 +277,9 @@ pub mod stream {
             y[i] = if relu && !(t > 0.0) { 0.0 } else { t };
         };
         let yp = y.as_mut_ptr();
-        let mut i = head(yp, n, |i| one(x, unsafe { std::slice::from_raw_parts_mut(yp, n) }, i));
+        let mut i = head(yp, n, |i| {
+            one(x, unsafe { std::slice::from_raw_parts_mut(yp, n) }, i)
+        });
         // SAFETY: i + 16 <= n bounds every load and store; stores are 64-byte aligned by `head`.
         unsafe {
             let (vh, vs, vb, z) = (
@@ -327,7 +329,9 @@ pub mod stream {
             dx[i] = g * k1 + d * k2 + k3;
         };
         let dp = dx.as_mut_ptr();
-        let mut i = head(dp, n, |i| one(unsafe { std::slice::from_raw_parts_mut(dp, n) }, i));
+        let mut i = head(dp, n, |i| {
+            one(unsafe { std::slice::from_raw_parts_mut(dp, n) }, i)
+        });
         let (rs, rb) = relu.unwrap_or((0.0, 0.0));
         // SAFETY: as in `affine_shifted`.
         unsafe {
@@ -357,6 +361,22 @@ pub mod stream {
             one(dx, i);
             i += 1;
         }
+    }
+
+    /// dst = src with streaming stores.
+    pub fn copy(src: &[f32], dst: &mut [f32]) {
+        assert_eq!(src.len(), dst.len());
+        let n = src.len();
+        let dp = dst.as_mut_ptr();
+        let mut i = head(dp, n, |i| unsafe { *dp.add(i) = src[i] });
+        // SAFETY: i + 16 <= n bounds every access; stores are 64-byte aligned by `head`.
+        unsafe {
+            while i + 16 <= n {
+                _mm512_stream_ps(dp.add(i), _mm512_loadu_ps(src.as_ptr().add(i)));
+                i += 16;
+            }
+        }
+        dst[i..].copy_from_slice(&src[i..]);
     }
 
     /// Orders the streaming stores before whatever follows (they are weakly ordered, even against locks).
