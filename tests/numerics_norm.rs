@@ -458,7 +458,7 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
     });
     let x64 = to64(&x);
     let dy = randn32(12, shape);
-    for ns in norm_shapes.iter().cloned() {
+    for ns in norm_shapes {
         let k = ns.len();
         let lead = shape[..nd - k].to_vec();
         let rows: usize = lead.iter().product();
@@ -481,7 +481,7 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
         let flat = |i: &IxDyn| {
             i.slice()[nd - k..]
                 .iter()
-                .zip(&ns)
+                .zip(ns)
                 .fold(0, |a, (v, d)| a * d + v)
         };
         let y = ln.forward(&x, Mode::Train).unwrap();
