@@ -470,10 +470,10 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
                 .fold(0, |a, (v, d)| a * d + v)
         };
         let (xh, _, var, _) = reference_norm(&x64, rows, &key);
-        let mut ln: LayerNorm<f32> = LayerNormConfig::new(&ns).build().unwrap();
+        let mut ln: LayerNorm<f32> = LayerNormConfig::new(ns).build().unwrap();
         let nsz: usize = ns.iter().product();
-        let w = randn32(13, &ns).mapv(|v| 1.0 + 0.3 * v);
-        let b = randn32(14, &ns);
+        let w = randn32(13, ns).mapv(|v| 1.0 + 0.3 * v);
+        let b = randn32(14, ns);
         ln.weight.as_mut().unwrap().value = w.clone();
         ln.bias.as_mut().unwrap().value = b.clone();
         let wf: Vec<f32> = w.iter().copied().collect();
