@@ -214,7 +214,7 @@ fn normalize_channel<T: Real>(
     shift: T,
     relu: bool,
 ) {
-    let stream = streams::<T>(d);
+    let stream = streams::<T>(d, 2);
     for n in 0..d.n {
         let off = (n * d.c + c) * d.s;
         // SAFETY: (n, c) chunks are disjoint and each is written by exactly one task.
@@ -226,8 +226,8 @@ fn normalize_channel<T: Real>(
     }
 }
 
-fn streams<T>(d: Ncs) -> bool {
-    lanes::stream_output(d.numel() * std::mem::size_of::<T>())
+fn streams<T>(d: Ncs, arrays: usize) -> bool {
+    lanes::stream_output(d.numel() * std::mem::size_of::<T>(), arrays)
 }
 
 /// Stage 3 of the forward: y = weight·(x-mean)·invstd + bias (then ReLU when `relu`), with statistics that may
@@ -464,7 +464,7 @@ fn channel_dx<T: Real>(
     k3: T,
     relu: bool,
 ) {
-    let stream = streams::<T>(d);
+    let stream = streams::<T>(d, 3);
     for n in 0..d.n {
         let off = (n * d.c + c) * d.s;
         // SAFETY: (n, c) chunks are disjoint, one task per channel.

@@ -51,7 +51,7 @@ pub fn forward<T: Real>(
     assert!(groups > 0 && d.c.is_multiple_of(groups));
     let cpg = d.c / groups;
     let blk = cpg * d.s;
-    let stream = lanes::stream_output(std::mem::size_of_val(y));
+    let stream = lanes::stream_output(std::mem::size_of_val(y), 2);
     let per: Vec<(T, f64, f64, f64)> = if blk == 0 {
         vec![(T::zero(), 0.0, 0.0, 0.0); d.n * groups]
     } else {
@@ -118,43 +118,57 @@ pub fn backward<T: Real>(
         return vec![(0.0, 0.0); d.n * d.c];
     }
     let m = blk as f64;
-    let stream = lanes::stream_output(std::mem::size_of_val(dx));
+    let stream = lanes::stream_output(std::mem::size_of_val(dx), 3);
+    // Tasks of several blocks, each filling one vector of (Σdy, Σdy·x̂) per channel: a vector per block was a
+    // heap allocation per (sample, group), 16K of them for InstanceNorm on (128, 128, 7, 7).
+    let per_task = min_blocks(blk);
     let per: Vec<Vec<(f64, f64)>> = dx
-        .par_chunks_mut(blk)
-        .zip(x.par_chunks(blk).zip(dy.par_chunks(blk)))
-        .with_min_len(min_blocks(blk))
+        .par_chunks_mut(blk * per_task)
+        .zip(
+            x.par_chunks(blk * per_task)
+                .zip(dy.par_chunks(blk * per_task)),
+        )
         .enumerate()
-        .map(|(k, (dxb, (xb, gb)))| {
-            let g = k % groups;
-            let (shift, r) = (st.shift[k], st.invstd[k]);
-            let delta = st.mean[k] - shift.as_f64();
-            let mut sums = Vec::with_capacity(cpg);
-            let (mut su, mut sux) = (0.0, 0.0);
-            for j in 0..cpg {
-                let c = g * cpg + j;
-                let rr = j * d.s..(j + 1) * d.s;
-                let (a, p) = lanes::dy_moments(&gb[rr.clone()], &xb[rr], shift);
-                let gx = r * (p - delta * a); // Σdy·x̂ over this channel's slice
-                let gam = weight.map_or(1.0, |w| w[c].as_f64());
-                su += gam * a;
-                sux += gam * gx;
-                sums.push((a, gx));
-            }
-            let k2 = -r * sux / m * r;
-            let k3 = -r * su / m - delta * k2;
-            for j in 0..cpg {
-                let c = g * cpg + j;
-                let gam = weight.map_or(1.0, |w| w[c].as_f64());
-                let rr = j * d.s..(j + 1) * d.s;
-                lanes::bwd_dx_to(
-                    &gb[rr.clone()],
-                    &xb[rr.clone()],
-                    &mut dxb[rr],
-                    shift,
-                    None,
-                    (T::of_f64(r * gam), T::of_f64(k2), T::of_f64(k3)),
-                    stream,
-                );
+        .map(|(t, (dxt, (xt, gt)))| {
+            let mut sums = Vec::with_capacity(dxt.len() / blk * cpg);
+            for (kk, (dxb, (xb, gb))) in dxt
+                .chunks_mut(blk)
+                .zip(xt.chunks(blk).zip(gt.chunks(blk)))
+                .enumerate()
+            {
+                let k = t * per_task + kk;
+                let g = k % groups;
+                let (shift, r) = (st.shift[k], st.invstd[k]);
+                let delta = st.mean[k] - shift.as_f64();
+                let first = sums.len();
+                let (mut su, mut sux) = (0.0, 0.0);
+                for j in 0..cpg {
+                    let c = g * cpg + j;
+                    let rr = j * d.s..(j + 1) * d.s;
+                    let (a, p) = lanes::dy_moments(&gb[rr.clone()], &xb[rr], shift);
+                    let gx = r * (p - delta * a); // Σdy·x̂ over this channel's slice
+                    let gam = weight.map_or(1.0, |w| w[c].as_f64());
+                    su += gam * a;
+                    sux += gam * gx;
+                    sums.push((a, gx));
+                }
+                debug_assert_eq!(sums.len() - first, cpg);
+                let k2 = -r * sux / m * r;
+                let k3 = -r * su / m - delta * k2;
+                for j in 0..cpg {
+                    let c = g * cpg + j;
+                    let gam = weight.map_or(1.0, |w| w[c].as_f64());
+                    let rr = j * d.s..(j + 1) * d.s;
+                    lanes::bwd_dx_to(
+                        &gb[rr.clone()],
+                        &xb[rr.clone()],
+                        &mut dxb[rr],
+                        shift,
+                        None,
+                        (T::of_f64(r * gam), T::of_f64(k2), T::of_f64(k3)),
+                        stream,
+                    );
+                }
             }
             if stream {
                 lanes::stream_fence();

@@ -307,17 +307,18 @@ pub fn bwd_dx_to<T: Real>(
     }
 }
 
-/// Outputs of at least this many bytes are written with streaming stores by the per-channel and per-group
-/// passes. Measured on this project's machine, one thread, BatchNorm's fused forward: (32, 64, 56, 56)
-/// 6.7 → 4.8 ms, (256, 16, 32, 32) 4.2 → 2.9 ms, (128, 32, 28, 28) 2.5 → 1.9 ms, (64, 32, 28, 28)
-/// 0.82 → 0.74 ms. Those passes write N separate chunks per channel, which the hardware prefetcher does not
-/// cover, so every normal store waits for a read-for-ownership. The threshold stays above the reference CNN's
-/// activations (12.8 MB at batch 128), which the next layer reads straight back from cache.
-/// `NV_STREAM_BYTES` overrides it (read once).
-pub const STREAM_BYTES: usize = 16 << 20;
+/// Working set (bytes of all the arrays an elementwise pass touches) from which its output is written with
+/// streaming stores. Measured on this project's machine against PyTorch in one run
+/// (`tools/bench_norm_vs_torch.sh`): streaming won for every pass over (32, 64, 56, 56) (forward 51 MB,
+/// backward 77 MB: GroupNorm forward+backward 1.9× faster than PyTorch against 0.9× without), and for
+/// (256, 16, 32, 32) backward (50 MB), but lost for its forward (34 MB: GroupNorm 0.73-0.83× PyTorch against
+/// ≥ 1× with normal stores), whose output still fits the cache the next pass reads it from. The reference CNN's
+/// passes (≤ 38 MB at batch 128) keep normal stores. `NV_STREAM_BYTES` overrides the threshold (read once).
+pub const STREAM_BYTES: usize = 40 << 20;
 
-/// Whether an output of `bytes` bytes is written with streaming stores.
-pub fn stream_output(bytes: usize) -> bool {
+/// Whether a pass over `arrays` arrays of `bytes` bytes each writes its output with streaming stores (forward
+/// passes touch 2 arrays, x and y; backward passes 3, x, dy and dx).
+pub fn stream_output(bytes: usize, arrays: usize) -> bool {
     static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let limit = *LIMIT.get_or_init(|| {
         std::env::var("NV_STREAM_BYTES")
@@ -325,7 +326,7 @@ pub fn stream_output(bytes: usize) -> bool {
             .and_then(|v| v.parse().ok())
             .unwrap_or(STREAM_BYTES)
     });
-    bytes >= limit
+    bytes.saturating_mul(arrays) >= limit
 }
 
 /// Writes `dst` from `src`: with streaming stores when `stream` and the build has AVX-512, else a plain copy.

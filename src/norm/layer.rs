@@ -75,6 +75,25 @@ type ChunkGrads<T> = (Vec<T>, Vec<T>, Vec<(f64, f64)>);
 /// Values per scratch chunk of the elementwise passes (16 KB of f32: stays in L1).
 const CHUNK: usize = 4096;
 
+/// Fills `dst` through `f(offset, out)`: directly when not streaming, otherwise chunk by chunk into the L1
+/// scratch `buf`, each chunk then written out with streaming stores (same arithmetic either way).
+#[inline(always)]
+fn write_chunked<T: Real>(
+    dst: &mut [T],
+    buf: &mut [T],
+    stream: bool,
+    mut f: impl FnMut(usize, &mut [T]),
+) {
+    if !stream {
+        return f(0, dst);
+    }
+    for lo in (0..dst.len()).step_by(CHUNK) {
+        let n = CHUNK.min(dst.len() - lo);
+        f(lo, &mut buf[..n]);
+        lanes::store_to(&buf[..n], &mut dst[lo..lo + n], true);
+    }
+}
+
 /// Columns per task in the backward's first phase: at most 1024 (the chunk's x̂, u, weight and two gradient
 /// rows, 5 × 4 KB of f32, stay in L1), fewer when that is what it takes to give every thread a chunk.
 fn col_chunk(d: usize) -> usize {
@@ -147,7 +166,7 @@ impl<T: Real> LayerNorm<T> {
         let b = self.bias.as_ref().map(|p| p.values());
         let eps = self.cfg.eps;
         let rpt = rows_per_task(rows, d);
-        let stream = lanes::stream_output(std::mem::size_of_val(y));
+        let stream = lanes::stream_output(std::mem::size_of_val(y), 2);
         let per: Vec<Vec<(T, f64, f64)>> = y
             .par_chunks_mut(rpt * d)
             .zip(xs.par_chunks(rpt * d))
@@ -158,9 +177,9 @@ impl<T: Real> LayerNorm<T> {
                     let (shift, mean, var) = block_stats(xr);
                     let r = 1.0 / (var + eps).sqrt();
                     let (rt, c0) = (T::of_f64(r), T::of_f64(-(mean - shift.as_f64()) * r));
-                    for lo in (0..d).step_by(CHUNK) {
-                        let n = CHUNK.min(d - lo);
-                        let (o, xr) = (&mut buf[..n], &xr[lo..lo + n]);
+                    write_chunked(yr, &mut buf, stream, |lo, o| {
+                        let n = o.len();
+                        let xr = &xr[lo..lo + n];
                         match (w, b) {
                             (Some(w), Some(b)) => {
                                 let (w, b) = (&w[lo..lo + n], &b[lo..lo + n]);
@@ -180,8 +199,7 @@ impl<T: Real> LayerNorm<T> {
                                 }
                             }
                         }
-                        lanes::store_to(o, &mut yr[lo..lo + n], stream);
-                    }
+                    });
                     out.push((shift, mean, r));
                 }
                 if stream {
@@ -304,7 +322,7 @@ impl<T: Real> LayerNorm<T> {
         }
         // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D), through an L1 chunk (streamed out when large).
         let rpt = rows_per_task(rows, d);
-        let stream = lanes::stream_output(std::mem::size_of_val(dx));
+        let stream = lanes::stream_output(std::mem::size_of_val(dx), 3);
         dx.par_chunks_mut(rpt * d)
             .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
             .enumerate()
@@ -320,9 +338,9 @@ impl<T: Real> LayerNorm<T> {
                     let (shift, rt, c0) = rc[row];
                     let (su, sux) = row_sums[row];
                     let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
-                    for lo in (0..d).step_by(CHUNK) {
-                        let n = CHUNK.min(d - lo);
-                        let (o, xr, g) = (&mut buf[..n], &xr[lo..lo + n], &gr[lo..lo + n]);
+                    write_chunked(or, &mut buf, stream, |lo, o| {
+                        let n = o.len();
+                        let (xr, g) = (&xr[lo..lo + n], &gr[lo..lo + n]);
                         match w {
                             Some(w) => {
                                 let w = &w[lo..lo + n];
@@ -338,8 +356,7 @@ impl<T: Real> LayerNorm<T> {
                                 }
                             }
                         }
-                        lanes::store_to(o, &mut or[lo..lo + n], stream);
-                    }
+                    });
                 }
                 if stream {
                     lanes::stream_fence();
