@@ -136,3 +136,57 @@ fn wrong_input_shape_is_a_typed_error() {
         "{e}"
     );
 }
+
+/// Layers take their outputs from a pool of recycled buffers (stale contents; NaN-filled in debug builds), so
+/// every layer must write all of its output. A model that has already run a step on other data must give the
+/// same logits, input gradient and parameter gradients, bit for bit, as a fresh copy of itself.
+#[test]
+fn recycled_buffers_do_not_leak_into_results() {
+    let (x, y) = batch(16);
+    let (other, _) = {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(99);
+        (
+            ArrayD::from_shape_fn(IxDyn(&[16, 1, 28, 28]), |_| rng.gen::<f32>() * 4.0),
+            (),
+        )
+    };
+    for kind in [ModelKind::Cnn, ModelKind::Resnet] {
+        for norm in NORMS {
+            let cfg = ModelConfig::fashion(kind, norm);
+            let run = |m: &mut Model, inp: &ArrayD<f32>| {
+                m.zero_grad();
+                let logits = m.forward(inp, Mode::Train).unwrap();
+                let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
+                let dx = m.backward(inp, &d, Mode::Train).unwrap();
+                let mut grads = vec![];
+                m.visit_params("", &mut |_, p| grads.extend(p.grad.iter().copied()));
+                (logits, dx, grads)
+            };
+            let mut used = Model::new(cfg.clone()).unwrap();
+            let mut fresh = Model::new(cfg).unwrap();
+            run(&mut used, &other);
+            // the running statistics moved in `used`; give `fresh` the same state before comparing
+            let mut sd = normvision::state::StateDict::default();
+            used.save_state("", &mut sd);
+            fresh.load_state("", &sd).unwrap();
+            let a = run(&mut used, &x);
+            let b = run(&mut fresh, &x);
+            let same = |p: &[f32], q: &[f32]| {
+                p.len() == q.len() && p.iter().zip(q).all(|(u, v)| u.to_bits() == v.to_bits())
+            };
+            assert!(
+                same(a.0.as_slice().unwrap(), b.0.as_slice().unwrap()),
+                "{kind:?}/{norm:?}: logits differ"
+            );
+            assert!(
+                same(a.1.as_slice().unwrap(), b.1.as_slice().unwrap()),
+                "{kind:?}/{norm:?}: dx differs"
+            );
+            assert!(
+                same(&a.2, &b.2),
+                "{kind:?}/{norm:?}: parameter gradients differ"
+            );
+            assert!(a.0.iter().all(|v| v.is_finite()), "{kind:?}/{norm:?}");
+        }
+    }
+}

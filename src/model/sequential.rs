@@ -1,6 +1,6 @@
 //! An ordered container of named layers (PyTorch's `nn.Sequential`): keeps every layer's input for the backward.
 
-use crate::nn::Layer;
+use crate::nn::{arena, Layer};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Result};
 use ndarray::ArrayD;
@@ -30,13 +30,18 @@ impl Sequential {
     }
     /// Drops the saved activations (to free memory after an eval pass).
     pub fn clear_cache(&mut self) {
-        self.outs.clear();
+        for a in self.outs.drain(..) {
+            arena::recycle(a);
+        }
     }
 }
 
 impl Layer<f32> for Sequential {
     fn forward(&mut self, x: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
-        self.outs.clear();
+        // last step's activations go back to the buffer pool for this step's layers to reuse
+        for a in self.outs.drain(..) {
+            arena::recycle(a);
+        }
         if self.layers.is_empty() {
             return Ok(x.clone());
         }
@@ -67,7 +72,9 @@ impl Layer<f32> for Sequential {
             let next = l
                 .backward(input, g.as_ref().unwrap_or(dy), mode)
                 .map_err(|e| annotate(name, e))?;
-            g = Some(next);
+            if let Some(old) = g.replace(next) {
+                arena::recycle(old);
+            }
         }
         Ok(g.expect("non-empty"))
     }

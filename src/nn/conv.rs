@@ -37,7 +37,7 @@ use super::{check_nonempty, check_rank, sum_f64, IntoPair, Layer};
 use crate::norm::contiguous;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD};
 use rayon::prelude::*;
 
 /// Configuration with PyTorch's defaults.
@@ -974,7 +974,7 @@ impl<T: Real> Conv2d<T> {
     /// Forward pass, allocating the output.
     pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
         let shape = self.output_shape(x.shape())?;
-        let mut y = ArrayD::zeros(IxDyn(&shape));
+        let mut y = super::arena::output(&shape);
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"))?;
         Ok(y)
     }
@@ -1063,7 +1063,7 @@ impl<T: Real> Conv2d<T> {
 
     /// Backward pass: returns dx and accumulates dweight, dbias.
     pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
+        let mut dx = super::arena::output(x.shape());
         self.backward_into(
             x.view(),
             dy.view(),
@@ -1259,6 +1259,7 @@ impl<T: Real> Stateful<T> for Conv2d<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::IxDyn;
 
     /// Direct (seven nested loops) convolution for cross-checking im2col.
     fn direct(

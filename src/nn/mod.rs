@@ -18,6 +18,7 @@
 //! [`init`] holds PyTorch's initialisation schemes.
 
 pub mod activation;
+pub mod arena;
 pub mod conv;
 pub mod dropout;
 pub mod init;

@@ -403,7 +403,7 @@ impl<T: Real> MaxPool2d<T> {
     pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
         let g = self.geom(x.shape())?;
         let s = x.shape();
-        let mut y = ArrayD::zeros(IxDyn(&[s[0], s[1], g.oh, g.ow]));
+        let mut y = super::arena::output(&[s[0], s[1], g.oh, g.ow]);
         let mut idx = match self.saved.take() {
             Some((_, mut v)) => {
                 v.resize(y.len(), 0);

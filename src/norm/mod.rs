@@ -115,7 +115,7 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
     /// The layer's name for messages and tables.
     fn name(&self) -> &'static str;
     fn forward(&mut self, x: &ndarray::ArrayD<T>, mode: crate::Mode) -> Result<ndarray::ArrayD<T>> {
-        let mut y = ndarray::ArrayD::zeros(x.raw_dim());
+        let mut y = crate::nn::arena::output(x.shape());
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), mode)?;
         Ok(y)
     }
@@ -125,7 +125,7 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
         dy: &ndarray::ArrayD<T>,
         mode: crate::Mode,
     ) -> Result<ndarray::ArrayD<T>> {
-        let mut dx = ndarray::ArrayD::zeros(x.raw_dim());
+        let mut dx = crate::nn::arena::output(x.shape());
         self.backward_into(
             x.view(),
             dy.view(),
