@@ -137,8 +137,8 @@ fn wrong_input_shape_is_a_typed_error() {
     );
 }
 
-/// Layers take their outputs from a pool of recycled buffers (stale contents; NaN-filled in debug builds), so
-/// every layer must write all of its output. A model that has already run a step on other data must give the
+/// Layers take their outputs from a pool of recycled buffers (stale contents; NaN-filled in debug builds) that
+/// eval passes refill, so every layer must write all of its output. A model that has already run a step on other data must give the
 /// same logits, input gradient and parameter gradients, bit for bit, as a fresh copy of itself.
 #[test]
 fn recycled_buffers_do_not_leak_into_results() {
@@ -164,11 +164,23 @@ fn recycled_buffers_do_not_leak_into_results() {
             };
             let mut used = Model::new(cfg.clone()).unwrap();
             let mut fresh = Model::new(cfg).unwrap();
+            // eval passes hand their activations back to the pool; the train step after them reuses them
+            used.forward(&other, Mode::Eval).unwrap();
+            used.forward(&other, Mode::Eval).unwrap();
             run(&mut used, &other);
+            used.forward(&other, Mode::Eval).unwrap();
             // the running statistics moved in `used`; give `fresh` the same state before comparing
             let mut sd = normvision::state::StateDict::default();
             used.save_state("", &mut sd);
             fresh.load_state("", &sd).unwrap();
+            let ea = used.forward(&x, Mode::Eval).unwrap();
+            let eb = fresh.forward(&x, Mode::Eval).unwrap();
+            assert!(
+                ea.iter()
+                    .zip(eb.iter())
+                    .all(|(u, v)| u.to_bits() == v.to_bits()),
+                "{kind:?}/{norm:?}: eval logits differ"
+            );
             let a = run(&mut used, &x);
             let b = run(&mut fresh, &x);
             let same = |p: &[f32], q: &[f32]| {
