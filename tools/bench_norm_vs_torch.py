@@ -434,6 +434,12 @@ def main(argv=None):
                    help="measure each engine K times in fresh processes (interleaved) and keep, per "
                         "row, the round with the lowest median (default 1); helps on VMs where "
                         "a whole process can land in a slow multi-threaded state")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate the engines shape by shape (fresh processes per shape) instead of "
+                        "running every shape of one engine, then the other: slower to run (~1 s of "
+                        "process start per shape and thread count), but each ratio compares "
+                        "timings taken seconds apart, which matters on a machine whose memory "
+                        "bandwidth drifts")
     p.add_argument("--normvision", metavar="PATH", default=None,
                    help="normvision binary to use (skips `cargo build --release`)")
     p.add_argument("--torch-only", action="store_true",
@@ -467,13 +473,19 @@ def main(argv=None):
     for rnd in range(args.rounds):
         if args.rounds > 1:
             print(f"round {rnd + 1}/{args.rounds}", file=sys.stderr)
+        # one group = every shape (the default), or one shape at a time with --interleave
+        groups = [[s] for s in shapes] if args.interleave else [args.shapes]
         for t in args.threads:
-            r, torch_meta = run_torch(jobs, t, args.reps, args.warmup)
-            for key, layouts in r.items():
-                merge_best(torch_res.setdefault(key, {}), layouts)
-            if binary is not None:
-                merge_best(nv_res, run_normvision(binary, t, args.reps, args.warmup, args.ops,
-                                                  args.modes, args.shapes))
+            for group in groups:
+                gjobs = jobs if group is None else [j for j in jobs if j[1] in group]
+                if not gjobs:
+                    continue
+                r, torch_meta = run_torch(gjobs, t, args.reps, args.warmup)
+                for key, layouts in r.items():
+                    merge_best(torch_res.setdefault(key, {}), layouts)
+                if binary is not None:
+                    merge_best(nv_res, run_normvision(binary, t, args.reps, args.warmup, args.ops,
+                                                      args.modes, group))
 
     check_load_after(load, meter, quiet=args.json)
 
@@ -487,7 +499,8 @@ def main(argv=None):
               + (" ..." if len(extra) > 6 else ""), file=sys.stderr)
 
     hdr = [f"normvision vs PyTorch {torch_meta.get('torch_version', '?')} (CPU, f32); "
-           f"reps={args.reps} warmup={args.warmup} rounds={args.rounds}; threads {','.join(map(str, args.threads))}; "
+           f"reps={args.reps} warmup={args.warmup} rounds={args.rounds}"
+           f"{' interleaved by shape' if args.interleave else ''}; threads {','.join(map(str, args.threads))}; "
            f"binary: {binary if binary else '(torch only)'}"]
     hdr += format_load(load)
     if load.get("during_run"):

@@ -30,7 +30,7 @@ impl<T: Real> ReLU<T> {
 impl<T: Real> Layer<T> for ReLU<T> {
     fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         let xs = cont(x);
-        let mut y = ArrayD::zeros(x.raw_dim());
+        let mut y = super::arena::output(x.shape());
         map_into(&xs, y.as_slice_mut().expect("fresh"), |v| {
             if v <= T::zero() {
                 T::zero()
@@ -43,7 +43,7 @@ impl<T: Real> Layer<T> for ReLU<T> {
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         check_dy("ReLU", x, dy)?;
         let (xs, gs) = (cont(x), cont(dy));
-        let mut dx = ArrayD::zeros(x.raw_dim());
+        let mut dx = super::arena::output(x.shape());
         zip_map_into(&xs, &gs, dx.as_slice_mut().expect("fresh"), |v, g| {
             // PyTorch's threshold_backward on the output: `y <= 0 ? 0 : dy` (a NaN lets dy through).
             if v <= T::zero() {
@@ -84,14 +84,14 @@ impl<T: Real> Sigmoid<T> {
 impl<T: Real> Layer<T> for Sigmoid<T> {
     fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         let xs = cont(x);
-        let mut y = ArrayD::zeros(x.raw_dim());
+        let mut y = super::arena::output(x.shape());
         map_into(&xs, y.as_slice_mut().expect("fresh"), sigmoid);
         Ok(y)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         check_dy("Sigmoid", x, dy)?;
         let (xs, gs) = (cont(x), cont(dy));
-        let mut dx = ArrayD::zeros(x.raw_dim());
+        let mut dx = super::arena::output(x.shape());
         zip_map_into(&xs, &gs, dx.as_slice_mut().expect("fresh"), |v, g| {
             let s = sigmoid(v);
             g * s * (T::one() - s)
