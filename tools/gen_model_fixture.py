@@ -26,6 +26,12 @@ cnn_plain  `--norm none` (`NormKind::None`): convs and the first linear WITH bia
 
 Each case is ONE training-mode forward of a batch of 8 with integer targets, mean cross-entropy, backward.
 
+Trajectory cases (`generate_trajectory`): cnn_bn_sgd (BN, lr 0.2) and cnn_plain_sgd (no norm, lr 0.05), 8x8
+inputs, 60 SGD steps (momentum 0.9) on batches of 32 of a learnable task from a training-like init. They store
+`init.*`, all inputs `x` (BF16, (steps, batch, 1, 8, 8)), `targets` (steps, batch), `losses` (F32, one per
+step), `eval_logits` (eval mode, first batch, after `eval_at` = 20 steps), `state.*` (the state dict after the
+last step), and `losses_cl` / `eval_logits_cl` from the same run in channels_last.
+
 File layout (safetensors; `__metadata__["meta"]` is a JSON string with the case description)
 ---------------------------------------------------------------------------------------------
 init.<key>     the full state dict before the step (PyTorch names: `0.weight`, `1.running_mean`,
@@ -216,6 +222,87 @@ def generate(name: str, norm: str, h: int, w: int, seed: int, out_dir: Path) -> 
     return path
 
 
+def _trajectory_net(norm: str, seed: int):
+    torch.manual_seed(seed)
+    net = build_cnn(norm, 8, 8)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for t in list(net.parameters()) + [b for b in net.buffers() if b.is_floating_point()]:
+            t.copy_(t.to(torch.bfloat16).to(torch.float32))
+    return net
+
+
+EVAL_AT = 20  # eval-mode logits are taken after this many steps (before chaotic drift; see golden_model.rs)
+
+
+def _train(net: nn.Sequential, xs: torch.Tensor, ys: torch.Tensor, lr: float, fmt=None):
+    if fmt is not None:
+        net = net.to(memory_format=fmt)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    eval_logits = None
+    x0 = xs[0] if fmt is None else xs[0].contiguous(memory_format=fmt)
+    for s in range(xs.shape[0]):
+        if s == EVAL_AT:
+            net.eval()
+            with torch.no_grad():
+                eval_logits = net(x0)
+        net.train()
+        x = xs[s] if fmt is None else xs[s].contiguous(memory_format=fmt)
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), ys[s])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return net, losses, eval_logits
+
+
+def generate_trajectory(name: str, norm: str, lr: float, steps: int, batch: int, seed: int,
+                        out_dir: Path) -> Path:
+    """`steps` SGD steps (momentum 0.9, constant lr) of the 8x8 cnn from a training-like init: kaiming-normal
+    conv/linear weights, zero biases, BN at its defaults (weight 1, bias 0, running stats 0/1). Inputs and
+    initial values are bf16-exact. The task is learnable: the class of an image is the index of the largest of
+    its first 10 pixels. Records the loss of every step, eval-mode logits of the first batch after EVAL_AT steps,
+    and the state dict after the last step; and the same run in channels_last (`losses_cl`, `eval_logits_cl`), whose distance
+    from the contiguous run is PyTorch's own sensitivity to summation order along this trajectory."""
+    net = _trajectory_net(norm, seed)
+    tensors: Dict[str, np.ndarray] = {}
+    for k, v in net.state_dict().items():
+        tensors[f"init.{k}"] = v.detach().numpy().astype(np.int64) if k.endswith("num_batches_tracked") else bf16_bits(v)
+    g = torch.Generator().manual_seed(seed + 1)
+    xs = torch.randn(steps, batch, 1, 8, 8, generator=g).to(torch.bfloat16).to(torch.float32)
+    ys = xs.reshape(steps, batch, 64)[:, :, :CLASSES].argmax(dim=2)
+    net, losses, eval_logits = _train(net, xs, ys, lr)
+    _, losses_cl, eval_logits_cl = _train(_trajectory_net(norm, seed), xs, ys, lr, torch.channels_last)
+    tensors["x"] = bf16_bits(xs)
+    tensors["targets"] = ys.numpy().astype(np.int64)
+    tensors["losses"] = np.array(losses, dtype=np.float32)
+    tensors["losses_cl"] = np.array(losses_cl, dtype=np.float32)
+    tensors["eval_logits"] = f32(eval_logits)
+    tensors["eval_logits_cl"] = f32(eval_logits_cl)
+    for k, v in net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            tensors[f"state.{k}"] = v.detach().numpy().astype(np.int64)
+        else:
+            tensors[f"state.{k}"] = f32(v)
+    meta = {
+        "case": name, "model": "cnn", "norm": norm, "input_shape": [batch, 1, 8, 8],
+        "num_classes": CLASSES, "mode": "train", "optimizer": "sgd", "lr": lr, "momentum": 0.9,
+        "steps": steps, "eval_at": EVAL_AT, "seed": seed, "init_dtype": "bf16",
+        "torch_version": torch.__version__,
+    }
+    path = out_dir / f"{name}.safetensors"
+    write_safetensors(path, tensors, {"meta": json.dumps(meta)})
+    dev = max(abs(a - b) / abs(a) for a, b in zip(losses, losses_cl))
+    print(f"{path}: {path.stat().st_size / 1e6:.2f} MB, losses {losses[0]:.4f} .. {losses[-1]:.4f}, "
+          f"channels_last max rel deviation {dev:.2e}", file=sys.stderr)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -224,6 +311,8 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     generate("cnn_bn", "batch", 28, 28, seed=20240601, out_dir=args.out)
     generate("cnn_plain", "none", 8, 8, seed=20240602, out_dir=args.out)
+    generate_trajectory("cnn_bn_sgd", "batch", lr=0.2, steps=60, batch=32, seed=20240603, out_dir=args.out)
+    generate_trajectory("cnn_plain_sgd", "none", lr=0.05, steps=60, batch=32, seed=20240604, out_dir=args.out)
     return 0
 
 
