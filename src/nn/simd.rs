@@ -178,35 +178,59 @@ pub fn gemm_nt_rows(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_nt_rows_multi(m, n, len, &[a], lda, &[b], offs, c, ldc, accumulate)
+}
+
+/// `C (m×n) = [C +] Σ_s A_s·B_sᵀ`: [`gemm_nt_rows`] summed over several (A, B) pairs of the same layout (the
+/// samples of a weight gradient). Each output's dot products over all pairs accumulate in the same registers
+/// and are reduced horizontally once, instead of once per pair.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt_rows_multi(
+    m: usize,
+    n: usize,
+    len: usize,
+    a: &[&[f32]],
+    lda: usize,
+    b: &[&[f32]],
+    offs: &[usize],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(available(), "gemm_nt needs AVX-512F");
-    if m == 0 || n == 0 {
+    assert_eq!(a.len(), b.len(), "gemm_nt: as many A as B operands");
+    if m == 0 || n == 0 || a.is_empty() {
         return;
     }
-    assert!((m - 1) * lda + len <= a.len(), "gemm_nt: A too short");
+    for (a, b) in a.iter().zip(b) {
+        assert!((m - 1) * lda + len <= a.len(), "gemm_nt: A too short");
+        assert!(
+            offs[..n].iter().all(|&o| o + len <= b.len()),
+            "gemm_nt: a B row runs past the end"
+        );
+    }
     assert!(
         offs.len() >= n,
         "gemm_nt: {} row offsets for n = {n}",
         offs.len()
     );
     assert!(
-        offs[..n].iter().all(|&o| o + len <= b.len()),
-        "gemm_nt: a B row runs past the end"
-    );
-    assert!(
         (m - 1) * ldc + n <= c.len() && (n <= ldc || m == 1),
         "gemm_nt: C too short"
     );
+    let ap: Vec<*const f32> = a.iter().map(|s| s.as_ptr()).collect();
+    let bp: Vec<*const f32> = b.iter().map(|s| s.as_ptr()).collect();
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512F is available; rows of A (< m) and B (< n) are read over [0, len) only (masked tail);
-    // C is written at rows < m, columns < n.
+    // SAFETY: AVX-512F is available; rows of every A (< m) and B (< n) are read over [0, len) only (masked
+    // tail), which the asserts above bound; C is written at rows < m, columns < n.
     unsafe {
         x86::gemm_nt(
             m,
             n,
             len,
-            a.as_ptr(),
+            &ap,
             lda,
-            b.as_ptr(),
+            &bp,
             offs.as_ptr(),
             c.as_mut_ptr(),
             ldc,
@@ -314,35 +338,46 @@ mod x86 {
     const TA: usize = 4;
     const TB: usize = 6;
 
-    /// Dot products of TA rows of A with TB rows of B over `len`; returns the TA×TB sums.
+    /// Dot products of TA rows of A with TB rows of B over `len`, summed over the `pairs` (A, B) bases (row
+    /// offsets `ar` into each A, `boffs` into each B); returns the TA×TB sums.
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile_nt(len: usize, a: [*const f32; TA], b: [*const f32; TB]) -> [[f32; TB]; TA] {
+    unsafe fn tile_nt(
+        len: usize,
+        a_bases: &[*const f32],
+        ar: [usize; TA],
+        b_bases: &[*const f32],
+        boffs: [usize; TB],
+    ) -> [[f32; TB]; TA] {
         let mut acc = [[_mm512_setzero_ps(); TB]; TA];
         let full = len / 16;
-        let mut off = 0;
-        for _ in 0..full {
-            let mut bv = [_mm512_setzero_ps(); TB];
-            for (x, p) in bv.iter_mut().zip(b) {
-                *x = _mm512_maskz_loadu_ps(0xFFFF, p.add(off));
-            }
-            for (row, p) in acc.iter_mut().zip(a) {
-                let av = _mm512_maskz_loadu_ps(0xFFFF, p.add(off));
-                for (x, y) in row.iter_mut().zip(bv) {
-                    *x = _mm512_fmadd_ps(av, y, *x);
+        for (&abase, &bbase) in a_bases.iter().zip(b_bases) {
+            let a: [*const f32; TA] = std::array::from_fn(|t| abase.add(ar[t]));
+            let b: [*const f32; TB] = std::array::from_fn(|t| bbase.add(boffs[t]));
+            let mut off = 0;
+            for _ in 0..full {
+                let mut bv = [_mm512_setzero_ps(); TB];
+                for (x, p) in bv.iter_mut().zip(b) {
+                    *x = _mm512_loadu_ps(p.add(off));
                 }
+                for (row, p) in acc.iter_mut().zip(a) {
+                    let av = _mm512_loadu_ps(p.add(off));
+                    for (x, y) in row.iter_mut().zip(bv) {
+                        *x = _mm512_fmadd_ps(av, y, *x);
+                    }
+                }
+                off += 16;
             }
-            off += 16;
-        }
-        if off < len {
-            let m = tail_mask(len - off);
-            let mut bv = [_mm512_setzero_ps(); TB];
-            for (x, p) in bv.iter_mut().zip(b) {
-                *x = _mm512_maskz_loadu_ps(m, p.add(off));
-            }
-            for (row, p) in acc.iter_mut().zip(a) {
-                let av = _mm512_maskz_loadu_ps(m, p.add(off));
-                for (x, y) in row.iter_mut().zip(bv) {
-                    *x = _mm512_fmadd_ps(av, y, *x);
+            if off < len {
+                let m = tail_mask(len - off);
+                let mut bv = [_mm512_setzero_ps(); TB];
+                for (x, p) in bv.iter_mut().zip(b) {
+                    *x = _mm512_maskz_loadu_ps(m, p.add(off));
+                }
+                for (row, p) in acc.iter_mut().zip(a) {
+                    let av = _mm512_maskz_loadu_ps(m, p.add(off));
+                    for (x, y) in row.iter_mut().zip(bv) {
+                        *x = _mm512_fmadd_ps(av, y, *x);
+                    }
                 }
             }
         }
@@ -361,9 +396,9 @@ mod x86 {
         m: usize,
         n: usize,
         len: usize,
-        a: *const f32,
+        a: &[*const f32],
         lda: usize,
-        b: *const f32,
+        b: &[*const f32],
         offs: *const usize,
         c: *mut f32,
         ldc: usize,
@@ -373,13 +408,12 @@ mod x86 {
         while j < n {
             let nb = (n - j).min(TB);
             // rows past the end repeat the last valid row; their results are discarded
-            let bp: [*const f32; TB] = std::array::from_fn(|t| b.add(*offs.add(j + t.min(nb - 1))));
+            let boffs: [usize; TB] = std::array::from_fn(|t| *offs.add(j + t.min(nb - 1)));
             let mut i = 0;
             while i < m {
                 let na = (m - i).min(TA);
-                let ap: [*const f32; TA] =
-                    std::array::from_fn(|t| a.add((i + t.min(na - 1)) * lda));
-                let out = tile_nt(len, ap, bp);
+                let ar: [usize; TA] = std::array::from_fn(|t| (i + t.min(na - 1)) * lda);
+                let out = tile_nt(len, a, ar, b, boffs);
                 for (r, o) in out.iter().enumerate().take(na) {
                     let crow = c.add((i + r) * ldc + j);
                     for (t, &v) in o.iter().enumerate().take(nb) {
