@@ -79,6 +79,10 @@ enum Cmd {
         data: DataArgs,
         #[arg(long, default_value_t = 500)]
         batch_size: usize,
+        /// Fold each BatchNorm that follows a convolution into it before evaluating (inference-only; the same
+        /// outputs up to f32 rounding, one pass less per block).
+        #[arg(long)]
+        fold_bn: bool,
         #[arg(long)]
         json: bool,
     },
@@ -94,6 +98,10 @@ enum Cmd {
         /// Class names, comma-separated (default: Fashion-MNIST's for 10-class grayscale models).
         #[arg(long, value_delimiter = ',')]
         classes: Option<Vec<String>>,
+        /// Fold each BatchNorm that follows a convolution into it before evaluating (inference-only; the same
+        /// outputs up to f32 rounding, one pass less per block).
+        #[arg(long)]
+        fold_bn: bool,
         #[arg(long)]
         json: bool,
     },
@@ -113,6 +121,9 @@ enum Cmd {
         /// train, eval or both.
         #[arg(long, default_value = "both")]
         mode: String,
+        /// Time eval with each BatchNorm folded into the convolution before it (after the train timing).
+        #[arg(long)]
+        fold_bn: bool,
         #[arg(long)]
         json: bool,
     },
@@ -211,15 +222,17 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     checkpoint,
                     data,
                     batch_size,
+                    fold_bn,
                     json,
-                } => commands::eval(&checkpoint, &data, batch_size, json),
+                } => commands::eval(&checkpoint, &data, batch_size, fold_bn, json),
                 Cmd::Predict {
                     checkpoint,
                     images,
                     top_k,
                     classes,
+                    fold_bn,
                     json,
-                } => commands::predict(&checkpoint, &images, top_k, classes, json),
+                } => commands::predict(&checkpoint, &images, top_k, classes, fold_bn, json),
                 Cmd::Bench {
                     model,
                     norm,
@@ -227,6 +240,7 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     steps,
                     warmup,
                     mode,
+                    fold_bn,
                     json,
                 } => {
                     if !["train", "eval", "both"].contains(&mode.as_str()) {
@@ -234,7 +248,8 @@ fn run(cli: Cli) -> normvision::Result<()> {
                             "--mode must be train, eval or both, got {mode}"
                         )));
                     }
-                    commands::bench(model, norm, batch_size, steps, warmup, &mode, json).map(|_| ())
+                    commands::bench(model, norm, batch_size, steps, warmup, &mode, fold_bn, json)
+                        .map(|_| ())
                 }
                 Cmd::BenchKernels { .. } => unreachable!("handled above"),
             }

@@ -130,6 +130,27 @@ fn bench_json_lines() {
 }
 
 #[test]
+fn bench_fold_bn_folds_the_four_conv_batch_norm_pairs() {
+    let o = normvision(&[
+        "bench",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "8",
+        "--mode",
+        "eval",
+        "--fold-bn",
+        "--json",
+    ]);
+    assert_ok("bench --fold-bn", &o);
+    let rows = json_lines("bench --fold-bn", &o);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["folded_bn"], 4);
+}
+
+#[test]
 fn bench_rejects_a_bad_mode() {
     let o = normvision(&["bench", "--steps", "1", "--mode", "sideways"]);
     assert!(!o.status.success());

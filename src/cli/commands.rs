@@ -115,10 +115,14 @@ pub fn eval(
     checkpoint_path: &Path,
     data: &DataArgs,
     batch_size: usize,
+    fold_bn: bool,
     json_out: bool,
 ) -> Result<()> {
     let ck = checkpoint::load(checkpoint_path)?;
     let mut model = checkpoint::restore_model(&ck)?;
+    if fold_bn {
+        model.fold_batch_norm()?;
+    }
     let (_, test) = data.load()?;
     check_data_matches(&model.cfg, &test)?;
     let loader = DataLoader::new(
@@ -167,10 +171,14 @@ pub fn predict(
     images: &[PathBuf],
     top_k: usize,
     classes: Option<Vec<String>>,
+    fold_bn: bool,
     json_out: bool,
 ) -> Result<()> {
     let ck = checkpoint::load(checkpoint_path)?;
     let mut model = checkpoint::restore_model(&ck)?;
+    if fold_bn {
+        model.fold_batch_norm()?;
+    }
     let c = &model.cfg;
     let names: Vec<String> = classes.unwrap_or_else(|| {
         if c.num_classes == 10 && c.in_channels == 1 {
@@ -220,6 +228,7 @@ pub fn bench(
     steps: usize,
     warmup: usize,
     mode: &str,
+    fold_bn: bool,
     json_out: bool,
 ) -> Result<Vec<(String, f64)>> {
     let cfg = ModelConfig::fashion(kind, norm);
@@ -243,6 +252,10 @@ pub fn bench(
         vec![mode]
     };
     for m in modes {
+        let mut folded = 0;
+        if m == "eval" && fold_bn {
+            folded = model.fold_batch_norm()?;
+        }
         let mut times = vec![];
         for i in 0..warmup + steps {
             let t = Instant::now();
@@ -267,10 +280,16 @@ pub fn bench(
             println!(
                 "{}",
                 json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": m, "batch": batch,
-                "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3})
+                "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3,
+                "folded_bn": folded})
             );
         } else {
-            println!("{} --norm {} {m:<5} batch {batch}, {} threads: {img_s:.0} img/s (median of {steps}; best {best:.0})",
+            let note = if folded > 0 {
+                format!(", {folded} BatchNorms folded")
+            } else {
+                String::new()
+            };
+            println!("{} --norm {} {m:<5} batch {batch}, {} threads: {img_s:.0} img/s (median of {steps}; best {best:.0}{note})",
                 kind.as_str(), norm, rayon::current_num_threads());
         }
         out.push((m.to_string(), img_s));

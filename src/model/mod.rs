@@ -184,6 +184,12 @@ fn push_norm_relu_indexed(
 }
 
 impl Model {
+    /// Inference-only: folds each BatchNorm that follows a convolution into it ([`Sequential::fold_batch_norm`]).
+    /// The folded model has no backward through those convolutions. Returns the number of folded pairs.
+    pub fn fold_batch_norm(&mut self) -> Result<usize> {
+        self.net.fold_batch_norm()
+    }
+
     pub fn new(cfg: ModelConfig) -> Result<Self> {
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(cfg.seed);
         let step = Arc::new(AtomicU64::new(NO_STEP));

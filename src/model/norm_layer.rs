@@ -69,6 +69,9 @@ impl Layer<f32> for NormAdapter {
     fn name(&self) -> String {
         self.0.name().to_string()
     }
+    fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        self.0.eval_affine()
+    }
 }
 
 impl Stateful<f32> for NormAdapter {

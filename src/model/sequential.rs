@@ -28,6 +28,30 @@ impl Sequential {
     pub fn len(&self) -> usize {
         self.layers.len()
     }
+    /// Folds every eval-mode BatchNorm (or FrozenBatchNorm) that directly follows a convolution into that
+    /// convolution's weights and bias, with its fused ReLU (if any) applied in the convolution's output pass,
+    /// and removes the norm layer: an inference-only model that computes the same eval outputs up to f32
+    /// rounding with one pass less per block. The remaining children keep their names, so the state dict of the
+    /// folded model has the convolutions' new weights and biases under the old keys and no norm keys. Layers
+    /// inside residual blocks are not folded. Returns the number of folded pairs.
+    pub fn fold_batch_norm(&mut self) -> Result<usize> {
+        let mut folded = 0;
+        let mut i = 0;
+        while i + 1 < self.layers.len() {
+            let affine = self.layers[i + 1].1.eval_affine();
+            if let (Some((a, b, relu)), Some(conv)) = (affine, self.layers[i].1.as_conv_mut()) {
+                if conv.cfg.out_channels == a.len() {
+                    conv.fold_affine(&a, &b, relu)?;
+                    self.layers.remove(i + 1);
+                    folded += 1;
+                }
+            }
+            i += 1;
+        }
+        self.clear_cache();
+        Ok(folded)
+    }
+
     /// Drops the saved activations (to free memory after an eval pass).
     pub fn clear_cache(&mut self) {
         for a in self.outs.drain(..) {

@@ -681,6 +681,18 @@ fn pad_into(g: &Geom, planes: usize, src: &[f32], dst: &mut [f32]) {
 
 /// Copies rows × (H × W) results out of the implicit layout (row stride Q, column oh·Wp + ow), adding `bias[r]`.
 fn unpad_into(g: &Geom, rows: usize, src: &[f32], dst: &mut [f32], bias: Option<&[f32]>) {
+    unpad_into_relu(g, rows, src, dst, bias, false)
+}
+
+/// [`unpad_into`], then max(·, 0) when `relu` (a folded BatchNorm+ReLU, see [`Conv2d::relu_out`]).
+fn unpad_into_relu(
+    g: &Geom,
+    rows: usize,
+    src: &[f32],
+    dst: &mut [f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) {
     let (hw, q, wp) = (g.h * g.w, g.q(), g.wp());
     for (r, (sp, dp)) in src
         .chunks(q)
@@ -690,8 +702,16 @@ fn unpad_into(g: &Geom, rows: usize, src: &[f32], dst: &mut [f32], bias: Option<
     {
         let b = bias.map_or(0.0, |b| b[r]);
         for (oh, dr) in dp.chunks_exact_mut(g.w).enumerate() {
-            for (d, s) in dr.iter_mut().zip(&sp[oh * wp..oh * wp + g.w]) {
-                *d = *s + b;
+            let sr = &sp[oh * wp..oh * wp + g.w];
+            if relu {
+                for (d, s) in dr.iter_mut().zip(sr) {
+                    let v = *s + b;
+                    *d = if v > 0.0 { v } else { 0.0 };
+                }
+            } else {
+                for (d, s) in dr.iter_mut().zip(sr) {
+                    *d = *s + b;
+                }
             }
         }
     }
@@ -708,6 +728,7 @@ fn implicit_forward_sample(
     offs: &[usize],
     xpad: &mut [f32],
     out: &mut [f32],
+    relu: bool,
 ) {
     pad_into(g, g.c, x, xpad);
     let (og, cg, kdim, q, hpwp) = (g.og(), g.c / g.groups, g.kdim(), g.q(), g.hp() * g.wp());
@@ -725,12 +746,13 @@ fn implicit_forward_sample(
             q,
             false,
         );
-        unpad_into(
+        unpad_into_relu(
             g,
             og,
             out,
             &mut y[gi * og * hw..(gi + 1) * og * hw],
             bias.map(|b| &b[gi * og..(gi + 1) * og]),
+            relu,
         );
     }
 }
@@ -843,6 +865,9 @@ pub struct Conv2d<T: Real = f32> {
     pub parallel: ConvParallel,
     /// Use the AVX-512 kernels for f32 when the CPU has them (with [`ConvParallel::Batch`]); `true` unless changed.
     pub simd: bool,
+    /// Apply max(·, 0) to the output (set by [`Conv2d::fold_affine`] when it absorbs a BatchNorm with a fused
+    /// ReLU). Inference only: `backward` refuses a layer with it set.
+    pub relu_out: bool,
     ws: Vec<Workspace<T>>,
     /// Packed weights (forward) or transposed weights (backward) for the AVX-512 kernels.
     packed: Vec<f32>,
@@ -869,6 +894,7 @@ impl<T: Real> Conv2d<T> {
             bias,
             parallel: ConvParallel::Batch,
             simd: true,
+            relu_out: false,
             ws: Vec::new(),
             packed: Vec::new(),
         })
@@ -992,6 +1018,41 @@ impl<T: Real> Conv2d<T> {
         }
     }
 
+    /// Absorbs a following per-channel affine `z = y·a + b` (an eval-mode BatchNorm, see
+    /// [`crate::norm::NormLayer::eval_affine`]) into the weights and bias: `W'[o] = a[o]·W[o]`,
+    /// `bias'[o] = a[o]·bias[o] + b[o]` (a bias is created when there was none), computed in f64 and rounded
+    /// once; with `relu` the output is clamped at 0 as well ([`Conv2d::relu_out`], inference only).
+    pub fn fold_affine(&mut self, a: &[f64], b: &[f64], relu: bool) -> Result<()> {
+        let o = self.cfg.out_channels;
+        if a.len() != o || b.len() != o {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "folding an affine of {} channels into {o} output channels",
+                    a.len()
+                ),
+            });
+        }
+        let per = self.weight.len() / o;
+        for (k, w) in self.weight.value.iter_mut().enumerate() {
+            *w = T::of_f64(w.as_f64() * a[k / per]);
+        }
+        let old: Vec<f64> = match &self.bias {
+            Some(p) => p.value.iter().map(|v| v.as_f64()).collect(),
+            None => vec![0.0; o],
+        };
+        let nb =
+            ndarray::Array1::from_iter((0..o).map(|i| T::of_f64(old[i] * a[i] + b[i]))).into_dyn();
+        match self.bias.as_mut() {
+            Some(p) => p.value = nb,
+            None => self.bias = Some(Param::new(nb)),
+        }
+        self.cfg.bias = true;
+        self.relu_out = relu;
+        self.packed.clear();
+        Ok(())
+    }
+
     /// Forward pass, allocating the output.
     pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
         let shape = self.output_shape(x.shape())?;
@@ -1039,6 +1100,7 @@ impl<T: Real> Conv2d<T> {
         let bias = self.bias.as_ref().map(|b| b.values());
         let packed = &self.packed[..];
         let (is, os) = (g.in_size(), g.out_size());
+        let relu_out = self.relu_out;
         let run = |xc: &[T], yc: &mut [T], ws: &mut Workspace<T>| {
             if implicit {
                 // the same key as the backward (one slot per sample of a gradient group), so the zeroed
@@ -1061,7 +1123,9 @@ impl<T: Real> Conv2d<T> {
                         &offs,
                         simd::as_f32_mut(&mut ws.xpad).expect("f32"),
                         simd::as_f32_mut(&mut ws.col).expect("f32"),
+                        relu_out,
                     );
+                    continue;
                 } else if fast {
                     let f = |s| simd::as_f32(s).expect("f32");
                     fast_forward_sample(
@@ -1074,6 +1138,13 @@ impl<T: Real> Conv2d<T> {
                     );
                 } else {
                     forward_sample(&g, xs, ys, w, bias, &mut ws.col, par);
+                }
+                if relu_out {
+                    for v in ys.iter_mut() {
+                        if !(*v > T::zero()) {
+                            *v = T::zero();
+                        }
+                    }
                 }
             }
         };
@@ -1111,6 +1182,12 @@ impl<T: Real> Conv2d<T> {
         dy: ArrayViewD<T>,
         dx: Option<&mut [T]>,
     ) -> Result<()> {
+        if self.relu_out {
+            return Err(NvError::Config(
+                "this Conv2d absorbed a BatchNorm+ReLU for inference (fold_batch_norm); it has no backward"
+                    .into(),
+            ));
+        }
         let g = self.geom(x.shape())?;
         let want = [g.n, g.o, g.oh, g.ow];
         if dy.shape() != want {
@@ -1255,6 +1332,9 @@ impl<T: Real> Conv2d<T> {
 impl<T: Real> Layer<T> for Conv2d<T> {
     fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         Conv2d::forward(self, x)
+    }
+    fn as_conv_mut(&mut self) -> Option<&mut Conv2d<T>> {
+        Some(self)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         Conv2d::backward(self, x, dy)

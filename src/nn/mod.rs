@@ -49,6 +49,15 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>>;
     /// A short name for tables and errors.
     fn name(&self) -> String;
+    /// The layer as a mutable `Conv2d` (for inference-time transformations such as
+    /// [`crate::model::Sequential::fold_batch_norm`]); `None` for every other layer.
+    fn as_conv_mut(&mut self) -> Option<&mut Conv2d<T>> {
+        None
+    }
+    /// See [`crate::norm::NormLayer::eval_affine`]; `None` unless the layer is such a normalization.
+    fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        None
+    }
 }
 
 /// A size given either once for both spatial dimensions (`3`) or per dimension (`(3, 5)`), as in PyTorch.

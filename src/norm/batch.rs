@@ -211,6 +211,23 @@ impl<T: Real> BatchNorm<T> {
         mode.is_train() || !self.cfg.track_running_stats
     }
 
+    /// The eval-mode affine (a, b) in f64 and whether a ReLU is fused, when eval mode uses the running
+    /// statistics (`None` with `track_running_stats = false`, whose eval normalises with batch statistics).
+    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        if self.uses_batch_stats(Mode::Eval) {
+            return None;
+        }
+        let (rm, rv) = (self.running_mean.as_ref()?, self.running_var.as_ref()?);
+        let (w, b) = (pslice(&self.weight), pslice(&self.bias));
+        let (mut a_out, mut b_out) = (vec![], vec![]);
+        for i in 0..self.cfg.num_features {
+            let a = w.map_or(1.0, |w| w[i].as_f64()) / (rv[i].as_f64() + self.cfg.eps).sqrt();
+            a_out.push(a);
+            b_out.push(b.map_or(0.0, |b| b[i].as_f64()) - rm[i].as_f64() * a);
+        }
+        Some((a_out, b_out, self.cfg.fuse_relu))
+    }
+
     /// Per-channel (a, b) of the eval affine y = x·a + b, with the exact invstd.
     fn running_affine(&self) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<f64>) {
         let rm = self

@@ -66,6 +66,17 @@ impl<T: Real> FrozenBatchNorm<T> {
     }
 
     /// Per-channel (scale, shift).
+    /// The affine (a, b) in f64 and whether a ReLU is fused (the same in both modes).
+    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        let (mut a, mut b) = (vec![], vec![]);
+        for c in 0..self.num_features {
+            let s = self.weight[c].as_f64() / (self.running_var[c].as_f64() + self.eps).sqrt();
+            a.push(s);
+            b.push(self.bias[c].as_f64() - self.running_mean[c].as_f64() * s);
+        }
+        Some((a, b, self.fuse_relu))
+    }
+
     pub fn scale_shift(&self) -> (Vec<T>, Vec<T>) {
         let mut a = Vec::with_capacity(self.num_features);
         let mut b = Vec::with_capacity(self.num_features);

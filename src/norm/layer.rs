@@ -117,6 +117,11 @@ fn rows_per_task(rows: usize, d: usize) -> usize {
 }
 
 impl<T: Real> LayerNorm<T> {
+    /// Not a fixed per-channel affine in eval mode (statistics of each input), so nothing to fold.
+    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        None
+    }
+
     pub const NAME: &'static str = "LayerNorm";
 
     pub fn new(cfg: LayerNormConfig) -> Result<Self> {

@@ -114,6 +114,11 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
     ) -> Result<()>;
     /// The layer's name for messages and tables.
     fn name(&self) -> &'static str;
+    /// When the layer's eval-mode output is a fixed per-channel affine `y = x·a + b` (then a ReLU when the flag
+    /// is set), that affine in f64: what a preceding convolution can absorb ([`crate::model::Sequential::fold_batch_norm`]).
+    fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        None
+    }
     fn forward(&mut self, x: &ndarray::ArrayD<T>, mode: crate::Mode) -> Result<ndarray::ArrayD<T>> {
         let mut y = crate::nn::arena::output(x.shape());
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), mode)?;
@@ -147,6 +152,9 @@ macro_rules! impl_norm_layer {
             }
             fn name(&self) -> &'static str {
                 $t::<T>::NAME
+            }
+            fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+                $t::eval_affine_of(self)
             }
         }
     )*};

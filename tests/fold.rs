@@ -1,0 +1,128 @@
+//! Folding an eval-mode BatchNorm into the convolution before it (`Conv2d::fold_affine`,
+//! `Sequential::fold_batch_norm`): the folded convolution equals the convolution followed by the BatchNorm
+//! (and its fused ReLU) up to f32 rounding, and a folded model gives the unfolded model's eval logits.
+
+use ndarray::{ArrayD, IxDyn};
+use normvision::model::{Model, ModelConfig, ModelKind, NormKind};
+use normvision::nn::loss::cross_entropy;
+use normvision::nn::Conv2dConfig;
+use normvision::norm::{BatchNormConfig, NormLayer};
+use normvision::state::Stateful;
+use normvision::{Mode, NvError};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn uniform(rng: &mut rand_pcg::Pcg64Mcg, shape: &[usize], lo: f32, hi: f32) -> ArrayD<f32> {
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.gen_range(lo..hi))
+}
+
+/// max |a - b| / (1 + max |b|).
+fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (p, q)| m.max((p - q).abs()))
+        / (1.0 + scale)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// conv → BatchNorm(eval, fused ReLU or not) equals the folded conv, for random shapes, strides, groups,
+    /// running statistics and affine parameters, with and without a conv bias.
+    #[test]
+    fn folded_conv_equals_conv_then_batch_norm(
+        seed in 0u64..1000,
+        cin_per_group in 1usize..5,
+        cout_per_group in 1usize..5,
+        groups in 1usize..3,
+        k in 1usize..4,
+        stride in 1usize..3,
+        hw in 5usize..11,
+        bias: bool,
+        relu: bool,
+        n in 1usize..6,
+    ) {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(seed);
+        let (cin, cout) = (cin_per_group * groups, cout_per_group * groups);
+        let cfg = Conv2dConfig::new(cin, cout, k)
+            .stride(stride)
+            .padding(k / 2)
+            .groups(groups)
+            .bias(bias);
+        let mut conv = cfg.clone().build::<f32>(&mut rng).unwrap();
+        let mut bn = BatchNormConfig::d2(cout).fuse_relu(relu).build::<f32>().unwrap();
+        bn.weight.as_mut().unwrap().value = uniform(&mut rng, &[cout], 0.5, 1.5);
+        bn.bias.as_mut().unwrap().value = uniform(&mut rng, &[cout], -0.5, 0.5);
+        bn.running_mean = Some(uniform(&mut rng, &[cout], -0.5, 0.5));
+        bn.running_var = Some(uniform(&mut rng, &[cout], 0.2, 2.0));
+        let x = uniform(&mut rng, &[n, cin, hw, hw], -1.0, 1.0);
+
+        let y = conv.forward(&x).unwrap();
+        let want = NormLayer::forward(&mut bn, &y, Mode::Eval).unwrap();
+        let (a, b, fused) = NormLayer::eval_affine(&bn).expect("foldable");
+        prop_assert_eq!(fused, relu);
+        conv.fold_affine(&a, &b, fused).unwrap();
+        let got = conv.forward(&x).unwrap();
+        let e = rel_err(&got, &want);
+        prop_assert!(e < 1e-5, "relative error {e}");
+        // the folded conv is inference-only when it absorbed a ReLU
+        if relu {
+            let err = conv.backward(&x, &got).unwrap_err();
+            prop_assert!(matches!(err, NvError::Config(_)), "{err}");
+        }
+    }
+}
+
+/// Without running statistics BatchNorm's eval uses batch statistics: not an affine, nothing to fold.
+#[test]
+fn batch_norm_without_running_stats_is_not_folded() {
+    let bn = BatchNormConfig::d2(4)
+        .track_running_stats(false)
+        .build::<f32>()
+        .unwrap();
+    assert!(NormLayer::eval_affine(&bn).is_none());
+}
+
+/// A trained reference CNN: the folded model's eval logits equal the unfolded model's, its state dict has no
+/// BatchNorm keys, and it refuses a backward pass.
+#[test]
+fn folded_model_gives_the_same_eval_logits() {
+    let mut m = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Batch)).unwrap();
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(5);
+    let x = uniform(&mut rng, &[16, 1, 28, 28], -1.0, 1.0);
+    let y: Vec<usize> = (0..16).map(|i| i % 10).collect();
+    // a few train steps move the running statistics away from (0, 1)
+    for _ in 0..3 {
+        m.zero_grad();
+        let logits = m.forward(&x, Mode::Train).unwrap();
+        let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
+        m.backward(&x, &d, Mode::Train).unwrap();
+    }
+    let want = m.forward(&x, Mode::Eval).unwrap();
+    let before = m.state_dict().keys().count();
+    let folded = m.fold_batch_norm().unwrap();
+    assert_eq!(
+        folded, 4,
+        "the four conv+BN pairs (BatchNorm1d follows a linear layer)"
+    );
+    let got = m.forward(&x, Mode::Eval).unwrap();
+    let e = rel_err(&got, &want);
+    assert!(e < 1e-5, "folded logits differ: {e}");
+    let keys: Vec<String> = m.state_dict().keys().cloned().collect();
+    assert_eq!(
+        keys.len(),
+        before - 4 * 5 + 4,
+        "BN keys gone, one new conv bias each"
+    );
+    assert!(keys
+        .iter()
+        .all(|k| !k.starts_with("1.") && !k.starts_with("4.")));
+    assert!(keys.contains(&"0.bias".to_string()));
+    let (_, d) = cross_entropy(&got, &y, 0.0).unwrap();
+    m.forward(&x, Mode::Train).unwrap();
+    assert!(m.backward(&x, &d, Mode::Train).is_err());
+    // models without BatchNorm fold nothing
+    let mut plain = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Group)).unwrap();
+    assert_eq!(plain.fold_batch_norm().unwrap(), 0);
+}
