@@ -524,46 +524,81 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// The streaming-store passes must give bitwise the generic passes' results, for every length and
-    /// alignment of the output (scalar head, packed body, scalar tail), with and without the ReLU mask.
+    /// The passes (generic, and AVX-512 streaming stores) must give bitwise what the scalar formulas give, for every length and alignment of the output (head, packed body, tail), with and without the ReLU
+    /// mask; the scalar references below are the generic code's expressions.
     #[test]
-    fn streaming_passes_are_bitwise_the_generic_passes() {
+    fn packed_passes_are_bitwise_the_scalar_formulas() {
         let mut g = rand_pcg::Pcg64Mcg::seed_from_u64(3);
         let total = 700;
         let x: Vec<f32> = (0..total).map(|_| g.gen::<f32>() * 4.0 - 2.0).collect();
         let dy: Vec<f32> = (0..total).map(|_| g.gen::<f32>() * 2.0 - 1.0).collect();
         let (shift, s, b) = (0.1f32, 1.7f32, -0.3f32);
         let k = (0.9f32, -0.05f32, 0.01f32);
+        let same = |p: &[f32], q: &[f32]| p.iter().zip(q).all(|(u, v)| u.to_bits() == v.to_bits());
         for start in 0..17 {
-            for len in [0usize, 1, 5, 15, 16, 17, 31, 64, 100, 333, 600] {
+            for len in [0usize, 1, 5, 15, 16, 17, 31, 49, 64, 100, 333, 600] {
                 let xs = &x[start..start + len];
                 let gs = &dy[start..start + len];
                 for relu in [false, true] {
-                    let mut a = vec![0f32; total];
-                    let mut bb = vec![0f32; total];
-                    affine_shifted_to(xs, &mut a[start..start + len], shift, s, b, relu, false);
-                    affine_shifted_to(xs, &mut bb[start..start + len], shift, s, b, relu, true);
-                    stream_fence();
-                    assert!(
-                        a.iter().zip(&bb).all(|(p, q)| p.to_bits() == q.to_bits()),
-                        "affine start {start} len {len} relu {relu}"
-                    );
-                    store_to(xs, &mut a[start..start + len], false);
-                    store_to(xs, &mut bb[start..start + len], true);
-                    stream_fence();
-                    assert!(
-                        a.iter().zip(&bb).all(|(p, q)| p.to_bits() == q.to_bits()),
-                        "store start {start} len {len}"
-                    );
+                    let clamp = |t: f32| if relu && !(t > 0.0) { 0.0 } else { t };
+                    let want: Vec<f32> = xs.iter().map(|&v| clamp((v - shift) * s + b)).collect();
+                    for stream in [false, true] {
+                        let mut o = vec![7f32; total];
+                        affine_shifted_to(
+                            xs,
+                            &mut o[start..start + len],
+                            shift,
+                            s,
+                            b,
+                            relu,
+                            stream,
+                        );
+                        stream_fence();
+                        assert!(
+                            same(&o[start..start + len], &want),
+                            "affine_shifted {start} {len} {relu} {stream}"
+                        );
+                        assert!(o[..start]
+                            .iter()
+                            .chain(&o[start + len..])
+                            .all(|&v| v == 7.0));
+                    }
+                    let want: Vec<f32> = xs.iter().map(|&v| clamp(v * s + b)).collect();
+                    let mut o = vec![7f32; len];
+                    if relu {
+                        affine_relu(xs, &mut o, s, b);
+                    } else {
+                        affine(xs, &mut o, s, b);
+                    }
+                    assert!(same(&o, &want), "affine {start} {len} {relu}");
                     let mask = relu.then_some((s, b));
-                    bwd_dx_to(gs, xs, &mut a[start..start + len], shift, mask, k, false);
-                    bwd_dx_to(gs, xs, &mut bb[start..start + len], shift, mask, k, true);
-                    stream_fence();
-                    assert!(
-                        a.iter().zip(&bb).all(|(p, q)| p.to_bits() == q.to_bits()),
-                        "dx start {start} len {len} relu {relu}"
-                    );
+                    let want: Vec<f32> = xs
+                        .iter()
+                        .zip(gs)
+                        .map(|(&v, &gv)| {
+                            let d = v - shift;
+                            let gi = if relu && !(d * s + b > 0.0) { 0.0 } else { gv };
+                            gi * k.0 + d * k.1 + k.2
+                        })
+                        .collect();
+                    for stream in [false, true] {
+                        let mut o = vec![7f32; total];
+                        bwd_dx_to(gs, xs, &mut o[start..start + len], shift, mask, k, stream);
+                        stream_fence();
+                        assert!(
+                            same(&o[start..start + len], &want),
+                            "dx {start} {len} {relu} {stream}"
+                        );
+                        assert!(o[..start]
+                            .iter()
+                            .chain(&o[start + len..])
+                            .all(|&v| v == 7.0));
+                    }
                 }
+                let mut o = vec![0f32; len];
+                store_to(xs, &mut o, true);
+                stream_fence();
+                assert!(same(&o, xs), "store {start} {len}");
             }
         }
     }
