@@ -615,27 +615,31 @@ fn fast_backward_sample(
         }
     }
     let Some(dx) = dx else { return };
-    let plen = simd::packed_len(kdim, og);
-    let wt_dy = |dcol: &mut [f32]| {
-        for gi in 0..g.groups {
-            simd::gemm_nn(
-                kdim,
-                p,
-                og,
-                &wpt[gi * plen..(gi + 1) * plen],
-                &dy[gi * og * p..(gi + 1) * og * p],
-                p,
-                &mut dcol[gi * kdim * p..(gi + 1) * kdim * p],
-                p,
-                false,
-            );
-        }
-    };
     if g.pointwise() {
-        wt_dy(dx);
+        col_grad(g, wpt, dy, dx);
     } else {
-        wt_dy(col);
+        col_grad(g, wpt, dy, col);
         col2im(g, col, dx);
+    }
+}
+
+/// d(col) = Wᵀ·dy per group (`kdim·groups × P`), with `wpt` the transposed weights packed by
+/// [`simd::pack_a`]: the data gradient before col2im folds it back.
+fn col_grad(g: &Geom, wpt: &[f32], dy: &[f32], dcol: &mut [f32]) {
+    let (p, og, kdim) = (g.p(), g.og(), g.kdim());
+    let plen = simd::packed_len(kdim, og);
+    for gi in 0..g.groups {
+        simd::gemm_nn(
+            kdim,
+            p,
+            og,
+            &wpt[gi * plen..(gi + 1) * plen],
+            &dy[gi * og * p..(gi + 1) * og * p],
+            p,
+            &mut dcol[gi * kdim * p..(gi + 1) * kdim * p],
+            p,
+            false,
+        );
     }
 }
 
@@ -796,21 +800,8 @@ fn implicit_backward_group(
             continue;
         };
         if !g.implicit_dx() {
-            // few input channels: d(col) = Wᵀ·dy into `out` (kdim·groups × P), folded back by col2im
-            let (p, plen) = (g.p(), simd::packed_len(kdim, og));
-            for gi in 0..g.groups {
-                simd::gemm_nn(
-                    kdim,
-                    p,
-                    og,
-                    &wdp[gi * plen..(gi + 1) * plen],
-                    &dy[gi * og * p..(gi + 1) * og * p],
-                    p,
-                    &mut out[gi * kdim * p..(gi + 1) * kdim * p],
-                    p,
-                    false,
-                );
-            }
+            // few input channels: d(col) = Wᵀ·dy into `out`, folded back by col2im
+            col_grad(g, wdp, dy, out);
             col2im(g, out, dx);
             continue;
         }

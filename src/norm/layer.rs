@@ -293,6 +293,50 @@ impl<T: Real> Stateful<T> for LayerNorm<T> {
     }
 }
 
+/// One row's chunk of the backward: fills x̂ = (x - shift)·r + c0 and u = dy·w (w = the chunk's weights, or
+/// none), adds dy·x̂ to `gw` and dy to `gb` when they are non-empty (dweight/dbias wanted), and returns the
+/// chunk's (Σu, Σu·x̂).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_chunk_sums<T: Real>(
+    xr: &[T],
+    g: &[T],
+    w: Option<&[T]>,
+    (shift, rt, c0): (T, T, T),
+    xh: &mut [T],
+    u: &mut [T],
+    gw: &mut [T],
+    gb: &mut [T],
+) -> (f64, f64) {
+    let n = xr.len();
+    let (xh, u, g) = (&mut xh[..n], &mut u[..n], &g[..n]);
+    for i in 0..n {
+        xh[i] = (xr[i] - shift) * rt + c0;
+    }
+    match w {
+        Some(w) => {
+            let w = &w[..n];
+            for i in 0..n {
+                u[i] = g[i] * w[i];
+            }
+        }
+        None => u.copy_from_slice(g),
+    }
+    if !gw.is_empty() {
+        let gw = &mut gw[..n];
+        for i in 0..n {
+            gw[i] = gw[i] + g[i] * xh[i];
+        }
+    }
+    if !gb.is_empty() {
+        let gb = &mut gb[..n];
+        for i in 0..n {
+            gb[i] = gb[i] + g[i];
+        }
+    }
+    lanes::dy_moments(u, xh, T::zero())
+}
+
 /// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows; per row x̂ and u = dy·w
 /// are materialised (the row is in L1/L2), dweight/dbias accumulate into per-task partials, then dx.
 #[allow(clippy::too_many_arguments)]
@@ -330,28 +374,16 @@ fn short_rows_backward<T: Real>(
                     T::of_f64(r),
                     T::of_f64(-(st.mean[row] - shift.as_f64()) * r),
                 );
-                for i in 0..d {
-                    xh[i] = (xr[i] - shift) * rt + c0;
-                }
-                match w {
-                    Some(w) => {
-                        for i in 0..d {
-                            u[i] = gr[i] * w[i];
-                        }
-                    }
-                    None => u.copy_from_slice(gr),
-                }
-                if want_w {
-                    for i in 0..d {
-                        gw[i] = gw[i] + gr[i] * xh[i];
-                    }
-                }
-                if want_b {
-                    for i in 0..d {
-                        gbias[i] = gbias[i] + gr[i];
-                    }
-                }
-                let (su, sux) = lanes::dy_moments(&u, &xh, T::zero());
+                let (su, sux) = row_chunk_sums(
+                    xr,
+                    gr,
+                    w,
+                    (shift, rt, c0),
+                    &mut xh,
+                    &mut u,
+                    &mut gw,
+                    &mut gbias,
+                );
                 let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
                 for i in 0..d {
                     dxr[i] = rt * (u[i] - k_su - xh[i] * k_sux);
@@ -415,29 +447,17 @@ fn long_rows_backward<T: Real>(
             for (row, &(shift, rt, c0)) in rc.iter().enumerate() {
                 let off = row * d + lo;
                 let (xr, g) = (&xs[off..off + n], &gs[off..off + n]);
-                for i in 0..n {
-                    xh[i] = (xr[i] - shift) * rt + c0;
-                }
-                match w {
-                    Some(w) => {
-                        let w = &w[lo..lo + n];
-                        for i in 0..n {
-                            u[i] = g[i] * w[i];
-                        }
-                    }
-                    None => u.copy_from_slice(g),
-                }
-                if want_w {
-                    for i in 0..n {
-                        gw[i] = gw[i] + g[i] * xh[i];
-                    }
-                }
-                if want_b {
-                    for i in 0..n {
-                        gbias[i] = gbias[i] + g[i];
-                    }
-                }
-                sums.push(lanes::dy_moments(&u, &xh, T::zero()));
+                let wc = w.map(|w| &w[lo..lo + n]);
+                sums.push(row_chunk_sums(
+                    xr,
+                    g,
+                    wc,
+                    (shift, rt, c0),
+                    &mut xh,
+                    &mut u,
+                    &mut gw,
+                    &mut gbias,
+                ));
             }
             (gw, gbias, sums)
         })
