@@ -54,9 +54,7 @@ impl Sequential {
 
     /// Drops the saved activations (to free memory after an eval pass).
     pub fn clear_cache(&mut self) {
-        for a in self.outs.drain(..) {
-            arena::recycle(a);
-        }
+        self.outs.clear();
     }
 }
 

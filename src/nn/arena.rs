@@ -40,6 +40,13 @@ pub fn take(len: usize) -> Vec<f32> {
     vec![0.0; len]
 }
 
+/// Frees every pooled buffer. Call it after an eval pass whose batch shapes the next work will not reuse
+/// (evaluation during training: the pool would otherwise keep the eval batch's activations for the rest
+/// of the run).
+pub fn clear() {
+    POOL.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
 /// Returns a buffer to the pool.
 pub fn give(v: Vec<f32>) {
     if v.len() < MIN_LEN {
@@ -98,5 +105,17 @@ mod tests {
         let c: ArrayD<f64> = output(&[4, 4]);
         assert!(c.iter().all(|&v| v == 0.0));
         recycle(c);
+    }
+
+    #[test]
+    fn a_cleared_pool_serves_fresh_zeroed_buffers() {
+        let len = MIN_LEN * 7 + 3; // a size no other test asks for
+        give(vec![1.0; len]);
+        clear();
+        let v = take(len);
+        assert!(
+            v.iter().all(|&x| x == 0.0),
+            "the cleared pool still served a buffer"
+        );
     }
 }
