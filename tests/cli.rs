@@ -1,8 +1,6 @@
 //! The `normvision` binary's surface: help texts and the machine-readable (`--json`) output of the two
 //! benchmark commands. Runs the real binary (`CARGO_BIN_EXE_normvision`) with tiny sizes.
 
-#![allow(clippy::needless_range_loop)]
-
 use std::process::{Command, Output};
 
 fn normvision(args: &[&str]) -> Output {
@@ -100,9 +98,9 @@ fn unknown_option_fails_with_usage() {
     assert!(!e.contains("panicked"), "{e}");
 }
 
-#[test]
-fn bench_json_lines() {
-    let o = normvision(&[
+/// `normvision bench` on batches of 8 for 2 steps with `extra` options, as JSON rows.
+fn bench_rows(extra: &[&str]) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let mut args = vec![
         "bench",
         "--steps",
         "2",
@@ -110,10 +108,18 @@ fn bench_json_lines() {
         "0",
         "--batch-size",
         "8",
-        "--json",
-    ]);
-    assert_ok("bench --json", &o);
-    let rows = json_lines("bench --json", &o);
+    ];
+    args.extend_from_slice(extra);
+    args.push("--json");
+    let what = format!("bench {}", extra.join(" "));
+    let o = normvision(&args);
+    assert_ok(&what, &o);
+    json_lines(&what, &o)
+}
+
+#[test]
+fn bench_json_lines() {
+    let rows = bench_rows(&[]);
     // default --mode both: one train row, one eval row
     let modes: Vec<&str> = rows.iter().map(|r| r["mode"].as_str().unwrap()).collect();
     assert_eq!(modes, ["train", "eval"]);
@@ -131,21 +137,7 @@ fn bench_json_lines() {
 
 #[test]
 fn bench_fold_bn_folds_the_four_conv_batch_norm_pairs() {
-    let o = normvision(&[
-        "bench",
-        "--steps",
-        "2",
-        "--warmup",
-        "0",
-        "--batch-size",
-        "8",
-        "--mode",
-        "eval",
-        "--fold-bn",
-        "--json",
-    ]);
-    assert_ok("bench --fold-bn", &o);
-    let rows = json_lines("bench --fold-bn", &o);
+    let rows = bench_rows(&["--mode", "eval", "--fold-bn"]);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["folded_bn"], 4);
 }

@@ -1,7 +1,5 @@
 //! Data pipeline: IDX files, Fashion-MNIST, image folders, the loader.
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::Array4;
 use normvision::data::fashion_mnist::{self, Split};
 use normvision::data::idx::{self, IdxArray, IdxData};

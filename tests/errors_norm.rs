@@ -2,8 +2,6 @@
 //! invalid configuration, a single value per channel in training, backward without (or mismatched with) forward,
 //! dy / buffer size mismatches, and state dicts with missing keys or wrong shapes.
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::{ArrayD, Dimension, IxDyn};
 use normvision::norm::*;
 use normvision::state::{StateDict, StateTensor, Stateful};

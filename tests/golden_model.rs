@@ -13,8 +13,6 @@
 //! cancel carry an absolute error proportional to the tensor's scale rather than to their own value; measured
 //! worst cases are ~1.6e-6 absolute, at most ~0.3 of the allowed error (printed with `--nocapture`).
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind};
 use normvision::nn::loss::cross_entropy;

@@ -5,8 +5,6 @@
 //! Conv2d is checked on every code path: the AVX-512 kernels (when the CPU has them) and the `gemm`-crate path,
 //! under both thread strategies.
 
-#![allow(clippy::needless_range_loop)]
-
 mod common;
 use common::*;
 use ndarray::ArrayD;

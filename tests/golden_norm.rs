@@ -2,8 +2,6 @@
 //! running statistics). Fixtures: `tests/fixtures/norm/*.safetensors`, written by `tools/gen_fixtures.py`
 //! (`bash tools/gen_fixtures.sh`), which holds the PyTorch code that produced every number.
 
-#![allow(clippy::needless_range_loop)]
-
 mod common;
 use common::*;
 use ndarray::ArrayD;

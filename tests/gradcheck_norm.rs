@@ -10,8 +10,6 @@
 //! [`TOL`]. With h = 1e-6 the truncation error is O(h²) ≈ 1e-12 and the round-off ≈ |L|·1e-16/h ≈ 1e-9; the worst
 //! error measured over all cases is ~1e-9 (printed by `cargo test --test gradcheck_norm -- --nocapture`).
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::*;
 use normvision::Mode;

@@ -1,8 +1,6 @@
 //! Every model builds with every applicable normalization, runs forward and backward on a batch, exposes
 //! PyTorch-style state-dict names, and takes optimizer steps that lower the loss on a fixed batch.
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind};
 use normvision::nn::loss::cross_entropy;

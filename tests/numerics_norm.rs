@@ -15,8 +15,6 @@
 //! - dγ, dβ: |error| ≤ 1e-7 · Σ|terms| for BatchNorm/GroupNorm [8.6e-9]; ≤ 1e-6 · Σ|terms| for LayerNorm [2.0e-7].
 //! - eval-mode BatchNorm (PyTorch's y = x·a + b): ≤ 4 ulp(|x·a|) ≈ 3e-2 absolute [8.9e-3] — see that test.
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
 use normvision::norm::batch_kernels::{local_moments, train_forward, Ncs};
 use normvision::norm::*;

@@ -46,8 +46,6 @@
 //! print("step", [lrs[i] for i in (0, 29, 30, 59, 60, 90)])
 //! ```
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::{ArrayD, IxDyn};
 use normvision::optim::adamw::AdamWConfig;
 use normvision::optim::schedule::{LrSchedule, Schedule};

@@ -6,8 +6,6 @@
 //! `/usr/share/datasets/fashion-mnist`; the resume and divergence tests then fall back to a small synthetic
 //! dataset, and the CLI tests always use synthetic IDX files in a temporary directory.
 
-#![allow(clippy::needless_range_loop)]
-
 use ndarray::ArrayD;
 use normvision::data::idx::{write_idx, IdxArray, IdxData};
 use normvision::data::{fashion_mnist, DataLoader, Dataset, LoaderConfig};

@@ -25,12 +25,11 @@ static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 pub fn take(len: usize) -> Vec<f32> {
     if len >= MIN_LEN {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        // exact size first (the common case: the same shapes every step), else the smallest that is larger
-        let pick = pool.iter().rposition(|v| v.len() == len);
-        if let Some(i) = pick {
+        // exact sizes only (the same shapes come back every batch), the most recently returned first: its
+        // memory is the likeliest to still be in cache
+        if let Some(i) = pool.iter().rposition(|v| v.len() == len) {
             let mut v = pool.swap_remove(i);
             drop(pool);
-            v.resize(len, 0.0);
             if cfg!(debug_assertions) {
                 v.fill(f32::NAN);
             }

@@ -549,7 +549,6 @@ fn fast_forward_sample(
     col: &mut [f32],
 ) {
     let (p, og, kdim) = (g.p(), g.og(), g.kdim());
-    let plen = simd::packed_len(og, kdim);
     let cols: &[f32] = if g.pointwise() {
         x
     } else {
@@ -561,17 +560,24 @@ fn fast_forward_sample(
             yo.fill(bo);
         }
     }
+    group_gemm(g, og, kdim, wp, cols, y, bias.is_some());
+}
+
+/// Per conv group, `C_g (m × P) = [C_g +] A_g · B_g` with `A_g` packed (m × k, [`simd::pack_a`]) and `B_g`
+/// k × P: the forward (A = W, B = columns) and the column gradient (A = Wᵀ, B = dy) of the explicit path.
+fn group_gemm(g: &Geom, m: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], acc: bool) {
+    let (p, plen) = (g.p(), simd::packed_len(m, k));
     for gi in 0..g.groups {
         simd::gemm_nn(
-            og,
+            m,
             p,
-            kdim,
-            &wp[gi * plen..(gi + 1) * plen],
-            &cols[gi * kdim * p..(gi + 1) * kdim * p],
+            k,
+            &a[gi * plen..(gi + 1) * plen],
+            &b[gi * k * p..(gi + 1) * k * p],
             p,
-            &mut y[gi * og * p..(gi + 1) * og * p],
+            &mut c[gi * m * p..(gi + 1) * m * p],
             p,
-            bias.is_some(),
+            acc,
         );
     }
 }
@@ -626,21 +632,7 @@ fn fast_backward_sample(
 /// d(col) = Wᵀ·dy per group (`kdim·groups × P`), with `wpt` the transposed weights packed by
 /// [`simd::pack_a`]: the data gradient before col2im folds it back.
 fn col_grad(g: &Geom, wpt: &[f32], dy: &[f32], dcol: &mut [f32]) {
-    let (p, og, kdim) = (g.p(), g.og(), g.kdim());
-    let plen = simd::packed_len(kdim, og);
-    for gi in 0..g.groups {
-        simd::gemm_nn(
-            kdim,
-            p,
-            og,
-            &wpt[gi * plen..(gi + 1) * plen],
-            &dy[gi * og * p..(gi + 1) * og * p],
-            p,
-            &mut dcol[gi * kdim * p..(gi + 1) * kdim * p],
-            p,
-            false,
-        );
-    }
+    group_gemm(g, g.kdim(), g.og(), wpt, dy, dcol, false);
 }
 
 /// Row offsets of the implicit column matrices within one group's padded planes (Hp × Wp each):
@@ -684,12 +676,8 @@ fn pad_into(g: &Geom, planes: usize, src: &[f32], dst: &mut [f32]) {
 }
 
 /// Copies rows × (H × W) results out of the implicit layout (row stride Q, column oh·Wp + ow), adding `bias[r]`.
-fn unpad_into(g: &Geom, rows: usize, src: &[f32], dst: &mut [f32], bias: Option<&[f32]>) {
-    unpad_into_relu(g, rows, src, dst, bias, false)
-}
-
-/// [`unpad_into`], then max(·, 0) when `relu` (a folded BatchNorm+ReLU, see [`Conv2d::relu_out`]).
-fn unpad_into_relu(
+/// Then max(·, 0) when `relu` (a folded BatchNorm+ReLU, see [`Conv2d::relu_out`]).
+fn unpad_into(
     g: &Geom,
     rows: usize,
     src: &[f32],
@@ -750,7 +738,7 @@ fn implicit_forward_sample(
             q,
             false,
         );
-        unpad_into_relu(
+        unpad_into(
             g,
             og,
             out,
@@ -819,7 +807,14 @@ fn implicit_backward_group(
                 q,
                 false,
             );
-            unpad_into(g, cg, out, &mut dx[gi * cg * hw..(gi + 1) * cg * hw], None);
+            unpad_into(
+                g,
+                cg,
+                out,
+                &mut dx[gi * cg * hw..(gi + 1) * cg * hw],
+                None,
+                false,
+            );
         }
     }
     let first = g.ph * g.wp() + g.pw;
@@ -1040,7 +1035,6 @@ impl<T: Real> Conv2d<T> {
         }
         self.cfg.bias = true;
         self.relu_out = relu;
-        self.packed.clear();
         Ok(())
     }
 

@@ -202,6 +202,11 @@ pub fn gemm_nt_rows_multi(
     if m == 0 || n == 0 || a.is_empty() {
         return;
     }
+    assert!(
+        offs.len() >= n,
+        "gemm_nt: {} row offsets for n = {n}",
+        offs.len()
+    );
     for (a, b) in a.iter().zip(b) {
         assert!((m - 1) * lda + len <= a.len(), "gemm_nt: A too short");
         assert!(
@@ -209,11 +214,6 @@ pub fn gemm_nt_rows_multi(
             "gemm_nt: a B row runs past the end"
         );
     }
-    assert!(
-        offs.len() >= n,
-        "gemm_nt: {} row offsets for n = {n}",
-        offs.len()
-    );
     assert!(
         (m - 1) * ldc + n <= c.len() && (n <= ldc || m == 1),
         "gemm_nt: C too short"

@@ -168,7 +168,8 @@ fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
     (shift, s1, s2)
 }
 
-fn moments_from_shifted(shift: f64, s1: f64, s2: f64, m: f64) -> (f64, f64) {
+/// (mean, M2) from the shifted sums Σ(x-shift), Σ(x-shift)² over m values.
+pub(super) fn moments_from_shifted(shift: f64, s1: f64, s2: f64, m: f64) -> (f64, f64) {
     let dm = s1 / m;
     let mean = shift + dm;
     let m2 = (s2 - s1 * dm).max(0.0);
@@ -183,10 +184,10 @@ pub fn local_moments<T: Real>(x: &[T], d: Ncs) -> Moments {
     if d.m() == 0 {
         return out;
     }
-    let m = d.m() as f64;
     if d.s == 1 {
         return super::rows_kernels::moments(x, d).1;
     }
+    let m = d.m() as f64;
     let per: Vec<(f64, f64)> = (0..d.c)
         .into_par_iter()
         .map(|c| {
@@ -243,10 +244,10 @@ pub fn normalize<T: Real>(
 ) {
     assert_eq!(x.len(), d.numel());
     assert_eq!(y.len(), d.numel());
-    let yp = SyncPtr(y.as_mut_ptr());
     if d.s == 1 {
         return super::rows_kernels::normalize(x, y, d, st, weight, bias, relu);
     }
+    let yp = SyncPtr(y.as_mut_ptr());
     (0..d.c).into_par_iter().for_each(|c| {
         let (s, b) = st.channel_affine(c, weight, bias);
         normalize_channel(x, yp, d, c, s, b, st.shift[c], relu);
@@ -266,6 +267,9 @@ pub fn train_forward<T: Real>(
 ) -> BatchStats<T> {
     assert_eq!(x.len(), d.numel());
     assert_eq!(y.len(), d.numel());
+    if d.s == 1 {
+        return super::rows_kernels::train_forward(x, y, d, weight, bias, eps, relu);
+    }
     let m = d.m() as f64;
     let yp = SyncPtr(y.as_mut_ptr());
     let mut st = BatchStats {
@@ -275,9 +279,6 @@ pub fn train_forward<T: Real>(
         invstd: vec![0.0; d.c],
         count: d.m() as u64,
     };
-    if d.s == 1 {
-        return super::rows_kernels::train_forward(x, y, d, weight, bias, eps, relu);
-    }
     let per: Vec<(T, f64, f64, f64)> = (0..d.c)
         .into_par_iter()
         .map(|c| {
@@ -354,13 +355,13 @@ pub fn backward_sums<T: Real>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> BackwardSums {
+    if d.s == 1 {
+        return super::rows_kernels::backward_sums(x, dy, d, st, weight, bias, relu);
+    }
     let mut out = BackwardSums {
         sum_dy: vec![0.0; d.c],
         dot: vec![0.0; d.c],
     };
-    if d.s == 1 {
-        return super::rows_kernels::backward_sums(x, dy, d, st, weight, bias, relu);
-    }
     let per: Vec<(f64, f64)> = (0..d.c)
         .into_par_iter()
         .map(|c| {
@@ -531,10 +532,10 @@ pub fn eval_backward<T: Real>(
     relu: bool,
 ) -> (Vec<f64>, Vec<f64>) {
     assert_eq!(dx.len(), d.numel(), "dx buffer size");
-    let dxp = SyncPtr(dx.as_mut_ptr());
     if d.s == 1 {
         return super::rows_kernels::eval_backward(x, dy, dx, d, a, b, relu);
     }
+    let dxp = SyncPtr(dx.as_mut_ptr());
     let per: Vec<(f64, f64)> = (0..d.c)
         .into_par_iter()
         .map(|c| {

@@ -76,11 +76,6 @@ pub struct BatchChannelNorm<T: Real = f32> {
 }
 
 impl<T: Real> BatchChannelNorm<T> {
-    /// Not a fixed per-channel affine in eval mode (statistics of each input), so nothing to fold.
-    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
-        None
-    }
-
     pub const NAME: &'static str = "BatchChannelNorm";
 
     pub fn new(cfg: BatchChannelNormConfig) -> Result<Self> {

@@ -65,7 +65,6 @@ impl<T: Real> FrozenBatchNorm<T> {
         Ok(f)
     }
 
-    /// Per-channel (scale, shift).
     /// The affine (a, b) in f64 and whether a ReLU is fused (the same in both modes).
     pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
         let (mut a, mut b) = (vec![], vec![]);
@@ -77,6 +76,7 @@ impl<T: Real> FrozenBatchNorm<T> {
         Some((a, b, self.fuse_relu))
     }
 
+    /// Per-channel (scale, shift).
     pub fn scale_shift(&self) -> (Vec<T>, Vec<T>) {
         let mut a = Vec::with_capacity(self.num_features);
         let mut b = Vec::with_capacity(self.num_features);

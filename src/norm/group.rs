@@ -55,11 +55,6 @@ pub struct GroupNorm<T: Real = f32> {
 }
 
 impl<T: Real> GroupNorm<T> {
-    /// Not a fixed per-channel affine in eval mode (statistics of each input), so nothing to fold.
-    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
-        None
-    }
-
     pub const NAME: &'static str = "GroupNorm";
 
     pub fn new(cfg: GroupNormConfig) -> Result<Self> {

@@ -140,7 +140,6 @@ pub fn backward<T: Real>(
                 let g = k % groups;
                 let (shift, r) = (st.shift[k], st.invstd[k]);
                 let delta = st.mean[k] - shift.as_f64();
-                let first = sums.len();
                 let (mut su, mut sux) = (0.0, 0.0);
                 for j in 0..cpg {
                     let c = g * cpg + j;
@@ -152,7 +151,6 @@ pub fn backward<T: Real>(
                     sux += gam * gx;
                     sums.push((a, gx));
                 }
-                debug_assert_eq!(sums.len() - first, cpg);
                 let k2 = -r * sux / m * r;
                 let k3 = -r * su / m - delta * k2;
                 for j in 0..cpg {

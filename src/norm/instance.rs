@@ -95,12 +95,6 @@ pub struct InstanceNorm<T: Real = f32> {
 }
 
 impl<T: Real> InstanceNorm<T> {
-    /// Folding is not offered: without running statistics the eval output depends on each input; with them it
-    /// would be a per-channel affine, but normvision's models do not put InstanceNorm after a foldable layer.
-    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
-        None
-    }
-
     pub const NAME: &'static str = "InstanceNorm";
 
     pub fn new(cfg: InstanceNormConfig) -> Result<Self> {

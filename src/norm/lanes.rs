@@ -326,21 +326,19 @@ pub fn stream_output(bytes: usize, arrays: usize) -> bool {
             .and_then(|v| v.parse().ok())
             .unwrap_or(STREAM_BYTES)
     });
-    bytes.saturating_mul(arrays) >= limit
+    cfg!(all(target_arch = "x86_64", target_feature = "avx512f"))
+        && bytes.saturating_mul(arrays) >= limit
 }
 
-/// Writes `dst` from `src`: with streaming stores when `stream` and the build has AVX-512, else a plain copy.
-/// Elementwise passes with no dedicated streaming kernel compute into an L1-sized scratch chunk and store it
-/// with this, which keeps their arithmetic (and results) unchanged.
+/// Writes `dst` from `src` with streaming stores (a plain copy for other element types or builds without
+/// AVX-512, where [`stream_output`] never asks for it). Elementwise passes with no dedicated streaming kernel
+/// compute into an L1-sized scratch chunk and store it with this, which keeps their arithmetic unchanged.
 #[inline]
-pub fn store_to<T: Real>(src: &[T], dst: &mut [T], stream: bool) {
+pub fn store_to<T: Real>(src: &[T], dst: &mut [T]) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    if stream {
-        if let (Some(s), Some(d)) = (simd::as_f32(src), simd::as_f32_mut(dst)) {
-            return simd::stream::copy(s, d);
-        }
+    if let (Some(s), Some(d)) = (simd::as_f32(src), simd::as_f32_mut(dst)) {
+        return simd::stream::copy(s, d);
     }
-    let _ = stream;
     dst.copy_from_slice(src);
 }
 
@@ -490,14 +488,7 @@ pub fn dy_moments_channel<T: Real>(
 /// same protection against cancellation as long as a sub-block's first values are not far outliers.
 #[inline]
 pub fn block_moments<T: Real>(xs: &[T]) -> (f64, f64) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    if let Some(x) = simd::as_f32(xs) {
-        return simd::block_moments(x);
-    }
+    // f32 reaches the packed reductions through `shifted_moments`
     let (mut n_tot, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
     for blk in xs.chunks(512) {
         let head = &blk[..blk.len().min(16)];
@@ -596,7 +587,7 @@ mod tests {
                     }
                 }
                 let mut o = vec![0f32; len];
-                store_to(xs, &mut o, true);
+                store_to(xs, &mut o);
                 stream_fence();
                 assert!(same(&o, xs), "store {start} {len}");
             }

@@ -80,6 +80,12 @@ const SHORT_ROW_BYTES: usize = 256 << 10;
 /// Values per scratch chunk of the elementwise passes (16 KB of f32: stays in L1).
 const CHUNK: usize = 4096;
 
+/// The (r, c0) of x̂ = (x - shift)·r + c0 for a row with this shift, exact mean and 1/sqrt(var + eps).
+#[inline]
+fn xhat_consts<T: Real>(shift: T, mean: f64, r: f64) -> (T, T) {
+    (T::of_f64(r), T::of_f64(-(mean - shift.as_f64()) * r))
+}
+
 /// Fills `dst` through `f(offset, out)`: directly when not streaming, otherwise chunk by chunk into the L1
 /// scratch `buf`, each chunk then written out with streaming stores (same arithmetic either way).
 #[inline(always)]
@@ -95,7 +101,7 @@ fn write_chunked<T: Real>(
     for lo in (0..dst.len()).step_by(CHUNK) {
         let n = CHUNK.min(dst.len() - lo);
         f(lo, &mut buf[..n]);
-        lanes::store_to(&buf[..n], &mut dst[lo..lo + n], true);
+        lanes::store_to(&buf[..n], &mut dst[lo..lo + n]);
     }
 }
 
@@ -117,11 +123,6 @@ fn rows_per_task(rows: usize, d: usize) -> usize {
 }
 
 impl<T: Real> LayerNorm<T> {
-    /// Not a fixed per-channel affine in eval mode (statistics of each input), so nothing to fold.
-    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
-        None
-    }
-
     pub const NAME: &'static str = "LayerNorm";
 
     pub fn new(cfg: LayerNormConfig) -> Result<Self> {
@@ -182,11 +183,11 @@ impl<T: Real> LayerNorm<T> {
             .zip(xs.par_chunks(rpt * d))
             .map(|(yb, xb)| {
                 let mut out = Vec::with_capacity(rpt);
-                let mut buf = vec![T::zero(); CHUNK.min(d)];
+                let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
                 for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
                     let (shift, mean, var) = block_stats(xr);
                     let r = 1.0 / (var + eps).sqrt();
-                    let (rt, c0) = (T::of_f64(r), T::of_f64(-(mean - shift.as_f64()) * r));
+                    let (rt, c0) = xhat_consts(shift, mean, r);
                     write_chunked(yr, &mut buf, stream, |lo, o| {
                         let n = o.len();
                         let xr = &xr[lo..lo + n];
@@ -369,11 +370,8 @@ fn short_rows_backward<T: Real>(
                 .enumerate()
             {
                 let row = t * rpt + j;
-                let (shift, r) = (st.shift[row], st.invstd[row]);
-                let (rt, c0) = (
-                    T::of_f64(r),
-                    T::of_f64(-(st.mean[row] - shift.as_f64()) * r),
-                );
+                let shift = st.shift[row];
+                let (rt, c0) = xhat_consts(shift, st.mean[row], st.invstd[row]);
                 let (su, sux) = row_chunk_sums(
                     xr,
                     gr,
@@ -423,9 +421,9 @@ fn long_rows_backward<T: Real>(
     // Per-row constants of x̂ = (x - shift)·r + c0.
     let rc: Vec<(T, T, T)> = (0..rows)
         .map(|row| {
-            let (shift, r) = (st.shift[row], st.invstd[row]);
-            let c0 = -(st.mean[row] - shift.as_f64()) * r;
-            (shift, T::of_f64(r), T::of_f64(c0))
+            let shift = st.shift[row];
+            let (rt, c0) = xhat_consts(shift, st.mean[row], st.invstd[row]);
+            (shift, rt, c0)
         })
         .collect();
     // Phase 1, by column chunks over all rows: dweight and dbias of the chunk's columns (each task owns its
@@ -482,7 +480,7 @@ fn long_rows_backward<T: Real>(
         .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
         .enumerate()
         .for_each(|(t, (dxb, (xb, gb)))| {
-            let mut buf = vec![T::zero(); CHUNK.min(d)];
+            let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
             for (j, ((or, xr), gr)) in dxb
                 .chunks_mut(d)
                 .zip(xb.chunks(d))

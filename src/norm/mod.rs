@@ -142,7 +142,7 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
 }
 
 macro_rules! impl_norm_layer {
-    ($($t:ident),*) => {$(
+    ($($t:ident $(: $fold:ident)?),*) => {$(
         impl<T: Real> NormLayer<T> for $t<T> {
             fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: crate::Mode) -> Result<()> {
                 $t::forward_into(self, x, y, mode)
@@ -153,15 +153,17 @@ macro_rules! impl_norm_layer {
             fn name(&self) -> &'static str {
                 $t::<T>::NAME
             }
-            fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
-                $t::eval_affine_of(self)
-            }
+            $(fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+                $t::$fold(self)
+            })?
         }
     )*};
 }
+// Only layers whose eval output is a fixed per-channel affine can be folded into a preceding convolution.
+// (InstanceNorm with running statistics would be one too, but no model puts it after a foldable layer.)
 impl_norm_layer!(
-    BatchNorm,
-    FrozenBatchNorm,
+    BatchNorm: eval_affine_of,
+    FrozenBatchNorm: eval_affine_of,
     GroupNorm,
     LayerNorm,
     InstanceNorm,

@@ -7,7 +7,9 @@
 //! shifted Σd and Σd²) and normalises the tile while it is still in cache, and the backward computes its two
 //! reductions and dx the same way. Inputs with few channels fall back to the staged form (reduce tiles, add the partial sums across row blocks in a fixed order, then the elementwise pass).
 
-use super::batch_kernels::{dx_coefficients, BackwardSums, BatchStats, Moments, Ncs, SyncPtr};
+use super::batch_kernels::{
+    dx_coefficients, moments_from_shifted, BackwardSums, BatchStats, Moments, Ncs, SyncPtr,
+};
 use crate::Real;
 use rayon::prelude::*;
 
@@ -283,9 +285,7 @@ pub fn moments<T: Real>(x: &[T], d: Ncs) -> (Vec<T>, Moments) {
     let mut out = Moments::empty(d.c);
     out.count = d.n as u64;
     for c in 0..d.c {
-        let dm = s1[c] / m;
-        out.mean[c] = shift[c].as_f64() + dm;
-        out.m2[c] = (s2[c] - s1[c] * dm).max(0.0);
+        (out.mean[c], out.m2[c]) = moments_from_shifted(shift[c].as_f64(), s1[c], s2[c], m);
     }
     (shift, out)
 }
@@ -351,9 +351,7 @@ pub fn train_forward<T: Real>(
             let mut mo = Moments::empty(w);
             mo.count = d.n as u64;
             for i in 0..w {
-                let dm = s1[i] / m;
-                mo.mean[i] = shift[i].as_f64() + dm;
-                mo.m2[i] = (s2[i] - s1[i] * dm).max(0.0);
+                (mo.mean[i], mo.m2[i]) = moments_from_shifted(shift[i].as_f64(), s1[i], s2[i], m);
             }
             let mut st = BatchStats::<T>::from_moments(&mo, eps);
             st.shift = shift;
@@ -424,20 +422,23 @@ pub fn backward_sums<T: Real>(
     BackwardSums { sum_dy: sd, dot }
 }
 
+/// The (k1, k2, k3) of [`dx_coefficients`] for channels `cs`, from their Σdy and Σdy·(x-mean) (indexed from
+/// `cs.start`).
 fn coefficients<T: Real>(
     st: &BatchStats<T>,
-    d: Ncs,
-    sums: &BackwardSums,
+    cs: std::ops::Range<usize>,
+    sum_dy: &[f64],
+    dot: &[f64],
     count: f64,
     weight: Option<&[T]>,
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let mut k = (
-        Vec::with_capacity(d.c),
-        Vec::with_capacity(d.c),
-        Vec::with_capacity(d.c),
+        Vec::with_capacity(cs.len()),
+        Vec::with_capacity(cs.len()),
+        Vec::with_capacity(cs.len()),
     );
-    for c in 0..d.c {
-        let (a, b, e) = dx_coefficients(st, c, sums.sum_dy[c], sums.dot[c], count, weight);
+    for (i, c) in cs.enumerate() {
+        let (a, b, e) = dx_coefficients(st, c, sum_dy[i], dot[i], count, weight);
         k.0.push(a);
         k.1.push(b);
         k.2.push(e);
@@ -459,7 +460,7 @@ pub fn backward_dx<T: Real>(
     bias: Option<&[T]>,
     relu: bool,
 ) {
-    let (k1, k2, k3) = coefficients(st, d, sums, count as f64, weight);
+    let (k1, k2, k3) = coefficients(st, 0..d.c, &sums.sum_dy, &sums.dot, count as f64, weight);
     let (s, b) = affines(st, d, weight, bias);
     let dxp = SyncPtr(dx.as_mut_ptr());
     let (tl, _) = tiles::<T>(d);
@@ -508,19 +509,11 @@ pub fn train_backward<T: Real>(
             let (sh, sr, br) = (&st.shift[r.clone()], &s[r.clone()], &b[r.clone()]);
             let (mut sd, mut dt) = (vec![0.0f64; w], vec![0.0f64; w]);
             tile_dy_sums(x, dy, d, t, sh, sr, br, relu, &mut sd, &mut dt);
-            let mut k = (
-                Vec::with_capacity(w),
-                Vec::with_capacity(w),
-                Vec::with_capacity(w),
-            );
             for i in 0..w {
                 let c = t.c0 + i;
                 dt[i] -= (st.mean[c] - st.shift[c].as_f64()) * sd[i];
-                let (a, bb, e) = dx_coefficients(st, c, sd[i], dt[i], count, weight);
-                k.0.push(a);
-                k.1.push(bb);
-                k.2.push(e);
             }
+            let k = coefficients(st, r.clone(), &sd, &dt, count, weight);
             tile_dx(x, dy, dxp, d, t, sh, (sr, br), (&k.0, &k.1, &k.2), relu);
             (sd, dt)
         })

@@ -221,31 +221,6 @@ mod imp {
         }
         (t1, t2)
     }
-
-    /// One-pass (mean, M2) of a contiguous slice: sub-blocks of 512 values, each reduced around its own shift
-    /// (the mean of its first 16 values) in packed f32, then merged exactly (Chan et al.) in f64.
-    pub fn block_moments(xs: &[f32]) -> (f64, f64) {
-        const SUB: usize = 512;
-        let (mut n_tot, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
-        for blk in xs.chunks(SUB) {
-            let head = &blk[..blk.len().min(16)];
-            let k = (head.iter().map(|&v| v as f64).sum::<f64>() / head.len() as f64) as f32;
-            let (s1, s2) = shifted_moments(blk, Strided::contiguous(blk.len()), k);
-            let n = blk.len() as f64;
-            let dm = s1 / n;
-            let (bm, bm2) = (k as f64 + dm, (s2 - s1 * dm).max(0.0));
-            if n_tot == 0.0 {
-                (n_tot, mean, m2) = (n, bm, bm2);
-            } else {
-                let tot = n_tot + n;
-                let delta = bm - mean;
-                mean += delta * n / tot;
-                m2 += bm2 + delta * delta * n_tot * n / tot;
-                n_tot = tot;
-            }
-        }
-        (mean, m2)
-    }
 }
 
 /// Elementwise passes that write with non-temporal (streaming) stores: for outputs much larger than the caches,
