@@ -124,6 +124,10 @@ enum Cmd {
         /// Time eval with each BatchNorm folded into the convolution before it (after the train timing).
         #[arg(long)]
         fold_bn: bool,
+        /// Also print where a step's time goes: wall-clock milliseconds per step for each top-level layer's
+        /// forward and backward (summed over the timed steps, divided by their number).
+        #[arg(long)]
+        profile: bool,
         #[arg(long)]
         json: bool,
     },
@@ -241,6 +245,7 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     warmup,
                     mode,
                     fold_bn,
+                    profile,
                     json,
                 } => {
                     if !["train", "eval", "both"].contains(&mode.as_str()) {
@@ -248,7 +253,9 @@ fn run(cli: Cli) -> normvision::Result<()> {
                             "--mode must be train, eval or both, got {mode}"
                         )));
                     }
-                    commands::bench(model, norm, batch_size, steps, warmup, &mode, fold_bn, json)
+                    commands::bench(
+                        model, norm, batch_size, steps, warmup, &mode, fold_bn, profile, json,
+                    )
                         .map(|_| ())
                 }
                 Cmd::BenchKernels { .. } => unreachable!("handled above"),

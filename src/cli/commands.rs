@@ -229,6 +229,7 @@ pub fn bench(
     warmup: usize,
     mode: &str,
     fold_bn: bool,
+    profile: bool,
     json_out: bool,
 ) -> Result<Vec<(String, f64)>> {
     let cfg = ModelConfig::fashion(kind, norm);
@@ -258,6 +259,9 @@ pub fn bench(
         }
         let mut times = vec![];
         for i in 0..warmup + steps {
+            if profile && i == warmup {
+                model.net.enable_timing();
+            }
             let t = Instant::now();
             if m == "train" {
                 model.zero_grad();
@@ -292,9 +296,51 @@ pub fn bench(
             println!("{} --norm {} {m:<5} batch {batch}, {} threads: {img_s:.0} img/s (median of {steps}; best {best:.0}{note})",
                 kind.as_str(), norm, rayon::current_num_threads());
         }
+        if profile {
+            print_layer_profile(&model, m, steps, med, json_out);
+        }
         out.push((m.to_string(), img_s));
     }
     Ok(out)
+}
+
+/// The `bench --profile` table: each top-level layer's forward and backward milliseconds per step.
+fn print_layer_profile(model: &Model, mode: &str, steps: usize, median_step: f64, json_out: bool) {
+    let rows = model.net.layer_times();
+    let per_step = |s: f64| s * 1e3 / steps.max(1) as f64;
+    let total: f64 = rows.iter().map(|r| r.2 + r.3).sum::<f64>();
+    if json_out {
+        for (name, layer, f, b) in &rows {
+            println!(
+                "{}",
+                json!({"profile": mode, "layer": name, "kind": layer, "forward_ms": per_step(*f),
+                "backward_ms": per_step(*b), "share": (f + b) / total.max(1e-12)})
+            );
+        }
+        return;
+    }
+    println!(
+        "where a {mode} step goes (wall clock per step, mean of {steps}; step median {:.2} ms):",
+        median_step * 1e3
+    );
+    println!("{:<8} {:<34} {:>10} {:>10} {:>7}", "layer", "kind", "fwd ms", "bwd ms", "share");
+    for (name, layer, f, b) in &rows {
+        let mut kind = layer.clone();
+        kind.truncate(34);
+        println!(
+            "{name:<8} {kind:<34} {:>10.3} {:>10.3} {:>6.1}%",
+            per_step(*f),
+            per_step(*b),
+            100.0 * (f + b) / total.max(1e-12)
+        );
+    }
+    println!(
+        "{:<8} {:<34} {:>10.3} {:>10.3}",
+        "total",
+        "(layers only; loss and optimizer excluded)",
+        per_step(rows.iter().map(|r| r.2).sum()),
+        per_step(rows.iter().map(|r| r.3).sum())
+    );
 }
 
 /// The main job: the same network with BatchNorm and without normalization, side by side.

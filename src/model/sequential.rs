@@ -13,6 +13,9 @@ pub struct Sequential {
     /// outs[i] is the output of layer i in the last forward; layer i's input is outs[i-1], or the block input
     /// (which `backward` receives again, so it is never copied).
     outs: Vec<ArrayD<f32>>,
+    /// Per-layer wall-clock seconds (forward, backward) summed since [`Sequential::enable_timing`]; `None` when
+    /// timing is off (the default: no clock reads on the hot path).
+    times: Option<Vec<[f64; 2]>>,
 }
 
 impl Sequential {
@@ -49,7 +52,35 @@ impl Sequential {
             i += 1;
         }
         self.clear_cache();
+        if self.times.is_some() {
+            self.enable_timing();
+        }
         Ok(folded)
+    }
+
+    /// Starts (or restarts) summing each child's forward and backward wall-clock time.
+    pub fn enable_timing(&mut self) {
+        self.times = Some(vec![[0.0; 2]; self.layers.len()]);
+    }
+    /// `(name, layer description, forward seconds, backward seconds)` per child, summed since
+    /// [`Sequential::enable_timing`]; empty when timing is off.
+    pub fn layer_times(&self) -> Vec<(String, String, f64, f64)> {
+        match &self.times {
+            None => vec![],
+            Some(t) => self
+                .layers
+                .iter()
+                .zip(t)
+                .map(|((n, l), t)| (n.clone(), l.name(), t[0], t[1]))
+                .collect(),
+        }
+    }
+    fn add_time(&mut self, i: usize, pass: usize, start: Option<std::time::Instant>) {
+        if let (Some(t), Some(s)) = (self.times.as_mut(), start) {
+            if let Some(slot) = t.get_mut(i) {
+                slot[pass] += s.elapsed().as_secs_f64();
+            }
+        }
     }
 
     /// Drops the saved activations (to free memory after an eval pass).
@@ -75,9 +106,11 @@ impl Layer<f32> for Sequential {
         }
         for i in 0..self.layers.len() {
             let input = if i == 0 { x } else { &self.outs[i - 1] };
+            let start = self.times.as_ref().map(|_| std::time::Instant::now());
             let (name, l) = &mut self.layers[i];
             let y = l.forward(input, mode).map_err(|e| annotate(name, e))?;
             self.outs.push(y);
+            self.add_time(i, 0, start);
         }
         // The caller gets a copy; the saved output of the last layer stays for layers that need it (none of the
         // current ones do, so release it instead of copying).
@@ -95,12 +128,14 @@ impl Layer<f32> for Sequential {
         }
         let mut g: Option<ArrayD<f32>> = None;
         for i in (0..self.layers.len()).rev() {
+            let start = self.times.as_ref().map(|_| std::time::Instant::now());
             let input = if i == 0 { x } else { &self.outs[i - 1] };
             let (name, l) = &mut self.layers[i];
             let next = l
                 .backward(input, g.as_ref().unwrap_or(dy), mode)
                 .map_err(|e| annotate(name, e))?;
             g = Some(next);
+            self.add_time(i, 1, start);
         }
         Ok(g.expect("non-empty"))
     }

@@ -5,11 +5,11 @@
 //! page faults when they come from `mmap`. Layers whose `*_into` kernels write every element of their output take
 //! their output buffers from here ([`output`]), and [`Sequential`](crate::model::Sequential) hands the last
 //! batch's activations back ([`recycle`]) in eval mode (measured: 2500 → 3800 img/s on 2 threads). Training does
-//! not recycle (see `Sequential::forward` for the measurement). A recycled buffer holds stale but initialised values, so this needs no `unsafe` beyond the `f32`
-//! reinterpretation of a generic `T`.
+//! not recycle (see `Sequential::forward` for the measurement), but its fresh output buffers are not zeroed
+//! either, since the layer's kernel writes every element.
 //!
-//! In debug builds (the test suite) recycled buffers are filled with NaN before reuse, so a layer that relies on
-//! zeros in an output it does not fully write fails loudly instead of reading stale data.
+//! In debug builds (the test suite) recycled and fresh output buffers are filled with NaN, so a layer that
+//! relies on zeros in an output it does not fully write fails loudly instead of reading stale data.
 
 use ndarray::{ArrayD, IxDyn};
 use std::sync::Mutex;
@@ -23,20 +23,44 @@ static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// A buffer of exactly `len` floats: a recycled one (contents unspecified) or a fresh zeroed one.
 pub fn take(len: usize) -> Vec<f32> {
-    if len >= MIN_LEN {
-        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        // exact sizes only (the same shapes come back every batch), the most recently returned first: its
-        // memory is the likeliest to still be in cache
-        if let Some(i) = pool.iter().rposition(|v| v.len() == len) {
-            let mut v = pool.swap_remove(i);
-            drop(pool);
-            if cfg!(debug_assertions) {
-                v.fill(f32::NAN);
-            }
-            return v;
-        }
+    pooled(len).unwrap_or_else(|| vec![0.0; len])
+}
+
+/// A pooled buffer of exactly `len` floats, if the pool has one (NaN-filled in debug builds).
+fn pooled(len: usize) -> Option<Vec<f32>> {
+    if len < MIN_LEN {
+        return None;
     }
-    vec![0.0; len]
+    let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    // exact sizes only (the same shapes come back every batch), the most recently returned first: its
+    // memory is the likeliest to still be in cache
+    let i = pool.iter().rposition(|v| v.len() == len)?;
+    let mut v = pool.swap_remove(i);
+    drop(pool);
+    if cfg!(debug_assertions) {
+        v.fill(f32::NAN);
+    }
+    Some(v)
+}
+
+/// A buffer of `len` floats for a caller that writes every element before it reads any: recycled, or fresh
+/// and not zeroed. Zeroing a fresh training activation (3-13 MB, allocated every step) was 6-7% of a training
+/// step (`perf`: `memset` under `arena::take`); the kernel's own write is the first touch instead.
+///
+/// Debug builds (the test suite) fill the buffer with NaN, so a caller that leaves an element unwritten fails
+/// its tests instead of reading garbage.
+fn take_for_overwrite(len: usize) -> Vec<f32> {
+    if let Some(v) = pooled(len) {
+        return v;
+    }
+    if cfg!(debug_assertions) {
+        return vec![f32::NAN; len];
+    }
+    let mut v = Vec::<f32>::with_capacity(len);
+    // SAFETY: `output` is the only caller, and its contract (checked by the NaN fill of debug builds) is that
+    // every element is written before any is read. f32 has no invalid bit patterns and no drop glue.
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// Frees every pooled buffer. Call it after an eval pass whose batch shapes the next work will not reuse
@@ -71,11 +95,12 @@ pub fn recycle<T: 'static>(a: ArrayD<T>) {
     give(cast_vec::<T, f32>(v));
 }
 
-/// An output array of `shape` whose every element the caller will write: recycled for `f32`, zeroed otherwise.
+/// An output array of `shape` whose every element the caller will write before reading any: for `f32` a
+/// recycled buffer or a fresh one that is not zeroed (see [`take_for_overwrite`]); zeroed for other types.
 pub fn output<T: Clone + num_traits::Zero + 'static>(shape: &[usize]) -> ArrayD<T> {
     let len = shape.iter().product();
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let v = cast_vec::<f32, T>(take(len));
+        let v = cast_vec::<f32, T>(take_for_overwrite(len));
         return ArrayD::from_shape_vec(IxDyn(shape), v).expect("length matches the shape");
     }
     ArrayD::zeros(IxDyn(shape))
