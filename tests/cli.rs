@@ -143,6 +143,32 @@ fn bench_fold_bn_folds_the_four_conv_batch_norm_pairs() {
 }
 
 #[test]
+fn bench_profile_and_conv_algorithm() {
+    for algo in ["direct", "winograd"] {
+        let rows = bench_rows(&["--mode", "train", "--profile", "--conv", algo]);
+        let (speed, layers): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.contains_key("img_s"));
+        assert_eq!(speed.len(), 1, "{rows:?}");
+        assert_eq!(speed[0]["conv"], algo);
+        // one profile row per top-level layer of the reference CNN (4 conv blocks, 2 pools, flatten, 2 linear
+        // with their BN/ReLU), each with non-negative times, shares summing to 1
+        assert!(layers.len() >= 10, "{layers:?}");
+        let mut share = 0.0;
+        for r in &layers {
+            assert_eq!(r["profile"], "train");
+            for k in ["forward_ms", "backward_ms", "share"] {
+                let v = r[k].as_f64().unwrap_or(-1.0);
+                assert!(v.is_finite() && v >= 0.0, "{k} = {v} in {r:?}");
+            }
+            share += r["share"].as_f64().unwrap();
+        }
+        assert!((share - 1.0).abs() < 1e-6, "shares sum to {share}");
+        assert!(layers
+            .iter()
+            .any(|r| r["kind"].as_str().unwrap().starts_with("Conv2d")));
+    }
+}
+
+#[test]
 fn bench_rejects_a_bad_mode() {
     let o = normvision(&["bench", "--steps", "1", "--mode", "sideways"]);
     assert!(!o.status.success());

@@ -108,15 +108,22 @@ fn run_fixture(fx: &Fixture) {
     let name = fx.name.as_str();
     match fx.meta["layer"].as_str().unwrap() {
         "conv2d" => {
-            for (par, simd) in [
-                (ConvParallel::Batch, true),
-                (ConvParallel::Batch, false),
-                (ConvParallel::Gemm, false),
+            // (AVX-512 with Winograd where the shape allows it: conv_32to16_5x5; AVX-512 direct; generic)
+            for (par, simd, winograd) in [
+                (ConvParallel::Batch, true, true),
+                (ConvParallel::Batch, true, false),
+                (ConvParallel::Batch, false, false),
+                (ConvParallel::Gemm, false, false),
             ] {
                 let mut conv = Conv2d::<f32>::new(conv_cfg(c)).unwrap();
                 conv.parallel = par;
                 conv.simd = simd;
-                check_layer(fx, &format!("{name} ({par:?}, simd {simd})"), &mut conv);
+                conv.winograd = winograd;
+                check_layer(
+                    fx,
+                    &format!("{name} ({par:?}, simd {simd}, winograd {winograd})"),
+                    &mut conv,
+                );
             }
         }
         "linear" => {

@@ -285,7 +285,8 @@ pub fn bench(
                 "{}",
                 json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": m, "batch": batch,
                 "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3,
-                "folded_bn": folded})
+                "folded_bn": folded,
+                "conv": if crate::nn::conv::winograd_enabled() { "winograd" } else { "direct" }})
             );
         } else {
             let note = if folded > 0 {
@@ -323,7 +324,10 @@ fn print_layer_profile(model: &Model, mode: &str, steps: usize, median_step: f64
         "where a {mode} step goes (wall clock per step, mean of {steps}; step median {:.2} ms):",
         median_step * 1e3
     );
-    println!("{:<8} {:<34} {:>10} {:>10} {:>7}", "layer", "kind", "fwd ms", "bwd ms", "share");
+    println!(
+        "{:<8} {:<34} {:>10} {:>10} {:>7}",
+        "layer", "kind", "fwd ms", "bwd ms", "share"
+    );
     for (name, layer, f, b) in &rows {
         let mut kind = layer.clone();
         kind.truncate(34);

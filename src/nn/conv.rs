@@ -141,6 +141,23 @@ enum Pack {
 /// Batch chunks per rayon thread under [`ConvParallel::Batch`].
 const CHUNKS_PER_THREAD: usize = 4;
 
+/// Fewest input channels for which [`Conv2d::winograd`] applies: with fewer, the tile transforms cost more than
+/// the multiplications they save (the first layer of an image network has 1 or 3).
+pub const WINOGRAD_MIN_CHANNELS: usize = 8;
+
+static WINOGRAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Process-wide switch for the Winograd path (the CLI's `--conv`): when off, every layer uses the direct
+/// convolution whatever its [`Conv2d::winograd`] says. On by default.
+pub fn set_winograd(enabled: bool) {
+    WINOGRAD.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_winograd`] allows the Winograd path.
+pub fn winograd_enabled() -> bool {
+    WINOGRAD.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How [`Conv2d`] spreads its work over rayon's threads (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConvParallel {
@@ -851,6 +868,10 @@ pub struct Conv2d<T: Real = f32> {
     pub parallel: ConvParallel,
     /// Use the AVX-512 kernels for f32 when the CPU has them (with [`ConvParallel::Batch`]); `true` unless changed.
     pub simd: bool,
+    /// Compute 3×3, stride-1, padding-1 convolutions with at least [`WINOGRAD_MIN_CHANNELS`] input channels by
+    /// Winograd F(2×2, 3×3) ([`super::winograd`]) on the AVX-512 path; `true` unless changed. `false` keeps the
+    /// direct (implicit im2col) convolution, whose rounding is closest to PyTorch's.
+    pub winograd: bool,
     /// Apply max(·, 0) to the output (set by [`Conv2d::fold_affine`] when it absorbs a BatchNorm with a fused
     /// ReLU). Inference only: `backward` refuses a layer with it set.
     pub relu_out: bool,
@@ -880,6 +901,7 @@ impl<T: Real> Conv2d<T> {
             bias,
             parallel: ConvParallel::Batch,
             simd: true,
+            winograd: true,
             relu_out: false,
             ws: Vec::new(),
             packed: Vec::new(),
@@ -965,6 +987,24 @@ impl<T: Real> Conv2d<T> {
             && self.parallel == ConvParallel::Batch
             && simd::available()
             && simd::as_f32(self.weight.values()).is_some()
+    }
+
+    /// The Winograd shape when this call takes the Winograd path (see [`Conv2d::winograd`]).
+    fn winograd_shape(&self, g: &Geom) -> Option<super::winograd::WinoShape> {
+        let eligible = self.winograd
+            && winograd_enabled()
+            && self.fast()
+            && super::winograd::available()
+            && (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups)
+                == (3, 3, 1, 1, 1, 1, 1, 1, 1)
+            && g.c >= WINOGRAD_MIN_CHANNELS;
+        eligible.then_some(super::winograd::WinoShape {
+            n: g.n,
+            c: g.c,
+            k: g.o,
+            h: g.h,
+            w: g.w,
+        })
     }
 
     /// Packs every group's weights for [`simd::gemm_nn`]: as is (og × kdim, forward), transposed (kdim × og,
@@ -1063,6 +1103,18 @@ impl<T: Real> Conv2d<T> {
             return Ok(());
         }
         let xs = contiguous(&x);
+        if let Some(ws) = self.winograd_shape(&g) {
+            let f = |s| simd::as_f32(s).expect("f32");
+            super::winograd::forward(
+                ws,
+                f(&xs),
+                f(self.weight.values()),
+                self.bias.as_ref().map(|b| f(b.values())),
+                self.relu_out,
+                simd::as_f32_mut(y).expect("f32"),
+            );
+            return Ok(());
+        }
         let (chunks, per) = self.split(g.n);
         let par = self.gemm_par();
         let fast = self.fast();
@@ -1196,6 +1248,26 @@ impl<T: Real> Conv2d<T> {
             return Ok(());
         }
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        if let Some(ws) = self.winograd_shape(&g) {
+            let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+            let w = simd::as_f32(self.weight.values()).expect("f32").to_vec();
+            let f = |s| simd::as_f32(s).expect("f32");
+            super::winograd::backward(
+                ws,
+                f(&xs),
+                f(&gs),
+                &w,
+                dx.map(|d| simd::as_f32_mut(d).expect("f32")),
+                simd::as_f32_mut(self.weight.grads_mut()).expect("f32"),
+                db.as_deref_mut(),
+            );
+            if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
+                for (d, s) in b.grads_mut().iter_mut().zip(db) {
+                    *d = *d + T::of_f64(s);
+                }
+            }
+            return Ok(());
+        }
         let (chunks, per) = self.split(g.n);
         let par = self.gemm_par();
         let want_db = self.bias.is_some();

@@ -27,6 +27,7 @@ pub mod loss;
 pub mod matmul;
 pub mod pool;
 pub mod simd;
+pub mod winograd;
 
 pub use activation::{Flatten, ReLU, Sigmoid};
 pub use conv::{Conv2d, Conv2dConfig, ConvParallel};

@@ -1,0 +1,1026 @@
+//! Winograd F(2×2, 3×3) convolution for 3×3 kernels with stride 1, padding 1, dilation 1 and one group (every
+//! large convolution of the reference CNN and of the ResNet), forward and backward, f32 on AVX-512.
+//!
+//! Each 2×2 output tile is computed from a 4×4 input tile as `Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A` (Lavin & Gray 2015,
+//! arXiv:1509.09308): 16 multiplications per tile and channel pair instead of 36, so the GEMM work is 2.25×
+//! smaller than the direct convolution's. The sum over input channels of the 16 elementwise products is 16
+//! independent GEMMs, one per tile position `p`:
+//!
+//! - forward: `M[p] (K×T) = U[p] (K×C) · V[p] (C×T)`, with `U = G g Gᵀ` (weights), `V = Bᵀ d B` (input tiles);
+//! - data gradient: `dV[p] (C×T) = U[p]ᵀ · dM[p]` with `dM = A dY Aᵀ`, then `dx += B dV Bᵀ` (the adjoint of the
+//!   input transform, scattered onto overlapping tiles);
+//! - weight gradient: `dU[p] (K×C) = Σ_tiles dM[p] · V[p]ᵀ`, then `dg = Gᵀ dU G`.
+//!
+//! The backward passes are the exact adjoints of the forward's linear maps, so they are the gradients of the
+//! function the forward computes. The transforms use only ±1 and ½ (exact in binary), which keeps the rounding
+//! error close to the direct convolution's (the tests compare both against an f64 reference).
+//!
+//! Work is split by images: a chunk of images (about [`TILE_TARGET`] tiles) is transformed into a scratch buffer
+//! that stays in L2, multiplied with [`simd::gemm_nn`] (forward, data gradient) or the `gemm` crate (weight
+//! gradient) and transformed back. The tile
+//! transforms are vectorised over the tiles of a tile row (16 lanes with a mask), on inputs split into even and
+//! odd columns first, so that every vector load is contiguous.
+
+#![allow(unsafe_code)]
+
+use super::simd;
+use rayon::prelude::*;
+
+/// Tiles per chunk the work is split into (a chunk holds whole images): large enough for long GEMM rows, small
+/// enough for the chunk's transformed tiles (16·C·T floats, twice) to stay in L2.
+pub const TILE_TARGET: usize = 200;
+
+/// A convolution the Winograd path computes: (N, C, H, W) input, K output channels, 3×3 kernel, stride 1,
+/// padding 1, dilation 1, one group (so the output is (N, K, H, W)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WinoShape {
+    pub n: usize,
+    pub c: usize,
+    pub k: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl WinoShape {
+    fn th(&self) -> usize {
+        self.h.div_ceil(2)
+    }
+    fn tw(&self) -> usize {
+        self.w.div_ceil(2)
+    }
+    fn tiles(&self) -> usize {
+        self.th() * self.tw()
+    }
+    fn in_size(&self) -> usize {
+        self.c * self.h * self.w
+    }
+    fn out_size(&self) -> usize {
+        self.k * self.h * self.w
+    }
+    /// Images per chunk: about [`TILE_TARGET`] tiles, and at least 4 chunks per thread when the batch allows.
+    fn per_chunk(&self) -> usize {
+        let by_tiles = (TILE_TARGET / self.tiles().max(1)).max(1);
+        let threads = rayon::current_num_threads().max(1);
+        let by_threads = self.n.div_ceil(4 * threads).max(1);
+        by_tiles.min(by_threads)
+    }
+}
+
+/// Whether the Winograd kernels can run here (AVX-512F).
+pub fn available() -> bool {
+    simd::available()
+}
+
+/// `U[p][k][c] = (G g Gᵀ)[p]` for every (k, c), computed in f64 and rounded once.
+/// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
+fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
+    assert_eq!(w.len(), k * c * 9, "weights of shape (K, C, 3, 3)");
+    let mut u = vec![0f32; 16 * k * c];
+    for kk in 0..k {
+        for cc in 0..c {
+            let g = &w[(kk * c + cc) * 9..(kk * c + cc + 1) * 9];
+            let mut t = [[0f64; 3]; 4];
+            for s in 0..3 {
+                let (a, b, e) = (g[s] as f64, g[3 + s] as f64, g[6 + s] as f64);
+                t[0][s] = a;
+                t[1][s] = (a + b + e) * 0.5;
+                t[2][s] = (a - b + e) * 0.5;
+                t[3][s] = e;
+            }
+            for (r, tr) in t.iter().enumerate() {
+                let (a, b, e) = (tr[0], tr[1], tr[2]);
+                let row = [a, (a + b + e) * 0.5, (a - b + e) * 0.5, e];
+                for (q, v) in row.iter().enumerate() {
+                    u[((r * 4 + q) * k + kk) * c + cc] = *v as f32;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Packs the 16 matrices U[p] (K×C) for [`simd::gemm_nn`], transposed (C×K) when `transposed`.
+fn pack_weights(u: &[f32], k: usize, c: usize, transposed: bool) -> (Vec<f32>, usize) {
+    let plen = if transposed {
+        simd::packed_len(c, k)
+    } else {
+        simd::packed_len(k, c)
+    };
+    let mut out = Vec::with_capacity(16 * plen);
+    let mut one = Vec::new();
+    for p in 0..16 {
+        let up = &u[p * k * c..(p + 1) * k * c];
+        if transposed {
+            simd::pack_a(c, k, up, 1, c, &mut one);
+        } else {
+            simd::pack_a(k, c, up, c, 1, &mut one);
+        }
+        out.extend_from_slice(&one);
+    }
+    (out, plen)
+}
+
+/// Per-task scratch: transformed tiles and the even/odd row buffers of one plane.
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+/// Forward: `y (N, K, H, W) = conv3x3(x (N, C, H, W), w (K, C, 3, 3)) (+ bias)`, then max(·, 0) when `relu`.
+/// Every element of `y` is written. Panics on inconsistent lengths or without AVX-512F.
+pub fn forward(
+    s: WinoShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    assert!(available(), "Winograd kernels need AVX-512F");
+    assert_eq!(x.len(), s.n * s.in_size(), "input length");
+    assert_eq!(y.len(), s.n * s.out_size(), "output length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), s.k, "bias length");
+    }
+    if s.n == 0 || s.k == 0 {
+        return;
+    }
+    let u = transform_weights(w, s.k, s.c);
+    let (packed, plen) = pack_weights(&u, s.k, s.c, false);
+    let nb = s.per_chunk();
+    let (is, os) = (s.in_size(), s.out_size());
+    x.par_chunks(nb * is)
+        .zip(y.par_chunks_mut(nb * os))
+        .for_each_init(Scratch::default, |sc, (xc, yc)| {
+            let imgs = xc.len() / is;
+            let t = imgs * s.tiles();
+            sc.a.resize(16 * s.c * t, 0.0);
+            sc.b.resize(16 * s.k * t, 0.0);
+            input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
+            for p in 0..16 {
+                simd::gemm_nn(
+                    s.k,
+                    t,
+                    s.c,
+                    &packed[p * plen..(p + 1) * plen],
+                    &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                    t,
+                    &mut sc.b[p * s.k * t..(p + 1) * s.k * t],
+                    t,
+                    false,
+                );
+            }
+            output_transform(&s, &sc.b, imgs, bias, relu, yc);
+        });
+}
+
+/// Backward: writes dx (when given; every element) and adds the weight gradient to `dw` (K, C, 3, 3) and, when
+/// given, Σ dy per output channel to `db`.
+pub fn backward(
+    s: WinoShape,
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    db: Option<&mut [f64]>,
+) {
+    assert!(available(), "Winograd kernels need AVX-512F");
+    assert_eq!(x.len(), s.n * s.in_size(), "input length");
+    assert_eq!(dy.len(), s.n * s.out_size(), "dy length");
+    assert_eq!(dw.len(), s.k * s.c * 9, "dweight length");
+    if let Some(d) = &dx {
+        assert_eq!(d.len(), x.len(), "dx length");
+    }
+    if let Some(d) = &db {
+        assert_eq!(d.len(), s.k, "dbias length");
+    }
+    if s.n == 0 || s.k == 0 {
+        return;
+    }
+    let want_dx = dx.is_some();
+    let packed_t = want_dx.then(|| {
+        let u = transform_weights(w, s.k, s.c);
+        pack_weights(&u, s.k, s.c, true)
+    });
+    let nb = s.per_chunk();
+    let (is, os) = (s.in_size(), s.out_size());
+    let chunks = s.n.div_ceil(nb);
+    let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
+        Some(d) => d.chunks_mut(nb * is).map(Some).collect(),
+        None => (0..chunks).map(|_| None).collect(),
+    };
+    let ulen = 16 * s.k * s.c;
+    let want_db = db.is_some();
+    // (dU partial, db partial, scratch) per rayon split
+    type Acc = (Vec<f32>, Vec<f64>, Scratch);
+    let new_acc = || -> Acc { (vec![0f32; ulen], vec![0f64; s.k], Scratch::default()) };
+    let (du, dbs, _) = dx_chunks
+        .into_par_iter()
+        .enumerate()
+        .fold(new_acc, |(mut du, mut dbp, mut sc), (ci, dxc)| {
+            let i0 = ci * nb;
+            let imgs = nb.min(s.n - i0);
+            let t = imgs * s.tiles();
+            let xc = &x[i0 * is..(i0 + imgs) * is];
+            let gc = &dy[i0 * os..(i0 + imgs) * os];
+            sc.a.resize(16 * s.c * t, 0.0); // V
+            sc.b.resize(16 * s.k * t, 0.0); // dM
+            input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
+            dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
+            // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
+            // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
+            // horizontally after only T/16 steps
+            for p in 0..16 {
+                super::matmul::matmul(
+                    s.k,
+                    s.c,
+                    t,
+                    &sc.b[p * s.k * t..(p + 1) * s.k * t],
+                    super::matmul::Op::N,
+                    &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                    super::matmul::Op::T,
+                    &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
+                    true,
+                    super::matmul::Par::Seq,
+                );
+            }
+            if want_db {
+                let plane = s.h * s.w;
+                for (o, d) in gc.chunks_exact(plane).enumerate() {
+                    dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
+                }
+            }
+            if let (Some(dxc), Some((packed, plen))) = (dxc, packed_t.as_ref()) {
+                sc.c.resize(16 * s.c * t, 0.0); // dV
+                for p in 0..16 {
+                    simd::gemm_nn(
+                        s.c,
+                        t,
+                        s.k,
+                        &packed[p * plen..(p + 1) * plen],
+                        &sc.b[p * s.k * t..(p + 1) * s.k * t],
+                        t,
+                        &mut sc.c[p * s.c * t..(p + 1) * s.c * t],
+                        t,
+                        false,
+                    );
+                }
+                input_adjoint(&s, &sc.c, imgs, dxc, &mut sc.rows);
+            }
+            (du, dbp, sc)
+        })
+        .reduce(new_acc, |(mut a, mut ab, sc), (b, bb, _)| {
+            for (x, y) in a.iter_mut().zip(&b) {
+                *x += *y;
+            }
+            for (x, y) in ab.iter_mut().zip(&bb) {
+                *x += *y;
+            }
+            (a, ab, sc)
+        });
+    // dg = Gᵀ dU G, in f64
+    for kk in 0..s.k {
+        for cc in 0..s.c {
+            let d = |r: usize, q: usize| du[((r * 4 + q) * s.k + kk) * s.c + cc] as f64;
+            let mut t = [[0f64; 4]; 3];
+            for (q, _) in [0; 4].iter().enumerate() {
+                let (a0, a1, a2, a3) = (d(0, q), d(1, q), d(2, q), d(3, q));
+                t[0][q] = a0 + 0.5 * (a1 + a2);
+                t[1][q] = 0.5 * (a1 - a2);
+                t[2][q] = 0.5 * (a1 + a2) + a3;
+            }
+            let out = &mut dw[(kk * s.c + cc) * 9..(kk * s.c + cc + 1) * 9];
+            for r in 0..3 {
+                let (a0, a1, a2, a3) = (t[r][0], t[r][1], t[r][2], t[r][3]);
+                out[r * 3] += (a0 + 0.5 * (a1 + a2)) as f32;
+                out[r * 3 + 1] += (0.5 * (a1 - a2)) as f32;
+                out[r * 3 + 2] += (0.5 * (a1 + a2) + a3) as f32;
+            }
+        }
+    }
+    if let Some(db) = db {
+        for (d, v) in db.iter_mut().zip(&dbs) {
+            *d += *v;
+        }
+    }
+}
+
+/// Splits a row of `w` values into even and odd columns of the padded row (a zero column on each side):
+/// `e[m] = src[2m-1]`, `o[m] = src[2m]`, zero outside the row; `e` and `o` have `tw + 1` entries.
+#[inline]
+fn split_padded_row(src: &[f32], e: &mut [f32], o: &mut [f32]) {
+    assert!(e.len() == o.len() && 2 * e.len() > src.len());
+    // SAFETY: AVX-512F is available (the public entry points assert it); reads are masked to src, writes
+    // to the lengths of e and o.
+    unsafe { x86::split(src, 1, e, o) }
+}
+
+/// Splits a row of `w` values into even and odd columns without padding: `e[m] = src[2m]`, `o[m] = src[2m+1]`,
+/// zero outside the row; `e` and `o` have `tw` entries.
+#[inline]
+fn split_row(src: &[f32], e: &mut [f32], o: &mut [f32]) {
+    assert!(e.len() == o.len() && 2 * e.len() >= src.len());
+    // SAFETY: as in split_padded_row.
+    unsafe { x86::split(src, 0, e, o) }
+}
+
+/// V[p][c][t] = (Bᵀ d B)[p] for every 4×4 tile d of the padded input of `imgs` images.
+/// Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &mut Vec<f32>) {
+    let (h, w, c) = (s.h, s.w, s.c);
+    let (th, tw) = (s.th(), s.tw());
+    let t_all = imgs * th * tw;
+    assert!(x.len() >= imgs * c * h * w && v.len() >= 16 * c * t_all);
+    let nrows = 2 * th + 2;
+    let wl = tw + 1;
+    rows.resize(nrows * 2 * wl, 0.0);
+    for img in 0..imgs {
+        for ch in 0..c {
+            let plane = &x[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
+            for r in 0..nrows {
+                let (e, o) = rows[r * 2 * wl..(r + 1) * 2 * wl].split_at_mut(wl);
+                if r == 0 || r > h {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                } else {
+                    split_padded_row(&plane[(r - 1) * w..r * w], e, o);
+                }
+            }
+            let dst = ch * t_all + img * th * tw;
+            // SAFETY: AVX-512F is available (asserted by the callers); row reads are at most wl = tw + 1
+            // values into each of nrows rows (the buffer's size), and the 16 stores per tile row are at
+            // p·C·T + dst + i·tw + j < 16·C·T with j < tw (masked).
+            unsafe { x86::input_tiles(rows, wl, th, tw, v, c * t_all, dst) };
+        }
+    }
+}
+
+/// y = Aᵀ M A for every tile (Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]), plus bias, then ReLU when `relu`.
+fn output_transform(
+    s: &WinoShape,
+    m: &[f32],
+    imgs: usize,
+    bias: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let (h, w, k) = (s.h, s.w, s.k);
+    let (th, tw) = (s.th(), s.tw());
+    let t_all = imgs * th * tw;
+    assert!(y.len() >= imgs * k * h * w && m.len() >= 16 * k * t_all);
+    for img in 0..imgs {
+        for kk in 0..k {
+            let plane = &mut y[(img * k + kk) * h * w..(img * k + kk + 1) * h * w];
+            let b = bias.map_or(0.0, |b| b[kk]);
+            let src = kk * t_all + img * th * tw;
+            // SAFETY: AVX-512F is available; tile loads are within the 16 planes of M (masked to j < tw),
+            // stores are masked to the plane's h rows and w columns.
+            unsafe { x86::output_tiles(m, k * t_all, src, th, tw, h, w, b, relu, plane) };
+        }
+    }
+}
+
+/// dM[p][k][t] = (A dY Aᵀ)[p] for every 2×2 tile of dy (zero past the edges); A = [[1, 0], [1, 1], [1, -1], [0, -1]].
+fn dy_transform(s: &WinoShape, dy: &[f32], imgs: usize, dm: &mut [f32], rows: &mut Vec<f32>) {
+    let (h, w, k) = (s.h, s.w, s.k);
+    let (th, tw) = (s.th(), s.tw());
+    let t_all = imgs * th * tw;
+    assert!(dy.len() >= imgs * k * h * w && dm.len() >= 16 * k * t_all);
+    let nrows = 2 * th;
+    rows.resize(nrows * 2 * tw, 0.0);
+    for img in 0..imgs {
+        for kk in 0..k {
+            let plane = &dy[(img * k + kk) * h * w..(img * k + kk + 1) * h * w];
+            for r in 0..nrows {
+                let (e, o) = rows[r * 2 * tw..(r + 1) * 2 * tw].split_at_mut(tw);
+                if r >= h {
+                    e.fill(0.0);
+                    o.fill(0.0);
+                } else {
+                    split_row(&plane[r * w..(r + 1) * w], e, o);
+                }
+            }
+            let dst = kk * t_all + img * th * tw;
+            // SAFETY: AVX-512F is available; reads are within the 2·th rows of 2·tw values, stores within the
+            // 16 planes of dM (masked to j < tw).
+            unsafe { x86::dy_tiles(rows, th, tw, dm, k * t_all, dst) };
+        }
+    }
+}
+
+/// dx = Σ_tiles B dV Bᵀ (the adjoint of [`input_transform`]), written to every element of dx.
+fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &mut Vec<f32>) {
+    let (h, w, c) = (s.h, s.w, s.c);
+    let (th, tw) = (s.th(), s.tw());
+    let t_all = imgs * th * tw;
+    assert!(dx.len() >= imgs * c * h * w && dv.len() >= 16 * c * t_all);
+    let nrows = 2 * th + 2;
+    let wl = tw + 1;
+    rows.resize(nrows * 2 * wl, 0.0);
+    for img in 0..imgs {
+        for ch in 0..c {
+            let src = ch * t_all + img * th * tw;
+            if wl <= 16 {
+                // SAFETY: AVX-512F is available; reads within the 16 planes of dV (masked to j < tw), writes
+                // every one of the nrows rows once (masked to wl values).
+                unsafe { x86::adjoint_tiles_narrow(dv, c * t_all, src, th, tw, rows, wl) };
+            } else {
+                rows.fill(0.0);
+                // SAFETY: AVX-512F is available; reads within the 16 planes of dV (masked to j < tw),
+                // read-modify-writes within rows 2i..2i+3 < nrows, columns ≤ tw < wl.
+                unsafe { x86::adjoint_tiles(dv, c * t_all, src, th, tw, rows, wl) };
+            }
+            let plane = &mut dx[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
+            for r in 0..h {
+                let (e, o) = rows[(r + 1) * 2 * wl..(r + 2) * 2 * wl].split_at(wl);
+                let out = &mut plane[r * w..(r + 1) * w];
+                // padded column col+1: even (2m) in e[m], odd (2m+1) in o[m], so out = o[0], e[1], o[1], ...
+                // SAFETY: AVX-512F is available; reads are masked to o and e[1..], writes to out.
+                unsafe { x86::merge(o, &e[1..], out) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)] // the tile algebra reads best with explicit row/column indices
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// Lane indices of `_mm512_permutex2var_ps` that interleave a (lanes 0-15) and b (16-31): low and high half.
+    const LO: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
+    const HI: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
+    /// Even and odd lanes of the 32-lane pair (a, b).
+    const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+    const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+
+    #[inline(always)]
+    unsafe fn idx(v: &[i32; 16]) -> __m512i {
+        _mm512_loadu_si512(v.as_ptr() as *const _)
+    }
+
+    /// Splits `src` into its even and odd columns. `shift = 0`: `e[m] = src[2m]`, `o[m] = src[2m+1]`.
+    /// `shift = 1` (a zero column in front, as in the padded row): `e[0] = 0`, `o[m] = src[2m]`,
+    /// `e[m+1] = src[2m+1]`. Entries past the row are zero. `e` and `o` have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn split(src: &[f32], shift: usize, e: &mut [f32], o: &mut [f32]) {
+        let w = src.len();
+        let len = e.len();
+        let (ie, io) = (idx(&EVEN), idx(&ODD));
+        let sp = src.as_ptr();
+        if shift == 1 {
+            *e.get_unchecked_mut(0) = 0.0;
+        }
+        // destinations: the even lanes of src go to `first`, the odd lanes to `second` at offset `shift`
+        let (first, second): (*mut f32, *mut f32) = if shift == 1 {
+            (o.as_mut_ptr(), e.as_mut_ptr().add(1))
+        } else {
+            (e.as_mut_ptr(), o.as_mut_ptr())
+        };
+        let n_first = len;
+        let n_second = len - shift;
+        let mut m0 = 0;
+        while m0 < n_first {
+            let s0 = 2 * m0;
+            let a = _mm512_maskz_loadu_ps(mask(w.saturating_sub(s0)), sp.add(s0.min(w)));
+            let b =
+                _mm512_maskz_loadu_ps(mask(w.saturating_sub(s0 + 16)), sp.add((s0 + 16).min(w)));
+            _mm512_mask_storeu_ps(
+                first.add(m0),
+                mask(n_first - m0),
+                _mm512_permutex2var_ps(a, ie, b),
+            );
+            if m0 < n_second {
+                _mm512_mask_storeu_ps(
+                    second.add(m0),
+                    mask(n_second - m0),
+                    _mm512_permutex2var_ps(a, io, b),
+                );
+            }
+            m0 += 16;
+        }
+    }
+
+    /// `out = a[0], b[0], a[1], b[1], ...` (out.len() values; a and b hold at least ⌈len/2⌉ and ⌊len/2⌋).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn merge(a: &[f32], b: &[f32], out: &mut [f32]) {
+        let w = out.len();
+        let (lo, hi) = (idx(&LO), idx(&HI));
+        let op = out.as_mut_ptr();
+        let mut m0 = 0;
+        while 2 * m0 < w {
+            let va = _mm512_maskz_loadu_ps(
+                mask(a.len().saturating_sub(m0)),
+                a.as_ptr().add(m0.min(a.len())),
+            );
+            let vb = _mm512_maskz_loadu_ps(
+                mask(b.len().saturating_sub(m0)),
+                b.as_ptr().add(m0.min(b.len())),
+            );
+            let s0 = 2 * m0;
+            _mm512_mask_storeu_ps(op.add(s0), mask(w - s0), _mm512_permutex2var_ps(va, lo, vb));
+            if s0 + 16 < w {
+                _mm512_mask_storeu_ps(
+                    op.add(s0 + 16),
+                    mask(w - s0 - 16),
+                    _mm512_permutex2var_ps(va, hi, vb),
+                );
+            }
+            m0 += 16;
+        }
+    }
+
+    #[inline(always)]
+    fn mask(cnt: usize) -> __mmask16 {
+        if cnt >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << cnt) - 1) as __mmask16
+        }
+    }
+
+    /// Input tiles of one plane from its even/odd padded rows (`wl` values each, row r at `rows[r·2·wl..]`,
+    /// odd half after the even one); output p goes to `v[p·pstride + dst + i·tw + j]`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn input_tiles(
+        rows: &[f32],
+        wl: usize,
+        th: usize,
+        tw: usize,
+        v: &mut [f32],
+        pstride: usize,
+        dst: usize,
+    ) {
+        let rp = rows.as_ptr();
+        let vp = v.as_mut_ptr();
+        for i in 0..th {
+            let mut j0 = 0;
+            while j0 < tw {
+                let mk = mask(tw - j0);
+                // column transform of the 4 rows: c[a][q]
+                let mut cr = [[_mm512_setzero_ps(); 4]; 4];
+                for (a, ca) in cr.iter_mut().enumerate() {
+                    let e = rp.add((2 * i + a) * 2 * wl + j0);
+                    let o = e.add(wl);
+                    let x0 = _mm512_maskz_loadu_ps(mk, e);
+                    let x1 = _mm512_maskz_loadu_ps(mk, o);
+                    let x2 = _mm512_maskz_loadu_ps(mk, e.add(1));
+                    let x3 = _mm512_maskz_loadu_ps(mk, o.add(1));
+                    ca[0] = _mm512_sub_ps(x0, x2);
+                    ca[1] = _mm512_add_ps(x1, x2);
+                    ca[2] = _mm512_sub_ps(x2, x1);
+                    ca[3] = _mm512_sub_ps(x1, x3);
+                }
+                let base = dst + i * tw + j0;
+                for q in 0..4 {
+                    let r = [
+                        _mm512_sub_ps(cr[0][q], cr[2][q]),
+                        _mm512_add_ps(cr[1][q], cr[2][q]),
+                        _mm512_sub_ps(cr[2][q], cr[1][q]),
+                        _mm512_sub_ps(cr[1][q], cr[3][q]),
+                    ];
+                    for (rr, val) in r.iter().enumerate() {
+                        _mm512_mask_storeu_ps(vp.add((rr * 4 + q) * pstride + base), mk, *val);
+                    }
+                }
+                j0 += 16;
+            }
+        }
+    }
+
+    /// Output tiles of one plane: y = Aᵀ M A (+ b, ReLU), interleaved back into rows of `w` values.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn output_tiles(
+        m: &[f32],
+        pstride: usize,
+        src: usize,
+        th: usize,
+        tw: usize,
+        h: usize,
+        w: usize,
+        b: f32,
+        relu: bool,
+        plane: &mut [f32],
+    ) {
+        let mp = m.as_ptr();
+        let yp = plane.as_mut_ptr();
+        let vb = _mm512_set1_ps(b);
+        let zero = _mm512_setzero_ps();
+        let (lo, hi) = (idx(&LO), idx(&HI));
+        for i in 0..th {
+            let mut j0 = 0;
+            while j0 < tw {
+                let cnt = (tw - j0).min(16);
+                let mk = mask(cnt);
+                let base = src + i * tw + j0;
+                let ld = |p: usize| _mm512_maskz_loadu_ps(mk, mp.add(p * pstride + base));
+                // rows: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (per column q)
+                let mut s0 = [zero; 4];
+                let mut s1 = [zero; 4];
+                for q in 0..4 {
+                    let (m0, m1, m2, m3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
+                    s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                    s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+                }
+                let cols = |s: &[__m512; 4]| {
+                    (
+                        _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
+                        _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
+                    )
+                };
+                let ncols = (w - 2 * j0).min(2 * cnt);
+                for (a, s) in [s0, s1].iter().enumerate() {
+                    let row = 2 * i + a;
+                    if row >= h {
+                        break;
+                    }
+                    let (mut y0, mut y1) = cols(s);
+                    y0 = _mm512_add_ps(y0, vb);
+                    y1 = _mm512_add_ps(y1, vb);
+                    if relu {
+                        y0 = _mm512_max_ps(y0, zero);
+                        y1 = _mm512_max_ps(y1, zero);
+                    }
+                    let out = yp.add(row * w + 2 * j0);
+                    _mm512_mask_storeu_ps(out, mask(ncols), _mm512_permutex2var_ps(y0, lo, y1));
+                    if ncols > 16 {
+                        _mm512_mask_storeu_ps(
+                            out.add(16),
+                            mask(ncols - 16),
+                            _mm512_permutex2var_ps(y0, hi, y1),
+                        );
+                    }
+                }
+                j0 += 16;
+            }
+        }
+    }
+
+    /// dM tiles of one dy plane from its even/odd rows (`tw` values each, no padding).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dy_tiles(
+        rows: &[f32],
+        th: usize,
+        tw: usize,
+        dm: &mut [f32],
+        pstride: usize,
+        dst: usize,
+    ) {
+        let rp = rows.as_ptr();
+        let dp = dm.as_mut_ptr();
+        for i in 0..th {
+            let mut j0 = 0;
+            while j0 < tw {
+                let mk = mask(tw - j0);
+                let r0 = rp.add(2 * i * 2 * tw + j0);
+                let r1 = rp.add((2 * i + 1) * 2 * tw + j0);
+                let (e0, o0) = (
+                    _mm512_maskz_loadu_ps(mk, r0),
+                    _mm512_maskz_loadu_ps(mk, r0.add(tw)),
+                );
+                let (e1, o1) = (
+                    _mm512_maskz_loadu_ps(mk, r1),
+                    _mm512_maskz_loadu_ps(mk, r1.add(tw)),
+                );
+                let zero = _mm512_setzero_ps();
+                // rows of A g: (e0, o0), (e0+e1, o0+o1), (e0-e1, o0-o1), (-e1, -o1)
+                let rws = [
+                    (e0, o0),
+                    (_mm512_add_ps(e0, e1), _mm512_add_ps(o0, o1)),
+                    (_mm512_sub_ps(e0, e1), _mm512_sub_ps(o0, o1)),
+                    (_mm512_sub_ps(zero, e1), _mm512_sub_ps(zero, o1)),
+                ];
+                let base = dst + i * tw + j0;
+                for (r, (a, b)) in rws.iter().enumerate() {
+                    let vals = [
+                        *a,
+                        _mm512_add_ps(*a, *b),
+                        _mm512_sub_ps(*a, *b),
+                        _mm512_sub_ps(zero, *b),
+                    ];
+                    for (q, val) in vals.iter().enumerate() {
+                        _mm512_mask_storeu_ps(dp.add((r * 4 + q) * pstride + base), mk, *val);
+                    }
+                }
+                j0 += 16;
+            }
+        }
+    }
+
+    /// [`adjoint_tiles`] for planes whose padded half-rows fit one vector (`wl = tw + 1 <= 16`, W <= 30): the
+    /// overlapping contributions are summed in registers (the shift by one column with a lane rotation, the
+    /// two rows shared with the next tile row carried to it) and every row is stored once. Read-modify-writes
+    /// of overlapping, misaligned masked stores would wait on failed store forwarding instead.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn adjoint_tiles_narrow(
+        dv: &[f32],
+        pstride: usize,
+        src: usize,
+        th: usize,
+        tw: usize,
+        rows: &mut [f32],
+        wl: usize,
+    ) {
+        let vp = dv.as_ptr();
+        let rp = rows.as_mut_ptr();
+        let mk = mask(tw);
+        let mw = mask(wl);
+        let zero = _mm512_setzero_ps();
+        // lane j -> lane j + 1 (lane 0 gets 0); lane tw - 1 lands in lane tw < wl <= 16
+        let shift1 = |v: __m512| {
+            _mm512_castsi512_ps(_mm512_alignr_epi32::<15>(
+                _mm512_castps_si512(v),
+                _mm512_castps_si512(zero),
+            ))
+        };
+        let mut carry = [(zero, zero); 2];
+        for i in 0..th {
+            let base = src + i * tw;
+            let mut dr = [[zero; 4]; 4];
+            for q in 0..4 {
+                let ld = |p: usize| _mm512_maskz_loadu_ps(mk, vp.add(p * pstride + base));
+                let (v0, v1, v2, v3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
+                dr[0][q] = v0;
+                dr[1][q] = _mm512_add_ps(_mm512_sub_ps(v1, v2), v3);
+                dr[2][q] = _mm512_sub_ps(_mm512_add_ps(v1, v2), v0);
+                dr[3][q] = _mm512_sub_ps(zero, v3);
+            }
+            for (a, c) in dr.iter().enumerate() {
+                let x0 = c[0];
+                let x1 = _mm512_add_ps(_mm512_sub_ps(c[1], c[2]), c[3]);
+                let x2 = _mm512_sub_ps(_mm512_add_ps(c[1], c[2]), c[0]);
+                // e[j] += x0[j], e[j+1] += x2[j]; o[j] += x1[j], o[j+1] -= c3[j]
+                let e = _mm512_add_ps(x0, shift1(x2));
+                let o = _mm512_sub_ps(x1, shift1(c[3]));
+                if a < 2 {
+                    let r = rp.add((2 * i + a) * 2 * wl);
+                    _mm512_mask_storeu_ps(r, mw, _mm512_add_ps(carry[a].0, e));
+                    _mm512_mask_storeu_ps(r.add(wl), mw, _mm512_add_ps(carry[a].1, o));
+                } else {
+                    carry[a - 2] = (e, o);
+                }
+            }
+        }
+        for (a, (e, o)) in carry.iter().enumerate() {
+            let r = rp.add((2 * th + a) * 2 * wl);
+            _mm512_mask_storeu_ps(r, mw, *e);
+            _mm512_mask_storeu_ps(r.add(wl), mw, *o);
+        }
+    }
+
+    /// Adds B dV Bᵀ of every tile of one plane into its even/odd padded rows (`wl` values each).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn adjoint_tiles(
+        dv: &[f32],
+        pstride: usize,
+        src: usize,
+        th: usize,
+        tw: usize,
+        rows: &mut [f32],
+        wl: usize,
+    ) {
+        let vp = dv.as_ptr();
+        let rp = rows.as_mut_ptr();
+        for i in 0..th {
+            let mut j0 = 0;
+            while j0 < tw {
+                let mk = mask(tw - j0);
+                let base = src + i * tw + j0;
+                let ld = |p: usize| _mm512_maskz_loadu_ps(mk, vp.add(p * pstride + base));
+                // row adjoint per column q: dR0 = dV0, dR1 = dV1 - dV2 + dV3, dR2 = dV1 + dV2 - dV0, dR3 = -dV3
+                let mut dr = [[_mm512_setzero_ps(); 4]; 4]; // dr[a][q]
+                for q in 0..4 {
+                    let (v0, v1, v2, v3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
+                    dr[0][q] = v0;
+                    dr[1][q] = _mm512_add_ps(_mm512_sub_ps(v1, v2), v3);
+                    dr[2][q] = _mm512_sub_ps(_mm512_add_ps(v1, v2), v0);
+                    dr[3][q] = _mm512_sub_ps(_mm512_setzero_ps(), v3);
+                }
+                for (a, c) in dr.iter().enumerate() {
+                    // column adjoint: dX0 = c0, dX1 = c1 - c2 + c3, dX2 = c1 + c2 - c0, dX3 = -c3
+                    let x0 = c[0];
+                    let x1 = _mm512_add_ps(_mm512_sub_ps(c[1], c[2]), c[3]);
+                    let x2 = _mm512_sub_ps(_mm512_add_ps(c[1], c[2]), c[0]);
+                    let x3 = c[3];
+                    let e = rp.add((2 * i + a) * 2 * wl + j0);
+                    let o = e.add(wl);
+                    _mm512_mask_storeu_ps(e, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, e), x0));
+                    _mm512_mask_storeu_ps(o, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o), x1));
+                    let e1 = e.add(1);
+                    let o1 = o.add(1);
+                    _mm512_mask_storeu_ps(e1, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, e1), x2));
+                    _mm512_mask_storeu_ps(o1, mk, _mm512_sub_ps(_mm512_maskz_loadu_ps(mk, o1), x3));
+                }
+                j0 += 16;
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    // The public entry points assert `available()`, which is false off x86-64, so these are never reached.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn input_tiles(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn output_tiles(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: f32,
+        _: bool,
+        _: &mut [f32],
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    pub unsafe fn dy_tiles(_: &[f32], _: usize, _: usize, _: &mut [f32], _: usize, _: usize) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn adjoint_tiles(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn adjoint_tiles_narrow(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    pub unsafe fn split(_: &[f32], _: usize, _: &mut [f32], _: &mut [f32]) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    pub unsafe fn merge(_: &[f32], _: &[f32], _: &mut [f32]) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// f64 direct 3×3 convolution, stride 1, padding 1: y, and for a given dy: dx, dw, db.
+    #[allow(clippy::needless_range_loop)]
+    fn reference(
+        s: WinoShape,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (n, c, k, h, wd) = (s.n, s.c, s.k, s.h, s.w);
+        let mut y = vec![0f64; n * k * h * wd];
+        let mut dx = vec![0f64; n * c * h * wd];
+        let mut dw = vec![0f64; k * c * 9];
+        let mut db = vec![0f64; k];
+        for b in 0..n {
+            for o in 0..k {
+                for i in 0..h {
+                    for j in 0..wd {
+                        let yi = ((b * k + o) * h + i) * wd + j;
+                        let g = dy[yi] as f64;
+                        db[o] += g;
+                        for ch in 0..c {
+                            for r in 0..3 {
+                                for q in 0..3 {
+                                    let (ii, jj) =
+                                        (i as isize + r as isize - 1, j as isize + q as isize - 1);
+                                    if ii < 0 || jj < 0 || ii >= h as isize || jj >= wd as isize {
+                                        continue;
+                                    }
+                                    let xi = ((b * c + ch) * h + ii as usize) * wd + jj as usize;
+                                    let wi = ((o * c + ch) * 3 + r) * 3 + q;
+                                    y[yi] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += g * w[wi] as f64;
+                                    dw[wi] += g * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dw, db)
+    }
+
+    fn close(got: &[f32], want: &[f64], scale: f64, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let tol = 2e-5 * scale.max(1e-12);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                ((*g as f64) - w).abs() <= tol,
+                "{what}[{i}]: got {g}, want {w} (tolerance {tol})"
+            );
+        }
+    }
+
+    fn max_abs(v: &[f64]) -> f64 {
+        v.iter().fold(0.0, |m, x| m.max(x.abs()))
+    }
+
+    #[test]
+    fn matches_an_f64_direct_convolution_forward_and_backward() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(5);
+        // even and odd sizes, tile rows wider than 16 lanes, partial chunks, one thread and two
+        for &(n, c, k, h, w) in &[
+            (3, 8, 16, 28, 28),
+            (5, 9, 3, 7, 7),
+            (2, 16, 8, 5, 6),
+            (1, 8, 8, 2, 40),
+            (4, 8, 24, 14, 14),
+            (2, 8, 8, 1, 3),
+        ] {
+            let s = WinoShape { n, c, k, h, w };
+            let x: Vec<f32> = (0..n * c * h * w)
+                .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
+                .collect();
+            let wt: Vec<f32> = (0..k * c * 9)
+                .map(|_| rng.gen::<f32>() * 0.6 - 0.3)
+                .collect();
+            let bias: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let dy: Vec<f32> = (0..n * k * h * w)
+                .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
+                .collect();
+            let (y_ref, dx_ref, dw_ref, db_ref) = reference(s, &x, &wt, &dy);
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut y = vec![f32::NAN; n * k * h * w];
+                    forward(s, &x, &wt, Some(&bias), false, &mut y);
+                    let yb: Vec<f64> = y_ref
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| v + bias[(i / (h * w)) % k] as f64)
+                        .collect();
+                    close(&y, &yb, max_abs(&yb), &format!("y {s:?}"));
+                    let mut yr = vec![f32::NAN; n * k * h * w];
+                    forward(s, &x, &wt, Some(&bias), true, &mut yr);
+                    let ybr: Vec<f64> = yb.iter().map(|v| v.max(0.0)).collect();
+                    close(&yr, &ybr, max_abs(&yb), &format!("relu y {s:?}"));
+
+                    let mut dx = vec![f32::NAN; x.len()];
+                    let mut dw = vec![0.5f32; wt.len()]; // accumulates onto what is there
+                    let mut db = vec![0.25f64; k];
+                    backward(s, &x, &dy, &wt, Some(&mut dx), &mut dw, Some(&mut db));
+                    close(&dx, &dx_ref, max_abs(&dx_ref), &format!("dx {s:?}"));
+                    let dw_want: Vec<f64> = dw_ref.iter().map(|v| v + 0.5).collect();
+                    close(&dw, &dw_want, max_abs(&dw_ref), &format!("dw {s:?}"));
+                    for (g, r) in db.iter().zip(&db_ref) {
+                        assert!(
+                            (g - 0.25 - r).abs() < 1e-9 * r.abs().max(1.0),
+                            "db {g} vs {r}"
+                        );
+                    }
+                    // parameter gradients only
+                    let mut dw2 = vec![0f32; wt.len()];
+                    backward(s, &x, &dy, &wt, None, &mut dw2, None);
+                    close(
+                        &dw2,
+                        &dw_ref,
+                        max_abs(&dw_ref),
+                        &format!("dw (no dx) {s:?}"),
+                    );
+                });
+            }
+        }
+    }
+}
