@@ -1,5 +1,5 @@
 //! Times the direct (implicit im2col) and the Winograd F(2×2, 3×3) convolution, forward and backward, on the
-//! reference CNN's 3×3 layers at batch 128 (median of 12): `cargo run --release --example conv_algos -- [threads]`.
+//! reference CNN's 3×3 layers at batch 128 (median of 12): `cargo run --release --example conv_algos -- [threads] [direct|winograd]`.
 //! "GFLOP/s direct-equiv" counts the direct convolution's 2·N·K·C·9·H·W flops for both algorithms.
 use ndarray::{ArrayD, IxDyn};
 use normvision::nn::Conv2dConfig;
@@ -22,7 +22,12 @@ fn main() {
             let x = ArrayD::from_shape_fn(IxDyn(&[n, c, hw, hw]), |_| rng.gen::<f32>() - 0.5);
             let dy = ArrayD::from_shape_fn(IxDyn(&[n, k, hw, hw]), |_| rng.gen::<f32>() - 0.5);
             let flop = 2.0 * (n * k * c * 9 * hw * hw) as f64;
-            for wino in [false, true] {
+            let algos: Vec<bool> = match std::env::args().nth(2).as_deref() {
+                Some("direct") => vec![false],
+                Some("winograd") => vec![true],
+                _ => vec![false, true],
+            };
+            for wino in algos {
                 let mut conv = Conv2dConfig::new(c, k, 3).padding(1).bias(false).build::<f32>(&mut rng).unwrap();
                 conv.winograd = wino;
                 let (mut tf, mut tb) = (vec![], vec![]);

@@ -267,7 +267,7 @@ pub fn bench(
                 model.zero_grad();
                 let logits = model.forward(&x, Mode::Train)?;
                 let (_, d) = cross_entropy(&logits, &y, 0.0)?;
-                model.backward(&x, &d, Mode::Train)?;
+                model.backward_params(&x, &d, Mode::Train)?;
                 opt.step(&mut model)?;
             } else {
                 model.forward(&x, Mode::Eval)?;

@@ -395,6 +395,17 @@ impl Model {
         self.net.backward(x, dlogits, mode)
     }
 
+    /// [`Model::backward`] without the gradient with respect to the input images, which training does not use:
+    /// the first layer accumulates its parameter gradients only (a first convolution skips its dx).
+    pub fn backward_params(
+        &mut self,
+        x: &ArrayD<f32>,
+        dlogits: &ArrayD<f32>,
+        mode: Mode,
+    ) -> Result<()> {
+        self.net.backward_params(x, dlogits, mode)
+    }
+
     pub fn num_params(&mut self) -> usize {
         let mut n = 0;
         self.net.visit_params("", &mut |_, p| n += p.len());

@@ -83,6 +83,45 @@ impl Sequential {
         }
     }
 
+    /// Backward through the children in reverse; the first child computes its input gradient only when
+    /// `input_grad` (the network's input needs none: a model's first convolution then skips its dx).
+    fn backward_inner(
+        &mut self,
+        x: &ArrayD<f32>,
+        dy: &ArrayD<f32>,
+        mode: Mode,
+        input_grad: bool,
+    ) -> Result<Option<ArrayD<f32>>> {
+        if self.layers.is_empty() {
+            return Ok(input_grad.then(|| dy.clone()));
+        }
+        if self.outs.len() + 1 != self.layers.len() {
+            return Err(NvError::NoSavedState {
+                layer: "Sequential",
+                mode,
+            });
+        }
+        let mut g: Option<ArrayD<f32>> = None;
+        for i in (0..self.layers.len()).rev() {
+            let start = self.times.as_ref().map(|_| std::time::Instant::now());
+            let input = if i == 0 { x } else { &self.outs[i - 1] };
+            let (name, l) = &mut self.layers[i];
+            let dyi = g.as_ref().unwrap_or(dy);
+            if i == 0 && !input_grad {
+                l.backward_params(input, dyi, mode)
+                    .map_err(|e| annotate(name, e))?;
+                g = None;
+            } else {
+                g = Some(
+                    l.backward(input, dyi, mode)
+                        .map_err(|e| annotate(name, e))?,
+                );
+            }
+            self.add_time(i, 1, start);
+        }
+        Ok(g)
+    }
+
     /// Drops the saved activations (to free memory after an eval pass).
     pub fn clear_cache(&mut self) {
         self.outs.clear();
@@ -117,27 +156,12 @@ impl Layer<f32> for Sequential {
         Ok(self.outs.pop().expect("non-empty"))
     }
     fn backward(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, mode: Mode) -> Result<ArrayD<f32>> {
-        if self.layers.is_empty() {
-            return Ok(dy.clone());
-        }
-        if self.outs.len() + 1 != self.layers.len() {
-            return Err(NvError::NoSavedState {
-                layer: "Sequential",
-                mode,
-            });
-        }
-        let mut g: Option<ArrayD<f32>> = None;
-        for i in (0..self.layers.len()).rev() {
-            let start = self.times.as_ref().map(|_| std::time::Instant::now());
-            let input = if i == 0 { x } else { &self.outs[i - 1] };
-            let (name, l) = &mut self.layers[i];
-            let next = l
-                .backward(input, g.as_ref().unwrap_or(dy), mode)
-                .map_err(|e| annotate(name, e))?;
-            g = Some(next);
-            self.add_time(i, 1, start);
-        }
-        Ok(g.expect("non-empty"))
+        Ok(self
+            .backward_inner(x, dy, mode, true)?
+            .expect("input gradient requested"))
+    }
+    fn backward_params(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, mode: Mode) -> Result<()> {
+        self.backward_inner(x, dy, mode, false).map(|_| ())
     }
     fn name(&self) -> String {
         "Sequential".into()

@@ -1396,6 +1396,9 @@ impl<T: Real> Layer<T> for Conv2d<T> {
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         Conv2d::backward(self, x, dy)
     }
+    fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<()> {
+        Conv2d::backward_params(self, x, dy)
+    }
     fn name(&self) -> String {
         let c = &self.cfg;
         let mut s = format!(

@@ -48,6 +48,11 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>>;
     /// Backward pass: given the forward's input `x` and dL/dy, returns dL/dx and accumulates parameter gradients.
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>>;
+    /// Backward for a layer whose input needs no gradient (the first layer of a model): accumulates the
+    /// parameter gradients only. Layers that can skip the input gradient's work override it.
+    fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<()> {
+        self.backward(x, dy, mode).map(|_| ())
+    }
     /// A short name for tables and errors.
     fn name(&self) -> String;
     /// The layer as a mutable `Conv2d` (for inference-time transformations such as

@@ -363,6 +363,11 @@ impl<T: Real> MaxPool2d<T> {
             // Ties go to the first element in row-major window order, as in the general path and PyTorch.
             let (w, ow) = (g.w, g.ow);
             for_planes(big, x, g.hw(), y, g.ohw(), idx, g.ohw(), |x, y, ix| {
+                if let (Some(xf), Some(yf)) = (super::simd::as_f32(x), super::simd::as_f32_mut(y)) {
+                    if max2x2_f32::available() {
+                        return max2x2_f32::plane(xf, w, g.oh, ow, yf, ix);
+                    }
+                }
                 for oi in 0..g.oh {
                     let r0 = &x[2 * oi * w..2 * oi * w + w];
                     let r1 = &x[(2 * oi + 1) * w..(2 * oi + 1) * w + w];
@@ -440,8 +445,49 @@ impl<T: Real> MaxPool2d<T> {
         }
         let idx = &self.saved.as_ref().expect("set above").1;
         let gs = cont(dy);
-        let mut dx = ArrayD::zeros(x.raw_dim());
         let big = g.planes * g.hw() >= PAR_MIN;
+        if (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
+            && 2 * g.oh <= g.h
+            && 2 * g.ow <= g.w
+        {
+            // Non-overlapping 2x2 windows: every input element is in at most one window, so dx is written in
+            // one pass (dy at the window's argmax, zero elsewhere and outside every window) instead of
+            // zero-filling it and scattering.
+            let mut dx = super::arena::output(x.shape());
+            let dxs = dx.as_slice_mut().expect("fresh array");
+            let (w, ow) = (g.w, g.ow);
+            let route = |(dxp, (gp, ip)): (&mut [T], (&[T], &[u32]))| {
+                for oi in 0..g.oh {
+                    let base = 2 * oi * w;
+                    let (r0, rest) = dxp[base..].split_at_mut(w);
+                    let r1 = &mut rest[..w];
+                    for oj in 0..ow {
+                        let (v, at) = (gp[oi * ow + oj], ip[oi * ow + oj] as usize);
+                        let j = 2 * oj;
+                        let z = T::zero();
+                        r0[j] = if at == base + j { v } else { z };
+                        r0[j + 1] = if at == base + j + 1 { v } else { z };
+                        r1[j] = if at == base + w + j { v } else { z };
+                        r1[j + 1] = if at == base + w + j + 1 { v } else { z };
+                    }
+                    r0[2 * ow..].fill(T::zero());
+                    r1[2 * ow..].fill(T::zero());
+                }
+                dxp[2 * g.oh * w..].fill(T::zero());
+            };
+            if big {
+                dxs.par_chunks_mut(g.hw())
+                    .zip(gs.par_chunks(g.ohw()).zip(idx.par_chunks(g.ohw())))
+                    .with_min_len((16384 / g.hw().max(1)).max(1))
+                    .for_each(route);
+            } else {
+                dxs.chunks_mut(g.hw())
+                    .zip(gs.chunks(g.ohw()).zip(idx.chunks(g.ohw())))
+                    .for_each(route);
+            }
+            return Ok(dx);
+        }
+        let mut dx = ArrayD::zeros(x.raw_dim());
         let dxs = dx.as_slice_mut().expect("fresh array");
         let route = |(dxp, (gp, ip)): (&mut [T], (&[T], &[u32]))| {
             for (&v, &i) in gp.iter().zip(ip) {
@@ -480,6 +526,106 @@ impl<T: Real> Layer<T> for MaxPool2d<T> {
             c.dilation,
             c.ceil_mode
         )
+    }
+}
+
+/// The 2×2, stride-2 max pool of one f32 plane with AVX-512: 16 outputs per step from the even and odd columns
+/// of two input rows, with the scalar path's tie and NaN rules (the first maximum in row-major window order
+/// wins; a NaN is taken and then kept).
+#[allow(unsafe_code)]
+mod max2x2_f32 {
+    pub fn available() -> bool {
+        super::super::simd::available()
+    }
+
+    /// `y` (oh × ow) and the argmax indices `ix` (into the h × w plane) from `x` (rows of `w`).
+    pub fn plane(x: &[f32], w: usize, oh: usize, ow: usize, y: &mut [f32], ix: &mut [u32]) {
+        assert!(available(), "AVX-512F");
+        assert!(2 * ow <= w && x.len() >= 2 * oh * w && y.len() >= oh * ow && ix.len() >= oh * ow);
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is available; loads are masked to the 2·ow columns of rows < 2·oh, stores to the
+        // ow values of output rows < oh (bounds asserted above).
+        unsafe {
+            x86::plane(x, w, oh, ow, y, ix)
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        #[inline(always)]
+        fn mask(cnt: usize) -> __mmask16 {
+            if cnt >= 16 {
+                0xFFFF
+            } else {
+                ((1u32 << cnt) - 1) as __mmask16
+            }
+        }
+
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn plane(
+            x: &[f32],
+            w: usize,
+            oh: usize,
+            ow: usize,
+            y: &mut [f32],
+            ix: &mut [u32],
+        ) {
+            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+            let xp = x.as_ptr();
+            for oi in 0..oh {
+                let base = 2 * oi * w;
+                let mut oj = 0;
+                while oj < ow {
+                    let cnt = (ow - oj).min(16);
+                    let cols = 2 * cnt;
+                    let (ml, mh) = (mask(cols), mask(cols.saturating_sub(16)));
+                    let load = |r: usize| {
+                        let p = xp.add(base + r * w + 2 * oj);
+                        let lo = _mm512_maskz_loadu_ps(ml, p);
+                        let hi = _mm512_maskz_loadu_ps(mh, p.add(16.min(cols)));
+                        (
+                            _mm512_permutex2var_ps(lo, even, hi),
+                            _mm512_permutex2var_ps(lo, odd, hi),
+                        )
+                    };
+                    let (a0, a1) = load(0);
+                    let (b0, b1) = load(1);
+                    // window offsets 0, 1, w, w + 1 in row-major order
+                    let mut best = a0;
+                    let mut off = _mm512_setzero_si512();
+                    for (v, o) in [(a1, 1), (b0, w as i32), (b1, w as i32 + 1)] {
+                        let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best)
+                            | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+                        best = _mm512_mask_blend_ps(take, best, v);
+                        off = _mm512_mask_blend_epi32(take, off, _mm512_set1_epi32(o));
+                    }
+                    let j2 = _mm512_add_epi32(
+                        _mm512_set1_epi32((base + 2 * oj) as i32),
+                        _mm512_setr_epi32(
+                            0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                        ),
+                    );
+                    let mo = mask(cnt);
+                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(oi * ow + oj), mo, best);
+                    _mm512_mask_storeu_epi32(
+                        ix.as_mut_ptr().add(oi * ow + oj) as *mut _,
+                        mo,
+                        _mm512_add_epi32(j2, off),
+                    );
+                    oj += 16;
+                }
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    mod x86 {
+        pub unsafe fn plane(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32], _: &mut [u32]) {
+            unreachable!("AVX-512F only")
+        }
     }
 }
 

@@ -309,25 +309,6 @@ pub fn backward(
     }
 }
 
-/// Splits a row of `w` values into even and odd columns of the padded row (a zero column on each side):
-/// `e[m] = src[2m-1]`, `o[m] = src[2m]`, zero outside the row; `e` and `o` have `tw + 1` entries.
-#[inline]
-fn split_padded_row(src: &[f32], e: &mut [f32], o: &mut [f32]) {
-    assert!(e.len() == o.len() && 2 * e.len() > src.len());
-    // SAFETY: AVX-512F is available (the public entry points assert it); reads are masked to src, writes
-    // to the lengths of e and o.
-    unsafe { x86::split(src, 1, e, o) }
-}
-
-/// Splits a row of `w` values into even and odd columns without padding: `e[m] = src[2m]`, `o[m] = src[2m+1]`,
-/// zero outside the row; `e` and `o` have `tw` entries.
-#[inline]
-fn split_row(src: &[f32], e: &mut [f32], o: &mut [f32]) {
-    assert!(e.len() == o.len() && 2 * e.len() >= src.len());
-    // SAFETY: as in split_padded_row.
-    unsafe { x86::split(src, 0, e, o) }
-}
-
 /// V[p][c][t] = (Bᵀ d B)[p] for every 4×4 tile d of the padded input of `imgs` images.
 /// Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
 fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &mut Vec<f32>) {
@@ -341,20 +322,12 @@ fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &
     for img in 0..imgs {
         for ch in 0..c {
             let plane = &x[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
-            for r in 0..nrows {
-                let (e, o) = rows[r * 2 * wl..(r + 1) * 2 * wl].split_at_mut(wl);
-                if r == 0 || r > h {
-                    e.fill(0.0);
-                    o.fill(0.0);
-                } else {
-                    split_padded_row(&plane[(r - 1) * w..r * w], e, o);
-                }
-            }
             let dst = ch * t_all + img * th * tw;
-            // SAFETY: AVX-512F is available (asserted by the callers); row reads are at most wl = tw + 1
-            // values into each of nrows rows (the buffer's size), and the 16 stores per tile row are at
-            // p·C·T + dst + i·tw + j < 16·C·T with j < tw (masked).
-            unsafe { x86::input_tiles(rows, wl, th, tw, v, c * t_all, dst) };
+            // SAFETY: AVX-512F is available (asserted by the callers); the plane's rows are split into the
+            // nrows·2·wl buffer (masked to w values read, wl written per half-row); the tile loads stay within
+            // wl = tw + 1 values of each row and the 16 stores per tile row are at p·C·T + dst + i·tw + j
+            // < 16·C·T with j < tw (masked).
+            unsafe { x86::input_plane(plane, h, w, rows, th, tw, v, c * t_all, dst) };
         }
     }
 }
@@ -395,19 +368,10 @@ fn dy_transform(s: &WinoShape, dy: &[f32], imgs: usize, dm: &mut [f32], rows: &m
     for img in 0..imgs {
         for kk in 0..k {
             let plane = &dy[(img * k + kk) * h * w..(img * k + kk + 1) * h * w];
-            for r in 0..nrows {
-                let (e, o) = rows[r * 2 * tw..(r + 1) * 2 * tw].split_at_mut(tw);
-                if r >= h {
-                    e.fill(0.0);
-                    o.fill(0.0);
-                } else {
-                    split_row(&plane[r * w..(r + 1) * w], e, o);
-                }
-            }
             let dst = kk * t_all + img * th * tw;
-            // SAFETY: AVX-512F is available; reads are within the 2·th rows of 2·tw values, stores within the
-            // 16 planes of dM (masked to j < tw).
-            unsafe { x86::dy_tiles(rows, th, tw, dm, k * t_all, dst) };
+            // SAFETY: AVX-512F is available; the rows are split into the 2·th·2·tw buffer, tile reads stay in
+            // it, and stores are within the 16 planes of dM (masked to j < tw).
+            unsafe { x86::dy_plane(plane, h, w, rows, th, tw, dm, k * t_all, dst) };
         }
     }
 }
@@ -424,24 +388,10 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &
     for img in 0..imgs {
         for ch in 0..c {
             let src = ch * t_all + img * th * tw;
-            if wl <= 16 {
-                // SAFETY: AVX-512F is available; reads within the 16 planes of dV (masked to j < tw), writes
-                // every one of the nrows rows once (masked to wl values).
-                unsafe { x86::adjoint_tiles_narrow(dv, c * t_all, src, th, tw, rows, wl) };
-            } else {
-                rows.fill(0.0);
-                // SAFETY: AVX-512F is available; reads within the 16 planes of dV (masked to j < tw),
-                // read-modify-writes within rows 2i..2i+3 < nrows, columns ≤ tw < wl.
-                unsafe { x86::adjoint_tiles(dv, c * t_all, src, th, tw, rows, wl) };
-            }
             let plane = &mut dx[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
-            for r in 0..h {
-                let (e, o) = rows[(r + 1) * 2 * wl..(r + 2) * 2 * wl].split_at(wl);
-                let out = &mut plane[r * w..(r + 1) * w];
-                // padded column col+1: even (2m) in e[m], odd (2m+1) in o[m], so out = o[0], e[1], o[1], ...
-                // SAFETY: AVX-512F is available; reads are masked to o and e[1..], writes to out.
-                unsafe { x86::merge(o, &e[1..], out) };
-            }
+            // SAFETY: AVX-512F is available; reads within the 16 planes of dV (masked to j < tw), writes within
+            // the nrows·2·wl rows buffer, then every element of the h × w plane (masked to w per row).
+            unsafe { x86::adjoint_plane(dv, c * t_all, src, th, tw, rows, wl, h, w, plane) };
         }
     }
 }
@@ -463,9 +413,111 @@ mod x86 {
         _mm512_loadu_si512(v.as_ptr() as *const _)
     }
 
+    /// Distance, in floats, at which the plane transforms prefetch their (cold) input.
+    const AHEAD: usize = 2048;
+
+    /// Prefetches into L2 a plane's worth of lines [`AHEAD`] floats past the start of `plane`: called for each
+    /// plane of a contiguous run of planes, it keeps the input 8 KB ahead of the transform. Without it the
+    /// split of every row waited on memory (perf: the loads of the input were the transform's hottest spots).
+    /// Prefetches never fault, and the address is computed with wrapping arithmetic.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn prefetch_ahead(plane: &[f32]) {
+        let p = plane.as_ptr().wrapping_add(AHEAD);
+        let mut l = 0;
+        while l < plane.len() {
+            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(l) as *const i8);
+            l += 16;
+        }
+    }
+
+    /// Input tiles of one plane: its rows split into even/odd padded half-rows, then [`input_tiles`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn input_plane(
+        plane: &[f32],
+        h: usize,
+        w: usize,
+        rows: &mut [f32],
+        th: usize,
+        tw: usize,
+        v: &mut [f32],
+        pstride: usize,
+        dst: usize,
+    ) {
+        let wl = tw + 1;
+        prefetch_ahead(plane);
+        for r in 0..2 * th + 2 {
+            let (e, o) = rows[r * 2 * wl..(r + 1) * 2 * wl].split_at_mut(wl);
+            if r == 0 || r > h {
+                e.fill(0.0);
+                o.fill(0.0);
+            } else {
+                split(&plane[(r - 1) * w..r * w], 1, e, o);
+            }
+        }
+        input_tiles(rows, wl, th, tw, v, pstride, dst);
+    }
+
+    /// dM tiles of one dy plane: its rows split into even/odd half-rows, then [`dy_tiles`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dy_plane(
+        plane: &[f32],
+        h: usize,
+        w: usize,
+        rows: &mut [f32],
+        th: usize,
+        tw: usize,
+        dm: &mut [f32],
+        pstride: usize,
+        dst: usize,
+    ) {
+        prefetch_ahead(plane);
+        for r in 0..2 * th {
+            let (e, o) = rows[r * 2 * tw..(r + 1) * 2 * tw].split_at_mut(tw);
+            if r >= h {
+                e.fill(0.0);
+                o.fill(0.0);
+            } else {
+                split(&plane[r * w..(r + 1) * w], 0, e, o);
+            }
+        }
+        dy_tiles(rows, th, tw, dm, pstride, dst);
+    }
+
+    /// dx of one plane: the tiles' B dV Bᵀ summed into even/odd padded half-rows, then interleaved into the
+    /// plane's h rows (padded column col + 1: even ones in e, odd ones in o, so a row is o[0], e[1], o[1], ...).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn adjoint_plane(
+        dv: &[f32],
+        pstride: usize,
+        src: usize,
+        th: usize,
+        tw: usize,
+        rows: &mut [f32],
+        wl: usize,
+        h: usize,
+        w: usize,
+        plane: &mut [f32],
+    ) {
+        if wl <= 16 {
+            adjoint_tiles_narrow(dv, pstride, src, th, tw, rows, wl);
+        } else {
+            rows.fill(0.0);
+            adjoint_tiles(dv, pstride, src, th, tw, rows, wl);
+        }
+        for r in 0..h {
+            let (e, o) = rows[(r + 1) * 2 * wl..(r + 2) * 2 * wl].split_at(wl);
+            merge(o, &e[1..], &mut plane[r * w..(r + 1) * w]);
+        }
+    }
+
     /// Splits `src` into its even and odd columns. `shift = 0`: `e[m] = src[2m]`, `o[m] = src[2m+1]`.
     /// `shift = 1` (a zero column in front, as in the padded row): `e[0] = 0`, `o[m] = src[2m]`,
     /// `e[m+1] = src[2m+1]`. Entries past the row are zero. `e` and `o` have the same length.
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn split(src: &[f32], shift: usize, e: &mut [f32], o: &mut [f32]) {
         let w = src.len();
@@ -506,6 +558,7 @@ mod x86 {
     }
 
     /// `out = a[0], b[0], a[1], b[1], ...` (out.len() values; a and b hold at least ⌈len/2⌉ and ⌊len/2⌋).
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn merge(a: &[f32], b: &[f32], out: &mut [f32]) {
         let w = out.len();
@@ -545,6 +598,7 @@ mod x86 {
 
     /// Input tiles of one plane from its even/odd padded rows (`wl` values each, row r at `rows[r·2·wl..]`,
     /// odd half after the even one); output p goes to `v[p·pstride + dst + i·tw + j]`.
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn input_tiles(
         rows: &[f32],
@@ -662,6 +716,7 @@ mod x86 {
     }
 
     /// dM tiles of one dy plane from its even/odd rows (`tw` values each, no padding).
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn dy_tiles(
         rows: &[f32],
@@ -716,6 +771,7 @@ mod x86 {
     /// overlapping contributions are summed in registers (the shift by one column with a lane rotation, the
     /// two rows shared with the next tile row carried to it) and every row is stored once. Read-modify-writes
     /// of overlapping, misaligned masked stores would wait on failed store forwarding instead.
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn adjoint_tiles_narrow(
         dv: &[f32],
@@ -774,6 +830,7 @@ mod x86 {
     }
 
     /// Adds B dV Bᵀ of every tile of one plane into its even/odd padded rows (`wl` values each).
+    #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn adjoint_tiles(
         dv: &[f32],
@@ -826,14 +883,45 @@ mod x86 {
 mod x86 {
     // The public entry points assert `available()`, which is false off x86-64, so these are never reached.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn input_tiles(
+    pub unsafe fn input_plane(
         _: &[f32],
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dy_plane(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn adjoint_plane(
+        _: &[f32],
+        _: usize,
         _: usize,
         _: usize,
         _: usize,
         _: &mut [f32],
         _: usize,
         _: usize,
+        _: usize,
+        _: &mut [f32],
     ) {
         unreachable!("Winograd kernels need AVX-512F")
     }
@@ -850,39 +938,6 @@ mod x86 {
         _: bool,
         _: &mut [f32],
     ) {
-        unreachable!("Winograd kernels need AVX-512F")
-    }
-    pub unsafe fn dy_tiles(_: &[f32], _: usize, _: usize, _: &mut [f32], _: usize, _: usize) {
-        unreachable!("Winograd kernels need AVX-512F")
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn adjoint_tiles(
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &mut [f32],
-        _: usize,
-    ) {
-        unreachable!("Winograd kernels need AVX-512F")
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn adjoint_tiles_narrow(
-        _: &[f32],
-        _: usize,
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &mut [f32],
-        _: usize,
-    ) {
-        unreachable!("Winograd kernels need AVX-512F")
-    }
-    pub unsafe fn split(_: &[f32], _: usize, _: &mut [f32], _: &mut [f32]) {
-        unreachable!("Winograd kernels need AVX-512F")
-    }
-    pub unsafe fn merge(_: &[f32], _: &[f32], _: &mut [f32]) {
         unreachable!("Winograd kernels need AVX-512F")
     }
 }

@@ -249,7 +249,7 @@ pub fn train(
                     return Err(NvError::NonFinite(format!("loss {loss}")));
                 }
                 let correct = count_correct(&logits, &y)?;
-                model.backward(&xd, &dlogits, Mode::Train)?;
+                model.backward_params(&xd, &dlogits, Mode::Train)?;
                 Ok((loss, correct))
             })();
             let (loss, correct) = match step_result {
