@@ -139,7 +139,8 @@ impl Optimizer for AdamW {
             let eps = cfg.eps as f32;
             let ea = m.exp_avg.as_slice_mut().expect("contiguous");
             let eq = m.exp_avg_sq.as_slice_mut().expect("contiguous");
-            for (((x, &g), a), s) in v.iter_mut().zip(p.grad.iter()).zip(ea).zip(eq) {
+            let grad = p.grad.as_slice().expect("gradients are contiguous");
+            for (((x, &g), a), s) in v.iter_mut().zip(grad).zip(ea).zip(eq) {
                 // torch.lerp: weight < 0.5 ? self + w * (end - self) : end - (end - self) * (1 - w)
                 *a = if w1 < 0.5 {
                     *a + w1 * (g - *a)

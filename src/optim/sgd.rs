@@ -113,38 +113,36 @@ impl Optimizer for Sgd {
             } else {
                 0.0
             };
-            let mut g: Vec<f32> = p.grad.iter().copied().collect();
+            // One pass over contiguous slices (parameters and gradients are standard-layout arrays): the
+            // previous version iterated the dynamic-rank arrays element by element four times, 4.7 ms per step
+            // for the reference CNN's 420K parameters (`bench --profile`). Same arithmetic, element for element.
+            let grad = p.grad.as_slice().expect("gradients are contiguous");
             let dim = p.value.raw_dim();
             let v = p.value.as_slice_mut().expect("parameters are contiguous");
-            if wd != 0.0 {
-                for (g, &x) in g.iter_mut().zip(v.iter()) {
-                    *g += wd * x;
+            let with_decay = |g: f32, x: f32| if wd != 0.0 { g + wd * x } else { g };
+            if momentum == 0.0 {
+                for (x, &g) in v.iter_mut().zip(grad) {
+                    let g = with_decay(g, *x);
+                    *x += -lr * g;
                 }
+                return;
             }
-            if momentum != 0.0 {
-                match buffers.get_mut(name) {
-                    None => {
-                        let b =
-                            ArrayD::from_shape_vec(dim.clone(), g.clone()).expect("same length");
-                        buffers.insert(name.to_string(), b);
-                    }
-                    Some(b) => {
-                        for (b, &g) in b.iter_mut().zip(&g) {
-                            *b = *b * momentum + one_minus_damp * g;
-                        }
-                    }
-                }
-                let b = &buffers[name];
-                if nesterov {
-                    for (g, &b) in g.iter_mut().zip(b.iter()) {
-                        *g += momentum * b;
-                    }
+            let first = !buffers.contains_key(name);
+            let b = buffers
+                .entry(name.to_string())
+                .or_insert_with(|| ArrayD::zeros(dim));
+            let bs = b.as_slice_mut().expect("momentum buffers are contiguous");
+            for ((x, &g), b) in v.iter_mut().zip(grad).zip(bs.iter_mut()) {
+                let g = with_decay(g, *x);
+                // the first step starts the buffer at g (PyTorch: no dampening on the first step)
+                let nb = if first {
+                    g
                 } else {
-                    g.iter_mut().zip(b.iter()).for_each(|(g, &b)| *g = b);
-                }
-            }
-            for (x, &g) in v.iter_mut().zip(&g) {
-                *x += -lr * g;
+                    *b * momentum + one_minus_damp * g
+                };
+                *b = nb;
+                let upd = if nesterov { g + momentum * nb } else { nb };
+                *x += -lr * upd;
             }
         });
         self.steps += 1;
