@@ -298,7 +298,7 @@ pub fn bench(
                 json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": m, "batch": batch,
                 "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3,
                 "folded_bn": folded,
-                "conv": if crate::nn::conv::winograd_enabled() { "winograd" } else { "direct" }})
+                "conv": if crate::nn::conv::winograd_enabled() && crate::nn::winograd::available() { "winograd" } else { "direct" }})
             );
         } else {
             let note = if folded > 0 {
@@ -353,8 +353,7 @@ fn print_layer_profile(
         "layer", "kind", "fwd ms", "bwd ms", "share"
     );
     for (name, layer, f, b) in &rows {
-        let mut kind = layer.clone();
-        kind.truncate(34);
+        let kind: String = layer.chars().take(34).collect();
         println!(
             "{name:<8} {kind:<34} {:>10.3} {:>10.3} {:>6.1}%",
             per_step(*f),

@@ -83,8 +83,9 @@ impl Sequential {
         }
     }
 
-    /// Backward through the children in reverse; the first child computes its input gradient only when
-    /// `input_grad` (the network's input needs none: a model's first convolution then skips its dx).
+    /// Backward through the children in reverse. Without `input_grad` (the network's input needs no gradient),
+    /// the first child with parameters accumulates its parameter gradients only (a first convolution skips its
+    /// dx), and parameter-free children before it are skipped.
     fn backward_inner(
         &mut self,
         x: &ArrayD<f32>,
@@ -101,13 +102,27 @@ impl Sequential {
                 mode,
             });
         }
+        // Without an input gradient, layers before the first one with parameters (a Flatten in front of the
+        // MLP) have nothing to contribute, and that first one needs no input gradient either.
+        let first = if input_grad {
+            0
+        } else {
+            match self.layers.iter_mut().position(|(_, l)| {
+                let mut n = 0;
+                l.visit_params("", &mut |_, _| n += 1);
+                n > 0
+            }) {
+                Some(i) => i,
+                None => return Ok(None),
+            }
+        };
         let mut g: Option<ArrayD<f32>> = None;
-        for i in (0..self.layers.len()).rev() {
+        for i in (first..self.layers.len()).rev() {
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
             let input = if i == 0 { x } else { &self.outs[i - 1] };
             let (name, l) = &mut self.layers[i];
             let dyi = g.as_ref().unwrap_or(dy);
-            if i == 0 && !input_grad {
+            if i == first && !input_grad {
                 l.backward_params(input, dyi, mode)
                     .map_err(|e| annotate(name, e))?;
                 g = None;

@@ -59,7 +59,8 @@ fn take_for_overwrite(len: usize) -> Vec<f32> {
     let mut v = Vec::<f32>::with_capacity(len);
     #[allow(clippy::uninit_vec)]
     // SAFETY: `output` is the only caller, and its contract (checked by the NaN fill of debug builds) is that
-    // every element is written before any is read. f32 has no invalid bit patterns and no drop glue.
+    // every element is written before any is read, so no uninitialised value is ever read; f32 has no drop
+    // glue.
     unsafe {
         v.set_len(len)
     };

@@ -1250,15 +1250,15 @@ impl<T: Real> Conv2d<T> {
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         if let Some(ws) = self.winograd_shape(&g) {
             let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
-            let w = simd::as_f32(self.weight.values()).expect("f32").to_vec();
             let f = |s| simd::as_f32(s).expect("f32");
+            let Param { value, grad } = &mut self.weight;
             super::winograd::backward(
                 ws,
                 f(&xs),
                 f(&gs),
-                &w,
+                f(value.as_slice().expect("contiguous weights")),
                 dx.map(|d| simd::as_f32_mut(d).expect("f32")),
-                simd::as_f32_mut(self.weight.grads_mut()).expect("f32"),
+                simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32"),
                 db.as_deref_mut(),
             );
             if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {

@@ -464,7 +464,9 @@ impl<T: Real> MaxPool2d<T> {
                     for oj in 0..ow {
                         let (v, at) = (gp[oi * ow + oj], ip[oi * ow + oj] as usize);
                         let j = 2 * oj;
+                        // 0 + v, as the zero-fill-and-add of the general path (and PyTorch) gives: +0 for -0
                         let z = T::zero();
+                        let v = z + v;
                         r0[j] = if at == base + j { v } else { z };
                         r0[j + 1] = if at == base + j + 1 { v } else { z };
                         r1[j] = if at == base + w + j { v } else { z };

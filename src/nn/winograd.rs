@@ -7,8 +7,9 @@
 //! independent GEMMs, one per tile position `p`:
 //!
 //! - forward: `M[p] (K×T) = U[p] (K×C) · V[p] (C×T)`, with `U = G g Gᵀ` (weights), `V = Bᵀ d B` (input tiles);
-//! - data gradient: `dV[p] (C×T) = U[p]ᵀ · dM[p]` with `dM = A dY Aᵀ`, then `dx += B dV Bᵀ` (the adjoint of the
-//!   input transform, scattered onto overlapping tiles);
+//! - data gradient: `dV[p] (C×T) = U[p]ᵀ · dM[p]` with `dM = A dY Aᵀ`, then dx = the sum over tiles of
+//!   `B dV Bᵀ` (the adjoint of the input transform; neighbouring tiles overlap by two rows and columns), which
+//!   overwrites dx;
 //! - weight gradient: `dU[p] (K×C) = Σ_tiles dM[p] · V[p]ᵀ`, then `dg = Gᵀ dU G`.
 //!
 //! The backward passes are the exact adjoints of the forward's linear maps, so they are the gradients of the
@@ -60,12 +61,10 @@ impl WinoShape {
     fn out_size(&self) -> usize {
         self.k * self.h * self.w
     }
-    /// Images per chunk: about [`TILE_TARGET`] tiles, and at least 4 chunks per thread when the batch allows.
+    /// Images per chunk: about [`TILE_TARGET`] tiles (at least one image). It does not depend on the number of
+    /// threads, so neither does the order in which the weight gradient is summed.
     fn per_chunk(&self) -> usize {
-        let by_tiles = (TILE_TARGET / self.tiles().max(1)).max(1);
-        let threads = rayon::current_num_threads().max(1);
-        let by_threads = self.n.div_ceil(4 * threads).max(1);
-        by_tiles.min(by_threads)
+        (TILE_TARGET / self.tiles().max(1)).max(1)
     }
 }
 
@@ -148,7 +147,19 @@ pub fn forward(
     if let Some(b) = bias {
         assert_eq!(b.len(), s.k, "bias length");
     }
-    if s.n == 0 || s.k == 0 {
+    if s.n == 0 || s.out_size() == 0 {
+        return;
+    }
+    if s.c == 0 {
+        y.fill(0.0);
+        if let Some(b) = bias {
+            for (o, v) in y.iter_mut().enumerate() {
+                *v = b[(o / (s.h * s.w)) % s.k];
+                if relu {
+                    *v = v.max(0.0);
+                }
+            }
+        }
         return;
     }
     let u = transform_weights(w, s.k, s.c);
@@ -201,7 +212,15 @@ pub fn backward(
     if let Some(d) = &db {
         assert_eq!(d.len(), s.k, "dbias length");
     }
-    if s.n == 0 || s.k == 0 {
+    if s.n == 0 || s.k == 0 || s.in_size() == 0 {
+        if let Some(d) = dx {
+            d.fill(0.0); // no output channel feeds the input: its gradient is zero
+        }
+        if let (Some(db), true) = (db, s.h * s.w > 0) {
+            for (o, plane) in dy.chunks_exact(s.h * s.w).enumerate() {
+                db[o % s.k] += plane.iter().map(|&v| v as f64).sum::<f64>();
+            }
+        }
         return;
     }
     let want_dx = dx.is_some();
@@ -218,79 +237,95 @@ pub fn backward(
     };
     let ulen = 16 * s.k * s.c;
     let want_db = db.is_some();
-    // (dU partial, db partial, scratch) per rayon split
-    type Acc = (Vec<f32>, Vec<f64>, Scratch);
-    let new_acc = || -> Acc { (vec![0f32; ulen], vec![0f64; s.k], Scratch::default()) };
-    let (du, dbs, _) = dx_chunks
-        .into_par_iter()
+    // The weight and bias gradients are summed over chunks in fixed groups, each group's partial sum in chunk
+    // order and the groups in index order, so the result is bitwise the same from run to run and for any
+    // number of threads (a rayon fold/reduce would follow the work stealing).
+    let per_group = chunks.div_ceil(16).max(4);
+    let mut dx_chunks = dx_chunks;
+    let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_chunks
+        .par_chunks_mut(per_group)
         .enumerate()
-        .fold(new_acc, |(mut du, mut dbp, mut sc), (ci, dxc)| {
-            let i0 = ci * nb;
-            let imgs = nb.min(s.n - i0);
-            let t = imgs * s.tiles();
-            let xc = &x[i0 * is..(i0 + imgs) * is];
-            let gc = &dy[i0 * os..(i0 + imgs) * os];
-            sc.a.resize(16 * s.c * t, 0.0); // V
-            sc.b.resize(16 * s.k * t, 0.0); // dM
-            input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
-            dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
-            // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
-            // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
-            // horizontally after only T/16 steps
-            for p in 0..16 {
-                super::matmul::matmul(
-                    s.k,
-                    s.c,
-                    t,
-                    &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                    super::matmul::Op::N,
-                    &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                    super::matmul::Op::T,
-                    &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
-                    true,
-                    super::matmul::Par::Seq,
-                );
-            }
-            if want_db {
-                let plane = s.h * s.w;
-                for (o, d) in gc.chunks_exact(plane).enumerate() {
-                    dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
-                }
-            }
-            if let (Some(dxc), Some((packed, plen))) = (dxc, packed_t.as_ref()) {
-                sc.c.resize(16 * s.c * t, 0.0); // dV
+        .map(|(gi, group)| {
+            let mut du = vec![0f32; ulen];
+            let mut dbp = vec![0f64; s.k];
+            let mut sc = Scratch::default();
+            for (j, dxc) in group.iter_mut().enumerate() {
+                let ci = gi * per_group + j;
+                let i0 = ci * nb;
+                let imgs = nb.min(s.n - i0);
+                let t = imgs * s.tiles();
+                let xc = &x[i0 * is..(i0 + imgs) * is];
+                let gc = &dy[i0 * os..(i0 + imgs) * os];
+                sc.a.resize(16 * s.c * t, 0.0); // V
+                sc.b.resize(16 * s.k * t, 0.0); // dM
+                input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
+                dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
+                // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
+                // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
+                // horizontally after only T/16 steps
                 for p in 0..16 {
-                    simd::gemm_nn(
+                    super::matmul::matmul(
+                        s.k,
                         s.c,
                         t,
-                        s.k,
-                        &packed[p * plen..(p + 1) * plen],
                         &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                        t,
-                        &mut sc.c[p * s.c * t..(p + 1) * s.c * t],
-                        t,
-                        false,
+                        super::matmul::Op::N,
+                        &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                        super::matmul::Op::T,
+                        &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
+                        true,
+                        super::matmul::Par::Seq,
                     );
                 }
-                input_adjoint(&s, &sc.c, imgs, dxc, &mut sc.rows);
+                if want_db {
+                    let plane = s.h * s.w;
+                    for (o, d) in gc.chunks_exact(plane).enumerate() {
+                        dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
+                    }
+                }
+                if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
+                    sc.c.resize(16 * s.c * t, 0.0); // dV
+                    for p in 0..16 {
+                        simd::gemm_nn(
+                            s.c,
+                            t,
+                            s.k,
+                            &packed[p * plen..(p + 1) * plen],
+                            &sc.b[p * s.k * t..(p + 1) * s.k * t],
+                            t,
+                            &mut sc.c[p * s.c * t..(p + 1) * s.c * t],
+                            t,
+                            false,
+                        );
+                    }
+                    input_adjoint(&s, &sc.c, imgs, dxc, &mut sc.rows);
+                }
             }
-            (du, dbp, sc)
+            (du, dbp)
         })
-        .reduce(new_acc, |(mut a, mut ab, sc), (b, bb, _)| {
-            for (x, y) in a.iter_mut().zip(&b) {
+        .collect();
+    // each element sums the groups in index order, whichever thread handles its block
+    let mut du = vec![0f32; ulen];
+    du.par_chunks_mut(4096).enumerate().for_each(|(bi, d)| {
+        for (pu, _) in &partials {
+            for (x, y) in d.iter_mut().zip(&pu[bi * 4096..]) {
                 *x += *y;
             }
-            for (x, y) in ab.iter_mut().zip(&bb) {
-                *x += *y;
-            }
-            (a, ab, sc)
-        });
+        }
+    });
+    let mut dbs = vec![0f64; s.k];
+    for (_, pb) in &partials {
+        for (x, y) in dbs.iter_mut().zip(pb) {
+            *x += *y;
+        }
+    }
     // dg = Gᵀ dU G, in f64
     for kk in 0..s.k {
         for cc in 0..s.c {
             let d = |r: usize, q: usize| du[((r * 4 + q) * s.k + kk) * s.c + cc] as f64;
             let mut t = [[0f64; 4]; 3];
-            for (q, _) in [0; 4].iter().enumerate() {
+            #[allow(clippy::needless_range_loop)] // t is filled column by column
+            for q in 0..4 {
                 let (a0, a1, a2, a3) = (d(0, q), d(1, q), d(2, q), d(3, q));
                 t[0][q] = a0 + 0.5 * (a1 + a2);
                 t[1][q] = 0.5 * (a1 - a2);
@@ -1078,6 +1113,66 @@ mod tests {
                         &format!("dw (no dx) {s:?}"),
                     );
                 });
+            }
+        }
+    }
+
+    #[test]
+    fn gradients_are_bitwise_reproducible_for_any_thread_count() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(11);
+        let s = WinoShape {
+            n: 37,
+            c: 8,
+            k: 16,
+            h: 14,
+            w: 14,
+        };
+        let x: Vec<f32> = (0..s.n * s.in_size())
+            .map(|_| rng.gen::<f32>() - 0.5)
+            .collect();
+        let wt: Vec<f32> = (0..s.k * s.c * 9).map(|_| rng.gen::<f32>() - 0.5).collect();
+        let dy: Vec<f32> = (0..s.n * s.out_size())
+            .map(|_| rng.gen::<f32>() - 0.5)
+            .collect();
+        let run = |threads: usize, with_dx: bool| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut dx = vec![0f32; x.len()];
+                let mut dw = vec![0f32; wt.len()];
+                let mut db = vec![0f64; s.k];
+                backward(
+                    s,
+                    &x,
+                    &dy,
+                    &wt,
+                    with_dx.then_some(&mut dx[..]),
+                    &mut dw,
+                    Some(&mut db),
+                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                (
+                    bits(&dw),
+                    db.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+                    bits(&dx),
+                )
+            })
+        };
+        let want = run(1, true);
+        for threads in [2, 3, 2] {
+            for with_dx in [true, false] {
+                let got = run(threads, with_dx);
+                assert_eq!(got.0, want.0, "dweight, {threads} threads, dx {with_dx}");
+                assert_eq!(got.1, want.1, "dbias, {threads} threads, dx {with_dx}");
+                if with_dx {
+                    assert_eq!(got.2, want.2, "dx, {threads} threads");
+                }
             }
         }
     }
