@@ -233,3 +233,47 @@ fn backward_params_gives_backwards_parameter_gradients() {
         }
     }
 }
+
+#[test]
+fn inference_forward_is_bitwise_the_eval_forward() {
+    // forward_inference runs each conv + BatchNorm(+ReLU) pair as one pass (the affine applied in the
+    // convolution's output); its logits must be bitwise those of forward(Eval), for every model and norm,
+    // with running statistics moved away from their initial values by a few training steps.
+    let (x, y) = batch(16);
+    for kind in [ModelKind::Cnn, ModelKind::Mlp, ModelKind::Resnet] {
+        for norm in NORMS {
+            let cfg = ModelConfig::fashion(kind, norm);
+            let Ok(mut m) = Model::new(cfg) else {
+                continue; // a combination the model refuses (InstanceNorm in the MLP)
+            };
+            let mut opt = OptimConfig::Sgd(SgdConfig {
+                lr: 0.05,
+                momentum: 0.9,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+            for _ in 0..3 {
+                m.zero_grad();
+                let logits = m.forward(&x, Mode::Train).unwrap();
+                let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
+                m.backward_params(&x, &d, Mode::Train).unwrap();
+                opt.step(&mut m).unwrap();
+            }
+            let want = m.forward(&x, Mode::Eval).unwrap();
+            for _ in 0..2 {
+                let got = m.forward_inference(&x).unwrap();
+                assert_eq!(got.shape(), want.shape());
+                assert!(
+                    got.iter()
+                        .zip(want.iter())
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kind:?}/{norm:?}: inference logits differ from eval logits"
+                );
+            }
+            // no activations are kept: a backward now is a typed error, not garbage
+            let d = ArrayD::zeros(want.raw_dim());
+            assert!(m.backward(&x, &d, Mode::Eval).is_err(), "{kind:?}/{norm:?}");
+        }
+    }
+}

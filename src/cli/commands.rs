@@ -194,7 +194,7 @@ pub fn predict(
     for path in images {
         let mut x = load_image_for_model(path, ch, h, w)?;
         ck.norm.normalize(&mut x)?;
-        let logits = model.forward(&x.into_dyn(), Mode::Eval)?;
+        let logits = model.forward_inference(&x.into_dyn())?;
         let row: Vec<f64> = logits.iter().map(|v| *v as f64).collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
@@ -279,7 +279,7 @@ pub fn bench(
                 opt.step(&mut model)?;
                 outside[2] = t2.elapsed().as_secs_f64();
             } else {
-                model.forward(&x, Mode::Eval)?;
+                model.forward_inference(&x)?;
             }
             if i >= warmup {
                 times.push(t.elapsed().as_secs_f64());

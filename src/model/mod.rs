@@ -385,6 +385,14 @@ impl Model {
         self.net.forward(x, mode)
     }
 
+    /// Eval-mode logits for inference (evaluation, prediction): bitwise those of `forward(x, Mode::Eval)`, with
+    /// each convolution + BatchNorm(+ReLU) pair run as one pass ([`Sequential::forward_inference`]). The model
+    /// keeps no activations for a backward.
+    pub fn forward_inference(&mut self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        self.check_input(x)?;
+        self.net.forward_inference(x)
+    }
+
     /// Backpropagates dL/dlogits through the network, accumulating parameter gradients.
     pub fn backward(
         &mut self,

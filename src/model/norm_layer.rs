@@ -72,6 +72,9 @@ impl Layer<f32> for NormAdapter {
     fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
         self.0.eval_affine()
     }
+    fn eval_affine_exact(&self) -> Option<(Vec<f32>, Vec<f32>, bool)> {
+        self.0.eval_affine_exact()
+    }
 }
 
 impl Stateful<f32> for NormAdapter {

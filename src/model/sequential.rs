@@ -58,6 +58,54 @@ impl Sequential {
         Ok(folded)
     }
 
+    /// An eval-mode forward for inference (no backward may follow it): a convolution followed by a BatchNorm
+    /// whose eval forward is a per-channel affine ([`Layer::eval_affine_exact`]) runs as one layer, the affine
+    /// (and the fused ReLU) applied in the convolution's output pass. The result is bitwise that of
+    /// `forward(x, Mode::Eval)`; it saves one pass over each such activation. Only top-level pairs are fused.
+    pub fn forward_inference(&mut self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+        for a in self.outs.drain(..) {
+            arena::recycle(a);
+        }
+        // Only the latest activation is kept: each goes back to the buffer pool as soon as the next layer has
+        // consumed it, so the next layer of its size reuses a buffer that is still warm in cache. No
+        // activations stay behind, so a backward after this reports that it has no saved state.
+        let mut cur: Option<ArrayD<f32>> = None;
+        let mut i = 0;
+        while i < self.layers.len() {
+            let start = self.times.as_ref().map(|_| std::time::Instant::now());
+            let input = cur.as_ref().unwrap_or(x);
+            let exact = self
+                .layers
+                .get(i + 1)
+                .and_then(|(_, next)| next.eval_affine_exact());
+            let mut step = 1;
+            let mut fused = None;
+            let (name, layer) = &mut self.layers[i];
+            if let (Some((a, b, relu)), Some(conv)) = (exact, layer.as_conv_mut()) {
+                fused = conv
+                    .forward_affine(input, &a, &b, relu)
+                    .map_err(|e| annotate(name, e))?;
+            }
+            let y = match fused {
+                Some(y) => {
+                    step = 2;
+                    y
+                }
+                None => {
+                    let (name, l) = &mut self.layers[i];
+                    l.forward(input, Mode::Eval)
+                        .map_err(|e| annotate(name, e))?
+                }
+            };
+            if let Some(old) = cur.replace(y) {
+                arena::recycle(old);
+            }
+            self.add_time(i, 0, start);
+            i += step;
+        }
+        Ok(cur.expect("non-empty"))
+    }
+
     /// Starts (or restarts) summing each child's forward and backward wall-clock time.
     pub fn enable_timing(&mut self) {
         self.times = Some(vec![[0.0; 2]; self.layers.len()]);

@@ -1196,6 +1196,40 @@ impl<T: Real> Conv2d<T> {
         Ok(())
     }
 
+    /// Inference forward followed by a per-channel `y·a + b` (then max(·, 0) with `relu`) in the same output
+    /// pass: an eval-mode BatchNorm(+ReLU) applied with bitwise the same result as running it after the
+    /// convolution ([`crate::model::Sequential::forward_inference`]). `Ok(None)` when this layer does not take
+    /// the Winograd path (the caller then runs the two layers separately).
+    pub fn forward_affine(
+        &mut self,
+        x: &ArrayD<T>,
+        a: &[T],
+        b: &[T],
+        relu: bool,
+    ) -> Result<Option<ArrayD<T>>> {
+        let g = self.geom(x.shape())?;
+        let Some(ws) = self.winograd_shape(&g) else {
+            return Ok(None);
+        };
+        if self.relu_out || a.len() != g.o || b.len() != g.o {
+            return Ok(None);
+        }
+        let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh, g.ow]);
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let f = |s| simd::as_f32(s).expect("f32");
+        super::winograd::forward_affine(
+            ws,
+            f(&xs),
+            f(self.weight.values()),
+            self.bias.as_ref().map(|b| f(b.values())),
+            Some((f(a), f(b))),
+            relu,
+            simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32"),
+        );
+        Ok(Some(y))
+    }
+
     /// Backward pass: returns dx and accumulates dweight, dbias.
     pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
         let mut dx = super::arena::output(x.shape());

@@ -64,6 +64,10 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
         None
     }
+    /// See [`crate::norm::NormLayer::eval_affine_exact`]; `None` unless the layer is such a normalization.
+    fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
+        None
+    }
 }
 
 /// A size given either once for both spatial dimensions (`3`) or per dimension (`(3, 5)`), as in PyTorch.

@@ -141,24 +141,41 @@ pub fn forward(
     relu: bool,
     y: &mut [f32],
 ) {
+    forward_affine(s, x, w, bias, None, relu, y)
+}
+
+/// [`forward`] followed, in the same output pass, by a per-channel `y·a + b` (a rounded product, then a rounded
+/// sum, as [`crate::norm::batch_kernels::eval_forward`] computes it) before the ReLU: an eval-mode BatchNorm
+/// applied with bitwise the same result as running it afterwards.
+pub fn forward_affine(
+    s: WinoShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    y: &mut [f32],
+) {
     assert!(available(), "Winograd kernels need AVX-512F");
     assert_eq!(x.len(), s.n * s.in_size(), "input length");
     assert_eq!(y.len(), s.n * s.out_size(), "output length");
     if let Some(b) = bias {
         assert_eq!(b.len(), s.k, "bias length");
     }
+    if let Some((a, b)) = affine {
+        assert!(a.len() == s.k && b.len() == s.k, "affine length");
+    }
     if s.n == 0 || s.out_size() == 0 {
         return;
     }
     if s.c == 0 {
-        y.fill(0.0);
-        if let Some(b) = bias {
-            for (o, v) in y.iter_mut().enumerate() {
-                *v = b[(o / (s.h * s.w)) % s.k];
-                if relu {
-                    *v = v.max(0.0);
-                }
+        for (o, v) in y.iter_mut().enumerate() {
+            let k = (o / (s.h * s.w)) % s.k;
+            let mut t = 0.0 + bias.map_or(0.0, |b| b[k]);
+            if let Some((a, b)) = affine {
+                t = t * a[k] + b[k];
             }
+            *v = if relu && !(t > 0.0) { 0.0 } else { t };
         }
         return;
     }
@@ -187,7 +204,7 @@ pub fn forward(
                     false,
                 );
             }
-            output_transform(&s, &sc.b, imgs, bias, relu, yc);
+            output_transform(&s, &sc.b, imgs, bias, affine, relu, yc);
         });
 }
 
@@ -376,6 +393,7 @@ fn output_transform(
     m: &[f32],
     imgs: usize,
     bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
     relu: bool,
     y: &mut [f32],
 ) {
@@ -387,10 +405,11 @@ fn output_transform(
         for kk in 0..k {
             let plane = &mut y[(img * k + kk) * h * w..(img * k + kk + 1) * h * w];
             let b = bias.map_or(0.0, |b| b[kk]);
+            let aff = affine.map(|(a, bb)| (a[kk], bb[kk]));
             let src = kk * t_all + img * th * tw;
             // SAFETY: AVX-512F is available; tile loads are within the 16 planes of M (masked to j < tw),
             // stores are masked to the plane's h rows and w columns.
-            unsafe { x86::output_tiles(m, k * t_all, src, th, tw, h, w, b, relu, plane) };
+            unsafe { x86::output_tiles(m, k * t_all, src, th, tw, h, w, b, aff, relu, plane) };
         }
     }
 }
@@ -696,9 +715,14 @@ mod x86 {
         h: usize,
         w: usize,
         b: f32,
+        affine: Option<(f32, f32)>,
         relu: bool,
         plane: &mut [f32],
     ) {
+        let (va, vab) = match affine {
+            Some((a, ab)) => (_mm512_set1_ps(a), _mm512_set1_ps(ab)),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
         let mp = m.as_ptr();
         let yp = plane.as_mut_ptr();
         let vb = _mm512_set1_ps(b);
@@ -734,6 +758,11 @@ mod x86 {
                     let (mut y0, mut y1) = cols(s);
                     y0 = _mm512_add_ps(y0, vb);
                     y1 = _mm512_add_ps(y1, vb);
+                    if affine.is_some() {
+                        // separate multiply and add, as the eval BatchNorm computes x·a + b
+                        y0 = _mm512_add_ps(_mm512_mul_ps(y0, va), vab);
+                        y1 = _mm512_add_ps(_mm512_mul_ps(y1, va), vab);
+                    }
                     if relu {
                         y0 = _mm512_max_ps(y0, zero);
                         y1 = _mm512_max_ps(y1, zero);
@@ -973,6 +1002,7 @@ mod x86 {
         _: usize,
         _: usize,
         _: f32,
+        _: Option<(f32, f32)>,
         _: bool,
         _: &mut [f32],
     ) {

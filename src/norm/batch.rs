@@ -228,6 +228,16 @@ impl<T: Real> BatchNorm<T> {
         Some((a_out, b_out, self.cfg.fuse_relu))
     }
 
+    /// The `(a, b)` (in `T`) and ReLU flag of [`crate::norm::NormLayer::eval_affine_exact`]: what
+    /// `eval_forward` computes with, `None` when eval normalises with batch statistics.
+    pub fn eval_affine_exact_of(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
+        if self.uses_batch_stats(Mode::Eval) {
+            return None;
+        }
+        let (a, b, _, _) = self.running_affine();
+        Some((a, b, self.cfg.fuse_relu))
+    }
+
     /// Per-channel (a, b) of the eval affine y = x·a + b, with the exact invstd.
     fn running_affine(&self) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<f64>) {
         let rm = self

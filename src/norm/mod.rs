@@ -119,6 +119,13 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
     fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
         None
     }
+    /// The per-channel `(a, b)` in `T` and the ReLU flag with which this layer's eval forward computes
+    /// `y = x·a + b` (a rounded product, then a rounded sum; then max(·, 0) when the flag is set), when its eval
+    /// forward is exactly that: a preceding convolution can then apply it in its own output pass with bitwise
+    /// the same result ([`crate::model::Sequential::forward_inference`]).
+    fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
+        None
+    }
     fn forward(&mut self, x: &ndarray::ArrayD<T>, mode: crate::Mode) -> Result<ndarray::ArrayD<T>> {
         let mut y = crate::nn::arena::output(x.shape());
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), mode)?;
@@ -142,7 +149,7 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
 }
 
 macro_rules! impl_norm_layer {
-    ($($t:ident $(: $fold:ident)?),*) => {$(
+    ($($t:ident $(: $fold:ident $(+ $exact:ident)?)?),*) => {$(
         impl<T: Real> NormLayer<T> for $t<T> {
             fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: crate::Mode) -> Result<()> {
                 $t::forward_into(self, x, y, mode)
@@ -155,14 +162,17 @@ macro_rules! impl_norm_layer {
             }
             $(fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
                 $t::$fold(self)
-            })?
+            }
+            $(fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
+                $t::$exact(self)
+            })?)?
         }
     )*};
 }
 // Only layers whose eval output is a fixed per-channel affine can be folded into a preceding convolution.
 // (InstanceNorm with running statistics would be one too, but no model puts it after a foldable layer.)
 impl_norm_layer!(
-    BatchNorm: eval_affine_of,
+    BatchNorm: eval_affine_of + eval_affine_exact_of,
     FrozenBatchNorm: eval_affine_of,
     GroupNorm,
     LayerNorm,

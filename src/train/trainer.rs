@@ -75,7 +75,7 @@ impl TrainReport {
 pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
     let (mut correct, mut n, mut loss_sum) = (0usize, 0usize, 0.0f64);
     for (x, y) in loader.epoch(0) {
-        let logits = model.forward(&x.into_dyn(), Mode::Eval)?;
+        let logits = model.forward_inference(&x.into_dyn())?;
         let (loss, _) = cross_entropy(&logits, &y, 0.0)?;
         correct += count_correct(&logits, &y)?;
         loss_sum += loss * y.len() as f64;
