@@ -1007,6 +1007,21 @@ impl<T: Real> Conv2d<T> {
         })
     }
 
+    /// The shape when this call takes the single-input-channel 3×3 path ([`super::conv_one_channel`]).
+    fn one_channel_shape(&self, g: &Geom) -> Option<super::conv_one_channel::OneChannelShape> {
+        let eligible = self.fast()
+            && super::conv_one_channel::available()
+            && (g.c, g.groups) == (1, 1)
+            && (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw) == (3, 3, 1, 1, 1, 1, 1, 1)
+            && g.w <= super::conv_one_channel::MAX_WIDTH;
+        eligible.then_some(super::conv_one_channel::OneChannelShape {
+            n: g.n,
+            k: g.o,
+            h: g.h,
+            w: g.w,
+        })
+    }
+
     /// Packs every group's weights for [`simd::gemm_nn`]: as is (og × kdim, forward), transposed (kdim × og,
     /// explicit data gradient), or as the implicit data-gradient matrix (cg × og·kh·kw, element (c, (o, t)) =
     /// W[o, c, t]).
@@ -1115,6 +1130,19 @@ impl<T: Real> Conv2d<T> {
             );
             return Ok(());
         }
+        if let Some(os) = self.one_channel_shape(&g) {
+            let f = |s| simd::as_f32(s).expect("f32");
+            super::conv_one_channel::forward(
+                os,
+                f(&xs),
+                f(self.weight.values()),
+                self.bias.as_ref().map(|b| f(b.values())),
+                None,
+                self.relu_out,
+                simd::as_f32_mut(y).expect("f32"),
+            );
+            return Ok(());
+        }
         let (chunks, per) = self.split(g.n);
         let par = self.gemm_par();
         let fast = self.fast();
@@ -1198,8 +1226,8 @@ impl<T: Real> Conv2d<T> {
 
     /// Inference forward followed by a per-channel `y·a + b` (then max(·, 0) with `relu`) in the same output
     /// pass: an eval-mode BatchNorm(+ReLU) applied with bitwise the same result as running it after the
-    /// convolution ([`crate::model::Sequential::forward_inference`]). `Ok(None)` when this layer does not take
-    /// the Winograd path (the caller then runs the two layers separately).
+    /// convolution ([`crate::model::Sequential::forward_inference`]). `Ok(None)` when this layer takes neither
+    /// the Winograd nor the single-input-channel path (the caller then runs the two layers separately).
     pub fn forward_affine(
         &mut self,
         x: &ArrayD<T>,
@@ -1208,25 +1236,26 @@ impl<T: Real> Conv2d<T> {
         relu: bool,
     ) -> Result<Option<ArrayD<T>>> {
         let g = self.geom(x.shape())?;
-        let Some(ws) = self.winograd_shape(&g) else {
-            return Ok(None);
-        };
-        if self.relu_out || a.len() != g.o || b.len() != g.o {
+        let (wino, one) = (self.winograd_shape(&g), self.one_channel_shape(&g));
+        if (wino.is_none() && one.is_none()) || self.relu_out || a.len() != g.o || b.len() != g.o {
             return Ok(None);
         }
         let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh, g.ow]);
         let xv = x.view();
         let xs = contiguous(&xv);
         let f = |s| simd::as_f32(s).expect("f32");
-        super::winograd::forward_affine(
-            ws,
-            f(&xs),
-            f(self.weight.values()),
-            self.bias.as_ref().map(|b| f(b.values())),
-            Some((f(a), f(b))),
-            relu,
-            simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32"),
-        );
+        let (xf, wf) = (f(&xs), f(self.weight.values()));
+        let bias = self.bias.as_ref().map(|b| f(b.values()));
+        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
+        match (wino, one) {
+            (Some(ws), _) => {
+                super::winograd::forward_affine(ws, xf, wf, bias, Some((f(a), f(b))), relu, yf)
+            }
+            (None, Some(os)) => {
+                super::conv_one_channel::forward(os, xf, wf, bias, Some((f(a), f(b))), relu, yf)
+            }
+            (None, None) => unreachable!("checked above"),
+        }
         Ok(Some(y))
     }
 
@@ -1295,6 +1324,29 @@ impl<T: Real> Conv2d<T> {
                 simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32"),
                 db.as_deref_mut(),
             );
+            if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
+                for (d, s) in b.grads_mut().iter_mut().zip(db) {
+                    *d = *d + T::of_f64(s);
+                }
+            }
+            return Ok(());
+        }
+        if let Some(os) = self.one_channel_shape(&g) {
+            let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+            let f = |s| simd::as_f32(s).expect("f32");
+            let Param { value, grad } = &mut self.weight;
+            if let Some(d) = dx {
+                let w = f(value.as_slice().expect("contiguous weights"));
+                super::conv_one_channel::backward_data(
+                    os,
+                    f(&gs),
+                    w,
+                    simd::as_f32_mut(d).expect("f32"),
+                );
+            }
+            let grad =
+                simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32");
+            super::conv_one_channel::backward_params(os, f(&xs), f(&gs), grad, db.as_deref_mut());
             if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
                 for (d, s) in b.grads_mut().iter_mut().zip(db) {
                     *d = *d + T::of_f64(s);

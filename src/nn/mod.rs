@@ -20,6 +20,7 @@
 pub mod activation;
 pub mod arena;
 pub mod conv;
+pub mod conv_one_channel;
 pub mod dropout;
 pub mod init;
 pub mod linear;

@@ -1,0 +1,452 @@
+//! 3×3 convolution with stride 1 and padding 1 of a single-channel input (the first layer of a network on
+//! grayscale images), forward and weight/bias gradient, f32 on AVX-512.
+//!
+//! With one input channel the general paths do little arithmetic per byte: the implicit-GEMM forward has a
+//! reduction of only 9 and copies its output out of a padded layout, and Winograd would multiply 1×K matrices.
+//! Here each output row is 9 broadcast-weight FMAs per output channel over 16-lane vectors of three shifted
+//! input rows, written once, and the weight gradient is 9 lane-wise dot products per output channel, reduced
+//! once per image. Summation order per output: taps in row-major order (0..9), then the bias.
+
+#![allow(unsafe_code)]
+
+use super::simd;
+use rayon::prelude::*;
+
+/// (N, 1, H, W) input, K output channels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OneChannelShape {
+    pub n: usize,
+    pub k: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// Whether the kernels can run here (AVX-512F).
+pub fn available() -> bool {
+    simd::available()
+}
+
+/// Widest row the kernels handle: two 16-lane vectors per row.
+pub const MAX_WIDTH: usize = 32;
+
+/// Forward: `y (N, K, H, W)`, every element written. `w` is (K, 1, 3, 3). With `affine = Some((a, b))` each
+/// output channel's value v (after the bias) becomes v·a + b (a rounded product, then a rounded sum: an eval
+/// BatchNorm applied in the same pass, see [`super::winograd::forward_affine`]) before the ReLU.
+pub fn forward(
+    s: OneChannelShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    assert!(available(), "needs AVX-512F");
+    assert!(
+        s.w <= MAX_WIDTH && s.w > 0 && s.h > 0,
+        "width 1..={MAX_WIDTH}"
+    );
+    let (hw, k) = (s.h * s.w, s.k);
+    assert_eq!(x.len(), s.n * hw, "input length");
+    assert_eq!(y.len(), s.n * k * hw, "output length");
+    assert_eq!(w.len(), k * 9, "weight length");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), k, "bias length");
+    }
+    if let Some((a, b)) = affine {
+        assert!(a.len() == k && b.len() == k, "affine length");
+    }
+    if s.n == 0 || k == 0 {
+        return;
+    }
+    let min = (4096 / (k * hw)).max(1);
+    y.par_chunks_mut(k * hw)
+        .zip(x.par_chunks(hw))
+        .with_min_len(min)
+        .for_each_init(Vec::new, |pad, (yi, xi)| {
+            padded(xi, s.h, s.w, pad);
+            // SAFETY: AVX-512F is available (asserted); the padded plane has (h + 2) rows of MAX_WIDTH + 2
+            // values, reads are at rows i..i+3 < h + 2 and columns < w + 2 (masked), writes are masked to the
+            // w values of rows < h of each of the k output planes (yi has k·h·w values).
+            unsafe { x86::forward_image(pad, s.h, s.w, w, bias, affine, relu, yi) };
+        });
+}
+
+/// Adds the weight gradient (K, 1, 3, 3) to `dw` and, when given, Σ dy per channel to `db`. The per-image sums
+/// are accumulated in f64, in image order, so the result does not depend on the number of threads.
+pub fn backward_params(
+    s: OneChannelShape,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    db: Option<&mut [f64]>,
+) {
+    assert!(available(), "needs AVX-512F");
+    assert!(
+        s.w <= MAX_WIDTH && s.w > 0 && s.h > 0,
+        "width 1..={MAX_WIDTH}"
+    );
+    let (hw, k) = (s.h * s.w, s.k);
+    assert_eq!(x.len(), s.n * hw, "input length");
+    assert_eq!(dy.len(), s.n * k * hw, "dy length");
+    assert_eq!(dw.len(), k * 9, "dweight length");
+    if s.n == 0 || k == 0 {
+        return;
+    }
+    // per image: k·9 weight sums and k bias sums, in f64
+    let per: Vec<Vec<f64>> = dy
+        .par_chunks(k * hw)
+        .zip(x.par_chunks(hw))
+        .map_init(Vec::new, |pad, (gi, xi)| {
+            padded(xi, s.h, s.w, pad);
+            let mut out = vec![0f64; k * 10];
+            // SAFETY: as in `forward`; dy reads are masked to the w values of rows < h of each plane.
+            unsafe { x86::wgrad_image(pad, s.h, s.w, gi, k, &mut out) };
+            out
+        })
+        .collect();
+    let mut acc = vec![0f64; k * 10];
+    for p in &per {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += *v;
+        }
+    }
+    for (o, d) in dw.iter_mut().enumerate() {
+        *d += acc[(o / 9) * 10 + o % 9] as f32;
+    }
+    if let Some(db) = db {
+        for (o, d) in db.iter_mut().enumerate() {
+            *d += acc[o * 10 + 9];
+        }
+    }
+}
+
+/// The input gradient: `dx (N, 1, H, W)` (every element written) from `dy (N, K, H, W)` and `w (K, 1, 3, 3)`.
+pub fn backward_data(s: OneChannelShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    assert!(available(), "needs AVX-512F");
+    assert!(
+        s.w <= MAX_WIDTH && s.w > 0 && s.h > 0,
+        "width 1..={MAX_WIDTH}"
+    );
+    let (hw, k) = (s.h * s.w, s.k);
+    assert_eq!(dy.len(), s.n * k * hw, "dy length");
+    assert_eq!(dx.len(), s.n * hw, "dx length");
+    assert_eq!(w.len(), k * 9, "weight length");
+    if k == 0 {
+        dx.fill(0.0);
+        return;
+    }
+    dx.par_chunks_mut(hw)
+        .zip(dy.par_chunks(k * hw))
+        .for_each_init(Vec::new, |pads: &mut Vec<f32>, (dxi, gi)| {
+            let plane = (s.h + 2) * (MAX_WIDTH + 2);
+            pads.resize(k * plane, 0.0);
+            let mut one = Vec::new();
+            for (o, g) in gi.chunks_exact(hw).enumerate() {
+                padded(g, s.h, s.w, &mut one);
+                pads[o * plane..(o + 1) * plane].copy_from_slice(&one);
+            }
+            // SAFETY: AVX-512F is available (asserted); reads stay in the k padded planes (rows < h + 2,
+            // columns < w + 2, masked), writes are masked to the h rows of w values of dxi.
+            unsafe { x86::data_image(pads, s.h, s.w, w, dxi) };
+        });
+}
+
+/// The plane with a zero border: (h + 2) rows of MAX_WIDTH + 2 values, the input at rows 1..=h, columns 1..=w.
+fn padded(x: &[f32], h: usize, w: usize, pad: &mut Vec<f32>) {
+    let pw = MAX_WIDTH + 2;
+    pad.clear();
+    pad.resize((h + 2) * pw, 0.0);
+    for (r, row) in x.chunks_exact(w).enumerate() {
+        pad[(r + 1) * pw + 1..(r + 1) * pw + 1 + w].copy_from_slice(row);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::MAX_WIDTH;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    fn mask(cnt: usize) -> __mmask16 {
+        if cnt >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << cnt) - 1) as __mmask16
+        }
+    }
+
+    /// The upper 8 lanes of a 16-lane vector.
+    #[inline(always)]
+    unsafe fn hi256(v: __m512) -> __m256 {
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+    }
+
+    /// dx of one image: Σ over output channels o and taps of w[o][8 - tap] · (dy[o] shifted by the tap), from
+    /// the padded dy planes (`pads`: k planes of (h + 2) × (MAX_WIDTH + 2)).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn data_image(pads: &[f32], h: usize, w: usize, wt: &[f32], dx: &mut [f32]) {
+        let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
+        let k = wt.len() / 9;
+        let plane = (h + 2) * (MAX_WIDTH + 2);
+        let zero = _mm512_setzero_ps();
+        let dp = dx.as_mut_ptr();
+        for i in 0..h {
+            let (mut a0, mut a1) = (zero, zero);
+            for o in 0..k {
+                let t = taps(&pads[o * plane..(o + 1) * plane], i, m0, m1);
+                for (tap, v) in t.iter().enumerate() {
+                    let c = _mm512_set1_ps(*wt.get_unchecked(o * 9 + 8 - tap));
+                    a0 = _mm512_fmadd_ps(v[0], c, a0);
+                    a1 = _mm512_fmadd_ps(v[1], c, a1);
+                }
+            }
+            _mm512_mask_storeu_ps(dp.add(i * w), m0, a0);
+            if w > 16 {
+                _mm512_mask_storeu_ps(dp.add(i * w + 16), m1, a1);
+            }
+        }
+    }
+
+    /// The 9 shifted input vectors (two halves each) of output row i: tap (di, dj) reads padded row i + di
+    /// from column dj.
+    #[inline(always)]
+    unsafe fn taps(pad: &[f32], i: usize, m0: __mmask16, m1: __mmask16) -> [[__m512; 2]; 9] {
+        let pw = MAX_WIDTH + 2;
+        let p = pad.as_ptr();
+        let mut t = [[_mm512_setzero_ps(); 2]; 9];
+        for di in 0..3 {
+            for dj in 0..3 {
+                let q = p.add((i + di) * pw + dj);
+                t[di * 3 + dj] = [
+                    _mm512_maskz_loadu_ps(m0, q),
+                    _mm512_maskz_loadu_ps(m1, q.add(16)),
+                ];
+            }
+        }
+        t
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn forward_image(
+        pad: &[f32],
+        h: usize,
+        w: usize,
+        wt: &[f32],
+        bias: Option<&[f32]>,
+        affine: Option<(&[f32], &[f32])>,
+        relu: bool,
+        y: &mut [f32],
+    ) {
+        let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
+        let k = wt.len() / 9;
+        let zero = _mm512_setzero_ps();
+        let yp = y.as_mut_ptr();
+        for i in 0..h {
+            let t = taps(pad, i, m0, m1);
+            for o in 0..k {
+                let (mut a0, mut a1) = (zero, zero);
+                for (tap, v) in t.iter().enumerate() {
+                    let c = _mm512_set1_ps(*wt.get_unchecked(o * 9 + tap));
+                    a0 = _mm512_fmadd_ps(v[0], c, a0);
+                    a1 = _mm512_fmadd_ps(v[1], c, a1);
+                }
+                if let Some(b) = bias {
+                    let vb = _mm512_set1_ps(*b.get_unchecked(o));
+                    a0 = _mm512_add_ps(a0, vb);
+                    a1 = _mm512_add_ps(a1, vb);
+                }
+                if let Some((a, b)) = affine {
+                    let (va, vb) = (
+                        _mm512_set1_ps(*a.get_unchecked(o)),
+                        _mm512_set1_ps(*b.get_unchecked(o)),
+                    );
+                    a0 = _mm512_add_ps(_mm512_mul_ps(a0, va), vb);
+                    a1 = _mm512_add_ps(_mm512_mul_ps(a1, va), vb);
+                }
+                if relu {
+                    a0 = _mm512_max_ps(a0, zero);
+                    a1 = _mm512_max_ps(a1, zero);
+                }
+                let out = yp.add((o * h + i) * w);
+                _mm512_mask_storeu_ps(out, m0, a0);
+                if w > 16 {
+                    _mm512_mask_storeu_ps(out.add(16), m1, a1);
+                }
+            }
+        }
+    }
+
+    /// Per output channel o: out[o·10 + tap] = Σ dy·x over the image for each of the 9 taps, out[o·10 + 9] = Σ dy.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn wgrad_image(
+        pad: &[f32],
+        h: usize,
+        w: usize,
+        dy: &[f32],
+        k: usize,
+        out: &mut [f64],
+    ) {
+        let (m0, m1) = (mask(w), mask(w.saturating_sub(16)));
+        let zero = _mm512_setzero_ps();
+        let gp = dy.as_ptr();
+        for o in 0..k {
+            let mut acc = [zero; 10];
+            let mut bsum = _mm512_setzero_pd();
+            for i in 0..h {
+                let t = taps(pad, i, m0, m1);
+                let g = gp.add((o * h + i) * w);
+                let g0 = _mm512_maskz_loadu_ps(m0, g);
+                let g1 = _mm512_maskz_loadu_ps(m1, g.add(16.min(w)));
+                for (tap, v) in t.iter().enumerate() {
+                    acc[tap] = _mm512_fmadd_ps(v[0], g0, acc[tap]);
+                    acc[tap] = _mm512_fmadd_ps(v[1], g1, acc[tap]);
+                }
+                // the bias sum in f64 (exact for these f32 values up to f64 rounding)
+                let g = _mm512_add_pd(
+                    _mm512_add_pd(
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(g0)),
+                        _mm512_cvtps_pd(hi256(g0)),
+                    ),
+                    _mm512_add_pd(
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(g1)),
+                        _mm512_cvtps_pd(hi256(g1)),
+                    ),
+                );
+                bsum = _mm512_add_pd(bsum, g);
+            }
+            out[o * 10 + 9] += _mm512_reduce_add_pd(bsum);
+            for (j, a) in acc.iter().take(9).enumerate() {
+                // lanes to f64 before the horizontal sum
+                let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*a));
+                let hi = _mm512_cvtps_pd(hi256(*a));
+                out[o * 10 + j] += _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod x86 {
+    // The public entry points assert `available()`, which is false off x86-64.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn forward_image(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: &[f32],
+        _: Option<&[f32]>,
+        _: Option<(&[f32], &[f32])>,
+        _: bool,
+        _: &mut [f32],
+    ) {
+        unreachable!("needs AVX-512F")
+    }
+    pub unsafe fn wgrad_image(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: &mut [f64]) {
+        unreachable!("needs AVX-512F")
+    }
+    pub unsafe fn data_image(_: &[f32], _: usize, _: usize, _: &[f32], _: &mut [f32]) {
+        unreachable!("needs AVX-512F")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn matches_an_f64_direct_convolution() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(3);
+        for &(n, k, h, w) in &[
+            (3, 5, 28, 28),
+            (2, 3, 7, 9),
+            (1, 4, 1, 1),
+            (2, 2, 5, 32),
+            (3, 6, 4, 16),
+        ] {
+            let s = OneChannelShape { n, k, h, w };
+            let x: Vec<f32> = (0..n * h * w).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let wt: Vec<f32> = (0..k * 9).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let b: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let dy: Vec<f32> = (0..n * k * h * w).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let at = |img: usize, i: isize, j: isize| {
+                if i < 0 || j < 0 || i >= h as isize || j >= w as isize {
+                    0.0
+                } else {
+                    x[img * h * w + i as usize * w + j as usize] as f64
+                }
+            };
+            let mut y_ref = vec![0f64; n * k * h * w];
+            let mut dw_ref = vec![0f64; k * 9];
+            let mut db_ref = vec![0f64; k];
+            let mut dx_ref = vec![0f64; n * h * w];
+            for img in 0..n {
+                for o in 0..k {
+                    for i in 0..h {
+                        for j in 0..w {
+                            let yi = ((img * k + o) * h + i) * w + j;
+                            let mut v = b[o] as f64;
+                            for tap in 0..9 {
+                                let xv = at(
+                                    img,
+                                    i as isize + (tap / 3) as isize - 1,
+                                    j as isize + (tap % 3) as isize - 1,
+                                );
+                                v += wt[o * 9 + tap] as f64 * xv;
+                                dw_ref[o * 9 + tap] += dy[yi] as f64 * xv;
+                                let (ii, jj) = (
+                                    i as isize + (tap / 3) as isize - 1,
+                                    j as isize + (tap % 3) as isize - 1,
+                                );
+                                if ii >= 0 && jj >= 0 && ii < h as isize && jj < w as isize {
+                                    dx_ref[img * h * w + ii as usize * w + jj as usize] +=
+                                        dy[yi] as f64 * wt[o * 9 + tap] as f64;
+                                }
+                            }
+                            y_ref[yi] = v;
+                            db_ref[o] += dy[yi] as f64;
+                        }
+                    }
+                }
+            }
+            for relu in [false, true] {
+                let mut y = vec![f32::NAN; y_ref.len()];
+                forward(s, &x, &wt, Some(&b), None, relu, &mut y);
+                for (g, r) in y.iter().zip(&y_ref) {
+                    let r = if relu { r.max(0.0) } else { *r };
+                    assert!(
+                        (*g as f64 - r).abs() < 1e-5,
+                        "{s:?} relu {relu}: {g} vs {r}"
+                    );
+                }
+            }
+            let mut dw = vec![0.25f32; k * 9];
+            let mut db = vec![0f64; k];
+            backward_params(s, &x, &dy, &mut dw, Some(&mut db));
+            let scale = dw_ref.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            for (g, r) in dw.iter().zip(&dw_ref) {
+                assert!(
+                    (*g as f64 - 0.25 - r).abs() < 1e-5 * scale,
+                    "{s:?} dw: {g} vs {r}"
+                );
+            }
+            for (g, r) in db.iter().zip(&db_ref) {
+                assert!(
+                    (g - r).abs() < 1e-9 * r.abs().max(1.0),
+                    "{s:?} db: {g} vs {r}"
+                );
+            }
+            let mut dx = vec![f32::NAN; n * h * w];
+            backward_data(s, &dy, &wt, &mut dx);
+            for (g, r) in dx.iter().zip(&dx_ref) {
+                assert!((*g as f64 - r).abs() < 1e-5, "{s:?} dx: {g} vs {r}");
+            }
+        }
+    }
+}
