@@ -9,7 +9,7 @@
 use super::cont;
 use super::{map_into, stateless, zip_map_into, Layer};
 use crate::{Mode, NvError, Real, Result};
-use ndarray::{ArrayD, IxDyn};
+use ndarray::ArrayD;
 
 fn check_dy<T: Real>(layer: &'static str, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<()> {
     crate::norm::check_same_shape(layer, x.shape(), dy.shape())
@@ -127,8 +127,12 @@ impl<T: Real> Flatten<T> {
 }
 
 fn reshaped<T: Real>(a: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
-    let data = cont(a).into_owned();
-    ArrayD::from_shape_vec(IxDyn(shape), data).expect("same number of elements")
+    // into a buffer from the pool: a fresh allocation here page-faulted in eval (perf: clear_page_erms)
+    let mut y = super::arena::output(shape);
+    y.as_slice_mut()
+        .expect("fresh array")
+        .copy_from_slice(&cont(a));
+    y
 }
 
 impl<T: Real> Layer<T> for Flatten<T> {
