@@ -457,6 +457,13 @@ impl<T: Real> MaxPool2d<T> {
             let dxs = dx.as_slice_mut().expect("fresh array");
             let (w, ow) = (g.w, g.ow);
             let route = |(dxp, (gp, ip)): (&mut [T], (&[T], &[u32]))| {
+                if let (Some(df), Some(gf)) =
+                    (super::simd::as_f32_mut(dxp), super::simd::as_f32(gp))
+                {
+                    if max2x2_f32::available() {
+                        return max2x2_f32::plane_backward(gf, ip, w, g.h, g.oh, ow, df);
+                    }
+                }
                 for oi in 0..g.oh {
                     let base = 2 * oi * w;
                     let (r0, rest) = dxp[base..].split_at_mut(w);
@@ -552,9 +559,92 @@ mod max2x2_f32 {
         }
     }
 
+    /// dx of one plane (h × w, every element written) from dy and the argmax indices of `plane`: dy at its
+    /// window's argmax (as 0 + dy), zero elsewhere, including rows and columns outside every window.
+    pub fn plane_backward(
+        dy: &[f32],
+        ix: &[u32],
+        w: usize,
+        h: usize,
+        oh: usize,
+        ow: usize,
+        dx: &mut [f32],
+    ) {
+        assert!(available(), "AVX-512F");
+        assert!(
+            2 * ow <= w
+                && 2 * oh <= h
+                && dx.len() >= h * w
+                && dy.len() >= oh * ow
+                && ix.len() >= oh * ow
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is available; dy and ix reads are masked to ow values of rows < oh, dx writes to the
+        // 2·ow columns of rows < 2·oh (bounds asserted above); the rest is written by safe code.
+        unsafe {
+            x86::plane_backward(dy, ix, w, oh, ow, dx)
+        }
+        for r in 0..2 * oh {
+            dx[r * w + 2 * ow..(r + 1) * w].fill(0.0);
+        }
+        dx[2 * oh * w..h * w].fill(0.0);
+    }
+
     #[cfg(target_arch = "x86_64")]
     mod x86 {
         use std::arch::x86_64::*;
+
+        #[target_feature(enable = "avx512f")]
+        pub unsafe fn plane_backward(
+            dy: &[f32],
+            ix: &[u32],
+            w: usize,
+            oh: usize,
+            ow: usize,
+            dx: &mut [f32],
+        ) {
+            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let hi =
+                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            let iota2 =
+                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+            let zero = _mm512_setzero_ps();
+            let dp = dx.as_mut_ptr();
+            for oi in 0..oh {
+                let base = 2 * oi * w;
+                let mut oj = 0;
+                while oj < ow {
+                    let cnt = (ow - oj).min(16);
+                    let mo = mask(cnt);
+                    let v = _mm512_add_ps(
+                        zero,
+                        _mm512_maskz_loadu_ps(mo, dy.as_ptr().add(oi * ow + oj)),
+                    );
+                    let at =
+                        _mm512_maskz_loadu_epi32(mo, ix.as_ptr().add(oi * ow + oj) as *const _);
+                    // offset of the argmax inside its window: 0, 1, w or w + 1
+                    let off = _mm512_sub_epi32(
+                        at,
+                        _mm512_add_epi32(_mm512_set1_epi32((base + 2 * oj) as i32), iota2),
+                    );
+                    let pick = |o: i32| {
+                        _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, _mm512_set1_epi32(o)), v)
+                    };
+                    let (e0, o0) = (pick(0), pick(1));
+                    let (e1, o1) = (pick(w as i32), pick(w as i32 + 1));
+                    let cols = 2 * cnt;
+                    let (ml, mh) = (mask(cols), mask(cols.saturating_sub(16)));
+                    for (r, (e, o)) in [(e0, o0), (e1, o1)].into_iter().enumerate() {
+                        let p = dp.add(base + r * w + 2 * oj);
+                        _mm512_mask_storeu_ps(p, ml, _mm512_permutex2var_ps(e, lo, o));
+                        if cols > 16 {
+                            _mm512_mask_storeu_ps(p.add(16), mh, _mm512_permutex2var_ps(e, hi, o));
+                        }
+                    }
+                    oj += 16;
+                }
+            }
+        }
 
         #[inline(always)]
         fn mask(cnt: usize) -> __mmask16 {
@@ -626,6 +716,16 @@ mod max2x2_f32 {
     #[cfg(not(target_arch = "x86_64"))]
     mod x86 {
         pub unsafe fn plane(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32], _: &mut [u32]) {
+            unreachable!("AVX-512F only")
+        }
+        pub unsafe fn plane_backward(
+            _: &[f32],
+            _: &[u32],
+            _: usize,
+            _: usize,
+            _: usize,
+            _: &mut [f32],
+        ) {
             unreachable!("AVX-512F only")
         }
     }
@@ -943,6 +1043,72 @@ stateless!(MaxPool2d, AvgPool2d, GlobalAvgPool);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max2x2_forward_and_backward_route_to_the_first_maximum() {
+        // ties, NaN and -0 gradients, odd and wide planes (more than 16 outputs per row), 1 and 2 threads
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(9);
+        for &(n, c, h, w) in &[(2, 3, 7, 9), (1, 2, 28, 28), (2, 1, 6, 37), (3, 4, 14, 14)] {
+            let x = ArrayD::from_shape_fn(IxDyn(&[n, c, h, w]), |_| match rng.gen_range(0..20) {
+                0 => f32::NAN,
+                1..=6 => 1.0, // ties
+                _ => rng.gen::<f32>(),
+            });
+            let dy = ArrayD::from_shape_fn(IxDyn(&[n, c, h / 2, w / 2]), |_| {
+                match rng.gen_range(0..8) {
+                    0 => -0.0,
+                    _ => rng.gen::<f32>() - 0.5,
+                }
+            });
+            // reference: scalar argmax (first maximum in row-major window order; a NaN is taken and kept)
+            let (oh, ow) = (h / 2, w / 2);
+            let mut y_ref = vec![0f32; n * c * oh * ow];
+            let mut dx_ref = vec![0f32; n * c * h * w];
+            for p in 0..n * c {
+                for oi in 0..oh {
+                    for oj in 0..ow {
+                        let at = |r: usize, q: usize| p * h * w + (2 * oi + r) * w + 2 * oj + q;
+                        let xs = x.as_slice().unwrap();
+                        let mut best = at(0, 0);
+                        for (r, q) in [(0, 1), (1, 0), (1, 1)] {
+                            let v = xs[at(r, q)];
+                            if v > xs[best] || v.is_nan() {
+                                best = at(r, q);
+                            }
+                        }
+                        let o = (p * oh + oi) * ow + oj;
+                        y_ref[o] = xs[best];
+                        dx_ref[best] = 0.0 + dy.as_slice().unwrap()[o];
+                    }
+                }
+            }
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut mp = MaxPool2dConfig::new(2).build::<f32>().unwrap();
+                    let y = mp.forward(&x).unwrap();
+                    let dx = mp.backward(&x, &dy).unwrap();
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(y.as_slice().unwrap()),
+                        bits(&y_ref),
+                        "y {:?}",
+                        (n, c, h, w)
+                    );
+                    assert_eq!(
+                        bits(dx.as_slice().unwrap()),
+                        bits(&dx_ref),
+                        "dx {:?}",
+                        (n, c, h, w)
+                    );
+                });
+            }
+        }
+    }
 
     #[test]
     fn output_sizes_follow_pytorch() {
