@@ -989,6 +989,15 @@ impl<T: Real> Conv2d<T> {
             && simd::as_f32(self.weight.values()).is_some()
     }
 
+    /// Adds per-channel Σdy (f64) to the bias gradient, when the layer has a bias.
+    fn add_bias_grad(&mut self, db: Option<Vec<f64>>) {
+        if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
+            for (d, s) in b.grads_mut().iter_mut().zip(db) {
+                *d = *d + T::of_f64(s);
+            }
+        }
+    }
+
     /// The Winograd shape when this call takes the Winograd path (see [`Conv2d::winograd`]).
     fn winograd_shape(&self, g: &Geom) -> Option<super::winograd::WinoShape> {
         let eligible = self.winograd
@@ -1324,11 +1333,7 @@ impl<T: Real> Conv2d<T> {
                 simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32"),
                 db.as_deref_mut(),
             );
-            if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
-                for (d, s) in b.grads_mut().iter_mut().zip(db) {
-                    *d = *d + T::of_f64(s);
-                }
-            }
+            self.add_bias_grad(db);
             return Ok(());
         }
         if let Some(os) = self.one_channel_shape(&g) {
@@ -1347,11 +1352,7 @@ impl<T: Real> Conv2d<T> {
             let grad =
                 simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32");
             super::conv_one_channel::backward_params(os, f(&xs), f(&gs), grad, db.as_deref_mut());
-            if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
-                for (d, s) in b.grads_mut().iter_mut().zip(db) {
-                    *d = *d + T::of_f64(s);
-                }
-            }
+            self.add_bias_grad(db);
             return Ok(());
         }
         let (chunks, per) = self.split(g.n);

@@ -21,6 +21,18 @@ pub struct OneChannelShape {
     pub w: usize,
 }
 
+impl OneChannelShape {
+    /// (H·W, K), after checking that the kernels can run and that a row fits their two vectors.
+    fn checked(&self) -> (usize, usize) {
+        assert!(available(), "needs AVX-512F");
+        assert!(
+            self.w <= MAX_WIDTH && self.w > 0 && self.h > 0,
+            "width 1..={MAX_WIDTH}"
+        );
+        (self.h * self.w, self.k)
+    }
+}
+
 /// Whether the kernels can run here (AVX-512F).
 pub fn available() -> bool {
     simd::available()
@@ -41,12 +53,7 @@ pub fn forward(
     relu: bool,
     y: &mut [f32],
 ) {
-    assert!(available(), "needs AVX-512F");
-    assert!(
-        s.w <= MAX_WIDTH && s.w > 0 && s.h > 0,
-        "width 1..={MAX_WIDTH}"
-    );
-    let (hw, k) = (s.h * s.w, s.k);
+    let (hw, k) = s.checked();
     assert_eq!(x.len(), s.n * hw, "input length");
     assert_eq!(y.len(), s.n * k * hw, "output length");
     assert_eq!(w.len(), k * 9, "weight length");
@@ -81,12 +88,7 @@ pub fn backward_params(
     dw: &mut [f32],
     db: Option<&mut [f64]>,
 ) {
-    assert!(available(), "needs AVX-512F");
-    assert!(
-        s.w <= MAX_WIDTH && s.w > 0 && s.h > 0,
-        "width 1..={MAX_WIDTH}"
-    );
-    let (hw, k) = (s.h * s.w, s.k);
+    let (hw, k) = s.checked();
     assert_eq!(x.len(), s.n * hw, "input length");
     assert_eq!(dy.len(), s.n * k * hw, "dy length");
     assert_eq!(dw.len(), k * 9, "dweight length");
@@ -123,12 +125,7 @@ pub fn backward_params(
 
 /// The input gradient: `dx (N, 1, H, W)` (every element written) from `dy (N, K, H, W)` and `w (K, 1, 3, 3)`.
 pub fn backward_data(s: OneChannelShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
-    assert!(available(), "needs AVX-512F");
-    assert!(
-        s.w <= MAX_WIDTH && s.w > 0 && s.h > 0,
-        "width 1..={MAX_WIDTH}"
-    );
-    let (hw, k) = (s.h * s.w, s.k);
+    let (hw, k) = s.checked();
     assert_eq!(dy.len(), s.n * k * hw, "dy length");
     assert_eq!(dx.len(), s.n * hw, "dx length");
     assert_eq!(w.len(), k * 9, "weight length");
@@ -167,14 +164,7 @@ mod x86 {
     use super::MAX_WIDTH;
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    fn mask(cnt: usize) -> __mmask16 {
-        if cnt >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << cnt) - 1) as __mmask16
-        }
-    }
+    use crate::nn::simd::lane_mask as mask;
 
     /// The upper 8 lanes of a 16-lane vector.
     #[inline(always)]

@@ -56,6 +56,33 @@ pub struct Linear<T: Real = f32> {
 /// Multiply-adds above which a GEMM uses all threads.
 const PAR_FLOPS: usize = 1 << 18;
 
+/// `c (m×n) [+]= a (m×k) · op(b)` with the rows of a and c split between the threads, each part a sequential
+/// product (`gemm`'s own parallel split was slower than one thread for the 128×3136 · 3136×128 products of the
+/// reference CNN); sequential when the product is small.
+#[allow(clippy::too_many_arguments)]
+fn matmul_split_rows<T: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    b: &[T],
+    op_b: Op,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    let threads = rayon::current_num_threads();
+    if matches!(par_for(m, n, k), Par::Seq) || threads < 2 || m < 2 * threads {
+        return matmul(m, n, k, a, Op::N, b, op_b, c, accumulate, Par::Seq);
+    }
+    let rows = m.div_ceil(threads);
+    c.par_chunks_mut(rows * n)
+        .zip(a.par_chunks(rows * k))
+        .for_each(|(cc, ac)| {
+            let r = ac.len() / k;
+            matmul(r, n, k, ac, Op::N, b, op_b, cc, accumulate, Par::Seq);
+        });
+}
+
 fn par_for(m: usize, n: usize, k: usize) -> Par {
     if m * n * k >= PAR_FLOPS {
         Par::all()
@@ -147,20 +174,8 @@ impl<T: Real> Linear<T> {
         // y (m×n) = x (m×k) · Wᵀ, W stored (n×k). With several threads the rows are split between them,
         // each a sequential product: `gemm`'s own parallel split was slower than one thread here (3136→128 at
         // batch 128, 2 threads: 1.6–2.0 ms against 1.2 ms sequential, `bench --profile`).
-        let w = self.weight.values();
         let acc = self.bias.is_some();
-        let threads = rayon::current_num_threads();
-        if matches!(par_for(m, n, k), Par::Seq) || threads < 2 || m < 2 * threads {
-            matmul(m, n, k, &xs, Op::N, w, Op::T, y, acc, Par::Seq);
-        } else {
-            let rows = m.div_ceil(threads);
-            y.par_chunks_mut(rows * n)
-                .zip(xs.par_chunks(rows * k))
-                .for_each(|(yc, xc)| {
-                    let r = xc.len() / k;
-                    matmul(r, n, k, xc, Op::N, w, Op::T, yc, acc, Par::Seq);
-                });
-        }
+        matmul_split_rows(m, n, k, &xs, self.weight.values(), Op::T, y, acc);
         Ok(())
     }
 
@@ -228,19 +243,7 @@ impl<T: Real> Linear<T> {
         );
         if let Some(dx) = dx {
             // dx (m×k) = dy (m×n) · W (n×k), rows split between threads as in the forward.
-            let w = self.weight.values();
-            let threads = rayon::current_num_threads();
-            if matches!(par_for(m, n, k), Par::Seq) || threads < 2 || m < 2 * threads {
-                matmul(m, k, n, &gs, Op::N, w, Op::N, dx, false, Par::Seq);
-            } else {
-                let rows = m.div_ceil(threads);
-                dx.par_chunks_mut(rows * k)
-                    .zip(gs.par_chunks(rows * n))
-                    .for_each(|(dc, gc)| {
-                        let r = gc.len() / n;
-                        matmul(r, k, n, gc, Op::N, w, Op::N, dc, false, Par::Seq);
-                    });
-            }
+            matmul_split_rows(m, k, n, &gs, self.weight.values(), Op::N, dx, false);
         }
         Ok(())
     }

@@ -603,9 +603,6 @@ mod max2x2_f32 {
             ow: usize,
             dx: &mut [f32],
         ) {
-            let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-            let hi =
-                _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
             let iota2 =
                 _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
             let zero = _mm512_setzero_ps();
@@ -632,28 +629,20 @@ mod max2x2_f32 {
                     };
                     let (e0, o0) = (pick(0), pick(1));
                     let (e1, o1) = (pick(w as i32), pick(w as i32 + 1));
-                    let cols = 2 * cnt;
-                    let (ml, mh) = (mask(cols), mask(cols.saturating_sub(16)));
                     for (r, (e, o)) in [(e0, o0), (e1, o1)].into_iter().enumerate() {
-                        let p = dp.add(base + r * w + 2 * oj);
-                        _mm512_mask_storeu_ps(p, ml, _mm512_permutex2var_ps(e, lo, o));
-                        if cols > 16 {
-                            _mm512_mask_storeu_ps(p.add(16), mh, _mm512_permutex2var_ps(e, hi, o));
-                        }
+                        crate::nn::simd::store_interleaved(
+                            dp.add(base + r * w + 2 * oj),
+                            e,
+                            o,
+                            2 * cnt,
+                        );
                     }
                     oj += 16;
                 }
             }
         }
 
-        #[inline(always)]
-        fn mask(cnt: usize) -> __mmask16 {
-            if cnt >= 16 {
-                0xFFFF
-            } else {
-                ((1u32 << cnt) - 1) as __mmask16
-            }
-        }
+        use crate::nn::simd::lane_mask as mask;
 
         #[target_feature(enable = "avx512f")]
         pub unsafe fn plane(

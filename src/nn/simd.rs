@@ -20,6 +20,45 @@
 /// Rows of an A panel of [`gemm_nn`].
 pub const MR: usize = 8;
 
+/// The mask of the first `cnt` lanes of a 16-lane vector (all of them for `cnt >= 16`): the tails of the
+/// project's AVX-512 kernels (GEMM, Winograd, pooling, the single-channel convolution).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn lane_mask(cnt: usize) -> std::arch::x86_64::__mmask16 {
+    if cnt >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << cnt) - 1) as std::arch::x86_64::__mmask16
+    }
+}
+
+/// Stores the first `count` (at most 32) values of the interleaving `a[0], b[0], a[1], b[1], …` at `p`: the
+/// even/odd column merge of the Winograd output and data-gradient transforms and of the max-pool backward.
+///
+/// # Safety
+/// AVX-512F must be available, and `p..p + count` must be valid for writes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn store_interleaved(
+    p: *mut f32,
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+    count: usize,
+) {
+    use std::arch::x86_64::*;
+    let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    _mm512_mask_storeu_ps(p, lane_mask(count), _mm512_permutex2var_ps(a, lo, b));
+    if count > 16 {
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        _mm512_mask_storeu_ps(
+            p.add(16),
+            lane_mask(count - 16),
+            _mm512_permutex2var_ps(a, hi, b),
+        );
+    }
+}
+
 /// Whether the kernels can run on this CPU (AVX-512F, checked once).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -247,14 +286,7 @@ mod x86 {
     /// Columns of the gemm_nn register tile (3 vectors).
     const NR: usize = 48;
 
-    #[inline(always)]
-    fn tail_mask(cols: usize) -> __mmask16 {
-        if cols >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << cols) - 1) as __mmask16
-        }
-    }
+    use super::lane_mask as tail_mask;
 
     /// One 8×(16·NV) tile over the whole reduction; the last vector of each row is masked by `last`.
     #[target_feature(enable = "avx512f")]

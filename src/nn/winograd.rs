@@ -458,9 +458,6 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Lane indices of `_mm512_permutex2var_ps` that interleave a (lanes 0-15) and b (16-31): low and high half.
-    const LO: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
-    const HI: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
     /// Even and odd lanes of the 32-lane pair (a, b).
     const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
     const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
@@ -619,7 +616,6 @@ mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn merge(a: &[f32], b: &[f32], out: &mut [f32]) {
         let w = out.len();
-        let (lo, hi) = (idx(&LO), idx(&HI));
         let op = out.as_mut_ptr();
         let mut m0 = 0;
         while 2 * m0 < w {
@@ -632,26 +628,12 @@ mod x86 {
                 b.as_ptr().add(m0.min(b.len())),
             );
             let s0 = 2 * m0;
-            _mm512_mask_storeu_ps(op.add(s0), mask(w - s0), _mm512_permutex2var_ps(va, lo, vb));
-            if s0 + 16 < w {
-                _mm512_mask_storeu_ps(
-                    op.add(s0 + 16),
-                    mask(w - s0 - 16),
-                    _mm512_permutex2var_ps(va, hi, vb),
-                );
-            }
+            store_interleaved(op.add(s0), va, vb, (w - s0).min(32));
             m0 += 16;
         }
     }
 
-    #[inline(always)]
-    fn mask(cnt: usize) -> __mmask16 {
-        if cnt >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << cnt) - 1) as __mmask16
-        }
-    }
+    use crate::nn::simd::{lane_mask as mask, store_interleaved};
 
     /// Input tiles of one plane from its even/odd padded rows (`wl` values each, row r at `rows[r·2·wl..]`,
     /// odd half after the even one); output p goes to `v[p·pstride + dst + i·tw + j]`.
@@ -727,7 +709,6 @@ mod x86 {
         let yp = plane.as_mut_ptr();
         let vb = _mm512_set1_ps(b);
         let zero = _mm512_setzero_ps();
-        let (lo, hi) = (idx(&LO), idx(&HI));
         for i in 0..th {
             let mut j0 = 0;
             while j0 < tw {
@@ -767,15 +748,7 @@ mod x86 {
                         y0 = _mm512_max_ps(y0, zero);
                         y1 = _mm512_max_ps(y1, zero);
                     }
-                    let out = yp.add(row * w + 2 * j0);
-                    _mm512_mask_storeu_ps(out, mask(ncols), _mm512_permutex2var_ps(y0, lo, y1));
-                    if ncols > 16 {
-                        _mm512_mask_storeu_ps(
-                            out.add(16),
-                            mask(ncols - 16),
-                            _mm512_permutex2var_ps(y0, hi, y1),
-                        );
-                    }
+                    store_interleaved(yp.add(row * w + 2 * j0), y0, y1, ncols);
                 }
                 j0 += 16;
             }
