@@ -122,13 +122,32 @@ fn pack_weights(u: &[f32], k: usize, c: usize, transposed: bool) -> (Vec<f32>, u
     (out, plen)
 }
 
-/// Per-task scratch: transformed tiles and the even/odd row buffers of one plane.
+/// Per-thread scratch: transformed tiles and the even/odd row buffers of one plane.
 #[derive(Default)]
 struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
     rows: Vec<f32>,
+}
+
+std::thread_local! {
+    /// Each worker thread keeps its scratch across chunks, calls and layers: the buffers (up to a few MB) are
+    /// allocated and zero-filled once per thread instead of once per task and call. The transforms and GEMMs
+    /// overwrite every value they read back, so stale contents are never seen.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch. `f` must not re-enter (it runs no rayon work of its own).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|sc| f(&mut sc.borrow_mut()))
+}
+
+/// Grows `v` to at least `len` values (never shrinks it, so a buffer reaches its largest size once).
+fn at_least(v: &mut Vec<f32>, len: usize) {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
 }
 
 /// Forward: `y (N, K, H, W) = conv3x3(x (N, C, H, W), w (K, C, 3, 3)) (+ bias)`, then max(·, 0) when `relu`.
@@ -185,26 +204,28 @@ pub fn forward_affine(
     let (is, os) = (s.in_size(), s.out_size());
     x.par_chunks(nb * is)
         .zip(y.par_chunks_mut(nb * os))
-        .for_each_init(Scratch::default, |sc, (xc, yc)| {
-            let imgs = xc.len() / is;
-            let t = imgs * s.tiles();
-            sc.a.resize(16 * s.c * t, 0.0);
-            sc.b.resize(16 * s.k * t, 0.0);
-            input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
-            for p in 0..16 {
-                simd::gemm_nn(
-                    s.k,
-                    t,
-                    s.c,
-                    &packed[p * plen..(p + 1) * plen],
-                    &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                    t,
-                    &mut sc.b[p * s.k * t..(p + 1) * s.k * t],
-                    t,
-                    false,
-                );
-            }
-            output_transform(&s, &sc.b, imgs, bias, affine, relu, yc);
+        .for_each(|(xc, yc)| {
+            with_scratch(|sc| {
+                let imgs = xc.len() / is;
+                let t = imgs * s.tiles();
+                at_least(&mut sc.a, 16 * s.c * t);
+                at_least(&mut sc.b, 16 * s.k * t);
+                input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
+                for p in 0..16 {
+                    simd::gemm_nn(
+                        s.k,
+                        t,
+                        s.c,
+                        &packed[p * plen..(p + 1) * plen],
+                        &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                        t,
+                        &mut sc.b[p * s.k * t..(p + 1) * s.k * t],
+                        t,
+                        false,
+                    );
+                }
+                output_transform(&s, &sc.b, imgs, bias, affine, relu, yc);
+            })
         });
 }
 
@@ -265,59 +286,60 @@ pub fn backward(
         .map(|(gi, group)| {
             let mut du = vec![0f32; ulen];
             let mut dbp = vec![0f64; s.k];
-            let mut sc = Scratch::default();
-            for (j, dxc) in group.iter_mut().enumerate() {
-                let ci = gi * per_group + j;
-                let i0 = ci * nb;
-                let imgs = nb.min(s.n - i0);
-                let t = imgs * s.tiles();
-                let xc = &x[i0 * is..(i0 + imgs) * is];
-                let gc = &dy[i0 * os..(i0 + imgs) * os];
-                sc.a.resize(16 * s.c * t, 0.0); // V
-                sc.b.resize(16 * s.k * t, 0.0); // dM
-                input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
-                dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
-                // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
-                // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
-                // horizontally after only T/16 steps
-                for p in 0..16 {
-                    super::matmul::matmul(
-                        s.k,
-                        s.c,
-                        t,
-                        &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                        super::matmul::Op::N,
-                        &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                        super::matmul::Op::T,
-                        &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
-                        true,
-                        super::matmul::Par::Seq,
-                    );
-                }
-                if want_db {
-                    let plane = s.h * s.w;
-                    for (o, d) in gc.chunks_exact(plane).enumerate() {
-                        dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
-                    }
-                }
-                if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
-                    sc.c.resize(16 * s.c * t, 0.0); // dV
+            with_scratch(|sc| {
+                for (j, dxc) in group.iter_mut().enumerate() {
+                    let ci = gi * per_group + j;
+                    let i0 = ci * nb;
+                    let imgs = nb.min(s.n - i0);
+                    let t = imgs * s.tiles();
+                    let xc = &x[i0 * is..(i0 + imgs) * is];
+                    let gc = &dy[i0 * os..(i0 + imgs) * os];
+                    at_least(&mut sc.a, 16 * s.c * t); // V
+                    at_least(&mut sc.b, 16 * s.k * t); // dM
+                    input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
+                    dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
+                    // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
+                    // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
+                    // horizontally after only T/16 steps
                     for p in 0..16 {
-                        simd::gemm_nn(
+                        super::matmul::matmul(
+                            s.k,
                             s.c,
                             t,
-                            s.k,
-                            &packed[p * plen..(p + 1) * plen],
                             &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                            t,
-                            &mut sc.c[p * s.c * t..(p + 1) * s.c * t],
-                            t,
-                            false,
+                            super::matmul::Op::N,
+                            &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                            super::matmul::Op::T,
+                            &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
+                            true,
+                            super::matmul::Par::Seq,
                         );
                     }
-                    input_adjoint(&s, &sc.c, imgs, dxc, &mut sc.rows);
+                    if want_db {
+                        let plane = s.h * s.w;
+                        for (o, d) in gc.chunks_exact(plane).enumerate() {
+                            dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
+                        }
+                    }
+                    if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
+                        at_least(&mut sc.c, 16 * s.c * t); // dV
+                        for p in 0..16 {
+                            simd::gemm_nn(
+                                s.c,
+                                t,
+                                s.k,
+                                &packed[p * plen..(p + 1) * plen],
+                                &sc.b[p * s.k * t..(p + 1) * s.k * t],
+                                t,
+                                &mut sc.c[p * s.c * t..(p + 1) * s.c * t],
+                                t,
+                                false,
+                            );
+                        }
+                        input_adjoint(&s, &sc.c, imgs, dxc, &mut sc.rows);
+                    }
                 }
-            }
+            });
             (du, dbp)
         })
         .collect();
