@@ -60,7 +60,8 @@ impl Sequential {
 
     /// An eval-mode forward for inference (no backward may follow it): a convolution followed by a BatchNorm
     /// whose eval forward is a per-channel affine ([`Layer::eval_affine_exact`]) runs as one layer, the affine
-    /// (and the fused ReLU) applied in the convolution's output pass. The result is bitwise that of
+    /// (and the fused ReLU) applied in the convolution's output pass; when a 2×2 max pool follows the ReLU
+    /// and the convolution takes the Winograd path, the pool is applied in that pass too. The result is bitwise that of
     /// `forward(x, Mode::Eval)`; it saves one pass over each such activation. Only top-level pairs are fused.
     pub fn forward_inference(&mut self, x: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         for a in self.outs.drain(..) {
@@ -78,17 +79,31 @@ impl Sequential {
                 .layers
                 .get(i + 1)
                 .and_then(|(_, next)| next.eval_affine_exact());
+            let pool_next = self
+                .layers
+                .get(i + 2)
+                .is_some_and(|(_, next)| next.is_max_pool_2x2());
             let mut step = 1;
             let mut fused = None;
             let (name, layer) = &mut self.layers[i];
             if let (Some((a, b, relu)), Some(conv)) = (exact, layer.as_conv_mut()) {
-                fused = conv
-                    .forward_affine(input, &a, &b, relu)
-                    .map_err(|e| annotate(name, e))?;
+                // conv + BN + ReLU + 2×2 max pool in one pass where the convolution can, else conv + BN(+ReLU)
+                if relu && pool_next {
+                    fused = conv
+                        .forward_affine_relu_maxpool(input, &a, &b)
+                        .map_err(|e| annotate(name, e))?
+                        .map(|y| (y, 3));
+                }
+                if fused.is_none() {
+                    fused = conv
+                        .forward_affine(input, &a, &b, relu)
+                        .map_err(|e| annotate(name, e))?
+                        .map(|y| (y, 2));
+                }
             }
             let y = match fused {
-                Some(y) => {
-                    step = 2;
+                Some((y, n)) => {
+                    step = n;
                     y
                 }
                 None => {

@@ -1268,6 +1268,38 @@ impl<T: Real> Conv2d<T> {
         Ok(Some(y))
     }
 
+    /// [`Conv2d::forward_affine`] with ReLU, then a 2×2, stride-2 max pool, in one pass (inference): `None`
+    /// unless this call takes the Winograd path and the output's height and width are even. The result is
+    /// bitwise that of the convolution, an eval BatchNorm+ReLU and [`super::MaxPool2d`] run one after another.
+    pub fn forward_affine_relu_maxpool(
+        &mut self,
+        x: &ArrayD<T>,
+        a: &[T],
+        b: &[T],
+    ) -> Result<Option<ArrayD<T>>> {
+        let g = self.geom(x.shape())?;
+        let Some(ws) = self.winograd_shape(&g) else {
+            return Ok(None);
+        };
+        if self.relu_out
+            || a.len() != g.o
+            || b.len() != g.o
+            || !g.oh.is_multiple_of(2)
+            || !g.ow.is_multiple_of(2)
+        {
+            return Ok(None);
+        }
+        let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh / 2, g.ow / 2]);
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let f = |s| simd::as_f32(s).expect("f32");
+        let (xf, wf) = (f(&xs), f(self.weight.values()));
+        let bias = self.bias.as_ref().map(|b| f(b.values()));
+        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
+        super::winograd::forward_affine_relu_maxpool(ws, xf, wf, bias, Some((f(a), f(b))), yf);
+        Ok(Some(y))
+    }
+
     /// Backward pass: returns dx and accumulates dweight, dbias.
     pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
         let mut dx = super::arena::output(x.shape());

@@ -69,6 +69,11 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
         None
     }
+    /// Whether the layer is a 2×2, stride-2 max pool without padding, dilation or ceil mode (which fused
+    /// inference can apply inside a convolution's output pass).
+    fn is_max_pool_2x2(&self) -> bool {
+        false
+    }
 }
 
 /// A size given either once for both spatial dimensions (`3`) or per dimension (`(3, 5)`), as in PyTorch.

@@ -525,6 +525,14 @@ impl<T: Real> Layer<T> for MaxPool2d<T> {
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         MaxPool2d::backward(self, x, dy)
     }
+    fn is_max_pool_2x2(&self) -> bool {
+        let c = &self.cfg;
+        c.kernel_size == (2, 2)
+            && c.stride.unwrap_or(c.kernel_size) == (2, 2)
+            && c.padding == (0, 0)
+            && c.dilation == (1, 1)
+            && !c.ceil_mode
+    }
     fn name(&self) -> String {
         let c = &self.cfg;
         format!(

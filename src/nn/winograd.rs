@@ -175,9 +175,43 @@ pub fn forward_affine(
     relu: bool,
     y: &mut [f32],
 ) {
+    forward_impl(s, x, w, bias, affine, relu, false, y)
+}
+
+/// [`forward_affine`] with ReLU, followed in the same output pass by a 2×2, stride-2 max pool: `y` is
+/// (N, K, H/2, W/2). Every F(2×2, 3×3) output tile is one pooling window, so the full-size output is never
+/// written. After the ReLU (`max(·, +0)`) no value is NaN or -0, so the pooled maximum is bitwise what
+/// [`crate::nn::MaxPool2d`] returns on the unpooled output. Panics unless H and W are even.
+pub fn forward_affine_relu_maxpool(
+    s: WinoShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    y: &mut [f32],
+) {
+    assert!(
+        s.h.is_multiple_of(2) && s.w.is_multiple_of(2),
+        "fused 2×2 max pool needs even H and W"
+    );
+    forward_impl(s, x, w, bias, affine, true, true, y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl(
+    s: WinoShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    pool: bool,
+    y: &mut [f32],
+) {
     assert!(available(), "Winograd kernels need AVX-512F");
     assert_eq!(x.len(), s.n * s.in_size(), "input length");
-    assert_eq!(y.len(), s.n * s.out_size(), "output length");
+    let os = if pool { s.out_size() / 4 } else { s.out_size() };
+    assert_eq!(y.len(), s.n * os, "output length");
     if let Some(b) = bias {
         assert_eq!(b.len(), s.k, "bias length");
     }
@@ -188,8 +222,9 @@ pub fn forward_affine(
         return;
     }
     if s.c == 0 {
+        let plane = if pool { s.h * s.w / 4 } else { s.h * s.w };
         for (o, v) in y.iter_mut().enumerate() {
-            let k = (o / (s.h * s.w)) % s.k;
+            let k = (o / plane) % s.k;
             let mut t = 0.0 + bias.map_or(0.0, |b| b[k]);
             if let Some((a, b)) = affine {
                 t = t * a[k] + b[k];
@@ -201,7 +236,7 @@ pub fn forward_affine(
     let u = transform_weights(w, s.k, s.c);
     let (packed, plen) = pack_weights(&u, s.k, s.c, false);
     let nb = s.per_chunk();
-    let (is, os) = (s.in_size(), s.out_size());
+    let is = s.in_size();
     x.par_chunks(nb * is)
         .zip(y.par_chunks_mut(nb * os))
         .for_each(|(xc, yc)| {
@@ -224,7 +259,7 @@ pub fn forward_affine(
                         false,
                     );
                 }
-                output_transform(&s, &sc.b, imgs, bias, affine, relu, yc);
+                output_transform(&s, &sc.b, imgs, bias, affine, relu, pool, yc);
             })
         });
 }
@@ -409,7 +444,9 @@ fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &
     }
 }
 
-/// y = Aᵀ M A for every tile (Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]), plus bias, then ReLU when `relu`.
+/// y = Aᵀ M A for every tile (Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]), plus bias, then ReLU when `relu`; with
+/// `pool` (even H and W, ReLU on), each tile's maximum instead (a 2×2, stride-2 max pool, planes of H/2 × W/2).
+#[allow(clippy::too_many_arguments)]
 fn output_transform(
     s: &WinoShape,
     m: &[f32],
@@ -417,21 +454,26 @@ fn output_transform(
     bias: Option<&[f32]>,
     affine: Option<(&[f32], &[f32])>,
     relu: bool,
+    pool: bool,
     y: &mut [f32],
 ) {
     let (h, w, k) = (s.h, s.w, s.k);
     let (th, tw) = (s.th(), s.tw());
     let t_all = imgs * th * tw;
-    assert!(y.len() >= imgs * k * h * w && m.len() >= 16 * k * t_all);
+    let psize = if pool { th * tw } else { h * w };
+    assert!(!pool || (relu && h.is_multiple_of(2) && w.is_multiple_of(2)));
+    assert!(y.len() >= imgs * k * psize && m.len() >= 16 * k * t_all);
     for img in 0..imgs {
         for kk in 0..k {
-            let plane = &mut y[(img * k + kk) * h * w..(img * k + kk + 1) * h * w];
+            let plane = &mut y[(img * k + kk) * psize..(img * k + kk + 1) * psize];
             let b = bias.map_or(0.0, |b| b[kk]);
             let aff = affine.map(|(a, bb)| (a[kk], bb[kk]));
             let src = kk * t_all + img * th * tw;
             // SAFETY: AVX-512F is available; tile loads are within the 16 planes of M (masked to j < tw),
             // stores are masked to the plane's h rows and w columns.
-            unsafe { x86::output_tiles(m, k * t_all, src, th, tw, h, w, b, aff, relu, plane) };
+            unsafe {
+                x86::output_tiles(m, k * t_all, src, th, tw, h, w, b, aff, relu, pool, plane)
+            };
         }
     }
 }
@@ -721,6 +763,7 @@ mod x86 {
         b: f32,
         affine: Option<(f32, f32)>,
         relu: bool,
+        pool: bool,
         plane: &mut [f32],
     ) {
         let (va, vab) = match affine {
@@ -753,6 +796,7 @@ mod x86 {
                     )
                 };
                 let ncols = (w - 2 * j0).min(2 * cnt);
+                let mut pooled = zero;
                 for (a, s) in [s0, s1].iter().enumerate() {
                     let row = 2 * i + a;
                     if row >= h {
@@ -770,7 +814,15 @@ mod x86 {
                         y0 = _mm512_max_ps(y0, zero);
                         y1 = _mm512_max_ps(y1, zero);
                     }
-                    store_interleaved(yp.add(row * w + 2 * j0), y0, y1, ncols);
+                    if pool {
+                        // after the ReLU every value is +0 or positive, so the maximum is exact in any order
+                        pooled = _mm512_max_ps(pooled, _mm512_max_ps(y0, y1));
+                    } else {
+                        store_interleaved(yp.add(row * w + 2 * j0), y0, y1, ncols);
+                    }
+                }
+                if pool {
+                    _mm512_mask_storeu_ps(yp.add(i * tw + j0), mk, pooled);
                 }
                 j0 += 16;
             }
@@ -999,6 +1051,7 @@ mod x86 {
         _: f32,
         _: Option<(f32, f32)>,
         _: bool,
+        _: bool,
         _: &mut [f32],
     ) {
         unreachable!("Winograd kernels need AVX-512F")
@@ -1066,6 +1119,68 @@ mod tests {
 
     fn max_abs(v: &[f64]) -> f64 {
         v.iter().fold(0.0, |m, x| m.max(x.abs()))
+    }
+
+    #[test]
+    fn fused_max_pool_is_bitwise_the_pool_of_the_unpooled_output() {
+        if !available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(9);
+        // even sizes only; tile rows of 1, 3, 14, 17 and 20 lanes (partial and full vectors), partial chunks
+        for &(n, c, k, h, w) in &[
+            (3, 8, 16, 28, 28),
+            (5, 9, 3, 6, 2),
+            (2, 16, 8, 4, 34),
+            (4, 8, 24, 14, 14),
+            (1, 8, 8, 2, 40),
+            (3, 8, 4, 2, 6),
+        ] {
+            let s = WinoShape { n, c, k, h, w };
+            let x: Vec<f32> = (0..n * c * h * w)
+                .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
+                .collect();
+            let wt: Vec<f32> = (0..k * c * 9)
+                .map(|_| rng.gen::<f32>() * 0.6 - 0.3)
+                .collect();
+            let bias: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            // some channels scaled to zero or negated, so whole windows are clamped by the ReLU
+            let a: Vec<f32> = (0..k).map(|i| [1.5, 0.0, -0.7, 0.3][i % 4]).collect();
+            let b: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            for threads in [1, 2] {
+                let tp = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                tp.install(|| {
+                    let mut full = vec![f32::NAN; n * k * h * w];
+                    forward_affine(s, &x, &wt, Some(&bias), Some((&a, &b)), true, &mut full);
+                    let (oh, ow) = (h / 2, w / 2);
+                    let mut want = vec![0f32; n * k * oh * ow];
+                    for p in 0..n * k {
+                        for i in 0..oh {
+                            for j in 0..ow {
+                                let at = |r: usize, q: usize| full[p * h * w + r * w + q];
+                                let m = [
+                                    at(2 * i, 2 * j + 1),
+                                    at(2 * i + 1, 2 * j),
+                                    at(2 * i + 1, 2 * j + 1),
+                                ]
+                                .iter()
+                                .fold(at(2 * i, 2 * j), |m, &v| if v > m { v } else { m });
+                                want[(p * oh + i) * ow + j] = m;
+                            }
+                        }
+                    }
+                    let mut got = vec![f32::NAN; want.len()];
+                    forward_affine_relu_maxpool(s, &x, &wt, Some(&bias), Some((&a, &b)), &mut got);
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(g.to_bits(), w.to_bits(), "{s:?} [{i}]: {g} vs {w}");
+                    }
+                });
+            }
+        }
     }
 
     #[test]
