@@ -75,6 +75,17 @@ impl Layer<f32> for NormAdapter {
     fn eval_affine_exact(&self) -> Option<(Vec<f32>, Vec<f32>, bool)> {
         self.0.eval_affine_exact()
     }
+    fn forward_maxpool(&mut self, x: &ArrayD<f32>, mode: Mode) -> Result<Option<ArrayD<f32>>> {
+        self.0.forward_maxpool(x, mode)
+    }
+    fn backward_maxpool(
+        &mut self,
+        x: &ArrayD<f32>,
+        dy: &ArrayD<f32>,
+        mode: Mode,
+    ) -> Result<ArrayD<f32>> {
+        self.0.backward_maxpool(x, dy, mode)
+    }
 }
 
 impl Stateful<f32> for NormAdapter {

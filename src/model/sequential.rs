@@ -16,6 +16,9 @@ pub struct Sequential {
     /// Per-layer wall-clock seconds (forward, backward) summed since [`Sequential::enable_timing`]; `None` when
     /// timing is off (the default: no clock reads on the hot path).
     times: Option<Vec<[f64; 2]>>,
+    /// `pooled[i]`: in the last forward, child i ran fused with the 2×2 max pool after it
+    /// ([`Layer::forward_maxpool`]); `outs[i]` is then an empty placeholder and child i + 1 did not run.
+    pooled: Vec<bool>,
 }
 
 impl Sequential {
@@ -67,6 +70,7 @@ impl Sequential {
         for a in self.outs.drain(..) {
             arena::recycle(a);
         }
+        self.pooled.clear();
         // Only the latest activation is kept: each goes back to the buffer pool as soon as the next layer has
         // consumed it, so the next layer of its size reuses a buffer that is still warm in cache. No
         // activations stay behind, so a backward after this reports that it has no saved state.
@@ -181,11 +185,19 @@ impl Sequential {
         };
         let mut g: Option<ArrayD<f32>> = None;
         for i in (first..self.layers.len()).rev() {
+            if i > 0 && self.pooled.get(i - 1) == Some(&true) {
+                continue; // this max pool ran inside child i - 1, whose backward takes the pooled gradient
+            }
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
             let input = if i == 0 { x } else { &self.outs[i - 1] };
             let (name, l) = &mut self.layers[i];
             let dyi = g.as_ref().unwrap_or(dy);
-            if i == first && !input_grad {
+            if self.pooled.get(i) == Some(&true) {
+                let dx = l
+                    .backward_maxpool(input, dyi, mode)
+                    .map_err(|e| annotate(name, e))?;
+                g = (i != first || input_grad).then_some(dx);
+            } else if i == first && !input_grad {
                 l.backward_params(input, dyi, mode)
                     .map_err(|e| annotate(name, e))?;
                 g = None;
@@ -203,6 +215,7 @@ impl Sequential {
     /// Drops the saved activations (to free memory after an eval pass).
     pub fn clear_cache(&mut self) {
         self.outs.clear();
+        self.pooled.clear();
     }
 }
 
@@ -218,16 +231,39 @@ impl Layer<f32> for Sequential {
                 arena::recycle(a);
             }
         }
+        self.pooled.clear();
+        self.pooled.resize(self.layers.len(), false);
         if self.layers.is_empty() {
             return Ok(x.clone());
         }
-        for i in 0..self.layers.len() {
+        let mut i = 0;
+        while i < self.layers.len() {
             let input = if i == 0 { x } else { &self.outs[i - 1] };
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
+            // A BatchNorm(+ReLU) followed by a 2×2 max pool runs as one kernel that never writes the unpooled
+            // activation (the pool's backward only needs the argmax indices, which the norm keeps).
+            let pool_next = self
+                .layers
+                .get(i + 1)
+                .is_some_and(|(_, next)| next.is_max_pool_2x2());
             let (name, l) = &mut self.layers[i];
+            if pool_next {
+                if let Some(y) = l
+                    .forward_maxpool(input, mode)
+                    .map_err(|e| annotate(name, e))?
+                {
+                    self.outs.push(ArrayD::zeros(ndarray::IxDyn(&[0])));
+                    self.outs.push(y);
+                    self.pooled[i] = true;
+                    self.add_time(i, 0, start);
+                    i += 2;
+                    continue;
+                }
+            }
             let y = l.forward(input, mode).map_err(|e| annotate(name, e))?;
             self.outs.push(y);
             self.add_time(i, 0, start);
+            i += 1;
         }
         // The caller gets a copy; the saved output of the last layer stays for layers that need it (none of the
         // current ones do, so release it instead of copying).

@@ -74,6 +74,24 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     fn is_max_pool_2x2(&self) -> bool {
         false
     }
+    /// The layer's forward followed by a 2×2, stride-2 max pool ([`Layer::is_max_pool_2x2`]) in one kernel,
+    /// when it has one for this input and mode; `Ok(None)` (nothing done) otherwise. See
+    /// [`crate::norm::BatchNorm::forward_maxpool`].
+    fn forward_maxpool(&mut self, _x: &ArrayD<T>, _mode: Mode) -> Result<Option<ArrayD<T>>> {
+        Ok(None)
+    }
+    /// The backward of [`Layer::forward_maxpool`]: `dy` is the gradient of the pooled output.
+    fn backward_maxpool(
+        &mut self,
+        _x: &ArrayD<T>,
+        _dy: &ArrayD<T>,
+        mode: Mode,
+    ) -> Result<ArrayD<T>> {
+        Err(NvError::NoSavedState {
+            layer: "Layer",
+            mode,
+        })
+    }
 }
 
 /// A size given either once for both spatial dimensions (`3`) or per dimension (`(3, 5)`), as in PyTorch.

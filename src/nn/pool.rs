@@ -550,7 +550,7 @@ impl<T: Real> Layer<T> for MaxPool2d<T> {
 /// of two input rows, with the scalar path's tie and NaN rules (the first maximum in row-major window order
 /// wins; a NaN is taken and then kept).
 #[allow(unsafe_code)]
-mod max2x2_f32 {
+pub(crate) mod max2x2_f32 {
     pub fn available() -> bool {
         super::super::simd::available()
     }

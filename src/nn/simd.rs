@@ -474,6 +474,13 @@ pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) })
 }
 
+/// `&mut [f32]` as `&mut [T]` when `T` is `f32` (`None` otherwise).
+pub fn f32_as_mut<T: 'static>(s: &mut [f32]) -> Option<&mut [T]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
+        // SAFETY: T is f32, so the cast is the identity; the borrow is carried over.
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut T, s.len()) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,6 +141,9 @@ pub struct BatchNorm<T: Real = f32> {
     pub running_var: Option<ArrayD<T>>,
     pub num_batches_tracked: i64,
     saved: Option<Saved<T>>,
+    /// The argmax indices of the max pool fused into the last forward ([`BatchNorm::forward_maxpool`]); kept
+    /// (emptied) across steps so its allocation is reused.
+    pooled: Option<(k::Pool2x2, Vec<u32>)>,
 }
 
 impl<T: Real> BatchNorm<T> {
@@ -175,6 +178,7 @@ impl<T: Real> BatchNorm<T> {
             running_var,
             num_batches_tracked: 0,
             saved: None,
+            pooled: None,
         })
     }
 
@@ -292,6 +296,7 @@ impl<T: Real> BatchNorm<T> {
             });
         }
         let xs = contiguous(&x);
+        self.pooled = None;
         if self.uses_batch_stats(mode) {
             if mode.is_train() && d.m() <= 1 {
                 return Err(NvError::OneValuePerChannel {
@@ -324,6 +329,121 @@ impl<T: Real> BatchNorm<T> {
             });
         }
         Ok(())
+    }
+
+    /// The forward with batch statistics (training, or eval without running statistics) followed by a 2×2,
+    /// stride-2 max pool (no padding, floor mode), as one kernel that never writes the unpooled output
+    /// ([`k::train_forward_maxpool`]): returns the pooled (N, C, H/2, W/2) output, bitwise that of
+    /// [`BatchNorm::forward`] then [`crate::nn::MaxPool2d`], and updates the running statistics the same way.
+    /// `Ok(None)` (nothing done) where the fused kernel does not apply: another element type or no AVX-512F,
+    /// input not 4-D or smaller than 2×2, or eval with running statistics. The backward is then
+    /// [`BatchNorm::backward_maxpool`].
+    pub fn forward_maxpool(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<Option<ArrayD<T>>> {
+        let shape = x.shape().to_vec();
+        let d = self.dims(&shape)?;
+        if !k::Pool2x2::available::<T>()
+            || shape.len() != 4
+            || shape[2] < 2
+            || shape[3] < 2
+            || !self.uses_batch_stats(mode)
+        {
+            return Ok(None);
+        }
+        if mode.is_train() && d.m() <= 1 {
+            return Err(NvError::OneValuePerChannel {
+                layer: Self::NAME,
+                shape,
+            });
+        }
+        let p = k::Pool2x2 {
+            h: shape[2],
+            w: shape[3],
+        };
+        let mut y = crate::nn::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
+        let mut ix = match self.pooled.take() {
+            Some((_, v)) => v,
+            None => Vec::new(),
+        };
+        ix.resize(y.len(), 0);
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let stats = k::train_forward_maxpool(
+            &xs,
+            y.as_slice_mut().expect("fresh array"),
+            &mut ix,
+            d,
+            p,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.eps,
+            self.cfg.fuse_relu,
+        );
+        if mode.is_train() && self.cfg.track_running_stats {
+            self.update_running(&stats.mean, &stats.var, d.m());
+        }
+        self.saved = Some(Saved::Batch { stats, shape });
+        self.pooled = Some((p, ix));
+        Ok(Some(y))
+    }
+
+    /// Backward of [`BatchNorm::forward_maxpool`]: `dy` is the gradient of the pooled output; returns dx (of
+    /// x's shape) and accumulates dweight and dbias, bitwise as the max pool's backward followed by
+    /// [`BatchNorm::backward`] would.
+    pub fn backward_maxpool(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &ArrayD<T>,
+        mode: Mode,
+    ) -> Result<ArrayD<T>> {
+        let d = self.dims(x.shape())?;
+        let (Some(Saved::Batch { stats, shape }), Some((p, ix)), true) =
+            (&self.saved, &self.pooled, self.uses_batch_stats(mode))
+        else {
+            return Err(NvError::NoSavedState {
+                layer: Self::NAME,
+                mode,
+            });
+        };
+        if shape.as_slice() != x.shape() {
+            return Err(NvError::NoSavedState {
+                layer: Self::NAME,
+                mode,
+            });
+        }
+        let want = [d.n, d.c, p.oh(), p.ow()];
+        if dy.shape() != want {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has shape {:?}, the pooled output has shape {want:?}",
+                    dy.shape()
+                ),
+            });
+        }
+        let mut dx = crate::nn::arena::output(x.shape());
+        let (xv, gv) = (x.view(), dy.view());
+        let (xs, gs) = (contiguous(&xv), contiguous(&gv));
+        let sums = k::train_backward_maxpool(
+            &xs,
+            &gs,
+            ix,
+            dx.as_slice_mut().expect("fresh array"),
+            d,
+            *p,
+            stats,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.fuse_relu,
+        );
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            for (c, g) in w.grads_mut().iter_mut().enumerate() {
+                *g = *g + T::of_f64(sums.dot[c] * stats.invstd[c]);
+            }
+            for (c, g) in b.grads_mut().iter_mut().enumerate() {
+                *g = *g + T::of_f64(sums.sum_dy[c]);
+            }
+        }
+        Ok(dx)
     }
 
     /// Folds one batch's statistics into the running statistics (the layer's convention); `m` values per channel.
@@ -485,6 +605,7 @@ impl<T: Real> Stateful<T> for BatchNorm<T> {
             sd,
         )?;
         self.saved = None;
+        self.pooled = None;
         Ok(())
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {

@@ -270,8 +270,23 @@ pub fn train_forward<T: Real>(
     if d.s == 1 {
         return super::rows_kernels::train_forward(x, y, d, weight, bias, eps, relu);
     }
-    let m = d.m() as f64;
     let yp = SyncPtr(y.as_mut_ptr());
+    train_forward_with(x, d, weight, bias, eps, |c, s, b, sh| {
+        normalize_channel(x, yp, d, c, s, b, sh, relu)
+    })
+}
+
+/// The per-channel body of the fused training forward: statistics of channel `c` while it is hot in cache, then
+/// `normalize(c, s, b, shift)` writes y = (x - shift)·s + b in whatever layout the caller produces.
+fn train_forward_with<T: Real>(
+    x: &[T],
+    d: Ncs,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    normalize: impl Fn(usize, T, T, T) + Sync,
+) -> BatchStats<T> {
+    let m = d.m() as f64;
     let mut st = BatchStats {
         shift: vec![T::zero(); d.c],
         mean: vec![0.0; d.c],
@@ -290,16 +305,7 @@ pub fn train_forward<T: Real>(
             let bb = bias.map_or(0.0, |b| b[c].as_f64());
             let s = w * invstd;
             let delta = mean - sh.as_f64();
-            normalize_channel(
-                x,
-                yp,
-                d,
-                c,
-                T::of_f64(s),
-                T::of_f64(bb - delta * s),
-                sh,
-                relu,
-            );
+            normalize(c, T::of_f64(s), T::of_f64(bb - delta * s), sh);
             (sh, mean, var, invstd)
         })
         .collect();
@@ -311,6 +317,98 @@ pub fn train_forward<T: Real>(
     }
 
     st
+}
+
+/// A 2×2, stride-2 max pool (no padding, floor mode) over (H, W) planes, applied to a BatchNorm's output inside
+/// the BatchNorm's own kernels ([`train_forward_maxpool`], [`train_backward_maxpool`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2x2 {
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Pool2x2 {
+    pub fn oh(&self) -> usize {
+        self.h / 2
+    }
+    pub fn ow(&self) -> usize {
+        self.w / 2
+    }
+    /// Pooled values per plane.
+    pub fn out(&self) -> usize {
+        self.oh() * self.ow()
+    }
+    /// Whether the fused kernels can run here for `T` (f32 with AVX-512F, as the pool's fast path).
+    pub fn available<T: 'static>() -> bool {
+        std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && crate::nn::pool::max2x2_f32::available()
+    }
+}
+
+std::thread_local! {
+    /// One normalized plane (forward) or one channel's unpooled dy (backward), per worker thread, reused.
+    static POOL_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn with_pool_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    POOL_SCRATCH.with(|sc| {
+        let mut v = sc.borrow_mut();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        }
+        f(&mut v[..len])
+    })
+}
+
+/// [`train_forward`] (planes of S = H·W > 1) followed by a 2×2, stride-2 max pool, without writing the
+/// unpooled output: each (n, c) plane is normalized into a per-thread buffer that stays in L1 and pooled from
+/// there into `y` (N, C, H/2, W/2), with the window's argmax (an index into the H × W plane) in `ix`. The
+/// values and indices are bitwise those of `train_forward` then [`crate::nn::MaxPool2d`] (the same kernels).
+/// Needs [`Pool2x2::available`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_forward_maxpool<T: Real>(
+    x: &[T],
+    y: &mut [T],
+    ix: &mut [u32],
+    d: Ncs,
+    p: Pool2x2,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+    relu: bool,
+) -> BatchStats<T> {
+    assert!(
+        Pool2x2::available::<T>(),
+        "fused max pool needs f32 and AVX-512F"
+    );
+    assert!(p.h * p.w == d.s && d.s > 1, "planes of H·W values");
+    assert_eq!(x.len(), d.numel());
+    assert!(
+        y.len() == d.n * d.c * p.out() && ix.len() == y.len(),
+        "pooled sizes"
+    );
+    let (yp, ip) = (SyncPtr(y.as_mut_ptr()), SyncPtr(ix.as_mut_ptr()));
+    train_forward_with(x, d, weight, bias, eps, |c, s, b, sh| {
+        with_pool_scratch(d.s, |plane| {
+            let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
+            for n in 0..d.n {
+                let off = (n * d.c + c) * d.s;
+                lanes::affine_shifted_to(&x[off..off + d.s], pt, sh, s, b, relu, false);
+                let po = (n * d.c + c) * p.out();
+                // SAFETY: (n, c) output planes are disjoint and each is written by exactly one task.
+                let (yo, io) = unsafe { (yp.slice(po, p.out()), ip.slice(po, p.out())) };
+                let yo = crate::nn::simd::as_f32_mut(yo).expect("f32");
+                crate::nn::pool::max2x2_f32::plane(
+                    crate::nn::simd::as_f32(pt).expect("f32"),
+                    p.w,
+                    p.oh(),
+                    p.ow(),
+                    yo,
+                    io,
+                );
+            }
+        })
+    })
 }
 
 /// Eval forward: one per-channel affine pass y = x·a + b (ReLU when `relu`).
@@ -514,6 +612,98 @@ pub fn train_backward<T: Real>(
             let (k1, k2, k3) = dx_coefficients(st, c, sd, dot, count, weight);
             channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
             (sd, dot)
+        })
+        .collect();
+    let (sum_dy, dot) = per.into_iter().unzip();
+    BackwardSums { sum_dy, dot }
+}
+
+/// [`train_backward`] for a BatchNorm whose output went through a 2×2 max pool ([`train_forward_maxpool`]):
+/// `dy` is the pooled gradient (N, C, H/2, W/2) and `ix` the pool's argmax indices. Each channel's unpooled
+/// dy is rebuilt into a per-thread buffer (N·H·W values, in L2) by the pool's own backward kernel and used from
+/// there, so the full-size dy is never written to memory. Bitwise the result of [`crate::nn::MaxPool2d`]'s
+/// backward followed by `train_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward_maxpool<T: Real>(
+    x: &[T],
+    dy: &[T],
+    ix: &[u32],
+    dx: &mut [T],
+    d: Ncs,
+    p: Pool2x2,
+    st: &BatchStats<T>,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) -> BackwardSums {
+    assert!(
+        Pool2x2::available::<T>(),
+        "fused max pool needs f32 and AVX-512F"
+    );
+    assert!(p.h * p.w == d.s && d.s > 1, "planes of H·W values");
+    assert_eq!(x.len(), d.numel());
+    assert_eq!(dx.len(), d.numel(), "dx buffer size");
+    assert!(
+        dy.len() == d.n * d.c * p.out() && ix.len() == dy.len(),
+        "pooled sizes"
+    );
+    let dxp = SyncPtr(dx.as_mut_ptr());
+    let count = st.count as f64;
+    let dyf = crate::nn::simd::as_f32(dy).expect("f32");
+    let per: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            with_pool_scratch(d.n * d.s, |g| {
+                for n in 0..d.n {
+                    let po = (n * d.c + c) * p.out();
+                    crate::nn::pool::max2x2_f32::plane_backward(
+                        &dyf[po..po + p.out()],
+                        &ix[po..po + p.out()],
+                        p.w,
+                        p.h,
+                        p.oh(),
+                        p.ow(),
+                        &mut g[n * d.s..(n + 1) * d.s],
+                    );
+                }
+                let g: &[T] = crate::nn::simd::f32_as_mut(g).expect("f32");
+                let (s, b) = st.channel_affine(c, weight, bias);
+                let shift = st.shift[c];
+                let mask = relu.then_some((s, b));
+                let (sd, dt) = lanes::dy_moments_channel_split(
+                    g,
+                    (0, d.s),
+                    x,
+                    c * d.s,
+                    d.n,
+                    d.s,
+                    d.c * d.s,
+                    shift,
+                    mask,
+                );
+                let dot = dt - (st.mean[c] - shift.as_f64()) * sd;
+                let (k1, k2, k3) = dx_coefficients(st, c, sd, dot, count, weight);
+                let stream = streams::<T>(d, 3);
+                for n in 0..d.n {
+                    let off = (n * d.c + c) * d.s;
+                    // SAFETY: (n, c) chunks are disjoint, one task per channel.
+                    let out = unsafe { dxp.slice(off, d.s) };
+                    let gs = &g[n * d.s..(n + 1) * d.s];
+                    lanes::bwd_dx_to(
+                        gs,
+                        &x[off..off + d.s],
+                        out,
+                        shift,
+                        mask,
+                        (k1, k2, k3),
+                        stream,
+                    );
+                }
+                if stream {
+                    lanes::stream_fence();
+                }
+                (sd, dot)
+            })
         })
         .collect();
     let (sum_dy, dot) = per.into_iter().unzip();

@@ -126,6 +126,27 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
     fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
         None
     }
+    /// The forward followed by a 2×2, stride-2 max pool in one kernel, when the layer has one for this input
+    /// and mode (`Ok(None)` otherwise: nothing was done). See [`BatchNorm::forward_maxpool`].
+    fn forward_maxpool(
+        &mut self,
+        _x: &ndarray::ArrayD<T>,
+        _mode: crate::Mode,
+    ) -> Result<Option<ndarray::ArrayD<T>>> {
+        Ok(None)
+    }
+    /// The backward of [`NormLayer::forward_maxpool`], from the gradient of the pooled output.
+    fn backward_maxpool(
+        &mut self,
+        _x: &ndarray::ArrayD<T>,
+        _dy: &ndarray::ArrayD<T>,
+        mode: crate::Mode,
+    ) -> Result<ndarray::ArrayD<T>> {
+        Err(crate::NvError::NoSavedState {
+            layer: self.name(),
+            mode,
+        })
+    }
     fn forward(&mut self, x: &ndarray::ArrayD<T>, mode: crate::Mode) -> Result<ndarray::ArrayD<T>> {
         let mut y = crate::nn::arena::output(x.shape());
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), mode)?;
@@ -172,10 +193,49 @@ macro_rules! impl_norm_layer {
 // Only layers whose eval output is a fixed per-channel affine can be folded into a preceding convolution.
 // (InstanceNorm with running statistics would be one too, but no model puts it after a foldable layer.)
 impl_norm_layer!(
-    BatchNorm: eval_affine_of + eval_affine_exact_of,
     FrozenBatchNorm: eval_affine_of,
     GroupNorm,
     LayerNorm,
     InstanceNorm,
     BatchChannelNorm
 );
+
+// BatchNorm is foldable too, and it also fuses a following 2×2 max pool in training.
+impl<T: Real> NormLayer<T> for BatchNorm<T> {
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: crate::Mode) -> Result<()> {
+        BatchNorm::forward_into(self, x, y, mode)
+    }
+    fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: &mut [T],
+        mode: crate::Mode,
+    ) -> Result<()> {
+        BatchNorm::backward_into(self, x, dy, dx, mode)
+    }
+    fn name(&self) -> &'static str {
+        BatchNorm::<T>::NAME
+    }
+    fn eval_affine(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
+        self.eval_affine_of()
+    }
+    fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
+        self.eval_affine_exact_of()
+    }
+    fn forward_maxpool(
+        &mut self,
+        x: &ndarray::ArrayD<T>,
+        mode: crate::Mode,
+    ) -> Result<Option<ndarray::ArrayD<T>>> {
+        BatchNorm::forward_maxpool(self, x, mode)
+    }
+    fn backward_maxpool(
+        &mut self,
+        x: &ndarray::ArrayD<T>,
+        dy: &ndarray::ArrayD<T>,
+        mode: crate::Mode,
+    ) -> Result<ndarray::ArrayD<T>> {
+        BatchNorm::backward_maxpool(self, x, dy, mode)
+    }
+}
