@@ -78,6 +78,18 @@ impl Layer<f32> for NormAdapter {
     fn forward_maxpool(&mut self, x: &ArrayD<f32>, mode: Mode) -> Result<Option<ArrayD<f32>>> {
         self.0.forward_maxpool(x, mode)
     }
+    fn takes_plane_moments(&self, mode: Mode) -> bool {
+        self.0.takes_plane_moments(mode)
+    }
+    fn forward_from_plane_moments(
+        &mut self,
+        x: &ArrayD<f32>,
+        pm: &[(f64, f64)],
+        mode: Mode,
+        pool: bool,
+    ) -> Result<Option<(ArrayD<f32>, bool)>> {
+        self.0.forward_from_plane_moments(x, pm, mode, pool)
+    }
     fn backward_maxpool(
         &mut self,
         x: &ArrayD<f32>,

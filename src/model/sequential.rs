@@ -240,6 +240,44 @@ impl Layer<f32> for Sequential {
         while i < self.layers.len() {
             let input = if i == 0 { x } else { &self.outs[i - 1] };
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
+            // A layer followed by a training BatchNorm reduces each output plane to (mean, M2) as it writes it
+            // (the convolutions can), and the BatchNorm merges those instead of reading its input for
+            // statistics: its only pass over the input is the normalizing one (with the max pool after it
+            // applied in that pass too, when there is one).
+            if self
+                .layers
+                .get(i + 1)
+                .is_some_and(|(_, next)| next.takes_plane_moments(mode))
+            {
+                let (name, l) = &mut self.layers[i];
+                if let Some((y, pm)) = l
+                    .forward_with_plane_moments(input, mode)
+                    .map_err(|e| annotate(name, e))?
+                {
+                    self.outs.push(y);
+                    self.add_time(i, 0, start);
+                    let start = self.times.as_ref().map(|_| std::time::Instant::now());
+                    let pool_after = self
+                        .layers
+                        .get(i + 2)
+                        .is_some_and(|(_, p)| p.is_max_pool_2x2());
+                    let (name, bn) = &mut self.layers[i + 1];
+                    let done = bn
+                        .forward_from_plane_moments(&self.outs[i], &pm, mode, pool_after)
+                        .map_err(|e| annotate(name, e))?;
+                    i += 1;
+                    if let Some((z, pooled)) = done {
+                        if pooled {
+                            self.outs.push(ArrayD::zeros(ndarray::IxDyn(&[0])));
+                            self.pooled[i] = true;
+                        }
+                        self.outs.push(z);
+                        self.add_time(i, 0, start);
+                        i += if pooled { 2 } else { 1 };
+                    }
+                    continue;
+                }
+            }
             // A BatchNorm(+ReLU) followed by a 2×2 max pool runs as one kernel that never writes the unpooled
             // activation (the pool's backward only needs the argmax indices, which the norm keeps).
             let pool_next = self

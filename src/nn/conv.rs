@@ -33,6 +33,7 @@
 use super::init::Init;
 use super::matmul::{matmul, Op, Par};
 use super::simd;
+use super::PlaneMoments;
 use super::{check_nonempty, check_rank, sum_f64, IntoPair, Layer};
 use crate::norm::contiguous;
 use crate::state::{join, StateDict, Stateful};
@@ -1268,6 +1269,38 @@ impl<T: Real> Conv2d<T> {
         Ok(Some(y))
     }
 
+    /// The forward, with each output plane also reduced to its (mean, M2) while it is in cache (N·O entries,
+    /// n-major; [`crate::norm::batch_kernels::plane_moments`]): a following training BatchNorm then needs no
+    /// statistics pass of its own ([`crate::norm::BatchNorm::forward_from_plane_moments`]). `Ok(None)` (nothing
+    /// done) unless this call takes the Winograd or the single-channel path. The output is bitwise that of
+    /// [`Conv2d::forward`].
+    pub fn forward_with_plane_moments(
+        &mut self,
+        x: &ArrayD<T>,
+    ) -> Result<Option<(ArrayD<T>, PlaneMoments)>> {
+        let g = self.geom(x.shape())?;
+        let (wino, one) = (self.winograd_shape(&g), self.one_channel_shape(&g));
+        if (wino.is_none() && one.is_none()) || self.relu_out || g.n == 0 {
+            return Ok(None);
+        }
+        let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh, g.ow]);
+        let mut pm = vec![(0.0, 0.0); g.n * g.o];
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let f = |s| simd::as_f32(s).expect("f32");
+        let (xf, wf) = (f(&xs), f(self.weight.values()));
+        let bias = self.bias.as_ref().map(|b| f(b.values()));
+        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
+        match (wino, one) {
+            (Some(ws), _) => super::winograd::forward_with_moments(ws, xf, wf, bias, yf, &mut pm),
+            (None, Some(os)) => {
+                super::conv_one_channel::forward_with_moments(os, xf, wf, bias, yf, &mut pm)
+            }
+            (None, None) => unreachable!("checked above"),
+        }
+        Ok(Some((y, pm)))
+    }
+
     /// [`Conv2d::forward_affine`] with ReLU, then a 2×2, stride-2 max pool, in one pass (inference): `None`
     /// unless this call takes the Winograd path and the output's height and width are even. The result is
     /// bitwise that of the convolution, an eval BatchNorm+ReLU and [`super::MaxPool2d`] run one after another.
@@ -1511,6 +1544,13 @@ impl<T: Real> Layer<T> for Conv2d<T> {
     }
     fn as_conv_mut(&mut self) -> Option<&mut Conv2d<T>> {
         Some(self)
+    }
+    fn forward_with_plane_moments(
+        &mut self,
+        x: &ArrayD<T>,
+        _mode: Mode,
+    ) -> Result<Option<(ArrayD<T>, PlaneMoments)>> {
+        Conv2d::forward_with_plane_moments(self, x)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         Conv2d::backward(self, x, dy)

@@ -53,6 +53,35 @@ pub fn forward(
     relu: bool,
     y: &mut [f32],
 ) {
+    forward_impl(s, x, w, bias, affine, relu, None, y)
+}
+
+/// [`forward`] (no affine, no ReLU) that also reduces every output plane to its (mean, M2) while it is in
+/// cache (`moments`: N·K entries, n-major), for a following training BatchNorm (see
+/// [`super::winograd::forward_with_moments`]).
+pub fn forward_with_moments(
+    s: OneChannelShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    moments: &mut [(f64, f64)],
+) {
+    assert_eq!(moments.len(), s.n * s.k, "one (mean, M2) per output plane");
+    forward_impl(s, x, w, bias, None, false, Some(moments), y)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl(
+    s: OneChannelShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    moments: Option<&mut [(f64, f64)]>,
+    y: &mut [f32],
+) {
     let (hw, k) = s.checked();
     assert_eq!(x.len(), s.n * hw, "input length");
     assert_eq!(y.len(), s.n * k * hw, "output length");
@@ -67,15 +96,25 @@ pub fn forward(
         return;
     }
     let min = (4096 / (k * hw)).max(1);
+    let mom: Vec<Option<&mut [(f64, f64)]>> = match moments {
+        Some(m) => m.chunks_mut(k).map(Some).collect(),
+        None => (0..s.n).map(|_| None).collect(),
+    };
     y.par_chunks_mut(k * hw)
         .zip(x.par_chunks(hw))
+        .zip(mom)
         .with_min_len(min)
-        .for_each_init(Vec::new, |pad, (yi, xi)| {
+        .for_each_init(Vec::new, |pad, ((yi, xi), mi)| {
             padded(xi, s.h, s.w, pad);
             // SAFETY: AVX-512F is available (asserted); the padded plane has (h + 2) rows of MAX_WIDTH + 2
             // values, reads are at rows i..i+3 < h + 2 and columns < w + 2 (masked), writes are masked to the
             // w values of rows < h of each of the k output planes (yi has k·h·w values).
             unsafe { x86::forward_image(pad, s.h, s.w, w, bias, affine, relu, yi) };
+            if let Some(mi) = mi {
+                for (mm, pl) in mi.iter_mut().zip(yi.chunks(hw)) {
+                    *mm = crate::norm::batch_kernels::plane_moments(pl);
+                }
+            }
         });
 }
 

@@ -43,6 +43,10 @@ use crate::{Mode, NvError, Real, Result};
 use ndarray::ArrayD;
 use rayon::prelude::*;
 
+/// The (mean, M2) of every (n, c) plane of an (N, C, H, W) output, n-major: what a layer that has just written
+/// the planes hands to a following BatchNorm ([`Layer::forward_with_plane_moments`]).
+pub type PlaneMoments = Vec<(f64, f64)>;
+
 /// A layer of a model: forward, and a backward that receives the same input `x` the forward saw.
 pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     /// Forward pass.
@@ -78,6 +82,31 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     /// when it has one for this input and mode; `Ok(None)` (nothing done) otherwise. See
     /// [`crate::norm::BatchNorm::forward_maxpool`].
     fn forward_maxpool(&mut self, _x: &ArrayD<T>, _mode: Mode) -> Result<Option<ArrayD<T>>> {
+        Ok(None)
+    }
+    /// The forward, with every output plane also reduced to (mean, M2) in the same pass, when the layer can
+    /// ([`Conv2d::forward_with_plane_moments`]); `Ok(None)` (nothing done) otherwise.
+    fn forward_with_plane_moments(
+        &mut self,
+        _x: &ArrayD<T>,
+        _mode: Mode,
+    ) -> Result<Option<(ArrayD<T>, PlaneMoments)>> {
+        Ok(None)
+    }
+    /// Whether [`Layer::forward_from_plane_moments`] applies in `mode`.
+    fn takes_plane_moments(&self, _mode: Mode) -> bool {
+        false
+    }
+    /// The forward from per-plane (mean, M2) of `x` computed by the layer before
+    /// ([`crate::norm::BatchNorm::forward_from_plane_moments`]); with `pool`, a following 2×2 max pool applied
+    /// too where the layer can. Returns the output and whether it is pooled; `Ok(None)` when nothing was done.
+    fn forward_from_plane_moments(
+        &mut self,
+        _x: &ArrayD<T>,
+        _pm: &[(f64, f64)],
+        _mode: Mode,
+        _pool: bool,
+    ) -> Result<Option<(ArrayD<T>, bool)>> {
         Ok(None)
     }
     /// The backward of [`Layer::forward_maxpool`]: `dy` is the gradient of the pooled output.

@@ -25,6 +25,7 @@
 #![allow(unsafe_code)]
 
 use super::simd;
+use crate::norm::batch_kernels::plane_moments;
 use rayon::prelude::*;
 
 /// Tiles per chunk the work is split into (a chunk holds whole images): large enough for long GEMM rows, small
@@ -175,7 +176,22 @@ pub fn forward_affine(
     relu: bool,
     y: &mut [f32],
 ) {
-    forward_impl(s, x, w, bias, affine, relu, false, y)
+    forward_impl(s, x, w, bias, affine, relu, false, None, y)
+}
+
+/// [`forward`] (no ReLU) that also reduces every output plane to its (mean, M2) while the plane is still in
+/// cache ([`crate::norm::batch_kernels::plane_moments`]; `moments` has N·K entries, n-major): the statistics a
+/// following training BatchNorm needs, without a pass of its own over `y`.
+pub fn forward_with_moments(
+    s: WinoShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    moments: &mut [(f64, f64)],
+) {
+    assert_eq!(moments.len(), s.n * s.k, "one (mean, M2) per output plane");
+    forward_impl(s, x, w, bias, None, false, false, Some(moments), y)
 }
 
 /// [`forward_affine`] with ReLU, followed in the same output pass by a 2×2, stride-2 max pool: `y` is
@@ -194,7 +210,7 @@ pub fn forward_affine_relu_maxpool(
         s.h.is_multiple_of(2) && s.w.is_multiple_of(2),
         "fused 2×2 max pool needs even H and W"
     );
-    forward_impl(s, x, w, bias, affine, true, true, y)
+    forward_impl(s, x, w, bias, affine, true, true, None, y)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -206,6 +222,7 @@ fn forward_impl(
     affine: Option<(&[f32], &[f32])>,
     relu: bool,
     pool: bool,
+    moments: Option<&mut [(f64, f64)]>,
     y: &mut [f32],
 ) {
     assert!(available(), "Winograd kernels need AVX-512F");
@@ -219,8 +236,12 @@ fn forward_impl(
         assert!(a.len() == s.k && b.len() == s.k, "affine length");
     }
     if s.n == 0 || s.out_size() == 0 {
+        if let Some(m) = moments {
+            m.fill((0.0, 0.0));
+        }
         return;
     }
+    let plane = s.h * s.w;
     if s.c == 0 {
         let plane = if pool { s.h * s.w / 4 } else { s.h * s.w };
         for (o, v) in y.iter_mut().enumerate() {
@@ -231,15 +252,26 @@ fn forward_impl(
             }
             *v = if relu && !(t > 0.0) { 0.0 } else { t };
         }
+        if let Some(m) = moments {
+            for (mm, pl) in m.iter_mut().zip(y.chunks(plane)) {
+                *mm = plane_moments(pl);
+            }
+        }
         return;
     }
     let u = transform_weights(w, s.k, s.c);
     let (packed, plen) = pack_weights(&u, s.k, s.c, false);
     let nb = s.per_chunk();
     let is = s.in_size();
+    let chunks = s.n.div_ceil(nb);
+    let mom_chunks: Vec<Option<&mut [(f64, f64)]>> = match moments {
+        Some(m) => m.chunks_mut(nb * s.k).map(Some).collect(),
+        None => (0..chunks).map(|_| None).collect(),
+    };
     x.par_chunks(nb * is)
         .zip(y.par_chunks_mut(nb * os))
-        .for_each(|(xc, yc)| {
+        .zip(mom_chunks)
+        .for_each(|((xc, yc), mc)| {
             with_scratch(|sc| {
                 let imgs = xc.len() / is;
                 let t = imgs * s.tiles();
@@ -260,6 +292,12 @@ fn forward_impl(
                     );
                 }
                 output_transform(&s, &sc.b, imgs, bias, affine, relu, pool, yc);
+                if let Some(mc) = mc {
+                    // each plane was written just now: reduce it while it is in L1/L2
+                    for (mm, pl) in mc.iter_mut().zip(yc.chunks(plane)) {
+                        *mm = plane_moments(pl);
+                    }
+                }
             })
         });
 }

@@ -341,12 +341,7 @@ impl<T: Real> BatchNorm<T> {
     pub fn forward_maxpool(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<Option<ArrayD<T>>> {
         let shape = x.shape().to_vec();
         let d = self.dims(&shape)?;
-        if !k::Pool2x2::available::<T>()
-            || shape.len() != 4
-            || shape[2] < 2
-            || shape[3] < 2
-            || !self.uses_batch_stats(mode)
-        {
+        if !self.can_pool(&shape) || !self.uses_batch_stats(mode) {
             return Ok(None);
         }
         if mode.is_train() && d.m() <= 1 {
@@ -384,6 +379,83 @@ impl<T: Real> BatchNorm<T> {
         self.saved = Some(Saved::Batch { stats, shape });
         self.pooled = Some((p, ix));
         Ok(Some(y))
+    }
+
+    /// Whether the fused max-pool kernels apply to inputs of this shape.
+    fn can_pool(&self, shape: &[usize]) -> bool {
+        k::Pool2x2::available::<T>() && shape.len() == 4 && shape[2] >= 2 && shape[3] >= 2
+    }
+
+    /// Whether [`BatchNorm::forward_from_plane_moments`] applies in `mode` (the forward normalizes with batch
+    /// statistics), so that the layer before it should compute them.
+    pub fn takes_plane_moments(&self, mode: Mode) -> bool {
+        self.uses_batch_stats(mode)
+    }
+
+    /// The batch-statistics forward when the layer that produced `x` (N, C, *) has already reduced each of its
+    /// N·C planes to (mean, M2) while writing it (`pm`, n-major; [`k::plane_moments`]): the statistics are
+    /// their exact merge ([`k::moments_from_planes`]), so the only pass over `x` is the normalizing one. With
+    /// `pool`, a following 2×2 max pool is applied in that pass as in [`BatchNorm::forward_maxpool`]. Returns
+    /// the output and whether it is pooled, or `Ok(None)` (nothing done) where this does not apply (eval with
+    /// running statistics, planes of one value, `pm` of another length). Running statistics, the saved state
+    /// and the errors are those of [`BatchNorm::forward`]; the statistics agree with it to rounding.
+    pub fn forward_from_plane_moments(
+        &mut self,
+        x: &ArrayD<T>,
+        pm: &[(f64, f64)],
+        mode: Mode,
+        pool: bool,
+    ) -> Result<Option<(ArrayD<T>, bool)>> {
+        let shape = x.shape().to_vec();
+        let d = self.dims(&shape)?;
+        if !self.uses_batch_stats(mode) || shape.len() < 3 || d.s < 2 || pm.len() != d.n * d.c {
+            return Ok(None);
+        }
+        if mode.is_train() && d.m() <= 1 {
+            return Err(NvError::OneValuePerChannel {
+                layer: Self::NAME,
+                shape,
+            });
+        }
+        let pool = pool && self.can_pool(&shape);
+        let stats = BatchStats::<T>::from_moments(&k::moments_from_planes(pm, d), self.cfg.eps);
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let (w, b, relu) = (pslice(&self.weight), pslice(&self.bias), self.cfg.fuse_relu);
+        let (y, pooled) = if pool {
+            let p = k::Pool2x2 {
+                h: shape[2],
+                w: shape[3],
+            };
+            let mut y = crate::nn::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
+            let mut ix = match self.pooled.take() {
+                Some((_, v)) => v,
+                None => Vec::new(),
+            };
+            ix.resize(y.len(), 0);
+            let ys = y.as_slice_mut().expect("fresh array");
+            k::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu);
+            (y, Some((p, ix)))
+        } else {
+            let mut y = crate::nn::arena::output(&shape);
+            k::normalize(
+                &xs,
+                y.as_slice_mut().expect("fresh array"),
+                d,
+                &stats,
+                w,
+                b,
+                relu,
+            );
+            (y, None)
+        };
+        if mode.is_train() && self.cfg.track_running_stats {
+            self.update_running(&stats.mean, &stats.var, d.m());
+        }
+        self.saved = Some(Saved::Batch { stats, shape });
+        let is_pooled = pooled.is_some();
+        self.pooled = pooled;
+        Ok(Some((y, is_pooled)))
     }
 
     /// Backward of [`BatchNorm::forward_maxpool`]: `dy` is the gradient of the pooled output; returns dx (of

@@ -158,6 +158,47 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// (mean, M2) of one contiguous plane, two-pass (a sum, then Σ(x-shift) and Σ(x-shift)² around the rounded
+/// mean): what a layer that has just written the plane (still in L1) hands to a following BatchNorm, so the
+/// BatchNorm's statistics need no pass of their own ([`moments_from_planes`]).
+pub fn plane_moments(x: &[f32]) -> (f64, f64) {
+    if x.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = x.len() as f64;
+    let shift = (lanes::sum(x) / m) as f32;
+    let (s1, s2) = lanes::shifted_moments(x, shift);
+    moments_from_shifted(shift as f64, s1, s2, m)
+}
+
+/// Per-channel [`Moments`] of an (N, C, S) tensor from the (mean, M2) of each of its N·C planes (n-major, as
+/// the tensor), merged exactly (Chan et al.) in image order: the local-statistics stage of the forward, computed
+/// by the layer that produced the planes.
+pub fn moments_from_planes(pm: &[(f64, f64)], d: Ncs) -> Moments {
+    assert_eq!(pm.len(), d.n * d.c, "one (mean, M2) per plane");
+    let mut out = Moments::empty(d.c);
+    out.count = d.m() as u64;
+    let s = d.s as f64;
+    for c in 0..d.c {
+        let (mut n_acc, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
+        for n in 0..d.n {
+            let (pmean, pm2) = pm[n * d.c + c];
+            if n_acc == 0.0 {
+                (n_acc, mean, m2) = (s, pmean, pm2);
+                continue;
+            }
+            let tot = n_acc + s;
+            let delta = pmean - mean;
+            mean += delta * s / tot;
+            m2 += pm2 + delta * delta * n_acc * s / tot;
+            n_acc = tot;
+        }
+        out.mean[c] = mean;
+        out.m2[c] = m2;
+    }
+    out
+}
+
 /// Two-pass statistics of one channel: returns (shift, Σ(x-shift), Σ(x-shift)²).
 #[inline]
 fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
@@ -389,25 +430,73 @@ pub fn train_forward_maxpool<T: Real>(
     );
     let (yp, ip) = (SyncPtr(y.as_mut_ptr()), SyncPtr(ix.as_mut_ptr()));
     train_forward_with(x, d, weight, bias, eps, |c, s, b, sh| {
-        with_pool_scratch(d.s, |plane| {
-            let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
-            for n in 0..d.n {
-                let off = (n * d.c + c) * d.s;
-                lanes::affine_shifted_to(&x[off..off + d.s], pt, sh, s, b, relu, false);
-                let po = (n * d.c + c) * p.out();
-                // SAFETY: (n, c) output planes are disjoint and each is written by exactly one task.
-                let (yo, io) = unsafe { (yp.slice(po, p.out()), ip.slice(po, p.out())) };
-                let yo = crate::nn::simd::as_f32_mut(yo).expect("f32");
-                crate::nn::pool::max2x2_f32::plane(
-                    crate::nn::simd::as_f32(pt).expect("f32"),
-                    p.w,
-                    p.oh(),
-                    p.ow(),
-                    yo,
-                    io,
-                );
-            }
-        })
+        normalize_channel_maxpool(x, yp, ip, d, p, c, s, b, sh, relu)
+    })
+}
+
+/// The normalize stage of [`train_forward_maxpool`] with statistics computed elsewhere (as [`normalize`] is
+/// to [`train_forward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn normalize_maxpool<T: Real>(
+    x: &[T],
+    y: &mut [T],
+    ix: &mut [u32],
+    d: Ncs,
+    p: Pool2x2,
+    st: &BatchStats<T>,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) {
+    assert!(
+        Pool2x2::available::<T>(),
+        "fused max pool needs f32 and AVX-512F"
+    );
+    assert!(p.h * p.w == d.s && d.s > 1, "planes of H·W values");
+    assert_eq!(x.len(), d.numel());
+    assert!(
+        y.len() == d.n * d.c * p.out() && ix.len() == y.len(),
+        "pooled sizes"
+    );
+    let (yp, ip) = (SyncPtr(y.as_mut_ptr()), SyncPtr(ix.as_mut_ptr()));
+    (0..d.c).into_par_iter().for_each(|c| {
+        let (s, b) = st.channel_affine(c, weight, bias);
+        normalize_channel_maxpool(x, yp, ip, d, p, c, s, b, st.shift[c], relu);
+    });
+}
+
+/// Channel `c` normalized plane by plane into an L1 buffer and max-pooled from there into `y` and `ix`.
+#[allow(clippy::too_many_arguments)]
+fn normalize_channel_maxpool<T: Real>(
+    x: &[T],
+    yp: SyncPtr<T>,
+    ip: SyncPtr<u32>,
+    d: Ncs,
+    p: Pool2x2,
+    c: usize,
+    s: T,
+    b: T,
+    sh: T,
+    relu: bool,
+) {
+    with_pool_scratch(d.s, |plane| {
+        let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
+        for n in 0..d.n {
+            let off = (n * d.c + c) * d.s;
+            lanes::affine_shifted_to(&x[off..off + d.s], pt, sh, s, b, relu, false);
+            let po = (n * d.c + c) * p.out();
+            // SAFETY: (n, c) output planes are disjoint and each is written by exactly one task.
+            let (yo, io) = unsafe { (yp.slice(po, p.out()), ip.slice(po, p.out())) };
+            let yo = crate::nn::simd::as_f32_mut(yo).expect("f32");
+            crate::nn::pool::max2x2_f32::plane(
+                crate::nn::simd::as_f32(pt).expect("f32"),
+                p.w,
+                p.oh(),
+                p.ow(),
+                yo,
+                io,
+            );
+        }
     })
 }
 

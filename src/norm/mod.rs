@@ -135,6 +135,20 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
     ) -> Result<Option<ndarray::ArrayD<T>>> {
         Ok(None)
     }
+    /// Whether [`NormLayer::forward_from_plane_moments`] applies in `mode`.
+    fn takes_plane_moments(&self, _mode: crate::Mode) -> bool {
+        false
+    }
+    /// The forward from the per-plane (mean, M2) of `x` (see [`BatchNorm::forward_from_plane_moments`]).
+    fn forward_from_plane_moments(
+        &mut self,
+        _x: &ndarray::ArrayD<T>,
+        _pm: &[(f64, f64)],
+        _mode: crate::Mode,
+        _pool: bool,
+    ) -> Result<Option<(ndarray::ArrayD<T>, bool)>> {
+        Ok(None)
+    }
     /// The backward of [`NormLayer::forward_maxpool`], from the gradient of the pooled output.
     fn backward_maxpool(
         &mut self,
@@ -229,6 +243,18 @@ impl<T: Real> NormLayer<T> for BatchNorm<T> {
         mode: crate::Mode,
     ) -> Result<Option<ndarray::ArrayD<T>>> {
         BatchNorm::forward_maxpool(self, x, mode)
+    }
+    fn takes_plane_moments(&self, mode: crate::Mode) -> bool {
+        BatchNorm::takes_plane_moments(self, mode)
+    }
+    fn forward_from_plane_moments(
+        &mut self,
+        x: &ndarray::ArrayD<T>,
+        pm: &[(f64, f64)],
+        mode: crate::Mode,
+        pool: bool,
+    ) -> Result<Option<(ndarray::ArrayD<T>, bool)>> {
+        BatchNorm::forward_from_plane_moments(self, x, pm, mode, pool)
     }
     fn backward_maxpool(
         &mut self,

@@ -1,10 +1,16 @@
-//! A training BatchNorm(+ReLU) followed by a 2×2 max pool runs as one kernel (`BatchNorm::forward_maxpool` /
-//! `backward_maxpool`, used by `Sequential` whenever a BatchNorm is followed by such a pool). Its pooled output,
-//! its dx, its parameter gradients and its running statistics must be bitwise those of the two layers run one
-//! after the other, including ties inside windows, NaN, odd sizes (floor mode) and any thread count.
+//! Training-time fusions across layers, which `Sequential` applies on its own:
+//! - a BatchNorm(+ReLU) followed by a 2×2 max pool runs as one kernel (`BatchNorm::forward_maxpool` /
+//!   `backward_maxpool`). Its pooled output, dx, parameter gradients and running statistics must be bitwise
+//!   those of the two layers run one after the other, including ties inside windows, NaN, odd sizes (floor
+//!   mode) and any thread count;
+//! - a convolution before a training BatchNorm reduces its output planes to (mean, M2) as it writes them
+//!   (`Conv2d::forward_with_plane_moments`), and the BatchNorm merges them instead of making its own statistics
+//!   pass (`BatchNorm::forward_from_plane_moments`). The convolution's output is bitwise the same; the
+//!   BatchNorm's statistics agree with its own to rounding, also on data whose mean dwarfs its spread.
 
 use ndarray::{ArrayD, IxDyn};
-use normvision::nn::{MaxPool2d, MaxPool2dConfig};
+use normvision::nn::{Conv2dConfig, MaxPool2d, MaxPool2dConfig};
+use normvision::norm::batch_kernels::plane_moments;
 use normvision::norm::{BatchNorm, BatchNormConfig};
 use normvision::{Mode, NvError};
 use proptest::prelude::*;
@@ -168,4 +174,116 @@ proptest! {
         prop_assume!(n * h * w > 1);
         check([n, c, h, w], relu, affine, seed, quantize, false);
     }
+}
+
+/// Per-plane (mean, M2) of an (N, C, H, W) array, as a convolution hands them over.
+fn planes(x: &ArrayD<f32>) -> Vec<(f64, f64)> {
+    let s = x.shape()[2] * x.shape()[3];
+    x.as_slice().unwrap().chunks(s).map(plane_moments).collect()
+}
+
+#[test]
+fn convolution_moments_are_those_of_its_output_planes() {
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(11);
+    // the Winograd path (8+ input channels), the single-channel path, and a shape with neither (declined)
+    for (cin, cout, h, w, expect) in [
+        (16, 8, 10, 12, true),
+        (1, 32, 28, 28, true),
+        (3, 4, 6, 6, false),
+    ] {
+        let mut conv = Conv2dConfig::new(cin, cout, 3)
+            .padding(1)
+            .bias(false)
+            .build::<f32>(&mut rng)
+            .unwrap();
+        let x =
+            ArrayD::from_shape_simple_fn(IxDyn(&[3, cin, h, w]), || rng.gen_range(-1.0f32..1.0));
+        let plain = conv.forward(&x).unwrap();
+        match conv.forward_with_plane_moments(&x).unwrap() {
+            Some((y, pm)) => {
+                assert!(expect || !normvision::nn::winograd::available());
+                assert_eq!(
+                    bits(&y),
+                    bits(&plain),
+                    "output differs from the plain forward"
+                );
+                assert_eq!(pm, planes(&y), "moments of the output planes");
+            }
+            None => assert!(!expect || !normvision::nn::winograd::available()),
+        }
+    }
+}
+
+#[test]
+fn batch_norm_from_plane_moments_matches_its_own_statistics() {
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(12);
+    // ordinary data, and data with mean 1e4 and standard deviation 0.1 (E[x²] - E[x]² would lose it all)
+    for (shape, offset, scale) in [([6, 5, 7, 9], 0.0f32, 1.0f32), ([4, 3, 8, 8], 1e4, 0.1)] {
+        let x = ArrayD::from_shape_simple_fn(IxDyn(&shape), || {
+            offset + scale * rng.gen_range(-1.7f32..1.7)
+        });
+        for (relu, pool) in [(false, false), (true, false), (true, true)] {
+            let cfg = BatchNormConfig::d2(shape[1]).fuse_relu(relu);
+            let mut own: BatchNorm<f32> = cfg.clone().build().unwrap();
+            let mut merged: BatchNorm<f32> = cfg.build().unwrap();
+            let want = own.forward(&x, Mode::Train).unwrap();
+            let Some((got, pooled)) = merged
+                .forward_from_plane_moments(&x, &planes(&x), Mode::Train, pool)
+                .unwrap()
+            else {
+                panic!("a training BatchNorm takes plane moments");
+            };
+            let want = if pooled {
+                MaxPool2d::new(MaxPool2dConfig::new(2))
+                    .unwrap()
+                    .forward(&want)
+                    .unwrap()
+            } else {
+                assert!(!pool || !normvision::nn::winograd::available());
+                want
+            };
+            assert_eq!(got.shape(), want.shape());
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!(
+                    (a - b).abs() <= 2e-5 * (1.0 + b.abs()),
+                    "{a} vs {b} ({shape:?})"
+                );
+            }
+            for (ra, rb) in [
+                (&merged.running_mean, &own.running_mean),
+                (&merged.running_var, &own.running_var),
+            ] {
+                for (a, b) in ra.as_ref().unwrap().iter().zip(rb.as_ref().unwrap().iter()) {
+                    assert!(
+                        (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                        "running {a} vs {b}"
+                    );
+                }
+            }
+            assert_eq!(merged.num_batches_tracked, 1);
+            // the backward through the saved statistics works as after a plain forward
+            let dy =
+                ArrayD::from_shape_simple_fn(IxDyn(got.shape()), || rng.gen_range(-1.0f32..1.0));
+            let dx = if pooled {
+                merged.backward_maxpool(&x, &dy, Mode::Train).unwrap()
+            } else {
+                merged.backward(&x, &dy, Mode::Train).unwrap()
+            };
+            assert_eq!(dx.shape(), x.shape());
+            assert!(dx.iter().all(|v| v.is_finite()));
+        }
+    }
+    // eval with running statistics declines; one value per channel is the usual error
+    let mut bn: BatchNorm<f32> = BatchNormConfig::d2(2).build().unwrap();
+    let x = ArrayD::zeros(IxDyn(&[2, 2, 3, 3]));
+    assert!(!bn.takes_plane_moments(Mode::Eval));
+    assert!(bn
+        .forward_from_plane_moments(&x, &planes(&x), Mode::Eval, false)
+        .unwrap()
+        .is_none());
+    let one = ArrayD::zeros(IxDyn(&[1, 2, 1, 1]));
+    assert!(bn
+        .forward_from_plane_moments(&one, &planes(&one), Mode::Train, false)
+        .unwrap()
+        .is_none());
 }
