@@ -752,6 +752,9 @@ mod x86 {
     ) {
         let rp = rows.as_ptr();
         let vp = v.as_mut_ptr();
+        if 2 * tw <= 16 {
+            return input_tiles_paired(rows, wl, th, tw, v, pstride, dst);
+        }
         for i in 0..th {
             let mut j0 = 0;
             while j0 < tw {
@@ -787,6 +790,155 @@ mod x86 {
         }
     }
 
+    /// [`input_tiles`] for planes whose tile rows fit two to a vector (2·tw ≤ 16, as the 14×14 layers' 7):
+    /// tile rows i and i + 1 share one vector (lanes 0..tw and tw..2·tw), which halves the transform's
+    /// iterations and stores. Their outputs are contiguous in V (index i·tw + j), so one store covers both.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn input_tiles_paired(
+        rows: &[f32],
+        wl: usize,
+        th: usize,
+        tw: usize,
+        v: &mut [f32],
+        pstride: usize,
+        dst: usize,
+    ) {
+        let rp = rows.as_ptr();
+        let vp = v.as_mut_ptr();
+        let lo = mask(tw);
+        let mut i = 0;
+        while i < th {
+            let pair = (th - i).min(2);
+            let mk = mask(pair * tw);
+            let hi = mk & !lo;
+            let mut cr = [[_mm512_setzero_ps(); 4]; 4];
+            for (a, ca) in cr.iter_mut().enumerate() {
+                let e = rp.add((2 * i + a) * 2 * wl);
+                let o = e.add(wl);
+                // the same row of tile row i + 1 is two padded rows further down; offset so that its first
+                // value lands in lane tw (lanes below tw are masked off, so nothing is read before it)
+                let e2 = e.wrapping_add(2 * 2 * wl).wrapping_sub(tw);
+                let o2 = e2.wrapping_add(wl);
+                let ld = |p: *const f32, q: *const f32| {
+                    _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo, p), hi, q)
+                };
+                let x0 = ld(e, e2);
+                let x1 = ld(o, o2);
+                let x2 = ld(e.add(1), e2.wrapping_add(1));
+                let x3 = ld(o.add(1), o2.wrapping_add(1));
+                ca[0] = _mm512_sub_ps(x0, x2);
+                ca[1] = _mm512_add_ps(x1, x2);
+                ca[2] = _mm512_sub_ps(x2, x1);
+                ca[3] = _mm512_sub_ps(x1, x3);
+            }
+            let base = dst + i * tw;
+            for q in 0..4 {
+                let r = [
+                    _mm512_sub_ps(cr[0][q], cr[2][q]),
+                    _mm512_add_ps(cr[1][q], cr[2][q]),
+                    _mm512_sub_ps(cr[2][q], cr[1][q]),
+                    _mm512_sub_ps(cr[1][q], cr[3][q]),
+                ];
+                for (rr, val) in r.iter().enumerate() {
+                    _mm512_mask_storeu_ps(vp.add((rr * 4 + q) * pstride + base), mk, *val);
+                }
+            }
+            i += 2;
+        }
+    }
+
+    /// [`output_tiles`] for planes whose tile rows fit two to a vector (2·tw ≤ 16): tile rows i and i + 1
+    /// are loaded from M with one load per transform plane and transformed together; their output rows
+    /// (2i, 2i + 1 and 2i + 2, 2i + 3) are written from the low and the shifted-down high lanes.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn output_tiles_paired(
+        m: &[f32],
+        pstride: usize,
+        src: usize,
+        th: usize,
+        tw: usize,
+        h: usize,
+        w: usize,
+        b: f32,
+        affine: Option<(f32, f32)>,
+        relu: bool,
+        pool: bool,
+        plane: &mut [f32],
+    ) {
+        let (va, vab) = match affine {
+            Some((a, ab)) => (_mm512_set1_ps(a), _mm512_set1_ps(ab)),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        let mp = m.as_ptr();
+        let yp = plane.as_mut_ptr();
+        let vb = _mm512_set1_ps(b);
+        let zero = _mm512_setzero_ps();
+        // lane j ← lane j + tw: tile row i + 1 moved down to lanes 0..tw
+        let down = _mm512_add_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(tw as i32),
+        );
+        let mut i = 0;
+        while i < th {
+            let pair = (th - i).min(2);
+            let mk = mask(pair * tw);
+            let base = src + i * tw;
+            let ld = |p: usize| _mm512_maskz_loadu_ps(mk, mp.add(p * pstride + base));
+            let mut s0 = [zero; 4];
+            let mut s1 = [zero; 4];
+            for q in 0..4 {
+                let (m0, m1, m2, m3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
+                s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+            }
+            let cols = |s: &[__m512; 4]| {
+                (
+                    _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
+                    _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
+                )
+            };
+            let mut pooled = zero;
+            for (a, s) in [s0, s1].iter().enumerate() {
+                let (mut y0, mut y1) = cols(s);
+                y0 = _mm512_add_ps(y0, vb);
+                y1 = _mm512_add_ps(y1, vb);
+                if affine.is_some() {
+                    // separate multiply and add, as the eval BatchNorm computes x·a + b
+                    y0 = _mm512_add_ps(_mm512_mul_ps(y0, va), vab);
+                    y1 = _mm512_add_ps(_mm512_mul_ps(y1, va), vab);
+                }
+                if relu {
+                    y0 = _mm512_max_ps(y0, zero);
+                    y1 = _mm512_max_ps(y1, zero);
+                }
+                if pool {
+                    // after the ReLU every value is +0 or positive, so the maximum is exact in any order
+                    pooled = _mm512_max_ps(pooled, _mm512_max_ps(y0, y1));
+                    continue;
+                }
+                let row = 2 * i + a;
+                if row < h {
+                    store_interleaved(yp.add(row * w), y0, y1, w);
+                }
+                if pair == 2 && row + 2 < h {
+                    let (d0, d1) = (
+                        _mm512_permutexvar_ps(down, y0),
+                        _mm512_permutexvar_ps(down, y1),
+                    );
+                    store_interleaved(yp.add((row + 2) * w), d0, d1, w);
+                }
+            }
+            if pool {
+                // pooled rows i and i + 1 (tw values each) are contiguous in the (H/2) × (W/2) plane
+                _mm512_mask_storeu_ps(yp.add(i * tw), mk, pooled);
+            }
+            i += 2;
+        }
+    }
+
     /// Output tiles of one plane: y = Aᵀ M A (+ b, ReLU), interleaved back into rows of `w` values.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
@@ -808,6 +960,11 @@ mod x86 {
             Some((a, ab)) => (_mm512_set1_ps(a), _mm512_set1_ps(ab)),
             None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
         };
+        if 2 * tw <= 16 {
+            return output_tiles_paired(
+                m, pstride, src, th, tw, h, w, b, affine, relu, pool, plane,
+            );
+        }
         let mp = m.as_ptr();
         let yp = plane.as_mut_ptr();
         let vb = _mm512_set1_ps(b);
