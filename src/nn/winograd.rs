@@ -1037,6 +1037,9 @@ mod x86 {
     ) {
         let rp = rows.as_ptr();
         let dp = dm.as_mut_ptr();
+        if 2 * tw <= 16 {
+            return dy_tiles_paired(rows, th, tw, dm, pstride, dst);
+        }
         for i in 0..th {
             let mut j0 = 0;
             while j0 < tw {
@@ -1073,6 +1076,59 @@ mod x86 {
                 }
                 j0 += 16;
             }
+        }
+    }
+
+    /// [`dy_tiles`] with two tile rows per vector when they fit (2·tw ≤ 16), as [`input_tiles_paired`].
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dy_tiles_paired(
+        rows: &[f32],
+        th: usize,
+        tw: usize,
+        dm: &mut [f32],
+        pstride: usize,
+        dst: usize,
+    ) {
+        let rp = rows.as_ptr();
+        let dp = dm.as_mut_ptr();
+        let lo = mask(tw);
+        let zero = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < th {
+            let pair = (th - i).min(2);
+            let mk = mask(pair * tw);
+            let hi = mk & !lo;
+            // half-row p of tile row i in lanes 0..tw, the same half-row of tile row i + 1 (two rows of 2·tw
+            // values further on) in lanes tw..2·tw
+            let ld = |p: *const f32| {
+                let q = p.wrapping_add(2 * 2 * tw).wrapping_sub(tw);
+                _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo, p), hi, q)
+            };
+            let r0 = rp.add(2 * i * 2 * tw);
+            let r1 = rp.add((2 * i + 1) * 2 * tw);
+            let (e0, o0) = (ld(r0), ld(r0.add(tw)));
+            let (e1, o1) = (ld(r1), ld(r1.add(tw)));
+            // rows of A g: (e0, o0), (e0+e1, o0+o1), (e0-e1, o0-o1), (-e1, -o1)
+            let rws = [
+                (e0, o0),
+                (_mm512_add_ps(e0, e1), _mm512_add_ps(o0, o1)),
+                (_mm512_sub_ps(e0, e1), _mm512_sub_ps(o0, o1)),
+                (_mm512_sub_ps(zero, e1), _mm512_sub_ps(zero, o1)),
+            ];
+            let base = dst + i * tw;
+            for (r, (a, b)) in rws.iter().enumerate() {
+                let vals = [
+                    *a,
+                    _mm512_add_ps(*a, *b),
+                    _mm512_sub_ps(*a, *b),
+                    _mm512_sub_ps(zero, *b),
+                ];
+                for (q, val) in vals.iter().enumerate() {
+                    _mm512_mask_storeu_ps(dp.add((r * 4 + q) * pstride + base), mk, *val);
+                }
+            }
+            i += 2;
         }
     }
 
