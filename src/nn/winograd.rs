@@ -755,39 +755,51 @@ mod x86 {
         if 2 * tw <= 16 {
             return input_tiles_paired(rows, wl, th, tw, v, pstride, dst);
         }
-        for i in 0..th {
-            let mut j0 = 0;
-            while j0 < tw {
-                let mk = mask(tw - j0);
-                // column transform of the 4 rows: c[a][q]
-                let mut cr = [[_mm512_setzero_ps(); 4]; 4];
-                for (a, ca) in cr.iter_mut().enumerate() {
-                    let e = rp.add((2 * i + a) * 2 * wl + j0);
-                    let o = e.add(wl);
-                    let x0 = _mm512_maskz_loadu_ps(mk, e);
-                    let x1 = _mm512_maskz_loadu_ps(mk, o);
-                    let x2 = _mm512_maskz_loadu_ps(mk, e.add(1));
-                    let x3 = _mm512_maskz_loadu_ps(mk, o.add(1));
-                    ca[0] = _mm512_sub_ps(x0, x2);
-                    ca[1] = _mm512_add_ps(x1, x2);
-                    ca[2] = _mm512_sub_ps(x2, x1);
-                    ca[3] = _mm512_sub_ps(x1, x3);
-                }
-                let base = dst + i * tw + j0;
-                for q in 0..4 {
-                    let r = [
-                        _mm512_sub_ps(cr[0][q], cr[2][q]),
-                        _mm512_add_ps(cr[1][q], cr[2][q]),
-                        _mm512_sub_ps(cr[2][q], cr[1][q]),
-                        _mm512_sub_ps(cr[1][q], cr[3][q]),
-                    ];
-                    for (rr, val) in r.iter().enumerate() {
-                        _mm512_mask_storeu_ps(vp.add((rr * 4 + q) * pstride + base), mk, *val);
+        // One transform column q at a time, over the whole plane: only its 4 output planes (rr·4 + q) are
+        // written in the inner loop. With all 16 at once the 16 store pointers did not fit the registers and
+        // were kept on the stack, each advanced with a read-modify-write per tile row.
+        for (q, &(oa, ob, add)) in input_columns(wl).iter().enumerate() {
+            let outs: [*mut f32; 4] =
+                std::array::from_fn(|rr| vp.add((rr * 4 + q) * pstride + dst));
+            for i in 0..th {
+                let mut j0 = 0;
+                while j0 < tw {
+                    let mk = mask(tw - j0);
+                    let mut ca = [_mm512_setzero_ps(); 4];
+                    for (a, c) in ca.iter_mut().enumerate() {
+                        let e = rp.add((2 * i + a) * 2 * wl + j0);
+                        let (x, y) = (
+                            _mm512_maskz_loadu_ps(mk, e.add(oa)),
+                            _mm512_maskz_loadu_ps(mk, e.add(ob)),
+                        );
+                        *c = if add {
+                            _mm512_add_ps(x, y)
+                        } else {
+                            _mm512_sub_ps(x, y)
+                        };
                     }
+                    let at = i * tw + j0;
+                    _mm512_mask_storeu_ps(outs[0].add(at), mk, _mm512_sub_ps(ca[0], ca[2]));
+                    _mm512_mask_storeu_ps(outs[1].add(at), mk, _mm512_add_ps(ca[1], ca[2]));
+                    _mm512_mask_storeu_ps(outs[2].add(at), mk, _mm512_sub_ps(ca[2], ca[1]));
+                    _mm512_mask_storeu_ps(outs[3].add(at), mk, _mm512_sub_ps(ca[1], ca[3]));
+                    j0 += 16;
                 }
-                j0 += 16;
             }
         }
+    }
+
+    /// Column q of Bᵀ d B in terms of a padded row's even (e) and odd (o) half-rows: `(offset of x, offset of
+    /// y, add)`, the column value being x + y or x - y with x, y read at those offsets from e's start:
+    /// q = 0: e[j] - e[j+1]; 1: o[j] + e[j+1]; 2: e[j+1] - o[j]; 3: o[j] - o[j+1] (o starts at wl).
+    #[inline(always)]
+    fn input_columns(wl: usize) -> [(usize, usize, bool); 4] {
+        [
+            (0, 1, false),
+            (wl, 1, true),
+            (1, wl, false),
+            (wl, wl + 1, false),
+        ]
     }
 
     /// [`input_tiles`] for planes whose tile rows fit two to a vector (2·tw ≤ 16, as the 14×14 layers' 7):
@@ -807,44 +819,41 @@ mod x86 {
         let rp = rows.as_ptr();
         let vp = v.as_mut_ptr();
         let lo = mask(tw);
-        let mut i = 0;
-        while i < th {
-            let pair = (th - i).min(2);
-            let mk = mask(pair * tw);
-            let hi = mk & !lo;
-            let mut cr = [[_mm512_setzero_ps(); 4]; 4];
-            for (a, ca) in cr.iter_mut().enumerate() {
-                let e = rp.add((2 * i + a) * 2 * wl);
-                let o = e.add(wl);
-                // the same row of tile row i + 1 is two padded rows further down; offset so that its first
-                // value lands in lane tw (lanes below tw are masked off, so nothing is read before it)
-                let e2 = e.wrapping_add(2 * 2 * wl).wrapping_sub(tw);
-                let o2 = e2.wrapping_add(wl);
-                let ld = |p: *const f32, q: *const f32| {
-                    _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(lo, p), hi, q)
-                };
-                let x0 = ld(e, e2);
-                let x1 = ld(o, o2);
-                let x2 = ld(e.add(1), e2.wrapping_add(1));
-                let x3 = ld(o.add(1), o2.wrapping_add(1));
-                ca[0] = _mm512_sub_ps(x0, x2);
-                ca[1] = _mm512_add_ps(x1, x2);
-                ca[2] = _mm512_sub_ps(x2, x1);
-                ca[3] = _mm512_sub_ps(x1, x3);
-            }
-            let base = dst + i * tw;
-            for q in 0..4 {
-                let r = [
-                    _mm512_sub_ps(cr[0][q], cr[2][q]),
-                    _mm512_add_ps(cr[1][q], cr[2][q]),
-                    _mm512_sub_ps(cr[2][q], cr[1][q]),
-                    _mm512_sub_ps(cr[1][q], cr[3][q]),
-                ];
-                for (rr, val) in r.iter().enumerate() {
-                    _mm512_mask_storeu_ps(vp.add((rr * 4 + q) * pstride + base), mk, *val);
+        for (q, &(oa, ob, add)) in input_columns(wl).iter().enumerate() {
+            let outs: [*mut f32; 4] =
+                std::array::from_fn(|rr| vp.add((rr * 4 + q) * pstride + dst));
+            let mut i = 0;
+            while i < th {
+                let pair = (th - i).min(2);
+                let mk = mask(pair * tw);
+                let hi = mk & !lo;
+                let mut ca = [_mm512_setzero_ps(); 4];
+                for (a, c) in ca.iter_mut().enumerate() {
+                    let e = rp.add((2 * i + a) * 2 * wl);
+                    // the same row of tile row i + 1 is two padded rows further down; offset so that its
+                    // first value lands in lane tw (lanes below tw are masked off, so nothing before it is read)
+                    let e2 = e.wrapping_add(2 * 2 * wl).wrapping_sub(tw);
+                    let ld = |off: usize| {
+                        _mm512_mask_loadu_ps(
+                            _mm512_maskz_loadu_ps(lo, e.add(off)),
+                            hi,
+                            e2.wrapping_add(off),
+                        )
+                    };
+                    let (x, y) = (ld(oa), ld(ob));
+                    *c = if add {
+                        _mm512_add_ps(x, y)
+                    } else {
+                        _mm512_sub_ps(x, y)
+                    };
                 }
+                let at = i * tw;
+                _mm512_mask_storeu_ps(outs[0].add(at), mk, _mm512_sub_ps(ca[0], ca[2]));
+                _mm512_mask_storeu_ps(outs[1].add(at), mk, _mm512_add_ps(ca[1], ca[2]));
+                _mm512_mask_storeu_ps(outs[2].add(at), mk, _mm512_sub_ps(ca[2], ca[1]));
+                _mm512_mask_storeu_ps(outs[3].add(at), mk, _mm512_sub_ps(ca[1], ca[3]));
+                i += 2;
             }
-            i += 2;
         }
     }
 
