@@ -288,12 +288,31 @@ pub fn normalize<T: Real>(
     if d.s == 1 {
         return super::rows_kernels::normalize(x, y, d, st, weight, bias, relu);
     }
-    let yp = SyncPtr(y.as_mut_ptr());
-    (0..d.c).into_par_iter().for_each(|c| {
-        let (s, b) = st.channel_affine(c, weight, bias);
-        normalize_channel(x, yp, d, c, s, b, st.shift[c], relu);
-    });
+    // With the statistics known, no channel needs its values together: the planes are normalized in memory
+    // order, each thread streaming through a contiguous run of the tensor. (A channel's planes are C·S values
+    // apart; visited channel by channel, each 1-3 KB plane was a fresh start for the hardware prefetcher.)
+    let aff: Vec<(T, T, T)> = (0..d.c)
+        .map(|c| {
+            let (s, b) = st.channel_affine(c, weight, bias);
+            (s, b, st.shift[c])
+        })
+        .collect();
+    let stream = streams::<T>(d, 2);
+    y.par_chunks_mut(d.s)
+        .zip(x.par_chunks(d.s))
+        .enumerate()
+        .with_min_len(PLANES_PER_TASK)
+        .for_each(|(k, (yo, xi))| {
+            let (s, b, sh) = aff[k % d.c];
+            lanes::affine_shifted_to(xi, yo, sh, s, b, relu, stream);
+            if stream {
+                lanes::stream_fence();
+            }
+        });
 }
+
+/// Planes a worker takes at a time in the memory-order passes (amortizes rayon's splitting).
+const PLANES_PER_TASK: usize = 8;
 
 /// Fused training forward: per channel, statistics then normalisation while the channel is hot in cache.
 /// Requires more than one value per channel (checked by the layer).
@@ -458,11 +477,33 @@ pub fn normalize_maxpool<T: Real>(
         y.len() == d.n * d.c * p.out() && ix.len() == y.len(),
         "pooled sizes"
     );
-    let (yp, ip) = (SyncPtr(y.as_mut_ptr()), SyncPtr(ix.as_mut_ptr()));
-    (0..d.c).into_par_iter().for_each(|c| {
-        let (s, b) = st.channel_affine(c, weight, bias);
-        normalize_channel_maxpool(x, yp, ip, d, p, c, s, b, st.shift[c], relu);
-    });
+    // planes in memory order, as in [`normalize`]
+    let aff: Vec<(T, T, T)> = (0..d.c)
+        .map(|c| {
+            let (s, b) = st.channel_affine(c, weight, bias);
+            (s, b, st.shift[c])
+        })
+        .collect();
+    y.par_chunks_mut(p.out())
+        .zip(ix.par_chunks_mut(p.out()))
+        .zip(x.par_chunks(d.s))
+        .enumerate()
+        .with_min_len(PLANES_PER_TASK)
+        .for_each(|(k, ((yo, io), xi))| {
+            let (s, b, sh) = aff[k % d.c];
+            with_pool_scratch(d.s, |plane| {
+                let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
+                lanes::affine_shifted_to(xi, pt, sh, s, b, relu, false);
+                crate::nn::pool::max2x2_f32::plane(
+                    crate::nn::simd::as_f32(pt).expect("f32"),
+                    p.w,
+                    p.oh(),
+                    p.ow(),
+                    crate::nn::simd::as_f32_mut(yo).expect("f32"),
+                    io,
+                );
+            })
+        });
 }
 
 /// Channel `c` normalized plane by plane into an L1 buffer and max-pooled from there into `y` and `ix`.
@@ -533,6 +574,11 @@ pub fn eval_forward<T: Real>(x: &[T], y: &mut [T], d: Ncs, a: &[T], b: &[T], rel
 }
 
 /// Stage 1 of the backward: per-channel Σdy and Σdy·(x-mean) (dy masked by the fused ReLU when `relu`).
+///
+/// The planes are visited in memory order, each thread streaming through a contiguous run of x and dy (a
+/// channel's planes are C·S values apart: gathered channel by channel, each 1-3 KB plane was a fresh start
+/// for the hardware prefetcher). Each plane's two sums are f64; a channel's planes are added in image order,
+/// so the result does not depend on the number of threads.
 pub fn backward_sums<T: Real>(
     x: &[T],
     dy: &[T],
@@ -545,48 +591,55 @@ pub fn backward_sums<T: Real>(
     if d.s == 1 {
         return super::rows_kernels::backward_sums(x, dy, d, st, weight, bias, relu);
     }
-    let mut out = BackwardSums {
-        sum_dy: vec![0.0; d.c],
-        dot: vec![0.0; d.c],
-    };
-    let per: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            let (s, b) = st.channel_affine(c, weight, bias);
-            let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
-            (sd, dt - (st.mean[c] - st.shift[c].as_f64()) * sd)
-        })
+    assert!(
+        x.len() == d.numel() && dy.len() == d.numel(),
+        "x and dy sizes"
+    );
+    let masks = relu_masks(st, d, weight, bias, relu);
+    let per: Vec<(f64, f64)> = dy
+        .par_chunks(d.s)
+        .zip(x.par_chunks(d.s))
+        .enumerate()
+        .with_min_len(PLANES_PER_TASK)
+        .map(|(k, (g, xs))| plane_dy_sums(g, xs, st.shift[k % d.c], masks[k % d.c]))
         .collect();
-    for (c, (sd, dt)) in per.into_iter().enumerate() {
-        out.sum_dy[c] = sd;
-        out.dot[c] = dt;
-    }
-
-    out
+    combine_plane_sums(&per, d, st)
 }
 
-#[inline]
-#[allow(clippy::too_many_arguments)]
-fn channel_backward_sums<T: Real>(
-    x: &[T],
-    dy: &[T],
+/// The (s, b) of each channel's fused-ReLU mask `(x - shift)·s + b > 0`, when `relu`.
+fn relu_masks<T: Real>(
+    st: &BatchStats<T>,
     d: Ncs,
-    c: usize,
-    shift: T,
-    s: T,
-    b: T,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
     relu: bool,
-) -> (f64, f64) {
-    lanes::dy_moments_channel(
-        dy,
-        x,
-        c * d.s,
-        d.n,
-        d.s,
-        d.c * d.s,
-        shift,
-        relu.then_some((s, b)),
-    )
+) -> Vec<Option<(T, T)>> {
+    (0..d.c)
+        .map(|c| relu.then(|| st.channel_affine(c, weight, bias)))
+        .collect()
+}
+
+/// (Σg, Σg·(x - shift)) of one plane, g = dy masked by the fused ReLU when `mask` is given.
+#[inline]
+fn plane_dy_sums<T: Real>(g: &[T], x: &[T], shift: T, mask: Option<(T, T)>) -> (f64, f64) {
+    match mask {
+        None => lanes::dy_moments(g, x, shift),
+        Some((s, b)) => lanes::dy_moments_relu(g, x, shift, s, b),
+    }
+}
+
+/// Per-channel sums from per-plane ones (n-major), added in image order; Σdy·(x - mean) from Σdy·(x - shift).
+fn combine_plane_sums<T: Real>(per: &[(f64, f64)], d: Ncs, st: &BatchStats<T>) -> BackwardSums {
+    let mut sum_dy = vec![0.0; d.c];
+    let mut dot = vec![0.0; d.c];
+    for (k, &(sd, dt)) in per.iter().enumerate() {
+        sum_dy[k % d.c] += sd;
+        dot[k % d.c] += dt;
+    }
+    for c in 0..d.c {
+        dot[c] -= (st.mean[c] - st.shift[c].as_f64()) * sum_dy[c];
+    }
+    BackwardSums { sum_dy, dot }
 }
 
 /// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3, from channel `c`'s Σdy and
@@ -609,7 +662,21 @@ pub(crate) fn dx_coefficients<T: Real>(
     (T::of_f64(k1), T::of_f64(k2), T::of_f64(k3))
 }
 
-/// Stage 3 of the backward: dx from (possibly all-reduced) sums; `count` is the global number of values per channel.
+/// The per-channel (k1, k2, k3) of the dx pass.
+fn all_dx_coefficients<T: Real>(
+    st: &BatchStats<T>,
+    sums: &BackwardSums,
+    d: Ncs,
+    count: f64,
+    weight: Option<&[T]>,
+) -> Vec<(T, T, T)> {
+    (0..d.c)
+        .map(|c| dx_coefficients(st, c, sums.sum_dy[c], sums.dot[c], count, weight))
+        .collect()
+}
+
+/// Stage 3 of the backward: dx from (possibly all-reduced) sums; `count` is the global number of values per
+/// channel. Planes in memory order, as in [`backward_sums`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward_dx<T: Real>(
     x: &[T],
@@ -627,53 +694,27 @@ pub fn backward_dx<T: Real>(
     if d.s == 1 {
         return super::rows_kernels::backward_dx(x, dy, dx, d, st, sums, count, weight, bias, relu);
     }
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let count = count as f64;
-    (0..d.c).into_par_iter().for_each(|c| {
-        let (k1, k2, k3) = dx_coefficients(st, c, sums.sum_dy[c], sums.dot[c], count, weight);
-        let (s, b) = st.channel_affine(c, weight, bias);
-        channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
-    });
-}
-
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn channel_dx<T: Real>(
-    x: &[T],
-    dy: &[T],
-    dx: SyncPtr<T>,
-    d: Ncs,
-    c: usize,
-    shift: T,
-    s: T,
-    b: T,
-    k1: T,
-    k2: T,
-    k3: T,
-    relu: bool,
-) {
+    assert!(
+        x.len() == d.numel() && dy.len() == d.numel(),
+        "x and dy sizes"
+    );
+    let masks = relu_masks(st, d, weight, bias, relu);
+    let ks = all_dx_coefficients(st, sums, d, count as f64, weight);
     let stream = streams::<T>(d, 3);
-    for n in 0..d.n {
-        let off = (n * d.c + c) * d.s;
-        // SAFETY: (n, c) chunks are disjoint, one task per channel.
-        let out = unsafe { dx.slice(off, d.s) };
-        let (xs, gs) = (&x[off..off + d.s], &dy[off..off + d.s]);
-        lanes::bwd_dx_to(
-            gs,
-            xs,
-            out,
-            shift,
-            relu.then_some((s, b)),
-            (k1, k2, k3),
-            stream,
-        );
-    }
-    if stream {
-        lanes::stream_fence();
-    }
+    dx.par_chunks_mut(d.s)
+        .zip(dy.par_chunks(d.s).zip(x.par_chunks(d.s)))
+        .enumerate()
+        .with_min_len(PLANES_PER_TASK)
+        .for_each(|(k, (out, (g, xs)))| {
+            let c = k % d.c;
+            lanes::bwd_dx_to(g, xs, out, st.shift[c], masks[c], ks[c], stream);
+            if stream {
+                lanes::stream_fence();
+            }
+        });
 }
 
-/// Fused training backward: per channel the two reductions, then dx while the channel is hot in cache.
+/// Training backward: the two reductions ([`backward_sums`]), then dx ([`backward_dx`]).
 /// Returns the sums (dweight = dot·invstd, dbias = sum_dy).
 #[allow(clippy::too_many_arguments)]
 pub fn train_backward<T: Real>(
@@ -690,28 +731,16 @@ pub fn train_backward<T: Real>(
     if d.s == 1 {
         return super::rows_kernels::train_backward(x, dy, dx, d, st, weight, bias, relu);
     }
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let count = st.count as f64;
-    let per: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            let (s, b) = st.channel_affine(c, weight, bias);
-            let (sd, dt) = channel_backward_sums(x, dy, d, c, st.shift[c], s, b, relu);
-            let dot = dt - (st.mean[c] - st.shift[c].as_f64()) * sd;
-            let (k1, k2, k3) = dx_coefficients(st, c, sd, dot, count, weight);
-            channel_dx(x, dy, dxp, d, c, st.shift[c], s, b, k1, k2, k3, relu);
-            (sd, dot)
-        })
-        .collect();
-    let (sum_dy, dot) = per.into_iter().unzip();
-    BackwardSums { sum_dy, dot }
+    let sums = backward_sums(x, dy, d, st, weight, bias, relu);
+    backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
+    sums
 }
 
 /// [`train_backward`] for a BatchNorm whose output went through a 2×2 max pool ([`train_forward_maxpool`]):
-/// `dy` is the pooled gradient (N, C, H/2, W/2) and `ix` the pool's argmax indices. Each channel's unpooled
-/// dy is rebuilt into a per-thread buffer (N·H·W values, in L2) by the pool's own backward kernel and used from
-/// there, so the full-size dy is never written to memory. Bitwise the result of [`crate::nn::MaxPool2d`]'s
-/// backward followed by `train_backward`.
+/// `dy` is the pooled gradient (N, C, H/2, W/2) and `ix` the pool's argmax indices. In both passes each plane's
+/// unpooled dy is rebuilt into a per-thread L1 buffer by the pool's own backward kernel and used from there,
+/// so the full-size dy is never written to memory. Bitwise the result of [`crate::nn::MaxPool2d`]'s backward
+/// followed by `train_backward` (the same kernels on the same values, in the same order).
 #[allow(clippy::too_many_arguments)]
 pub fn train_backward_maxpool<T: Real>(
     x: &[T],
@@ -736,67 +765,53 @@ pub fn train_backward_maxpool<T: Real>(
         dy.len() == d.n * d.c * p.out() && ix.len() == dy.len(),
         "pooled sizes"
     );
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let count = st.count as f64;
     let dyf = crate::nn::simd::as_f32(dy).expect("f32");
-    let per: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            with_pool_scratch(d.n * d.s, |g| {
-                for n in 0..d.n {
-                    let po = (n * d.c + c) * p.out();
-                    crate::nn::pool::max2x2_f32::plane_backward(
-                        &dyf[po..po + p.out()],
-                        &ix[po..po + p.out()],
-                        p.w,
-                        p.h,
-                        p.oh(),
-                        p.ow(),
-                        &mut g[n * d.s..(n + 1) * d.s],
-                    );
-                }
-                let g: &[T] = crate::nn::simd::f32_as_mut(g).expect("f32");
-                let (s, b) = st.channel_affine(c, weight, bias);
-                let shift = st.shift[c];
-                let mask = relu.then_some((s, b));
-                let (sd, dt) = lanes::dy_moments_channel_split(
-                    g,
-                    (0, d.s),
-                    x,
-                    c * d.s,
-                    d.n,
-                    d.s,
-                    d.c * d.s,
-                    shift,
-                    mask,
-                );
-                let dot = dt - (st.mean[c] - shift.as_f64()) * sd;
-                let (k1, k2, k3) = dx_coefficients(st, c, sd, dot, count, weight);
-                let stream = streams::<T>(d, 3);
-                for n in 0..d.n {
-                    let off = (n * d.c + c) * d.s;
-                    // SAFETY: (n, c) chunks are disjoint, one task per channel.
-                    let out = unsafe { dxp.slice(off, d.s) };
-                    let gs = &g[n * d.s..(n + 1) * d.s];
-                    lanes::bwd_dx_to(
-                        gs,
-                        &x[off..off + d.s],
-                        out,
-                        shift,
-                        mask,
-                        (k1, k2, k3),
-                        stream,
-                    );
-                }
-                if stream {
-                    lanes::stream_fence();
-                }
-                (sd, dot)
-            })
+    // the unpooled dy of pooled plane k, in this thread's buffer
+    let unpooled = |k: usize, f: &mut dyn FnMut(&[T])| {
+        let po = k * p.out();
+        with_pool_scratch(d.s, |g| {
+            crate::nn::pool::max2x2_f32::plane_backward(
+                &dyf[po..po + p.out()],
+                &ix[po..po + p.out()],
+                p.w,
+                p.h,
+                p.oh(),
+                p.ow(),
+                g,
+            );
+            f(crate::nn::simd::f32_as_mut(g).expect("f32"))
+        })
+    };
+    let masks = relu_masks(st, d, weight, bias, relu);
+    let per: Vec<(f64, f64)> = x
+        .par_chunks(d.s)
+        .enumerate()
+        .with_min_len(PLANES_PER_TASK)
+        .map(|(k, xs)| {
+            let mut out = (0.0, 0.0);
+            unpooled(k, &mut |g| {
+                out = plane_dy_sums(g, xs, st.shift[k % d.c], masks[k % d.c])
+            });
+            out
         })
         .collect();
-    let (sum_dy, dot) = per.into_iter().unzip();
-    BackwardSums { sum_dy, dot }
+    let sums = combine_plane_sums(&per, d, st);
+    let ks = all_dx_coefficients(st, &sums, d, st.count as f64, weight);
+    let stream = streams::<T>(d, 3);
+    dx.par_chunks_mut(d.s)
+        .zip(x.par_chunks(d.s))
+        .enumerate()
+        .with_min_len(PLANES_PER_TASK)
+        .for_each(|(k, (out, xs))| {
+            let c = k % d.c;
+            unpooled(k, &mut |g| {
+                lanes::bwd_dx_to(g, xs, out, st.shift[c], masks[c], ks[c], stream)
+            });
+            if stream {
+                lanes::stream_fence();
+            }
+        });
+    sums
 }
 
 /// Eval-mode backward with fixed per-channel affine y = x·a + b: dx = dy·a (masked by the fused ReLU).

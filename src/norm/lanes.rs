@@ -435,67 +435,6 @@ pub fn shifted_moments_channel<T: Real>(
     (a, b)
 }
 
-/// (Σg, Σg·(x - shift)) over one channel, g = dy or dy masked by the fused ReLU (`relu = Some((s, b))`).
-#[inline]
-#[allow(clippy::too_many_arguments)]
-pub fn dy_moments_channel<T: Real>(
-    dy: &[T],
-    x: &[T],
-    start: usize,
-    n: usize,
-    len: usize,
-    stride: usize,
-    shift: T,
-    relu: Option<(T, T)>,
-) -> (f64, f64) {
-    dy_moments_channel_split(dy, (start, stride), x, start, n, len, stride, shift, relu)
-}
-
-/// [`dy_moments_channel`] with dy's chunks at `dy_at = (start, stride)` instead of x's, summed in the same
-/// order (bitwise the result for dy laid out like x).
-#[inline]
-#[allow(clippy::too_many_arguments)]
-pub fn dy_moments_channel_split<T: Real>(
-    dy: &[T],
-    dy_at: (usize, usize),
-    x: &[T],
-    start: usize,
-    n: usize,
-    len: usize,
-    stride: usize,
-    shift: T,
-    relu: Option<(T, T)>,
-) -> (f64, f64) {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    if let (Some(g), Some(xf), Some(sh)) = (simd::as_f32(dy), simd::as_f32(x), simd::val_f32(shift))
-    {
-        let r = relu.map(|(s, b)| (simd::val_f32(s).unwrap(), simd::val_f32(b).unwrap()));
-        let view = |start, stride| simd::Strided {
-            start,
-            n,
-            len,
-            stride,
-        };
-        return simd::dy_moments_split(g, view(dy_at.0, dy_at.1), xf, view(start, stride), sh, r);
-    }
-    let (mut a, mut b) = (0.0, 0.0);
-    for k in 0..n {
-        let r = start + k * stride..start + k * stride + len;
-        let rd = dy_at.0 + k * dy_at.1..dy_at.0 + k * dy_at.1 + len;
-        let (p, q) = match relu {
-            None => dy_moments(&dy[rd], &x[r], shift),
-            Some((s, bb)) => dy_moments_relu(&dy[rd], &x[r], shift, s, bb),
-        };
-        a += p;
-        b += q;
-    }
-    (a, b)
-}
-
 /// One-pass (mean, M2) of a contiguous slice, for per-sample statistics (GroupNorm, LayerNorm, InstanceNorm):
 /// 512-value sub-blocks are each reduced around their own shift (the mean of their first 16 values) and merged
 /// exactly (Chan et al.). One read of the data instead of the two of [`sum`] + [`shifted_moments`], with the

@@ -154,25 +154,7 @@ mod imp {
         shift: f32,
         relu: Option<(f32, f32)>,
     ) -> (f64, f64) {
-        dy_moments_split(dy, v, x, v, shift, relu)
-    }
-
-    /// [`dy_moments`] with dy laid out differently from x (`vd`: the same `n` chunks of `len` values at other
-    /// offsets), summed in the same order, so the result is bitwise that of `dy_moments` on a copy of dy laid
-    /// out like x.
-    pub fn dy_moments_split(
-        dy: &[f32],
-        vd: Strided,
-        x: &[f32],
-        v: Strided,
-        shift: f32,
-        relu: Option<(f32, f32)>,
-    ) -> (f64, f64) {
-        assert!(
-            vd.n == v.n && vd.len == v.len,
-            "dy and x views differ in shape"
-        );
-        vd.check(dy.len());
+        v.check(dy.len());
         v.check(x.len());
         let (mut t1, mut t2) = (0.0f64, 0.0f64);
         let mut since = 0usize;
@@ -188,10 +170,8 @@ mod imp {
             );
             let n16 = v.len / 16 * 16;
             for k in 0..v.n {
-                let (pd, px) = (
-                    dy.as_ptr().add(vd.start + k * vd.stride),
-                    x.as_ptr().add(v.start + k * v.stride),
-                );
+                let off = v.start + k * v.stride;
+                let (pd, px) = (dy.as_ptr().add(off), x.as_ptr().add(off));
                 let mut i = 0;
                 while i < n16 {
                     let mut g0 = _mm256_loadu_ps(pd.add(i));
