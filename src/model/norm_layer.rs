@@ -81,6 +81,14 @@ impl Layer<f32> for NormAdapter {
     fn takes_plane_moments(&self, mode: Mode) -> bool {
         self.0.takes_plane_moments(mode)
     }
+    fn backward_deferred<'a>(
+        &mut self,
+        x: &'a ArrayD<f32>,
+        dy: &'a ArrayD<f32>,
+        mode: Mode,
+    ) -> Result<Option<crate::norm::batch_kernels::DxPlanes<'a, f32>>> {
+        self.0.backward_deferred(x, dy, mode)
+    }
     fn forward_from_plane_moments(
         &mut self,
         x: &ArrayD<f32>,

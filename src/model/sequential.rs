@@ -143,11 +143,7 @@ impl Sequential {
         }
     }
     fn add_time(&mut self, i: usize, pass: usize, start: Option<std::time::Instant>) {
-        if let (Some(t), Some(s)) = (self.times.as_mut(), start) {
-            if let Some(slot) = t.get_mut(i) {
-                slot[pass] += s.elapsed().as_secs_f64();
-            }
-        }
+        add_time_in(&mut self.times, i, pass, start)
     }
 
     /// Backward through the children in reverse. Without `input_grad` (the network's input needs no gradient),
@@ -187,6 +183,35 @@ impl Sequential {
         for i in (first..self.layers.len()).rev() {
             if i > 0 && self.pooled.get(i - 1) == Some(&true) {
                 continue; // this max pool ran inside child i - 1, whose backward takes the pooled gradient
+            }
+            // Right after a first layer that needs no input gradient (the first convolution), a BatchNorm can
+            // hand over its dx plane by plane: the convolution's weight gradient consumes each image's planes
+            // from a buffer in cache, and the full dx tensor is never written and read back.
+            if !input_grad && i == first + 1 && self.pooled.get(i) != Some(&true) {
+                let start = self.times.as_ref().map(|_| std::time::Instant::now());
+                let xin = &self.outs[i - 1];
+                let dyi = g.as_ref().unwrap_or(dy);
+                let (name, l) = &mut self.layers[i];
+                if let Some(planes) = l
+                    .backward_deferred(xin, dyi, mode)
+                    .map_err(|e| annotate(name, e))?
+                {
+                    add_time_in(&mut self.times, i, 1, start);
+                    let start = self.times.as_ref().map(|_| std::time::Instant::now());
+                    let x0 = if first == 0 { x } else { &self.outs[first - 1] };
+                    let (name0, l0) = &mut self.layers[first];
+                    if !l0
+                        .backward_params_from_planes(x0, &planes, mode)
+                        .map_err(|e| annotate(name0, e))?
+                    {
+                        let dx = ArrayD::from_shape_vec(xin.raw_dim(), planes.to_vec())
+                            .expect("dx of the norm's input shape");
+                        l0.backward_params(x0, &dx, mode)
+                            .map_err(|e| annotate(name0, e))?;
+                    }
+                    add_time_in(&mut self.times, first, 1, start);
+                    return Ok(None);
+                }
             }
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
             let input = if i == 0 { x } else { &self.outs[i - 1] };
@@ -317,6 +342,19 @@ impl Layer<f32> for Sequential {
     }
     fn name(&self) -> String {
         "Sequential".into()
+    }
+}
+
+fn add_time_in(
+    times: &mut Option<Vec<[f64; 2]>>,
+    i: usize,
+    pass: usize,
+    start: Option<std::time::Instant>,
+) {
+    if let (Some(t), Some(s)) = (times.as_mut(), start) {
+        if let Some(slot) = t.get_mut(i) {
+            slot[pass] += s.elapsed().as_secs_f64();
+        }
     }
 }
 

@@ -1333,6 +1333,57 @@ impl<T: Real> Conv2d<T> {
         Ok(Some(y))
     }
 
+    /// [`Conv2d::backward_params`] with dy given plane by plane (a following BatchNorm's deferred dx, see
+    /// [`crate::norm::batch_kernels::DxPlanes`]): `Ok(false)` (nothing done) unless this call takes the
+    /// single-channel path, whose weight gradient consumes dy image by image from a buffer in cache.
+    pub fn backward_params_from_planes(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &crate::norm::batch_kernels::DxPlanes<'_, T>,
+    ) -> Result<bool> {
+        if self.relu_out {
+            return Ok(false);
+        }
+        let g = self.geom(x.shape())?;
+        let d = dy.dims();
+        let Some(os) = self.one_channel_shape(&g) else {
+            return Ok(false);
+        };
+        if (d.n, d.c, d.s) != (g.n, g.o, g.oh * g.ow) {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has (N, C, H·W) = ({}, {}, {}), the output ({}, {}, {})",
+                    d.n,
+                    d.c,
+                    d.s,
+                    g.n,
+                    g.o,
+                    g.oh * g.ow
+                ),
+            });
+        }
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+        let grad = simd::as_f32_mut(
+            self.weight
+                .grad
+                .as_slice_mut()
+                .expect("contiguous gradients"),
+        )
+        .expect("f32");
+        super::conv_one_channel::backward_params_from_planes(
+            os,
+            simd::as_f32(&xs).expect("f32"),
+            |p, out: &mut [f32]| dy.fill(p, simd::f32_as_mut(out).expect("f32")),
+            grad,
+            db.as_deref_mut(),
+        );
+        self.add_bias_grad(db);
+        Ok(true)
+    }
+
     /// Backward pass: returns dx and accumulates dweight, dbias.
     pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
         let mut dx = super::arena::output(x.shape());
@@ -1557,6 +1608,14 @@ impl<T: Real> Layer<T> for Conv2d<T> {
     }
     fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<()> {
         Conv2d::backward_params(self, x, dy)
+    }
+    fn backward_params_from_planes(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &crate::norm::batch_kernels::DxPlanes<'_, T>,
+        _mode: Mode,
+    ) -> Result<bool> {
+        Conv2d::backward_params_from_planes(self, x, dy)
     }
     fn name(&self) -> String {
         let c = &self.cfg;

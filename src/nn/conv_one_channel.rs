@@ -128,23 +128,68 @@ pub fn backward_params(
     db: Option<&mut [f64]>,
 ) {
     let (hw, k) = s.checked();
-    assert_eq!(x.len(), s.n * hw, "input length");
     assert_eq!(dy.len(), s.n * k * hw, "dy length");
+    backward_params_with(s, x, Dy::<fn(usize, &mut [f32])>::Whole(dy), dw, db)
+}
+
+/// [`backward_params`] with dy produced plane by plane: `fill(p, out)` writes plane p (= n·K + kk) of dy into
+/// `out` (H·W values). Each image's K planes go into a per-thread buffer that stays in cache, so a dy that
+/// is computed from other tensors (a BatchNorm's dx) is never written out whole.
+pub fn backward_params_from_planes(
+    s: OneChannelShape,
+    x: &[f32],
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+    dw: &mut [f32],
+    db: Option<&mut [f64]>,
+) {
+    backward_params_with(s, x, Dy::Planes(fill), dw, db)
+}
+
+/// Where the weight gradient's dy comes from.
+enum Dy<'a, F> {
+    Whole(&'a [f32]),
+    Planes(F),
+}
+
+/// The weight and bias gradients, image by image.
+fn backward_params_with<F: Fn(usize, &mut [f32]) + Sync>(
+    s: OneChannelShape,
+    x: &[f32],
+    dy: Dy<'_, F>,
+    dw: &mut [f32],
+    db: Option<&mut [f64]>,
+) {
+    let (hw, k) = s.checked();
+    assert_eq!(x.len(), s.n * hw, "input length");
     assert_eq!(dw.len(), k * 9, "dweight length");
     if s.n == 0 || k == 0 {
         return;
     }
     // per image: k·9 weight sums and k bias sums, in f64
-    let per: Vec<Vec<f64>> = dy
-        .par_chunks(k * hw)
-        .zip(x.par_chunks(hw))
-        .map_init(Vec::new, |pad, (gi, xi)| {
-            padded(xi, s.h, s.w, pad);
-            let mut out = vec![0f64; k * 10];
-            // SAFETY: as in `forward`; dy reads are masked to the w values of rows < h of each plane.
-            unsafe { x86::wgrad_image(pad, s.h, s.w, gi, k, &mut out) };
-            out
-        })
+    let per: Vec<Vec<f64>> = x
+        .par_chunks(hw)
+        .enumerate()
+        .map_init(
+            || (Vec::new(), Vec::<f32>::new()),
+            |(pad, buf), (n, xi)| {
+                padded(xi, s.h, s.w, pad);
+                let gi: &[f32] = match &dy {
+                    Dy::Whole(d) => &d[n * k * hw..(n + 1) * k * hw],
+                    Dy::Planes(fill) => {
+                        buf.resize(k * hw, 0.0);
+                        for (kk, plane) in buf.chunks_mut(hw).enumerate() {
+                            fill(n * k + kk, plane);
+                        }
+                        &buf[..]
+                    }
+                };
+                let mut out = vec![0f64; k * 10];
+                // SAFETY: as in `forward`; dy reads are masked to the w values of rows < h of each plane
+                // (gi has k·h·w values).
+                unsafe { x86::wgrad_image(pad, s.h, s.w, gi, k, &mut out) };
+                out
+            },
+        )
         .collect();
     let mut acc = vec![0f64; k * 10];
     for p in &per {

@@ -109,6 +109,27 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     ) -> Result<Option<(ArrayD<T>, bool)>> {
         Ok(None)
     }
+    /// The backward without the dx pass, dx returned as a function of the plane for a first layer that only
+    /// needs it for its parameter gradients ([`crate::norm::BatchNorm::backward_deferred`]); `Ok(None)` (nothing
+    /// done) where the layer has no such backward.
+    fn backward_deferred<'a>(
+        &mut self,
+        _x: &'a ArrayD<T>,
+        _dy: &'a ArrayD<T>,
+        _mode: Mode,
+    ) -> Result<Option<crate::norm::batch_kernels::DxPlanes<'a, T>>> {
+        Ok(None)
+    }
+    /// [`Layer::backward_params`] from a dy given plane by plane; `Ok(false)` (nothing done) where the layer
+    /// cannot take it that way.
+    fn backward_params_from_planes(
+        &mut self,
+        _x: &ArrayD<T>,
+        _dy: &crate::norm::batch_kernels::DxPlanes<'_, T>,
+        _mode: Mode,
+    ) -> Result<bool> {
+        Ok(false)
+    }
     /// The backward of [`Layer::forward_maxpool`]: `dy` is the gradient of the pooled output.
     fn backward_maxpool(
         &mut self,

@@ -458,6 +458,51 @@ impl<T: Real> BatchNorm<T> {
         Ok(Some((y, is_pooled)))
     }
 
+    /// The training backward without its dx pass, for a consumer that takes dx plane by plane (see
+    /// [`k::DxPlanes`]): accumulates dweight and dbias as [`BatchNorm::backward`] does and returns dx as a
+    /// function of the plane. `Ok(None)` (nothing done) unless the last forward was an unpooled one with batch
+    /// statistics on planes of more than one value, and x and dy are contiguous.
+    pub fn backward_deferred<'a>(
+        &mut self,
+        x: &'a ArrayD<T>,
+        dy: &'a ArrayD<T>,
+        mode: Mode,
+    ) -> Result<Option<k::DxPlanes<'a, T>>> {
+        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        let d = self.dims(x.shape())?;
+        let (Some(xs), Some(gs)) = (x.as_slice(), dy.as_slice()) else {
+            return Ok(None);
+        };
+        let Some(Saved::Batch { stats, shape }) = &self.saved else {
+            return Ok(None);
+        };
+        if self.pooled.is_some()
+            || !self.uses_batch_stats(mode)
+            || shape.as_slice() != x.shape()
+            || d.s < 2
+        {
+            return Ok(None);
+        }
+        let (sums, planes) = k::train_backward_deferred(
+            xs,
+            gs,
+            d,
+            stats,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.fuse_relu,
+        );
+        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
+            for (c, g) in w.grads_mut().iter_mut().enumerate() {
+                *g = *g + T::of_f64(sums.dot[c] * stats.invstd[c]);
+            }
+            for (c, g) in b.grads_mut().iter_mut().enumerate() {
+                *g = *g + T::of_f64(sums.sum_dy[c]);
+            }
+        }
+        Ok(Some(planes))
+    }
+
     /// Backward of [`BatchNorm::forward_maxpool`]: `dy` is the gradient of the pooled output; returns dx (of
     /// x's shape) and accumulates dweight and dbias, bitwise as the max pool's backward followed by
     /// [`BatchNorm::backward`] would.

@@ -714,6 +714,65 @@ pub fn backward_dx<T: Real>(
         });
 }
 
+/// The dx of a training BatchNorm as a function of the plane, for a consumer that takes dx plane by plane
+/// (a first convolution, which needs dx only for its weight gradient): each plane is computed into the
+/// consumer's buffer, which stays in cache, instead of a full dx tensor being written and read back. The
+/// values are bitwise those [`backward_dx`] writes.
+pub struct DxPlanes<'a, T> {
+    x: &'a [T],
+    dy: &'a [T],
+    d: Ncs,
+    shift: Vec<T>,
+    masks: Vec<Option<(T, T)>>,
+    ks: Vec<(T, T, T)>,
+}
+
+impl<T: Real> DxPlanes<'_, T> {
+    /// (N, C, S) of dx.
+    pub fn dims(&self) -> Ncs {
+        self.d
+    }
+    /// Writes plane `k` (= n·C + c) of dx into `out` (S values).
+    pub fn fill(&self, k: usize, out: &mut [T]) {
+        let (s, c) = (self.d.s, k % self.d.c);
+        let (g, xs) = (&self.dy[k * s..(k + 1) * s], &self.x[k * s..(k + 1) * s]);
+        lanes::bwd_dx_to(g, xs, out, self.shift[c], self.masks[c], self.ks[c], false);
+    }
+    /// The whole dx (for a consumer that cannot take planes).
+    pub fn to_vec(&self) -> Vec<T> {
+        let mut out = vec![T::zero(); self.d.numel()];
+        out.par_chunks_mut(self.d.s.max(1))
+            .enumerate()
+            .for_each(|(k, o)| self.fill(k, o));
+        out
+    }
+}
+
+/// [`train_backward`] without its dx pass: the sums (for dweight and dbias) and dx as [`DxPlanes`]. Planes of
+/// S > 1 values only.
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward_deferred<'a, T: Real>(
+    x: &'a [T],
+    dy: &'a [T],
+    d: Ncs,
+    st: &BatchStats<T>,
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    relu: bool,
+) -> (BackwardSums, DxPlanes<'a, T>) {
+    assert!(d.s > 1, "planes of more than one value");
+    let sums = backward_sums(x, dy, d, st, weight, bias, relu);
+    let planes = DxPlanes {
+        x,
+        dy,
+        d,
+        shift: st.shift.clone(),
+        masks: relu_masks(st, d, weight, bias, relu),
+        ks: all_dx_coefficients(st, &sums, d, st.count as f64, weight),
+    };
+    (sums, planes)
+}
+
 /// Training backward: the two reductions ([`backward_sums`]), then dx ([`backward_dx`]).
 /// Returns the sums (dweight = dot·invstd, dbias = sum_dy).
 #[allow(clippy::too_many_arguments)]

@@ -149,6 +149,15 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
     ) -> Result<Option<(ndarray::ArrayD<T>, bool)>> {
         Ok(None)
     }
+    /// The backward without its dx pass (see [`BatchNorm::backward_deferred`]).
+    fn backward_deferred<'a>(
+        &mut self,
+        _x: &'a ndarray::ArrayD<T>,
+        _dy: &'a ndarray::ArrayD<T>,
+        _mode: crate::Mode,
+    ) -> Result<Option<batch_kernels::DxPlanes<'a, T>>> {
+        Ok(None)
+    }
     /// The backward of [`NormLayer::forward_maxpool`], from the gradient of the pooled output.
     fn backward_maxpool(
         &mut self,
@@ -246,6 +255,14 @@ impl<T: Real> NormLayer<T> for BatchNorm<T> {
     }
     fn takes_plane_moments(&self, mode: crate::Mode) -> bool {
         BatchNorm::takes_plane_moments(self, mode)
+    }
+    fn backward_deferred<'a>(
+        &mut self,
+        x: &'a ndarray::ArrayD<T>,
+        dy: &'a ndarray::ArrayD<T>,
+        mode: crate::Mode,
+    ) -> Result<Option<batch_kernels::DxPlanes<'a, T>>> {
+        BatchNorm::backward_deferred(self, x, dy, mode)
     }
     fn forward_from_plane_moments(
         &mut self,
