@@ -16,6 +16,9 @@ pub struct Sequential {
     /// Per-layer wall-clock seconds (forward, backward) summed since [`Sequential::enable_timing`]; `None` when
     /// timing is off (the default: no clock reads on the hot path).
     times: Option<Vec<[f64; 2]>>,
+    /// `moved[i] = Some(input shape)`: in the last forward, child i only reshaped its input (a flatten), and
+    /// the input's buffer was moved into `outs[i]` instead of copied (`outs[i - 1]` is an empty placeholder).
+    moved: Vec<Option<Vec<usize>>>,
     /// `pooled[i]`: in the last forward, child i ran fused with the 2×2 max pool after it
     /// ([`Layer::forward_maxpool`]); `outs[i]` is then an empty placeholder and child i + 1 did not run.
     pooled: Vec<bool>,
@@ -78,11 +81,21 @@ impl Sequential {
         let mut i = 0;
         while i < self.layers.len() {
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
-            let input = cur.as_ref().unwrap_or(x);
             let exact = self
                 .layers
                 .get(i + 1)
                 .and_then(|(_, next)| next.eval_affine_exact());
+            let in_shape = cur.as_ref().unwrap_or(x).shape().to_vec();
+            if let Some(out_shape) = self.layers[i].1.reshapes_to(&in_shape) {
+                if let Some(owned) = cur.take() {
+                    // a flatten of an activation we own: move its buffer instead of copying it
+                    cur = Some(reshape_owned(owned, &out_shape));
+                    self.add_time(i, 0, start);
+                    i += 1;
+                    continue;
+                }
+            }
+            let input = cur.as_ref().unwrap_or(x);
             let pool_next = self
                 .layers
                 .get(i + 2)
@@ -214,6 +227,29 @@ impl Sequential {
                 }
             }
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
+            if let Some(Some(in_shape)) = self.moved.get(i) {
+                // the reshape's backward: dy reshaped back (moved, not copied, when it is ours)
+                let d = match g.take() {
+                    Some(d) => d,
+                    None => dy.clone(),
+                };
+                let out_len: usize = in_shape.iter().product();
+                if d.len() != out_len || d.shape().first() != in_shape.first() {
+                    return Err(annotate(
+                        &self.layers[i].0,
+                        NvError::Shape {
+                            layer: "Flatten",
+                            msg: format!(
+                                "dy has shape {:?}, the input had shape {in_shape:?}",
+                                d.shape()
+                            ),
+                        },
+                    ));
+                }
+                g = Some(reshape_owned(d, in_shape));
+                self.add_time(i, 1, start);
+                continue;
+            }
             let input = if i == 0 { x } else { &self.outs[i - 1] };
             let (name, l) = &mut self.layers[i];
             let dyi = g.as_ref().unwrap_or(dy);
@@ -241,6 +277,7 @@ impl Sequential {
     pub fn clear_cache(&mut self) {
         self.outs.clear();
         self.pooled.clear();
+        self.moved.clear();
     }
 }
 
@@ -258,13 +295,31 @@ impl Layer<f32> for Sequential {
         }
         self.pooled.clear();
         self.pooled.resize(self.layers.len(), false);
+        self.moved.clear();
+        self.moved.resize(self.layers.len(), None);
         if self.layers.is_empty() {
             return Ok(x.clone());
         }
         let mut i = 0;
         while i < self.layers.len() {
-            let input = if i == 0 { x } else { &self.outs[i - 1] };
             let start = self.times.as_ref().map(|_| std::time::Instant::now());
+            // A flatten moves the previous output (which no backward needs but its own, for the shape) into
+            // its output instead of copying it.
+            if i > 0 {
+                let in_shape = self.outs[i - 1].shape().to_vec();
+                if let Some(out_shape) = self.layers[i].1.reshapes_to(&in_shape) {
+                    let data = std::mem::replace(
+                        &mut self.outs[i - 1],
+                        ArrayD::zeros(ndarray::IxDyn(&[0])),
+                    );
+                    self.outs.push(reshape_owned(data, &out_shape));
+                    self.moved[i] = Some(in_shape);
+                    self.add_time(i, 0, start);
+                    i += 1;
+                    continue;
+                }
+            }
+            let input = if i == 0 { x } else { &self.outs[i - 1] };
             // A layer followed by a training BatchNorm reduces each output plane to (mean, M2) as it writes it
             // (the convolutions can), and the BatchNorm merges those instead of reading its input for
             // statistics: its only pass over the input is the normalizing one (with the max pool after it
@@ -343,6 +398,19 @@ impl Layer<f32> for Sequential {
     fn name(&self) -> String {
         "Sequential".into()
     }
+}
+
+/// `a` with `shape` (the same number of elements, row-major): its buffer moved when `a` is in standard layout,
+/// copied in logical order otherwise.
+fn reshape_owned(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    if a.is_standard_layout() {
+        if let Ok(y) = a.into_shape_with_order(ndarray::IxDyn(shape)) {
+            return y;
+        }
+        unreachable!("a standard-layout array reshapes to any shape of the same size");
+    }
+    ArrayD::from_shape_vec(ndarray::IxDyn(shape), a.iter().copied().collect())
+        .expect("the same number of elements")
 }
 
 fn add_time_in(

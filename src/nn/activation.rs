@@ -153,6 +153,9 @@ impl<T: Real> Layer<T> for Flatten<T> {
     fn name(&self) -> String {
         "Flatten(start_dim=1, end_dim=-1)".into()
     }
+    fn reshapes_to(&self, input_shape: &[usize]) -> Option<Vec<usize>> {
+        self.output_shape(input_shape).ok()
+    }
 }
 
 stateless!(ReLU, Sigmoid, Flatten);

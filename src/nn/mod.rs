@@ -73,6 +73,11 @@ pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
     fn eval_affine_exact(&self) -> Option<(Vec<T>, Vec<T>, bool)> {
         None
     }
+    /// `Some(output shape)` when the layer's forward only reshapes its input (a flatten), so a container
+    /// that owns the input can move it into the output without a copy (and the backward reshapes dy back).
+    fn reshapes_to(&self, _input_shape: &[usize]) -> Option<Vec<usize>> {
+        None
+    }
     /// Whether the layer is a 2×2, stride-2 max pool without padding, dilation or ceil mode (which fused
     /// inference can apply inside a convolution's output pass).
     fn is_max_pool_2x2(&self) -> bool {
