@@ -128,7 +128,6 @@ fn pack_weights(u: &[f32], k: usize, c: usize, transposed: bool) -> (Vec<f32>, u
 struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
-    c: Vec<f32>,
     rows: Vec<f32>,
 }
 
@@ -367,10 +366,28 @@ pub fn backward(
                     let t = imgs * s.tiles();
                     let xc = &x[i0 * is..(i0 + imgs) * is];
                     let gc = &dy[i0 * os..(i0 + imgs) * os];
-                    at_least(&mut sc.a, 16 * s.c * t); // V
+                    // dM first; then the data gradient (dV in `a`, consumed by the adjoint), then V in the
+                    // same buffer for the weight gradient: two transformed buffers live at a time, not three
+                    at_least(&mut sc.a, 16 * s.c * t); // dV, then V
                     at_least(&mut sc.b, 16 * s.k * t); // dM
-                    input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
                     dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
+                    if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
+                        for p in 0..16 {
+                            simd::gemm_nn(
+                                s.c,
+                                t,
+                                s.k,
+                                &packed[p * plen..(p + 1) * plen],
+                                &sc.b[p * s.k * t..(p + 1) * s.k * t],
+                                t,
+                                &mut sc.a[p * s.c * t..(p + 1) * s.c * t],
+                                t,
+                                false,
+                            );
+                        }
+                        input_adjoint(&s, &sc.a, imgs, dxc, &mut sc.rows);
+                    }
+                    input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
                     // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
                     // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
                     // horizontally after only T/16 steps
@@ -393,23 +410,6 @@ pub fn backward(
                         for (o, d) in gc.chunks_exact(plane).enumerate() {
                             dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
                         }
-                    }
-                    if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
-                        at_least(&mut sc.c, 16 * s.c * t); // dV
-                        for p in 0..16 {
-                            simd::gemm_nn(
-                                s.c,
-                                t,
-                                s.k,
-                                &packed[p * plen..(p + 1) * plen],
-                                &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                                t,
-                                &mut sc.c[p * s.c * t..(p + 1) * s.c * t],
-                                t,
-                                false,
-                            );
-                        }
-                        input_adjoint(&s, &sc.c, imgs, dxc, &mut sc.rows);
                     }
                 }
             });
