@@ -85,8 +85,10 @@ impl Sequential {
                 .layers
                 .get(i + 1)
                 .and_then(|(_, next)| next.eval_affine_exact());
-            let in_shape = cur.as_ref().unwrap_or(x).shape().to_vec();
-            if let Some(out_shape) = self.layers[i].1.reshapes_to(&in_shape) {
+            if let Some(out_shape) = self.layers[i]
+                .1
+                .reshapes_to(cur.as_ref().unwrap_or(x).shape())
+            {
                 if let Some(owned) = cur.take() {
                     // a flatten of an activation we own: move its buffer instead of copying it
                     cur = Some(reshape_owned(owned, &out_shape));
@@ -306,12 +308,9 @@ impl Layer<f32> for Sequential {
             // A flatten moves the previous output (which no backward needs but its own, for the shape) into
             // its output instead of copying it.
             if i > 0 {
-                let in_shape = self.outs[i - 1].shape().to_vec();
-                if let Some(out_shape) = self.layers[i].1.reshapes_to(&in_shape) {
-                    let data = std::mem::replace(
-                        &mut self.outs[i - 1],
-                        ArrayD::zeros(ndarray::IxDyn(&[0])),
-                    );
+                if let Some(out_shape) = self.layers[i].1.reshapes_to(self.outs[i - 1].shape()) {
+                    let in_shape = self.outs[i - 1].shape().to_vec();
+                    let data = std::mem::replace(&mut self.outs[i - 1], placeholder());
                     self.outs.push(reshape_owned(data, &out_shape));
                     self.moved[i] = Some(in_shape);
                     self.add_time(i, 0, start);
@@ -348,7 +347,7 @@ impl Layer<f32> for Sequential {
                     i += 1;
                     if let Some((z, pooled)) = done {
                         if pooled {
-                            self.outs.push(ArrayD::zeros(ndarray::IxDyn(&[0])));
+                            self.outs.push(placeholder());
                             self.pooled[i] = true;
                         }
                         self.outs.push(z);
@@ -370,7 +369,7 @@ impl Layer<f32> for Sequential {
                     .forward_maxpool(input, mode)
                     .map_err(|e| annotate(name, e))?
                 {
-                    self.outs.push(ArrayD::zeros(ndarray::IxDyn(&[0])));
+                    self.outs.push(placeholder());
                     self.outs.push(y);
                     self.pooled[i] = true;
                     self.add_time(i, 0, start);
@@ -411,6 +410,11 @@ fn reshape_owned(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
     }
     ArrayD::from_shape_vec(ndarray::IxDyn(shape), a.iter().copied().collect())
         .expect("the same number of elements")
+}
+
+/// An empty stand-in for an activation no backward reads (its data moved or never written).
+fn placeholder() -> ArrayD<f32> {
+    ArrayD::zeros(ndarray::IxDyn(&[0]))
 }
 
 fn add_time_in(

@@ -1234,6 +1234,24 @@ impl<T: Real> Conv2d<T> {
         Ok(())
     }
 
+    /// A fresh output of `shape` written by `kernel(x, weight, bias, y)` on f32 slices: the set-up shared by the
+    /// fused forwards, which run only on the f32 fast paths (Winograd, single channel).
+    fn f32_forward(
+        &self,
+        x: &ArrayD<T>,
+        shape: &[usize],
+        kernel: impl FnOnce(&[f32], &[f32], Option<&[f32]>, &mut [f32]),
+    ) -> ArrayD<T> {
+        let mut y: ArrayD<T> = super::arena::output(shape);
+        let xv = x.view();
+        let xs = contiguous(&xv);
+        let f = |s| simd::as_f32(s).expect("f32");
+        let bias = self.bias.as_ref().map(|b| f(b.values()));
+        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
+        kernel(f(&xs), f(self.weight.values()), bias, yf);
+        y
+    }
+
     /// Inference forward followed by a per-channel `y·a + b` (then max(·, 0) with `relu`) in the same output
     /// pass: an eval-mode BatchNorm(+ReLU) applied with bitwise the same result as running it after the
     /// convolution ([`crate::model::Sequential::forward_inference`]). `Ok(None)` when this layer takes neither
@@ -1250,22 +1268,19 @@ impl<T: Real> Conv2d<T> {
         if (wino.is_none() && one.is_none()) || self.relu_out || a.len() != g.o || b.len() != g.o {
             return Ok(None);
         }
-        let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh, g.ow]);
-        let xv = x.view();
-        let xs = contiguous(&xv);
         let f = |s| simd::as_f32(s).expect("f32");
-        let (xf, wf) = (f(&xs), f(self.weight.values()));
-        let bias = self.bias.as_ref().map(|b| f(b.values()));
-        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
-        match (wino, one) {
-            (Some(ws), _) => {
-                super::winograd::forward_affine(ws, xf, wf, bias, Some((f(a), f(b))), relu, yf)
+        let affine = Some((f(a), f(b)));
+        let y = self.f32_forward(x, &[g.n, g.o, g.oh, g.ow], |xf, wf, bias, yf| {
+            match (wino, one) {
+                (Some(ws), _) => {
+                    super::winograd::forward_affine(ws, xf, wf, bias, affine, relu, yf)
+                }
+                (None, Some(os)) => {
+                    super::conv_one_channel::forward(os, xf, wf, bias, affine, relu, yf)
+                }
+                (None, None) => unreachable!("checked above"),
             }
-            (None, Some(os)) => {
-                super::conv_one_channel::forward(os, xf, wf, bias, Some((f(a), f(b))), relu, yf)
-            }
-            (None, None) => unreachable!("checked above"),
-        }
+        });
         Ok(Some(y))
     }
 
@@ -1283,21 +1298,18 @@ impl<T: Real> Conv2d<T> {
         if (wino.is_none() && one.is_none()) || self.relu_out || g.n == 0 {
             return Ok(None);
         }
-        let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh, g.ow]);
         let mut pm = vec![(0.0, 0.0); g.n * g.o];
-        let xv = x.view();
-        let xs = contiguous(&xv);
-        let f = |s| simd::as_f32(s).expect("f32");
-        let (xf, wf) = (f(&xs), f(self.weight.values()));
-        let bias = self.bias.as_ref().map(|b| f(b.values()));
-        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
-        match (wino, one) {
-            (Some(ws), _) => super::winograd::forward_with_moments(ws, xf, wf, bias, yf, &mut pm),
-            (None, Some(os)) => {
-                super::conv_one_channel::forward_with_moments(os, xf, wf, bias, yf, &mut pm)
+        let y = self.f32_forward(x, &[g.n, g.o, g.oh, g.ow], |xf, wf, bias, yf| {
+            match (wino, one) {
+                (Some(ws), _) => {
+                    super::winograd::forward_with_moments(ws, xf, wf, bias, yf, &mut pm)
+                }
+                (None, Some(os)) => {
+                    super::conv_one_channel::forward_with_moments(os, xf, wf, bias, yf, &mut pm)
+                }
+                (None, None) => unreachable!("checked above"),
             }
-            (None, None) => unreachable!("checked above"),
-        }
+        });
         Ok(Some((y, pm)))
     }
 
@@ -1322,14 +1334,11 @@ impl<T: Real> Conv2d<T> {
         {
             return Ok(None);
         }
-        let mut y: ArrayD<T> = super::arena::output(&[g.n, g.o, g.oh / 2, g.ow / 2]);
-        let xv = x.view();
-        let xs = contiguous(&xv);
         let f = |s| simd::as_f32(s).expect("f32");
-        let (xf, wf) = (f(&xs), f(self.weight.values()));
-        let bias = self.bias.as_ref().map(|b| f(b.values()));
-        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
-        super::winograd::forward_affine_relu_maxpool(ws, xf, wf, bias, Some((f(a), f(b))), yf);
+        let affine = Some((f(a), f(b)));
+        let y = self.f32_forward(x, &[g.n, g.o, g.oh / 2, g.ow / 2], |xf, wf, bias, yf| {
+            super::winograd::forward_affine_relu_maxpool(ws, xf, wf, bias, affine, yf)
+        });
         Ok(Some(y))
     }
 

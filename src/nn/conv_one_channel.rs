@@ -96,10 +96,7 @@ fn forward_impl(
         return;
     }
     let min = (4096 / (k * hw)).max(1);
-    let mom: Vec<Option<&mut [(f64, f64)]>> = match moments {
-        Some(m) => m.chunks_mut(k).map(Some).collect(),
-        None => (0..s.n).map(|_| None).collect(),
-    };
+    let mom = super::simd::optional_chunks(moments, k, s.n);
     y.par_chunks_mut(k * hw)
         .zip(x.par_chunks(hw))
         .zip(mom)
@@ -111,9 +108,7 @@ fn forward_impl(
             // w values of rows < h of each of the k output planes (yi has k·h·w values).
             unsafe { x86::forward_image(pad, s.h, s.w, w, bias, affine, relu, yi) };
             if let Some(mi) = mi {
-                for (mm, pl) in mi.iter_mut().zip(yi.chunks(hw)) {
-                    *mm = crate::norm::batch_kernels::plane_moments(pl);
-                }
+                crate::norm::batch_kernels::plane_moments_into(yi, hw, mi);
             }
         });
 }

@@ -474,6 +474,19 @@ pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
         .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) })
 }
 
+/// `buf` in chunks of `len` for the tasks of a parallel loop, or `count` `None`s when there is no buffer (an
+/// optional per-task output).
+pub(crate) fn optional_chunks<T>(
+    buf: Option<&mut [T]>,
+    len: usize,
+    count: usize,
+) -> Vec<Option<&mut [T]>> {
+    match buf {
+        Some(b) => b.chunks_mut(len.max(1)).map(Some).collect(),
+        None => (0..count).map(|_| None).collect(),
+    }
+}
+
 /// `&mut [f32]` as `&mut [T]` when `T` is `f32` (`None` otherwise).
 pub fn f32_as_mut<T: 'static>(s: &mut [f32]) -> Option<&mut [T]> {
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())

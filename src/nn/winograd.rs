@@ -25,7 +25,7 @@
 #![allow(unsafe_code)]
 
 use super::simd;
-use crate::norm::batch_kernels::plane_moments;
+use crate::norm::batch_kernels::plane_moments_into;
 use rayon::prelude::*;
 
 /// Tiles per chunk the work is split into (a chunk holds whole images): large enough for long GEMM rows, small
@@ -252,9 +252,7 @@ fn forward_impl(
             *v = if relu && !(t > 0.0) { 0.0 } else { t };
         }
         if let Some(m) = moments {
-            for (mm, pl) in m.iter_mut().zip(y.chunks(plane)) {
-                *mm = plane_moments(pl);
-            }
+            plane_moments_into(y, plane, m);
         }
         return;
     }
@@ -263,10 +261,7 @@ fn forward_impl(
     let nb = s.per_chunk();
     let is = s.in_size();
     let chunks = s.n.div_ceil(nb);
-    let mom_chunks: Vec<Option<&mut [(f64, f64)]>> = match moments {
-        Some(m) => m.chunks_mut(nb * s.k).map(Some).collect(),
-        None => (0..chunks).map(|_| None).collect(),
-    };
+    let mom_chunks = simd::optional_chunks(moments, nb * s.k, chunks);
     x.par_chunks(nb * is)
         .zip(y.par_chunks_mut(nb * os))
         .zip(mom_chunks)
@@ -293,9 +288,7 @@ fn forward_impl(
                 output_transform(&s, &sc.b, imgs, bias, affine, relu, pool, yc);
                 if let Some(mc) = mc {
                     // each plane was written just now: reduce it while it is in L1/L2
-                    for (mm, pl) in mc.iter_mut().zip(yc.chunks(plane)) {
-                        *mm = plane_moments(pl);
-                    }
+                    plane_moments_into(yc, plane, mc);
                 }
             })
         });
@@ -341,17 +334,13 @@ pub fn backward(
     let nb = s.per_chunk();
     let (is, os) = (s.in_size(), s.out_size());
     let chunks = s.n.div_ceil(nb);
-    let dx_chunks: Vec<Option<&mut [f32]>> = match dx {
-        Some(d) => d.chunks_mut(nb * is).map(Some).collect(),
-        None => (0..chunks).map(|_| None).collect(),
-    };
+    let mut dx_chunks = simd::optional_chunks(dx, nb * is, chunks);
     let ulen = 16 * s.k * s.c;
     let want_db = db.is_some();
     // The weight and bias gradients are summed over chunks in fixed groups, each group's partial sum in chunk
     // order and the groups in index order, so the result is bitwise the same from run to run and for any
     // number of threads (a rayon fold/reduce would follow the work stealing).
     let per_group = chunks.div_ceil(16).max(4);
-    let mut dx_chunks = dx_chunks;
     let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_chunks
         .par_chunks_mut(per_group)
         .enumerate()
@@ -1366,6 +1355,18 @@ mod tests {
         (y, dx, dw, db)
     }
 
+    /// Random input in [-1, 1), weights in [-0.3, 0.3) and bias in [-0.5, 0.5) for `s`, drawn in that order.
+    fn conv_case(rng: &mut impl Rng, s: WinoShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x = (0..s.n * s.c * s.h * s.w)
+            .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
+            .collect();
+        let wt = (0..s.k * s.c * 9)
+            .map(|_| rng.gen::<f32>() * 0.6 - 0.3)
+            .collect();
+        let bias = (0..s.k).map(|_| rng.gen::<f32>() - 0.5).collect();
+        (x, wt, bias)
+    }
+
     fn close(got: &[f32], want: &[f64], scale: f64, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
         let tol = 2e-5 * scale.max(1e-12);
@@ -1398,13 +1399,7 @@ mod tests {
             (3, 8, 4, 2, 6),
         ] {
             let s = WinoShape { n, c, k, h, w };
-            let x: Vec<f32> = (0..n * c * h * w)
-                .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
-                .collect();
-            let wt: Vec<f32> = (0..k * c * 9)
-                .map(|_| rng.gen::<f32>() * 0.6 - 0.3)
-                .collect();
-            let bias: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let (x, wt, bias) = conv_case(&mut rng, s);
             // some channels scaled to zero or negated, so whole windows are clamped by the ReLU
             let a: Vec<f32> = (0..k).map(|i| [1.5, 0.0, -0.7, 0.3][i % 4]).collect();
             let b: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
@@ -1460,13 +1455,7 @@ mod tests {
             (2, 8, 8, 1, 3),
         ] {
             let s = WinoShape { n, c, k, h, w };
-            let x: Vec<f32> = (0..n * c * h * w)
-                .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
-                .collect();
-            let wt: Vec<f32> = (0..k * c * 9)
-                .map(|_| rng.gen::<f32>() * 0.6 - 0.3)
-                .collect();
-            let bias: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let (x, wt, bias) = conv_case(&mut rng, s);
             let dy: Vec<f32> = (0..n * k * h * w)
                 .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
                 .collect();

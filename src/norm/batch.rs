@@ -354,12 +354,7 @@ impl<T: Real> BatchNorm<T> {
             h: shape[2],
             w: shape[3],
         };
-        let mut y = crate::nn::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
-        let mut ix = match self.pooled.take() {
-            Some((_, v)) => v,
-            None => Vec::new(),
-        };
-        ix.resize(y.len(), 0);
+        let (mut y, mut ix) = Self::pooled_buffers(&mut self.pooled, d, p);
         let xv = x.view();
         let xs = contiguous(&xv);
         let stats = k::train_forward_maxpool(
@@ -379,6 +374,18 @@ impl<T: Real> BatchNorm<T> {
         self.saved = Some(Saved::Batch { stats, shape });
         self.pooled = Some((p, ix));
         Ok(Some(y))
+    }
+
+    /// The pooled output (N, C, H/2, W/2) and its argmax buffer (the last forward's, reused).
+    fn pooled_buffers(
+        last: &mut Option<(k::Pool2x2, Vec<u32>)>,
+        d: Ncs,
+        p: k::Pool2x2,
+    ) -> (ArrayD<T>, Vec<u32>) {
+        let y = crate::nn::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
+        let mut ix = last.take().map(|(_, v)| v).unwrap_or_default();
+        ix.resize(y.len(), 0);
+        (y, ix)
     }
 
     /// Whether the fused max-pool kernels apply to inputs of this shape.
@@ -427,12 +434,7 @@ impl<T: Real> BatchNorm<T> {
                 h: shape[2],
                 w: shape[3],
             };
-            let mut y = crate::nn::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
-            let mut ix = match self.pooled.take() {
-                Some((_, v)) => v,
-                None => Vec::new(),
-            };
-            ix.resize(y.len(), 0);
+            let (mut y, mut ix) = Self::pooled_buffers(&mut self.pooled, d, p);
             let ys = y.as_slice_mut().expect("fresh array");
             k::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu);
             (y, Some((p, ix)))
@@ -492,14 +494,12 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.bias),
             self.cfg.fuse_relu,
         );
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            for (c, g) in w.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(sums.dot[c] * stats.invstd[c]);
-            }
-            for (c, g) in b.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(sums.sum_dy[c]);
-            }
-        }
+        add_affine_grads(
+            &mut self.weight,
+            &mut self.bias,
+            |c| sums.dot[c] * stats.invstd[c],
+            |c| sums.sum_dy[c],
+        );
         Ok(Some(planes))
     }
 
@@ -552,14 +552,12 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.bias),
             self.cfg.fuse_relu,
         );
-        if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-            for (c, g) in w.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(sums.dot[c] * stats.invstd[c]);
-            }
-            for (c, g) in b.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(sums.sum_dy[c]);
-            }
-        }
+        add_affine_grads(
+            &mut self.weight,
+            &mut self.bias,
+            |c| sums.dot[c] * stats.invstd[c],
+            |c| sums.sum_dy[c],
+        );
         Ok(dx)
     }
 
@@ -640,14 +638,12 @@ impl<T: Real> BatchNorm<T> {
                     pslice(&self.bias),
                     relu,
                 );
-                if let (Some(w), Some(b)) = (self.weight.as_mut(), self.bias.as_mut()) {
-                    for (c, g) in w.grads_mut().iter_mut().enumerate() {
-                        *g = *g + T::of_f64(sums.dot[c] * stats.invstd[c]);
-                    }
-                    for (c, g) in b.grads_mut().iter_mut().enumerate() {
-                        *g = *g + T::of_f64(sums.sum_dy[c]);
-                    }
-                }
+                add_affine_grads(
+                    &mut self.weight,
+                    &mut self.bias,
+                    |c| sums.dot[c] * stats.invstd[c],
+                    |c| sums.sum_dy[c],
+                );
                 Ok(())
             }
             (
@@ -661,14 +657,12 @@ impl<T: Real> BatchNorm<T> {
                 false,
             ) if shape == x.shape() => {
                 let (sd, sx) = k::eval_backward(&xs, &gs, dx, d, a, b, relu);
-                if let (Some(w), Some(bp)) = (self.weight.as_mut(), self.bias.as_mut()) {
-                    for (c, g) in w.grads_mut().iter_mut().enumerate() {
-                        *g = *g + T::of_f64((sx[c] - mean[c] * sd[c]) * invstd[c]);
-                    }
-                    for (c, g) in bp.grads_mut().iter_mut().enumerate() {
-                        *g = *g + T::of_f64(sd[c]);
-                    }
-                }
+                add_affine_grads(
+                    &mut self.weight,
+                    &mut self.bias,
+                    |c| (sx[c] - mean[c] * sd[c]) * invstd[c],
+                    |c| sd[c],
+                );
                 Ok(())
             }
             _ => Err(NvError::NoSavedState {
@@ -727,5 +721,22 @@ impl<T: Real> Stateful<T> for BatchNorm<T> {
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
         visit_affine(prefix, &mut self.weight, &mut self.bias, f);
+    }
+}
+
+/// Adds `dweight(c)` and `dbias(c)` to the affine parameters' gradients (when the layer has them).
+fn add_affine_grads<T: Real>(
+    weight: &mut Option<Param<T>>,
+    bias: &mut Option<Param<T>>,
+    dweight: impl Fn(usize) -> f64,
+    dbias: impl Fn(usize) -> f64,
+) {
+    if let (Some(w), Some(b)) = (weight.as_mut(), bias.as_mut()) {
+        for (c, g) in w.grads_mut().iter_mut().enumerate() {
+            *g = *g + T::of_f64(dweight(c));
+        }
+        for (c, g) in b.grads_mut().iter_mut().enumerate() {
+            *g = *g + T::of_f64(dbias(c));
+        }
     }
 }

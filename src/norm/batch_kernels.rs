@@ -110,6 +110,15 @@ impl<T: Real> BatchStats<T> {
             count: m.count,
         }
     }
+    /// (s, b', shift) of every channel: the normalising pass in memory order looks them up per plane.
+    pub fn channel_affines(&self, weight: Option<&[T]>, bias: Option<&[T]>) -> Vec<(T, T, T)> {
+        (0..self.shift.len())
+            .map(|c| {
+                let (s, b) = self.channel_affine(c, weight, bias);
+                (s, b, self.shift[c])
+            })
+            .collect()
+    }
     /// The per-channel affine (s, b') of the normalising pass: y = (x - shift)·s + b'.
     /// Backward recomputes it identically, so a fused ReLU's mask matches the forward bit for bit.
     #[inline]
@@ -169,6 +178,13 @@ pub fn plane_moments(x: &[f32]) -> (f64, f64) {
     let shift = (lanes::sum(x) / m) as f32;
     let (s1, s2) = lanes::shifted_moments(x, shift);
     moments_from_shifted(shift as f64, s1, s2, m)
+}
+
+/// [`plane_moments`] of each `plane`-value plane of `y` into `out` (one entry per plane).
+pub fn plane_moments_into(y: &[f32], plane: usize, out: &mut [(f64, f64)]) {
+    for (m, pl) in out.iter_mut().zip(y.chunks(plane)) {
+        *m = plane_moments(pl);
+    }
 }
 
 /// Per-channel [`Moments`] of an (N, C, S) tensor from the (mean, M2) of each of its N·C planes (n-major, as
@@ -291,12 +307,7 @@ pub fn normalize<T: Real>(
     // With the statistics known, no channel needs its values together: the planes are normalized in memory
     // order, each thread streaming through a contiguous run of the tensor. (A channel's planes are C·S values
     // apart; visited channel by channel, each 1-3 KB plane was a fresh start for the hardware prefetcher.)
-    let aff: Vec<(T, T, T)> = (0..d.c)
-        .map(|c| {
-            let (s, b) = st.channel_affine(c, weight, bias);
-            (s, b, st.shift[c])
-        })
-        .collect();
+    let aff = st.channel_affines(weight, bias);
     let stream = streams::<T>(d, 2);
     y.par_chunks_mut(d.s)
         .zip(x.par_chunks(d.s))
@@ -478,12 +489,7 @@ pub fn normalize_maxpool<T: Real>(
         "pooled sizes"
     );
     // planes in memory order, as in [`normalize`]
-    let aff: Vec<(T, T, T)> = (0..d.c)
-        .map(|c| {
-            let (s, b) = st.channel_affine(c, weight, bias);
-            (s, b, st.shift[c])
-        })
-        .collect();
+    let aff = st.channel_affines(weight, bias);
     y.par_chunks_mut(p.out())
         .zip(ix.par_chunks_mut(p.out()))
         .zip(x.par_chunks(d.s))
@@ -491,19 +497,34 @@ pub fn normalize_maxpool<T: Real>(
         .with_min_len(PLANES_PER_TASK)
         .for_each(|(k, ((yo, io), xi))| {
             let (s, b, sh) = aff[k % d.c];
-            with_pool_scratch(d.s, |plane| {
-                let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
-                lanes::affine_shifted_to(xi, pt, sh, s, b, relu, false);
-                crate::nn::pool::max2x2_f32::plane(
-                    crate::nn::simd::as_f32(pt).expect("f32"),
-                    p.w,
-                    p.oh(),
-                    p.ow(),
-                    crate::nn::simd::as_f32_mut(yo).expect("f32"),
-                    io,
-                );
-            })
+            normalize_plane_maxpool(xi, yo, io, p, s, b, sh, relu);
         });
+}
+
+/// One plane normalized into this thread's L1 buffer and max-pooled from there into `yo` and `io`.
+#[allow(clippy::too_many_arguments)]
+fn normalize_plane_maxpool<T: Real>(
+    xi: &[T],
+    yo: &mut [T],
+    io: &mut [u32],
+    p: Pool2x2,
+    s: T,
+    b: T,
+    sh: T,
+    relu: bool,
+) {
+    with_pool_scratch(xi.len(), |plane| {
+        let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
+        lanes::affine_shifted_to(xi, pt, sh, s, b, relu, false);
+        crate::nn::pool::max2x2_f32::plane(
+            crate::nn::simd::as_f32(pt).expect("f32"),
+            p.w,
+            p.oh(),
+            p.ow(),
+            crate::nn::simd::as_f32_mut(yo).expect("f32"),
+            io,
+        );
+    })
 }
 
 /// Channel `c` normalized plane by plane into an L1 buffer and max-pooled from there into `y` and `ix`.
@@ -520,25 +541,13 @@ fn normalize_channel_maxpool<T: Real>(
     sh: T,
     relu: bool,
 ) {
-    with_pool_scratch(d.s, |plane| {
-        let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
-        for n in 0..d.n {
-            let off = (n * d.c + c) * d.s;
-            lanes::affine_shifted_to(&x[off..off + d.s], pt, sh, s, b, relu, false);
-            let po = (n * d.c + c) * p.out();
-            // SAFETY: (n, c) output planes are disjoint and each is written by exactly one task.
-            let (yo, io) = unsafe { (yp.slice(po, p.out()), ip.slice(po, p.out())) };
-            let yo = crate::nn::simd::as_f32_mut(yo).expect("f32");
-            crate::nn::pool::max2x2_f32::plane(
-                crate::nn::simd::as_f32(pt).expect("f32"),
-                p.w,
-                p.oh(),
-                p.ow(),
-                yo,
-                io,
-            );
-        }
-    })
+    for n in 0..d.n {
+        let off = (n * d.c + c) * d.s;
+        let po = (n * d.c + c) * p.out();
+        // SAFETY: (n, c) output planes are disjoint and each is written by exactly one task.
+        let (yo, io) = unsafe { (yp.slice(po, p.out()), ip.slice(po, p.out())) };
+        normalize_plane_maxpool(&x[off..off + d.s], yo, io, p, s, b, sh, relu);
+    }
 }
 
 /// Eval forward: one per-channel affine pass y = x·a + b (ReLU when `relu`).
