@@ -10,3 +10,8 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >&2
 fi
+# The test command lints with rustfmt and clippy: add them if this toolchain lacks them.
+if command -v rustup > /dev/null && ! { cargo fmt --version && cargo clippy --version; } > /dev/null 2>&1; then
+  echo "setup: adding the rustfmt and clippy components with rustup" >&2
+  rustup component add rustfmt clippy >&2
+fi
