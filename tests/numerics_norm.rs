@@ -517,3 +517,58 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
         );
     }
 }
+
+/// Many small blocks (the GroupNorm/InstanceNorm kernels' phased runs of 32 blocks, with several rayon tasks and a
+/// partial last run) on hard data, 1 and 2 threads: y and dx as the f64 reference, within the tolerances above.
+#[test]
+fn group_norm_many_small_blocks_on_hard_data() {
+    for (shape, groups) in [
+        ([3usize, 700, 7, 7], 700usize), // 2100 blocks of 49: 7 tasks of 334 blocks, partial runs
+        ([3, 700, 7, 7], 350),           // blocks of two channels
+        ([2, 37, 3, 5], 37),             // 74 blocks of 15: one task, a partial third run
+    ] {
+        let c = shape[1];
+        let cpg = c / groups;
+        let mut g = Pcg64::seed_from_u64(21);
+        let x = ArrayD::from_shape_fn(IxDyn(&shape), |i| {
+            let z: f64 = g.sample(StandardNormal);
+            (1e4 + 0.3 * (i[1] % 5) as f64 + 0.1 * z) as f32
+        });
+        let x64 = to64(&x);
+        let dy = randn32(22, &shape);
+        let w: Vec<f32> = (0..c).map(|_| g.gen_range(0.5f32..2.0)).collect();
+        let b: Vec<f32> = (0..c).map(|_| g.gen_range(-1.0f32..1.0)).collect();
+        let key = move |i: &[usize]| i[0] * groups + i[1] / cpg;
+        let (xh, _, var, _) = reference_norm(&x64, shape[0] * groups, key);
+        let y_ref =
+            ArrayD::from_shape_fn(IxDyn(&shape), |i| w[i[1]] as f64 * xh[&i] + b[i[1]] as f64);
+        let u = ArrayD::from_shape_fn(IxDyn(&shape), |i| dy[&i] as f64 * w[i[1]] as f64);
+        let dx_ref = reference_dx(&xh, &u, &var, key);
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let (y, dx) = pool.install(|| {
+                let mut gn: GroupNorm<f32> = GroupNormConfig::new(groups, c).build().unwrap();
+                gn.weight.as_mut().unwrap().value =
+                    ArrayD::from_shape_vec(IxDyn(&[c]), w.clone()).unwrap();
+                gn.bias.as_mut().unwrap().value =
+                    ArrayD::from_shape_vec(IxDyn(&[c]), b.clone()).unwrap();
+                let y = gn.forward(&x, Mode::Train).unwrap();
+                (y, gn.backward(&x, &dy, Mode::Train).unwrap())
+            });
+            let e_y = max_abs_err(&y, &y_ref);
+            let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
+            println!("GroupNorm {shape:?} G={groups} T={threads}: y {e_y:.2e}, dx {e_dx:.2e}");
+            assert!(
+                e_y <= Y_ATOL,
+                "{shape:?} G={groups} T={threads}: y error {e_y:e}"
+            );
+            assert!(
+                e_dx <= DX_RTOL,
+                "{shape:?} G={groups} T={threads}: dx error {e_dx:e}"
+            );
+        }
+    }
+}

@@ -25,6 +25,20 @@ pub(crate) fn min_blocks(blk: usize) -> usize {
     (16384 / blk.max(1)).max(1)
 }
 
+/// Blocks per phase of the kernels' runs (see [`forward`]).
+const RUN: usize = 32;
+
+/// Blocks per run: [`RUN`] for blocks of one chunk ([`lanes::BLOCK_CHUNK`] values or fewer), whose statistics
+/// cost more than their data; one for larger blocks, which are then normalised while still in L1 (runs of
+/// them spill to L2: measured slower on GroupNorm (256, 16, 32, 32), 2048-value blocks).
+fn run_len(blk: usize) -> usize {
+    if blk <= lanes::BLOCK_CHUNK {
+        RUN
+    } else {
+        1
+    }
+}
+
 /// Statistics of one contiguous block in one pass ([`lanes::block_moments`]): (shift = mean rounded to T, mean, biased var).
 #[inline]
 pub fn block_stats<T: Real>(xb: &[T]) -> (T, f64, f64) {
@@ -37,6 +51,12 @@ pub fn block_stats<T: Real>(xb: &[T]) -> (T, f64, f64) {
 }
 
 /// Fused forward. `weight`/`bias` are per channel (length C) or absent.
+///
+/// Tasks of whole blocks; within a task, runs of [`RUN`] blocks in three phases (statistics, their f64 finish,
+/// normalisation). A block's statistics end in a chain of dependent scalar operations (a few hundred cycles),
+/// which for small blocks (InstanceNorm on 7×7 planes: 49 values) cost more than the block's data; phased, the
+/// chains of a run overlap and the finish is vectorised, and the run's blocks are still in L1/L2 when they are
+/// normalised.
 pub fn forward<T: Real>(
     x: &[T],
     y: &mut [T],
@@ -51,54 +71,93 @@ pub fn forward<T: Real>(
     assert!(groups > 0 && d.c.is_multiple_of(groups));
     let cpg = d.c / groups;
     let blk = cpg * d.s;
-    let stream = lanes::stream_output(std::mem::size_of_val(y), 2);
-    let per: Vec<(T, f64, f64, f64)> = if blk == 0 {
-        vec![(T::zero(), 0.0, 0.0, 0.0); d.n * groups]
-    } else {
-        y.par_chunks_mut(blk)
-            .zip(x.par_chunks(blk))
-            .with_min_len(min_blocks(blk))
-            .enumerate()
-            .map(|(k, (yb, xb))| {
-                let g = k % groups;
-                let (shift, mean, var) = block_stats(xb);
-                let invstd = 1.0 / (var + eps).sqrt();
-                let delta = mean - shift.as_f64();
-                for j in 0..cpg {
-                    let c = g * cpg + j;
-                    let s = weight.map_or(1.0, |w| w[c].as_f64()) * invstd;
-                    let b = bias.map_or(0.0, |b| b[c].as_f64()) - delta * s;
-                    let r = j * d.s..(j + 1) * d.s;
-                    lanes::affine_shifted_to(
-                        &xb[r.clone()],
-                        &mut yb[r],
-                        shift,
-                        T::of_f64(s),
-                        T::of_f64(b),
-                        false,
-                        stream,
-                    );
-                }
-                if stream {
-                    lanes::stream_fence();
-                }
-                (shift, mean, var, invstd)
-            })
-            .collect()
-    };
+    let nblk = d.n * groups;
     let mut st = GroupStats {
         groups,
-        shift: vec![],
-        mean: vec![],
-        var: vec![],
-        invstd: vec![],
+        shift: vec![T::zero(); nblk],
+        mean: vec![0.0; nblk],
+        var: vec![0.0; nblk],
+        invstd: vec![0.0; nblk],
     };
-    for (sh, m, v, i) in per {
-        st.shift.push(sh);
-        st.mean.push(m);
-        st.var.push(v);
-        st.invstd.push(i);
+    if blk == 0 {
+        return st;
     }
+    let stream = lanes::stream_output(std::mem::size_of_val(y), 2);
+    let per_task = min_blocks(blk);
+    y.par_chunks_mut(blk * per_task)
+        .zip(x.par_chunks(blk * per_task))
+        .zip(
+            st.shift
+                .par_chunks_mut(per_task)
+                .zip(st.mean.par_chunks_mut(per_task)),
+        )
+        .zip(
+            st.var
+                .par_chunks_mut(per_task)
+                .zip(st.invstd.par_chunks_mut(per_task)),
+        )
+        .enumerate()
+        .for_each(|(t, (((yt, xt), (shift, mean)), (var, invstd)))| {
+            let nb = xt.len() / blk;
+            for r0 in (0..nb).step_by(run_len(blk)) {
+                let r1 = (r0 + run_len(blk)).min(nb);
+                let xr = &xt[r0 * blk..r1 * blk];
+                if blk <= lanes::BLOCK_CHUNK {
+                    // one chunk per block: the run's sums, then their finish in one loop over arrays
+                    let (mut ks, mut s1, mut s2) = ([0.0f64; RUN], [0.0f64; RUN], [0.0f64; RUN]);
+                    for (i, xb) in xr.chunks(blk).enumerate() {
+                        let (k, a, b) = lanes::chunk_sums(xb);
+                        (ks[i], s1[i], s2[i]) = (k.as_f64(), a, b);
+                    }
+                    let (mut mu, mut v, mut inv) = ([0.0f64; RUN], [0.0f64; RUN], [0.0f64; RUN]);
+                    let m = blk as f64;
+                    for i in 0..RUN {
+                        let (mi, m2) = lanes::chunk_moments(ks[i], s1[i], s2[i], m);
+                        let vi = (m2 / m).max(0.0);
+                        (mu[i], v[i], inv[i]) = (mi, vi, 1.0 / (vi + eps).sqrt());
+                    }
+                    for i in 0..r1 - r0 {
+                        let j = r0 + i;
+                        (shift[j], mean[j], var[j], invstd[j]) =
+                            (T::of_f64(mu[i]), mu[i], v[i], inv[i]);
+                    }
+                } else {
+                    for (i, xb) in xr.chunks(blk).enumerate() {
+                        let j = r0 + i;
+                        let (sh, mi, vi) = block_stats(xb);
+                        (shift[j], mean[j], var[j], invstd[j]) =
+                            (sh, mi, vi, 1.0 / (vi + eps).sqrt());
+                    }
+                }
+                for (i, (yb, xb)) in yt[r0 * blk..r1 * blk]
+                    .chunks_mut(blk)
+                    .zip(xr.chunks(blk))
+                    .enumerate()
+                {
+                    let j = r0 + i;
+                    let g = (t * per_task + j) % groups;
+                    let delta = mean[j] - shift[j].as_f64();
+                    for ch in 0..cpg {
+                        let c = g * cpg + ch;
+                        let s = weight.map_or(1.0, |w| w[c].as_f64()) * invstd[j];
+                        let b = bias.map_or(0.0, |b| b[c].as_f64()) - delta * s;
+                        let r = ch * d.s..(ch + 1) * d.s;
+                        lanes::affine_shifted_to(
+                            &xb[r.clone()],
+                            &mut yb[r],
+                            shift[j],
+                            T::of_f64(s),
+                            T::of_f64(b),
+                            false,
+                            stream,
+                        );
+                    }
+                }
+            }
+            if stream {
+                lanes::stream_fence();
+            }
+        });
     st
 }
 
@@ -131,41 +190,57 @@ pub fn backward<T: Real>(
         .enumerate()
         .map(|(t, (dxt, (xt, gt)))| {
             let mut sums = Vec::with_capacity(dxt.len() / blk * cpg);
-            for (kk, (dxb, (xb, gb))) in dxt
-                .chunks_mut(blk)
-                .zip(xt.chunks(blk).zip(gt.chunks(blk)))
-                .enumerate()
-            {
-                let k = t * per_task + kk;
-                let g = k % groups;
-                let (shift, r) = (st.shift[k], st.invstd[k]);
-                let delta = st.mean[k] - shift.as_f64();
-                let (mut su, mut sux) = (0.0, 0.0);
-                for j in 0..cpg {
-                    let c = g * cpg + j;
-                    let rr = j * d.s..(j + 1) * d.s;
-                    let (a, p) = lanes::dy_moments(&gb[rr.clone()], &xb[rr], shift);
-                    let gx = r * (p - delta * a); // Σdy·x̂ over this channel's slice
-                    let gam = weight.map_or(1.0, |w| w[c].as_f64());
-                    su += gam * a;
-                    sux += gam * gx;
-                    sums.push((a, gx));
+            let nb = xt.len() / blk;
+            // runs of blocks in phases, as in [`forward`]: the sums, their f64 finish, then dx
+            for r0 in (0..nb).step_by(run_len(blk)) {
+                let r1 = (r0 + run_len(blk)).min(nb);
+                let (mut su, mut sux) = ([0.0f64; RUN], [0.0f64; RUN]);
+                for i in 0..r1 - r0 {
+                    let k = t * per_task + r0 + i;
+                    let g = k % groups;
+                    let (shift, r) = (st.shift[k], st.invstd[k]);
+                    let delta = st.mean[k] - shift.as_f64();
+                    let o = (r0 + i) * blk;
+                    let (xb, gb) = (&xt[o..o + blk], &gt[o..o + blk]);
+                    for j in 0..cpg {
+                        let c = g * cpg + j;
+                        let rr = j * d.s..(j + 1) * d.s;
+                        let (a, p) = lanes::dy_moments(&gb[rr.clone()], &xb[rr], shift);
+                        let gx = r * (p - delta * a); // Σdy·x̂ over this channel's slice
+                        let gam = weight.map_or(1.0, |w| w[c].as_f64());
+                        su[i] += gam * a;
+                        sux[i] += gam * gx;
+                        sums.push((a, gx));
+                    }
                 }
-                let k2 = -r * sux / m * r;
-                let k3 = -r * su / m - delta * k2;
-                for j in 0..cpg {
-                    let c = g * cpg + j;
-                    let gam = weight.map_or(1.0, |w| w[c].as_f64());
-                    let rr = j * d.s..(j + 1) * d.s;
-                    lanes::bwd_dx_to(
-                        &gb[rr.clone()],
-                        &xb[rr.clone()],
-                        &mut dxb[rr],
-                        shift,
-                        None,
-                        (T::of_f64(r * gam), T::of_f64(k2), T::of_f64(k3)),
-                        stream,
-                    );
+                let (mut k2s, mut k3s) = ([0.0f64; RUN], [0.0f64; RUN]);
+                for i in 0..r1 - r0 {
+                    let k = t * per_task + r0 + i;
+                    let r = st.invstd[k];
+                    let delta = st.mean[k] - st.shift[k].as_f64();
+                    k2s[i] = -r * sux[i] / m * r;
+                    k3s[i] = -r * su[i] / m - delta * k2s[i];
+                }
+                for i in 0..r1 - r0 {
+                    let k = t * per_task + r0 + i;
+                    let g = k % groups;
+                    let (shift, r) = (st.shift[k], st.invstd[k]);
+                    let o = (r0 + i) * blk;
+                    let (xb, gb, dxb) = (&xt[o..o + blk], &gt[o..o + blk], &mut dxt[o..o + blk]);
+                    for j in 0..cpg {
+                        let c = g * cpg + j;
+                        let gam = weight.map_or(1.0, |w| w[c].as_f64());
+                        let rr = j * d.s..(j + 1) * d.s;
+                        lanes::bwd_dx_to(
+                            &gb[rr.clone()],
+                            &xb[rr.clone()],
+                            &mut dxb[rr],
+                            shift,
+                            None,
+                            (T::of_f64(r * gam), T::of_f64(k2s[i]), T::of_f64(k3s[i])),
+                            stream,
+                        );
+                    }
                 }
             }
             if stream {

@@ -435,6 +435,38 @@ pub fn shifted_moments_channel<T: Real>(
     (a, b)
 }
 
+/// Values per chunk of [`block_moments`]: each chunk has its own shift.
+pub const BLOCK_CHUNK: usize = 512;
+
+/// One chunk's shift (the mean of its first 16 values, rounded to `T`) and its shifted sums (Σd, Σd²), d = x - shift.
+/// The head is summed in four interleaved partial sums: a dependency chain of 4 additions instead of 16.
+#[inline]
+pub fn chunk_sums<T: Real>(blk: &[T]) -> (T, f64, f64) {
+    let head = &blk[..blk.len().min(16)];
+    let total = if let Ok(h) = <&[T; 16]>::try_from(head) {
+        let f = |i: usize| h[i].as_f64();
+        let p = |j: usize| ((f(j) + f(j + 4)) + f(j + 8)) + f(j + 12);
+        (p(0) + p(1)) + (p(2) + p(3))
+    } else {
+        // the same order of additions, for a chunk shorter than 16 values
+        let mut p = [0.0f64; 4];
+        for (i, v) in head.iter().enumerate() {
+            p[i % 4] += v.as_f64();
+        }
+        (p[0] + p[1]) + (p[2] + p[3])
+    };
+    let k = T::of_f64(total / head.len() as f64);
+    let (s1, s2) = shifted_moments(blk, k);
+    (k, s1, s2)
+}
+
+/// A chunk's (mean, M2) from [`chunk_sums`] over `n` values.
+#[inline]
+pub fn chunk_moments<T: Real>(k: T, s1: f64, s2: f64, n: f64) -> (f64, f64) {
+    let dm = s1 / n;
+    (k.as_f64() + dm, (s2 - s1 * dm).max(0.0))
+}
+
 /// One-pass (mean, M2) of a contiguous slice, for per-sample statistics (GroupNorm, LayerNorm, InstanceNorm):
 /// 512-value sub-blocks are each reduced around their own shift (the mean of their first 16 values) and merged
 /// exactly (Chan et al.). One read of the data instead of the two of [`sum`] + [`shifted_moments`], with the
@@ -443,13 +475,10 @@ pub fn shifted_moments_channel<T: Real>(
 pub fn block_moments<T: Real>(xs: &[T]) -> (f64, f64) {
     // f32 reaches the packed reductions through `shifted_moments`
     let (mut n_tot, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
-    for blk in xs.chunks(512) {
-        let head = &blk[..blk.len().min(16)];
-        let k = T::of_f64(head.iter().map(|v| v.as_f64()).sum::<f64>() / head.len() as f64);
-        let (s1, s2) = shifted_moments(blk, k);
+    for blk in xs.chunks(BLOCK_CHUNK) {
+        let (k, s1, s2) = chunk_sums(blk);
         let n = blk.len() as f64;
-        let dm = s1 / n;
-        let (bm, bm2) = (k.as_f64() + dm, (s2 - s1 * dm).max(0.0));
+        let (bm, bm2) = chunk_moments(k, s1, s2, n);
         if n_tot == 0.0 {
             (n_tot, mean, m2) = (n, bm, bm2);
         } else {
