@@ -144,7 +144,7 @@ fn bench_fold_bn_folds_the_four_conv_batch_norm_pairs() {
 
 #[test]
 fn bench_profile_and_conv_algorithm() {
-    for algo in ["direct", "winograd"] {
+    for algo in ["direct", "winograd", "winograd2"] {
         let rows = bench_rows(&["--mode", "train", "--profile", "--conv", algo]);
         let (speed, layers): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.contains_key("img_s"));
         assert_eq!(speed.len(), 1, "{rows:?}");

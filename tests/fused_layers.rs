@@ -185,9 +185,11 @@ fn planes(x: &ArrayD<f32>) -> Vec<(f64, f64)> {
 #[test]
 fn convolution_moments_are_those_of_its_output_planes() {
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(11);
-    // the Winograd path (8+ input channels), the single-channel path, and a shape with neither (declined)
+    // the Winograd path (8+ input channels; F(4×4) on a 24-wide plane), the single-channel path, and a shape
+    // with neither (declined)
     for (cin, cout, h, w, expect) in [
         (16, 8, 10, 12, true),
+        (8, 8, 9, 24, true),
         (1, 32, 28, 28, true),
         (3, 4, 6, 6, false),
     ] {
@@ -198,14 +200,14 @@ fn convolution_moments_are_those_of_its_output_planes() {
             .unwrap();
         let x =
             ArrayD::from_shape_simple_fn(IxDyn(&[3, cin, h, w]), || rng.gen_range(-1.0f32..1.0));
-        let plain = conv.forward(&x).unwrap();
+        let plain = conv.forward_train(&x).unwrap();
         match conv.forward_with_plane_moments(&x).unwrap() {
             Some((y, pm)) => {
                 assert!(expect || !normvision::nn::winograd::available());
                 assert_eq!(
                     bits(&y),
                     bits(&plain),
-                    "output differs from the plain forward"
+                    "output differs from the plain training forward"
                 );
                 assert_eq!(pm, planes(&y), "moments of the output planes");
             }

@@ -298,7 +298,7 @@ pub fn bench(
                 json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": m, "batch": batch,
                 "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3,
                 "folded_bn": folded,
-                "conv": if crate::nn::conv::winograd_enabled() && crate::nn::winograd::available() { "winograd" } else { "direct" }})
+                "conv": conv_algorithm()})
             );
         } else {
             let note = if folded > 0 {
@@ -494,4 +494,17 @@ pub fn compare(
         }
     }
     Ok(())
+}
+
+/// The `--conv` setting in effect, as the CLI names it.
+fn conv_algorithm() -> &'static str {
+    use crate::nn::conv::{winograd4_enabled, winograd_enabled};
+    match (
+        winograd_enabled() && crate::nn::winograd::available(),
+        winograd4_enabled(),
+    ) {
+        (false, _) => "direct",
+        (true, true) => "winograd",
+        (true, false) => "winograd2",
+    }
 }

@@ -159,6 +159,26 @@ pub fn winograd_enabled() -> bool {
     WINOGRAD.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Planes at least this wide (and at most [`super::winograd4::MAX_W`]) take Winograd F(4×4, 3×3) in training
+/// ([`super::winograd4`]). Measured on the reference CNN's layers at batch 128, one thread
+/// (`cargo run --release --example conv_algos`), F(2×2) → F(4×4): 32→32 at 28×28 forward 13.9 → 8.9 ms and
+/// backward 31.2 → 20.1 ms, but 32→64 at 14×14 slower (5.7 → 7.2 and 12.9 → 14.9 ms), and 64→64 too (11.2 → 12.5
+/// and 23.6 → 25.1 ms): a 14-wide plane has 4 tiles per row (4 of 16 vector lanes) and pads to 16×16.
+pub const WINOGRAD4_MIN_W: usize = 21;
+
+static WINOGRAD4: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Process-wide switch for F(4×4, 3×3) in training (the CLI's `--conv winograd2` turns it off): when off,
+/// training uses F(2×2, 3×3) like inference. On by default.
+pub fn set_winograd4(enabled: bool) {
+    WINOGRAD4.store(enabled, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_winograd4`] allows F(4×4, 3×3).
+pub fn winograd4_enabled() -> bool {
+    WINOGRAD4.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// How [`Conv2d`] spreads its work over rayon's threads (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConvParallel {
@@ -1017,6 +1037,31 @@ impl<T: Real> Conv2d<T> {
         })
     }
 
+    /// The Winograd shape when a training pass takes F(4×4, 3×3) ([`WINOGRAD4_MIN_W`]).
+    fn winograd4_shape(&self, g: &Geom) -> Option<super::winograd::WinoShape> {
+        self.winograd_shape(g).filter(|ws| {
+            winograd4_enabled()
+                && !self.relu_out
+                && ws.w >= WINOGRAD4_MIN_W
+                && super::winograd4::applies(ws)
+        })
+    }
+
+    /// The training forward: [`Conv2d::forward`], except that planes [`WINOGRAD4_MIN_W`] wide or more take
+    /// Winograd F(4×4, 3×3) (fewer operations, a few times F(2×2)'s rounding error; see
+    /// [`super::winograd4`]). [`Layer::forward`] in [`Mode::Train`] calls it.
+    pub fn forward_train(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
+        let g = self.geom(x.shape())?;
+        match self.winograd4_shape(&g) {
+            Some(ws) if g.n > 0 => Ok(self.f32_forward(
+                x,
+                &[g.n, g.o, g.oh, g.ow],
+                |xf, wf, bias, yf| super::winograd4::forward(ws, xf, wf, bias, false, None, yf),
+            )),
+            _ => self.forward(x),
+        }
+    }
+
     /// The shape when this call takes the single-input-channel 3×3 path ([`super::conv_one_channel`]).
     fn one_channel_shape(&self, g: &Geom) -> Option<super::conv_one_channel::OneChannelShape> {
         let eligible = self.fast()
@@ -1288,7 +1333,7 @@ impl<T: Real> Conv2d<T> {
     /// n-major; [`crate::norm::batch_kernels::plane_moments`]): a following training BatchNorm then needs no
     /// statistics pass of its own ([`crate::norm::BatchNorm::forward_from_plane_moments`]). `Ok(None)` (nothing
     /// done) unless this call takes the Winograd or the single-channel path. The output is bitwise that of
-    /// [`Conv2d::forward`].
+    /// [`Conv2d::forward_train`] (training is its only caller).
     pub fn forward_with_plane_moments(
         &mut self,
         x: &ArrayD<T>,
@@ -1298,9 +1343,13 @@ impl<T: Real> Conv2d<T> {
         if (wino.is_none() && one.is_none()) || self.relu_out || g.n == 0 {
             return Ok(None);
         }
+        let wino4 = self.winograd4_shape(&g);
         let mut pm = vec![(0.0, 0.0); g.n * g.o];
         let y = self.f32_forward(x, &[g.n, g.o, g.oh, g.ow], |xf, wf, bias, yf| {
             match (wino, one) {
+                (Some(ws), _) if wino4.is_some() => {
+                    super::winograd4::forward(ws, xf, wf, bias, false, Some(&mut pm), yf)
+                }
                 (Some(ws), _) => {
                     super::winograd::forward_with_moments(ws, xf, wf, bias, yf, &mut pm)
                 }
@@ -1445,6 +1494,22 @@ impl<T: Real> Conv2d<T> {
             return Ok(());
         }
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        if let Some(ws) = self.winograd4_shape(&g) {
+            let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+            let f = |s| simd::as_f32(s).expect("f32");
+            let Param { value, grad } = &mut self.weight;
+            super::winograd4::backward(
+                ws,
+                f(&xs),
+                f(&gs),
+                f(value.as_slice().expect("contiguous weights")),
+                dx.map(|d| simd::as_f32_mut(d).expect("f32")),
+                simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32"),
+                db.as_deref_mut(),
+            );
+            self.add_bias_grad(db);
+            return Ok(());
+        }
         if let Some(ws) = self.winograd_shape(&g) {
             let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
             let f = |s| simd::as_f32(s).expect("f32");
@@ -1599,8 +1664,12 @@ impl<T: Real> Conv2d<T> {
 }
 
 impl<T: Real> Layer<T> for Conv2d<T> {
-    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
-        Conv2d::forward(self, x)
+    fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
+        if mode.is_train() {
+            Conv2d::forward_train(self, x)
+        } else {
+            Conv2d::forward(self, x)
+        }
     }
     fn as_conv_mut(&mut self) -> Option<&mut Conv2d<T>> {
         Some(self)

@@ -29,6 +29,7 @@ pub mod matmul;
 pub mod pool;
 pub mod simd;
 pub mod winograd;
+pub mod winograd4;
 
 pub use activation::{Flatten, ReLU, Sigmoid};
 pub use conv::{Conv2d, Conv2dConfig, ConvParallel};
