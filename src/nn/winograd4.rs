@@ -882,6 +882,8 @@ mod tests {
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(5);
         // planes of every width 1..=28 over the cases (partial tiles, one-lane rows, the CNN's 28 and 14)
         for &(n, c, k, h, w) in &[
+            (7, 8, 8, 28, 28),  // 4 chunks of 2 images, the last partial
+            (37, 3, 4, 14, 14), // 7 chunks of 6 images, over more than one group of chunks
             (2, 8, 16, 28, 28),
             (3, 9, 5, 14, 14),
             (2, 3, 4, 7, 7),
