@@ -1494,27 +1494,17 @@ impl<T: Real> Conv2d<T> {
             return Ok(());
         }
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
-        if let Some(ws) = self.winograd4_shape(&g) {
-            let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
-            let f = |s| simd::as_f32(s).expect("f32");
-            let Param { value, grad } = &mut self.weight;
-            super::winograd4::backward(
-                ws,
-                f(&xs),
-                f(&gs),
-                f(value.as_slice().expect("contiguous weights")),
-                dx.map(|d| simd::as_f32_mut(d).expect("f32")),
-                simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32"),
-                db.as_deref_mut(),
-            );
-            self.add_bias_grad(db);
-            return Ok(());
-        }
         if let Some(ws) = self.winograd_shape(&g) {
+            // F(4×4) where it applies in training, else F(2×2): the same signature
+            let backward = if self.winograd4_shape(&g).is_some() {
+                super::winograd4::backward
+            } else {
+                super::winograd::backward
+            };
             let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
             let f = |s| simd::as_f32(s).expect("f32");
             let Param { value, grad } = &mut self.weight;
-            super::winograd::backward(
+            backward(
                 ws,
                 f(&xs),
                 f(&gs),

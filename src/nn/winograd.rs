@@ -62,11 +62,6 @@ impl WinoShape {
     fn out_size(&self) -> usize {
         self.k * self.h * self.w
     }
-    /// Images per chunk: about [`TILE_TARGET`] tiles (at least one image). It does not depend on the number of
-    /// threads, so neither does the order in which the weight gradient is summed.
-    fn per_chunk(&self) -> usize {
-        (TILE_TARGET / self.tiles().max(1)).max(1)
-    }
 }
 
 /// Whether the Winograd kernels can run here (AVX-512F).
@@ -102,16 +97,22 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
     u
 }
 
-/// Packs the 16 matrices U[p] (K×C) for [`simd::gemm_nn`], transposed (C×K) when `transposed`.
-fn pack_weights(u: &[f32], k: usize, c: usize, transposed: bool) -> (Vec<f32>, usize) {
+/// Packs the matrices U[p] (K×C; 16 for F(2×2), 36 for F(4×4)) for [`simd::gemm_nn`], transposed (C×K) when
+/// `transposed`. Returns the packed matrices and the length of one.
+pub(super) fn pack_weights(u: &[f32], k: usize, c: usize, transposed: bool) -> (Vec<f32>, usize) {
+    assert!(
+        k * c > 0 && u.len().is_multiple_of(k * c),
+        "U of whole K×C matrices"
+    );
+    let points = u.len() / (k * c);
     let plen = if transposed {
         simd::packed_len(c, k)
     } else {
         simd::packed_len(k, c)
     };
-    let mut out = Vec::with_capacity(16 * plen);
+    let mut out = Vec::with_capacity(points * plen);
     let mut one = Vec::new();
-    for p in 0..16 {
+    for p in 0..points {
         let up = &u[p * k * c..(p + 1) * k * c];
         if transposed {
             simd::pack_a(c, k, up, 1, c, &mut one);
@@ -240,7 +241,6 @@ fn forward_impl(
         }
         return;
     }
-    let plane = s.h * s.w;
     if s.c == 0 {
         let plane = if pool { s.h * s.w / 4 } else { s.h * s.w };
         for (o, v) in y.iter_mut().enumerate() {
@@ -257,9 +257,82 @@ fn forward_impl(
         return;
     }
     let u = transform_weights(w, s.k, s.c);
-    let (packed, plen) = pack_weights(&u, s.k, s.c, false);
-    let nb = s.per_chunk();
+    let tf = Transforms {
+        points: 16,
+        tiles: s.tiles(),
+        input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, v, rows),
+    };
+    run_forward(
+        &s,
+        &tf,
+        x,
+        &pack_weights(&u, s.k, s.c, false),
+        os,
+        y,
+        moments,
+        &|imgs, m, yc| output_transform(&s, m, imgs, bias, affine, relu, pool, yc),
+    );
+}
+
+/// What the chunk drivers ([`run_forward`], [`run_backward`]) need of a Winograd algorithm: products per tile,
+/// tiles per image, and the input transform (`input(imgs, x, V, rows)`: the chunk's image count, its input,
+/// the transformed tiles, a per-thread row buffer).
+pub(super) struct Transforms<'a> {
+    pub points: usize,
+    pub tiles: usize,
+    #[allow(clippy::type_complexity)]
+    pub input: &'a (dyn Fn(usize, &[f32], &mut [f32], &mut Vec<f32>) + Sync),
+}
+
+impl Transforms<'_> {
+    /// Images per chunk: about [`TILE_TARGET`] tiles (at least one image). It does not depend on the number of
+    /// threads, so neither does the order in which the weight gradient is summed.
+    fn per_chunk(&self) -> usize {
+        (TILE_TARGET / self.tiles.max(1)).max(1)
+    }
+}
+
+/// `dst[p] (M×T) = A[p] · src[p] (Kd×T)` for every product p, with the A[p] packed by [`pack_weights`].
+fn point_products(
+    m: usize,
+    kd: usize,
+    t: usize,
+    (packed, plen): (&[f32], usize),
+    src: &[f32],
+    dst: &mut [f32],
+) {
+    for (p, ap) in packed.chunks_exact(plen).enumerate() {
+        simd::gemm_nn(
+            m,
+            t,
+            kd,
+            ap,
+            &src[p * kd * t..(p + 1) * kd * t],
+            t,
+            &mut dst[p * m * t..(p + 1) * m * t],
+            t,
+            false,
+        );
+    }
+}
+
+/// The forward over chunks of images: input transform, the products with the packed U, then `output(imgs, M,
+/// y)` (which writes the chunk's `os` values per image); with `moments`, each output plane's (mean, M2)
+/// while it is in cache.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(super) fn run_forward(
+    s: &WinoShape,
+    tf: &Transforms,
+    x: &[f32],
+    (packed, plen): &(Vec<f32>, usize),
+    os: usize,
+    y: &mut [f32],
+    moments: Option<&mut [(f64, f64)]>,
+    output: &(dyn Fn(usize, &[f32], &mut [f32]) + Sync),
+) {
+    let nb = tf.per_chunk();
     let is = s.in_size();
+    let plane = s.h * s.w;
     let chunks = s.n.div_ceil(nb);
     let mom_chunks = simd::optional_chunks(moments, nb * s.k, chunks);
     x.par_chunks(nb * is)
@@ -268,30 +341,111 @@ fn forward_impl(
         .for_each(|((xc, yc), mc)| {
             with_scratch(|sc| {
                 let imgs = xc.len() / is;
-                let t = imgs * s.tiles();
-                at_least(&mut sc.a, 16 * s.c * t);
-                at_least(&mut sc.b, 16 * s.k * t);
-                input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
-                for p in 0..16 {
-                    simd::gemm_nn(
-                        s.k,
-                        t,
-                        s.c,
-                        &packed[p * plen..(p + 1) * plen],
-                        &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                        t,
-                        &mut sc.b[p * s.k * t..(p + 1) * s.k * t],
-                        t,
-                        false,
-                    );
-                }
-                output_transform(&s, &sc.b, imgs, bias, affine, relu, pool, yc);
+                let t = imgs * tf.tiles;
+                at_least(&mut sc.a, tf.points * s.c * t);
+                at_least(&mut sc.b, tf.points * s.k * t);
+                (tf.input)(imgs, xc, &mut sc.a, &mut sc.rows);
+                point_products(s.k, s.c, t, (packed, *plen), &sc.a, &mut sc.b);
+                output(imgs, &sc.b, yc);
                 if let Some(mc) = mc {
                     // each plane was written just now: reduce it while it is in L1/L2
                     plane_moments_into(yc, plane, mc);
                 }
             })
         });
+}
+
+/// The backward over chunks of images: `dy_tf(imgs, dy, dM, rows)`, then (with `packed_t`, the transposed
+/// packed U) the data gradient `adjoint(imgs, dV, dx, rows)`, then the input transform and the weight-gradient
+/// products. Returns dU (summed over the chunks in a fixed order, so bitwise the same for any number of
+/// threads) and, with `want_db`, Σ dy per output channel.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub(super) fn run_backward(
+    s: &WinoShape,
+    tf: &Transforms,
+    x: &[f32],
+    dy: &[f32],
+    packed_t: Option<&(Vec<f32>, usize)>,
+    dx: Option<&mut [f32]>,
+    want_db: bool,
+    dy_tf: &(dyn Fn(usize, &[f32], &mut [f32], &mut Vec<f32>) + Sync),
+    adjoint: &(dyn Fn(usize, &[f32], &mut [f32], &mut Vec<f32>) + Sync),
+) -> (Vec<f32>, Vec<f64>) {
+    let nb = tf.per_chunk();
+    let (is, os) = (s.in_size(), s.out_size());
+    let chunks = s.n.div_ceil(nb);
+    let mut dx_chunks = simd::optional_chunks(dx, nb * is, chunks);
+    let ulen = tf.points * s.k * s.c;
+    // The weight and bias gradients are summed over chunks in fixed groups, each group's partial sum in chunk
+    // order and the groups in index order, so the result is bitwise the same from run to run and for any
+    // number of threads (a rayon fold/reduce would follow the work stealing).
+    let per_group = chunks.div_ceil(16).max(4);
+    let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_chunks
+        .par_chunks_mut(per_group)
+        .enumerate()
+        .map(|(gi, group)| {
+            let mut du = vec![0f32; ulen];
+            let mut dbp = vec![0f64; s.k];
+            with_scratch(|sc| {
+                for (j, dxc) in group.iter_mut().enumerate() {
+                    let i0 = (gi * per_group + j) * nb;
+                    let imgs = nb.min(s.n - i0);
+                    let t = imgs * tf.tiles;
+                    let xc = &x[i0 * is..(i0 + imgs) * is];
+                    let gc = &dy[i0 * os..(i0 + imgs) * os];
+                    // dM first; then the data gradient (dV in `a`, consumed by the adjoint), then V in the
+                    // same buffer for the weight gradient: two transformed buffers live at a time, not three
+                    at_least(&mut sc.a, tf.points * s.c * t); // dV, then V
+                    at_least(&mut sc.b, tf.points * s.k * t); // dM
+                    dy_tf(imgs, gc, &mut sc.b, &mut sc.rows);
+                    if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t) {
+                        point_products(s.c, s.k, t, (packed, *plen), &sc.b, &mut sc.a);
+                        adjoint(imgs, &sc.a, dxc, &mut sc.rows);
+                    }
+                    (tf.input)(imgs, xc, &mut sc.a, &mut sc.rows);
+                    // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
+                    // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
+                    // horizontally after only T/16 steps
+                    for p in 0..tf.points {
+                        super::matmul::matmul(
+                            s.k,
+                            s.c,
+                            t,
+                            &sc.b[p * s.k * t..(p + 1) * s.k * t],
+                            super::matmul::Op::N,
+                            &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                            super::matmul::Op::T,
+                            &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
+                            true,
+                            super::matmul::Par::Seq,
+                        );
+                    }
+                    if want_db {
+                        for (o, d) in gc.chunks_exact(s.h * s.w).enumerate() {
+                            dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
+                        }
+                    }
+                }
+            });
+            (du, dbp)
+        })
+        .collect();
+    // each element sums the groups in index order, whichever thread handles its block
+    let mut du = vec![0f32; ulen];
+    du.par_chunks_mut(4096).enumerate().for_each(|(bi, d)| {
+        for (pu, _) in &partials {
+            for (x, y) in d.iter_mut().zip(&pu[bi * 4096..]) {
+                *x += *y;
+            }
+        }
+    });
+    let mut dbs = vec![0f64; s.k];
+    for (_, pb) in &partials {
+        for (x, y) in dbs.iter_mut().zip(pb) {
+            *x += *y;
+        }
+    }
+    (du, dbs)
 }
 
 /// Backward: writes dx (when given; every element) and adds the weight gradient to `dw` (K, C, 3, 3) and, when
@@ -326,100 +480,26 @@ pub fn backward(
         }
         return;
     }
-    let want_dx = dx.is_some();
-    let packed_t = want_dx.then(|| {
+    let packed_t = dx.is_some().then(|| {
         let u = transform_weights(w, s.k, s.c);
         pack_weights(&u, s.k, s.c, true)
     });
-    let nb = s.per_chunk();
-    let (is, os) = (s.in_size(), s.out_size());
-    let chunks = s.n.div_ceil(nb);
-    let mut dx_chunks = simd::optional_chunks(dx, nb * is, chunks);
-    let ulen = 16 * s.k * s.c;
-    let want_db = db.is_some();
-    // The weight and bias gradients are summed over chunks in fixed groups, each group's partial sum in chunk
-    // order and the groups in index order, so the result is bitwise the same from run to run and for any
-    // number of threads (a rayon fold/reduce would follow the work stealing).
-    let per_group = chunks.div_ceil(16).max(4);
-    let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_chunks
-        .par_chunks_mut(per_group)
-        .enumerate()
-        .map(|(gi, group)| {
-            let mut du = vec![0f32; ulen];
-            let mut dbp = vec![0f64; s.k];
-            with_scratch(|sc| {
-                for (j, dxc) in group.iter_mut().enumerate() {
-                    let ci = gi * per_group + j;
-                    let i0 = ci * nb;
-                    let imgs = nb.min(s.n - i0);
-                    let t = imgs * s.tiles();
-                    let xc = &x[i0 * is..(i0 + imgs) * is];
-                    let gc = &dy[i0 * os..(i0 + imgs) * os];
-                    // dM first; then the data gradient (dV in `a`, consumed by the adjoint), then V in the
-                    // same buffer for the weight gradient: two transformed buffers live at a time, not three
-                    at_least(&mut sc.a, 16 * s.c * t); // dV, then V
-                    at_least(&mut sc.b, 16 * s.k * t); // dM
-                    dy_transform(&s, gc, imgs, &mut sc.b, &mut sc.rows);
-                    if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
-                        for p in 0..16 {
-                            simd::gemm_nn(
-                                s.c,
-                                t,
-                                s.k,
-                                &packed[p * plen..(p + 1) * plen],
-                                &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                                t,
-                                &mut sc.a[p * s.c * t..(p + 1) * s.c * t],
-                                t,
-                                false,
-                            );
-                        }
-                        input_adjoint(&s, &sc.a, imgs, dxc, &mut sc.rows);
-                    }
-                    input_transform(&s, xc, imgs, &mut sc.a, &mut sc.rows);
-                    // the `gemm` crate's packed kernel: faster here than the dot-product form of [`simd::gemm_nt`]
-                    // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
-                    // horizontally after only T/16 steps
-                    for p in 0..16 {
-                        super::matmul::matmul(
-                            s.k,
-                            s.c,
-                            t,
-                            &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                            super::matmul::Op::N,
-                            &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                            super::matmul::Op::T,
-                            &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
-                            true,
-                            super::matmul::Par::Seq,
-                        );
-                    }
-                    if want_db {
-                        let plane = s.h * s.w;
-                        for (o, d) in gc.chunks_exact(plane).enumerate() {
-                            dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
-                        }
-                    }
-                }
-            });
-            (du, dbp)
-        })
-        .collect();
-    // each element sums the groups in index order, whichever thread handles its block
-    let mut du = vec![0f32; ulen];
-    du.par_chunks_mut(4096).enumerate().for_each(|(bi, d)| {
-        for (pu, _) in &partials {
-            for (x, y) in d.iter_mut().zip(&pu[bi * 4096..]) {
-                *x += *y;
-            }
-        }
-    });
-    let mut dbs = vec![0f64; s.k];
-    for (_, pb) in &partials {
-        for (x, y) in dbs.iter_mut().zip(pb) {
-            *x += *y;
-        }
-    }
+    let tf = Transforms {
+        points: 16,
+        tiles: s.tiles(),
+        input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, v, rows),
+    };
+    let (du, dbs) = run_backward(
+        &s,
+        &tf,
+        x,
+        dy,
+        packed_t.as_ref(),
+        dx,
+        db.is_some(),
+        &|imgs, gc, dm, rows| dy_transform(&s, gc, imgs, dm, rows),
+        &|imgs, dv, dxc, rows| input_adjoint(&s, dv, imgs, dxc, rows),
+    );
     // dg = Gᵀ dU G, in f64
     for kk in 0..s.k {
         for cc in 0..s.c {
@@ -1308,13 +1388,15 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
     /// f64 direct 3×3 convolution, stride 1, padding 1: y, and for a given dy: dx, dw, db.
     #[allow(clippy::needless_range_loop)]
-    fn reference(
+    /// f64 direct convolution (padding 1, no bias): y, dx, dw and db (Σ dy per output channel) for upstream
+    /// gradient dy (also [`super::super::winograd4`]'s reference).
+    pub(in crate::nn) fn reference(
         s: WinoShape,
         x: &[f32],
         w: &[f32],

@@ -23,16 +23,12 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::simd;
-use super::winograd::WinoShape;
-use crate::norm::batch_kernels::plane_moments_into;
-use rayon::prelude::*;
+use super::winograd::{pack_weights, run_backward, run_forward, Transforms, WinoShape};
 
 /// Widest plane this module handles: a padded row (W + 2 values, from column −1) fits in two vectors.
 pub const MAX_W: usize = 28;
 /// Products per tile.
 const P: usize = 36;
-/// Tiles per chunk of images (as [`super::winograd::TILE_TARGET`]).
-const TILE_TARGET: usize = 100;
 
 /// Whether the F(4×4) kernels take this shape (AVX-512F, planes at most [`MAX_W`] wide).
 pub fn applies(s: &WinoShape) -> bool {
@@ -47,9 +43,6 @@ fn tw(s: &WinoShape) -> usize {
 }
 fn tiles(s: &WinoShape) -> usize {
     th(s) * tw(s)
-}
-fn per_chunk(s: &WinoShape) -> usize {
-    (TILE_TARGET / tiles(s).max(1)).max(1)
 }
 
 /// G (6×3).
@@ -86,48 +79,6 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
     u
 }
 
-/// Packs the 36 matrices U[p] (K×C) for [`simd::gemm_nn`], transposed (C×K) when `transposed`.
-fn pack_weights(u: &[f32], k: usize, c: usize, transposed: bool) -> (Vec<f32>, usize) {
-    let plen = if transposed {
-        simd::packed_len(c, k)
-    } else {
-        simd::packed_len(k, c)
-    };
-    let mut out = Vec::with_capacity(P * plen);
-    let mut one = Vec::new();
-    for p in 0..P {
-        let up = &u[p * k * c..(p + 1) * k * c];
-        if transposed {
-            simd::pack_a(c, k, up, 1, c, &mut one);
-        } else {
-            simd::pack_a(k, c, up, c, 1, &mut one);
-        }
-        out.extend_from_slice(&one);
-    }
-    (out, plen)
-}
-
-/// Per-thread scratch: the transformed tiles of a chunk.
-#[derive(Default)]
-struct Scratch {
-    a: Vec<f32>,
-    b: Vec<f32>,
-}
-
-std::thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
-}
-
-fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
-    SCRATCH.with(|sc| f(&mut sc.borrow_mut()))
-}
-
-fn at_least(v: &mut Vec<f32>, len: usize) {
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-}
-
 /// Forward: `y (N, K, H, W) = conv3x3(x (N, C, H, W), w (K, C, 3, 3)) (+ bias)`, then max(·, 0) when `relu`;
 /// with `moments`, each output plane's (mean, M2) (n-major, as [`plane_moments_into`]). Every element of `y` is
 /// written. Panics unless [`applies`] and on inconsistent lengths.
@@ -154,40 +105,20 @@ pub fn forward(
         return;
     }
     let u = transform_weights(w, s.k, s.c);
-    let (packed, plen) = pack_weights(&u, s.k, s.c, false);
-    let nb = per_chunk(&s);
-    let chunks = s.n.div_ceil(nb);
-    let plane = s.h * s.w;
-    let mom_chunks = simd::optional_chunks(moments, nb * s.k, chunks);
-    x.par_chunks(nb * is)
-        .zip(y.par_chunks_mut(nb * os))
-        .zip(mom_chunks)
-        .for_each(|((xc, yc), mc)| {
-            with_scratch(|sc| {
-                let imgs = xc.len() / is;
-                let t = imgs * tiles(&s);
-                at_least(&mut sc.a, P * s.c * t);
-                at_least(&mut sc.b, P * s.k * t);
-                input_transform(&s, xc, imgs, &mut sc.a);
-                for p in 0..P {
-                    simd::gemm_nn(
-                        s.k,
-                        t,
-                        s.c,
-                        &packed[p * plen..(p + 1) * plen],
-                        &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                        t,
-                        &mut sc.b[p * s.k * t..(p + 1) * s.k * t],
-                        t,
-                        false,
-                    );
-                }
-                output_transform(&s, &sc.b, imgs, bias, relu, yc);
-                if let Some(mc) = mc {
-                    plane_moments_into(yc, plane, mc);
-                }
-            })
-        });
+    run_forward(
+        &s,
+        &Transforms {
+            points: P,
+            tiles: tiles(&s),
+            input: &|imgs, xc, v, _| input_transform(&s, xc, imgs, v),
+        },
+        x,
+        &pack_weights(&u, s.k, s.c, false),
+        os,
+        y,
+        moments,
+        &|imgs, m, yc| output_transform(&s, m, imgs, bias, relu, yc),
+    );
 }
 
 /// Backward: writes dx (when given; every element) and adds the weight gradient to `dw` (K, C, 3, 3) and, when
@@ -220,77 +151,21 @@ pub fn backward(
         let u = transform_weights(w, s.k, s.c);
         pack_weights(&u, s.k, s.c, true)
     });
-    let nb = per_chunk(&s);
-    let chunks = s.n.div_ceil(nb);
-    let mut dx_chunks = simd::optional_chunks(dx, nb * is, chunks);
-    let ulen = P * s.k * s.c;
-    let want_db = db.is_some();
-    let per_group = chunks.div_ceil(16).max(4);
-    let partials: Vec<(Vec<f32>, Vec<f64>)> = dx_chunks
-        .par_chunks_mut(per_group)
-        .enumerate()
-        .map(|(gi, group)| {
-            let mut du = vec![0f32; ulen];
-            let mut dbp = vec![0f64; s.k];
-            with_scratch(|sc| {
-                for (j, dxc) in group.iter_mut().enumerate() {
-                    let i0 = (gi * per_group + j) * nb;
-                    let imgs = nb.min(s.n - i0);
-                    let t = imgs * tiles(&s);
-                    let xc = &x[i0 * is..(i0 + imgs) * is];
-                    let gc = &dy[i0 * os..(i0 + imgs) * os];
-                    at_least(&mut sc.a, P * s.c * t); // dV, then V
-                    at_least(&mut sc.b, P * s.k * t); // dM
-                    dy_transform(&s, gc, imgs, &mut sc.b);
-                    if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t.as_ref()) {
-                        for p in 0..P {
-                            simd::gemm_nn(
-                                s.c,
-                                t,
-                                s.k,
-                                &packed[p * plen..(p + 1) * plen],
-                                &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                                t,
-                                &mut sc.a[p * s.c * t..(p + 1) * s.c * t],
-                                t,
-                                false,
-                            );
-                        }
-                        input_adjoint(&s, &sc.a, imgs, dxc);
-                    }
-                    input_transform(&s, xc, imgs, &mut sc.a);
-                    for p in 0..P {
-                        super::matmul::matmul(
-                            s.k,
-                            s.c,
-                            t,
-                            &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                            super::matmul::Op::N,
-                            &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                            super::matmul::Op::T,
-                            &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
-                            true,
-                            super::matmul::Par::Seq,
-                        );
-                    }
-                    if want_db {
-                        for (o, d) in gc.chunks_exact(s.h * s.w).enumerate() {
-                            dbp[o % s.k] += d.iter().map(|&v| v as f64).sum::<f64>();
-                        }
-                    }
-                }
-            });
-            (du, dbp)
-        })
-        .collect();
-    let mut du = vec![0f32; ulen];
-    du.par_chunks_mut(4096).enumerate().for_each(|(bi, d)| {
-        for (pu, _) in &partials {
-            for (x, y) in d.iter_mut().zip(&pu[bi * 4096..]) {
-                *x += *y;
-            }
-        }
-    });
+    let (du, dbs) = run_backward(
+        &s,
+        &Transforms {
+            points: P,
+            tiles: tiles(&s),
+            input: &|imgs, xc, v, _| input_transform(&s, xc, imgs, v),
+        },
+        x,
+        dy,
+        packed_t.as_ref(),
+        dx,
+        db.is_some(),
+        &|imgs, gc, dm, _| dy_transform(&s, gc, imgs, dm),
+        &|imgs, dv, dxc, _| input_adjoint(&s, dv, imgs, dxc),
+    );
     // dg = Gᵀ dU G, in f64
     for kk in 0..s.k {
         for cc in 0..s.c {
@@ -311,10 +186,8 @@ pub fn backward(
         }
     }
     if let Some(db) = db {
-        for (_, pb) in &partials {
-            for (x, y) in db.iter_mut().zip(pb) {
-                *x += *y;
-            }
+        for (d, v) in db.iter_mut().zip(&dbs) {
+            *d += *v;
         }
     }
 }
@@ -519,6 +392,24 @@ mod x86 {
         ]
     }
 
+    /// The tile row's six vectors p = 6·pr + pc, pc = 0..6 (the planes of p are `pstride` apart from `base`).
+    #[inline(always)]
+    unsafe fn load6(base: *const f32, pstride: usize, pr: usize, lanes: __mmask16) -> [__m512; 6] {
+        let mut row = [_mm512_setzero_ps(); 6];
+        for (pc, v) in row.iter_mut().enumerate() {
+            *v = _mm512_maskz_loadu_ps(lanes, base.add((pr * 6 + pc) * pstride));
+        }
+        row
+    }
+
+    /// Stores `o` as the tile row's six vectors p = 6·pr + pc (the inverse of [`load6`]).
+    #[inline(always)]
+    unsafe fn store6(base: *mut f32, pstride: usize, pr: usize, lanes: __mmask16, o: [__m512; 6]) {
+        for (pc, v) in o.into_iter().enumerate() {
+            _mm512_mask_storeu_ps(base.add((pr * 6 + pc) * pstride), lanes, v);
+        }
+    }
+
     fn mask(n: usize) -> __mmask16 {
         if n >= 16 {
             0xFFFF
@@ -591,9 +482,7 @@ mod x86 {
             for pr in 0..6 {
                 let r = t[pr];
                 let o = bt([r[0], r[1], r[2], r[3], next(r[0]), next(r[1])]);
-                for pc in 0..6 {
-                    _mm512_mask_storeu_ps(base.add((pr * 6 + pc) * pstride), sm, o[pc]);
-                }
+                store6(base, pstride, pr, sm, o);
             }
         }
     }
@@ -654,10 +543,7 @@ mod x86 {
             // horizontal first: per pr, Aᵀ over the six pc
             let mut hz = [[_mm512_setzero_ps(); 4]; 6];
             for pr in 0..6 {
-                let mut row = [_mm512_setzero_ps(); 6];
-                for pc in 0..6 {
-                    row[pc] = _mm512_maskz_loadu_ps(lm, base.add((pr * 6 + pc) * pstride));
-                }
+                let row = load6(base, pstride, pr, lm);
                 hz[pr] = at(row);
             }
             // vertical: Aᵀ over the six pr, per output column r: yq[r][q]
@@ -724,9 +610,7 @@ mod x86 {
             let base = out.add(dst + ty * tw);
             for pr in 0..6 {
                 let o = a(t[pr]);
-                for pc in 0..6 {
-                    _mm512_mask_storeu_ps(base.add((pr * 6 + pc) * pstride), sm, o[pc]);
-                }
+                store6(base, pstride, pr, sm, o);
             }
         }
     }
@@ -774,10 +658,7 @@ mod x86 {
             // horizontal: B over pc, then each window column j to residue j mod 4 at lane m + j / 4
             let mut sres = [[_mm512_setzero_ps(); 4]; 6];
             for pr in 0..6 {
-                let mut row = [_mm512_setzero_ps(); 6];
-                for pc in 0..6 {
-                    row[pc] = _mm512_maskz_loadu_ps(lm, base.add((pr * 6 + pc) * pstride));
-                }
+                let row = load6(base, pstride, pr, lm);
                 let wv = b(row);
                 sres[pr] = [
                     _mm512_add_ps(wv[0], prev(wv[4])),
@@ -815,51 +696,6 @@ mod x86 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
-
-    /// f64 direct convolution (padding 1): y, dx, dw, db for upstream gradient dy.
-    fn reference(
-        s: WinoShape,
-        x: &[f32],
-        w: &[f32],
-        bias: &[f32],
-        dy: &[f32],
-    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-        let (n, c, k, h, wd) = (s.n, s.c, s.k, s.h, s.w);
-        let mut y = vec![0f64; n * k * h * wd];
-        let mut dx = vec![0f64; n * c * h * wd];
-        let mut dw = vec![0f64; k * c * 9];
-        let mut db = vec![0f64; k];
-        for b in 0..n {
-            for o in 0..k {
-                for i in 0..h {
-                    for j in 0..wd {
-                        let yi = ((b * k + o) * h + i) * wd + j;
-                        let g = dy[yi] as f64;
-                        let mut acc = bias[o] as f64;
-                        db[o] += g;
-                        for ci in 0..c {
-                            for a in 0..3 {
-                                for e in 0..3 {
-                                    let (ii, jj) =
-                                        (i as isize + a as isize - 1, j as isize + e as isize - 1);
-                                    if ii < 0 || jj < 0 || ii >= h as isize || jj >= wd as isize {
-                                        continue;
-                                    }
-                                    let xi = ((b * c + ci) * h + ii as usize) * wd + jj as usize;
-                                    let wi = ((o * c + ci) * 3 + a) * 3 + e;
-                                    acc += x[xi] as f64 * w[wi] as f64;
-                                    dx[xi] += g * w[wi] as f64;
-                                    dw[wi] += g * x[xi] as f64;
-                                }
-                            }
-                        }
-                        y[yi] = acc;
-                    }
-                }
-            }
-        }
-        (y, dx, dw, db)
-    }
 
     fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
@@ -904,7 +740,10 @@ mod tests {
             let dy: Vec<f32> = (0..n * k * h * w)
                 .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
                 .collect();
-            let (yr, dxr, dwr, dbr) = reference(s, &x, &wt, &bias, &dy);
+            let (mut yr, dxr, dwr, dbr) = super::super::winograd::tests::reference(s, &x, &wt, &dy);
+            for (o, v) in yr.iter_mut().enumerate() {
+                *v += bias[(o / (h * w)) % k] as f64;
+            }
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)

@@ -494,12 +494,7 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.bias),
             self.cfg.fuse_relu,
         );
-        add_affine_grads(
-            &mut self.weight,
-            &mut self.bias,
-            |c| sums.dot[c] * stats.invstd[c],
-            |c| sums.sum_dy[c],
-        );
+        add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
         Ok(Some(planes))
     }
 
@@ -552,12 +547,7 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.bias),
             self.cfg.fuse_relu,
         );
-        add_affine_grads(
-            &mut self.weight,
-            &mut self.bias,
-            |c| sums.dot[c] * stats.invstd[c],
-            |c| sums.sum_dy[c],
-        );
+        add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
         Ok(dx)
     }
 
@@ -638,12 +628,7 @@ impl<T: Real> BatchNorm<T> {
                     pslice(&self.bias),
                     relu,
                 );
-                add_affine_grads(
-                    &mut self.weight,
-                    &mut self.bias,
-                    |c| sums.dot[c] * stats.invstd[c],
-                    |c| sums.sum_dy[c],
-                );
+                add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
                 Ok(())
             }
             (
@@ -725,6 +710,21 @@ impl<T: Real> Stateful<T> for BatchNorm<T> {
 }
 
 /// Adds `dweight(c)` and `dbias(c)` to the affine parameters' gradients (when the layer has them).
+/// [`add_affine_grads`] from a batch-statistics backward's sums: dweight = Σdy·x̂ = dot·invstd, dbias = Σdy.
+fn add_sums_grads<T: Real>(
+    weight: &mut Option<Param<T>>,
+    bias: &mut Option<Param<T>>,
+    sums: &k::BackwardSums,
+    stats: &k::BatchStats<T>,
+) {
+    add_affine_grads(
+        weight,
+        bias,
+        |c| sums.dot[c] * stats.invstd[c],
+        |c| sums.sum_dy[c],
+    );
+}
+
 fn add_affine_grads<T: Real>(
     weight: &mut Option<Param<T>>,
     bias: &mut Option<Param<T>>,
