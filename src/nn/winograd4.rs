@@ -1,5 +1,6 @@
-//! Winograd F(4×4, 3×3) for the training passes of the small 3×3 convolutions (stride 1, padding 1, one group,
-//! planes at most [`MAX_W`] wide: the reference CNN's 28×28 and 14×14 layers), f32 on AVX-512.
+//! Winograd F(4×4, 3×3) for 3×3 convolutions (stride 1, padding 1, one group, planes at most [`MAX_W`] wide),
+//! f32 on AVX-512. [`crate::nn::Conv2d`] uses it for the training passes of planes at least
+//! [`crate::nn::conv::WINOGRAD4_MIN_W`] wide (the reference CNN's 28×28 layer).
 //!
 //! Each 4×4 output tile comes from a 6×6 input tile, `Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A` with the interpolation points
 //! 0, ±1, ±2 (Lavin & Gray 2015, arXiv:1509.09308): 36 products per tile and channel pair for 16 outputs, against
@@ -9,7 +10,8 @@
 //! times F(2×2)'s (the tests bound both). Inference keeps F(2×2), whose fused output passes (BatchNorm affine,
 //! ReLU, 2×2 max pool) match one pool window per tile.
 //!
-//! The structure is [`super::winograd`]'s with 36 GEMMs instead of 16:
+//! The chunk drivers (scratch, the per-point GEMMs, the fixed-order gradient sums) are [`super::winograd`]'s,
+//! with 36 GEMMs instead of 16; this module has the transforms:
 //! - forward: `M[p] (K×T) = U[p] (K×C) · V[p] (C×T)`, `U = G g Gᵀ`, `V = Bᵀ d B`, then `Y = Aᵀ M A`;
 //! - data gradient: `dV[p] = U[p]ᵀ · dM[p]` with `dM = A dY Aᵀ`, then dx = Σ_tiles `B dV Bᵀ` (overlapping by two);
 //! - weight gradient: `dU[p] = Σ_tiles dM[p] · V[p]ᵀ`, then `dg = Gᵀ dU G` (in f64).
