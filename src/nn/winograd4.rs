@@ -82,7 +82,7 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
 }
 
 /// Forward: `y (N, K, H, W) = conv3x3(x (N, C, H, W), w (K, C, 3, 3)) (+ bias)`, then max(·, 0) when `relu`;
-/// with `moments`, each output plane's (mean, M2) (n-major, as [`plane_moments_into`]). Every element of `y` is
+/// with `moments`, each output plane's (mean, M2) (n-major, as [`crate::norm::batch_kernels::plane_moments_into`]). Every element of `y` is
 /// written. Panics unless [`applies`] and on inconsistent lengths.
 pub fn forward(
     s: WinoShape,
