@@ -435,7 +435,8 @@ fn layer_norm_on_hard_data() {
     check_layer_norm(&SHAPE, &[vec![16usize], vec![16, 16], vec![3, 16, 16]]);
 }
 
-/// Rows longer than the backward's 1024-column chunks, on 1, 2 and 3 threads.
+/// Rows longer than the backward's 1024-value chunks (rows of 4551 and 1517 values: the per-row backward with a
+/// partial last chunk), and rows of 72000 values (288 KB: the two-phase column backward), on 1, 2 and 3 threads.
 #[test]
 fn layer_norm_long_rows_on_hard_data() {
     for threads in [1, 2, 3] {
@@ -444,6 +445,7 @@ fn layer_norm_long_rows_on_hard_data() {
             .build()
             .unwrap();
         pool.install(|| check_layer_norm(&[2, 3, 37, 41], &[vec![3, 37, 41], vec![37, 41]]));
+        pool.install(|| check_layer_norm(&[2, 3, 150, 160], &[vec![3, 150, 160]]));
     }
 }
 

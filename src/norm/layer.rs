@@ -72,10 +72,14 @@ pub struct LayerNorm<T: Real = f32> {
 /// One column chunk's dweight, dbias and per-row (Σu, Σu·x̂) from the backward's first phase.
 type ChunkGrads<T> = (Vec<T>, Vec<T>, Vec<(f64, f64)>);
 
-/// Rows up to this many bytes take the per-row backward (row, x̂ and u stay in L1/L2); longer rows the two-phase
-/// column-chunked one. Measured on (512, 1024) rows of 4 KB: the per-row form was 1.1× PyTorch, the two-phase
+/// Rows up to this many bytes take the per-row backward (the row stays in L1/L2 between its two passes); longer
+/// rows the two-phase column-chunked one. Measured on (512, 1024) rows of 4 KB: the per-row form was 1.1× PyTorch, the two-phase
 /// form 0.7×; on (32, 64·56·56) rows of 800 KB the two-phase form took 18 ms against 24.5 ms.
 const SHORT_ROW_BYTES: usize = 256 << 10;
+
+/// Values per chunk of the short-row backward's first pass (its x̂ and u scratch, 2 × 4 KB of f32, and the
+/// chunk's x, dy, weight and gradients stay in L1).
+const ROW_CHUNK: usize = 1024;
 
 /// Values per scratch chunk of the elementwise passes (16 KB of f32: stays in L1).
 const CHUNK: usize = 4096;
@@ -338,8 +342,13 @@ fn row_chunk_sums<T: Real>(
     lanes::dy_moments(u, xh, T::zero())
 }
 
-/// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows; per row x̂ and u = dy·w
-/// are materialised (the row is in L1/L2), dweight/dbias accumulate into per-task partials, then dx.
+/// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows. Per row, a first pass
+/// over [`ROW_CHUNK`]-value chunks materialises x̂ and u = dy·w in an L1 scratch, adds dy·x̂ and dy into the task's
+/// dweight/dbias partials and sums Σu and Σu·x̂; a second pass recomputes x̂ and u from the row (still in L1/L2)
+/// and writes dx, with streaming stores when the tensors exceed the cache. Materialising x̂ and u for the whole
+/// row instead (arrays as long as the row, in L2 rather than L1), with dx always through the cache, took
+/// 15–27% longer (best of 60 forward+backward calls, one thread, `normvision bench-kernels --ops layer_norm`) on
+/// the rows of 25–100 KB of the benchmark shapes, and 1.6× longer on (256, 16·32·32) (14.0 against 8.8 ms).
 #[allow(clippy::too_many_arguments)]
 fn short_rows_backward<T: Real>(
     xs: &[T],
@@ -354,6 +363,7 @@ fn short_rows_backward<T: Real>(
 ) -> (Vec<T>, Vec<T>) {
     let rpt = rows_per_task(rows, d);
     let df = d as f64;
+    let stream = lanes::stream_output(std::mem::size_of_val(dx), 3);
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(rpt * d)
         .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
@@ -361,8 +371,10 @@ fn short_rows_backward<T: Real>(
         .map(|(t, (dxb, (xb, gb)))| {
             let mut gw = if want_w { vec![T::zero(); d] } else { vec![] };
             let mut gbias = if want_b { vec![T::zero(); d] } else { vec![] };
-            let mut xh = vec![T::zero(); d];
-            let mut u = vec![T::zero(); d];
+            let ch = d.min(ROW_CHUNK);
+            let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
+            let mut xh = vec![T::zero(); ch];
+            let mut u = vec![T::zero(); ch];
             for (j, ((dxr, xr), gr)) in dxb
                 .chunks_mut(d)
                 .zip(xb.chunks(d))
@@ -372,20 +384,52 @@ fn short_rows_backward<T: Real>(
                 let row = t * rpt + j;
                 let shift = st.shift[row];
                 let (rt, c0) = xhat_consts(shift, st.mean[row], st.invstd[row]);
-                let (su, sux) = row_chunk_sums(
-                    xr,
-                    gr,
-                    w,
-                    (shift, rt, c0),
-                    &mut xh,
-                    &mut u,
-                    &mut gw,
-                    &mut gbias,
-                );
-                let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
-                for i in 0..d {
-                    dxr[i] = rt * (u[i] - k_su - xh[i] * k_sux);
+                // Pass 1 over L1-sized chunks: x̂ and u in the scratch, dweight/dbias, and the row's sums.
+                let (mut su, mut sux) = (0.0f64, 0.0f64);
+                for lo in (0..d).step_by(ch) {
+                    let n = ch.min(d - lo);
+                    let (a, b) = row_chunk_sums(
+                        &xr[lo..lo + n],
+                        &gr[lo..lo + n],
+                        w.map(|w| &w[lo..lo + n]),
+                        (shift, rt, c0),
+                        &mut xh,
+                        &mut u,
+                        if want_w { &mut gw[lo..lo + n] } else { &mut [] },
+                        if want_b {
+                            &mut gbias[lo..lo + n]
+                        } else {
+                            &mut []
+                        },
+                    );
+                    su += a;
+                    sux += b;
                 }
+                // Pass 2: dx, recomputing x̂ and u from the row (still in L1/L2) exactly as pass 1 did; streamed
+                // out when the tensors are too large for the cache.
+                let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
+                write_chunked(dxr, &mut buf, stream, |lo, o| {
+                    let n = o.len();
+                    let (xr, g) = (&xr[lo..lo + n], &gr[lo..lo + n]);
+                    match w {
+                        Some(w) => {
+                            let w = &w[lo..lo + n];
+                            for i in 0..n {
+                                let xh = (xr[i] - shift) * rt + c0;
+                                o[i] = rt * (g[i] * w[i] - k_su - xh * k_sux);
+                            }
+                        }
+                        None => {
+                            for i in 0..n {
+                                let xh = (xr[i] - shift) * rt + c0;
+                                o[i] = rt * (g[i] - k_su - xh * k_sux);
+                            }
+                        }
+                    }
+                });
+            }
+            if stream {
+                lanes::stream_fence();
             }
             (gw, gbias)
         })
