@@ -94,10 +94,12 @@ pub fn time_one(
         }
     };
     for _ in 0..warmup {
+        crate::runtime::keep_workers_warm();
         once(&mut layer)?;
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
+        crate::runtime::keep_workers_warm();
         let t = Instant::now();
         once(&mut layer)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
