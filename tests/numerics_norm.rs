@@ -528,6 +528,7 @@ fn group_norm_many_small_blocks_on_hard_data() {
         ([3usize, 700, 7, 7], 700usize), // 2100 blocks of 49: 7 tasks of 334 blocks, partial runs
         ([3, 700, 7, 7], 350),           // blocks of two channels
         ([2, 37, 3, 5], 37),             // 74 blocks of 15: one task, a partial third run
+        ([23, 16, 7, 7], 1), // 23 blocks of 784 (two chunks): tasks of 20 and 3, runs of 10, 10, 3
     ] {
         let c = shape[1];
         let cpg = c / groups;

@@ -306,7 +306,9 @@ fn prefetch_for_write<T>(p: *mut T, off: usize, len: usize) {
         while a < end {
             // SAFETY: prefetching never faults.
             unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(a as *const i8)
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(
+                    a as *const i8,
+                )
             };
             a += 64;
         }
