@@ -18,21 +18,34 @@ pub fn tune_allocator() {
 
 /// How long a kept-warm worker goes on polling for work after the last job it ran.
 const WARM_SPIN: std::time::Duration = std::time::Duration::from_micros(500);
+/// The longest a keeper stays, however much work comes (it may have been picked up by a worker waiting in a
+/// join, whose own continuation then waits for it).
+const WARM_MAX: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Live keepers (see [`keep_workers_warm`]).
+/// Keepers spawned and not yet finished, process-wide (see [`keep_workers_warm`]).
 static KEEPERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Keepers that have started polling, for the tests.
+#[cfg(test)]
+static KEEPER_STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+std::thread_local! {
+    static IN_KEEPER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Keeps the current rayon pool's other workers polling for work until none has come for 0.5 ms.
 ///
 /// A rayon worker that finds no work spins for a few microseconds, then sleeps; waking it for the next parallel
 /// region costs tens of microseconds on this project's VM (the idle vCPU has halted). Measured with
-/// `cargo run --release --example pool_latency` (a 2 MB elementwise pass in 8 tasks, 2 threads): back to back
-/// the pass took 0.057 ms (median), with 50 µs of serial work between passes 0.110 ms, more than the 1-thread
-/// 0.154 ms at the 75th percentile. OpenMP runtimes (and so PyTorch) keep their workers spinning for a while
-/// instead. This does the same inside rayon: it spawns, per other worker, a job that runs the pool's pending
-/// jobs as they come (`rayon::yield_now`) and returns after [`WARM_SPIN`] without any. Call it from inside the
-/// pool (`ThreadPool::install`) before a burst of parallel kernels; it does nothing while keepers are alive, on
-/// a one-thread pool, or outside a pool worker.
+/// `cargo run --release --example pool_latency` (a 2 MB elementwise pass in 8 tasks, 400 calls, each after
+/// 50 µs of serial work): 0.130 ms median on two threads, against 0.148 ms on one; with the keepers (`WARM=1`),
+/// 0.068 ms on two. OpenMP runtimes (and so PyTorch) keep their workers spinning for a while instead. This does
+/// the same inside rayon: it broadcasts to every other worker of the pool a job that runs the pool's pending
+/// jobs as they come (`rayon::yield_now`) and returns after [`WARM_SPIN`] without any, or after [`WARM_MAX`] in
+/// all.
+///
+/// Call it from inside the pool (`ThreadPool::install`) before a burst of parallel kernels. It does nothing on a
+/// one-thread pool, outside a pool worker, or while keepers of an earlier call have not all finished (the count
+/// is process-wide, not per pool).
 ///
 /// `normvision bench-kernels` calls it before every repetition, so its timings compare with PyTorch's under the
 /// same policy. Training does not use it: with the command run on a pool worker and one call per forward and
@@ -43,35 +56,42 @@ pub fn keep_workers_warm() {
     let Some(me) = rayon::current_thread_index() else {
         return;
     };
-    let want = rayon::current_num_threads().saturating_sub(1);
-    loop {
-        let live = KEEPERS.load(Ordering::Relaxed);
-        if live >= want {
-            return;
-        }
-        if KEEPERS
-            .compare_exchange(live, live + 1, Ordering::AcqRel, Ordering::Relaxed)
-            .is_ok()
-        {
-            rayon::spawn(move || keeper(me));
-        }
+    let others = rayon::current_num_threads().saturating_sub(1);
+    if others == 0
+        || KEEPERS
+            .compare_exchange(0, others, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
     }
+    rayon::spawn_broadcast(move |ctx| {
+        if ctx.index() != me {
+            keeper();
+        }
+    });
 }
 
-fn keeper(spawner: usize) {
-    struct Leave;
+fn keeper() {
+    struct Leave(bool);
     impl Drop for Leave {
         fn drop(&mut self) {
+            if self.0 {
+                IN_KEEPER.with(|k| k.set(false));
+            }
             KEEPERS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
-    let _leave = Leave;
-    // Picked up by the thread that asked for it (while it waited on a join): that thread is awake anyway.
-    if rayon::current_thread_index() == Some(spawner) {
+    // A keeper reached from inside another one (through `yield_now`) has nothing to add.
+    let outer = !IN_KEEPER.with(|k| k.replace(true));
+    let _leave = Leave(outer);
+    if !outer {
         return;
     }
-    let mut last = std::time::Instant::now();
-    loop {
+    #[cfg(test)]
+    KEEPER_STARTS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    let start = std::time::Instant::now();
+    let mut last = start;
+    while start.elapsed() < WARM_MAX {
         match rayon::yield_now() {
             Some(rayon::Yield::Executed) => last = std::time::Instant::now(),
             Some(rayon::Yield::Idle) if last.elapsed() < WARM_SPIN => std::hint::spin_loop(),
@@ -80,18 +100,14 @@ fn keeper(spawner: usize) {
     }
 }
 
-/// Keepers alive now (see [`keep_workers_warm`]).
-pub fn live_keepers() -> usize {
-    KEEPERS.load(std::sync::atomic::Ordering::Acquire)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use rayon::prelude::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
-    fn keepers_run_the_pools_work_and_leave_when_idle() {
+    fn a_keeper_polls_on_every_other_worker_and_leaves_when_idle() {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(3)
             .build()
@@ -99,8 +115,8 @@ mod tests {
         let v: Vec<u64> = (0..100_000).collect();
         let (sum, live) = pool.install(|| {
             keep_workers_warm();
+            let live = KEEPERS.load(Ordering::Acquire);
             keep_workers_warm(); // no second set while the first is alive
-            let live = live_keepers();
             let mut sum = 0;
             for _ in 0..50 {
                 sum = v
@@ -111,20 +127,25 @@ mod tests {
             (sum, live)
         });
         assert_eq!(sum, 99_999 * 100_000 / 2);
-        assert!(live <= 2, "{live} keepers for 2 other workers");
+        assert_eq!(live, 2, "one keeper per other worker");
         let t = std::time::Instant::now();
-        while live_keepers() != 0 {
+        while KEEPERS.load(Ordering::Acquire) != 0 {
             assert!(t.elapsed().as_secs() < 5, "keepers still alive after 5 s");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+        assert_eq!(
+            KEEPER_STARTS.load(Ordering::Acquire),
+            2,
+            "each other worker polled"
+        );
         // Outside a pool, and on a one-thread pool, nothing is spawned.
         keep_workers_warm();
-        assert_eq!(live_keepers(), 0);
+        assert_eq!(KEEPERS.load(Ordering::Acquire), 0);
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
         one.install(keep_workers_warm);
-        assert_eq!(live_keepers(), 0);
+        assert_eq!(KEEPERS.load(Ordering::Acquire), 0);
     }
 }

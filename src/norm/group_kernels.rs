@@ -29,19 +29,22 @@ pub(crate) fn min_blocks(blk: usize) -> usize {
 const RUN: usize = 32;
 
 /// Blocks per run: [`RUN`] for blocks of one chunk ([`lanes::BLOCK_CHUNK`] values or fewer), whose statistics
-/// cost more than their data; for blocks of up to [`RUN_MAX_BLOCK`] values, as many as fit [`RUN_BYTES`] (so the
-/// run is still in L1 when it is normalised) with at most [`RUN`] chunks in all; one for larger blocks.
+/// cost more than their data. For blocks of several chunks, up to [`RUN_MAX_BLOCK`] values, made of several
+/// channels' planes (`cpg` > 1: GroupNorm), as many blocks as fit [`RUN_BYTES`] with at most [`RUN`] chunks in
+/// all; one block per run otherwise.
 ///
-/// Measured (`normvision bench-kernels`, best of 120 calls, against one block per run): GroupNorm(8) on
-/// (128, 128, 7, 7), blocks of 784 values in runs of 10, forward 0.332 → 0.299 ms and forward+backward
-/// 0.980 → 0.922 ms on one thread; but InstanceNorm on (256, 16, 32, 32), blocks of 1024 in runs of 8, forward
-/// 1.42 → 1.53 ms, and blocks of 1568 and 2048 also lost 7–20%. Where between 784 and 1024 the gain ends was
-/// not measured; runs of 32 blocks of 2048 (256 KB, in L2) lost too.
-fn run_len<T>(blk: usize) -> usize {
+/// Measured (`normvision bench-kernels`, best of 120 calls on one thread, against one block per run):
+/// - GroupNorm(8) on (128, 128, 7, 7), blocks of 784 values (16 planes of 49) in runs of 10: forward
+///   0.346 → 0.310 ms, forward+backward 0.989 → 0.910 ms (0.332 → 0.299 and 0.980 → 0.922 in an earlier run);
+/// - InstanceNorm on (64, 32, 28, 28), also blocks of 784 values but one plane each: forward 0.562 → 0.601 ms,
+///   forward+backward 1.369 → 1.461 ms, so planes that long keep one block per run;
+/// - blocks of 1024 (InstanceNorm (256, 16, 32, 32), forward 1.42 → 1.53 ms), 1568 and 2048 values lost
+///   7–20%; where between 784 and 1024 values the gain ends was not measured.
+fn run_len<T>(blk: usize, cpg: usize) -> usize {
     let q = blk.div_ceil(lanes::BLOCK_CHUNK);
     if q <= 1 {
         RUN
-    } else if blk <= RUN_MAX_BLOCK {
+    } else if blk <= RUN_MAX_BLOCK && cpg > 1 {
         (RUN / q)
             .min(RUN_BYTES / (blk * std::mem::size_of::<T>()))
             .max(1)
@@ -51,7 +54,7 @@ fn run_len<T>(blk: usize) -> usize {
 }
 
 /// Largest multi-chunk block (values) run in phases with others (see [`run_len`]).
-const RUN_MAX_BLOCK: usize = 1000;
+const RUN_MAX_BLOCK: usize = 800;
 /// Bytes of input per run of multi-chunk blocks.
 const RUN_BYTES: usize = 32 << 10;
 
@@ -68,8 +71,8 @@ pub fn block_stats<T: Real>(xb: &[T]) -> (T, f64, f64) {
 
 /// Fused forward. `weight`/`bias` are per channel (length C) or absent.
 ///
-/// Tasks of whole blocks; within a task, runs of [`RUN`] blocks in three phases (statistics, their f64 finish,
-/// normalisation). A block's statistics end in a chain of dependent scalar operations (a few hundred cycles),
+/// Tasks of whole blocks; within a task, runs of blocks ([`run_len`]) in three phases (statistics, their f64
+/// finish, normalisation). A block's statistics end in a chain of dependent scalar operations (a few hundred cycles),
 /// which for small blocks (InstanceNorm on 7×7 planes: 49 values) cost more than the block's data; phased, the
 /// chains of a run overlap and the finish is vectorised, and the run's blocks are still in L1/L2 when they are
 /// normalised.
@@ -115,8 +118,8 @@ pub fn forward<T: Real>(
         .enumerate()
         .for_each(|(t, (((yt, xt), (shift, mean)), (var, invstd)))| {
             let nb = xt.len() / blk;
-            for r0 in (0..nb).step_by(run_len::<T>(blk)) {
-                let r1 = (r0 + run_len::<T>(blk)).min(nb);
+            for r0 in (0..nb).step_by(run_len::<T>(blk, cpg)) {
+                let r1 = (r0 + run_len::<T>(blk, cpg)).min(nb);
                 let xr = &xt[r0 * blk..r1 * blk];
                 if blk <= lanes::BLOCK_CHUNK {
                     // one chunk per block: the run's sums, then their finish in one loop over arrays
@@ -239,8 +242,8 @@ pub fn backward<T: Real>(
             let mut sums = Vec::with_capacity(dxt.len() / blk * cpg);
             let nb = xt.len() / blk;
             // runs of blocks in phases, as in [`forward`]: the sums, their f64 finish, then dx
-            for r0 in (0..nb).step_by(run_len::<T>(blk)) {
-                let r1 = (r0 + run_len::<T>(blk)).min(nb);
+            for r0 in (0..nb).step_by(run_len::<T>(blk, cpg)) {
+                let r1 = (r0 + run_len::<T>(blk, cpg)).min(nb);
                 let (mut su, mut sux) = ([0.0f64; RUN], [0.0f64; RUN]);
                 for i in 0..r1 - r0 {
                     let k = t * per_task + r0 + i;
@@ -297,4 +300,52 @@ pub fn backward<T: Real>(
         })
         .collect();
     per.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The phased runs give bitwise the statistics of [`block_stats`] on each block alone: blocks of one chunk,
+    /// of two chunks run in phases (784 = 16 planes of 49, 800, 513 with a one-value second chunk), and of two
+    /// chunks run one at a time (InstanceNorm's one plane of 784).
+    #[test]
+    fn phased_runs_give_the_statistics_of_each_block_alone() {
+        let mut g = rand_pcg::Pcg64::seed_from_u64(5);
+        for (n, c, s, groups) in [
+            (23usize, 16usize, 49usize, 1usize),
+            (5, 16, 50, 1),
+            (7, 27, 19, 1),
+            (3, 32, 49, 2),
+            (9, 4, 784, 4),
+            (40, 8, 7, 8),
+        ] {
+            let d = Ncs { n, c, s };
+            let x: Vec<f32> = (0..d.numel())
+                .map(|_| 1e3 + g.gen_range(-1.0f32..1.0))
+                .collect();
+            let mut y = vec![0.0f32; x.len()];
+            let st = forward(&x, &mut y, d, groups, None, None, 1e-5);
+            let blk = c / groups * s;
+            for (k, xb) in x.chunks(blk).enumerate() {
+                let (sh, mean, var) = block_stats(xb);
+                assert_eq!(
+                    sh.to_bits(),
+                    st.shift[k].to_bits(),
+                    "{d:?} G={groups} block {k}"
+                );
+                assert_eq!(
+                    mean.to_bits(),
+                    st.mean[k].to_bits(),
+                    "{d:?} G={groups} block {k}"
+                );
+                assert_eq!(
+                    var.to_bits(),
+                    st.var[k].to_bits(),
+                    "{d:?} G={groups} block {k}"
+                );
+            }
+        }
+    }
 }

@@ -344,11 +344,12 @@ fn row_chunk_sums<T: Real>(
 
 /// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows. Per row, a first pass
 /// over [`ROW_CHUNK`]-value chunks materialises x̂ and u = dy·w in an L1 scratch, adds dy·x̂ and dy into the task's
-/// dweight/dbias partials and sums Σu and Σu·x̂; a second pass recomputes x̂ and u from the row (still in L1/L2)
-/// and writes dx, with streaming stores when the tensors exceed the cache. Materialising x̂ and u for the whole
-/// row instead (arrays as long as the row, in L2 rather than L1), with dx always through the cache, took
-/// 15–27% longer (best of 60 forward+backward calls, one thread, `normvision bench-kernels --ops layer_norm`) on
-/// the rows of 25–100 KB of the benchmark shapes, and 1.6× longer on (256, 16·32·32) (14.0 against 8.8 ms).
+/// dweight/dbias partials and sums Σu and Σu·x̂ (per chunk, then across chunks in f64); a second pass recomputes
+/// x̂ and u from the row (still in L1/L2) with the same arithmetic and writes dx, with streaming stores when the
+/// tensors exceed the cache. Materialising x̂ and u for the whole row instead (arrays as long as the row, in L2
+/// rather than L1), with dx always through the cache, was slower: best of 60 forward+backward calls on one
+/// thread (`normvision bench-kernels --ops layer_norm`, on a noisy machine), 1.15–1.27× the time on the
+/// benchmark shapes' rows of 25–100 KB and 1.6× on (256, 16·32·32) (14.0 against 8.8 ms).
 #[allow(clippy::too_many_arguments)]
 fn short_rows_backward<T: Real>(
     xs: &[T],
@@ -410,19 +411,19 @@ fn short_rows_backward<T: Real>(
                 let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
                 write_chunked(dxr, &mut buf, stream, |lo, o| {
                     let n = o.len();
-                    let (xr, g) = (&xr[lo..lo + n], &gr[lo..lo + n]);
+                    let (xc, gc) = (&xr[lo..lo + n], &gr[lo..lo + n]);
                     match w {
                         Some(w) => {
                             let w = &w[lo..lo + n];
                             for i in 0..n {
-                                let xh = (xr[i] - shift) * rt + c0;
-                                o[i] = rt * (g[i] * w[i] - k_su - xh * k_sux);
+                                let h = (xc[i] - shift) * rt + c0;
+                                o[i] = rt * (gc[i] * w[i] - k_su - h * k_sux);
                             }
                         }
                         None => {
                             for i in 0..n {
-                                let xh = (xr[i] - shift) * rt + c0;
-                                o[i] = rt * (g[i] - k_su - xh * k_sux);
+                                let h = (xc[i] - shift) * rt + c0;
+                                o[i] = rt * (gc[i] - k_su - h * k_sux);
                             }
                         }
                     }
