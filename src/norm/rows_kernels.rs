@@ -5,7 +5,8 @@
 //! reductions), flushed into `f64` every [`FLUSH_ROWS`] rows. When each tile holds every row of its channels, the
 //! training forward computes the statistics (Σx, then the
 //! shifted Σd and Σd²) and normalises the tile while it is still in cache, and the backward computes its two
-//! reductions and dx the same way. Inputs with few channels fall back to the staged form (reduce tiles, add the partial sums across row blocks in a fixed order, then the elementwise pass).
+//! reductions and dx the same way. On several threads the tiles are row blocks and the kernels run staged
+//! (reduce tiles, add the partial sums across row blocks in a fixed order, then the elementwise pass).
 
 use super::batch_kernels::{
     dx_coefficients, moments_from_shifted, BackwardSums, BatchStats, Moments, Ncs, SyncPtr,
@@ -18,8 +19,6 @@ use rayon::prelude::*;
 const FLUSH_ROWS: usize = 256;
 /// Widest tile, in channels.
 const MAX_WIDTH: usize = 4096;
-/// Narrowest column tile worth a thread of its own.
-const MIN_WIDTH: usize = 256;
 /// Inputs up to this size are one tile: splitting them costs more in pool wake-ups than it saves.
 const SMALL_BYTES: usize = 64 << 10;
 
@@ -38,23 +37,28 @@ impl Tile {
     }
 }
 
-/// The tiles: whole columns of channels when there are enough channels to give every thread a block of at least
-/// [`MIN_WIDTH`] (then each tile holds all N values of its channels and the fused kernels work in one parallel
-/// region; a second region costs a sleep and a wake-up of the pool, ~20% of a (512, 1024) forward on 2 threads),
-/// otherwise whole rows split into one row block per thread (staged: reduce, add, then the elementwise pass).
-/// Measured on (512, 1024): narrow column tiles were slower (256 channels: 0.45 ms against 0.39 ms for whole rows
-/// on one thread), because each short row segment starts a new hardware-prefetch stream. Tiles are ordered row
-/// block by row block, so partial sums are added in a fixed order. Returns the tiles and the number of row blocks.
+/// The tiles. On one thread (or for inputs of at most [`SMALL_BYTES`]): whole columns of up to [`MAX_WIDTH`]
+/// channels, each holding all N values of its channels, so the fused kernels reduce and normalise a tile in one
+/// parallel region. On several threads: one row block per thread (staged: reduce, add the partial sums across
+/// row blocks in a fixed order, then the elementwise pass, in a second parallel region).
+///
+/// Column tiles per thread were the multi-thread layout before, and lost: a thread's columns of a row are a
+/// fraction of each 4 KB row, so its half of x and of y maps onto that fraction of the L2 sets and evicts
+/// itself. BatchNorm1d (512, 1024) on two threads, `normvision bench-kernels --ops batch_norm --shapes 512x1024
+/// --threads 2`, best/median of 240 calls: training forward 0.268/0.312 → 0.178/0.201 ms, forward+backward
+/// 0.570/0.618 → 0.422/0.476 ms (and 0.262/0.413 → 0.183/0.356 ms forward without
+/// `runtime::keep_workers_warm`, so the second region's wake-up costs less than it saves). Narrow column tiles
+/// on one thread were slower too (256 channels: 0.45 ms against 0.39 ms for whole rows), because each short row
+/// segment starts a new hardware-prefetch stream. Tiles are ordered row block by row block, so partial sums are
+/// added in a fixed order. Returns the tiles and the number of row blocks.
 fn tiles<T>(d: Ncs) -> (Vec<Tile>, usize) {
     let threads = rayon::current_num_threads().max(1);
     let bytes = d.numel() * std::mem::size_of::<T>();
-    let (width, rows) = if d.c >= MIN_WIDTH * threads {
-        let w = d.c.div_ceil(threads).next_multiple_of(16).min(MAX_WIDTH);
-        (w.min(d.c), d.n)
-    } else if bytes <= SMALL_BYTES || threads == 1 {
-        (d.c.min(MAX_WIDTH), d.n)
+    let width = d.c.min(MAX_WIDTH);
+    let rows = if bytes <= SMALL_BYTES || threads == 1 {
+        d.n
     } else {
-        (d.c.min(MAX_WIDTH), d.n.div_ceil(threads).max(1))
+        d.n.div_ceil(threads).max(1)
     };
     let mut out = Vec::new();
     let mut r0 = 0;
