@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use normvision::cli::args::{set_threads, DataArgs, TrainArgs};
 use normvision::cli::{bench_kernels, commands};
 use normvision::model::{ModelKind, NormKind};
+use normvision::nn::conv::ConvAlgorithm;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,17 +27,10 @@ struct Cli {
     /// 3x3 convolution algorithm: `winograd` (stride-1, padding-1 layers with 8+ input channels: F(4x4,3x3) in
     /// training on planes 21-28 wide, F(2x2,3x3) otherwise; 1.4-1.9x faster than direct on the reference CNN's layers), `winograd2` (F(2x2,3x3)
     /// only, whose rounding is closer to PyTorch's) or `direct` (implicit im2col, closest to PyTorch's).
-    #[arg(long, global = true, value_enum, default_value_t = ConvAlgo::Winograd)]
-    conv: ConvAlgo,
+    #[arg(long, global = true, value_enum, default_value_t = ConvAlgorithm::Winograd)]
+    conv: ConvAlgorithm,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum ConvAlgo {
-    Winograd,
-    Winograd2,
-    Direct,
 }
 
 #[derive(Subcommand)]
@@ -165,8 +159,7 @@ enum Cmd {
 }
 
 fn run(cli: Cli) -> normvision::Result<()> {
-    normvision::nn::conv::set_winograd(cli.conv != ConvAlgo::Direct);
-    normvision::nn::conv::set_winograd4(cli.conv == ConvAlgo::Winograd);
+    normvision::nn::conv::set_conv_algorithm(cli.conv);
     match cli.cmd {
         Cmd::BenchKernels {
             ops,

@@ -40,8 +40,8 @@ std::thread_local! {
 /// 50 µs of serial work): 0.130 ms median on two threads, against 0.148 ms on one; with the keepers (`WARM=1`),
 /// 0.068 ms on two. OpenMP runtimes (and so PyTorch) keep their workers spinning for a while instead. This does
 /// the same inside rayon: it broadcasts to every other worker of the pool a job that runs the pool's pending
-/// jobs as they come (`rayon::yield_now`) and returns after [`WARM_SPIN`] without any, or after [`WARM_MAX`] in
-/// all.
+/// jobs as they come (`rayon::yield_now`) and returns after `WARM_SPIN` (0.5 ms) without any, or after
+/// `WARM_MAX` (50 ms) in all.
 ///
 /// Call it from inside the pool (`ThreadPool::install`) before a burst of parallel kernels. It does nothing on a
 /// one-thread pool, outside a pool worker, or while keepers of an earlier call have not all finished (the count

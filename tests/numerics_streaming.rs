@@ -59,6 +59,21 @@ fn max_rel_err(got: &ArrayD<f32>, want: &[f64]) -> f64 {
         / scale
 }
 
+/// Asserts a layer's training (y, dx) for (x, dy) against [`reference`] over blocks of `block` values: y within
+/// 1e-6 and dx within 1e-5 of the largest reference value.
+fn assert_matches(
+    what: &str,
+    (x, dy): (&ArrayD<f32>, &ArrayD<f32>),
+    (y, dx): (&ArrayD<f32>, &ArrayD<f32>),
+    block: usize,
+    w: impl Fn(usize) -> f64,
+    b: impl Fn(usize) -> f64,
+) {
+    let (y_ref, dx_ref) = reference(x.as_slice().unwrap(), dy.as_slice().unwrap(), block, w, b);
+    let (ey, edx) = (max_rel_err(y, &y_ref), max_rel_err(dx, &dx_ref));
+    assert!(ey < 1e-6 && edx < 1e-5, "{what}: y {ey:e}, dx {edx:e}");
+}
+
 #[test]
 fn streamed_outputs_match_the_f64_reference() {
     std::env::set_var("NV_STREAM_BYTES", "1");
@@ -94,17 +109,13 @@ fn streamed_outputs_match_the_f64_reference() {
                 (y, ln.backward(&x, &dy, Mode::Train).unwrap())
             });
             let (ws, bs) = (wv.as_slice().unwrap(), bv.as_slice().unwrap());
-            let (y_ref, dx_ref) = reference(
-                x.as_slice().unwrap(),
-                dy.as_slice().unwrap(),
+            assert_matches(
+                &format!("LayerNorm {shape:?} T={threads}"),
+                (&x, &dy),
+                (&y, &dx),
                 d,
                 |i| ws[i % d] as f64,
                 |i| bs[i % d] as f64,
-            );
-            let (ey, edx) = (max_rel_err(&y, &y_ref), max_rel_err(&dx, &dx_ref));
-            assert!(
-                ey < 1e-6 && edx < 1e-5,
-                "LayerNorm {shape:?} T={threads}: y {ey:e}, dx {edx:e}"
             );
         }
         // GroupNorm(4) without affine parameters: its blocks (sample, group) are contiguous.
@@ -116,18 +127,8 @@ fn streamed_outputs_match_the_f64_reference() {
             let y = gn.forward(&x, Mode::Train).unwrap();
             (y, gn.backward(&x, &dy, Mode::Train).unwrap())
         });
-        let (y_ref, dx_ref) = reference(
-            x.as_slice().unwrap(),
-            dy.as_slice().unwrap(),
-            2 * 30 * 30,
-            |_| 1.0,
-            |_| 0.0,
-        );
-        let (ey, edx) = (max_rel_err(&y, &y_ref), max_rel_err(&dx, &dx_ref));
-        assert!(
-            ey < 1e-6 && edx < 1e-5,
-            "GroupNorm T={threads}: y {ey:e}, dx {edx:e}"
-        );
+        let what = format!("GroupNorm T={threads}");
+        assert_matches(&what, (&x, &dy), (&y, &dx), 2 * 30 * 30, |_| 1.0, |_| 0.0);
         // BatchNorm2d with one image: its blocks are the channels' planes, contiguous as in GroupNorm(C).
         let one = x.slice(ndarray::s![0..1, .., .., ..]).to_owned().into_dyn();
         let dy1 = dy
@@ -139,17 +140,7 @@ fn streamed_outputs_match_the_f64_reference() {
             let y = bn.forward(&one, Mode::Train).unwrap();
             (y, bn.backward(&one, &dy1, Mode::Train).unwrap())
         });
-        let (y_ref, dx_ref) = reference(
-            one.as_slice().unwrap(),
-            dy1.as_slice().unwrap(),
-            30 * 30,
-            |_| 1.0,
-            |_| 0.0,
-        );
-        let (ey, edx) = (max_rel_err(&y, &y_ref), max_rel_err(&dx, &dx_ref));
-        assert!(
-            ey < 1e-6 && edx < 1e-5,
-            "BatchNorm2d T={threads}: y {ey:e}, dx {edx:e}"
-        );
+        let what = format!("BatchNorm2d T={threads}");
+        assert_matches(&what, (&one, &dy1), (&y, &dx), 30 * 30, |_| 1.0, |_| 0.0);
     }
 }

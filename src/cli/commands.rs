@@ -496,15 +496,11 @@ pub fn compare(
     Ok(())
 }
 
-/// The `--conv` setting in effect, as the CLI names it.
+/// The `--conv` setting in effect, as the CLI names it ("direct" when the Winograd kernels are not available).
 fn conv_algorithm() -> &'static str {
-    use crate::nn::conv::{winograd4_enabled, winograd_enabled};
-    match (
-        winograd_enabled() && crate::nn::winograd::available(),
-        winograd4_enabled(),
-    ) {
-        (false, _) => "direct",
-        (true, true) => "winograd",
-        (true, false) => "winograd2",
+    if crate::nn::winograd::available() {
+        crate::nn::conv::conv_algorithm().name()
+    } else {
+        "direct"
     }
 }

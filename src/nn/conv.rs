@@ -146,17 +146,45 @@ const CHUNKS_PER_THREAD: usize = 4;
 /// the multiplications they save (the first layer of an image network has 1 or 3).
 pub const WINOGRAD_MIN_CHANNELS: usize = 8;
 
-static WINOGRAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Process-wide switch for the Winograd path (the CLI's `--conv`): when off, every layer uses the direct
-/// convolution whatever its [`Conv2d::winograd`] says. On by default.
-pub fn set_winograd(enabled: bool) {
-    WINOGRAD.store(enabled, std::sync::atomic::Ordering::Relaxed);
+/// The 3×3 convolution algorithm, process-wide (the CLI's `--conv`, [`set_conv_algorithm`]):
+/// - `Winograd` (the default): Winograd for the layers [`Conv2d::winograd`] marks, F(4×4, 3×3) in training on
+///   planes [`WINOGRAD4_MIN_W`]..=[`super::winograd4::MAX_W`] wide and F(2×2, 3×3) otherwise;
+/// - `Winograd2`: F(2×2, 3×3) only, in training too;
+/// - `Direct`: the direct convolution everywhere, whatever [`Conv2d::winograd`] says.
+///
+/// (The variants carry no doc comments of their own: clap would print them in `--help`.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvAlgorithm {
+    Winograd,
+    Winograd2,
+    Direct,
 }
 
-/// Whether [`set_winograd`] allows the Winograd path.
-pub fn winograd_enabled() -> bool {
-    WINOGRAD.load(std::sync::atomic::Ordering::Relaxed)
+impl ConvAlgorithm {
+    /// The name the CLI gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvAlgorithm::Winograd => "winograd",
+            ConvAlgorithm::Winograd2 => "winograd2",
+            ConvAlgorithm::Direct => "direct",
+        }
+    }
+}
+
+static CONV_ALGORITHM: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the process-wide [`ConvAlgorithm`] ([`ConvAlgorithm::Winograd`] by default).
+pub fn set_conv_algorithm(a: ConvAlgorithm) {
+    CONV_ALGORITHM.store(a as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The process-wide [`ConvAlgorithm`].
+pub fn conv_algorithm() -> ConvAlgorithm {
+    match CONV_ALGORITHM.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => ConvAlgorithm::Winograd,
+        1 => ConvAlgorithm::Winograd2,
+        _ => ConvAlgorithm::Direct,
+    }
 }
 
 /// Planes at least this wide (and at most [`super::winograd4::MAX_W`]) take Winograd F(4×4, 3×3) in training
@@ -165,19 +193,6 @@ pub fn winograd_enabled() -> bool {
 /// backward 31.2 → 20.1 ms, but 32→64 at 14×14 slower (5.7 → 7.2 and 12.9 → 14.9 ms), and 64→64 too (11.2 → 12.5
 /// and 23.6 → 25.1 ms): a 14-wide plane has 4 tiles per row (4 of 16 vector lanes) and pads to 16×16.
 pub const WINOGRAD4_MIN_W: usize = 21;
-
-static WINOGRAD4: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// Process-wide switch for F(4×4, 3×3) in training (the CLI's `--conv winograd2` turns it off): when off,
-/// training uses F(2×2, 3×3) like inference. On by default.
-pub fn set_winograd4(enabled: bool) {
-    WINOGRAD4.store(enabled, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Whether [`set_winograd4`] allows F(4×4, 3×3).
-pub fn winograd4_enabled() -> bool {
-    WINOGRAD4.load(std::sync::atomic::Ordering::Relaxed)
-}
 
 /// How [`Conv2d`] spreads its work over rayon's threads (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1022,7 +1037,7 @@ impl<T: Real> Conv2d<T> {
     /// The Winograd shape when this call takes the Winograd path (see [`Conv2d::winograd`]).
     fn winograd_shape(&self, g: &Geom) -> Option<super::winograd::WinoShape> {
         let eligible = self.winograd
-            && winograd_enabled()
+            && conv_algorithm() != ConvAlgorithm::Direct
             && self.fast()
             && super::winograd::available()
             && (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.groups)
@@ -1040,7 +1055,7 @@ impl<T: Real> Conv2d<T> {
     /// The Winograd shape when a training pass takes F(4×4, 3×3) ([`WINOGRAD4_MIN_W`]).
     fn winograd4_shape(&self, g: &Geom) -> Option<super::winograd::WinoShape> {
         self.winograd_shape(g).filter(|ws| {
-            winograd4_enabled()
+            conv_algorithm() == ConvAlgorithm::Winograd
                 && !self.relu_out
                 && ws.w >= WINOGRAD4_MIN_W
                 && super::winograd4::applies(ws)

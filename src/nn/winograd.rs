@@ -1588,20 +1588,32 @@ pub(super) mod tests {
         }
     }
 
+    /// The signature of F(2×2)'s and F(4×4)'s backward.
+    pub(in crate::nn) type Backward =
+        fn(WinoShape, &[f32], &[f32], &[f32], Option<&mut [f32]>, &mut [f32], Option<&mut [f64]>);
+
     #[test]
     fn gradients_are_bitwise_reproducible_for_any_thread_count() {
         if !available() {
             eprintln!("skipped: no AVX-512F");
             return;
         }
+        assert_reproducible(
+            backward,
+            WinoShape {
+                n: 37,
+                c: 8,
+                k: 16,
+                h: 14,
+                w: 14,
+            },
+        );
+    }
+
+    /// Asserts that `backward`'s dweight, dbias and dx are bitwise the same on 1, 2 and 3 threads, with and
+    /// without dx (shared by the F(2×2) and F(4×4) tests).
+    pub(in crate::nn) fn assert_reproducible(backward: Backward, s: WinoShape) {
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(11);
-        let s = WinoShape {
-            n: 37,
-            c: 8,
-            k: 16,
-            h: 14,
-            w: 14,
-        };
         let x: Vec<f32> = (0..s.n * s.in_size())
             .map(|_| rng.gen::<f32>() - 0.5)
             .collect();

@@ -792,37 +792,15 @@ mod tests {
             eprintln!("skipped: no AVX-512F");
             return;
         }
-        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(11);
-        let s = WinoShape {
-            n: 37,
-            c: 8,
-            k: 16,
-            h: 14,
-            w: 14,
-        };
-        let x: Vec<f32> = (0..s.n * s.c * 196)
-            .map(|_| rng.gen::<f32>() - 0.5)
-            .collect();
-        let wt: Vec<f32> = (0..s.k * s.c * 9).map(|_| rng.gen::<f32>() - 0.5).collect();
-        let dy: Vec<f32> = (0..s.n * s.k * 196)
-            .map(|_| rng.gen::<f32>() - 0.5)
-            .collect();
-        let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                let mut dx = vec![0f32; x.len()];
-                let mut dw = vec![0f32; wt.len()];
-                backward(s, &x, &dy, &wt, Some(&mut dx), &mut dw, None);
-                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-                (bits(&dw), bits(&dx))
-            })
-        };
-        let want = run(1);
-        for threads in [2, 3] {
-            assert_eq!(run(threads), want, "{threads} threads");
-        }
+        super::super::winograd::tests::assert_reproducible(
+            backward,
+            WinoShape {
+                n: 37,
+                c: 8,
+                k: 16,
+                h: 14,
+                w: 14,
+            },
+        );
     }
 }

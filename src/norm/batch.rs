@@ -709,7 +709,6 @@ impl<T: Real> Stateful<T> for BatchNorm<T> {
     }
 }
 
-/// Adds `dweight(c)` and `dbias(c)` to the affine parameters' gradients (when the layer has them).
 /// [`add_affine_grads`] from a batch-statistics backward's sums: dweight = Σdy·x̂ = dot·invstd, dbias = Σdy.
 fn add_sums_grads<T: Real>(
     weight: &mut Option<Param<T>>,
@@ -725,6 +724,7 @@ fn add_sums_grads<T: Real>(
     );
 }
 
+/// Adds `dweight(c)` and `dbias(c)` to the affine parameters' gradients (when the layer has them).
 fn add_affine_grads<T: Real>(
     weight: &mut Option<Param<T>>,
     bias: &mut Option<Param<T>>,

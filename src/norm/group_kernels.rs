@@ -61,17 +61,22 @@ const RUN_BYTES: usize = 32 << 10;
 /// Statistics of one contiguous block in one pass ([`lanes::block_moments`]): (shift = mean rounded to T, mean, biased var).
 #[inline]
 pub fn block_stats<T: Real>(xb: &[T]) -> (T, f64, f64) {
-    let m = xb.len() as f64;
     if xb.is_empty() {
         return (T::zero(), 0.0, 0.0);
     }
     let (mean, m2) = lanes::block_moments(xb);
-    (T::of_f64(mean), mean, (m2 / m).max(0.0))
+    stats_from_moments(mean, m2, xb.len())
+}
+
+/// (shift = mean rounded to T, mean, biased var) from a block's (mean, M2) over `len` values.
+#[inline]
+fn stats_from_moments<T: Real>(mean: f64, m2: f64, len: usize) -> (T, f64, f64) {
+    (T::of_f64(mean), mean, (m2 / len as f64).max(0.0))
 }
 
 /// Fused forward. `weight`/`bias` are per channel (length C) or absent.
 ///
-/// Tasks of whole blocks; within a task, runs of blocks ([`run_len`]) in three phases (statistics, their f64
+/// Tasks of whole blocks; within a task, runs of blocks (`run_len`) in three phases (statistics, their f64
 /// finish, normalisation). A block's statistics end in a chain of dependent scalar operations (a few hundred cycles),
 /// which for small blocks (InstanceNorm on 7×7 planes: 49 values) cost more than the block's data; phased, the
 /// chains of a run overlap and the finish is vectorised, and the run's blocks are still in L1/L2 when they are
@@ -142,7 +147,7 @@ pub fn forward<T: Real>(
                     }
                 } else if r1 - r0 > 1 {
                     // several chunks per block: every chunk's sums first, then each block's merge of its chunks
-                    // (the order and formulas of `lanes::block_moments`, so bitwise what `block_stats` gives)
+                    // (`lanes::ChunkMerge`, in order, as `lanes::block_moments`: bitwise what `block_stats` gives)
                     let q = blk.div_ceil(lanes::BLOCK_CHUNK);
                     let mut sums = [(T::zero(), 0.0f64, 0.0f64); RUN];
                     for (i, xb) in xr.chunks(blk).enumerate() {
@@ -150,26 +155,16 @@ pub fn forward<T: Real>(
                             sums[i * q + k] = lanes::chunk_sums(c);
                         }
                     }
-                    for i in 0..r1 - r0 {
-                        let (mut n_tot, mut mu, mut m2) = (0.0f64, 0.0f64, 0.0f64);
-                        for k in 0..q {
-                            let n = (blk - k * lanes::BLOCK_CHUNK).min(lanes::BLOCK_CHUNK) as f64;
-                            let (kk, s1, s2) = sums[i * q + k];
-                            let (bm, bm2) = lanes::chunk_moments(kk, s1, s2, n);
-                            if n_tot == 0.0 {
-                                (n_tot, mu, m2) = (n, bm, bm2);
-                            } else {
-                                let tot = n_tot + n;
-                                let delta = bm - mu;
-                                mu += delta * n / tot;
-                                m2 += bm2 + delta * delta * n_tot * n / tot;
-                                n_tot = tot;
-                            }
+                    for (i, bs) in sums[..(r1 - r0) * q].chunks(q).enumerate() {
+                        let mut acc = lanes::ChunkMerge::default();
+                        for (k, &cs) in bs.iter().enumerate() {
+                            acc.add(cs, (blk - k * lanes::BLOCK_CHUNK).min(lanes::BLOCK_CHUNK));
                         }
-                        let vi = (m2 / blk as f64).max(0.0);
+                        let (mu, m2) = acc.moments();
                         let j = r0 + i;
+                        let (sh, mi, vi) = stats_from_moments(mu, m2, blk);
                         (shift[j], mean[j], var[j], invstd[j]) =
-                            (T::of_f64(mu), mu, vi, 1.0 / (vi + eps).sqrt());
+                            (sh, mi, vi, 1.0 / (vi + eps).sqrt());
                     }
                 } else {
                     for (i, xb) in xr.chunks(blk).enumerate() {

@@ -467,29 +467,50 @@ pub fn chunk_moments<T: Real>(k: T, s1: f64, s2: f64, n: f64) -> (f64, f64) {
     (k.as_f64() + dm, (s2 - s1 * dm).max(0.0))
 }
 
+/// The (mean, M2) of a block's chunks merged in order (Chan et al.), from each chunk's [`chunk_sums`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChunkMerge {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl ChunkMerge {
+    /// Merges the next chunk, of `len` values, with sums `sums` from [`chunk_sums`].
+    #[inline]
+    pub fn add<T: Real>(&mut self, (k, s1, s2): (T, f64, f64), len: usize) {
+        let n = len as f64;
+        let (bm, bm2) = chunk_moments(k, s1, s2, n);
+        if self.n == 0.0 {
+            (self.n, self.mean, self.m2) = (n, bm, bm2);
+        } else {
+            let tot = self.n + n;
+            let delta = bm - self.mean;
+            self.mean += delta * n / tot;
+            self.m2 += bm2 + delta * delta * self.n * n / tot;
+            self.n = tot;
+        }
+    }
+
+    /// (mean, M2) of the chunks merged so far.
+    pub fn moments(&self) -> (f64, f64) {
+        (self.mean, self.m2)
+    }
+}
+
 /// One-pass (mean, M2) of a contiguous slice, for per-sample statistics (GroupNorm, LayerNorm, InstanceNorm):
-/// 512-value sub-blocks are each reduced around their own shift (the mean of their first 16 values) and merged
-/// exactly (Chan et al.). One read of the data instead of the two of [`sum`] + [`shifted_moments`], with the
-/// same protection against cancellation as long as a sub-block's first values are not far outliers.
+/// [`BLOCK_CHUNK`]-value sub-blocks are each reduced around their own shift (the mean of their first 16 values)
+/// and merged exactly ([`ChunkMerge`]). One read of the data instead of the two of [`sum`] +
+/// [`shifted_moments`], with the same protection against cancellation as long as a sub-block's first values
+/// are not far outliers.
 #[inline]
 pub fn block_moments<T: Real>(xs: &[T]) -> (f64, f64) {
     // f32 reaches the packed reductions through `shifted_moments`
-    let (mut n_tot, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
+    let mut acc = ChunkMerge::default();
     for blk in xs.chunks(BLOCK_CHUNK) {
-        let (k, s1, s2) = chunk_sums(blk);
-        let n = blk.len() as f64;
-        let (bm, bm2) = chunk_moments(k, s1, s2, n);
-        if n_tot == 0.0 {
-            (n_tot, mean, m2) = (n, bm, bm2);
-        } else {
-            let tot = n_tot + n;
-            let delta = bm - mean;
-            mean += delta * n / tot;
-            m2 += bm2 + delta * delta * n_tot * n / tot;
-            n_tot = tot;
-        }
+        acc.add(chunk_sums(blk), blk.len());
     }
-    (mean, m2)
+    acc.moments()
 }
 
 #[cfg(test)]

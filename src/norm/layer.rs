@@ -342,6 +342,41 @@ fn row_chunk_sums<T: Real>(
     lanes::dy_moments(u, xh, T::zero())
 }
 
+/// One row's dx = r·(u − k_su − x̂·k_sux), with x̂ = (x − shift)·r + c0 and u = dy·w recomputed from the row,
+/// through the L1 chunk `buf` and streamed out when `stream` ([`write_chunked`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn row_dx<T: Real>(
+    xr: &[T],
+    gr: &[T],
+    w: Option<&[T]>,
+    (shift, rt, c0): (T, T, T),
+    (k_su, k_sux): (T, T),
+    dxr: &mut [T],
+    buf: &mut [T],
+    stream: bool,
+) {
+    write_chunked(dxr, buf, stream, |lo, o| {
+        let n = o.len();
+        let (xc, gc) = (&xr[lo..lo + n], &gr[lo..lo + n]);
+        match w {
+            Some(w) => {
+                let w = &w[lo..lo + n];
+                for i in 0..n {
+                    let h = (xc[i] - shift) * rt + c0;
+                    o[i] = rt * (gc[i] * w[i] - k_su - h * k_sux);
+                }
+            }
+            None => {
+                for i in 0..n {
+                    let h = (xc[i] - shift) * rt + c0;
+                    o[i] = rt * (gc[i] - k_su - h * k_sux);
+                }
+            }
+        }
+    });
+}
+
 /// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows. Per row, a first pass
 /// over [`ROW_CHUNK`]-value chunks materialises x̂ and u = dy·w in an L1 scratch, adds dy·x̂ and dy into the task's
 /// dweight/dbias partials and sums Σu and Σu·x̂ (per chunk, then across chunks in f64); a second pass recomputes
@@ -408,26 +443,8 @@ fn short_rows_backward<T: Real>(
                 }
                 // Pass 2: dx, recomputing x̂ and u from the row (still in L1/L2) exactly as pass 1 did; streamed
                 // out when the tensors are too large for the cache.
-                let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
-                write_chunked(dxr, &mut buf, stream, |lo, o| {
-                    let n = o.len();
-                    let (xc, gc) = (&xr[lo..lo + n], &gr[lo..lo + n]);
-                    match w {
-                        Some(w) => {
-                            let w = &w[lo..lo + n];
-                            for i in 0..n {
-                                let h = (xc[i] - shift) * rt + c0;
-                                o[i] = rt * (gc[i] * w[i] - k_su - h * k_sux);
-                            }
-                        }
-                        None => {
-                            for i in 0..n {
-                                let h = (xc[i] - shift) * rt + c0;
-                                o[i] = rt * (gc[i] - k_su - h * k_sux);
-                            }
-                        }
-                    }
-                });
+                let k = (T::of_f64(su / df), T::of_f64(sux / df));
+                row_dx(xr, gr, w, (shift, rt, c0), k, dxr, &mut buf, stream);
             }
             if stream {
                 lanes::stream_fence();
@@ -535,26 +552,8 @@ fn long_rows_backward<T: Real>(
                 let row = t * rpt + j;
                 let (shift, rt, c0) = rc[row];
                 let (su, sux) = row_sums[row];
-                let (k_su, k_sux) = (T::of_f64(su / df), T::of_f64(sux / df));
-                write_chunked(or, &mut buf, stream, |lo, o| {
-                    let n = o.len();
-                    let (xr, g) = (&xr[lo..lo + n], &gr[lo..lo + n]);
-                    match w {
-                        Some(w) => {
-                            let w = &w[lo..lo + n];
-                            for i in 0..n {
-                                let xh = (xr[i] - shift) * rt + c0;
-                                o[i] = rt * (g[i] * w[i] - k_su - xh * k_sux);
-                            }
-                        }
-                        None => {
-                            for i in 0..n {
-                                let xh = (xr[i] - shift) * rt + c0;
-                                o[i] = rt * (g[i] - k_su - xh * k_sux);
-                            }
-                        }
-                    }
-                });
+                let k = (T::of_f64(su / df), T::of_f64(sux / df));
+                row_dx(xr, gr, w, (shift, rt, c0), k, or, &mut buf, stream);
             }
             if stream {
                 lanes::stream_fence();
