@@ -1438,7 +1438,10 @@ pub(super) mod tests {
     }
 
     /// Random input in [-1, 1), weights in [-0.3, 0.3) and bias in [-0.5, 0.5) for `s`, drawn in that order.
-    fn conv_case(rng: &mut impl Rng, s: WinoShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    pub(in crate::nn) fn conv_case(
+        rng: &mut impl Rng,
+        s: WinoShape,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let x = (0..s.n * s.c * s.h * s.w)
             .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
             .collect();

@@ -696,6 +696,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::winograd::tests as wtests;
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -732,17 +733,11 @@ mod tests {
             (3, 2, 2, 4, 17),
         ] {
             let s = WinoShape { n, c, k, h, w };
-            let x: Vec<f32> = (0..n * c * h * w)
-                .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
-                .collect();
-            let wt: Vec<f32> = (0..k * c * 9)
-                .map(|_| rng.gen::<f32>() * 0.6 - 0.3)
-                .collect();
-            let bias: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let (x, wt, bias) = wtests::conv_case(&mut rng, s);
             let dy: Vec<f32> = (0..n * k * h * w)
                 .map(|_| rng.gen::<f32>() * 2.0 - 1.0)
                 .collect();
-            let (mut yr, dxr, dwr, dbr) = super::super::winograd::tests::reference(s, &x, &wt, &dy);
+            let (mut yr, dxr, dwr, dbr) = wtests::reference(s, &x, &wt, &dy);
             for (o, v) in yr.iter_mut().enumerate() {
                 *v += bias[(o / (h * w)) % k] as f64;
             }
@@ -792,7 +787,7 @@ mod tests {
             eprintln!("skipped: no AVX-512F");
             return;
         }
-        super::super::winograd::tests::assert_reproducible(
+        wtests::assert_reproducible(
             backward,
             WinoShape {
                 n: 37,
