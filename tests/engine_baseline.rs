@@ -1,0 +1,215 @@
+//! The engine's results, pinned bit for bit: for each zoo model (cnn, mlp, resnet), each `--conv` choice and a
+//! few norms, 60 SGD steps (momentum 0.9, weight decay 5e-4 without norm/bias, cosine schedule with warm-up)
+//! on fixed pseudo-random batches, on a 2-thread pool. Every step's loss (f64 bits) and a hash of the whole state
+//! dict after steps 1, 20 and 60 must equal `tests/fixtures/engine/baseline.json`, as must the eval logits
+//! after the last step, from the plain eval forward and from the fused inference forward.
+//!
+//! The fixture was written by the engine before the graph redesign (issue #4):
+//! `NORMVISION_BLESS=1 cargo test --release --test engine_baseline`. It guards that a redesign of how a batch
+//! flows through the engine (graphs, plans, fusions) changes no result.
+
+use ndarray::{ArrayD, IxDyn};
+use normvision::model::{Model, ModelConfig, ModelKind, NormKind};
+use normvision::nn::conv::{set_conv_algorithm, ConvAlgorithm};
+use normvision::nn::loss::cross_entropy;
+use normvision::optim::sgd::SgdConfig;
+use normvision::optim::{DecayPolicy, LrSchedule, OptimConfig, Schedule};
+use normvision::state::{StateTensor, Stateful};
+use normvision::Mode;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+const STEPS: u64 = 60;
+const BATCH: usize = 24;
+const HASH_AT: [u64; 3] = [1, 20, 60];
+
+struct Case {
+    kind: ModelKind,
+    norm: NormKind,
+    conv: ConvAlgorithm,
+    dropout: f64,
+}
+
+impl Case {
+    fn name(&self) -> String {
+        let mut s = format!(
+            "{}-{}-{}",
+            self.kind.as_str(),
+            self.norm.as_str(),
+            self.conv.name()
+        );
+        if self.dropout > 0.0 {
+            s += "-dropout";
+        }
+        s
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = vec![];
+    for conv in [
+        ConvAlgorithm::Winograd,
+        ConvAlgorithm::Winograd2,
+        ConvAlgorithm::Direct,
+    ] {
+        for (kind, norm) in [
+            (ModelKind::Cnn, NormKind::Batch),
+            (ModelKind::Cnn, NormKind::None),
+            (ModelKind::Cnn, NormKind::Group),
+            (ModelKind::Mlp, NormKind::Batch),
+            (ModelKind::Resnet, NormKind::Batch),
+        ] {
+            v.push(Case {
+                kind,
+                norm,
+                conv,
+                dropout: 0.0,
+            });
+        }
+    }
+    v.push(Case {
+        kind: ModelKind::Cnn,
+        norm: NormKind::Batch,
+        conv: ConvAlgorithm::Winograd,
+        dropout: 0.3,
+    });
+    v
+}
+
+/// FNV-1a over bytes.
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h ^= b as u64;
+        *h = h.wrapping_mul(0x100000001b3);
+    }
+}
+
+fn state_hash(model: &Model) -> String {
+    let mut h = 0xcbf29ce484222325u64;
+    for (k, t) in &model.state_dict().tensors {
+        fnv(&mut h, k.as_bytes());
+        match t {
+            StateTensor::F32(a) => a.iter().for_each(|v| fnv(&mut h, &v.to_bits().to_le_bytes())),
+            StateTensor::I64(a) => a.iter().for_each(|v| fnv(&mut h, &v.to_le_bytes())),
+        }
+    }
+    format!("{h:016x}")
+}
+
+fn array_hash(a: &ArrayD<f32>) -> String {
+    let mut h = 0xcbf29ce484222325u64;
+    a.iter()
+        .for_each(|v| fnv(&mut h, &v.to_bits().to_le_bytes()));
+    format!("{h:016x}")
+}
+
+/// Batch `step`: images roughly like normalized Fashion-MNIST (values in [-0.8, 2.0]), labels 0..10.
+fn batch(step: u64) -> (ArrayD<f32>, Vec<usize>) {
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1000 + step);
+    let x: Vec<f32> = (0..BATCH * 28 * 28)
+        .map(|_| rng.gen_range(-0.8f32..2.0))
+        .collect();
+    let y = (0..BATCH).map(|_| rng.gen_range(0..10)).collect();
+    (
+        ArrayD::from_shape_vec(IxDyn(&[BATCH, 1, 28, 28]), x).unwrap(),
+        y,
+    )
+}
+
+fn run(case: &Case) -> Value {
+    set_conv_algorithm(case.conv);
+    let cfg = ModelConfig {
+        dropout: case.dropout,
+        seed: 7,
+        ..ModelConfig::fashion(case.kind, case.norm)
+    };
+    let mut model = Model::new(cfg).unwrap();
+    let schedule = LrSchedule::with_warmup(
+        Schedule::Cosine {
+            lr: 0.05,
+            min_lr: 0.0,
+            total_steps: STEPS,
+        },
+        5,
+        0.1,
+    )
+    .unwrap();
+    let mut opt = OptimConfig::Sgd(SgdConfig {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        decay: DecayPolicy::ExcludeNormAndBias,
+        ..SgdConfig::default()
+    })
+    .build()
+    .unwrap();
+    let mut losses = vec![];
+    let mut hashes = serde_json::Map::new();
+    for step in 0..STEPS {
+        let (x, y) = batch(step);
+        opt.set_lr(schedule.lr_at(step));
+        model.zero_grad();
+        model.begin_step(step);
+        let logits = model.forward(&x, Mode::Train).unwrap();
+        let (loss, d) = cross_entropy(&logits, &y, 0.0).unwrap();
+        model.backward_params(&x, &d, Mode::Train).unwrap();
+        opt.step(&mut model).unwrap();
+        losses.push(format!("{:016x}", loss.to_bits()));
+        if HASH_AT.contains(&(step + 1)) {
+            hashes.insert((step + 1).to_string(), json!(state_hash(&model)));
+        }
+    }
+    let (x, _) = batch(STEPS);
+    let eval = model.forward(&x, Mode::Eval).unwrap();
+    let inference = model.forward_inference(&x).unwrap();
+    set_conv_algorithm(ConvAlgorithm::Winograd);
+    json!({
+        "losses": losses,
+        "state": hashes,
+        "eval_logits": array_hash(&eval),
+        "inference_logits": array_hash(&inference),
+    })
+}
+
+#[test]
+fn sixty_sgd_steps_are_bitwise_the_baseline() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine/baseline.json");
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    let got: serde_json::Map<String, Value> = pool.install(|| {
+        cases()
+            .iter()
+            .map(|c| (c.name(), run(c)))
+            .collect()
+    });
+    if std::env::var_os("NORMVISION_BLESS").is_some() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
+        return;
+    }
+    let want: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut bad = vec![];
+    for (name, w) in &want {
+        let g = &got[name];
+        for key in ["losses", "state", "eval_logits", "inference_logits"] {
+            if g[key] != w[key] {
+                let first = match (g[key].as_array(), w[key].as_array()) {
+                    (Some(a), Some(b)) => a
+                        .iter()
+                        .zip(b)
+                        .position(|(a, b)| a != b)
+                        .map(|i| format!(" (first differing step {})", i + 1))
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                bad.push(format!("{name}: {key} differs{first}"));
+            }
+        }
+    }
+    assert_eq!(got.len(), want.len(), "cases: {:?}", got.keys());
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
