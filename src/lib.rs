@@ -11,6 +11,8 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod io;
+#[doc(hidden)]
+pub mod kernels;
 pub mod mode;
 pub mod model;
 pub mod nn;

@@ -90,7 +90,9 @@ fn state_hash(model: &Model) -> String {
     for (k, t) in &model.state_dict().tensors {
         fnv(&mut h, k.as_bytes());
         match t {
-            StateTensor::F32(a) => a.iter().for_each(|v| fnv(&mut h, &v.to_bits().to_le_bytes())),
+            StateTensor::F32(a) => a
+                .iter()
+                .for_each(|v| fnv(&mut h, &v.to_bits().to_le_bytes())),
             StateTensor::I64(a) => a.iter().for_each(|v| fnv(&mut h, &v.to_le_bytes())),
         }
     }
@@ -174,17 +176,14 @@ fn run(case: &Case) -> Value {
 
 #[test]
 fn sixty_sgd_steps_are_bitwise_the_baseline() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine/baseline.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/engine/baseline.json");
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .unwrap();
-    let got: serde_json::Map<String, Value> = pool.install(|| {
-        cases()
-            .iter()
-            .map(|c| (c.name(), run(c)))
-            .collect()
-    });
+    let got: serde_json::Map<String, Value> =
+        pool.install(|| cases().iter().map(|c| (c.name(), run(c))).collect());
     if std::env::var_os("NORMVISION_BLESS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();

@@ -9,8 +9,8 @@
 //!   BatchNorm's statistics agree with its own to rounding, also on data whose mean dwarfs its spread.
 
 use ndarray::{ArrayD, IxDyn};
+use normvision::kernels::moments::plane_moments;
 use normvision::nn::{Conv2dConfig, MaxPool2d, MaxPool2dConfig};
-use normvision::norm::batch_kernels::plane_moments;
 use normvision::norm::{BatchNorm, BatchNormConfig};
 use normvision::{Mode, NvError};
 use proptest::prelude::*;

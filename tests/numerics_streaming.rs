@@ -82,7 +82,7 @@ fn streamed_outputs_match_the_f64_reference() {
         return;
     }
     assert!(
-        lanes::stream_output(4, 1),
+        normvision::kernels::lanes::stream_output(4, 1),
         "the threshold override was not picked up"
     );
     for threads in [1, 2] {

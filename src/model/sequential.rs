@@ -1,6 +1,7 @@
 //! An ordered container of named layers (PyTorch's `nn.Sequential`): keeps every layer's input for the backward.
 
-use crate::nn::{arena, Layer};
+use crate::kernels::arena;
+use crate::nn::Layer;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Result};
 use ndarray::ArrayD;

@@ -6,13 +6,14 @@
 //! | [`Sigmoid`] | 1/(1+e^(−x)) (overflow-free form) | dy·σ(x)(1−σ(x)), σ recomputed from x | — |
 //! | [`Flatten`] | (N, *) → (N, prod(*)) (`start_dim=1`) | dy reshaped to x's shape | rank ≥ 2 |
 
-use super::cont;
-use super::{map_into, stateless, zip_map_into, Layer};
+use super::{stateless, Layer};
+use crate::kernels::elementwise::{map_into, zip_map_into};
+use crate::kernels::shape::contiguous as cont;
 use crate::{Mode, NvError, Real, Result};
 use ndarray::ArrayD;
 
 fn check_dy<T: Real>(layer: &'static str, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<()> {
-    crate::norm::check_same_shape(layer, x.shape(), dy.shape())
+    crate::kernels::shape::check_same_shape(layer, x.shape(), dy.shape())
 }
 
 /// `max(x, 0)`; NaN stays NaN.
@@ -30,7 +31,7 @@ impl<T: Real> ReLU<T> {
 impl<T: Real> Layer<T> for ReLU<T> {
     fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         let xs = cont(x);
-        let mut y = super::arena::output(x.shape());
+        let mut y = crate::kernels::arena::output(x.shape());
         map_into(&xs, y.as_slice_mut().expect("fresh"), |v| {
             if v <= T::zero() {
                 T::zero()
@@ -43,7 +44,7 @@ impl<T: Real> Layer<T> for ReLU<T> {
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         check_dy("ReLU", x, dy)?;
         let (xs, gs) = (cont(x), cont(dy));
-        let mut dx = super::arena::output(x.shape());
+        let mut dx = crate::kernels::arena::output(x.shape());
         zip_map_into(&xs, &gs, dx.as_slice_mut().expect("fresh"), |v, g| {
             // PyTorch's threshold_backward on the output: `y <= 0 ? 0 : dy` (a NaN lets dy through).
             if v <= T::zero() {
@@ -84,14 +85,14 @@ impl<T: Real> Sigmoid<T> {
 impl<T: Real> Layer<T> for Sigmoid<T> {
     fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         let xs = cont(x);
-        let mut y = super::arena::output(x.shape());
+        let mut y = crate::kernels::arena::output(x.shape());
         map_into(&xs, y.as_slice_mut().expect("fresh"), sigmoid);
         Ok(y)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
         check_dy("Sigmoid", x, dy)?;
         let (xs, gs) = (cont(x), cont(dy));
-        let mut dx = super::arena::output(x.shape());
+        let mut dx = crate::kernels::arena::output(x.shape());
         zip_map_into(&xs, &gs, dx.as_slice_mut().expect("fresh"), |v, g| {
             let s = sigmoid(v);
             g * s * (T::one() - s)
@@ -128,7 +129,7 @@ impl<T: Real> Flatten<T> {
 
 fn reshaped<T: Real>(a: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
     // into a buffer from the pool: a fresh allocation here page-faulted in eval (perf: clear_page_erms)
-    let mut y = super::arena::output(shape);
+    let mut y = crate::kernels::arena::output(shape);
     y.as_slice_mut()
         .expect("fresh array")
         .copy_from_slice(&cont(a));

@@ -31,11 +31,13 @@
 //! shapes of small-image CNNs; kept for comparison). Workspaces live in the layer and are reused between calls.
 
 use super::init::Init;
-use super::matmul::{matmul, Op, Par};
-use super::simd;
-use super::PlaneMoments;
-use super::{check_nonempty, check_rank, sum_f64, IntoPair, Layer};
-use crate::norm::contiguous;
+use super::{IntoPair, Layer};
+use crate::kernels::elementwise::sum_f64;
+use crate::kernels::gemm::{matmul, Op, Par};
+use crate::kernels::gemm_avx512 as simd;
+use crate::kernels::moments::PlaneMoments;
+use crate::kernels::shape::contiguous;
+use crate::kernels::shape::{check_nonempty, check_rank};
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
@@ -956,7 +958,7 @@ impl<T: Real> Conv2d<T> {
 
     fn geom(&self, shape: &[usize]) -> Result<Geom> {
         check_rank(Self::NAME, shape, 4, "4-D (N, C, H, W)")?;
-        crate::norm::check_channels(Self::NAME, shape, self.cfg.in_channels)?;
+        crate::kernels::shape::check_channels(Self::NAME, shape, self.cfg.in_channels)?;
         check_nonempty(Self::NAME, shape)?;
         let c = &self.cfg;
         let (h, w) = (shape[2], shape[3]);
@@ -1022,7 +1024,7 @@ impl<T: Real> Conv2d<T> {
         self.simd
             && self.parallel == ConvParallel::Batch
             && simd::available()
-            && simd::as_f32(self.weight.values()).is_some()
+            && crate::kernels::cast::as_f32(self.weight.values()).is_some()
     }
 
     /// Adds per-channel Σdy (f64) to the bias gradient, when the layer has a bias.
@@ -1096,7 +1098,7 @@ impl<T: Real> Conv2d<T> {
     /// explicit data gradient), or as the implicit data-gradient matrix (cg × og·kh·kw, element (c, (o, t)) =
     /// W[o, c, t]).
     fn pack_weights(&mut self, g: &Geom, mode: Pack) {
-        let w = simd::as_f32(self.weight.values()).expect("f32 layer");
+        let w = crate::kernels::cast::as_f32(self.weight.values()).expect("f32 layer");
         let (og, kdim, cg, kk) = (g.og(), g.kdim(), g.c / g.groups, g.kh * g.kw);
         let mut one = Vec::new();
         self.packed.clear();
@@ -1166,7 +1168,7 @@ impl<T: Real> Conv2d<T> {
     /// Forward pass, allocating the output.
     pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
         let shape = self.output_shape(x.shape())?;
-        let mut y = super::arena::output(&shape);
+        let mut y = crate::kernels::arena::output(&shape);
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"))?;
         Ok(y)
     }
@@ -1189,19 +1191,19 @@ impl<T: Real> Conv2d<T> {
         }
         let xs = contiguous(&x);
         if let Some(ws) = self.winograd_shape(&g) {
-            let f = |s| simd::as_f32(s).expect("f32");
+            let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
             super::winograd::forward(
                 ws,
                 f(&xs),
                 f(self.weight.values()),
                 self.bias.as_ref().map(|b| f(b.values())),
                 self.relu_out,
-                simd::as_f32_mut(y).expect("f32"),
+                crate::kernels::cast::as_f32_mut(y).expect("f32"),
             );
             return Ok(());
         }
         if let Some(os) = self.one_channel_shape(&g) {
-            let f = |s| simd::as_f32(s).expect("f32");
+            let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
             super::conv_one_channel::forward(
                 os,
                 f(&xs),
@@ -1209,7 +1211,7 @@ impl<T: Real> Conv2d<T> {
                 self.bias.as_ref().map(|b| f(b.values())),
                 None,
                 self.relu_out,
-                simd::as_f32_mut(y).expect("f32"),
+                crate::kernels::cast::as_f32_mut(y).expect("f32"),
             );
             return Ok(());
         }
@@ -1248,28 +1250,28 @@ impl<T: Real> Conv2d<T> {
             }
             for (xs, ys) in xc.chunks_exact(is).zip(yc.chunks_exact_mut(os)) {
                 if implicit {
-                    let f = |s| simd::as_f32(s).expect("f32");
+                    let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
                     implicit_forward_sample(
                         &g,
                         f(xs),
-                        simd::as_f32_mut(ys).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(ys).expect("f32"),
                         packed,
                         bias.map(f),
                         &offs,
-                        simd::as_f32_mut(&mut ws.xpad).expect("f32"),
-                        simd::as_f32_mut(&mut ws.col).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.xpad).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.col).expect("f32"),
                         relu_out,
                     );
                     continue;
                 } else if fast {
-                    let f = |s| simd::as_f32(s).expect("f32");
+                    let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
                     fast_forward_sample(
                         &g,
                         f(xs),
-                        simd::as_f32_mut(ys).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(ys).expect("f32"),
                         packed,
                         bias.map(f),
-                        simd::as_f32_mut(&mut ws.col).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.col).expect("f32"),
                     );
                 } else {
                     forward_sample(&g, xs, ys, w, bias, &mut ws.col, par);
@@ -1302,12 +1304,13 @@ impl<T: Real> Conv2d<T> {
         shape: &[usize],
         kernel: impl FnOnce(&[f32], &[f32], Option<&[f32]>, &mut [f32]),
     ) -> ArrayD<T> {
-        let mut y: ArrayD<T> = super::arena::output(shape);
+        let mut y: ArrayD<T> = crate::kernels::arena::output(shape);
         let xv = x.view();
         let xs = contiguous(&xv);
-        let f = |s| simd::as_f32(s).expect("f32");
+        let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
         let bias = self.bias.as_ref().map(|b| f(b.values()));
-        let yf = simd::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
+        let yf =
+            crate::kernels::cast::as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
         kernel(f(&xs), f(self.weight.values()), bias, yf);
         y
     }
@@ -1328,7 +1331,7 @@ impl<T: Real> Conv2d<T> {
         if (wino.is_none() && one.is_none()) || self.relu_out || a.len() != g.o || b.len() != g.o {
             return Ok(None);
         }
-        let f = |s| simd::as_f32(s).expect("f32");
+        let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
         let affine = Some((f(a), f(b)));
         let y = self.f32_forward(x, &[g.n, g.o, g.oh, g.ow], |xf, wf, bias, yf| {
             match (wino, one) {
@@ -1398,7 +1401,7 @@ impl<T: Real> Conv2d<T> {
         {
             return Ok(None);
         }
-        let f = |s| simd::as_f32(s).expect("f32");
+        let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
         let affine = Some((f(a), f(b)));
         let y = self.f32_forward(x, &[g.n, g.o, g.oh / 2, g.ow / 2], |xf, wf, bias, yf| {
             super::winograd::forward_affine_relu_maxpool(ws, xf, wf, bias, affine, yf)
@@ -1439,7 +1442,7 @@ impl<T: Real> Conv2d<T> {
         let xv = x.view();
         let xs = contiguous(&xv);
         let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
-        let grad = simd::as_f32_mut(
+        let grad = crate::kernels::cast::as_f32_mut(
             self.weight
                 .grad
                 .as_slice_mut()
@@ -1448,8 +1451,8 @@ impl<T: Real> Conv2d<T> {
         .expect("f32");
         super::conv_one_channel::backward_params_from_planes(
             os,
-            simd::as_f32(&xs).expect("f32"),
-            |p, out: &mut [f32]| dy.fill(p, simd::f32_as_mut(out).expect("f32")),
+            crate::kernels::cast::as_f32(&xs).expect("f32"),
+            |p, out: &mut [f32]| dy.fill(p, crate::kernels::cast::f32_as_mut(out).expect("f32")),
             grad,
             db.as_deref_mut(),
         );
@@ -1459,7 +1462,7 @@ impl<T: Real> Conv2d<T> {
 
     /// Backward pass: returns dx and accumulates dweight, dbias.
     pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
-        let mut dx = super::arena::output(x.shape());
+        let mut dx = crate::kernels::arena::output(x.shape());
         self.backward_into(
             x.view(),
             dy.view(),
@@ -1517,15 +1520,18 @@ impl<T: Real> Conv2d<T> {
                 super::winograd::backward
             };
             let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
-            let f = |s| simd::as_f32(s).expect("f32");
+            let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
             let Param { value, grad } = &mut self.weight;
             backward(
                 ws,
                 f(&xs),
                 f(&gs),
                 f(value.as_slice().expect("contiguous weights")),
-                dx.map(|d| simd::as_f32_mut(d).expect("f32")),
-                simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32"),
+                dx.map(|d| crate::kernels::cast::as_f32_mut(d).expect("f32")),
+                crate::kernels::cast::as_f32_mut(
+                    grad.as_slice_mut().expect("contiguous gradients"),
+                )
+                .expect("f32"),
                 db.as_deref_mut(),
             );
             self.add_bias_grad(db);
@@ -1533,7 +1539,7 @@ impl<T: Real> Conv2d<T> {
         }
         if let Some(os) = self.one_channel_shape(&g) {
             let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
-            let f = |s| simd::as_f32(s).expect("f32");
+            let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
             let Param { value, grad } = &mut self.weight;
             if let Some(d) = dx {
                 let w = f(value.as_slice().expect("contiguous weights"));
@@ -1541,11 +1547,13 @@ impl<T: Real> Conv2d<T> {
                     os,
                     f(&gs),
                     w,
-                    simd::as_f32_mut(d).expect("f32"),
+                    crate::kernels::cast::as_f32_mut(d).expect("f32"),
                 );
             }
-            let grad =
-                simd::as_f32_mut(grad.as_slice_mut().expect("contiguous gradients")).expect("f32");
+            let grad = crate::kernels::cast::as_f32_mut(
+                grad.as_slice_mut().expect("contiguous gradients"),
+            )
+            .expect("f32");
             super::conv_one_channel::backward_params(os, f(&xs), f(&gs), grad, db.as_deref_mut());
             self.add_bias_grad(db);
             return Ok(());
@@ -1587,7 +1595,7 @@ impl<T: Real> Conv2d<T> {
                     &mut ws.dypad_key,
                     (g.o * WGRAD_GROUP, hp, wp),
                 );
-                let f = |s| simd::as_f32(s).expect("f32");
+                let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
                 let samples = xc.len() / is;
                 let mut s0 = 0;
                 while s0 < samples {
@@ -1597,7 +1605,7 @@ impl<T: Real> Conv2d<T> {
                     let dxg: Vec<Option<&mut [f32]>> = match dxc.as_deref_mut() {
                         Some(d) => d[s0 * is..s1 * is]
                             .chunks_exact_mut(is)
-                            .map(|c| Some(simd::as_f32_mut(c).expect("f32")))
+                            .map(|c| Some(crate::kernels::cast::as_f32_mut(c).expect("f32")))
                             .collect(),
                         None => (s0..s1).map(|_| None).collect(),
                     };
@@ -1608,10 +1616,10 @@ impl<T: Real> Conv2d<T> {
                         dxg,
                         packed,
                         (&offs_f, &offs_b),
-                        simd::as_f32_mut(&mut ws.xpad).expect("f32"),
-                        simd::as_f32_mut(&mut ws.dypad).expect("f32"),
-                        simd::as_f32_mut(&mut ws.col).expect("f32"),
-                        simd::as_f32_mut(&mut ws.dw).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.xpad).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.dypad).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.col).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.dw).expect("f32"),
                         &mut ws.db,
                     );
                     s0 = s1;
@@ -1621,15 +1629,15 @@ impl<T: Real> Conv2d<T> {
             for (s, (xs, gs)) in xc.chunks_exact(is).zip(gc.chunks_exact(os)).enumerate() {
                 let dxs = dxc.as_deref_mut().map(|d| &mut d[s * is..(s + 1) * is]);
                 if fast {
-                    let f = |s| simd::as_f32(s).expect("f32");
+                    let f = |s| crate::kernels::cast::as_f32(s).expect("f32");
                     fast_backward_sample(
                         &g,
                         f(xs),
                         f(gs),
-                        dxs.map(|d| simd::as_f32_mut(d).expect("f32")),
+                        dxs.map(|d| crate::kernels::cast::as_f32_mut(d).expect("f32")),
                         packed,
-                        simd::as_f32_mut(&mut ws.col).expect("f32"),
-                        simd::as_f32_mut(&mut ws.dw).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.col).expect("f32"),
+                        crate::kernels::cast::as_f32_mut(&mut ws.dw).expect("f32"),
                         &mut ws.db,
                     );
                 } else {

@@ -9,7 +9,7 @@
 
 #![allow(unsafe_code)]
 
-use super::simd;
+use crate::kernels::gemm_avx512 as simd;
 use rayon::prelude::*;
 
 /// (N, 1, H, W) input, K output channels.
@@ -96,7 +96,7 @@ fn forward_impl(
         return;
     }
     let min = (4096 / (k * hw)).max(1);
-    let mom = super::simd::optional_chunks(moments, k, s.n);
+    let mom = crate::kernels::elementwise::optional_chunks(moments, k, s.n);
     y.par_chunks_mut(k * hw)
         .zip(x.par_chunks(hw))
         .zip(mom)
@@ -108,7 +108,7 @@ fn forward_impl(
             // w values of rows < h of each of the k output planes (yi has k·h·w values).
             unsafe { x86::forward_image(pad, s.h, s.w, w, bias, affine, relu, yi) };
             if let Some(mi) = mi {
-                crate::norm::batch_kernels::plane_moments_into(yi, hw, mi);
+                crate::kernels::moments::plane_moments_into(yi, hw, mi);
             }
         });
 }
@@ -243,7 +243,7 @@ mod x86 {
     use super::MAX_WIDTH;
     use std::arch::x86_64::*;
 
-    use crate::nn::simd::lane_mask as mask;
+    use crate::kernels::gemm_avx512::lane_mask as mask;
 
     /// The upper 8 lanes of a 16-lane vector.
     #[inline(always)]

@@ -11,8 +11,8 @@
 //! Each element draws 32 random bits; it is kept when they are below (1−p)·2³². The train forward saves the
 //! mask (as the per-element factor 0 or 1/(1−p)) for the backward.
 
-use super::cont;
 use super::Layer;
+use crate::kernels::shape::contiguous as cont;
 use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::ArrayD;
@@ -93,7 +93,12 @@ impl<T: Real> Layer<T> for Dropout<T> {
         let mut mask = self.draw_mask(x.len());
         let xs = cont(x);
         let mut y = ArrayD::zeros(x.raw_dim());
-        super::zip_map_into(&xs, &mask, y.as_slice_mut().expect("fresh"), |v, m| v * m);
+        crate::kernels::elementwise::zip_map_into(
+            &xs,
+            &mask,
+            y.as_slice_mut().expect("fresh"),
+            |v, m| v * m,
+        );
         // keep the buffer for the backward
         mask.shrink_to_fit();
         self.mask = Some((x.shape().to_vec(), mask));
@@ -103,7 +108,7 @@ impl<T: Real> Layer<T> for Dropout<T> {
     /// Eval (or p = 0): identity. Train: dy times the mask of the last train forward, which must have seen an
     /// input of x's shape.
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        crate::norm::check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        crate::kernels::shape::check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         if !mode.is_train() || self.p == 0.0 {
             return Ok(dy.clone());
         }
@@ -111,7 +116,12 @@ impl<T: Real> Layer<T> for Dropout<T> {
             Some((shape, mask)) if shape == x.shape() => {
                 let gs = cont(dy);
                 let mut dx = ArrayD::zeros(x.raw_dim());
-                super::zip_map_into(&gs, mask, dx.as_slice_mut().expect("fresh"), |g, m| g * m);
+                crate::kernels::elementwise::zip_map_into(
+                    &gs,
+                    mask,
+                    dx.as_slice_mut().expect("fresh"),
+                    |g, m| g * m,
+                );
                 Ok(dx)
             }
             _ => Err(NvError::NoSavedState {

@@ -9,9 +9,9 @@
 //! Backward: `dW += dyᵀ·x`, `db += Σ_rows dy`, `dx = dy·W`, each one GEMM (multi-threaded when large).
 
 use super::init::Init;
-use super::matmul::{matmul, Op, Par};
 use super::Layer;
-use crate::norm::contiguous;
+use crate::kernels::gemm::{matmul, Op, Par};
+use crate::kernels::shape::contiguous;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};

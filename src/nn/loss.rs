@@ -11,7 +11,7 @@
 //! | NaN / ±inf logits | propagates NaN | [`NvError::NonFinite`] |
 //! | class weights, `ignore_index` | supported | not supported |
 
-use super::cont;
+use crate::kernels::shape::contiguous as cont;
 use crate::{NvError, Real, Result};
 use ndarray::{ArrayD, IxDyn};
 

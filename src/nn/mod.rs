@@ -18,16 +18,13 @@
 //! [`init`] holds PyTorch's initialisation schemes.
 
 pub mod activation;
-pub mod arena;
 pub mod conv;
 pub mod conv_one_channel;
 pub mod dropout;
 pub mod init;
 pub mod linear;
 pub mod loss;
-pub mod matmul;
 pub mod pool;
-pub mod simd;
 pub mod winograd;
 pub mod winograd4;
 
@@ -42,11 +39,8 @@ pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dCo
 use crate::state::Stateful;
 use crate::{Mode, NvError, Real, Result};
 use ndarray::ArrayD;
-use rayon::prelude::*;
 
-/// The (mean, M2) of every (n, c) plane of an (N, C, H, W) output, n-major: what a layer that has just written
-/// the planes hands to a following BatchNorm ([`Layer::forward_with_plane_moments`]).
-pub type PlaneMoments = Vec<(f64, f64)>;
+pub use crate::kernels::moments::PlaneMoments;
 
 /// A layer of a model: forward, and a backward that receives the same input `x` the forward saw.
 pub trait Layer<T: Real>: Stateful<T> + Send + Sync {
@@ -165,67 +159,6 @@ impl IntoPair for (usize, usize) {
     }
 }
 
-/// Errors unless `shape` has exactly `rank` dimensions.
-pub(crate) fn check_rank(
-    layer: &'static str,
-    shape: &[usize],
-    rank: usize,
-    expected: &str,
-) -> Result<()> {
-    if shape.len() != rank {
-        return Err(NvError::Rank {
-            layer,
-            expected: expected.to_string(),
-            got: shape.to_vec(),
-        });
-    }
-    Ok(())
-}
-
-/// Errors if any dimension after the batch dimension is zero (PyTorch rejects such inputs too).
-pub(crate) fn check_nonempty(layer: &'static str, shape: &[usize]) -> Result<()> {
-    if shape[1..].contains(&0) {
-        return Err(NvError::Shape {
-            layer,
-            msg: format!("expected non-zero sizes in every dimension but the batch, got {shape:?}"),
-        });
-    }
-    Ok(())
-}
-
-/// Elements below which element-wise and per-plane loops stay on the calling thread.
-pub(crate) const PAR_MIN: usize = 1 << 15;
-
-/// `out[i] = f(a[i])`, in parallel chunks when large.
-pub(crate) fn map_into<T: Real>(a: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
-    debug_assert_eq!(a.len(), out.len());
-    if a.len() < PAR_MIN {
-        out.iter_mut().zip(a).for_each(|(o, &v)| *o = f(v));
-    } else {
-        out.par_chunks_mut(PAR_MIN)
-            .zip(a.par_chunks(PAR_MIN))
-            .for_each(|(o, a)| o.iter_mut().zip(a).for_each(|(o, &v)| *o = f(v)));
-    }
-}
-
-/// `out[i] = f(a[i], b[i])`, in parallel chunks when large.
-pub(crate) fn zip_map_into<T: Real>(a: &[T], b: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sync) {
-    debug_assert!(a.len() == out.len() && b.len() == out.len());
-    if a.len() < PAR_MIN {
-        for ((o, &u), &v) in out.iter_mut().zip(a).zip(b) {
-            *o = f(u, v);
-        }
-    } else {
-        out.par_chunks_mut(PAR_MIN)
-            .zip(a.par_chunks(PAR_MIN).zip(b.par_chunks(PAR_MIN)))
-            .for_each(|(o, (a, b))| {
-                for ((o, &u), &v) in o.iter_mut().zip(a).zip(b) {
-                    *o = f(u, v);
-                }
-            });
-    }
-}
-
 /// A [`Stateful`] impl for layers without parameters or buffers.
 macro_rules! stateless {
     ($($t:ident),*) => {$(
@@ -239,25 +172,3 @@ macro_rules! stateless {
     )*};
 }
 pub(crate) use stateless;
-
-/// Σ a[i] in f64 with eight independent partial sums (vectorisable, unlike one serial f64 chain).
-pub(crate) fn sum_f64<T: Real>(a: &[T]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = a.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (s, v) in acc.iter_mut().zip(c) {
-            *s += v.as_f64();
-        }
-    }
-    let tail: f64 = rest.iter().map(|v| v.as_f64()).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// An owned array's elements as a row-major slice (copied only when the array is not in standard layout).
-pub(crate) fn cont<T: Real>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
-    match a.as_slice() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
-    }
-}

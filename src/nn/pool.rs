@@ -14,8 +14,10 @@
 //!
 //! Planes (n, c) are processed in parallel when the input is large.
 
-use super::cont;
-use super::{check_nonempty, check_rank, stateless, sum_f64, IntoPair, Layer, PAR_MIN};
+use super::{stateless, IntoPair, Layer};
+use crate::kernels::elementwise::{sum_f64, PAR_MIN};
+use crate::kernels::shape::contiguous as cont;
+use crate::kernels::shape::{check_nonempty, check_rank};
 use crate::{Mode, NvError, Real, Result};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -363,9 +365,12 @@ impl<T: Real> MaxPool2d<T> {
             // Ties go to the first element in row-major window order, as in the general path and PyTorch.
             let (w, ow) = (g.w, g.ow);
             for_planes(big, x, g.hw(), y, g.ohw(), idx, g.ohw(), |x, y, ix| {
-                if let (Some(xf), Some(yf)) = (super::simd::as_f32(x), super::simd::as_f32_mut(y)) {
-                    if max2x2_f32::available() {
-                        return max2x2_f32::plane(xf, w, g.oh, ow, yf, ix);
+                if let (Some(xf), Some(yf)) = (
+                    crate::kernels::cast::as_f32(x),
+                    crate::kernels::cast::as_f32_mut(y),
+                ) {
+                    if crate::kernels::pool2x2::available() {
+                        return crate::kernels::pool2x2::plane(xf, w, g.oh, ow, yf, ix);
                     }
                 }
                 for oi in 0..g.oh {
@@ -408,7 +413,7 @@ impl<T: Real> MaxPool2d<T> {
     pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
         let g = self.geom(x.shape())?;
         let s = x.shape();
-        let mut y = super::arena::output(&[s[0], s[1], g.oh, g.ow]);
+        let mut y = crate::kernels::arena::output(&[s[0], s[1], g.oh, g.ow]);
         let mut idx = match self.saved.take() {
             Some((_, mut v)) => {
                 v.resize(y.len(), 0);
@@ -453,15 +458,18 @@ impl<T: Real> MaxPool2d<T> {
             // Non-overlapping 2x2 windows: every input element is in at most one window, so dx is written in
             // one pass (dy at the window's argmax, zero elsewhere and outside every window) instead of
             // zero-filling it and scattering.
-            let mut dx = super::arena::output(x.shape());
+            let mut dx = crate::kernels::arena::output(x.shape());
             let dxs = dx.as_slice_mut().expect("fresh array");
             let (w, ow) = (g.w, g.ow);
             let route = |(dxp, (gp, ip)): (&mut [T], (&[T], &[u32]))| {
-                if let (Some(df), Some(gf)) =
-                    (super::simd::as_f32_mut(dxp), super::simd::as_f32(gp))
-                {
-                    if max2x2_f32::available() {
-                        return max2x2_f32::plane_backward(gf, ip, w, g.h, g.oh, ow, df);
+                if let (Some(df), Some(gf)) = (
+                    crate::kernels::cast::as_f32_mut(dxp),
+                    crate::kernels::cast::as_f32(gp),
+                ) {
+                    if crate::kernels::pool2x2::available() {
+                        return crate::kernels::pool2x2::plane_backward(
+                            gf, ip, w, g.h, g.oh, ow, df,
+                        );
                     }
                 }
                 for oi in 0..g.oh {
@@ -543,188 +551,6 @@ impl<T: Real> Layer<T> for MaxPool2d<T> {
             c.dilation,
             c.ceil_mode
         )
-    }
-}
-
-/// The 2×2, stride-2 max pool of one f32 plane with AVX-512: 16 outputs per step from the even and odd columns
-/// of two input rows, with the scalar path's tie and NaN rules (the first maximum in row-major window order
-/// wins; a NaN is taken and then kept).
-#[allow(unsafe_code)]
-pub(crate) mod max2x2_f32 {
-    pub fn available() -> bool {
-        super::super::simd::available()
-    }
-
-    /// `y` (oh × ow) and the argmax indices `ix` (into the h × w plane) from `x` (rows of `w`).
-    pub fn plane(x: &[f32], w: usize, oh: usize, ow: usize, y: &mut [f32], ix: &mut [u32]) {
-        assert!(available(), "AVX-512F");
-        assert!(2 * ow <= w && x.len() >= 2 * oh * w && y.len() >= oh * ow && ix.len() >= oh * ow);
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is available; loads are masked to the 2·ow columns of rows < 2·oh, stores to the
-        // ow values of output rows < oh (bounds asserted above).
-        unsafe {
-            x86::plane(x, w, oh, ow, y, ix)
-        }
-    }
-
-    /// dx of one plane (h × w, every element written) from dy and the argmax indices of `plane`: dy at its
-    /// window's argmax (as 0 + dy), zero elsewhere, including rows and columns outside every window.
-    pub fn plane_backward(
-        dy: &[f32],
-        ix: &[u32],
-        w: usize,
-        h: usize,
-        oh: usize,
-        ow: usize,
-        dx: &mut [f32],
-    ) {
-        assert!(available(), "AVX-512F");
-        assert!(
-            2 * ow <= w
-                && 2 * oh <= h
-                && dx.len() >= h * w
-                && dy.len() >= oh * ow
-                && ix.len() >= oh * ow
-        );
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F is available; dy and ix reads are masked to ow values of rows < oh, dx writes to the
-        // 2·ow columns of rows < 2·oh (bounds asserted above); the rest is written by safe code.
-        unsafe {
-            x86::plane_backward(dy, ix, w, oh, ow, dx)
-        }
-        for r in 0..2 * oh {
-            dx[r * w + 2 * ow..(r + 1) * w].fill(0.0);
-        }
-        dx[2 * oh * w..h * w].fill(0.0);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use std::arch::x86_64::*;
-
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn plane_backward(
-            dy: &[f32],
-            ix: &[u32],
-            w: usize,
-            oh: usize,
-            ow: usize,
-            dx: &mut [f32],
-        ) {
-            let iota2 =
-                _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            let zero = _mm512_setzero_ps();
-            let dp = dx.as_mut_ptr();
-            for oi in 0..oh {
-                let base = 2 * oi * w;
-                let mut oj = 0;
-                while oj < ow {
-                    let cnt = (ow - oj).min(16);
-                    let mo = mask(cnt);
-                    let v = _mm512_add_ps(
-                        zero,
-                        _mm512_maskz_loadu_ps(mo, dy.as_ptr().add(oi * ow + oj)),
-                    );
-                    let at =
-                        _mm512_maskz_loadu_epi32(mo, ix.as_ptr().add(oi * ow + oj) as *const _);
-                    // offset of the argmax inside its window: 0, 1, w or w + 1
-                    let off = _mm512_sub_epi32(
-                        at,
-                        _mm512_add_epi32(_mm512_set1_epi32((base + 2 * oj) as i32), iota2),
-                    );
-                    let pick = |o: i32| {
-                        _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(off, _mm512_set1_epi32(o)), v)
-                    };
-                    let (e0, o0) = (pick(0), pick(1));
-                    let (e1, o1) = (pick(w as i32), pick(w as i32 + 1));
-                    for (r, (e, o)) in [(e0, o0), (e1, o1)].into_iter().enumerate() {
-                        crate::nn::simd::store_interleaved(
-                            dp.add(base + r * w + 2 * oj),
-                            e,
-                            o,
-                            2 * cnt,
-                        );
-                    }
-                    oj += 16;
-                }
-            }
-        }
-
-        use crate::nn::simd::lane_mask as mask;
-
-        #[target_feature(enable = "avx512f")]
-        pub unsafe fn plane(
-            x: &[f32],
-            w: usize,
-            oh: usize,
-            ow: usize,
-            y: &mut [f32],
-            ix: &mut [u32],
-        ) {
-            let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-            let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-            let xp = x.as_ptr();
-            for oi in 0..oh {
-                let base = 2 * oi * w;
-                let mut oj = 0;
-                while oj < ow {
-                    let cnt = (ow - oj).min(16);
-                    let cols = 2 * cnt;
-                    let (ml, mh) = (mask(cols), mask(cols.saturating_sub(16)));
-                    let load = |r: usize| {
-                        let p = xp.add(base + r * w + 2 * oj);
-                        let lo = _mm512_maskz_loadu_ps(ml, p);
-                        let hi = _mm512_maskz_loadu_ps(mh, p.add(16.min(cols)));
-                        (
-                            _mm512_permutex2var_ps(lo, even, hi),
-                            _mm512_permutex2var_ps(lo, odd, hi),
-                        )
-                    };
-                    let (a0, a1) = load(0);
-                    let (b0, b1) = load(1);
-                    // window offsets 0, 1, w, w + 1 in row-major order
-                    let mut best = a0;
-                    let mut off = _mm512_setzero_si512();
-                    for (v, o) in [(a1, 1), (b0, w as i32), (b1, w as i32 + 1)] {
-                        let take = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, best)
-                            | _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-                        best = _mm512_mask_blend_ps(take, best, v);
-                        off = _mm512_mask_blend_epi32(take, off, _mm512_set1_epi32(o));
-                    }
-                    let j2 = _mm512_add_epi32(
-                        _mm512_set1_epi32((base + 2 * oj) as i32),
-                        _mm512_setr_epi32(
-                            0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
-                        ),
-                    );
-                    let mo = mask(cnt);
-                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(oi * ow + oj), mo, best);
-                    _mm512_mask_storeu_epi32(
-                        ix.as_mut_ptr().add(oi * ow + oj) as *mut _,
-                        mo,
-                        _mm512_add_epi32(j2, off),
-                    );
-                    oj += 16;
-                }
-            }
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    mod x86 {
-        pub unsafe fn plane(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32], _: &mut [u32]) {
-            unreachable!("AVX-512F only")
-        }
-        pub unsafe fn plane_backward(
-            _: &[f32],
-            _: &[u32],
-            _: usize,
-            _: usize,
-            _: usize,
-            _: &mut [f32],
-        ) {
-            unreachable!("AVX-512F only")
-        }
     }
 }
 

@@ -24,8 +24,8 @@
 
 #![allow(unsafe_code)]
 
-use super::simd;
-use crate::norm::batch_kernels::plane_moments_into;
+use crate::kernels::gemm_avx512 as simd;
+use crate::kernels::moments::plane_moments_into;
 use rayon::prelude::*;
 
 /// Tiles per chunk the work is split into (a chunk holds whole images): large enough for long GEMM rows, small
@@ -334,7 +334,7 @@ pub(super) fn run_forward(
     let is = s.in_size();
     let plane = s.h * s.w;
     let chunks = s.n.div_ceil(nb);
-    let mom_chunks = simd::optional_chunks(moments, nb * s.k, chunks);
+    let mom_chunks = crate::kernels::elementwise::optional_chunks(moments, nb * s.k, chunks);
     x.par_chunks(nb * is)
         .zip(y.par_chunks_mut(nb * os))
         .zip(mom_chunks)
@@ -374,7 +374,7 @@ pub(super) fn run_backward(
     let nb = tf.per_chunk();
     let (is, os) = (s.in_size(), s.out_size());
     let chunks = s.n.div_ceil(nb);
-    let mut dx_chunks = simd::optional_chunks(dx, nb * is, chunks);
+    let mut dx_chunks = crate::kernels::elementwise::optional_chunks(dx, nb * is, chunks);
     let ulen = tf.points * s.k * s.c;
     // The weight and bias gradients are summed over chunks in fixed groups, each group's partial sum in chunk
     // order and the groups in index order, so the result is bitwise the same from run to run and for any
@@ -407,17 +407,17 @@ pub(super) fn run_backward(
                     // (64→64 at 14×14: 25 against 37 ms per backward on one thread), which reduces every output
                     // horizontally after only T/16 steps
                     for p in 0..tf.points {
-                        super::matmul::matmul(
+                        crate::kernels::gemm::matmul(
                             s.k,
                             s.c,
                             t,
                             &sc.b[p * s.k * t..(p + 1) * s.k * t],
-                            super::matmul::Op::N,
+                            crate::kernels::gemm::Op::N,
                             &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                            super::matmul::Op::T,
+                            crate::kernels::gemm::Op::T,
                             &mut du[p * s.k * s.c..(p + 1) * s.k * s.c],
                             true,
-                            super::matmul::Par::Seq,
+                            crate::kernels::gemm::Par::Seq,
                         );
                     }
                     if want_db {
@@ -804,7 +804,7 @@ mod x86 {
         }
     }
 
-    use crate::nn::simd::{lane_mask as mask, store_interleaved};
+    use crate::kernels::gemm_avx512::{lane_mask as mask, store_interleaved};
 
     /// Input tiles of one plane from its even/odd padded rows (`wl` values each, row r at `rows[r·2·wl..]`,
     /// odd half after the even one); output p goes to `v[p·pstride + dst + i·tw + j]`.

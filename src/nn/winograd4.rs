@@ -24,8 +24,8 @@
 // the tile algebra reads best with explicit row/column indices
 #![allow(clippy::needless_range_loop)]
 
-use super::simd;
 use super::winograd::{pack_weights, run_backward, run_forward, Transforms, WinoShape};
+use crate::kernels::gemm_avx512 as simd;
 
 /// Widest plane this module handles: a padded row (W + 2 values, from column −1) fits in two vectors.
 pub const MAX_W: usize = 28;
@@ -82,7 +82,7 @@ fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
 }
 
 /// Forward: `y (N, K, H, W) = conv3x3(x (N, C, H, W), w (K, C, 3, 3)) (+ bias)`, then max(·, 0) when `relu`;
-/// with `moments`, each output plane's (mean, M2) (n-major, as [`crate::norm::batch_kernels::plane_moments_into`]). Every element of `y` is
+/// with `moments`, each output plane's (mean, M2) (n-major, as [`crate::kernels::moments::plane_moments_into`]). Every element of `y` is
 /// written. Panics unless [`applies`] and on inconsistent lengths.
 pub fn forward(
     s: WinoShape,
@@ -752,7 +752,7 @@ mod tests {
                     forward(s, &x, &wt, Some(&bias), false, Some(&mut pm), &mut y);
                     close(&y, &yr, 1e-5, &format!("y {s:?}"));
                     for (i, pl) in y.chunks(h * w).enumerate() {
-                        let want = crate::norm::batch_kernels::plane_moments(pl);
+                        let want = crate::kernels::moments::plane_moments(pl);
                         assert_eq!(pm[i], want, "plane moments {s:?} plane {i}");
                     }
                     let mut yrl = vec![f32::NAN; yr.len()];

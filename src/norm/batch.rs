@@ -382,7 +382,7 @@ impl<T: Real> BatchNorm<T> {
         d: Ncs,
         p: k::Pool2x2,
     ) -> (ArrayD<T>, Vec<u32>) {
-        let y = crate::nn::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
+        let y = crate::kernels::arena::output(&[d.n, d.c, p.oh(), p.ow()]);
         let mut ix = last.take().map(|(_, v)| v).unwrap_or_default();
         ix.resize(y.len(), 0);
         (y, ix)
@@ -439,7 +439,7 @@ impl<T: Real> BatchNorm<T> {
             k::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu);
             (y, Some((p, ix)))
         } else {
-            let mut y = crate::nn::arena::output(&shape);
+            let mut y = crate::kernels::arena::output(&shape);
             k::normalize(
                 &xs,
                 y.as_slice_mut().expect("fresh array"),
@@ -532,7 +532,7 @@ impl<T: Real> BatchNorm<T> {
                 ),
             });
         }
-        let mut dx = crate::nn::arena::output(x.shape());
+        let mut dx = crate::kernels::arena::output(x.shape());
         let (xv, gv) = (x.view(), dy.view());
         let (xs, gs) = (contiguous(&xv), contiguous(&gv));
         let sums = k::train_backward_maxpool(

@@ -12,7 +12,9 @@
 //! still hot in cache, and the backward computes its two reductions and dx in the same task.
 //! With S = 1 the channels are contiguous in memory, so those kernels work on blocks of channels, row by row.
 
-use super::lanes;
+use crate::kernels::elementwise::SyncPtr;
+use crate::kernels::lanes;
+use crate::kernels::moments::moments_from_shifted;
 use crate::Real;
 use rayon::prelude::*;
 
@@ -153,40 +155,6 @@ impl BackwardSums {
     }
 }
 
-/// A raw pointer that rayon tasks may share; each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-pub(crate) struct SyncPtr<T>(pub(crate) *mut T);
-unsafe impl<T> Send for SyncPtr<T> {}
-unsafe impl<T> Sync for SyncPtr<T> {}
-impl<T> SyncPtr<T> {
-    /// # Safety
-    /// `off..off+len` must lie in the buffer and no other live slice may overlap it.
-    #[inline(always)]
-    pub(crate) unsafe fn slice<'a>(self, off: usize, len: usize) -> &'a mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(off), len)
-    }
-}
-
-/// (mean, M2) of one contiguous plane, two-pass (a sum, then Σ(x-shift) and Σ(x-shift)² around the rounded
-/// mean): what a layer that has just written the plane (still in L1) hands to a following BatchNorm, so the
-/// BatchNorm's statistics need no pass of their own ([`moments_from_planes`]).
-pub fn plane_moments(x: &[f32]) -> (f64, f64) {
-    if x.is_empty() {
-        return (0.0, 0.0);
-    }
-    let m = x.len() as f64;
-    let shift = (lanes::sum(x) / m) as f32;
-    let (s1, s2) = lanes::shifted_moments(x, shift);
-    moments_from_shifted(shift as f64, s1, s2, m)
-}
-
-/// [`plane_moments`] of each `plane`-value plane of `y` into `out` (one entry per plane).
-pub fn plane_moments_into(y: &[f32], plane: usize, out: &mut [(f64, f64)]) {
-    for (m, pl) in out.iter_mut().zip(y.chunks(plane)) {
-        *m = plane_moments(pl);
-    }
-}
-
 /// Per-channel [`Moments`] of an (N, C, S) tensor from the (mean, M2) of each of its N·C planes (n-major, as
 /// the tensor), merged exactly (Chan et al.) in image order: the local-statistics stage of the forward, computed
 /// by the layer that produced the planes.
@@ -223,14 +191,6 @@ fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
     let shift = T::of_f64(total / m);
     let (s1, s2) = lanes::shifted_moments_channel(x, c * d.s, d.n, d.s, d.c * d.s, shift);
     (shift, s1, s2)
-}
-
-/// (mean, M2) from the shifted sums Σ(x-shift), Σ(x-shift)² over m values.
-pub(super) fn moments_from_shifted(shift: f64, s1: f64, s2: f64, m: f64) -> (f64, f64) {
-    let dm = s1 / m;
-    let mean = shift + dm;
-    let m2 = (s2 - s1 * dm).max(0.0);
-    (mean, m2)
 }
 
 /// Stage 1 of the forward: this process's per-channel moments.
@@ -449,7 +409,7 @@ impl Pool2x2 {
     /// Whether the fused kernels can run here for `T` (f32 with AVX-512F, as the pool's fast path).
     pub fn available<T: 'static>() -> bool {
         std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-            && crate::nn::pool::max2x2_f32::available()
+            && crate::kernels::pool2x2::available()
     }
 }
 
@@ -551,14 +511,14 @@ fn normalize_plane_maxpool<T: Real>(
     relu: bool,
 ) {
     with_pool_scratch(xi.len(), |plane| {
-        let pt: &mut [T] = crate::nn::simd::f32_as_mut(plane).expect("f32");
+        let pt: &mut [T] = crate::kernels::cast::f32_as_mut(plane).expect("f32");
         lanes::affine_shifted_to(xi, pt, sh, s, b, relu, false);
-        crate::nn::pool::max2x2_f32::plane(
-            crate::nn::simd::as_f32(pt).expect("f32"),
+        crate::kernels::pool2x2::plane(
+            crate::kernels::cast::as_f32(pt).expect("f32"),
             p.w,
             p.oh(),
             p.ow(),
-            crate::nn::simd::as_f32_mut(yo).expect("f32"),
+            crate::kernels::cast::as_f32_mut(yo).expect("f32"),
             io,
         );
     })
@@ -870,12 +830,12 @@ pub fn train_backward_maxpool<T: Real>(
         dy.len() == d.n * d.c * p.out() && ix.len() == dy.len(),
         "pooled sizes"
     );
-    let dyf = crate::nn::simd::as_f32(dy).expect("f32");
+    let dyf = crate::kernels::cast::as_f32(dy).expect("f32");
     // the unpooled dy of pooled plane k, in this thread's buffer
     let unpooled = |k: usize, f: &mut dyn FnMut(&[T])| {
         let po = k * p.out();
         with_pool_scratch(d.s, |g| {
-            crate::nn::pool::max2x2_f32::plane_backward(
+            crate::kernels::pool2x2::plane_backward(
                 &dyf[po..po + p.out()],
                 &ix[po..po + p.out()],
                 p.w,
@@ -884,7 +844,7 @@ pub fn train_backward_maxpool<T: Real>(
                 p.ow(),
                 g,
             );
-            f(crate::nn::simd::f32_as_mut(g).expect("f32"))
+            f(crate::kernels::cast::f32_as_mut(g).expect("f32"))
         })
     };
     let masks = relu_masks(st, d, weight, bias, relu);

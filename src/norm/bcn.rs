@@ -17,8 +17,9 @@
 use super::batch_kernels::{self as bk, BatchStats, Ncs};
 use super::group_kernels::block_stats;
 use super::{
-    check_channels, check_dx_len, check_eps, check_momentum, check_same_shape, contiguous, lanes,
+    check_channels, check_dx_len, check_eps, check_momentum, check_same_shape, contiguous,
 };
+use crate::kernels::lanes;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};

@@ -6,7 +6,7 @@
 //! Σdy and Σdy·(x-shift), combines them into the group's Σu and Σu·x̂ (u = dy·γ), then writes dx.
 
 use super::batch_kernels::Ncs;
-use super::lanes;
+use crate::kernels::lanes;
 use crate::Real;
 use rayon::prelude::*;
 

@@ -10,9 +10,8 @@
 //! the row is hot. Backward: per row Σu and Σu·x̂ (u = dy·w) with dweight/dbias accumulated per task, then dx.
 
 use super::buffers::{load_affine, save_affine, visit_affine};
-use super::{
-    check_dx_len, check_eps, check_same_shape, contiguous, group_kernels::block_stats, lanes,
-};
+use super::{check_dx_len, check_eps, check_same_shape, contiguous, group_kernels::block_stats};
+use crate::kernels::lanes;
 use crate::state::{StateDict, Stateful};
 use crate::{Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};

@@ -17,10 +17,8 @@ pub mod frozen;
 pub mod group;
 pub mod group_kernels;
 pub mod instance;
-pub mod lanes;
 pub mod layer;
 pub mod rows_kernels;
-pub mod simd;
 
 pub use batch::{BatchNorm, BatchNormConfig, Convention};
 pub use bcn::{BatchChannelNorm, BatchChannelNormConfig};
@@ -31,15 +29,10 @@ pub use layer::{LayerNorm, LayerNormConfig};
 
 use crate::{NvError, Real, Result};
 use ndarray::ArrayViewD;
-use std::borrow::Cow;
 
-/// The input as a contiguous row-major slice (copied only when it is not already one).
-pub(crate) fn contiguous<'a, T: Real>(x: &'a ArrayViewD<'_, T>) -> Cow<'a, [T]> {
-    match x.as_slice() {
-        Some(s) => Cow::Borrowed(s),
-        None => Cow::Owned(x.iter().copied().collect()),
-    }
-}
+pub(crate) use crate::kernels::shape::{
+    check_channels, check_dx_len, check_same_shape, contiguous,
+};
 
 pub(crate) fn check_eps(eps: f64) -> Result<()> {
     if !(eps > 0.0) || !eps.is_finite() {
@@ -57,40 +50,6 @@ pub(crate) fn check_momentum(m: Option<f64>) -> Result<()> {
                 "momentum must lie in [0, 1], got {m}"
             )));
         }
-    }
-    Ok(())
-}
-
-pub(crate) fn check_same_shape(layer: &'static str, x: &[usize], dy: &[usize]) -> Result<()> {
-    if x != dy {
-        return Err(NvError::Shape {
-            layer,
-            msg: format!("dy has shape {dy:?} but x has shape {x:?}"),
-        });
-    }
-    Ok(())
-}
-
-/// The caller-owned dx buffer of `backward_into` must have x's number of elements.
-pub(crate) fn check_dx_len(layer: &'static str, dx_len: usize, x_shape: &[usize]) -> Result<()> {
-    let numel: usize = x_shape.iter().product();
-    if dx_len != numel {
-        return Err(NvError::Shape {
-            layer,
-            msg: format!("dx buffer has {dx_len} elements, input {numel}"),
-        });
-    }
-    Ok(())
-}
-
-pub(crate) fn check_channels(layer: &'static str, shape: &[usize], expected: usize) -> Result<()> {
-    if shape[1] != expected {
-        return Err(NvError::Channels {
-            layer,
-            expected,
-            got: shape[1],
-            shape: shape.to_vec(),
-        });
     }
     Ok(())
 }
@@ -171,7 +130,7 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
         })
     }
     fn forward(&mut self, x: &ndarray::ArrayD<T>, mode: crate::Mode) -> Result<ndarray::ArrayD<T>> {
-        let mut y = crate::nn::arena::output(x.shape());
+        let mut y = crate::kernels::arena::output(x.shape());
         self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), mode)?;
         Ok(y)
     }
@@ -181,7 +140,7 @@ pub trait NormLayer<T: Real>: crate::state::Stateful<T> + Send + Sync {
         dy: &ndarray::ArrayD<T>,
         mode: crate::Mode,
     ) -> Result<ndarray::ArrayD<T>> {
-        let mut dx = crate::nn::arena::output(x.shape());
+        let mut dx = crate::kernels::arena::output(x.shape());
         self.backward_into(
             x.view(),
             dy.view(),

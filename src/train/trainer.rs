@@ -83,7 +83,7 @@ pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
     }
     model.net.clear_cache();
     // the eval batches' recycled activations are not reused by training batches of another shape
-    crate::nn::arena::clear();
+    crate::kernels::arena::clear();
     if n == 0 {
         return Err(NvError::Config("evaluation set is empty".into()));
     }

@@ -10,7 +10,10 @@
 //! pass), which makes `x - shift` exact for data concentrated around its mean (Sterbenz), so that even inputs
 //! with mean 1e4 and standard deviation 1e-1 keep their variance. Elementwise passes compute in `T`.
 
-use super::simd;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+use super::cast::as_f32_mut;
+use super::cast::{as_f32, val_f32};
+use super::lanes_x86 as simd;
 use crate::Real;
 
 const W: usize = 16;
@@ -25,7 +28,7 @@ pub fn sum<T: Real>(xs: &[T]) -> f64 {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if let Some(x) = simd::as_f32(xs) {
+    if let Some(x) = as_f32(xs) {
         return simd::sum(x, simd::Strided::contiguous(x.len()));
     }
     let mut total = 0.0f64;
@@ -52,7 +55,7 @@ pub fn shifted_moments<T: Real>(xs: &[T], shift: T) -> (f64, f64) {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if let (Some(x), Some(sh)) = (simd::as_f32(xs), simd::val_f32(shift)) {
+    if let (Some(x), Some(sh)) = (as_f32(xs), val_f32(shift)) {
         return simd::shifted_moments(x, simd::Strided::contiguous(x.len()), sh);
     }
     let (mut t1, mut t2) = (0.0f64, 0.0f64);
@@ -89,8 +92,7 @@ pub fn dy_moments<T: Real>(dy: &[T], x: &[T], shift: T) -> (f64, f64) {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if let (Some(g), Some(v), Some(sh)) = (simd::as_f32(dy), simd::as_f32(x), simd::val_f32(shift))
-    {
+    if let (Some(g), Some(v), Some(sh)) = (as_f32(dy), as_f32(x), val_f32(shift)) {
         return simd::dy_moments(g, v, simd::Strided::contiguous(v.len()), sh, None);
     }
     debug_assert_eq!(dy.len(), x.len());
@@ -129,11 +131,11 @@ pub fn dy_moments_relu<T: Real>(dy: &[T], x: &[T], shift: T, s: T, b: T) -> (f64
         target_feature = "fma"
     ))]
     if let (Some(g), Some(v), Some(sh), Some(s32), Some(b32)) = (
-        simd::as_f32(dy),
-        simd::as_f32(x),
-        simd::val_f32(shift),
-        simd::val_f32(s),
-        simd::val_f32(b),
+        as_f32(dy),
+        as_f32(x),
+        val_f32(shift),
+        val_f32(s),
+        val_f32(b),
     ) {
         return simd::dy_moments(
             g,
@@ -255,11 +257,11 @@ pub fn affine_shifted_to<T: Real>(
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     if stream {
         if let (Some(xf), Some(yf), Some(sh), Some(sf), Some(bf)) = (
-            simd::as_f32(x),
-            simd::as_f32_mut(y),
-            simd::val_f32(shift),
-            simd::val_f32(s),
-            simd::val_f32(b),
+            as_f32(x),
+            as_f32_mut(y),
+            val_f32(shift),
+            val_f32(s),
+            val_f32(b),
         ) {
             return simd::stream::affine_shifted(xf, yf, sh, sf, bf, relu);
         }
@@ -286,11 +288,11 @@ pub fn bwd_dx_to<T: Real>(
 ) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
     if stream {
-        let f = |v: T| simd::val_f32(v);
+        let f = |v: T| val_f32(v);
         if let (Some(gf), Some(xf), Some(of), Some(sh), Some(k1), Some(k2), Some(k3)) = (
-            simd::as_f32(dy),
-            simd::as_f32(x),
-            simd::as_f32_mut(dx),
+            as_f32(dy),
+            as_f32(x),
+            as_f32_mut(dx),
             f(shift),
             f(k.0),
             f(k.1),
@@ -336,7 +338,7 @@ pub fn stream_output(bytes: usize, arrays: usize) -> bool {
 #[inline]
 pub fn store_to<T: Real>(src: &[T], dst: &mut [T]) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-    if let (Some(s), Some(d)) = (simd::as_f32(src), simd::as_f32_mut(dst)) {
+    if let (Some(s), Some(d)) = (as_f32(src), as_f32_mut(dst)) {
         return simd::stream::copy(s, d);
     }
     dst.copy_from_slice(src);
@@ -383,7 +385,7 @@ pub fn sum_channel<T: Real>(x: &[T], start: usize, n: usize, len: usize, stride:
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if let Some(xf) = simd::as_f32(x) {
+    if let Some(xf) = as_f32(x) {
         return simd::sum(
             xf,
             simd::Strided {
@@ -414,7 +416,7 @@ pub fn shifted_moments_channel<T: Real>(
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    if let (Some(xf), Some(sh)) = (simd::as_f32(x), simd::val_f32(shift)) {
+    if let (Some(xf), Some(sh)) = (as_f32(x), val_f32(shift)) {
         return simd::shifted_moments(
             xf,
             simd::Strided {

@@ -1,5 +1,5 @@
 //! Hand-written AVX-512 f32 GEMM kernels for the convolution shapes (few output rows, long rows), used when the
-//! CPU has AVX-512F; everything else goes through the `gemm` crate ([`super::matmul`]).
+//! CPU has AVX-512F; everything else goes through the `gemm` crate ([`super::gemm`]).
 //!
 //! Two kernels, both on row-major data without transposes:
 //!
@@ -458,40 +458,6 @@ mod x86 {
             j += TB;
         }
     }
-}
-
-/// `&[T]` as `&[f32]` when `T` is `f32` (`None` otherwise).
-pub fn as_f32<T: 'static>(s: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32, so the cast is the identity.
-        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
-}
-
-/// `&mut [T]` as `&mut [f32]` when `T` is `f32` (`None` otherwise).
-pub fn as_f32_mut<T: 'static>(s: &mut [T]) -> Option<&mut [f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32, so the cast is the identity; the borrow is carried over.
-        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) })
-}
-
-/// `buf` in chunks of `len` for the tasks of a parallel loop, or `count` `None`s when there is no buffer (an
-/// optional per-task output).
-pub(crate) fn optional_chunks<T>(
-    buf: Option<&mut [T]>,
-    len: usize,
-    count: usize,
-) -> Vec<Option<&mut [T]>> {
-    match buf {
-        Some(b) => b.chunks_mut(len.max(1)).map(Some).collect(),
-        None => (0..count).map(|_| None).collect(),
-    }
-}
-
-/// `&mut [f32]` as `&mut [T]` when `T` is `f32` (`None` otherwise).
-pub fn f32_as_mut<T: 'static>(s: &mut [f32]) -> Option<&mut [T]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>())
-        // SAFETY: T is f32, so the cast is the identity; the borrow is carried over.
-        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut T, s.len()) })
 }
 
 #[cfg(test)]

@@ -368,36 +368,3 @@ pub mod stream {
     target_feature = "fma"
 ))]
 pub use imp::*;
-
-/// Reinterprets a slice of `T` as `f32` when `T` is `f32`.
-#[inline(always)]
-pub fn as_f32<T: 'static>(xs: &[T]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32 (same type, same layout).
-        Some(unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const f32, xs.len()) })
-    } else {
-        None
-    }
-}
-
-/// Reinterprets a mutable slice of `T` as `f32` when `T` is `f32`.
-#[inline(always)]
-pub fn as_f32_mut<T: 'static>(xs: &mut [T]) -> Option<&mut [f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32 (same type, same layout).
-        Some(unsafe { std::slice::from_raw_parts_mut(xs.as_mut_ptr() as *mut f32, xs.len()) })
-    } else {
-        None
-    }
-}
-
-/// Reinterprets a value of `T` as `f32` when `T` is `f32`.
-#[inline(always)]
-pub fn val_f32<T: Copy + 'static>(v: T) -> Option<f32> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32.
-        Some(unsafe { std::mem::transmute_copy::<T, f32>(&v) })
-    } else {
-        None
-    }
-}
