@@ -7,12 +7,13 @@
 // fused ReLU masks and the max-pool comparisons treat NaN exactly as PyTorch does.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
-pub mod cli;
+pub mod ctx;
 pub mod data;
 pub mod error;
 pub mod io;
 #[doc(hidden)]
 pub mod kernels;
+pub mod layer;
 pub mod mode;
 pub mod model;
 pub mod nn;
@@ -20,11 +21,18 @@ pub mod norm;
 pub mod optim;
 pub mod param;
 pub mod real;
+pub mod rng;
 pub mod runtime;
 pub mod state;
 pub mod train;
 
+pub use ctx::{Ctx, Isa, KernelOptions};
 pub use error::{NvError, Result};
+pub use layer::Layer;
 pub use mode::Mode;
 pub use param::Param;
+pub use param::ParamRole;
 pub use real::Real;
+
+/// The tensor crate normvision computes with, re-exported so that users need no version of their own.
+pub use ndarray;

@@ -60,20 +60,7 @@ impl LoaderConfig {
     }
 }
 
-/// SplitMix64 finalizer.
-fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// A 128-bit PCG state from `(seed, epoch, stream)`; distinct inputs give unrelated generators.
-pub fn derive_rng(seed: u64, epoch: u64, stream: u64) -> Pcg64Mcg {
-    let a = mix64(seed ^ mix64(epoch ^ mix64(stream)));
-    let b = mix64(a ^ 0x6A09_E667_F3BC_C908);
-    Pcg64Mcg::new(((a as u128) << 64) | b as u128)
-}
+pub use crate::rng::derive_rng;
 
 /// Uniform-ish integer in `0..n` from one `u64` (Lemire's multiply-shift; bias < n / 2^64).
 fn below(rng: &mut Pcg64Mcg, n: usize) -> usize {

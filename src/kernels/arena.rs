@@ -2,14 +2,16 @@
 //!
 //! An eval pass allocates the same large arrays for every batch (the reference CNN at batch 128: about 10 arrays
 //! of 3-13 MB). Fresh zeroed allocations cost a `memset` each (12% of an eval pass, measured with `perf`), or
-//! page faults when they come from `mmap`. Layers whose `*_into` kernels write every element of their output take
-//! their output buffers from here ([`output`]), and [`Sequential`](crate::model::Sequential) hands the last
-//! batch's activations back ([`recycle`]) in eval mode (measured: 2500 → 3800 img/s on 2 threads). Training does
-//! not recycle (see `Sequential::forward` for the measurement), but its fresh output buffers are not zeroed
-//! either, since the layer's kernel writes every element.
+//! page faults when they come from `mmap`. Layers whose kernels write every element of their output take their
+//! output buffers from here ([`output_uninit`]), and a model's inference plan hands each activation back
+//! ([`recycle`]) once its last reader has run (measured: 2500 → 3800 img/s on 2 threads). Training does not
+//! recycle (see `model::plan` for the measurement), but its fresh output buffers are not zeroed either, since the
+//! layer's kernel writes every element.
 //!
-//! In debug builds (the test suite) recycled and fresh output buffers are filled with NaN, so a layer that
-//! relies on zeros in an output it does not fully write fails loudly instead of reading stale data.
+//! [`output_uninit`] is `unsafe`: its caller promises to write every element before any is read. It is
+//! crate-private, so no safe public function returns uninitialised memory. In debug builds (the test suite)
+//! recycled and fresh output buffers are filled with NaN, so a kernel that relies on zeros in an output it does
+//! not fully write fails loudly instead of reading stale data.
 
 use ndarray::{ArrayD, IxDyn};
 use std::sync::Mutex;
@@ -44,12 +46,12 @@ fn pooled(len: usize) -> Option<Vec<f32>> {
 }
 
 /// A buffer of `len` floats for a caller that writes every element before it reads any: recycled, or fresh
-/// and not zeroed. Zeroing a fresh training activation (3-13 MB, allocated every step) was 6-7% of a training
+/// and not zeroed (see [`output_uninit`] for the contract). Zeroing a fresh training activation (3-13 MB, allocated every step) was 6-7% of a training
 /// step (`perf`: `memset` under `arena::take`); the kernel's own write is the first touch instead.
 ///
 /// Debug builds (the test suite) fill the buffer with NaN, so a caller that leaves an element unwritten fails
 /// its tests instead of reading garbage.
-fn take_for_overwrite(len: usize) -> Vec<f32> {
+unsafe fn take_for_overwrite(len: usize) -> Vec<f32> {
     if let Some(v) = pooled(len) {
         return v;
     }
@@ -58,9 +60,8 @@ fn take_for_overwrite(len: usize) -> Vec<f32> {
     }
     let mut v = Vec::<f32>::with_capacity(len);
     #[allow(clippy::uninit_vec)]
-    // SAFETY: `output` is the only caller, and its contract (checked by the NaN fill of debug builds) is that
-    // every element is written before any is read, so no uninitialised value is ever read; f32 has no drop
-    // glue.
+    // SAFETY: the caller's contract (checked by the NaN fill of debug builds) is that every element is written
+    // before any is read, so no uninitialised value is ever read; f32 has no drop glue.
     unsafe {
         v.set_len(len)
     };
@@ -99,12 +100,16 @@ pub fn recycle<T: 'static>(a: ArrayD<T>) {
     give(cast_vec::<T, f32>(v));
 }
 
-/// An output array of `shape` whose every element the caller will write before reading any: for `f32` a
-/// recycled buffer or a fresh one that is not zeroed (see [`take_for_overwrite`]); zeroed for other types.
-pub fn output<T: Clone + num_traits::Zero + 'static>(shape: &[usize]) -> ArrayD<T> {
+/// An output array of `shape` for a kernel that writes every element: for `f32` a recycled buffer or a fresh
+/// one that is not zeroed (see [`take_for_overwrite`]); zeroed for other types.
+///
+/// # Safety
+/// The caller writes every element of the array before any element is read.
+pub unsafe fn output_uninit<T: Clone + num_traits::Zero + 'static>(shape: &[usize]) -> ArrayD<T> {
     let len = shape.iter().product();
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        let v = cast_vec::<f32, T>(take_for_overwrite(len));
+        // SAFETY: passed on to our caller.
+        let v = cast_vec::<f32, T>(unsafe { take_for_overwrite(len) });
         return ArrayD::from_shape_vec(IxDyn(shape), v).expect("length matches the shape");
     }
     ArrayD::zeros(IxDyn(shape))
@@ -125,12 +130,16 @@ mod tests {
     #[test]
     fn recycled_buffers_come_back_with_the_requested_length() {
         let len = MIN_LEN * 3 + 5;
-        let a: ArrayD<f32> = output(&[len]);
+        // SAFETY: the buffers of this test are written (or not read) below.
+        let mut a: ArrayD<f32> = unsafe { output_uninit(&[len]) };
+        a.fill(0.0);
         assert_eq!(a.len(), len);
         recycle(a);
-        let b: ArrayD<f32> = output(&[MIN_LEN * 2, 1]);
+        // SAFETY: only the shape is read.
+        let b: ArrayD<f32> = unsafe { output_uninit(&[MIN_LEN * 2, 1]) };
         assert_eq!(b.shape(), &[MIN_LEN * 2, 1]);
-        let c: ArrayD<f64> = output(&[4, 4]);
+        // SAFETY: other types come zeroed.
+        let c: ArrayD<f64> = unsafe { output_uninit(&[4, 4]) };
         assert!(c.iter().all(|&v| v == 0.0));
         recycle(c);
     }

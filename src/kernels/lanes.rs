@@ -309,31 +309,8 @@ pub fn bwd_dx_to<T: Real>(
     }
 }
 
-/// Working set (bytes of all the arrays an elementwise pass touches) from which its output is written with
-/// streaming stores. Measured on this project's machine against PyTorch in one run
-/// (`tools/bench_norm_vs_torch.sh`): streaming won for every pass over (32, 64, 56, 56) (forward 51 MB,
-/// backward 77 MB: GroupNorm forward+backward 1.9× faster than PyTorch against 0.9× without), and for
-/// (256, 16, 32, 32) backward (50 MB), but lost for its forward (34 MB: GroupNorm 0.73-0.83× PyTorch against
-/// ≥ 1× with normal stores), whose output still fits the cache the next pass reads it from. The reference CNN's
-/// passes (≤ 38 MB at batch 128) keep normal stores. `NV_STREAM_BYTES` overrides the threshold (read once).
-pub const STREAM_BYTES: usize = 40 << 20;
-
-/// Whether a pass over `arrays` arrays of `bytes` bytes each writes its output with streaming stores (forward
-/// passes touch 2 arrays, x and y; backward passes 3, x, dy and dx).
-pub fn stream_output(bytes: usize, arrays: usize) -> bool {
-    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let limit = *LIMIT.get_or_init(|| {
-        std::env::var("NV_STREAM_BYTES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(STREAM_BYTES)
-    });
-    cfg!(all(target_arch = "x86_64", target_feature = "avx512f"))
-        && bytes.saturating_mul(arrays) >= limit
-}
-
 /// Writes `dst` from `src` with streaming stores (a plain copy for other element types or builds without
-/// AVX-512, where [`stream_output`] never asks for it). Elementwise passes with no dedicated streaming kernel
+/// AVX-512, where `KernelOptions::streams` never asks for it). Elementwise passes with no dedicated streaming kernel
 /// compute into an L1-sized scratch chunk and store it with this, which keeps their arithmetic unchanged.
 #[inline]
 pub fn store_to<T: Real>(src: &[T], dst: &mut [T]) {

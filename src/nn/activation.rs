@@ -7,9 +7,10 @@
 //! | [`Flatten`] | (N, *) → (N, prod(*)) (`start_dim=1`) | dy reshaped to x's shape | rank ≥ 2 |
 
 use super::{stateless, Layer};
+use crate::kernels::arena;
 use crate::kernels::elementwise::{map_into, zip_map_into};
 use crate::kernels::shape::contiguous as cont;
-use crate::{Mode, NvError, Real, Result};
+use crate::{Ctx, NvError, Real, Result};
 use ndarray::ArrayD;
 
 fn check_dy<T: Real>(layer: &'static str, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<()> {
@@ -29,9 +30,10 @@ impl<T: Real> ReLU<T> {
 }
 
 impl<T: Real> Layer<T> for ReLU<T> {
-    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         let xs = cont(x);
-        let mut y = crate::kernels::arena::output(x.shape());
+        // SAFETY: map_into writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
         map_into(&xs, y.as_slice_mut().expect("fresh"), |v| {
             if v <= T::zero() {
                 T::zero()
@@ -41,10 +43,11 @@ impl<T: Real> Layer<T> for ReLU<T> {
         });
         Ok(y)
     }
-    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         check_dy("ReLU", x, dy)?;
         let (xs, gs) = (cont(x), cont(dy));
-        let mut dx = crate::kernels::arena::output(x.shape());
+        // SAFETY: zip_map_into writes every element.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
         zip_map_into(&xs, &gs, dx.as_slice_mut().expect("fresh"), |v, g| {
             // PyTorch's threshold_backward on the output: `y <= 0 ? 0 : dy` (a NaN lets dy through).
             if v <= T::zero() {
@@ -54,6 +57,9 @@ impl<T: Real> Layer<T> for ReLU<T> {
             }
         });
         Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(input.to_vec())
     }
     fn name(&self) -> String {
         "ReLU()".into()
@@ -83,21 +89,26 @@ impl<T: Real> Sigmoid<T> {
 }
 
 impl<T: Real> Layer<T> for Sigmoid<T> {
-    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         let xs = cont(x);
-        let mut y = crate::kernels::arena::output(x.shape());
+        // SAFETY: map_into writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
         map_into(&xs, y.as_slice_mut().expect("fresh"), sigmoid);
         Ok(y)
     }
-    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         check_dy("Sigmoid", x, dy)?;
         let (xs, gs) = (cont(x), cont(dy));
-        let mut dx = crate::kernels::arena::output(x.shape());
+        // SAFETY: zip_map_into writes every element.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
         zip_map_into(&xs, &gs, dx.as_slice_mut().expect("fresh"), |v, g| {
             let s = sigmoid(v);
             g * s * (T::one() - s)
         });
         Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(input.to_vec())
     }
     fn name(&self) -> String {
         "Sigmoid()".into()
@@ -115,21 +126,12 @@ impl<T: Real> Flatten<T> {
     pub fn new() -> Self {
         Self::default()
     }
-    pub fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
-        if input.len() < 2 {
-            return Err(NvError::Rank {
-                layer: Self::NAME,
-                expected: "(N, *) (rank >= 2)".into(),
-                got: input.to_vec(),
-            });
-        }
-        Ok(vec![input[0], input[1..].iter().product()])
-    }
 }
 
 fn reshaped<T: Real>(a: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
     // into a buffer from the pool: a fresh allocation here page-faulted in eval (perf: clear_page_erms)
-    let mut y = crate::kernels::arena::output(shape);
+    // SAFETY: the copy writes every element.
+    let mut y = unsafe { arena::output_uninit(shape) };
     y.as_slice_mut()
         .expect("fresh array")
         .copy_from_slice(&cont(a));
@@ -137,11 +139,11 @@ fn reshaped<T: Real>(a: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
 }
 
 impl<T: Real> Layer<T> for Flatten<T> {
-    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         let s = self.output_shape(x.shape())?;
         Ok(reshaped(x, &s))
     }
-    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         let s = self.output_shape(x.shape())?;
         if dy.shape() != s.as_slice() {
             return Err(NvError::Shape {
@@ -151,11 +153,18 @@ impl<T: Real> Layer<T> for Flatten<T> {
         }
         Ok(reshaped(dy, x.shape()))
     }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        if input.len() < 2 {
+            return Err(NvError::Rank {
+                layer: Self::NAME,
+                expected: "(N, *) (rank >= 2)".into(),
+                got: input.to_vec(),
+            });
+        }
+        Ok(vec![input[0], input[1..].iter().product()])
+    }
     fn name(&self) -> String {
         "Flatten(start_dim=1, end_dim=-1)".into()
-    }
-    fn reshapes_to(&self, input_shape: &[usize]) -> Option<Vec<usize>> {
-        self.output_shape(input_shape).ok()
     }
 }
 

@@ -6,7 +6,7 @@
 //! | eval | identity | same |
 //! | p = 1 | all zeros | same |
 //! | p outside [0, 1] | error | error |
-//! | RNG | global generator | the layer's own [`Pcg64Mcg`] (`rng`, serde-serialisable; [`Dropout::rng_state`]) |
+//! | RNG | global generator | the layer's own [`Pcg64Mcg`], seeded from its seed; with a training step in the context ([`Ctx::with_step`]) it is re-derived from (seed, step) at the step's first forward, so a resumed run draws the masks of the uninterrupted one |
 //!
 //! Each element draws 32 random bits; it is kept when they are below (1−p)·2³². The train forward saves the
 //! mask (as the per-element factor 0 or 1/(1−p)) for the backward.
@@ -14,7 +14,7 @@
 use super::Layer;
 use crate::kernels::shape::contiguous as cont;
 use crate::state::{StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::ArrayD;
 use rand::{RngCore, SeedableRng};
 pub use rand_pcg::Pcg64Mcg;
@@ -23,8 +23,11 @@ pub use rand_pcg::Pcg64Mcg;
 #[derive(Debug, Clone)]
 pub struct Dropout<T: Real = f32> {
     p: f64,
-    /// The layer's random number generator; serialise it to checkpoint the mask sequence.
-    pub rng: Pcg64Mcg,
+    seed: u64,
+    /// The layer's random number generator.
+    rng: Pcg64Mcg,
+    /// The step the generator was last derived for ([`Ctx::step`]).
+    seeded_for: Option<u64>,
     /// (input shape, factor per element) of the last train forward.
     mask: Option<(Vec<usize>, Vec<T>)>,
 }
@@ -41,13 +44,19 @@ impl<T: Real> Dropout<T> {
         }
         Ok(Dropout {
             p,
+            seed,
             rng: Pcg64Mcg::seed_from_u64(seed),
+            seeded_for: None,
             mask: None,
         })
     }
 
     pub fn p(&self) -> f64 {
         self.p
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// A copy of the RNG (serde-serialisable), to restore with [`Dropout::set_rng_state`].
@@ -85,10 +94,15 @@ impl<T: Real> Dropout<T> {
 }
 
 impl<T: Real> Layer<T> for Dropout<T> {
-    fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        if !mode.is_train() || self.p == 0.0 {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        if !ctx.is_train() || self.p == 0.0 {
             self.mask = None;
             return Ok(x.clone());
+        }
+        if let Some(step) = ctx.step().filter(|&s| self.seeded_for != Some(s)) {
+            // stream u64::MAX: unrelated to the data loader's streams (0 = shuffle, 1 + i = augmentation)
+            self.rng = crate::rng::derive_rng(self.seed, step, u64::MAX);
+            self.seeded_for = Some(step);
         }
         let mut mask = self.draw_mask(x.len());
         let xs = cont(x);
@@ -107,8 +121,9 @@ impl<T: Real> Layer<T> for Dropout<T> {
 
     /// Eval (or p = 0): identity. Train: dy times the mask of the last train forward, which must have seen an
     /// input of x's shape.
-    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
         crate::kernels::shape::check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        let mode = ctx.mode();
         if !mode.is_train() || self.p == 0.0 {
             return Ok(dy.clone());
         }
@@ -129,6 +144,10 @@ impl<T: Real> Layer<T> for Dropout<T> {
                 mode,
             }),
         }
+    }
+
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        Ok(input.to_vec())
     }
 
     fn name(&self) -> String {
@@ -154,22 +173,47 @@ mod tests {
         let mut d = Dropout::<f64>::new(0.3, 42).unwrap();
         let x = ArrayD::from_elem(IxDyn(&[100, 100]), 1.0);
         let saved = serde_json::to_string(&d.rng).unwrap();
-        let y = d.forward(&x, Mode::Train).unwrap();
+        let y = d.forward(&x, Ctx::train()).unwrap();
         let kept = y.iter().filter(|v| **v != 0.0).count() as f64 / 1e4;
         assert!((kept - 0.7).abs() < 0.02, "{kept}");
         assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.7).abs() < 1e-12));
         // replaying the RNG state gives the same mask
         d.set_rng_state(serde_json::from_str(&saved).unwrap());
-        assert_eq!(d.forward(&x, Mode::Train).unwrap(), y);
-        assert_eq!(d.forward(&x, Mode::Eval).unwrap(), x);
+        assert_eq!(d.forward(&x, Ctx::train()).unwrap(), y);
+        assert_eq!(d.forward(&x, Ctx::eval()).unwrap(), x);
         let mut all = Dropout::<f32>::new(1.0, 0).unwrap();
         let x = ArrayD::from_elem(IxDyn(&[7]), 2.0f32);
         assert!(all
-            .forward(&x, Mode::Train)
+            .forward(&x, Ctx::train())
             .unwrap()
             .iter()
             .all(|v| *v == 0.0));
         assert!(Dropout::<f32>::new(1.5, 0).is_err());
         assert!(Dropout::<f32>::new(-0.1, 0).is_err());
+    }
+
+    /// With a step in the context, the mask is a function of (seed, step) alone: a fresh layer at step 5 draws
+    /// what a layer that ran steps 0..=5 drew at step 5, and a second forward of the same step draws on.
+    #[test]
+    fn masks_follow_the_step() {
+        let x = ArrayD::from_elem(IxDyn(&[64]), 1.0f32);
+        let mut a = Dropout::<f32>::new(0.5, 9).unwrap();
+        let mut at5 = None;
+        for step in 0..=5 {
+            let y = a.forward(&x, Ctx::train().with_step(step)).unwrap();
+            if step == 5 {
+                at5 = Some(y);
+            }
+        }
+        let mut b = Dropout::<f32>::new(0.5, 9).unwrap();
+        let y = b.forward(&x, Ctx::train().with_step(5)).unwrap();
+        assert_eq!(Some(&y), at5.as_ref());
+        let again = b.forward(&x, Ctx::train().with_step(5)).unwrap();
+        assert_ne!(
+            again, y,
+            "a second forward of the same step draws a new mask"
+        );
+        let mut c = Dropout::<f32>::new(0.5, 10).unwrap();
+        assert_ne!(c.forward(&x, Ctx::train().with_step(5)).unwrap(), y);
     }
 }

@@ -12,8 +12,9 @@ use super::init::Init;
 use super::Layer;
 use crate::kernels::gemm::{matmul, Op, Par};
 use crate::kernels::shape::contiguous;
+use crate::param::ParamRole;
 use crate::state::{join, StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
@@ -45,12 +46,12 @@ impl LinearConfig {
     }
 }
 
-/// A fully connected layer. Parameters are public under PyTorch's names.
+/// A fully connected layer.
 #[derive(Debug, Clone)]
 pub struct Linear<T: Real = f32> {
-    pub cfg: LinearConfig,
-    pub weight: Param<T>,
-    pub bias: Option<Param<T>>,
+    cfg: LinearConfig,
+    weight: Param<T>,
+    bias: Option<Param<T>>,
 }
 
 /// Multiply-adds above which a GEMM uses all threads.
@@ -106,9 +107,53 @@ impl<T: Real> Linear<T> {
             weight: Param::filled(&[cfg.out_features, cfg.in_features], T::zero()),
             bias: cfg
                 .bias
-                .then(|| Param::filled(&[cfg.out_features], T::zero())),
+                .then(|| Param::filled(&[cfg.out_features], T::zero()).with_role(ParamRole::Bias)),
             cfg,
         })
+    }
+
+    pub fn config(&self) -> &LinearConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> &Param<T> {
+        &self.weight
+    }
+    pub fn weight_mut(&mut self) -> &mut Param<T> {
+        &mut self.weight
+    }
+    pub fn bias(&self) -> Option<&Param<T>> {
+        self.bias.as_ref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut Param<T>> {
+        self.bias.as_mut()
+    }
+
+    /// Absorbs a following per-feature affine `z = y·a + b` (an eval-mode BatchNorm1d) into the weights and
+    /// bias, as [`crate::nn::Conv2d::fold_affine`] does.
+    pub fn fold_affine(&mut self, a: &[f64], b: &[f64]) -> Result<()> {
+        let o = self.cfg.out_features;
+        if a.len() != o || b.len() != o {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!("folding an affine of {} features into {o} outputs", a.len()),
+            });
+        }
+        let per = self.cfg.in_features;
+        for (k, w) in self.weight.value.iter_mut().enumerate() {
+            *w = T::of_f64(w.as_f64() * a[k / per]);
+        }
+        let old: Vec<f64> = match &self.bias {
+            Some(p) => p.value.iter().map(|v| v.as_f64()).collect(),
+            None => vec![0.0; o],
+        };
+        let nb =
+            ndarray::Array1::from_iter((0..o).map(|i| T::of_f64(old[i] * a[i] + b[i]))).into_dyn();
+        match self.bias.as_mut() {
+            Some(p) => p.value = nb,
+            None => self.bias = Some(Param::new(nb).with_role(ParamRole::Bias)),
+        }
+        self.cfg.bias = true;
+        Ok(())
     }
 
     pub fn reset_parameters(
@@ -142,20 +187,6 @@ impl<T: Real> Linear<T> {
         Ok(lead.iter().product())
     }
 
-    pub fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
-        self.rows(input)?;
-        let mut s = input.to_vec();
-        *s.last_mut().expect("rank >= 1") = self.cfg.out_features;
-        Ok(s)
-    }
-
-    pub fn forward(&mut self, x: &ArrayD<T>) -> Result<ArrayD<T>> {
-        let shape = self.output_shape(x.shape())?;
-        let mut y = ArrayD::zeros(IxDyn(&shape));
-        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"))?;
-        Ok(y)
-    }
-
     pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T]) -> Result<()> {
         let m = self.rows(x.shape())?;
         let (k, n) = (self.cfg.in_features, self.cfg.out_features);
@@ -177,16 +208,6 @@ impl<T: Real> Linear<T> {
         let acc = self.bias.is_some();
         matmul_split_rows(m, n, k, &xs, self.weight.values(), Op::T, y, acc);
         Ok(())
-    }
-
-    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
-        self.backward_into(
-            x.view(),
-            dy.view(),
-            Some(dx.as_slice_mut().expect("fresh array")),
-        )?;
-        Ok(dx)
     }
 
     /// Accumulates dweight, dbias; writes dx into `dx` when given.
@@ -250,11 +271,29 @@ impl<T: Real> Linear<T> {
 }
 
 impl<T: Real> Layer<T> for Linear<T> {
-    fn forward(&mut self, x: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
-        Linear::forward(self, x)
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
+        let shape = self.output_shape(x.shape())?;
+        let mut y = ArrayD::zeros(IxDyn(&shape));
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"))?;
+        Ok(y)
     }
-    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _mode: Mode) -> Result<ArrayD<T>> {
-        Linear::backward(self, x, dy)
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
+        let mut dx = ArrayD::zeros(x.raw_dim());
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            Some(dx.as_slice_mut().expect("fresh array")),
+        )?;
+        Ok(dx)
+    }
+    fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<()> {
+        self.backward_into(x.view(), dy.view(), None)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.rows(input)?;
+        let mut s = input.to_vec();
+        *s.last_mut().expect("rank >= 1") = self.cfg.out_features;
+        Ok(s)
     }
     fn name(&self) -> String {
         format!(

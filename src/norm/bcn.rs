@@ -10,22 +10,25 @@
 //! | parameters | `weight` (γ), `bias` (β), `l` |
 //! | one value per channel when training | error |
 //!
-//! Kernels: the BN moments come from [`batch_kernels::local_moments`](super::batch_kernels::local_moments), the LN
+//! Kernels: the BN moments come from [`local_moments`](super::batch::stats::local_moments), the LN
 //! moments per sample; the output is one affine pass per (sample, channel) slice. Backward: one reduction pass per
 //! (sample, channel) giving Σdy and Σdy·(x-shift), from which both parts' terms follow, then one dx pass.
 
-use super::batch_kernels::{self as bk, BatchStats, Ncs};
+use super::batch::stats::{self as bk, BatchStats, Ncs};
 use super::group_kernels::block_stats;
-use super::{
-    check_channels, check_dx_len, check_eps, check_momentum, check_same_shape, contiguous,
-};
+use super::{check_eps, check_momentum};
+use crate::kernels::arena;
 use crate::kernels::lanes;
+use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
+use crate::layer::Layer;
+use crate::param::ParamRole;
 use crate::state::{join, StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
-#[derive(Debug, Clone, PartialEq)]
+/// Configuration with the paper's defaults (eps 1e-5, momentum 0.1 for the BN part's running statistics).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BatchChannelNormConfig {
     pub num_features: usize,
     pub eps: f64,
@@ -39,6 +42,15 @@ impl BatchChannelNormConfig {
             eps: 1e-5,
             momentum: Some(0.1),
         }
+    }
+    pub fn eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+    /// `None`: cumulative average of the batch statistics (factor 1/num_batches_tracked), as BatchNorm.
+    pub fn momentum(mut self, m: Option<f64>) -> Self {
+        self.momentum = m;
+        self
     }
     pub fn build<T: Real>(self) -> Result<BatchChannelNorm<T>> {
         BatchChannelNorm::new(self)
@@ -63,16 +75,17 @@ struct Saved<T> {
     shape: Vec<usize>,
 }
 
+/// Batch-Channel Normalization.
 #[derive(Debug, Clone)]
 pub struct BatchChannelNorm<T: Real = f32> {
-    pub cfg: BatchChannelNormConfig,
-    pub weight: Param<T>,
-    pub bias: Param<T>,
+    cfg: BatchChannelNormConfig,
+    weight: Param<T>,
+    bias: Param<T>,
     /// The per-channel mix between the BN and LN parts.
-    pub l: Param<T>,
-    pub running_mean: ArrayD<T>,
-    pub running_var: ArrayD<T>,
-    pub num_batches_tracked: i64,
+    l: Param<T>,
+    running_mean: ArrayD<T>,
+    running_var: ArrayD<T>,
+    num_batches_tracked: i64,
     saved: Option<Saved<T>>,
 }
 
@@ -87,15 +100,53 @@ impl<T: Real> BatchChannelNorm<T> {
         }
         let c = cfg.num_features;
         Ok(BatchChannelNorm {
-            weight: Param::filled(&[c], T::one()),
-            bias: Param::filled(&[c], T::zero()),
-            l: Param::filled(&[c], T::one()),
+            weight: Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight),
+            bias: Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias),
+            l: Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight),
             running_mean: ArrayD::zeros(IxDyn(&[c])),
             running_var: ArrayD::from_elem(IxDyn(&[c]), T::one()),
             num_batches_tracked: 0,
             cfg,
             saved: None,
         })
+    }
+
+    pub fn config(&self) -> &BatchChannelNormConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> &Param<T> {
+        &self.weight
+    }
+    pub fn weight_mut(&mut self) -> &mut Param<T> {
+        &mut self.weight
+    }
+    pub fn bias(&self) -> &Param<T> {
+        &self.bias
+    }
+    pub fn bias_mut(&mut self) -> &mut Param<T> {
+        &mut self.bias
+    }
+    /// The per-channel mixing weight l_c between the BN part (l = 1) and the LN part (l = 0).
+    pub fn l(&self) -> &Param<T> {
+        &self.l
+    }
+    pub fn l_mut(&mut self) -> &mut Param<T> {
+        &mut self.l
+    }
+    /// The BN part's running mean.
+    pub fn running_mean(&self) -> Option<&ArrayD<T>> {
+        Some(&self.running_mean)
+    }
+    /// The BN part's running (unbiased) variance.
+    pub fn running_var(&self) -> Option<&ArrayD<T>> {
+        Some(&self.running_var)
+    }
+    /// Mutable running statistics (mean, var) of the BN part.
+    pub fn running_stats_mut(&mut self) -> Option<(&mut ArrayD<T>, &mut ArrayD<T>)> {
+        Some((&mut self.running_mean, &mut self.running_var))
+    }
+    pub fn num_batches_tracked(&self) -> i64 {
+        self.num_batches_tracked
     }
 
     fn dims(&self, shape: &[usize]) -> Result<Ncs> {
@@ -114,13 +165,8 @@ impl<T: Real> BatchChannelNorm<T> {
         })
     }
 
-    pub fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut y = ArrayD::zeros(x.raw_dim());
-        self.forward_into(x.view(), y.as_slice_mut().unwrap(), mode)?;
-        Ok(y)
-    }
-
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: Mode) -> Result<()> {
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+        let mode = ctx.mode();
         let shape = x.shape().to_vec();
         let d = self.dims(&shape)?;
         if y.len() != d.numel() {
@@ -222,19 +268,14 @@ impl<T: Real> BatchChannelNorm<T> {
         }
     }
 
-    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
-        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().unwrap(), mode)?;
-        Ok(dx)
-    }
-
     pub fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
-        mode: Mode,
+        ctx: Ctx,
     ) -> Result<()> {
+        let mode = ctx.mode();
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
@@ -334,6 +375,40 @@ impl<T: Real> BatchChannelNorm<T> {
             *p = *p + T::of_f64(*v);
         }
         Ok(())
+    }
+}
+
+impl<T: Real> Layer<T> for BatchChannelNorm<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the forward writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
+        Ok(y)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the backward writes every element.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            ctx,
+        )?;
+        Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.dims(input)?;
+        Ok(input.to_vec())
+    }
+    fn name(&self) -> String {
+        format!(
+            "BatchChannelNorm({}, eps={}, momentum={})",
+            self.cfg.num_features,
+            self.cfg.eps,
+            self.cfg
+                .momentum
+                .map_or("None".to_string(), |m| m.to_string())
+        )
     }
 }
 

@@ -4,53 +4,81 @@
 //! in both modes. Gradients flow to the input only (dx = dy·scale). Loading a state dict ignores
 //! `num_batches_tracked`. Build one from a trained [`BatchNorm`] with [`FrozenBatchNorm::from_batch_norm`].
 
-use super::batch_kernels::{self as k, Ncs};
-use super::{check_channels, check_dx_len, check_eps, check_same_shape, contiguous, BatchNorm};
+use super::batch::planes;
+use super::batch::stats::Ncs;
+use super::{check_eps, BatchNorm, EvalAffine};
+use crate::kernels::arena;
+use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
+use crate::layer::Layer;
 use crate::state::{join, StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-#[derive(Debug, Clone)]
-pub struct FrozenBatchNorm<T: Real = f32> {
+/// Configuration with torchvision's defaults (eps 1e-5).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FrozenBatchNormConfig {
     pub num_features: usize,
     pub eps: f64,
-    pub weight: ArrayD<T>,
-    pub bias: ArrayD<T>,
-    pub running_mean: ArrayD<T>,
-    pub running_var: ArrayD<T>,
-    /// Apply ReLU in the same pass (normvision extension).
-    pub fuse_relu: bool,
+}
+
+impl FrozenBatchNormConfig {
+    pub fn new(num_features: usize) -> Self {
+        FrozenBatchNormConfig {
+            num_features,
+            eps: 1e-5,
+        }
+    }
+    pub fn eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+    pub fn build<T: Real>(self) -> Result<FrozenBatchNorm<T>> {
+        FrozenBatchNorm::new(self)
+    }
+}
+
+/// A batch norm with fixed statistics and affine.
+#[derive(Debug, Clone)]
+pub struct FrozenBatchNorm<T: Real = f32> {
+    cfg: FrozenBatchNormConfig,
+    weight: ArrayD<T>,
+    bias: ArrayD<T>,
+    running_mean: ArrayD<T>,
+    running_var: ArrayD<T>,
+    /// Whether the last forward applied a fused ReLU (the backward masks dy the same way).
+    relu: bool,
 }
 
 impl<T: Real> FrozenBatchNorm<T> {
     pub const NAME: &'static str = "FrozenBatchNorm";
 
-    /// torchvision's defaults: weight 1, bias 0, running_mean 0, running_var 1, eps 1e-5.
-    pub fn new(num_features: usize, eps: f64) -> Result<Self> {
-        check_eps(eps)?;
-        if num_features == 0 {
+    /// torchvision's initial buffers: weight 1, bias 0, running_mean 0, running_var 1.
+    pub fn new(cfg: FrozenBatchNormConfig) -> Result<Self> {
+        check_eps(cfg.eps)?;
+        if cfg.num_features == 0 {
             return Err(NvError::Config("num_features must be > 0".into()));
         }
-        let c = IxDyn(&[num_features]);
+        let c = IxDyn(&[cfg.num_features]);
         Ok(FrozenBatchNorm {
-            num_features,
-            eps,
             weight: ArrayD::from_elem(c.clone(), T::one()),
             bias: ArrayD::zeros(c.clone()),
             running_mean: ArrayD::zeros(c.clone()),
             running_var: ArrayD::from_elem(c, T::one()),
-            fuse_relu: false,
+            cfg,
+            relu: false,
         })
     }
 
     /// Freezes a (trained) BatchNorm: its affine and running statistics become fixed buffers.
     pub fn from_batch_norm(bn: &BatchNorm<T>) -> Result<Self> {
-        let mut f = Self::new(bn.cfg.num_features, bn.cfg.eps)?;
-        if let (Some(w), Some(b)) = (&bn.weight, &bn.bias) {
+        let mut f = FrozenBatchNormConfig::new(bn.config().num_features)
+            .eps(bn.config().eps)
+            .build()?;
+        if let (Some(w), Some(b)) = (bn.weight(), bn.bias()) {
             f.weight.assign(&w.value);
             f.bias.assign(&b.value);
         }
-        match (&bn.running_mean, &bn.running_var) {
+        match (bn.running_mean(), bn.running_var()) {
             (Some(rm), Some(rv)) => {
                 f.running_mean.assign(rm);
                 f.running_var.assign(rv);
@@ -61,36 +89,34 @@ impl<T: Real> FrozenBatchNorm<T> {
                 ))
             }
         }
-        f.fuse_relu = bn.cfg.fuse_relu;
         Ok(f)
     }
 
-    /// The affine (a, b) in f64 and whether a ReLU is fused (the same in both modes).
-    pub fn eval_affine_of(&self) -> Option<(Vec<f64>, Vec<f64>, bool)> {
-        let (mut a, mut b) = (vec![], vec![]);
-        for c in 0..self.num_features {
-            let s = self.weight[c].as_f64() / (self.running_var[c].as_f64() + self.eps).sqrt();
-            a.push(s);
-            b.push(self.bias[c].as_f64() - self.running_mean[c].as_f64() * s);
-        }
-        Some((a, b, self.fuse_relu))
+    pub fn config(&self) -> &FrozenBatchNormConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> &ArrayD<T> {
+        &self.weight
+    }
+    pub fn bias(&self) -> &ArrayD<T> {
+        &self.bias
+    }
+    pub fn running_mean(&self) -> &ArrayD<T> {
+        &self.running_mean
+    }
+    pub fn running_var(&self) -> &ArrayD<T> {
+        &self.running_var
     }
 
-    /// Per-channel (scale, shift).
-    pub fn scale_shift(&self) -> (Vec<T>, Vec<T>) {
-        let mut a = Vec::with_capacity(self.num_features);
-        let mut b = Vec::with_capacity(self.num_features);
-        for c in 0..self.num_features {
-            // w·(1/sqrt(v+eps)), rounded exactly as BatchNorm's eval affine (and torchvision's w·rsqrt(v+eps)),
-            // so that from_batch_norm reproduces the BatchNorm's eval output bit for bit.
-            let invstd = 1.0 / (self.running_var[c].as_f64() + self.eps).sqrt();
-            let s = self.weight[c].as_f64() * invstd;
-            a.push(T::of_f64(s));
-            b.push(T::of_f64(
-                self.bias[c].as_f64() - self.running_mean[c].as_f64() * s,
-            ));
-        }
-        (a, b)
+    /// The affine y = x·scale + shift the layer computes in both modes (f64; the forward rounds it to `T`).
+    pub fn eval_affine(&self) -> EvalAffine {
+        EvalAffine::from_stats(
+            self.running_mean.iter().map(|v| v.as_f64()),
+            self.running_var.iter().map(|v| v.as_f64()),
+            self.weight.as_slice(),
+            self.bias.as_slice(),
+            self.cfg.eps,
+        )
     }
 
     fn dims(&self, shape: &[usize]) -> Result<Ncs> {
@@ -101,7 +127,7 @@ impl<T: Real> FrozenBatchNorm<T> {
                 got: shape.to_vec(),
             });
         }
-        check_channels(Self::NAME, shape, self.num_features)?;
+        check_channels(Self::NAME, shape, self.cfg.num_features)?;
         Ok(Ncs {
             n: shape[0],
             c: shape[1],
@@ -109,14 +135,9 @@ impl<T: Real> FrozenBatchNorm<T> {
         })
     }
 
-    pub fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut y = ArrayD::zeros(x.raw_dim());
-        self.forward_into(x.view(), y.as_slice_mut().unwrap(), mode)?;
-        Ok(y)
-    }
-
-    /// Same computation in both modes.
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], _mode: Mode) -> Result<()> {
+    /// The forward into a caller-owned buffer (the same in both modes), followed by a ReLU when `relu` (a
+    /// model's plan fuses a following ReLU this way).
+    pub fn forward_fused_into(&mut self, x: ArrayViewD<T>, y: &mut [T], relu: bool) -> Result<()> {
         let d = self.dims(x.shape())?;
         if y.len() != d.numel() {
             return Err(NvError::Shape {
@@ -124,39 +145,55 @@ impl<T: Real> FrozenBatchNorm<T> {
                 msg: "output buffer size".into(),
             });
         }
-        let (a, b) = self.scale_shift();
-        k::eval_forward(&contiguous(&x), y, d, &a, &b, self.fuse_relu);
+        let (a, b) = self.eval_affine().to_real();
+        planes::eval_forward(&contiguous(&x), y, d, &a, &b, relu);
+        self.relu = relu;
         Ok(())
     }
 
-    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
-        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().unwrap(), mode)?;
-        Ok(dx)
+    /// The forward (with a fused ReLU when `relu`), allocating the output.
+    pub fn forward_fused(&mut self, x: &ArrayD<T>, relu: bool) -> Result<ArrayD<T>> {
+        // SAFETY: the eval pass writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        self.forward_fused_into(x.view(), y.as_slice_mut().expect("fresh array"), relu)?;
+        Ok(y)
     }
 
-    /// dx = dy·scale (masked by the fused ReLU); nothing else has a gradient.
+    /// dx = dy·scale (masked by the last forward's fused ReLU); nothing else has a gradient.
     pub fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
-        _mode: Mode,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
-        let (a, b) = self.scale_shift();
-        k::eval_backward(
-            &contiguous(&x),
-            &contiguous(&dy),
-            dx,
-            d,
-            &a,
-            &b,
-            self.fuse_relu,
-        );
+        let (a, b) = self.eval_affine().to_real();
+        planes::eval_backward(&contiguous(&x), &contiguous(&dy), dx, d, &a, &b, self.relu);
         Ok(())
+    }
+}
+
+impl<T: Real> Layer<T> for FrozenBatchNorm<T> {
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
+        self.forward_fused(x, false)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the backward writes every element of dx.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().expect("fresh array"))?;
+        Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.dims(input)?;
+        Ok(input.to_vec())
+    }
+    fn name(&self) -> String {
+        format!(
+            "FrozenBatchNorm2d({}, eps={})",
+            self.cfg.num_features, self.cfg.eps
+        )
     }
 }
 

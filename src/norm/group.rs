@@ -8,15 +8,20 @@
 //! | C % G != 0 | configuration error |
 //! | one value per group | allowed (output = bias), as in PyTorch |
 
-use super::batch_kernels::Ncs;
+use super::batch::stats::Ncs;
 use super::buffers::{load_affine, save_affine, visit_affine};
 use super::group_kernels::{self as k, GroupStats};
-use super::{check_channels, check_dx_len, check_eps, check_same_shape, contiguous, pslice};
+use super::{check_eps, pslice};
+use crate::kernels::arena;
+use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
+use crate::layer::Layer;
+use crate::param::ParamRole;
 use crate::state::{StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
 
-#[derive(Debug, Clone, PartialEq)]
+/// Configuration with PyTorch's defaults (eps 1e-5, affine).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GroupNormConfig {
     pub num_groups: usize,
     pub num_channels: usize,
@@ -46,11 +51,12 @@ impl GroupNormConfig {
     }
 }
 
+/// Group normalization.
 #[derive(Debug, Clone)]
 pub struct GroupNorm<T: Real = f32> {
-    pub cfg: GroupNormConfig,
-    pub weight: Option<Param<T>>,
-    pub bias: Option<Param<T>>,
+    cfg: GroupNormConfig,
+    weight: Option<Param<T>>,
+    bias: Option<Param<T>>,
     saved: Option<(GroupStats<T>, Vec<usize>)>,
 }
 
@@ -71,8 +77,8 @@ impl<T: Real> GroupNorm<T> {
         let c = cfg.num_channels;
         let (weight, bias) = if cfg.affine {
             (
-                Some(Param::filled(&[c], T::one())),
-                Some(Param::filled(&[c], T::zero())),
+                Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
+                Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
             )
         } else {
             (None, None)
@@ -83,6 +89,30 @@ impl<T: Real> GroupNorm<T> {
             bias,
             saved: None,
         })
+    }
+
+    pub fn config(&self) -> &GroupNormConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> Option<&Param<T>> {
+        self.weight.as_ref()
+    }
+    pub fn weight_mut(&mut self) -> Option<&mut Param<T>> {
+        self.weight.as_mut()
+    }
+    pub fn bias(&self) -> Option<&Param<T>> {
+        self.bias.as_ref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut Param<T>> {
+        self.bias.as_mut()
+    }
+    /// GroupNorm keeps no running statistics (it normalizes every sample by its own groups in both modes).
+    pub fn running_mean(&self) -> Option<&ArrayD<T>> {
+        None
+    }
+    /// See [`GroupNorm::running_mean`].
+    pub fn running_var(&self) -> Option<&ArrayD<T>> {
+        None
     }
 
     fn dims(&self, shape: &[usize]) -> Result<Ncs> {
@@ -101,14 +131,8 @@ impl<T: Real> GroupNorm<T> {
         })
     }
 
-    pub fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut y = ArrayD::zeros(x.raw_dim());
-        self.forward_into(x.view(), y.as_slice_mut().unwrap(), mode)?;
-        Ok(y)
-    }
-
     /// Forward into a caller-owned buffer. GroupNorm computes the same thing in both modes.
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], _mode: Mode) -> Result<()> {
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let d = self.dims(x.shape())?;
         if y.len() != d.numel() {
             return Err(NvError::Shape {
@@ -125,15 +149,10 @@ impl<T: Real> GroupNorm<T> {
             pslice(&self.weight),
             pslice(&self.bias),
             self.cfg.eps,
+            ctx.kernels(),
         );
         self.saved = Some((st, x.shape().to_vec()));
         Ok(())
-    }
-
-    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
-        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().unwrap(), mode)?;
-        Ok(dx)
     }
 
     pub fn backward_into(
@@ -141,8 +160,9 @@ impl<T: Real> GroupNorm<T> {
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
-        mode: Mode,
+        ctx: Ctx,
     ) -> Result<()> {
+        let mode = ctx.mode();
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
@@ -159,7 +179,7 @@ impl<T: Real> GroupNorm<T> {
             });
         }
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
-        let sums = k::backward(&xs, &gs, dx, d, st, pslice(&self.weight));
+        let sums = k::backward(&xs, &gs, dx, d, st, pslice(&self.weight), ctx.kernels());
         accumulate_affine_grads(&mut self.weight, &mut self.bias, &sums, d);
         Ok(())
     }
@@ -185,6 +205,40 @@ pub(crate) fn accumulate_affine_grads<T: Real>(
         for (g, v) in b.grads_mut().iter_mut().zip(gb) {
             *g = *g + T::of_f64(v);
         }
+    }
+}
+
+impl<T: Real> Layer<T> for GroupNorm<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the forward writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
+        Ok(y)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the backward writes every element.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            ctx,
+        )?;
+        Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.dims(input)?;
+        Ok(input.to_vec())
+    }
+    fn name(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "GroupNorm({}, {}, eps={}, affine={})",
+            c.num_groups,
+            c.num_channels,
+            c.eps,
+            super::batch::py_bool(c.affine)
+        )
     }
 }
 

@@ -5,9 +5,9 @@
 //! normalises the block while it is hot in cache. Backward: one task per (sample, group) computes per channel
 //! Σdy and Σdy·(x-shift), combines them into the group's Σu and Σu·x̂ (u = dy·γ), then writes dx.
 
-use super::batch_kernels::Ncs;
+use super::batch::stats::Ncs;
 use crate::kernels::lanes;
-use crate::Real;
+use crate::{KernelOptions, Real};
 use rayon::prelude::*;
 
 /// Per (sample, group) statistics saved by the forward, indexed `n * groups + g`.
@@ -89,6 +89,7 @@ pub fn forward<T: Real>(
     weight: Option<&[T]>,
     bias: Option<&[T]>,
     eps: f64,
+    ko: KernelOptions,
 ) -> GroupStats<T> {
     assert_eq!(x.len(), d.numel());
     assert_eq!(y.len(), d.numel());
@@ -106,7 +107,7 @@ pub fn forward<T: Real>(
     if blk == 0 {
         return st;
     }
-    let stream = lanes::stream_output(std::mem::size_of_val(y), 2);
+    let stream = ko.streams(std::mem::size_of_val(y), 2);
     let per_task = min_blocks(blk);
     y.par_chunks_mut(blk * per_task)
         .zip(x.par_chunks(blk * per_task))
@@ -214,6 +215,7 @@ pub fn backward<T: Real>(
     d: Ncs,
     st: &GroupStats<T>,
     weight: Option<&[T]>,
+    ko: KernelOptions,
 ) -> Vec<(f64, f64)> {
     let groups = st.groups;
     let cpg = d.c / groups;
@@ -222,7 +224,7 @@ pub fn backward<T: Real>(
         return vec![(0.0, 0.0); d.n * d.c];
     }
     let m = blk as f64;
-    let stream = lanes::stream_output(std::mem::size_of_val(dx), 3);
+    let stream = ko.streams(std::mem::size_of_val(dx), 3);
     // Tasks of several blocks, each filling one vector of (Σdy, Σdy·x̂) per channel: a vector per block was a
     // heap allocation per (sample, group), 16K of them for InstanceNorm on (128, 128, 7, 7).
     let per_task = min_blocks(blk);
@@ -321,7 +323,16 @@ mod tests {
                 .map(|_| 1e3 + g.gen_range(-1.0f32..1.0))
                 .collect();
             let mut y = vec![0.0f32; x.len()];
-            let st = forward(&x, &mut y, d, groups, None, None, 1e-5);
+            let st = forward(
+                &x,
+                &mut y,
+                d,
+                groups,
+                None,
+                None,
+                1e-5,
+                KernelOptions::default(),
+            );
             let blk = c / groups * s;
             for (k, xb) in x.chunks(blk).enumerate() {
                 let (sh, mean, var) = block_stats(xb);

@@ -6,26 +6,34 @@
 //! | train, or eval without tracking | per-instance statistics (biased variance) |
 //! | eval with tracking | running statistics, like BatchNorm eval |
 //! | running update | `r = (1-m)·r + m·mean over N` of the instance means and of the *unbiased* instance variances |
+//! | momentum `None` | running statistics never change (PyTorch passes momentum 0.0) |
 //! | `num_batches_tracked` | a buffer when tracking, never incremented (PyTorch leaves it at 0) |
 //! | one spatial value when training | error ("Expected more than 1 spatial element when training") |
 //! | unbatched (C, *spatial) input | accepted, treated as N = 1 |
 
-use super::batch_kernels::{self as bk, Ncs};
+use super::batch::planes as bk;
+use super::batch::stats::Ncs;
 use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
 use super::group::accumulate_affine_grads;
 use super::group_kernels::{self as k, GroupStats};
-use super::{check_dx_len, check_eps, check_momentum, check_same_shape, contiguous, pslice};
+use super::{check_eps, check_momentum, pslice, EvalAffine};
+use crate::kernels::arena;
+use crate::kernels::shape::{check_dx_len, check_same_shape, contiguous};
+use crate::layer::Layer;
+use crate::param::ParamRole;
 use crate::state::{StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, Mode, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-#[derive(Debug, Clone, PartialEq)]
+/// Configuration with PyTorch's defaults (eps 1e-5, momentum 0.1, no affine, no running statistics).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InstanceNormConfig {
     pub num_features: usize,
     /// 1 for InstanceNorm1d, 2 for InstanceNorm2d, 3 for InstanceNorm3d.
     pub spatial_dims: usize,
     pub eps: f64,
-    pub momentum: f64,
+    /// `None`: the running statistics never change, as in PyTorch.
+    pub momentum: Option<f64>,
     pub affine: bool,
     pub track_running_stats: bool,
 }
@@ -36,7 +44,7 @@ impl InstanceNormConfig {
             num_features,
             spatial_dims,
             eps: 1e-5,
-            momentum: 0.1,
+            momentum: Some(0.1),
             affine: false,
             track_running_stats: false,
         }
@@ -54,7 +62,7 @@ impl InstanceNormConfig {
         self.eps = eps;
         self
     }
-    pub fn momentum(mut self, m: f64) -> Self {
+    pub fn momentum(mut self, m: Option<f64>) -> Self {
         self.momentum = m;
         self
     }
@@ -83,14 +91,15 @@ enum Saved<T> {
     },
 }
 
+/// Instance normalization.
 #[derive(Debug, Clone)]
 pub struct InstanceNorm<T: Real = f32> {
-    pub cfg: InstanceNormConfig,
-    pub weight: Option<Param<T>>,
-    pub bias: Option<Param<T>>,
-    pub running_mean: Option<ArrayD<T>>,
-    pub running_var: Option<ArrayD<T>>,
-    pub num_batches_tracked: i64,
+    cfg: InstanceNormConfig,
+    weight: Option<Param<T>>,
+    bias: Option<Param<T>>,
+    running_mean: Option<ArrayD<T>>,
+    running_var: Option<ArrayD<T>>,
+    num_batches_tracked: i64,
     saved: Option<Saved<T>>,
 }
 
@@ -99,7 +108,7 @@ impl<T: Real> InstanceNorm<T> {
 
     pub fn new(cfg: InstanceNormConfig) -> Result<Self> {
         check_eps(cfg.eps)?;
-        check_momentum(Some(cfg.momentum))?;
+        check_momentum(cfg.momentum)?;
         if cfg.num_features == 0 || !(1..=3).contains(&cfg.spatial_dims) {
             return Err(NvError::Config(
                 "InstanceNorm needs num_features > 0 and 1-3 spatial dims".into(),
@@ -108,8 +117,8 @@ impl<T: Real> InstanceNorm<T> {
         let c = cfg.num_features;
         let (weight, bias) = if cfg.affine {
             (
-                Some(Param::filled(&[c], T::one())),
-                Some(Param::filled(&[c], T::zero())),
+                Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
+                Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
             )
         } else {
             (None, None)
@@ -131,6 +140,53 @@ impl<T: Real> InstanceNorm<T> {
             num_batches_tracked: 0,
             saved: None,
         })
+    }
+
+    pub fn config(&self) -> &InstanceNormConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> Option<&Param<T>> {
+        self.weight.as_ref()
+    }
+    pub fn weight_mut(&mut self) -> Option<&mut Param<T>> {
+        self.weight.as_mut()
+    }
+    pub fn bias(&self) -> Option<&Param<T>> {
+        self.bias.as_ref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut Param<T>> {
+        self.bias.as_mut()
+    }
+    /// The running mean (`None` without `track_running_stats`).
+    pub fn running_mean(&self) -> Option<&ArrayD<T>> {
+        self.running_mean.as_ref()
+    }
+    /// The running (unbiased) variance.
+    pub fn running_var(&self) -> Option<&ArrayD<T>> {
+        self.running_var.as_ref()
+    }
+    /// Mutable running statistics (mean, var).
+    pub fn running_stats_mut(&mut self) -> Option<(&mut ArrayD<T>, &mut ArrayD<T>)> {
+        match (self.running_mean.as_mut(), self.running_var.as_mut()) {
+            (Some(m), Some(v)) => Some((m, v)),
+            _ => None,
+        }
+    }
+    pub fn num_batches_tracked(&self) -> i64 {
+        self.num_batches_tracked
+    }
+    /// The eval-mode affine, when eval mode uses running statistics (see [`EvalAffine`]).
+    pub fn eval_affine(&self) -> Option<EvalAffine> {
+        if self.uses_instance_stats(Mode::Eval) {
+            return None;
+        }
+        Some(EvalAffine::from_stats(
+            self.running_mean.as_ref()?.iter().map(|v| v.as_f64()),
+            self.running_var.as_ref()?.iter().map(|v| v.as_f64()),
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.eps,
+        ))
     }
 
     /// (N, C, S) of a batched or unbatched input.
@@ -168,13 +224,8 @@ impl<T: Real> InstanceNorm<T> {
         mode.is_train() || !self.cfg.track_running_stats
     }
 
-    pub fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut y = ArrayD::zeros(x.raw_dim());
-        self.forward_into(x.view(), y.as_slice_mut().unwrap(), mode)?;
-        Ok(y)
-    }
-
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], mode: Mode) -> Result<()> {
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+        let mode = ctx.mode();
         let shape = x.shape().to_vec();
         let d = self.dims(&shape)?;
         if y.len() != d.numel() {
@@ -199,9 +250,10 @@ impl<T: Real> InstanceNorm<T> {
                 pslice(&self.weight),
                 pslice(&self.bias),
                 self.cfg.eps,
+                ctx.kernels(),
             );
             if mode.is_train() && self.cfg.track_running_stats {
-                let mo = self.cfg.momentum;
+                let mo = self.cfg.momentum.unwrap_or(0.0);
                 let unb = d.s as f64 / (d.s as f64 - 1.0);
                 let rm = self.running_mean.as_mut().unwrap().as_slice_mut().unwrap();
                 let rv = self.running_var.as_mut().unwrap().as_slice_mut().unwrap();
@@ -218,21 +270,12 @@ impl<T: Real> InstanceNorm<T> {
         } else {
             let rm = self.running_mean.as_ref().unwrap().as_slice().unwrap();
             let rv = self.running_var.as_ref().unwrap().as_slice().unwrap();
-            let (w, b) = (pslice(&self.weight), pslice(&self.bias));
-            let mut a_v = vec![];
-            let mut b_v = vec![];
-            let mut inv_v = vec![];
-            let mut mean_v = vec![];
-            for c in 0..d.c {
-                let inv = 1.0 / (rv[c].as_f64() + self.cfg.eps).sqrt();
-                let a = w.map_or(1.0, |w| w[c].as_f64()) * inv;
-                a_v.push(T::of_f64(a));
-                b_v.push(T::of_f64(
-                    b.map_or(0.0, |b| b[c].as_f64()) - rm[c].as_f64() * a,
-                ));
-                inv_v.push(inv);
-                mean_v.push(rm[c].as_f64());
-            }
+            let (a_v, b_v) = self.eval_affine().expect("running statistics").to_real();
+            let inv_v = rv
+                .iter()
+                .map(|v| 1.0 / (v.as_f64() + self.cfg.eps).sqrt())
+                .collect();
+            let mean_v = rm.iter().map(|v| v.as_f64()).collect();
             bk::eval_forward(&xs, y, d, &a_v, &b_v, false);
             self.saved = Some(Saved::Running {
                 a: a_v,
@@ -245,26 +288,21 @@ impl<T: Real> InstanceNorm<T> {
         Ok(())
     }
 
-    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
-        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().unwrap(), mode)?;
-        Ok(dx)
-    }
-
     pub fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
-        mode: Mode,
+        ctx: Ctx,
     ) -> Result<()> {
+        let mode = ctx.mode();
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         match (&self.saved, self.uses_instance_stats(mode)) {
             (Some(Saved::Instance(st, shape)), true) if shape == x.shape() => {
-                let sums = k::backward(&xs, &gs, dx, d, st, pslice(&self.weight));
+                let sums = k::backward(&xs, &gs, dx, d, st, pslice(&self.weight), ctx.kernels());
                 accumulate_affine_grads(&mut self.weight, &mut self.bias, &sums, d);
                 Ok(())
             }
@@ -294,6 +332,42 @@ impl<T: Real> InstanceNorm<T> {
                 mode,
             }),
         }
+    }
+}
+
+impl<T: Real> Layer<T> for InstanceNorm<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the forward writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
+        Ok(y)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the backward writes every element.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            ctx,
+        )?;
+        Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.dims(input)?;
+        Ok(input.to_vec())
+    }
+    fn name(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "InstanceNorm{}d({}, eps={}, momentum={}, affine={}, track_running_stats={})",
+            c.spatial_dims,
+            c.num_features,
+            c.eps,
+            c.momentum.map_or("None".to_string(), |m| m.to_string()),
+            super::batch::py_bool(c.affine),
+            super::batch::py_bool(c.track_running_stats)
+        )
     }
 }
 

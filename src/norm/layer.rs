@@ -10,14 +10,19 @@
 //! the row is hot. Backward: per row Σu and Σu·x̂ (u = dy·w) with dweight/dbias accumulated per task, then dx.
 
 use super::buffers::{load_affine, save_affine, visit_affine};
-use super::{check_dx_len, check_eps, check_same_shape, contiguous, group_kernels::block_stats};
+use super::{check_eps, group_kernels::block_stats};
+use crate::kernels::arena;
 use crate::kernels::lanes;
+use crate::kernels::shape::{check_dx_len, check_same_shape, contiguous};
+use crate::layer::Layer;
+use crate::param::ParamRole;
 use crate::state::{StateDict, Stateful};
-use crate::{Mode, NvError, Param, Real, Result};
+use crate::{Ctx, KernelOptions, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
 use rayon::prelude::*;
 
-#[derive(Debug, Clone, PartialEq)]
+/// Configuration with PyTorch's defaults (eps 1e-5, elementwise affine with bias).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerNormConfig {
     pub normalized_shape: Vec<usize>,
     pub eps: f64,
@@ -60,11 +65,12 @@ struct RowStats<T> {
     shape: Vec<usize>,
 }
 
+/// Layer normalization.
 #[derive(Debug, Clone)]
 pub struct LayerNorm<T: Real = f32> {
-    pub cfg: LayerNormConfig,
-    pub weight: Option<Param<T>>,
-    pub bias: Option<Param<T>>,
+    cfg: LayerNormConfig,
+    weight: Option<Param<T>>,
+    bias: Option<Param<T>>,
     saved: Option<RowStats<T>>,
 }
 
@@ -137,14 +143,41 @@ impl<T: Real> LayerNorm<T> {
             )));
         }
         let ns = cfg.normalized_shape.clone();
-        let weight = cfg.elementwise_affine.then(|| Param::filled(&ns, T::one()));
-        let bias = (cfg.elementwise_affine && cfg.bias).then(|| Param::filled(&ns, T::zero()));
+        let weight = cfg
+            .elementwise_affine
+            .then(|| Param::filled(&ns, T::one()).with_role(ParamRole::NormWeight));
+        let bias = (cfg.elementwise_affine && cfg.bias)
+            .then(|| Param::filled(&ns, T::zero()).with_role(ParamRole::NormBias));
         Ok(LayerNorm {
             cfg,
             weight,
             bias,
             saved: None,
         })
+    }
+
+    pub fn config(&self) -> &LayerNormConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> Option<&Param<T>> {
+        self.weight.as_ref()
+    }
+    pub fn weight_mut(&mut self) -> Option<&mut Param<T>> {
+        self.weight.as_mut()
+    }
+    pub fn bias(&self) -> Option<&Param<T>> {
+        self.bias.as_ref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut Param<T>> {
+        self.bias.as_mut()
+    }
+    /// LayerNorm keeps no running statistics (every sample is normalized by its own rows in both modes).
+    pub fn running_mean(&self) -> Option<&ArrayD<T>> {
+        None
+    }
+    /// See [`LayerNorm::running_mean`].
+    pub fn running_var(&self) -> Option<&ArrayD<T>> {
+        None
     }
 
     /// (rows, D) of an input whose trailing dims must equal normalized_shape.
@@ -160,14 +193,8 @@ impl<T: Real> LayerNorm<T> {
         Ok((shape.iter().product::<usize>() / d, d))
     }
 
-    pub fn forward(&mut self, x: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut y = ArrayD::zeros(x.raw_dim());
-        self.forward_into(x.view(), y.as_slice_mut().unwrap(), mode)?;
-        Ok(y)
-    }
-
     /// Forward into a caller-owned buffer (same computation in both modes).
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], _mode: Mode) -> Result<()> {
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let (rows, d) = self.dims(x.shape())?;
         if y.len() != rows * d {
             return Err(NvError::Shape {
@@ -180,7 +207,7 @@ impl<T: Real> LayerNorm<T> {
         let b = self.bias.as_ref().map(|p| p.values());
         let eps = self.cfg.eps;
         let rpt = rows_per_task(rows, d);
-        let stream = lanes::stream_output(std::mem::size_of_val(y), 2);
+        let stream = ctx.kernels().streams(std::mem::size_of_val(y), 2);
         let per: Vec<Vec<(T, f64, f64)>> = y
             .par_chunks_mut(rpt * d)
             .zip(xs.par_chunks(rpt * d))
@@ -237,19 +264,14 @@ impl<T: Real> LayerNorm<T> {
         Ok(())
     }
 
-    pub fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, mode: Mode) -> Result<ArrayD<T>> {
-        let mut dx = ArrayD::zeros(x.raw_dim());
-        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().unwrap(), mode)?;
-        Ok(dx)
-    }
-
     pub fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
-        mode: Mode,
+        ctx: Ctx,
     ) -> Result<()> {
+        let mode = ctx.mode();
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let (rows, d) = self.dims(x.shape())?;
@@ -267,9 +289,9 @@ impl<T: Real> LayerNorm<T> {
         let want_w = self.weight.is_some();
         let want_b = self.bias.is_some();
         let (gw_all, gb_all) = if d * std::mem::size_of::<T>() <= SHORT_ROW_BYTES {
-            short_rows_backward(&xs, &gs, dx, rows, d, st, w, want_w, want_b)
+            short_rows_backward(&xs, &gs, dx, rows, d, st, w, want_w, want_b, ctx.kernels())
         } else {
-            long_rows_backward(&xs, &gs, dx, rows, d, st, w, want_w, want_b)
+            long_rows_backward(&xs, &gs, dx, rows, d, st, w, want_w, want_b, ctx.kernels())
         };
         if let Some(wp) = self.weight.as_mut() {
             for (gi, v) in wp.grads_mut().iter_mut().zip(&gw_all) {
@@ -282,6 +304,39 @@ impl<T: Real> LayerNorm<T> {
             }
         }
         Ok(())
+    }
+}
+
+impl<T: Real> Layer<T> for LayerNorm<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the forward writes every element.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
+        Ok(y)
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        // SAFETY: the backward writes every element.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            ctx,
+        )?;
+        Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.dims(input)?;
+        Ok(input.to_vec())
+    }
+    fn name(&self) -> String {
+        let c = &self.cfg;
+        format!(
+            "LayerNorm({:?}, eps={}, elementwise_affine={})",
+            c.normalized_shape,
+            c.eps,
+            super::batch::py_bool(c.elementwise_affine)
+        )
     }
 }
 
@@ -395,10 +450,11 @@ fn short_rows_backward<T: Real>(
     w: Option<&[T]>,
     want_w: bool,
     want_b: bool,
+    ko: KernelOptions,
 ) -> (Vec<T>, Vec<T>) {
     let rpt = rows_per_task(rows, d);
     let df = d as f64;
-    let stream = lanes::stream_output(std::mem::size_of_val(dx), 3);
+    let stream = ko.streams(std::mem::size_of_val(dx), 3);
     let partials: Vec<(Vec<T>, Vec<T>)> = dx
         .par_chunks_mut(rpt * d)
         .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
@@ -477,6 +533,7 @@ fn long_rows_backward<T: Real>(
     w: Option<&[T]>,
     want_w: bool,
     want_b: bool,
+    ko: KernelOptions,
 ) -> (Vec<T>, Vec<T>) {
     let df = d as f64;
     // Per-row constants of x̂ = (x - shift)·r + c0.
@@ -536,7 +593,7 @@ fn long_rows_backward<T: Real>(
     }
     // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D), through an L1 chunk (streamed out when large).
     let rpt = rows_per_task(rows, d);
-    let stream = lanes::stream_output(std::mem::size_of_val(dx), 3);
+    let stream = ko.streams(std::mem::size_of_val(dx), 3);
     dx.par_chunks_mut(rpt * d)
         .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
         .enumerate()

@@ -10,18 +10,18 @@
 //! p = p + (-lr / (1 - beta1^t)) * m / denom
 //! ```
 
-use super::{check_shape, float_tensor, key, parse_key, DecayPolicy, Optimizer};
+use super::{check_lr, check_shape, float_tensor, key, parse_key, DecayPolicy, Optimizer};
 use crate::state::{StateDict, Stateful};
 use crate::{NvError, Result};
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// AdamW hyper-parameters. `Default` is PyTorch's: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 0.01.
+/// AdamW hyper-parameters. `Default` is PyTorch's: betas (0.9, 0.999), eps 1e-8, weight_decay 0.01. The
+/// learning rate is the schedule's ([`super::LrSchedule`]), passed to every [`Optimizer::step`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdamWConfig {
-    pub lr: f64,
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
@@ -32,7 +32,6 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         AdamWConfig {
-            lr: 1e-3,
             betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.01,
@@ -45,9 +44,6 @@ impl AdamWConfig {
     /// Same checks as PyTorch's constructor.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(NvError::Config(format!("AdamW: {m}")));
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return bad(format!("Invalid learning rate: {}", self.lr));
-        }
         if !(self.eps.is_finite() && self.eps >= 0.0) {
             return bad(format!("Invalid epsilon value: {}", self.eps));
         }
@@ -96,7 +92,8 @@ impl AdamW {
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, model: &mut dyn Stateful<f32>) -> Result<()> {
+    fn step(&mut self, model: &mut dyn Stateful<f32>, lr: f64) -> Result<()> {
+        check_lr(lr)?;
         let mut err = None;
         model.visit_params("", &mut |name, p| {
             if let (None, Some(m)) = (&err, self.state.get(name)) {
@@ -124,17 +121,17 @@ impl Optimizer for AdamW {
             });
             m.step += 1;
             let t = m.step as f64;
-            let ndim = p.value.ndim();
+            let role = p.role();
             let v = p.value.as_slice_mut().expect("parameters are contiguous");
-            if cfg.weight_decay != 0.0 && cfg.decay.applies(name, ndim) {
-                let f = (1.0 - cfg.lr * cfg.weight_decay) as f32;
+            if cfg.weight_decay != 0.0 && cfg.decay.applies(role) {
+                let f = (1.0 - lr * cfg.weight_decay) as f32;
                 v.iter_mut().for_each(|x| *x *= f);
             }
             let w1 = (1.0 - beta1) as f32;
             let (b2, w2) = (beta2 as f32, (1.0 - beta2) as f32);
             let bc1 = 1.0 - beta1.powf(t);
             let bc2 = 1.0 - beta2.powf(t);
-            let neg_step = (-(cfg.lr / bc1)) as f32;
+            let neg_step = (-(lr / bc1)) as f32;
             let bc2_sqrt = bc2.sqrt() as f32;
             let eps = cfg.eps as f32;
             let ea = m.exp_avg.as_slice_mut().expect("contiguous");
@@ -154,12 +151,6 @@ impl Optimizer for AdamW {
         });
         self.steps += 1;
         Ok(())
-    }
-    fn lr(&self) -> f64 {
-        self.cfg.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.cfg.lr = lr;
     }
     fn set_momentum(&mut self, momentum: f64) {
         self.cfg.betas.0 = momentum;

@@ -20,7 +20,7 @@ pub use schedule::{LrSchedule, Schedule};
 pub use sgd::Sgd;
 
 use crate::state::{StateDict, StateTensor, Stateful};
-use crate::{NvError, Param, Result};
+use crate::{NvError, Param, ParamRole, Result};
 use serde::{Deserialize, Serialize};
 
 /// The prefix of every optimizer key in a state dict.
@@ -28,13 +28,10 @@ pub const PREFIX: &str = "optim";
 
 /// A first-order optimizer over the parameters of a [`Stateful`] model.
 pub trait Optimizer: Send {
-    /// One update of every parameter from its accumulated gradient. Does not zero the gradients.
-    /// A saved state whose shape does not match the parameter is an [`NvError::State`].
-    fn step(&mut self, model: &mut dyn Stateful<f32>) -> Result<()>;
-    /// The learning rate the next step uses.
-    fn lr(&self) -> f64;
-    /// Sets the learning rate (from a schedule, before each step).
-    fn set_lr(&mut self, lr: f64);
+    /// One update of every parameter from its accumulated gradient with learning rate `lr` (the schedule's,
+    /// [`LrSchedule::lr_at`]). Does not zero the gradients. A saved state whose shape does not match the
+    /// parameter is an [`NvError::State`].
+    fn step(&mut self, model: &mut dyn Stateful<f32>, lr: f64) -> Result<()>;
     /// Sets the momentum (SGD) or beta1 (AdamW), for one-cycle momentum cycling.
     fn set_momentum(&mut self, momentum: f64);
     /// Number of completed `step()` calls.
@@ -48,36 +45,6 @@ pub trait Optimizer: Send {
     fn name(&self) -> &'static str;
 }
 
-/// Whether a parameter is exempt from weight decay when norm/bias exclusion is on.
-///
-/// The rule, by name (dotted PyTorch path) and number of dimensions:
-/// * any parameter with `ndim <= 1` (biases, norm scales/shifts, BCN's `l`);
-/// * any name whose last component is `bias`;
-/// * any parameter of a normalization layer, recognised by a path component that contains `norm`
-///   (`norm1`, `layernorm`, `group_norm`) or is `bn`/`gn`/`ln`/`bcn` optionally followed by digits
-///   (`bn1`, `layer1.0.bn2`) — this catches multi-dimensional LayerNorm affine parameters.
-///
-/// Convolution and linear weights (`conv1.weight`, `fc.weight`, 2-D or more) decay.
-pub fn is_no_decay(name: &str, ndim: usize) -> bool {
-    if ndim <= 1 {
-        return true;
-    }
-    let parts: Vec<&str> = name.split('.').collect();
-    if parts.last() == Some(&"bias") {
-        return true;
-    }
-    parts[..parts.len().saturating_sub(1)].iter().any(|c| {
-        let c = c.to_ascii_lowercase();
-        if c.contains("norm") {
-            return true;
-        }
-        ["bcn", "bn", "gn", "ln"].iter().any(|p| {
-            c.strip_prefix(p)
-                .is_some_and(|rest| rest.chars().all(|ch| ch.is_ascii_digit()))
-        })
-    })
-}
-
 /// Which parameters weight decay applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -85,17 +52,26 @@ pub enum DecayPolicy {
     /// Every parameter (PyTorch's default single param group).
     #[default]
     All,
-    /// Skip parameters for which [`is_no_decay`] is true.
+    /// Skip biases and normalization parameters, by the role their layer declares ([`ParamRole`]).
     ExcludeNormAndBias,
 }
 
 impl DecayPolicy {
-    pub fn applies(self, name: &str, ndim: usize) -> bool {
+    /// Whether weight decay applies to a parameter of this role.
+    pub fn applies(self, role: ParamRole) -> bool {
         match self {
             DecayPolicy::All => true,
-            DecayPolicy::ExcludeNormAndBias => !is_no_decay(name, ndim),
+            DecayPolicy::ExcludeNormAndBias => !role.is_norm_or_bias(),
         }
     }
+}
+
+/// Errors unless the learning rate is finite and non-negative (PyTorch's check).
+pub(crate) fn check_lr(lr: f64) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(NvError::Config(format!("Invalid learning rate: {lr}")));
+    }
+    Ok(())
 }
 
 /// Serializable optimizer choice; [`OptimConfig::build`] makes the optimizer.
@@ -190,21 +166,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn no_decay_rule() {
-        assert!(is_no_decay("conv1.bias", 1));
-        assert!(is_no_decay("fc.bias", 2)); // by name even if oddly shaped
-        assert!(is_no_decay("bn1.weight", 1));
-        assert!(is_no_decay("layer1.0.bn2.weight", 1));
-        assert!(is_no_decay("blocks.3.norm.weight", 2)); // LayerNorm over (C, H)
-        assert!(is_no_decay("ln.weight", 3));
-        assert!(is_no_decay("stem.bcn.l", 1));
-        assert!(is_no_decay("scale", 0));
-        assert!(!is_no_decay("conv1.weight", 4));
-        assert!(!is_no_decay("fc.weight", 2));
-        assert!(!is_no_decay("bnx.weight", 2)); // `bnx` is not a norm name
-        assert!(!is_no_decay("features.0.weight", 4));
-        assert!(DecayPolicy::All.applies("bn1.weight", 1));
-        assert!(!DecayPolicy::ExcludeNormAndBias.applies("bn1.weight", 1));
+    fn decay_policy_goes_by_role() {
+        use ParamRole::*;
+        assert!(DecayPolicy::All.applies(NormWeight));
+        for r in [Bias, NormWeight, NormBias] {
+            assert!(!DecayPolicy::ExcludeNormAndBias.applies(r), "{r:?}");
+        }
+        assert!(DecayPolicy::ExcludeNormAndBias.applies(Weight));
     }
 
     #[test]

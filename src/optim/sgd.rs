@@ -10,18 +10,18 @@
 //! p = p - lr * g
 //! ```
 
-use super::{check_shape, float_tensor, key, parse_key, DecayPolicy, Optimizer};
+use super::{check_lr, check_shape, float_tensor, key, parse_key, DecayPolicy, Optimizer};
 use crate::state::{StateDict, Stateful};
 use crate::{NvError, Result};
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// SGD hyper-parameters. `Default` is PyTorch's (lr 1e-3, everything else 0/off).
+/// SGD hyper-parameters. `Default` is PyTorch's (everything 0/off). The learning rate is the schedule's
+/// ([`super::LrSchedule`]), passed to every [`Optimizer::step`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SgdConfig {
-    pub lr: f64,
     pub momentum: f64,
     pub dampening: f64,
     pub nesterov: bool,
@@ -33,7 +33,6 @@ pub struct SgdConfig {
 impl Default for SgdConfig {
     fn default() -> Self {
         SgdConfig {
-            lr: 1e-3,
             momentum: 0.0,
             dampening: 0.0,
             nesterov: false,
@@ -47,9 +46,6 @@ impl SgdConfig {
     /// Same checks as PyTorch's constructor.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(NvError::Config(format!("SGD: {m}")));
-        if !(self.lr.is_finite() && self.lr >= 0.0) {
-            return bad(format!("Invalid learning rate: {}", self.lr));
-        }
         if !(self.momentum.is_finite() && self.momentum >= 0.0) {
             return bad(format!("Invalid momentum value: {}", self.momentum));
         }
@@ -90,7 +86,8 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    fn step(&mut self, model: &mut dyn Stateful<f32>) -> Result<()> {
+    fn step(&mut self, model: &mut dyn Stateful<f32>, lr: f64) -> Result<()> {
+        check_lr(lr)?;
         // Check every saved buffer first so a mismatch leaves all parameters untouched.
         let mut err = None;
         model.visit_params("", &mut |name, p| {
@@ -101,14 +98,14 @@ impl Optimizer for Sgd {
         if let Some(e) = err {
             return Err(e);
         }
-        let lr = self.cfg.lr as f32;
+        let lr = lr as f32;
         let momentum = self.cfg.momentum as f32;
         let one_minus_damp = (1.0 - self.cfg.dampening) as f32;
         let (nesterov, decay) = (self.cfg.nesterov, self.cfg.decay);
         let wd_all = self.cfg.weight_decay;
         let buffers = &mut self.buffers;
         model.visit_params("", &mut |name, p| {
-            let wd = if wd_all != 0.0 && decay.applies(name, p.value.ndim()) {
+            let wd = if wd_all != 0.0 && decay.applies(p.role()) {
                 wd_all as f32
             } else {
                 0.0
@@ -147,12 +144,6 @@ impl Optimizer for Sgd {
         });
         self.steps += 1;
         Ok(())
-    }
-    fn lr(&self) -> f64 {
-        self.cfg.lr
-    }
-    fn set_lr(&mut self, lr: f64) {
-        self.cfg.lr = lr;
     }
     fn set_momentum(&mut self, momentum: f64) {
         self.cfg.momentum = momentum;

@@ -6,7 +6,7 @@
 use super::TrainConfig;
 use crate::data::Normalization;
 use crate::io::{load_state_dict, save_state_dict};
-use crate::model::Model;
+use crate::model::{Graph, GraphSpec, Model};
 use crate::optim::Optimizer;
 use crate::state::{StateDict, Stateful};
 use crate::{NvError, Result};
@@ -27,6 +27,11 @@ pub struct Position {
 /// What a checkpoint restores.
 pub struct Checkpoint {
     pub config: TrainConfig,
+    /// The model's architecture (absent from checkpoints written before graphs: the zoo recipe in `config`
+    /// rebuilds those).
+    pub graph: Option<GraphSpec>,
+    /// (C, H, W) of an input image.
+    pub input: Option<[usize; 3]>,
     pub norm: Normalization,
     pub position: Position,
     pub model_state: StateDict,
@@ -70,6 +75,14 @@ pub fn save(
         "position".to_string(),
         serde_json::to_string(&pos).expect("serialises"),
     );
+    md.insert(
+        "graph".to_string(),
+        serde_json::to_string(&model.graph().spec()?).expect("serialises"),
+    );
+    md.insert(
+        "input".to_string(),
+        serde_json::to_string(&model.input_shape()).expect("serialises"),
+    );
     if let Some(a) = test_acc {
         md.insert("test_acc".to_string(), format!("{a}"));
     }
@@ -95,6 +108,14 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let position: Position = serde_json::from_str(get("position")?)
         .map_err(|e| meta_err(path, format!("position: {e}")))?;
     let test_acc = md.get("test_acc").and_then(|s| s.parse().ok());
+    let graph = md
+        .get("graph")
+        .map(|g| serde_json::from_str(g).map_err(|e| meta_err(path, format!("graph: {e}"))))
+        .transpose()?;
+    let input = md
+        .get("input")
+        .map(|g| serde_json::from_str(g).map_err(|e| meta_err(path, format!("input: {e}"))))
+        .transpose()?;
     let mut model_state = StateDict::new();
     let mut optim_state = StateDict::new();
     for (k, v) in sd.tensors {
@@ -106,6 +127,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     }
     Ok(Checkpoint {
         config,
+        graph,
+        input,
         norm,
         position,
         model_state,
@@ -114,9 +137,15 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// Rebuilds the model of a checkpoint with its weights and statistics.
+/// Rebuilds the model of a checkpoint (from its architecture, or from the zoo recipe of checkpoints that predate
+/// architectures) with its weights and statistics.
 pub fn restore_model(ck: &Checkpoint) -> Result<Model> {
-    let mut m = Model::new(ck.config.model.clone())?;
+    let mut m = match (&ck.graph, ck.input) {
+        (Some(spec), Some(input)) => {
+            Model::from_graph(Graph::from_spec(spec)?, input)?.with_recipe(ck.config.model.clone())
+        }
+        _ => Model::new(ck.config.model.clone())?,
+    };
     m.load_state("", &ck.model_state)?;
     Ok(m)
 }

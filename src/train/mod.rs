@@ -11,7 +11,7 @@ pub mod log;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Position};
-pub use trainer::{evaluate, train, EvalPoint, RunOptions, TrainReport};
+pub use trainer::{evaluate, train, EvalPoint, Progress, RunOptions, TrainReport};
 
 use crate::data::Augment;
 use crate::model::{ModelConfig, ModelKind, NormKind};
@@ -50,7 +50,6 @@ impl TrainConfig {
         TrainConfig {
             model: ModelConfig::fashion(kind, norm),
             optim: OptimConfig::Sgd(SgdConfig {
-                lr,
                 momentum: 0.9,
                 ..SgdConfig::default()
             }),

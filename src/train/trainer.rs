@@ -8,13 +8,22 @@ use crate::model::Model;
 use crate::nn::loss::{count_correct, cross_entropy};
 use crate::optim::Optimizer;
 use crate::state::Stateful;
-use crate::{Mode, NvError, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use crate::{Ctx, NvError, Result};
 use serde_json::json;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// What a long run reports as it goes (the CLI draws progress bars from it).
+pub trait Progress {
+    /// An epoch (1-based) of `batches` batches starts, `done` of them already done (a resumed run).
+    fn epoch_start(&mut self, epoch: usize, batches: usize, done: usize);
+    /// A step finished; `status` sums up the epoch so far (loss, accuracy, img/s, last test accuracy).
+    fn step(&mut self, status: &str);
+    /// The epoch's steps are done (its evaluation follows).
+    fn epoch_end(&mut self);
+}
 
 /// Options that do not change what is computed.
 #[derive(Default)]
@@ -23,13 +32,13 @@ pub struct RunOptions {
     pub checkpoint: Option<PathBuf>,
     /// JSON-lines log.
     pub log: Option<PathBuf>,
-    /// Show an indicatif progress bar.
-    pub progress: bool,
+    /// Progress reports.
+    pub progress: Option<Box<dyn Progress>>,
     /// Continue this checkpoint's run (model, optimizer, position); its config is used, with `epochs` and
     /// `max_steps` taken from the config passed to [`train`].
     pub resume: Option<checkpoint::Checkpoint>,
-    /// A label for the progress bar.
-    pub label: String,
+    /// Plan options for the model (convolution algorithm, instruction set).
+    pub plan: crate::model::PlanOptions,
 }
 
 /// One evaluation.
@@ -81,7 +90,7 @@ pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
         loss_sum += loss * y.len() as f64;
         n += y.len();
     }
-    model.net.clear_cache();
+    model.graph_mut().clear_saved();
     // the eval batches' recycled activations are not reused by training batches of another shape
     crate::kernels::arena::clear();
     if n == 0 {
@@ -136,7 +145,7 @@ pub fn train(
     cfg: &TrainConfig,
     train_ds: Arc<Dataset>,
     test_ds: Arc<Dataset>,
-    opts: RunOptions,
+    mut opts: RunOptions,
 ) -> Result<TrainReport> {
     let (mut model, mut opt, norm, mut pos, run_cfg): (
         Model,
@@ -163,6 +172,7 @@ pub fn train(
         ),
     };
     let cfg = &run_cfg;
+    model.set_plan_options(opts.plan.clone())?;
     // The run's own limits (a resumed run keeps its checkpoint's, whatever the caller's config says), so it
     // sees the same samples as the run that wrote the checkpoint.
     let train_ds = limit(train_ds, cfg.train_limit)?;
@@ -210,21 +220,13 @@ pub fn train(
     let (mut train_secs, mut train_imgs) = (0.0f64, 0usize);
     let (mut since_eval_loss, mut since_eval_n) = (0.0f64, 0usize);
     let nb = loader.num_batches();
-    let style = ProgressStyle::with_template("{prefix:>12} [{bar:28}] {pos}/{len} {msg}")
-        .expect("template")
-        .progress_chars("=> ");
     let mut last_acc = None;
     let mut stop = false;
 
     'epochs: while pos.epoch < cfg.epochs {
-        let bar = if opts.progress {
-            ProgressBar::new(nb as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(style.clone());
-        bar.set_prefix(format!("{} e{}", opts.label, pos.epoch + 1));
-        bar.set_position(pos.batch as u64);
+        if let Some(p) = opts.progress.as_mut() {
+            p.epoch_start(pos.epoch + 1, nb, pos.batch);
+        }
         let (mut ep_correct, mut ep_seen) = (0usize, 0usize);
         let epoch_start = Instant::now();
         let mut ep_imgs = 0usize;
@@ -235,21 +237,20 @@ pub fn train(
             }
             let t0 = Instant::now();
             let lr = cfg.schedule.lr_at(pos.step);
-            opt.set_lr(lr);
             if let Some(m) = cfg.schedule.momentum_at(pos.step) {
                 opt.set_momentum(m);
             }
             model.zero_grad();
-            model.begin_step(pos.step);
+            let ctx = Ctx::train().with_step(pos.step);
             let xd = x.into_dyn();
             let step_result = (|| -> Result<(f64, usize)> {
-                let logits = model.forward(&xd, Mode::Train)?;
+                let logits = model.forward(&xd, ctx)?;
                 let (loss, dlogits) = cross_entropy(&logits, &y, cfg.label_smoothing)?;
                 if !loss.is_finite() {
                     return Err(NvError::NonFinite(format!("loss {loss}")));
                 }
                 let correct = count_correct(&logits, &y)?;
-                model.backward_params(&xd, &dlogits, Mode::Train)?;
+                model.backward_params(&xd, &dlogits, ctx)?;
                 Ok((loss, correct))
             })();
             let (loss, correct) = match step_result {
@@ -263,7 +264,7 @@ pub fn train(
                 }
                 Err(e) => return Err(e),
             };
-            opt.step(&mut model)?;
+            opt.step(&mut model, lr)?;
             let dt = t0.elapsed().as_secs_f64();
             train_secs += dt;
             train_imgs += y.len();
@@ -277,15 +278,16 @@ pub fn train(
             since_eval_n += 1;
             log.write(&json!({"event": "step", "step": pos.step, "epoch": pos.epoch + 1, "loss": loss, "lr": lr,
                 "batch_acc": correct as f64 / y.len() as f64, "img_s": y.len() as f64 / dt}))?;
-            bar.inc(1);
-            bar.set_message(format!(
-                "loss {loss:.4} acc {:.3} {:.0} img/s{}",
-                ep_correct as f64 / ep_seen as f64,
-                ep_imgs as f64 / epoch_start.elapsed().as_secs_f64(),
-                last_acc
-                    .map(|a: f64| format!(" test {:.2}%", a * 100.0))
-                    .unwrap_or_default()
-            ));
+            if let Some(p) = opts.progress.as_mut() {
+                p.step(&format!(
+                    "loss {loss:.4} acc {:.3} {:.0} img/s{}",
+                    ep_correct as f64 / ep_seen as f64,
+                    ep_imgs as f64 / epoch_start.elapsed().as_secs_f64(),
+                    last_acc
+                        .map(|a: f64| format!(" test {:.2}%", a * 100.0))
+                        .unwrap_or_default()
+                ));
+            }
             // A net that "trains" at chance has diverged even without a NaN.
             if cfg.divergence_window > 0 {
                 window.push_back(loss);
@@ -332,7 +334,9 @@ pub fn train(
                 }
             }
         }
-        bar.finish_and_clear();
+        if let Some(p) = opts.progress.as_mut() {
+            p.epoch_end();
+        }
         if stop && report.reached_target_at.is_some() {
             break;
         }

@@ -1,11 +1,12 @@
 //! `normvision bench-kernels`: times the normalization kernels on the benchmark shapes, for the side-by-side
 //! comparison with PyTorch (`tools/bench_norm_vs_torch.py`), and prints a table or JSON lines.
 
-use crate::norm::{
-    BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, NormLayer,
+use normvision::ndarray::{ArrayD, ArrayViewD, IxDyn};
+use normvision::norm::{
+    BatchNorm, BatchNormConfig, GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig,
+    LayerNorm, LayerNormConfig,
 };
-use crate::{Mode, NvError, Result};
-use ndarray::{ArrayD, IxDyn};
+use normvision::{Ctx, KernelOptions, NvError, Result};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -37,9 +38,35 @@ pub struct KernelTiming {
     pub gbps: f64,
 }
 
+/// A normalization's caller-owned-buffer passes, as the benchmark times them (PyTorch's `out=` kernels).
+pub trait IntoBuffers {
+    fn forward_into(&mut self, x: ArrayViewD<f32>, y: &mut [f32], ctx: Ctx) -> Result<()>;
+    fn backward_into(
+        &mut self,
+        x: ArrayViewD<f32>,
+        dy: ArrayViewD<f32>,
+        dx: &mut [f32],
+        ctx: Ctx,
+    ) -> Result<()>;
+}
+
+macro_rules! into_buffers {
+    ($($t:ident),*) => {$(
+        impl IntoBuffers for $t<f32> {
+            fn forward_into(&mut self, x: ArrayViewD<f32>, y: &mut [f32], ctx: Ctx) -> Result<()> {
+                $t::forward_into(self, x, y, ctx)
+            }
+            fn backward_into(&mut self, x: ArrayViewD<f32>, dy: ArrayViewD<f32>, dx: &mut [f32], ctx: Ctx) -> Result<()> {
+                $t::backward_into(self, x, dy, dx, ctx)
+            }
+        }
+    )*};
+}
+into_buffers!(BatchNorm, GroupNorm, LayerNorm, InstanceNorm);
+
 /// Builds the benchmark's layer for an op and shape; `None` when the op does not apply to the shape
 /// (group_norm / instance_norm on a non-4-D shape, group_norm when C is not divisible by [`GROUP_NORM_GROUPS`]).
-pub fn layer_for(op: &str, shape: &[usize]) -> Result<Option<Box<dyn NormLayer<f32>>>> {
+pub fn layer_for(op: &str, shape: &[usize]) -> Result<Option<Box<dyn IntoBuffers>>> {
     let c = shape[1];
     Ok(match (op, shape.len()) {
         ("batch_norm", _) => Some(Box::new(BatchNormConfig::new(c).build::<f32>()?)),
@@ -72,6 +99,7 @@ pub fn time_one(
     mode: &str,
     warmup: usize,
     reps: usize,
+    kernels: KernelOptions,
 ) -> Result<Option<(f64, f64)>> {
     let Some(mut layer) = layer_for(op, shape)? else {
         return Ok(None);
@@ -80,26 +108,30 @@ pub fn time_one(
     let dy = random(shape, 2);
     let mut y = vec![0.0f32; x.len()];
     let mut dx = vec![0.0f32; x.len()];
-    let mut once = |layer: &mut Box<dyn NormLayer<f32>>| -> Result<()> {
+    let (train, eval) = (
+        Ctx::train().with_kernels(kernels),
+        Ctx::eval().with_kernels(kernels),
+    );
+    let mut once = |layer: &mut Box<dyn IntoBuffers>| -> Result<()> {
         match mode {
-            "train_fwd" => layer.forward_into(x.view(), &mut y, Mode::Train),
+            "train_fwd" => layer.forward_into(x.view(), &mut y, train),
             "train_fwd_bwd" => {
-                layer.forward_into(x.view(), &mut y, Mode::Train)?;
-                layer.backward_into(x.view(), dy.view(), &mut dx, Mode::Train)
+                layer.forward_into(x.view(), &mut y, train)?;
+                layer.backward_into(x.view(), dy.view(), &mut dx, train)
             }
-            "eval_fwd" => layer.forward_into(x.view(), &mut y, Mode::Eval),
+            "eval_fwd" => layer.forward_into(x.view(), &mut y, eval),
             m => Err(NvError::Config(format!(
                 "unknown mode {m}; expected one of {MODES:?}"
             ))),
         }
     };
     for _ in 0..warmup {
-        crate::runtime::keep_workers_warm();
+        normvision::runtime::keep_workers_warm();
         once(&mut layer)?;
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
-        crate::runtime::keep_workers_warm();
+        normvision::runtime::keep_workers_warm();
         let t = Instant::now();
         once(&mut layer)?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -125,6 +157,7 @@ pub fn run(
     threads: usize,
     warmup: usize,
     reps: usize,
+    kernels: KernelOptions,
     mut emit: impl FnMut(&KernelTiming) + Send,
 ) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
@@ -135,7 +168,9 @@ pub fn run(
         for op in ops {
             for shape in shapes {
                 for mode in modes {
-                    if let Some((min_ms, median_ms)) = time_one(op, shape, mode, warmup, reps)? {
+                    if let Some((min_ms, median_ms)) =
+                        time_one(op, shape, mode, warmup, reps, kernels)?
+                    {
                         let bytes = effective_bytes(shape, mode);
                         let row = KernelTiming {
                             op: op.clone(),

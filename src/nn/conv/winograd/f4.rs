@@ -4,13 +4,13 @@
 //!
 //! Each 4×4 output tile comes from a 6×6 input tile, `Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A` with the interpolation points
 //! 0, ±1, ±2 (Lavin & Gray 2015, arXiv:1509.09308): 36 products per tile and channel pair for 16 outputs, against
-//! F(2×2, 3×3)'s 16 for 4 ([`super::winograd`]), so the GEMM work is 4× smaller than the direct convolution's
+//! F(2×2, 3×3)'s 16 for 4 ([`super`]), so the GEMM work is 4× smaller than the direct convolution's
 //! instead of 2.25×, and the transformed tiles take 2.25 floats per output instead of 4. The price is rounding:
 //! the transforms multiply by up to 8 and G by 1/6 and 1/24, so the error against an f64 convolution is a few
 //! times F(2×2)'s (the tests bound both). Inference keeps F(2×2), whose fused output passes (BatchNorm affine,
 //! ReLU, 2×2 max pool) match one pool window per tile.
 //!
-//! The chunk drivers (scratch, the per-point GEMMs, the fixed-order gradient sums) are [`super::winograd`]'s,
+//! The chunk drivers (scratch, the per-point GEMMs, the fixed-order gradient sums) are [`super`]'s,
 //! with 36 GEMMs instead of 16; this module has the transforms:
 //! - forward: `M[p] (K×T) = U[p] (K×C) · V[p] (C×T)`, `U = G g Gᵀ`, `V = Bᵀ d B`, then `Y = Aᵀ M A`;
 //! - data gradient: `dV[p] = U[p]ᵀ · dM[p]` with `dM = A dY Aᵀ`, then dx = Σ_tiles `B dV Bᵀ` (overlapping by two);
@@ -24,7 +24,7 @@
 // the tile algebra reads best with explicit row/column indices
 #![allow(clippy::needless_range_loop)]
 
-use super::winograd::{pack_weights, run_backward, run_forward, Transforms, WinoShape};
+use super::{pack_weights, run_backward, run_forward, Transforms, WinoShape};
 use crate::kernels::gemm_avx512 as simd;
 
 /// Widest plane this module handles: a padded row (W + 2 values, from column −1) fits in two vectors.
@@ -696,7 +696,7 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::winograd::tests as wtests;
+    use super::super::tests as wtests;
     use super::*;
     use rand::{Rng, SeedableRng};
 

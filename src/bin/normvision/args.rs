@@ -1,15 +1,16 @@
 //! Command-line arguments shared by the training commands, and their translation into a [`TrainConfig`].
 
-use crate::data::{fashion_mnist, load_image_folder, Augment, Dataset};
-use crate::model::{ModelKind, NormKind};
-use crate::nn::init::{Init, InitSpec};
-use crate::optim::adamw::AdamWConfig;
-use crate::optim::schedule::Schedule;
-use crate::optim::sgd::SgdConfig;
-use crate::optim::{DecayPolicy, LrSchedule, OptimConfig};
-use crate::train::TrainConfig;
-use crate::{NvError, Result};
+use crate::choice;
 use clap::{Args, ValueEnum};
+use normvision::data::{fashion_mnist, load_image_folder, Augment, Dataset};
+use normvision::model::{ModelKind, NormKind};
+use normvision::nn::init::{Init, InitSpec};
+use normvision::optim::adamw::AdamWConfig;
+use normvision::optim::schedule::Schedule;
+use normvision::optim::sgd::SgdConfig;
+use normvision::optim::{DecayPolicy, LrSchedule, OptimConfig};
+use normvision::train::TrainConfig;
+use normvision::{NvError, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -101,11 +102,11 @@ impl DataArgs {
 /// Model, optimizer and run arguments of `train` (and of each run of `compare`).
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// Network: cnn (reference CNN), mlp (BN paper's sigmoid MLP), resnet (ResNet-20 style).
-    #[arg(long, value_enum, default_value_t = ModelKind::Cnn)]
+    /// Network.
+    #[arg(long, value_parser = choice::model(), default_value = "cnn")]
     pub model: ModelKind,
     /// Normalization used everywhere in the model.
-    #[arg(long, value_enum, default_value_t = NormKind::Batch)]
+    #[arg(long, value_parser = choice::norm(), default_value = "batch")]
     pub norm: NormKind,
     /// Groups for --norm group.
     #[arg(long, default_value_t = 8)]
@@ -195,7 +196,6 @@ impl TrainArgs {
         };
         cfg.optim = match self.optimizer {
             OptimizerArg::Sgd => OptimConfig::Sgd(SgdConfig {
-                lr: self.lr,
                 momentum: self.momentum,
                 nesterov: self.nesterov,
                 weight_decay: self.weight_decay,
@@ -203,7 +203,6 @@ impl TrainArgs {
                 ..SgdConfig::default()
             }),
             OptimizerArg::Adamw => OptimConfig::Adamw(AdamWConfig {
-                lr: self.lr,
                 weight_decay: self.weight_decay,
                 decay,
                 ..AdamWConfig::default()

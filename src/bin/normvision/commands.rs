@@ -1,16 +1,16 @@
 //! The training-side subcommands: train, eval, predict, bench, compare.
 
-use super::args::{DataArgs, TrainArgs};
-use crate::data::{load_image_for_model, DataLoader, LoaderConfig};
-use crate::model::{Model, ModelConfig, ModelKind, NormKind};
-use crate::nn::loss::cross_entropy;
-use crate::state::Stateful;
-use crate::train::{self, checkpoint, RunOptions, TrainReport};
-use crate::{Mode, NvError, Result};
-use ndarray::{ArrayD, IxDyn};
+use crate::args::{DataArgs, TrainArgs};
+use crate::progress::Bars;
+use normvision::data::{load_image_for_model, DataLoader, LoaderConfig};
+use normvision::model::{Model, ModelConfig, ModelKind, NormKind, PlanOptions};
+use normvision::ndarray::{ArrayD, IxDyn};
+use normvision::nn::loss::cross_entropy;
+use normvision::state::Stateful;
+use normvision::train::{self, checkpoint, RunOptions, TrainReport};
+use normvision::{Ctx, NvError, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -57,6 +57,7 @@ pub fn print_report(label: &str, r: &TrainReport) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     args: &TrainArgs,
     data: &DataArgs,
@@ -65,6 +66,7 @@ pub fn train(
     log: Option<PathBuf>,
     json_out: bool,
     quiet: bool,
+    plan: &PlanOptions,
 ) -> Result<TrainReport> {
     let (train_ds, test_ds) = data.load()?;
     let cfg = args.to_config(&train_ds)?;
@@ -90,9 +92,9 @@ pub fn train(
     let opts = RunOptions {
         checkpoint: Some(ckpt.clone()),
         log: Some(log),
-        progress: !quiet && std::io::stderr().is_terminal(),
+        progress: Bars::boxed(&name, quiet),
         resume,
-        label: name.clone(),
+        plan: plan.clone(),
     };
     let r = train::train(&cfg, train_ds, test_ds, opts)?;
     if json_out {
@@ -117,14 +119,16 @@ pub fn eval(
     batch_size: usize,
     fold_bn: bool,
     json_out: bool,
+    plan: &PlanOptions,
 ) -> Result<()> {
     let ck = checkpoint::load(checkpoint_path)?;
     let mut model = checkpoint::restore_model(&ck)?;
+    model.set_plan_options(plan.clone())?;
     if fold_bn {
         model.fold_batch_norm()?;
     }
     let (_, test) = data.load()?;
-    check_data_matches(&model.cfg, &test)?;
+    check_data_matches(&model, &test)?;
     let loader = DataLoader::new(
         test.clone(),
         ck.norm.clone(),
@@ -151,16 +155,14 @@ pub fn eval(
     Ok(())
 }
 
-fn check_data_matches(cfg: &ModelConfig, ds: &crate::data::Dataset) -> Result<()> {
-    if ds.shape != [cfg.in_channels, cfg.height, cfg.width] || ds.classes.len() != cfg.num_classes {
+fn check_data_matches(model: &Model, ds: &normvision::data::Dataset) -> Result<()> {
+    let [c, h, w] = model.input_shape();
+    if ds.shape != [c, h, w] || ds.classes.len() != model.num_classes() {
         return Err(NvError::Config(format!(
-            "the data ({:?}, {} classes) does not match the model ({}x{}x{}, {} classes)",
+            "the data ({:?}, {} classes) does not match the model ({c}x{h}x{w}, {} classes)",
             ds.shape,
             ds.classes.len(),
-            cfg.in_channels,
-            cfg.height,
-            cfg.width,
-            cfg.num_classes
+            model.num_classes()
         )));
     }
     Ok(())
@@ -173,24 +175,26 @@ pub fn predict(
     classes: Option<Vec<String>>,
     fold_bn: bool,
     json_out: bool,
+    plan: &PlanOptions,
 ) -> Result<()> {
     let ck = checkpoint::load(checkpoint_path)?;
     let mut model = checkpoint::restore_model(&ck)?;
+    model.set_plan_options(plan.clone())?;
     if fold_bn {
         model.fold_batch_norm()?;
     }
-    let c = &model.cfg;
+    let [ch, h, w] = model.input_shape();
+    let k = model.num_classes();
     let names: Vec<String> = classes.unwrap_or_else(|| {
-        if c.num_classes == 10 && c.in_channels == 1 {
-            crate::data::fashion_mnist::CLASSES
+        if k == 10 && ch == 1 {
+            normvision::data::fashion_mnist::CLASSES
                 .iter()
                 .map(|s| s.to_string())
                 .collect()
         } else {
-            (0..c.num_classes).map(|i| format!("class {i}")).collect()
+            (0..k).map(|i| format!("class {i}")).collect()
         }
     });
-    let (ch, h, w) = (c.in_channels, c.height, c.width);
     for path in images {
         let mut x = load_image_for_model(path, ch, h, w)?;
         ck.norm.normalize(&mut x)?;
@@ -231,17 +235,18 @@ pub fn bench(
     fold_bn: bool,
     profile: bool,
     json_out: bool,
+    plan: &PlanOptions,
 ) -> Result<Vec<(String, f64)>> {
     let cfg = ModelConfig::fashion(kind, norm);
     let mut model = Model::new(cfg.clone())?;
+    model.set_plan_options(plan.clone())?;
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
     let x = ArrayD::from_shape_fn(
         IxDyn(&[batch, cfg.in_channels, cfg.height, cfg.width]),
         |_| rng.gen::<f32>() * 2.0 - 1.0,
     );
     let y: Vec<usize> = (0..batch).map(|i| i % cfg.num_classes).collect();
-    let mut opt = crate::optim::OptimConfig::Sgd(crate::optim::sgd::SgdConfig {
-        lr: 0.01,
+    let mut opt = normvision::optim::OptimConfig::Sgd(normvision::optim::sgd::SgdConfig {
         momentum: 0.9,
         ..Default::default()
     })
@@ -261,7 +266,7 @@ pub fn bench(
         let mut extra = [0.0f64; 3];
         for i in 0..warmup + steps {
             if profile && i == warmup {
-                model.net.enable_timing();
+                model.graph_mut().enable_timing();
             }
             let t = Instant::now();
             // wall clock of the step's parts outside the layers: zero_grad, loss, optimizer step
@@ -270,13 +275,13 @@ pub fn bench(
                 let t0 = Instant::now();
                 model.zero_grad();
                 outside[0] = t0.elapsed().as_secs_f64();
-                let logits = model.forward(&x, Mode::Train)?;
+                let logits = model.forward(&x, Ctx::train())?;
                 let t1 = Instant::now();
                 let (_, d) = cross_entropy(&logits, &y, 0.0)?;
                 outside[1] = t1.elapsed().as_secs_f64();
-                model.backward_params(&x, &d, Mode::Train)?;
+                model.backward_params(&x, &d, Ctx::train())?;
                 let t2 = Instant::now();
-                opt.step(&mut model)?;
+                opt.step(&mut model, 0.01)?;
                 outside[2] = t2.elapsed().as_secs_f64();
             } else {
                 model.forward_inference(&x)?;
@@ -298,7 +303,7 @@ pub fn bench(
                 json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": m, "batch": batch,
                 "threads": rayon::current_num_threads(), "img_s": img_s, "img_s_best": best, "ms_median": med * 1e3,
                 "folded_bn": folded,
-                "conv": conv_algorithm()})
+                "conv": plan.conv.name(), "isa": plan.kernels.isa.as_str()})
             );
         } else {
             let note = if folded > 0 {
@@ -326,7 +331,12 @@ fn print_layer_profile(
     outside: &[f64; 3],
     json_out: bool,
 ) {
-    let mut rows = model.net.layer_times();
+    let mut rows: Vec<(String, String, f64, f64)> = model
+        .graph()
+        .step_times()
+        .into_iter()
+        .map(|s| (s.nodes, s.what, s.forward_s, s.backward_s))
+        .collect();
     if mode == "train" {
         for (name, s) in ["zero_grad", "loss", "optimizer"].iter().zip(outside) {
             rows.push((name.to_string(), "(outside the layers)".into(), *s, 0.0));
@@ -349,20 +359,20 @@ fn print_layer_profile(
         median_step * 1e3
     );
     println!(
-        "{:<8} {:<34} {:>10} {:>10} {:>7}",
-        "layer", "kind", "fwd ms", "bwd ms", "share"
+        "{:<16} {:<48} {:>10} {:>10} {:>7}",
+        "step (nodes)", "what", "fwd ms", "bwd ms", "share"
     );
     for (name, layer, f, b) in &rows {
-        let kind: String = layer.chars().take(34).collect();
+        let kind: String = layer.chars().take(48).collect();
         println!(
-            "{name:<8} {kind:<34} {:>10.3} {:>10.3} {:>6.1}%",
+            "{name:<16} {kind:<48} {:>10.3} {:>10.3} {:>6.1}%",
             per_step(*f),
             per_step(*b),
             100.0 * (f + b) / total.max(1e-12)
         );
     }
     println!(
-        "{:<8} {:<34} {:>10.3} {:>10.3}",
+        "{:<16} {:<48} {:>10.3} {:>10.3}",
         "total",
         "",
         per_step(rows.iter().map(|r| r.2).sum()),
@@ -379,6 +389,7 @@ pub fn compare(
     json_out: bool,
     quiet: bool,
     out_dir: &Path,
+    plan: &PlanOptions,
 ) -> Result<()> {
     let (train_ds, test_ds) = data.load()?;
     let mut rows = vec![];
@@ -392,9 +403,9 @@ pub fn compare(
         let opts = RunOptions {
             checkpoint: Some(ckpt.clone()),
             log: Some(ckpt.with_extension("jsonl")),
-            progress: !quiet && std::io::stderr().is_terminal(),
+            progress: Bars::boxed(&label, quiet),
             resume: None,
-            label: label.clone(),
+            plan: plan.clone(),
         };
         if !quiet && !json_out {
             eprintln!(
@@ -494,13 +505,4 @@ pub fn compare(
         }
     }
     Ok(())
-}
-
-/// The `--conv` setting in effect, as the CLI names it ("direct" when the Winograd kernels are not available).
-fn conv_algorithm() -> &'static str {
-    if crate::nn::winograd::available() {
-        crate::nn::conv::conv_algorithm().name()
-    } else {
-        "direct"
-    }
 }

@@ -8,7 +8,8 @@
 //! reductions and dx the same way. On several threads the tiles are row blocks and the kernels run staged
 //! (reduce tiles, add the partial sums across row blocks in a fixed order, then the elementwise pass).
 
-use super::batch_kernels::{dx_coefficients, BackwardSums, BatchStats, Moments, Ncs};
+use super::planes::dx_coefficients;
+use super::stats::{BackwardSums, BatchStats, Moments, Ncs};
 use crate::kernels::elementwise::SyncPtr;
 use crate::kernels::moments::moments_from_shifted;
 use crate::Real;

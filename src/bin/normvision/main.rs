@@ -1,10 +1,17 @@
-//! The `normvision` binary.
+//! The `normvision` binary: argument parsing (clap), progress bars (indicatif), tables and JSON lines, over the
+//! library's API.
 
+mod args;
+mod bench_kernels;
+mod choice;
+mod commands;
+mod progress;
+
+use args::{set_threads, DataArgs, TrainArgs};
 use clap::{Parser, Subcommand};
-use normvision::cli::args::{set_threads, DataArgs, TrainArgs};
-use normvision::cli::{bench_kernels, commands};
-use normvision::model::{ModelKind, NormKind};
-use normvision::nn::conv::ConvAlgorithm;
+use normvision::model::{ModelKind, NormKind, PlanOptions};
+use normvision::nn::ConvChoice;
+use normvision::Isa;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,11 +31,16 @@ struct Cli {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// 3x3 convolution algorithm: `winograd` (stride-1, padding-1 layers with 8+ input channels: F(4x4,3x3) in
-    /// training on planes 21-28 wide, F(2x2,3x3) otherwise; 1.4-1.9x faster than direct on the reference CNN's layers), `winograd2` (F(2x2,3x3)
-    /// only, whose rounding is closer to PyTorch's) or `direct` (implicit im2col, closest to PyTorch's).
-    #[arg(long, global = true, value_enum, default_value_t = ConvAlgorithm::Winograd)]
-    conv: ConvAlgorithm,
+    /// 3x3 convolution algorithm (Winograd is 1.4-1.9x faster than direct on the reference CNN's layers on
+    /// AVX-512; without AVX-512 every choice runs the direct convolution).
+    #[arg(long, global = true, value_parser = choice::conv(), default_value = "winograd")]
+    conv: ConvChoice,
+    /// Instruction set for the hand-written kernels [default: the best this CPU has].
+    #[arg(long, global = true, value_parser = choice::isa())]
+    isa: Option<Isa>,
+    /// Run every layer on its own, without the plan's fusions (for measuring what they buy).
+    #[arg(long, global = true, hide = true)]
+    no_fusion: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -64,7 +76,7 @@ enum Cmd {
         #[command(flatten)]
         data: DataArgs,
         /// Normalizations to compare.
-        #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![NormKind::Batch, NormKind::None])]
+        #[arg(long, value_parser = choice::norm(), value_delimiter = ',', default_values = ["batch", "none"])]
         norms: Vec<NormKind>,
         /// Accuracy for the "steps to" column.
         #[arg(long, default_value_t = 0.9)]
@@ -113,9 +125,9 @@ enum Cmd {
     },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
-        #[arg(long, value_enum, default_value_t = ModelKind::Cnn)]
+        #[arg(long, value_parser = choice::model(), default_value = "cnn")]
         model: ModelKind,
-        #[arg(long, value_enum, default_value_t = NormKind::Batch)]
+        #[arg(long, value_parser = choice::norm(), default_value = "batch")]
         norm: NormKind,
         #[arg(long, default_value_t = 128)]
         batch_size: usize,
@@ -159,7 +171,10 @@ enum Cmd {
 }
 
 fn run(cli: Cli) -> normvision::Result<()> {
-    normvision::nn::conv::set_conv_algorithm(cli.conv);
+    let mut plan = PlanOptions::default().conv(cli.conv).fuse(!cli.no_fusion);
+    if let Some(isa) = cli.isa {
+        plan = plan.isa(isa.checked()?);
+    }
     match cli.cmd {
         Cmd::BenchKernels {
             ops,
@@ -191,22 +206,31 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     "op", "shape", "mode", "threads", "min ms", "median ms", "GB/s"
                 );
             }
-            bench_kernels::run(&ops, &shapes, &modes, threads, warmup, reps, |r| {
-                if json {
-                    println!("{}", serde_json::to_string(r).expect("serialisable"));
-                } else {
-                    let shape = r
-                        .shape
-                        .iter()
-                        .map(|d| d.to_string())
-                        .collect::<Vec<_>>()
-                        .join("x");
-                    println!(
-                        "{:<14} {:<18} {:<14} {:>7} {:>10.3} {:>10.3} {:>8.1}",
-                        r.op, shape, r.mode, r.threads, r.min_ms, r.median_ms, r.gbps
-                    );
-                }
-            })
+            bench_kernels::run(
+                &ops,
+                &shapes,
+                &modes,
+                threads,
+                warmup,
+                reps,
+                plan.kernels,
+                |r| {
+                    if json {
+                        println!("{}", serde_json::to_string(r).expect("serialisable"));
+                    } else {
+                        let shape = r
+                            .shape
+                            .iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("x");
+                        println!(
+                            "{:<14} {:<18} {:<14} {:>7} {:>10.3} {:>10.3} {:>8.1}",
+                            r.op, shape, r.mode, r.threads, r.min_ms, r.median_ms, r.gbps
+                        );
+                    }
+                },
+            )
         }
         cmd => {
             set_threads(cli.threads)?;
@@ -219,7 +243,9 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     log,
                     json,
                     quiet,
-                } => commands::train(&train, &data, out, resume, log, json, quiet).map(|_| ()),
+                } => {
+                    commands::train(&train, &data, out, resume, log, json, quiet, &plan).map(|_| ())
+                }
                 Cmd::Compare {
                     train,
                     data,
@@ -228,14 +254,14 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     out_dir,
                     json,
                     quiet,
-                } => commands::compare(&train, &data, &norms, target, json, quiet, &out_dir),
+                } => commands::compare(&train, &data, &norms, target, json, quiet, &out_dir, &plan),
                 Cmd::Eval {
                     checkpoint,
                     data,
                     batch_size,
                     fold_bn,
                     json,
-                } => commands::eval(&checkpoint, &data, batch_size, fold_bn, json),
+                } => commands::eval(&checkpoint, &data, batch_size, fold_bn, json, &plan),
                 Cmd::Predict {
                     checkpoint,
                     images,
@@ -243,7 +269,7 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     classes,
                     fold_bn,
                     json,
-                } => commands::predict(&checkpoint, &images, top_k, classes, fold_bn, json),
+                } => commands::predict(&checkpoint, &images, top_k, classes, fold_bn, json, &plan),
                 Cmd::Bench {
                     model,
                     norm,
@@ -262,6 +288,7 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     }
                     commands::bench(
                         model, norm, batch_size, steps, warmup, &mode, fold_bn, profile, json,
+                        &plan,
                     )
                     .map(|_| ())
                 }

@@ -1,0 +1,608 @@
+//! Models are graphs: a DAG of named nodes over named values, with branches, additions, concatenations and
+//! several outputs. Each node keeps the PyTorch state-dict name of its module, so a graph's state dict has
+//! PyTorch's keys.
+//!
+//! A graph is built in order (a node can only read values that exist), so the node list is a topological order.
+//! Running it is the plan's business ([`super::plan`]): a graph compiles, once per input shape and mode, into
+//! a plan whose steps are the nodes with their fusions applied; the backward runs the steps in reverse and
+//! accumulates gradients where a value feeds several nodes.
+//!
+//! ```
+//! use normvision::model::Graph;
+//! use normvision::nn::{Conv2dConfig, ReLU};
+//! use normvision::norm::BatchNormConfig;
+//! use normvision::ndarray::{ArrayD, IxDyn};
+//! use normvision::Ctx;
+//! let mut rng = rand::thread_rng();
+//! let mut g = Graph::new();
+//! let x = g.input("x");
+//! let a = g.layer("conv", Conv2dConfig::new(3, 8, 3).padding(1).build::<f32>(&mut rng).unwrap(), x).unwrap();
+//! let a = g.layer("bn", BatchNormConfig::d2(8).build::<f32>().unwrap(), a).unwrap();
+//! let a = g.layer("relu", ReLU::new(), a).unwrap();
+//! let b = g.layer("proj", Conv2dConfig::new(3, 8, 1).build::<f32>(&mut rng).unwrap(), x).unwrap();
+//! let y = g.add("add", &[a, b]).unwrap();
+//! g.set_outputs(&[y]).unwrap();
+//! let input = ArrayD::ones(IxDyn(&[2, 3, 6, 6]));
+//! let out = g.forward(&[&input], Ctx::train()).unwrap();
+//! assert_eq!(out[0].shape(), &[2, 8, 6, 6]);
+//! let grads = g.backward(&[&input], &[&ArrayD::ones(IxDyn(&[2, 8, 6, 6]))], Ctx::train(), true).unwrap();
+//! assert_eq!(grads[0].as_ref().unwrap().shape(), &[2, 3, 6, 6]);
+//! assert!(g.state_dict().get("bn.running_mean").is_some());
+//! ```
+
+use super::plan::{Engine, PlanOptions, StepTime};
+use crate::layer::Layer;
+use crate::state::{join, StateDict, Stateful};
+use crate::{Ctx, NvError, Param, Result};
+use ndarray::ArrayD;
+
+/// A value of a graph: a graph input or a node's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub(crate) usize);
+
+impl ValueId {
+    /// The value's index in its graph.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// What a node computes.
+pub enum Op {
+    /// A layer of one input.
+    Layer(Box<dyn Layer<f32>>),
+    /// The elementwise sum of its inputs (all of one shape).
+    Add,
+    /// Its inputs concatenated along `axis` (1: channels).
+    Concat { axis: usize },
+}
+
+impl Op {
+    /// The layer, when the node is one.
+    pub fn as_layer(&self) -> Option<&dyn Layer<f32>> {
+        match self {
+            Op::Layer(l) => Some(l.as_ref()),
+            _ => None,
+        }
+    }
+    /// The layer as its concrete type `L`, when it is one.
+    pub fn downcast<L: 'static>(&self) -> Option<&L> {
+        let any: &dyn std::any::Any = self.as_layer()?;
+        any.downcast_ref::<L>()
+    }
+    /// A short description for tables and errors.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Layer(l) => l.name(),
+            Op::Add => "Add".into(),
+            Op::Concat { axis } => format!("Concat(dim={axis})"),
+        }
+    }
+}
+
+/// A node: its state-dict name, what it computes, the values it reads and the value it writes.
+pub struct Node {
+    pub(crate) name: String,
+    pub(crate) op: Op,
+    pub(crate) inputs: Vec<ValueId>,
+    pub(crate) output: ValueId,
+}
+
+impl Node {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn op(&self) -> &Op {
+        &self.op
+    }
+    pub fn inputs(&self) -> &[ValueId] {
+        &self.inputs
+    }
+    pub fn output(&self) -> ValueId {
+        self.output
+    }
+    /// The layer as its concrete type `L`, when it is one.
+    pub fn layer_as<L: 'static>(&self) -> Option<&L> {
+        self.op.downcast::<L>()
+    }
+    /// The layer as its concrete type `L`, mutably.
+    pub fn layer_as_mut<L: 'static>(&mut self) -> Option<&mut L> {
+        match &mut self.op {
+            Op::Layer(l) => {
+                let any: &mut dyn std::any::Any = l.as_mut();
+                any.downcast_mut::<L>()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A value's name and the node that writes it (`None`: a graph input).
+#[derive(Debug, Clone)]
+pub(crate) struct ValueInfo {
+    pub(crate) name: String,
+    pub(crate) producer: Option<usize>,
+}
+
+/// A model as a graph of layers. See the module docs.
+#[derive(Default)]
+pub struct Graph {
+    pub(crate) nodes: Vec<Node>,
+    pub(crate) values: Vec<ValueInfo>,
+    pub(crate) inputs: Vec<ValueId>,
+    pub(crate) outputs: Vec<ValueId>,
+    pub(crate) engine: Engine,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn check_name(&self, name: &str) -> Result<()> {
+        if name.is_empty() {
+            return Err(NvError::Config("graph: a node needs a name".into()));
+        }
+        if self.values.iter().any(|v| v.name == name) {
+            return Err(NvError::Config(format!(
+                "graph: the name {name:?} is taken"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, v: ValueId, node: &str) -> Result<()> {
+        if v.0 >= self.values.len() {
+            return Err(NvError::Config(format!(
+                "graph: node {node:?} reads value #{} of a graph with {} values",
+                v.0,
+                self.values.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn changed(&mut self) {
+        self.engine.invalidate();
+    }
+
+    /// Adds an input named `name` (fed in order to [`Graph::forward`]).
+    pub fn input(&mut self, name: impl Into<String>) -> ValueId {
+        let name = name.into();
+        let id = ValueId(self.values.len());
+        self.values.push(ValueInfo {
+            name,
+            producer: None,
+        });
+        self.inputs.push(id);
+        self.changed();
+        id
+    }
+
+    fn push(&mut self, name: String, op: Op, inputs: Vec<ValueId>) -> Result<ValueId> {
+        self.check_name(&name)?;
+        for &v in &inputs {
+            self.check_value(v, &name)?;
+        }
+        let output = ValueId(self.values.len());
+        self.values.push(ValueInfo {
+            name: name.clone(),
+            producer: Some(self.nodes.len()),
+        });
+        self.nodes.push(Node {
+            name,
+            op,
+            inputs,
+            output,
+        });
+        self.changed();
+        Ok(output)
+    }
+
+    /// Adds a layer node named `name` (its state-dict prefix) reading `x`.
+    pub fn layer(
+        &mut self,
+        name: impl Into<String>,
+        layer: impl Layer<f32>,
+        x: ValueId,
+    ) -> Result<ValueId> {
+        self.layer_boxed(name, Box::new(layer), x)
+    }
+
+    /// [`Graph::layer`] for a boxed layer.
+    pub fn layer_boxed(
+        &mut self,
+        name: impl Into<String>,
+        layer: Box<dyn Layer<f32>>,
+        x: ValueId,
+    ) -> Result<ValueId> {
+        self.push(name.into(), Op::Layer(layer), vec![x])
+    }
+
+    /// Adds the elementwise sum of `xs` (at least two, of one shape).
+    pub fn add(&mut self, name: impl Into<String>, xs: &[ValueId]) -> Result<ValueId> {
+        let name = name.into();
+        if xs.len() < 2 {
+            return Err(NvError::Config(format!(
+                "graph: Add {name:?} needs at least two inputs"
+            )));
+        }
+        self.push(name, Op::Add, xs.to_vec())
+    }
+
+    /// Adds the concatenation of `xs` along `axis` (at least one input; 1 concatenates channels).
+    pub fn concat(
+        &mut self,
+        name: impl Into<String>,
+        xs: &[ValueId],
+        axis: usize,
+    ) -> Result<ValueId> {
+        let name = name.into();
+        if xs.is_empty() {
+            return Err(NvError::Config(format!(
+                "graph: Concat {name:?} needs an input"
+            )));
+        }
+        self.push(name, Op::Concat { axis }, xs.to_vec())
+    }
+
+    /// Sets the graph's outputs, in the order [`Graph::forward`] returns them.
+    pub fn set_outputs(&mut self, outputs: &[ValueId]) -> Result<()> {
+        for &v in outputs {
+            self.check_value(v, "output")?;
+        }
+        if outputs.is_empty() {
+            return Err(NvError::Config("graph: at least one output".into()));
+        }
+        self.outputs = outputs.to_vec();
+        self.changed();
+        Ok(())
+    }
+
+    /// Appends a chain of layers, each reading the previous one's output, the first reading `x`; the layers are
+    /// named `prefix.name` (or `name` with an empty prefix). Returns the last output.
+    pub fn chain(&mut self, prefix: &str, seq: super::Sequential, x: ValueId) -> Result<ValueId> {
+        let mut cur = x;
+        for (name, layer) in seq.into_layers() {
+            cur = self.layer_boxed(join(prefix, &name), layer, cur)?;
+        }
+        Ok(cur)
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+    pub fn inputs(&self) -> &[ValueId] {
+        &self.inputs
+    }
+    pub fn outputs(&self) -> &[ValueId] {
+        &self.outputs
+    }
+    /// The name of value `v` (its producing node's, or the input's).
+    pub fn value_name(&self, v: ValueId) -> &str {
+        &self.values[v.0].name
+    }
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+    /// The node named `name`, mutably (a change of its layer's configuration is seen by the next plan).
+    pub fn node_mut(&mut self, name: &str) -> Option<&mut Node> {
+        self.engine.invalidate();
+        self.nodes.iter_mut().find(|n| n.name == name)
+    }
+
+    /// Errors unless the graph has inputs and outputs and every value is read or is an output.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.inputs.is_empty() || self.outputs.is_empty() {
+            return Err(NvError::Config(
+                "graph: it needs at least one input and one output (set_outputs)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The shapes of every value for these input shapes (the errors a forward would raise).
+    pub fn value_shapes(&self, inputs: &[&[usize]]) -> Result<Vec<Vec<usize>>> {
+        if inputs.len() != self.inputs.len() {
+            return Err(NvError::Config(format!(
+                "graph: {} inputs given, the graph has {}",
+                inputs.len(),
+                self.inputs.len()
+            )));
+        }
+        let mut shapes: Vec<Option<Vec<usize>>> = vec![None; self.values.len()];
+        for (v, s) in self.inputs.iter().zip(inputs) {
+            shapes[v.0] = Some(s.to_vec());
+        }
+        for node in &self.nodes {
+            let ins: Vec<&[usize]> = node
+                .inputs
+                .iter()
+                .map(|v| shapes[v.0].as_deref().expect("topological order"))
+                .collect();
+            let out = op_output_shape(&node.op, &ins).map_err(|e| in_node(&node.name, e))?;
+            shapes[node.output.0] = Some(out);
+        }
+        Ok(shapes.into_iter().map(|s| s.unwrap_or_default()).collect())
+    }
+
+    /// The options every plan of this graph is made with.
+    pub fn plan_options(&self) -> &PlanOptions {
+        self.engine.options()
+    }
+
+    /// Sets the plan options (the cached plans are dropped).
+    pub fn set_plan_options(&mut self, opts: PlanOptions) -> Result<()> {
+        self.engine.set_options(opts)
+    }
+
+    /// Forward pass in `ctx`'s mode, keeping what the backward needs. Returns the outputs in
+    /// [`Graph::outputs`] order.
+    pub fn forward(&mut self, inputs: &[&ArrayD<f32>], ctx: Ctx) -> Result<Vec<ArrayD<f32>>> {
+        let Graph {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+            engine,
+        } = self;
+        let view = GraphView {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+        };
+        engine.forward(view, inputs, ctx, false)
+    }
+
+    /// Inference: an eval-mode forward with the inference fusions (a convolution applies the eval BatchNorm,
+    /// ReLU and 2×2 max pool after it in its output pass), bitwise the eval forward's outputs for finite
+    /// values. Keeps nothing for a backward.
+    pub fn infer(&mut self, inputs: &[&ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+        let Graph {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+            engine,
+        } = self;
+        let view = GraphView {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+        };
+        engine.forward(view, inputs, Ctx::eval(), true)
+    }
+
+    /// Backward from dL/d(output) for every output (`dys` in [`Graph::outputs`] order), after a forward on the
+    /// same `inputs` in the same mode: accumulates every parameter's gradient, and returns dL/d(input) for
+    /// each input when `input_grads` (else `None`s, and the first layers skip their input gradients).
+    pub fn backward(
+        &mut self,
+        inputs: &[&ArrayD<f32>],
+        dys: &[&ArrayD<f32>],
+        ctx: Ctx,
+        input_grads: bool,
+    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+        let Graph {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+            engine,
+        } = self;
+        let view = GraphView {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+        };
+        engine.backward(view, inputs, dys, ctx, input_grads)
+    }
+
+    /// Drops the activations kept for a backward.
+    pub fn clear_saved(&mut self) {
+        self.engine.clear_saved();
+    }
+
+    /// Starts (or restarts) timing every step of every plan.
+    pub fn enable_timing(&mut self) {
+        self.engine.enable_timing();
+    }
+
+    /// The time of every step of the most recently used plan since timing was enabled.
+    pub fn step_times(&self) -> Vec<StepTime> {
+        self.engine.step_times(&self.nodes)
+    }
+
+    /// A description of the plan for these input shapes in `ctx`'s mode (`inference` for [`Graph::infer`]'s):
+    /// one line per step, with its nodes, fusions and algorithm.
+    pub fn describe_plan(
+        &mut self,
+        inputs: &[&[usize]],
+        ctx: Ctx,
+        inference: bool,
+    ) -> Result<String> {
+        let Graph {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+            engine,
+        } = self;
+        let view = GraphView {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+        };
+        engine.describe(view, inputs, ctx, inference)
+    }
+
+    /// The bytes of activations a training step keeps for its backward, and the peak bytes of activations
+    /// alive at once during its forward, for these input shapes (as planned; parameters and gradients apart).
+    pub fn activation_memory(&mut self, inputs: &[&[usize]], ctx: Ctx) -> Result<(usize, usize)> {
+        let Graph {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+            engine,
+        } = self;
+        let view = GraphView {
+            nodes,
+            values,
+            inputs: gin,
+            outputs,
+        };
+        engine.memory(view, inputs, ctx)
+    }
+
+    /// Folds every eval-mode BatchNorm (or FrozenBatchNorm) whose input is the output of a convolution (or
+    /// linear layer) read by nothing else into that layer's weights and bias, and removes it: an inference-only
+    /// graph that computes the same eval outputs up to f32 rounding with one pass less per pair (see
+    /// [`super::plan::fusions::fold`] for the error bound). The state dict keeps the other nodes' names.
+    /// Returns the number of folded pairs.
+    pub fn fold_batch_norm(&mut self) -> Result<usize> {
+        let n = super::plan::fusions::fold::fold(self)?;
+        self.engine.invalidate();
+        Ok(n)
+    }
+
+    /// The number of parameters.
+    pub fn num_params(&mut self) -> usize {
+        let mut n = 0;
+        self.visit_params("", &mut |_, p| n += p.len());
+        n
+    }
+}
+
+/// The parts of a graph a plan reads and runs (the graph without its engine).
+pub(crate) struct GraphView<'a> {
+    pub(crate) nodes: &'a mut [Node],
+    pub(crate) values: &'a [ValueInfo],
+    pub(crate) inputs: &'a [ValueId],
+    pub(crate) outputs: &'a [ValueId],
+}
+
+/// The output shape of `op` on inputs of `ins`.
+pub(crate) fn op_output_shape(op: &Op, ins: &[&[usize]]) -> Result<Vec<usize>> {
+    match op {
+        Op::Layer(l) => l.output_shape(ins[0]),
+        Op::Add => {
+            for s in &ins[1..] {
+                if *s != ins[0] {
+                    return Err(NvError::Shape {
+                        layer: "Add",
+                        msg: format!("inputs of shapes {:?} and {s:?}", ins[0]),
+                    });
+                }
+            }
+            Ok(ins[0].to_vec())
+        }
+        Op::Concat { axis } => {
+            let a = *axis;
+            let first = ins[0];
+            if a >= first.len() {
+                return Err(NvError::Shape {
+                    layer: "Concat",
+                    msg: format!("axis {a} of a rank-{} input", first.len()),
+                });
+            }
+            let mut out = first.to_vec();
+            for s in &ins[1..] {
+                let same_rest = s.len() == first.len()
+                    && s.iter()
+                        .zip(first)
+                        .enumerate()
+                        .all(|(i, (p, q))| i == a || p == q);
+                if !same_rest {
+                    return Err(NvError::Shape {
+                        layer: "Concat",
+                        msg: format!("inputs of shapes {first:?} and {s:?} differ outside dim {a}"),
+                    });
+                }
+                out[a] += s[a];
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// An error annotated with the node it came from.
+pub(crate) fn in_node(name: &str, e: NvError) -> NvError {
+    match e {
+        NvError::Shape { layer, msg } => NvError::Shape {
+            layer,
+            msg: format!("{msg} (in node {name})"),
+        },
+        other => other,
+    }
+}
+
+impl Stateful<f32> for Graph {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        for n in &self.nodes {
+            if let Op::Layer(l) = &n.op {
+                l.save_state(&join(prefix, &n.name), sd);
+            }
+        }
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        for n in self.nodes.iter_mut() {
+            if let Op::Layer(l) = &mut n.op {
+                l.load_state(&join(prefix, &n.name), sd)?;
+            }
+        }
+        self.engine.clear_saved();
+        Ok(())
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<f32>)) {
+        for n in self.nodes.iter_mut() {
+            if let Op::Layer(l) = &mut n.op {
+                l.visit_params(&join(prefix, &n.name), f);
+            }
+        }
+    }
+}
+
+/// A graph of one input and one output is a layer (a submodule of another graph, or a model driven by the
+/// [`Layer`] interface).
+impl Layer<f32> for Graph {
+    fn forward(&mut self, x: &ArrayD<f32>, ctx: Ctx) -> Result<ArrayD<f32>> {
+        self.one_in_one_out()?;
+        Ok(Graph::forward(self, &[x], ctx)?.remove(0))
+    }
+    fn backward(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, ctx: Ctx) -> Result<ArrayD<f32>> {
+        self.one_in_one_out()?;
+        let mut g = Graph::backward(self, &[x], &[dy], ctx, true)?;
+        Ok(g.remove(0).expect("input gradient requested"))
+    }
+    fn backward_params(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, ctx: Ctx) -> Result<()> {
+        self.one_in_one_out()?;
+        Graph::backward(self, &[x], &[dy], ctx, false).map(|_| ())
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.one_in_one_out()?;
+        let shapes = self.value_shapes(&[input])?;
+        Ok(shapes[self.outputs[0].0].clone())
+    }
+    fn name(&self) -> String {
+        format!("Graph({} nodes)", self.nodes.len())
+    }
+}
+
+impl Graph {
+    fn one_in_one_out(&self) -> Result<()> {
+        if self.inputs.len() != 1 || self.outputs.len() != 1 {
+            return Err(NvError::Config(format!(
+                "a graph used as a layer needs one input and one output, this one has {} and {}",
+                self.inputs.len(),
+                self.outputs.len()
+            )));
+        }
+        Ok(())
+    }
+}

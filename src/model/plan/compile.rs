@@ -1,0 +1,284 @@
+//! Compiling a graph into a plan for one set of input shapes and one kind of pass: one step per node, each
+//! convolution's algorithm chosen, the fusion patterns applied ([`super::fusions`]), and the activations planned
+//! by liveness (which values the backward keeps, and when each other one is freed).
+
+use super::fusions;
+use super::step::{BnStep, ConvStep, Step, StepKind};
+use super::{PlanKind, PlanOptions};
+use crate::model::graph::{in_node, op_output_shape, Node, Op, ValueId};
+use crate::nn::{Conv2d, Flatten};
+use crate::norm::{BatchNorm, FrozenBatchNorm};
+use crate::{Ctx, Result};
+
+/// A compiled plan.
+pub(crate) struct Plan {
+    pub steps: Vec<Step>,
+    /// Every value's shape.
+    pub shapes: Vec<Vec<usize>>,
+    /// Per step: the values to drop (or recycle) once the step's forward has run.
+    pub free_after: Vec<Vec<ValueId>>,
+    /// Per value: kept after the forward for the backward.
+    pub keep: Vec<bool>,
+    /// Per step: an Add may add into its first input's buffer (read by nothing after it, kept for nothing).
+    pub in_place: Vec<bool>,
+    /// Forward and backward seconds per step, summed while timing is on.
+    pub times: Vec<[f64; 2]>,
+}
+
+/// The plan under construction, as the fusion patterns see it.
+pub(crate) struct Builder<'a> {
+    pub nodes: &'a [Node],
+    pub steps: Vec<Option<Step>>,
+    pub shapes: Vec<Vec<usize>>,
+    pub kind: PlanKind,
+    pub ctx: Ctx,
+    pub inputs: &'a [ValueId],
+    pub outputs: &'a [ValueId],
+}
+
+impl Builder<'_> {
+    /// The live steps reading `v`.
+    pub fn readers(&self, v: ValueId) -> Vec<usize> {
+        self.steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.as_ref().is_some_and(|s| s.inputs.contains(&v)))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The one step reading `v`, when exactly one does and `v` is not a graph output.
+    pub fn sole_reader(&self, v: ValueId) -> Option<usize> {
+        if self.outputs.contains(&v) {
+            return None;
+        }
+        match self.readers(v).as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    pub fn step(&self, i: usize) -> &Step {
+        self.steps[i].as_ref().expect("live step")
+    }
+
+    pub fn step_mut(&mut self, i: usize) -> &mut Step {
+        self.steps[i].as_mut().expect("live step")
+    }
+
+    /// The live step indices, in order.
+    pub fn live(&self) -> Vec<usize> {
+        (0..self.steps.len())
+            .filter(|&i| self.steps[i].is_some())
+            .collect()
+    }
+
+    /// Step `into` takes over step `from` (which reads only `into`'s output): `into` now writes `from`'s output
+    /// and runs its nodes, and `from` is gone.
+    pub fn absorb(&mut self, into: usize, from: usize) {
+        let gone = self.steps[from].take().expect("live step");
+        let s = self.step_mut(into);
+        s.output = gone.output;
+        s.nodes.extend(gone.nodes);
+        s.has_params |= gone.has_params;
+    }
+
+    /// The node of a `Layer` step whose layer is an `L`.
+    pub fn layer_step<L: 'static>(&self, i: usize) -> Option<&L> {
+        match &self.step(i).kind {
+            StepKind::Layer { node } => self.nodes[*node].layer_as::<L>(),
+            _ => None,
+        }
+    }
+
+    /// The input shape of step `i`'s first input.
+    pub fn in_shape(&self, i: usize) -> &[usize] {
+        &self.shapes[self.step(i).inputs[0].0]
+    }
+}
+
+/// Whether each node has trainable parameters.
+fn params_of(nodes: &mut [Node]) -> Vec<bool> {
+    nodes
+        .iter_mut()
+        .map(|n| match &mut n.op {
+            Op::Layer(l) => {
+                let mut count = 0;
+                l.visit_params("", &mut |_, _| count += 1);
+                count > 0
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+/// The base step of a node: the convolutions and norms the patterns know get their own kinds.
+fn base_step(
+    nodes: &[Node],
+    i: usize,
+    shapes: &[Vec<usize>],
+    ctx: Ctx,
+    opts: &PlanOptions,
+    has_params: bool,
+) -> Result<Step> {
+    let node = &nodes[i];
+    let kind = match node.op() {
+        Op::Add => StepKind::Add { relu: false },
+        Op::Concat { axis } => StepKind::Concat { axis: *axis },
+        Op::Layer(_) => {
+            if let Some(conv) = node.layer_as::<Conv2d<f32>>() {
+                let algo = conv
+                    .algorithm(
+                        &shapes[node.inputs()[0].0],
+                        ctx.mode(),
+                        opts.conv,
+                        ctx.isa(),
+                    )
+                    .map_err(|e| in_node(node.name(), e))?;
+                StepKind::Conv(ConvStep {
+                    node: i,
+                    algo,
+                    affine: None,
+                    relu: false,
+                    pool: false,
+                    moments: false,
+                })
+            } else if node.layer_as::<BatchNorm<f32>>().is_some() {
+                StepKind::BatchNorm(BnStep {
+                    node: i,
+                    relu: false,
+                    pool: false,
+                    moments: false,
+                    defer_to: None,
+                })
+            } else if node.layer_as::<FrozenBatchNorm<f32>>().is_some() {
+                StepKind::Frozen {
+                    node: i,
+                    relu: false,
+                }
+            } else if node.layer_as::<Flatten<f32>>().is_some() {
+                StepKind::Reshape {
+                    node: i,
+                    moved: false,
+                }
+            } else {
+                StepKind::Layer { node: i }
+            }
+        }
+    };
+    Ok(Step {
+        kind,
+        inputs: node.inputs().to_vec(),
+        output: node.output(),
+        nodes: vec![i],
+        has_params,
+    })
+}
+
+/// Compiles the graph's `nodes` for these input shapes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compile(
+    nodes: &mut [Node],
+    num_values: usize,
+    inputs: &[ValueId],
+    outputs: &[ValueId],
+    input_shapes: &[Vec<usize>],
+    kind: PlanKind,
+    ctx: Ctx,
+    opts: &PlanOptions,
+) -> Result<Plan> {
+    let mut shapes = vec![vec![]; num_values];
+    for (v, s) in inputs.iter().zip(input_shapes) {
+        shapes[v.0] = s.clone();
+    }
+    for node in nodes.iter() {
+        let ins: Vec<&[usize]> = node
+            .inputs()
+            .iter()
+            .map(|v| shapes[v.0].as_slice())
+            .collect();
+        shapes[node.output().0] =
+            op_output_shape(node.op(), &ins).map_err(|e| in_node(node.name(), e))?;
+    }
+    let params = params_of(nodes);
+    let nodes: &[Node] = nodes;
+    let steps = (0..nodes.len())
+        .map(|i| base_step(nodes, i, &shapes, ctx, opts, params[i]).map(Some))
+        .collect::<Result<Vec<_>>>()?;
+    let mut b = Builder {
+        nodes,
+        steps,
+        shapes,
+        kind,
+        ctx,
+        inputs,
+        outputs,
+    };
+    if opts.fuse {
+        fusions::apply_all(&mut b);
+    }
+    let steps: Vec<Step> = b.steps.into_iter().flatten().collect();
+    let shapes = b.shapes;
+    let (keep, free_after, in_place) = liveness(&steps, num_values, inputs, outputs, kind);
+    let n = steps.len();
+    Ok(Plan {
+        steps,
+        shapes,
+        free_after,
+        keep,
+        in_place,
+        times: vec![[0.0; 2]; n],
+    })
+}
+
+/// Which values the backward keeps, when every other value is freed, and which additions may write into
+/// their first input.
+fn liveness(
+    steps: &[Step],
+    num_values: usize,
+    inputs: &[ValueId],
+    outputs: &[ValueId],
+    kind: PlanKind,
+) -> (Vec<bool>, Vec<Vec<ValueId>>, Vec<bool>) {
+    let mut keep = vec![false; num_values];
+    if kind != PlanKind::Inference {
+        for s in steps {
+            if s.backward_reads_inputs() {
+                for v in &s.inputs {
+                    keep[v.0] = true;
+                }
+            }
+            if s.backward_reads_output() {
+                keep[s.output.0] = true;
+            }
+        }
+    }
+    // the last step reading each value (its producer when nothing reads it)
+    let mut last: Vec<Option<usize>> = vec![None; num_values];
+    for (i, s) in steps.iter().enumerate() {
+        last[s.output.0].get_or_insert(i);
+        for v in &s.inputs {
+            last[v.0] = Some(i);
+        }
+    }
+    let mut free_after = vec![vec![]; steps.len()];
+    for (v, l) in last.iter().enumerate() {
+        let id = ValueId(v);
+        if let Some(i) = *l {
+            if !keep[v] && !outputs.contains(&id) && !inputs.contains(&id) {
+                free_after[i].push(id);
+            }
+        }
+    }
+    let in_place = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            matches!(s.kind, StepKind::Add { .. }) && {
+                let v = s.inputs[0];
+                free_after[i].contains(&v) && s.inputs.iter().filter(|&&u| u == v).count() == 1
+            }
+        })
+        .collect();
+    (keep, free_after, in_place)
+}

@@ -1,0 +1,422 @@
+//! Running a plan: the forward step by step (each step reads its input values and writes its output value;
+//! values the backward does not need are freed after their last reader), and the backward in reverse,
+//! accumulating gradients where a value feeds several steps.
+
+use super::compile::Plan;
+use super::step::{BnStep, ConvStep, Step, StepKind};
+use super::PlanKind;
+use crate::kernels::arena;
+use crate::kernels::moments::PlaneMoments;
+use crate::model::graph::{in_node, Node, Op, ValueId};
+use crate::nn::{Conv2d, Epilogue};
+use crate::norm::{BatchNorm, BnFusion, FrozenBatchNorm};
+use crate::{Ctx, NvError, Result};
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
+use std::sync::Arc;
+
+/// The activations of one forward: the values it computed (graph inputs stay the caller's).
+pub(crate) struct Values<'x> {
+    pub vals: Vec<Option<ArrayD<f32>>>,
+    pub inputs: &'x [&'x ArrayD<f32>],
+    pub input_ids: &'x [ValueId],
+    moments: Vec<Option<PlaneMoments>>,
+}
+
+impl<'x> Values<'x> {
+    pub fn new(
+        vals: Vec<Option<ArrayD<f32>>>,
+        inputs: &'x [&'x ArrayD<f32>],
+        input_ids: &'x [ValueId],
+    ) -> Self {
+        let n = vals.len();
+        Values {
+            vals,
+            inputs,
+            input_ids,
+            moments: vec![None; n],
+        }
+    }
+
+    /// Value `v`: a graph input or a computed value still alive.
+    pub fn get(&self, v: ValueId) -> Result<&ArrayD<f32>> {
+        if let Some(k) = self.input_ids.iter().position(|&i| i == v) {
+            return Ok(self.inputs[k]);
+        }
+        self.vals[v.0]
+            .as_ref()
+            .ok_or_else(|| NvError::Config(format!("plan: value #{} is not alive", v.0)))
+    }
+}
+
+/// The node's layer as an `L` (the plan made the step for that type).
+fn layer<'a, L: 'static>(nodes: &'a mut [Node], n: usize) -> &'a mut L {
+    nodes[n]
+        .layer_as_mut::<L>()
+        .expect("the plan's step kind matches its node's layer")
+}
+
+fn dyn_layer(nodes: &mut [Node], n: usize) -> &mut dyn crate::Layer<f32> {
+    match &mut nodes[n].op {
+        Op::Layer(l) => l.as_mut(),
+        _ => unreachable!("a layer step's node is a layer"),
+    }
+}
+
+/// Runs step `i`'s forward, writing its output value.
+pub(crate) fn forward_step(
+    plan: &Plan,
+    i: usize,
+    nodes: &mut [Node],
+    v: &mut Values,
+    ctx: Ctx,
+) -> Result<()> {
+    let step = &plan.steps[i];
+    let y = forward_kind(plan, i, step, nodes, v, ctx)
+        .map_err(|e| in_node(nodes[step.nodes[0]].name(), e))?;
+    v.vals[step.output.0] = Some(y);
+    Ok(())
+}
+
+fn forward_kind(
+    plan: &Plan,
+    i: usize,
+    step: &Step,
+    nodes: &mut [Node],
+    v: &mut Values,
+    ctx: Ctx,
+) -> Result<ArrayD<f32>> {
+    match &step.kind {
+        StepKind::Layer { node } => {
+            let x = v.get(step.inputs[0])?;
+            dyn_layer(nodes, *node).forward(x, ctx)
+        }
+        StepKind::Conv(c) => conv_forward(c, step, nodes, v),
+        StepKind::BatchNorm(b) => {
+            let pm = if b.moments {
+                v.moments[step.inputs[0].0].take()
+            } else {
+                None
+            };
+            let x = v.get(step.inputs[0])?;
+            let f = BnFusion {
+                relu: b.relu,
+                pool2x2: b.pool,
+                plane_moments: pm.as_deref(),
+            };
+            layer::<BatchNorm<f32>>(nodes, b.node).forward_fused(x, ctx, f)
+        }
+        StepKind::Frozen { node, relu } => {
+            let x = v.get(step.inputs[0])?;
+            layer::<FrozenBatchNorm<f32>>(nodes, *node).forward_fused(x, *relu)
+        }
+        StepKind::Add { relu } => add_forward(plan, i, step, v, *relu),
+        StepKind::Concat { axis } => {
+            let xs = step
+                .inputs
+                .iter()
+                .map(|&u| v.get(u))
+                .collect::<Result<Vec<_>>>()?;
+            concat(&xs, *axis)
+        }
+        StepKind::Reshape { node, moved } => {
+            let out_shape = plan.shapes[step.output.0].clone();
+            if *moved {
+                let owned = v.vals[step.inputs[0].0]
+                    .take()
+                    .expect("a moved input is computed");
+                Ok(reshape_owned(owned, &out_shape))
+            } else {
+                let x = v.get(step.inputs[0])?;
+                dyn_layer(nodes, *node).forward(x, ctx)
+            }
+        }
+    }
+}
+
+fn conv_forward(
+    c: &ConvStep,
+    step: &Step,
+    nodes: &mut [Node],
+    v: &mut Values,
+) -> Result<ArrayD<f32>> {
+    let affine = match c.affine {
+        Some(n) => Some(norm_affine(nodes, n)?),
+        None => None,
+    };
+    let x = v.get(step.inputs[0])?;
+    let conv = layer::<Conv2d<f32>>(nodes, c.node);
+    if c.moments {
+        let (y, pm) = conv.forward_with_moments(x, c.algo)?;
+        v.moments[step.output.0] = Some(pm);
+        return Ok(y);
+    }
+    let epi = Epilogue {
+        affine: affine.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
+        relu: c.relu,
+        pool2x2: c.pool,
+    };
+    conv.forward_with(x, c.algo, epi)
+}
+
+/// The f32 eval affine of a BatchNorm or FrozenBatchNorm node.
+fn norm_affine(nodes: &[Node], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let node = &nodes[n];
+    let aff = match node.layer_as::<BatchNorm<f32>>() {
+        Some(bn) => bn.eval_affine(),
+        None => node
+            .layer_as::<FrozenBatchNorm<f32>>()
+            .map(|f| f.eval_affine()),
+    };
+    aff.map(|a| a.to_real())
+        .ok_or_else(|| NvError::Config(format!("{}: no eval affine to fuse", node.name())))
+}
+
+/// relu(a + b + …), into the first input's buffer when the plan allows.
+fn add_forward(
+    plan: &Plan,
+    i: usize,
+    step: &Step,
+    v: &mut Values,
+    relu: bool,
+) -> Result<ArrayD<f32>> {
+    let first = step.inputs[0];
+    let mut y = if plan.in_place[i] {
+        v.vals[first.0]
+            .take()
+            .expect("an in-place input is computed")
+    } else {
+        let x = v.get(first)?;
+        // SAFETY: assigned in full right away.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        y.assign(x);
+        y
+    };
+    let last = step.inputs.len() - 1;
+    for (k, &u) in step.inputs.iter().enumerate().skip(1) {
+        let b = v.get(u)?;
+        if b.shape() != y.shape() {
+            return Err(NvError::Shape {
+                layer: "Add",
+                msg: format!("inputs of shapes {:?} and {:?}", y.shape(), b.shape()),
+            });
+        }
+        let zip = ndarray::Zip::from(&mut y).and(b);
+        if relu && k == last {
+            // the sum and the ReLU in one pass, as PyTorch's `relu(a + b)` computes each element
+            zip.for_each(|a, &b| {
+                let t = *a + b;
+                *a = if t <= 0.0 { 0.0 } else { t };
+            });
+        } else {
+            zip.for_each(|a, &b| *a += b);
+        }
+    }
+    Ok(y)
+}
+
+/// `xs` concatenated along `axis`.
+fn concat(xs: &[&ArrayD<f32>], axis: usize) -> Result<ArrayD<f32>> {
+    let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
+    ndarray::concatenate(Axis(axis), &views).map_err(|e| NvError::Shape {
+        layer: "Concat",
+        msg: e.to_string(),
+    })
+}
+
+/// `a` with `shape` (the same number of elements, row-major): its buffer moved when `a` is in standard layout,
+/// copied in logical order otherwise.
+pub(crate) fn reshape_owned(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+    if a.is_standard_layout() {
+        if let Ok(y) = a.into_shape_with_order(IxDyn(shape)) {
+            return y;
+        }
+        unreachable!("a standard-layout array reshapes to any shape of the same size");
+    }
+    ArrayD::from_shape_vec(IxDyn(shape), a.iter().copied().collect())
+        .expect("the same number of elements")
+}
+
+/// A gradient held by the backward: shared when one dy feeds several inputs (an addition).
+pub(crate) type Grad = Arc<ArrayD<f32>>;
+
+/// Adds `g` into the gradient slot of a value (the first contribution is stored as is).
+pub(crate) fn accumulate(slot: &mut Option<Grad>, g: Grad) {
+    match slot {
+        None => *slot = Some(g),
+        Some(have) => {
+            let a = Arc::make_mut(have);
+            ndarray::Zip::from(a).and(&*g).for_each(|a, &b| *a += b);
+        }
+    }
+}
+
+/// What a step's backward hands back: a gradient per input (`None` where the input needs none).
+pub(crate) type InputGrads = Vec<Option<Grad>>;
+
+/// Runs step `i`'s backward from `dy`: accumulates its parameters' gradients and returns its inputs' gradients
+/// where `needs[k]` (input k requires a gradient).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_step(
+    plan: &Plan,
+    i: usize,
+    nodes: &mut [Node],
+    v: &Values,
+    dy: Grad,
+    needs: &[bool],
+    deferred: bool,
+    ctx: Ctx,
+) -> Result<InputGrads> {
+    let step = &plan.steps[i];
+    backward_kind(plan, i, step, nodes, v, dy, needs, deferred, ctx)
+        .map_err(|e| in_node(nodes[step.nodes[0]].name(), e))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_kind(
+    plan: &Plan,
+    _i: usize,
+    step: &Step,
+    nodes: &mut [Node],
+    v: &Values,
+    dy: Grad,
+    needs: &[bool],
+    deferred: bool,
+    ctx: Ctx,
+) -> Result<InputGrads> {
+    let need = needs.first().copied().unwrap_or(false);
+    match &step.kind {
+        StepKind::Layer { node } => {
+            let x = v.get(step.inputs[0])?;
+            let l = dyn_layer(nodes, *node);
+            if need {
+                Ok(vec![Some(Arc::new(l.backward(x, &dy, ctx)?))])
+            } else {
+                l.backward_params(x, &dy, ctx)?;
+                Ok(vec![None])
+            }
+        }
+        StepKind::Conv(c) => {
+            let x = v.get(step.inputs[0])?;
+            let conv = layer::<Conv2d<f32>>(nodes, c.node);
+            if need {
+                // SAFETY: every convolution backward writes each element of dx.
+                let mut dx = unsafe { arena::output_uninit(x.shape()) };
+                conv.backward_with(
+                    x,
+                    &dy,
+                    Some(dx.as_slice_mut().expect("fresh array")),
+                    c.algo,
+                )?;
+                Ok(vec![Some(Arc::new(dx))])
+            } else {
+                conv.backward_with(x, &dy, None, c.algo)?;
+                Ok(vec![None])
+            }
+        }
+        StepKind::BatchNorm(b) => {
+            let x = v.get(step.inputs[0])?;
+            if deferred {
+                deferred_backward(plan, b, nodes, v, x, &dy, ctx)?;
+                return Ok(vec![None]);
+            }
+            let dx = Layer::backward(layer::<BatchNorm<f32>>(nodes, b.node), x, &dy, ctx)?;
+            Ok(vec![need.then(|| Arc::new(dx))])
+        }
+        StepKind::Frozen { node, .. } => {
+            if !need {
+                return Ok(vec![None]);
+            }
+            let x = v.get(step.inputs[0])?;
+            let dx = Layer::backward(layer::<FrozenBatchNorm<f32>>(nodes, *node), x, &dy, ctx)?;
+            Ok(vec![Some(Arc::new(dx))])
+        }
+        StepKind::Add { relu } => {
+            let g = if *relu {
+                let out = v.get(step.output)?;
+                let mut g = Arc::unwrap_or_clone(dy);
+                ndarray::Zip::from(&mut g).and(out).for_each(|g, &o| {
+                    if o <= 0.0 {
+                        *g = 0.0
+                    }
+                });
+                Arc::new(g)
+            } else {
+                dy
+            };
+            Ok(needs.iter().map(|&n| n.then(|| Arc::clone(&g))).collect())
+        }
+        StepKind::Concat { axis } => {
+            let mut start = 0;
+            let mut out = vec![];
+            for (k, &u) in step.inputs.iter().enumerate() {
+                let len = plan.shapes[u.0][*axis];
+                if needs[k] {
+                    let part = dy.slice_axis(Axis(*axis), Slice::from(start..start + len));
+                    out.push(Some(Arc::new(part.to_owned())));
+                } else {
+                    out.push(None);
+                }
+                start += len;
+            }
+            Ok(out)
+        }
+        StepKind::Reshape { node, moved } => {
+            if !need {
+                return Ok(vec![None]);
+            }
+            let in_shape = &plan.shapes[step.inputs[0].0];
+            if *moved {
+                let d = Arc::unwrap_or_clone(dy);
+                Ok(vec![Some(Arc::new(reshape_owned(d, in_shape)))])
+            } else {
+                let x = v.get(step.inputs[0])?;
+                Ok(vec![Some(Arc::new(
+                    dyn_layer(nodes, *node).backward(x, &dy, ctx)?,
+                ))])
+            }
+        }
+    }
+}
+
+/// The BatchNorm's backward without its dx pass, its dx handed plane by plane to the weight gradient of the
+/// convolution before it ([`super::fusions::dx_planes`]).
+fn deferred_backward(
+    plan: &Plan,
+    b: &BnStep,
+    nodes: &mut [Node],
+    v: &Values,
+    x: &ArrayD<f32>,
+    dy: &ArrayD<f32>,
+    ctx: Ctx,
+) -> Result<()> {
+    let conv_step = &plan.steps[b.defer_to.expect("deferred")];
+    let StepKind::Conv(c) = &conv_step.kind else {
+        unreachable!("dx_planes defers to a convolution step")
+    };
+    let x0 = v.get(conv_step.inputs[0])?;
+    let [bn_node, conv_node] = nodes
+        .get_disjoint_mut([b.node, c.node])
+        .expect("two distinct nodes");
+    let bn = bn_node
+        .layer_as_mut::<BatchNorm<f32>>()
+        .expect("a BatchNorm step");
+    let conv = conv_node
+        .layer_as_mut::<Conv2d<f32>>()
+        .expect("a convolution step");
+    let planes = bn.backward_deferred(x, dy, ctx)?;
+    let d = planes.dims();
+    let fill = |k: usize, out: &mut [f32]| planes.fill(k, out);
+    if !conv.backward_params_from_planes(x0, (d.n, d.c, d.s), &fill, c.algo)? {
+        let dx = ArrayD::from_shape_vec(x.raw_dim(), planes.to_vec())
+            .expect("dx of the norm's input shape");
+        conv.backward_with(x0, &dx, None, c.algo)?;
+    }
+    Ok(())
+}
+
+use crate::Layer;
+
+/// Whether a plan of this kind keeps activations for a backward.
+pub(crate) fn keeps_activations(kind: PlanKind) -> bool {
+    kind != PlanKind::Inference
+}

@@ -1,0 +1,31 @@
+//! BatchNorm (or FrozenBatchNorm) → ReLU: the norm's kernels apply the ReLU in the pass that writes its output,
+//! and its backward masks dy by recomputing that output (bitwise the forward's).
+
+use super::super::compile::Builder;
+use super::super::step::StepKind;
+use crate::nn::ReLU;
+
+pub(crate) fn apply(b: &mut Builder) {
+    for i in b.live() {
+        if b.steps[i].is_none()
+            || !matches!(
+                b.step(i).kind,
+                StepKind::BatchNorm(_) | StepKind::Frozen { .. }
+            )
+        {
+            continue;
+        }
+        let Some(r) = b.sole_reader(b.step(i).output) else {
+            continue;
+        };
+        if b.layer_step::<ReLU<f32>>(r).is_none() {
+            continue;
+        }
+        match &mut b.step_mut(i).kind {
+            StepKind::BatchNorm(bn) => bn.relu = true,
+            StepKind::Frozen { relu, .. } => *relu = true,
+            _ => unreachable!("matched above"),
+        }
+        b.absorb(i, r);
+    }
+}

@@ -1,0 +1,66 @@
+//! Inference: convolution → eval BatchNorm or FrozenBatchNorm (+ ReLU) (+ 2×2 max pool): the convolution's
+//! output pass applies the norm's per-channel affine y·a + b (rounded as the norm's own pass rounds it), the
+//! ReLU and, when its algorithm can (Winograd F(2×2): one output tile is one pool window), the pool. Bitwise the
+//! separate layers.
+
+use super::super::compile::Builder;
+use super::super::step::StepKind;
+use crate::nn::MaxPool2d;
+use crate::norm::{BatchNorm, FrozenBatchNorm};
+
+pub(crate) fn apply(b: &mut Builder) {
+    for i in b.live() {
+        if b.steps[i].is_none() {
+            continue;
+        }
+        let StepKind::Conv(conv) = &b.step(i).kind else {
+            continue;
+        };
+        if !conv.algo.fuses_affine() || conv.affine.is_some() || conv.relu {
+            continue;
+        }
+        let Some(r) = b.sole_reader(b.step(i).output) else {
+            continue;
+        };
+        let (norm, relu) = match &b.step(r).kind {
+            StepKind::BatchNorm(bn) if !bn.pool => {
+                let layer = b.nodes[bn.node]
+                    .layer_as::<BatchNorm<f32>>()
+                    .expect("a BatchNorm step's node");
+                if layer.eval_affine().is_none() {
+                    continue;
+                }
+                (bn.node, bn.relu)
+            }
+            StepKind::Frozen { node, relu } => {
+                debug_assert!(b.nodes[*node].layer_as::<FrozenBatchNorm<f32>>().is_some());
+                (*node, *relu)
+            }
+            _ => continue,
+        };
+        let algo = conv.algo;
+        if let StepKind::Conv(c) = &mut b.step_mut(i).kind {
+            c.affine = Some(norm);
+            c.relu = relu;
+        }
+        b.absorb(i, r);
+        // a 2×2 max pool after the ReLU goes into the same pass where the algorithm can
+        let out = b.step(i).output;
+        let shape = &b.shapes[out.0];
+        let even = shape.len() == 4 && shape[2] % 2 == 0 && shape[3] % 2 == 0;
+        if !(relu && algo.fuses_affine_relu_pool() && even) {
+            continue;
+        }
+        let Some(p) = b.sole_reader(out) else {
+            continue;
+        };
+        if b.layer_step::<MaxPool2d<f32>>(p)
+            .is_some_and(|m| m.is_2x2())
+        {
+            if let StepKind::Conv(c) = &mut b.step_mut(i).kind {
+                c.pool = true;
+            }
+            b.absorb(i, p);
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! First convolution ← BatchNorm (backward): when the convolution's input needs no gradient (the images), it
+//! needs dy only for its weight gradient, so the BatchNorm after it hands dx over plane by plane instead of
+//! writing it: the single-channel convolution consumes each image's planes from a buffer in cache, and other
+//! algorithms take the planes gathered into one array. Bitwise the separate backwards.
+
+use super::super::compile::Builder;
+use super::super::step::StepKind;
+
+pub(crate) fn apply(b: &mut Builder) {
+    for i in b.live() {
+        let StepKind::Conv(conv) = &b.step(i).kind else {
+            continue;
+        };
+        let input = b.step(i).inputs[0];
+        if conv.affine.is_some() || conv.relu || !b.inputs.contains(&input) {
+            continue;
+        }
+        let Some(r) = b.sole_reader(b.step(i).output) else {
+            continue;
+        };
+        let StepKind::BatchNorm(bn) = &b.step(r).kind else {
+            continue;
+        };
+        let spatial: usize = b.in_shape(r)[2..].iter().product();
+        if bn.pool || b.in_shape(r).len() < 3 || spatial < 2 {
+            continue;
+        }
+        if let StepKind::BatchNorm(bn) = &mut b.step_mut(r).kind {
+            bn.defer_to = Some(i);
+        }
+    }
+}

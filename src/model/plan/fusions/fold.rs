@@ -1,0 +1,97 @@
+//! BatchNorm folding (inference): a convolution followed by an eval-mode BatchNorm (or a FrozenBatchNorm) becomes
+//! one convolution with W' = a·W and b' = a·b + c (a = weight/sqrt(running_var + eps), c = bias −
+//! running_mean·a), computed in f64 and rounded once, and the norm node is removed. It applies wherever the
+//! convolution's output is read by the norm alone, inside residual blocks too.
+//!
+//! The folded convolution computes W'x + b', which differs from the unfolded (Wx + b)·a + c by rounding only,
+//! but by rounding of the *folded* quantities: where the norm subtracts a large running mean (|mean|/std up to
+//! 1e5 in f32), W'x + b' cancels `b'` against `W'x` and keeps about 24 − log2(|mean|/std) good bits, so its
+//! error relative to the output's range grows in proportion to |mean|/std (about 1e-7·|mean|/std). The fused
+//! eval path of an inference plan ([`super::conv_affine`]) does not fold and has no such error; fold only for
+//! deployment where that bound is acceptable.
+
+use crate::model::graph::{Graph, Op, ValueId};
+use crate::nn::Conv2d;
+use crate::norm::{BatchNorm, EvalAffine, FrozenBatchNorm};
+use crate::Result;
+
+/// The eval affine of node `n` when it is a foldable norm.
+fn norm_affine(g: &Graph, n: usize) -> Option<EvalAffine> {
+    let node = &g.nodes[n];
+    if let Some(bn) = node.layer_as::<BatchNorm<f32>>() {
+        return bn.eval_affine();
+    }
+    node.layer_as::<FrozenBatchNorm<f32>>()
+        .map(|f| f.eval_affine())
+}
+
+/// Folds every foldable (convolution, norm) pair of `g`; returns how many.
+pub(crate) fn fold(g: &mut Graph) -> Result<usize> {
+    let mut folded = 0;
+    while let Some((conv, norm, aff)) = find(g) {
+        let node = &mut g.nodes[conv];
+        node.layer_as_mut::<Conv2d<f32>>()
+            .expect("found as a convolution")
+            .fold_affine(&aff.scale, &aff.shift)?;
+        let keep = node.output;
+        remove_node(g, norm, keep);
+        folded += 1;
+    }
+    Ok(folded)
+}
+
+/// The first (convolution node, norm node, affine) that folds.
+fn find(g: &Graph) -> Option<(usize, usize, EvalAffine)> {
+    for (n, node) in g.nodes.iter().enumerate() {
+        let Some(aff) = norm_affine(g, n) else {
+            continue;
+        };
+        let input = node.inputs[0];
+        let Some(p) = g.values[input.0].producer else {
+            continue;
+        };
+        let Some(conv) = g.nodes[p].layer_as::<Conv2d<f32>>() else {
+            continue;
+        };
+        let readers = g.nodes.iter().filter(|m| m.inputs.contains(&input)).count();
+        if readers == 1
+            && !g.outputs.contains(&input)
+            && conv.config().out_channels == aff.channels()
+        {
+            return Some((p, n, aff));
+        }
+    }
+    None
+}
+
+/// Removes node `n`, whose readers read `alias` instead, and its output value.
+fn remove_node(g: &mut Graph, n: usize, alias: ValueId) {
+    let gone = g.nodes.remove(n);
+    debug_assert!(matches!(gone.op, Op::Layer(_)));
+    let dead = gone.output;
+    let map = |v: ValueId| -> ValueId {
+        let v = if v == dead { alias } else { v };
+        if v.0 > dead.0 {
+            ValueId(v.0 - 1)
+        } else {
+            v
+        }
+    };
+    for node in &mut g.nodes {
+        for v in &mut node.inputs {
+            *v = map(*v);
+        }
+        node.output = map(node.output);
+    }
+    for v in g.inputs.iter_mut().chain(g.outputs.iter_mut()) {
+        *v = map(*v);
+    }
+    g.values.remove(dead.0);
+    for info in &mut g.values {
+        if let Some(p) = info.producer.as_mut() {
+            if *p > n {
+                *p -= 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! A graph's architecture as data: what checkpoints store beside the weights, so that `eval` and `predict` can
+//! rebuild any model the CLI or the API made ([`Graph::spec`], [`Graph::from_spec`]).
+
+use super::graph::{Graph, Op, ValueId};
+use crate::layer::Layer;
+use crate::nn::{
+    AvgPool2d, AvgPool2dConfig, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Linear,
+    LinearConfig, MaxPool2d, MaxPool2dConfig, ReLU, Sigmoid,
+};
+use crate::norm::frozen::FrozenBatchNormConfig;
+use crate::norm::{
+    BatchChannelNorm, BatchChannelNormConfig, BatchNorm, BatchNormConfig, FrozenBatchNorm,
+    GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, LayerNormConfig,
+};
+use crate::{NvError, Result};
+use serde::{Deserialize, Serialize};
+
+/// A layer's type and configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LayerSpec {
+    Conv2d(Conv2dConfig),
+    Linear(LinearConfig),
+    BatchNorm(BatchNormConfig),
+    FrozenBatchNorm(FrozenBatchNormConfig),
+    GroupNorm(GroupNormConfig),
+    LayerNorm(LayerNormConfig),
+    InstanceNorm(InstanceNormConfig),
+    BatchChannelNorm(BatchChannelNormConfig),
+    Relu,
+    Sigmoid,
+    Flatten,
+    MaxPool2d(MaxPool2dConfig),
+    AvgPool2d(AvgPool2dConfig),
+    GlobalAvgPool,
+    Dropout { p: f64, seed: u64 },
+}
+
+impl LayerSpec {
+    /// The spec of a layer of a known type (`None` for a user's own layer type).
+    pub fn of(layer: &dyn Layer<f32>) -> Option<LayerSpec> {
+        let any: &dyn std::any::Any = layer;
+        macro_rules! try_cfg {
+            ($($t:ident => $v:ident),*) => {$(
+                if let Some(l) = any.downcast_ref::<$t<f32>>() {
+                    return Some(LayerSpec::$v(l.config().clone()));
+                }
+            )*};
+        }
+        try_cfg!(Conv2d => Conv2d, Linear => Linear, BatchNorm => BatchNorm, FrozenBatchNorm => FrozenBatchNorm,
+            GroupNorm => GroupNorm, LayerNorm => LayerNorm, InstanceNorm => InstanceNorm,
+            BatchChannelNorm => BatchChannelNorm, MaxPool2d => MaxPool2d, AvgPool2d => AvgPool2d);
+        if any.is::<ReLU<f32>>() {
+            return Some(LayerSpec::Relu);
+        }
+        if any.is::<Sigmoid<f32>>() {
+            return Some(LayerSpec::Sigmoid);
+        }
+        if any.is::<Flatten<f32>>() {
+            return Some(LayerSpec::Flatten);
+        }
+        if any.is::<GlobalAvgPool<f32>>() {
+            return Some(LayerSpec::GlobalAvgPool);
+        }
+        if let Some(d) = any.downcast_ref::<Dropout<f32>>() {
+            return Some(LayerSpec::Dropout {
+                p: d.p(),
+                seed: d.seed(),
+            });
+        }
+        None
+    }
+
+    /// A layer of this spec, with zero (or identity) parameters, to be loaded from a state dict.
+    pub fn build(&self) -> Result<Box<dyn Layer<f32>>> {
+        Ok(match self {
+            LayerSpec::Conv2d(c) => Box::new(Conv2d::<f32>::new(c.clone())?),
+            LayerSpec::Linear(c) => Box::new(Linear::<f32>::new(c.clone())?),
+            LayerSpec::BatchNorm(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::FrozenBatchNorm(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::GroupNorm(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::LayerNorm(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::InstanceNorm(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::BatchChannelNorm(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::Relu => Box::new(ReLU::<f32>::new()),
+            LayerSpec::Sigmoid => Box::new(Sigmoid::<f32>::new()),
+            LayerSpec::Flatten => Box::new(Flatten::<f32>::new()),
+            LayerSpec::MaxPool2d(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::AvgPool2d(c) => Box::new(c.clone().build::<f32>()?),
+            LayerSpec::GlobalAvgPool => Box::new(GlobalAvgPool::<f32>::new()),
+            LayerSpec::Dropout { p, seed } => Box::new(Dropout::<f32>::new(*p, *seed)?),
+        })
+    }
+}
+
+/// What a node computes, as data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpSpec {
+    Layer(LayerSpec),
+    Add,
+    Concat { axis: usize },
+}
+
+/// A node: its name, what it computes, the names of the values it reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    pub name: String,
+    pub op: OpSpec,
+    pub inputs: Vec<String>,
+}
+
+/// A graph's architecture: its inputs, nodes in order and outputs, by name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GraphSpec {
+    pub inputs: Vec<String>,
+    pub nodes: Vec<NodeSpec>,
+    pub outputs: Vec<String>,
+}
+
+impl Graph {
+    /// The graph's architecture, or an error naming a node whose layer type has no spec.
+    pub fn spec(&self) -> Result<GraphSpec> {
+        let name = |v: &ValueId| self.value_name(*v).to_string();
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let op = match n.op() {
+                    Op::Layer(l) => OpSpec::Layer(LayerSpec::of(l.as_ref()).ok_or_else(|| {
+                        NvError::Config(format!(
+                            "node {}: layer {} has no architecture description",
+                            n.name(),
+                            l.name()
+                        ))
+                    })?),
+                    Op::Add => OpSpec::Add,
+                    Op::Concat { axis } => OpSpec::Concat { axis: *axis },
+                };
+                Ok(NodeSpec {
+                    name: n.name().to_string(),
+                    op,
+                    inputs: n.inputs().iter().map(name).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GraphSpec {
+            inputs: self.inputs().iter().map(name).collect(),
+            nodes,
+            outputs: self.outputs().iter().map(name).collect(),
+        })
+    }
+
+    /// A graph of this architecture with zero (or identity) parameters, to be loaded from a state dict. Every
+    /// name must be unique and every value read must exist before it is read.
+    pub fn from_spec(spec: &GraphSpec) -> Result<Graph> {
+        let mut g = Graph::new();
+        let mut by_name: std::collections::HashMap<String, ValueId> = Default::default();
+        let lookup = |by_name: &std::collections::HashMap<String, ValueId>, n: &str, node: &str| {
+            by_name.get(n).copied().ok_or_else(|| {
+                NvError::Config(format!(
+                    "architecture: node {node:?} reads {n:?}, which no earlier node or input writes"
+                ))
+            })
+        };
+        for i in &spec.inputs {
+            by_name.insert(i.clone(), g.input(i.clone()));
+        }
+        for n in &spec.nodes {
+            let ins = n
+                .inputs
+                .iter()
+                .map(|i| lookup(&by_name, i, &n.name))
+                .collect::<Result<Vec<_>>>()?;
+            let out = match &n.op {
+                OpSpec::Layer(l) => {
+                    if ins.len() != 1 {
+                        return Err(NvError::Config(format!(
+                            "architecture: layer node {:?} reads {} values, not one",
+                            n.name,
+                            ins.len()
+                        )));
+                    }
+                    g.layer_boxed(n.name.clone(), l.build()?, ins[0])?
+                }
+                OpSpec::Add => g.add(n.name.clone(), &ins)?,
+                OpSpec::Concat { axis } => g.concat(n.name.clone(), &ins, *axis)?,
+            };
+            by_name.insert(n.name.clone(), out);
+        }
+        let outs = spec
+            .outputs
+            .iter()
+            .map(|o| lookup(&by_name, o, "output"))
+            .collect::<Result<Vec<_>>>()?;
+        g.set_outputs(&outs)?;
+        Ok(g)
+    }
+}

@@ -1,0 +1,315 @@
+//! The model zoo: the reference CNN, the BN paper's sigmoid MLP and a ResNet-20 for 28×28 inputs, each with any
+//! normalization (`--norm`), built as graphs under the state-dict names of their PyTorch twins
+//! (`tools/gen_model_fixture.py`).
+
+use super::norm_choice::{build_norm, NormKind};
+use super::Graph;
+use crate::layer::Layer;
+use crate::model::ValueId;
+use crate::nn::{
+    Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, InitSpec, Linear, LinearConfig,
+    MaxPool2dConfig, ReLU, Sigmoid,
+};
+use crate::state::join;
+use crate::{NvError, Result};
+use rand::SeedableRng;
+
+/// Which network to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Cnn,
+    Mlp,
+    Resnet,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 3] = [ModelKind::Cnn, ModelKind::Mlp, ModelKind::Resnet];
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ModelKind::Cnn => "cnn",
+            ModelKind::Mlp => "mlp",
+            ModelKind::Resnet => "resnet",
+        }
+    }
+    /// What the CLI's `--help` says of it.
+    pub fn help(&self) -> &'static str {
+        match self {
+            ModelKind::Cnn => "the reference CNN: 4 conv3x3 + norm + ReLU (2 max-pools), linear(->128) + norm + ReLU, linear(->classes)",
+            ModelKind::Mlp => "784-100-100-100-10 with sigmoid, the BN paper's MNIST network (norm before each sigmoid)",
+            ModelKind::Resnet => "ResNet-20 style for 28x28: conv stem (16), 3 stages x 3 basic blocks (16, 32, 64; stride 2 between stages with projection shortcuts), global average pool, linear",
+        }
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = NvError;
+    fn from_str(s: &str) -> Result<Self> {
+        ModelKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                NvError::Config(format!("unknown model {s:?} (expected cnn, mlp or resnet)"))
+            })
+    }
+}
+
+/// Everything needed to build a zoo model (saved in checkpoints next to the graph it built).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    pub norm: NormKind,
+    pub in_channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub num_classes: usize,
+    /// Groups for `--norm group`.
+    pub groups: usize,
+    pub init: InitSpec,
+    /// Dropout before the classifier (0 = none).
+    pub dropout: f64,
+    pub seed: u64,
+}
+
+impl ModelConfig {
+    /// The reference CNN on Fashion-MNIST with BatchNorm and Kaiming-normal init (experiments.md).
+    pub fn fashion(kind: ModelKind, norm: NormKind) -> Self {
+        ModelConfig {
+            kind,
+            norm,
+            in_channels: 1,
+            height: 28,
+            width: 28,
+            num_classes: 10,
+            groups: 8,
+            init: InitSpec {
+                init: Init::KaimingNormal,
+                scale: 1.0,
+            },
+            dropout: 0.0,
+            seed: 0,
+        }
+    }
+
+    /// The graph this configuration describes, with weights drawn from its seed.
+    pub fn build_graph(&self) -> Result<Graph> {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(self.seed);
+        let mut z = Zoo {
+            g: Graph::new(),
+            cfg: self,
+            rng: &mut rng,
+        };
+        let x = z.g.input("input");
+        let y = match self.kind {
+            ModelKind::Cnn => z.cnn(x)?,
+            ModelKind::Mlp => z.mlp(x)?,
+            ModelKind::Resnet => z.resnet(x)?,
+        };
+        z.g.set_outputs(&[y])?;
+        Ok(z.g)
+    }
+}
+
+/// Builds a zoo graph, drawing the weights in the order of the layers (PyTorch's default initialisation first,
+/// then `cfg.init`, as before, so a seed gives the same weights).
+struct Zoo<'a, R: rand::Rng> {
+    g: Graph,
+    cfg: &'a ModelConfig,
+    rng: &'a mut R,
+}
+
+impl<R: rand::Rng> Zoo<'_, R> {
+    fn conv(&mut self, cfg: Conv2dConfig) -> Result<Conv2d<f32>> {
+        let init = self.cfg.init;
+        let mut c = cfg.build::<f32>(self.rng)?;
+        c.reset_parameters(init.init, init.scale, self.rng)?;
+        Ok(c)
+    }
+
+    fn linear(&mut self, i: usize, o: usize, bias: bool) -> Result<Linear<f32>> {
+        let init = self.cfg.init;
+        let mut l = LinearConfig::new(i, o).bias(bias).build::<f32>(self.rng)?;
+        l.reset_parameters(init.init, init.scale, self.rng)?;
+        Ok(l)
+    }
+
+    fn node(&mut self, name: impl Into<String>, l: impl Layer<f32>, x: ValueId) -> Result<ValueId> {
+        self.g.layer(name, l, x)
+    }
+
+    /// The norm (when the kind has one there) then a ReLU, named like `nn.Sequential(norm, relu)` children.
+    fn norm_relu(
+        &mut self,
+        norm_name: &str,
+        relu_name: &str,
+        c: usize,
+        spatial: bool,
+        x: ValueId,
+    ) -> Result<(ValueId, bool)> {
+        let mut cur = x;
+        let has_norm = match build_norm(self.cfg.norm, c, spatial, self.cfg.groups)? {
+            Some(n) => {
+                cur = self.g.layer_boxed(norm_name, n, cur)?;
+                true
+            }
+            None => false,
+        };
+        Ok((self.node(relu_name, ReLU::new(), cur)?, has_norm))
+    }
+
+    /// `nn.Sequential` numbering: a norm and its ReLU take two indices, a lone ReLU one.
+    fn indexed_norm_relu(
+        &mut self,
+        idx: &mut usize,
+        c: usize,
+        spatial: bool,
+        x: ValueId,
+    ) -> Result<ValueId> {
+        let (n, r) = (idx.to_string(), (*idx + 1).to_string());
+        let has_norm = build_norm(self.cfg.norm, c, spatial, self.cfg.groups)?.is_some();
+        let relu_name = if has_norm { r } else { n.clone() };
+        let (y, _) = self.norm_relu(&n, &relu_name, c, spatial, x)?;
+        *idx += if has_norm { 2 } else { 1 };
+        Ok(y)
+    }
+
+    fn dropout(&self) -> Result<Option<Dropout<f32>>> {
+        if self.cfg.dropout > 0.0 {
+            Ok(Some(Dropout::new(self.cfg.dropout, self.cfg.seed ^ 0xD50)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn cnn(&mut self, x: ValueId) -> Result<ValueId> {
+        let cfg = self.cfg;
+        if !cfg.height.is_multiple_of(4) || !cfg.width.is_multiple_of(4) {
+            return Err(NvError::Config(format!(
+                "cnn needs H and W divisible by 4, got {}x{}",
+                cfg.height, cfg.width
+            )));
+        }
+        let bias = cfg.norm.wants_bias_before();
+        let mut i = 0usize;
+        let mut cur = x;
+        let chans = [(cfg.in_channels, 32), (32, 32), (32, 64), (64, 64)];
+        for (k, &(cin, cout)) in chans.iter().enumerate() {
+            let conv = self.conv(Conv2dConfig::new(cin, cout, 3).padding(1).bias(bias))?;
+            cur = self.node(i.to_string(), conv, cur)?;
+            i += 1;
+            cur = self.indexed_norm_relu(&mut i, cout, true, cur)?;
+            if k % 2 == 1 {
+                cur = self.node(i.to_string(), MaxPool2dConfig::new(2).build::<f32>()?, cur)?;
+                i += 1;
+            }
+        }
+        cur = self.node(i.to_string(), Flatten::new(), cur)?;
+        i += 1;
+        let feat = 64 * (cfg.height / 4) * (cfg.width / 4);
+        let fc = self.linear(feat, 128, bias || cfg.norm == NormKind::Instance)?;
+        cur = self.node(i.to_string(), fc, cur)?;
+        i += 1;
+        cur = self.indexed_norm_relu(&mut i, 128, false, cur)?;
+        if let Some(d) = self.dropout()? {
+            cur = self.node(i.to_string(), d, cur)?;
+            i += 1;
+        }
+        let head = self.linear(128, cfg.num_classes, true)?;
+        self.node(i.to_string(), head, cur)
+    }
+
+    fn mlp(&mut self, x: ValueId) -> Result<ValueId> {
+        let cfg = self.cfg;
+        if cfg.norm == NormKind::Instance {
+            return Err(NvError::Config("the mlp has no spatial dims: instance norm does not apply (use batch, layer, group or bcn)".into()));
+        }
+        let bias = cfg.norm.wants_bias_before();
+        let mut i = 0usize;
+        let mut cur = self.node(i.to_string(), Flatten::new(), x)?;
+        i += 1;
+        let mut fin = cfg.in_channels * cfg.height * cfg.width;
+        for _ in 0..3 {
+            let l = self.linear(fin, 100, bias)?;
+            cur = self.node(i.to_string(), l, cur)?;
+            i += 1;
+            if let Some(n) = build_norm(cfg.norm, 100, false, cfg.groups.min(4))? {
+                cur = self.g.layer_boxed(i.to_string(), n, cur)?;
+                i += 1;
+            }
+            cur = self.node(i.to_string(), Sigmoid::new(), cur)?;
+            i += 1;
+            fin = 100;
+        }
+        let head = self.linear(100, cfg.num_classes, true)?;
+        self.node(i.to_string(), head, cur)
+    }
+
+    fn resnet(&mut self, x: ValueId) -> Result<ValueId> {
+        let cfg = self.cfg;
+        let bias = cfg.norm.wants_bias_before();
+        let stem = self.conv(
+            Conv2dConfig::new(cfg.in_channels, 16, 3)
+                .padding(1)
+                .bias(bias),
+        )?;
+        let mut cur = self.node("conv1", stem, x)?;
+        cur = self.norm_relu("bn1", "relu", 16, true, cur)?.0;
+        let mut cin = 16;
+        for (stage, &cout) in [16usize, 32, 64].iter().enumerate() {
+            for b in 0..3 {
+                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
+                cur =
+                    self.basic_block(&format!("layer{}.{b}", stage + 1), cin, cout, stride, cur)?;
+                cin = cout;
+            }
+        }
+        cur = self.node("avgpool", GlobalAvgPool::new(), cur)?;
+        if let Some(d) = self.dropout()? {
+            cur = self.node("dropout", d, cur)?;
+        }
+        let fc = self.linear(64, cfg.num_classes, true)?;
+        self.node("fc", fc, cur)
+    }
+
+    /// out = relu(norm2(conv2(relu(norm1(conv1(x))))) + shortcut(x)), with a projection shortcut (1×1 conv,
+    /// stride s, + norm) when the shape changes and the identity otherwise; names as in the usual PyTorch CIFAR
+    /// ResNet (`conv1`, `bn1`, `conv2`, `bn2`, `shortcut.0`, `shortcut.1`).
+    fn basic_block(
+        &mut self,
+        p: &str,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+        x: ValueId,
+    ) -> Result<ValueId> {
+        let (norm, groups) = (self.cfg.norm, self.cfg.groups);
+        let bias = norm.wants_bias_before();
+        let c1 = self.conv(
+            Conv2dConfig::new(cin, cout, 3)
+                .stride(stride)
+                .padding(1)
+                .bias(bias),
+        )?;
+        let c2 = self.conv(Conv2dConfig::new(cout, cout, 3).padding(1).bias(bias))?;
+        let mut a = self.node(join(p, "conv1"), c1, x)?;
+        a = self
+            .norm_relu(&join(p, "bn1"), &join(p, "relu1"), cout, true, a)?
+            .0;
+        a = self.node(join(p, "conv2"), c2, a)?;
+        if let Some(n) = build_norm(norm, cout, true, groups)? {
+            a = self.g.layer_boxed(join(p, "bn2"), n, a)?;
+        }
+        let short = if stride != 1 || cin != cout {
+            let sc = self.conv(Conv2dConfig::new(cin, cout, 1).stride(stride).bias(bias))?;
+            let mut s = self.node(join(p, "shortcut.0"), sc, x)?;
+            if let Some(n) = build_norm(norm, cout, true, groups)? {
+                s = self.g.layer_boxed(join(p, "shortcut.1"), n, s)?;
+            }
+            s
+        } else {
+            x
+        };
+        let sum = self.g.add(join(p, "add"), &[a, short])?;
+        self.node(join(p, "relu"), ReLU::new(), sum)
+    }
+}

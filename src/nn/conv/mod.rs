@@ -1,0 +1,885 @@
+//! 2-D convolution (`nn.Conv2d`) with a hand-written backward.
+//!
+//! | | PyTorch `nn.Conv2d` | here |
+//! |---|---|---|
+//! | defaults | stride 1, padding 0, dilation 1, groups 1, bias | same ([`Conv2dConfig::new`]) |
+//! | weight | (O, C/groups, kh, kw) | same, `weight` |
+//! | bias | (O), `bias=True` | same, optional, `bias` |
+//! | output size | ⌊(H + 2p − d(k−1) − 1)/s⌋ + 1 | same |
+//! | padding mode | zeros (default) | zeros only |
+//! | init | kaiming_uniform(a=√5), bias U(±1/√fan_in) | same ([`Conv2dConfig::build`], [`Init::Default`]) |
+//! | input | (N, C, H, W) or (C, H, W) | (N, C, H, W) only |
+//! | errors | wrong rank / channels, kernel larger than the padded input, groups not dividing channels | same, as [`NvError`] values |
+//!
+//! Which code computes a call is its [`ConvAlgo`] ([`algo`]): a model's plan picks it once per input shape and
+//! mode ([`Conv2d::algorithm`]); [`Layer::forward`] on a lone layer picks the default one. Per sample and group
+//! the direct paths compute `y = W · col(x) + b`; backward `dW += dy · col(x)ᵀ` (columns recomputed from `x`,
+//! never stored for the whole batch), `db += Σ dy`, `dx = col2im(Wᵀ · dy)`. The implicit path never builds the
+//! column matrix: its rows are shifted views of a zero-padded copy of the image, and its products run over
+//! Q = (H−1)·(W+2p) + W columns (output (oh, ow) at column oh·(W+2p) + ow; the 2p columns per row between image
+//! rows are computed and dropped, 7 % extra work at 28×28, 13 % at 14×14, less than writing and reading the
+//! column matrix).
+//!
+//! Threads: the direct paths split the batch into a few contiguous chunks per rayon thread (work stealing evens
+//! out a core slowed by other processes); each chunk owns its workspaces (column matrix, padded copies, a private
+//! dW/db accumulator summed at the end in chunk order) and runs single-threaded GEMMs. [`ConvAlgo::GemmThreads`]
+//! walks the batch sequentially and lets each GEMM use all threads (slower for the shapes of small-image CNNs;
+//! kept for comparison).
+
+pub mod algo;
+mod config;
+mod direct;
+mod geom;
+mod im2col;
+mod implicit;
+pub mod one_channel;
+pub mod winograd;
+
+#[cfg(test)]
+mod tests;
+
+pub use algo::{ConvAlgo, ConvChoice, WINOGRAD4_MIN_W, WINOGRAD_MIN_CHANNELS};
+pub use config::Conv2dConfig;
+
+use super::init::Init;
+use crate::kernels::arena;
+use crate::kernels::cast::{as_f32, as_f32_mut};
+use crate::kernels::gemm::Par;
+use crate::kernels::gemm_avx512 as simd;
+use crate::kernels::moments::PlaneMoments;
+use crate::kernels::shape::{check_channels, check_nonempty, check_rank, contiguous};
+use crate::layer::Layer;
+use crate::param::ParamRole;
+use crate::state::{join, StateDict, Stateful};
+use crate::{Ctx, Isa, Mode, NvError, Param, Real, Result};
+use geom::{ensure_padded, Geom, Workspace};
+use implicit::WGRAD_GROUP;
+use ndarray::{ArrayD, ArrayViewD};
+use rayon::prelude::*;
+
+/// Layouts of the packed weights (see `Conv2d::pack_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pack {
+    Forward,
+    Transposed,
+    DataGrad,
+}
+
+/// Batch chunks per rayon thread on the direct paths.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// What a forward applies to the convolution's output in the same pass (an inference plan's fusions): a
+/// per-channel `y·a + b` (an eval-mode BatchNorm, rounded as its own pass rounds), then a ReLU, then a 2×2,
+/// stride-2 max pool. Each is bitwise what the separate layer would compute.
+#[derive(Debug, Clone, Copy)]
+pub struct Epilogue<'a, T> {
+    pub affine: Option<(&'a [T], &'a [T])>,
+    pub relu: bool,
+    pub pool2x2: bool,
+}
+
+impl<T> Default for Epilogue<'_, T> {
+    fn default() -> Self {
+        Epilogue {
+            affine: None,
+            relu: false,
+            pool2x2: false,
+        }
+    }
+}
+
+/// A 2-D convolution layer.
+///
+/// ```
+/// use normvision::nn::Conv2dConfig;
+/// use normvision::ndarray::{ArrayD, IxDyn};
+/// use normvision::{Ctx, Layer};
+/// let mut rng = rand::thread_rng();
+/// let mut conv = Conv2dConfig::new(3, 8, 3).padding(1).build::<f32>(&mut rng).unwrap();
+/// let x = ArrayD::zeros(IxDyn(&[2, 3, 16, 16]));
+/// let y = conv.forward(&x, Ctx::train()).unwrap();
+/// assert_eq!(y.shape(), &[2, 8, 16, 16]);
+/// assert_eq!(conv.weight().value.shape(), &[8, 3, 3, 3]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Conv2d<T: Real = f32> {
+    cfg: Conv2dConfig,
+    weight: Param<T>,
+    bias: Option<Param<T>>,
+    ws: Vec<Workspace<T>>,
+    /// Packed weights (forward) or transposed weights (backward) for the AVX-512 kernels.
+    packed: Vec<f32>,
+}
+
+impl<T: Real> Conv2d<T> {
+    pub const NAME: &'static str = "Conv2d";
+
+    /// A layer with zero weights and bias (to be loaded from a state dict or initialised with
+    /// [`Conv2d::reset_parameters`]); [`Conv2dConfig::build`] gives PyTorch's default initialisation.
+    pub fn new(cfg: Conv2dConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (kh, kw) = cfg.kernel_size;
+        let weight = Param::filled(
+            &[cfg.out_channels, cfg.in_channels / cfg.groups, kh, kw],
+            T::zero(),
+        );
+        let bias = cfg
+            .bias
+            .then(|| Param::filled(&[cfg.out_channels], T::zero()).with_role(ParamRole::Bias));
+        Ok(Conv2d {
+            cfg,
+            weight,
+            bias,
+            ws: Vec::new(),
+            packed: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Conv2dConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> &Param<T> {
+        &self.weight
+    }
+    pub fn weight_mut(&mut self) -> &mut Param<T> {
+        &mut self.weight
+    }
+    pub fn bias(&self) -> Option<&Param<T>> {
+        self.bias.as_ref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut Param<T>> {
+        self.bias.as_mut()
+    }
+
+    /// Re-initialises weight and bias (see [`Init`]); gradients are untouched.
+    pub fn reset_parameters(
+        &mut self,
+        init: Init,
+        scale: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Result<()> {
+        init.apply(&mut self.weight, self.bias.as_mut(), scale, rng)
+    }
+
+    fn geom(&self, shape: &[usize]) -> Result<Geom> {
+        check_rank(Self::NAME, shape, 4, "4-D (N, C, H, W)")?;
+        check_channels(Self::NAME, shape, self.cfg.in_channels)?;
+        check_nonempty(Self::NAME, shape)?;
+        let c = &self.cfg;
+        let (h, w) = (shape[2], shape[3]);
+        let ekh = c.dilation.0 * (c.kernel_size.0 - 1) + 1;
+        let ekw = c.dilation.1 * (c.kernel_size.1 - 1) + 1;
+        let (hp, wp) = (h + 2 * c.padding.0, w + 2 * c.padding.1);
+        if hp < ekh || wp < ekw {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "Calculated padded input size per channel: ({hp} x {wp}). Kernel size: ({ekh} x {ekw}). \
+                     Kernel size can't be greater than actual input size"
+                ),
+            });
+        }
+        Ok(Geom {
+            n: shape[0],
+            c: shape[1],
+            h,
+            w,
+            o: c.out_channels,
+            oh: (hp - ekh) / c.stride.0 + 1,
+            ow: (wp - ekw) / c.stride.1 + 1,
+            kh: c.kernel_size.0,
+            kw: c.kernel_size.1,
+            sh: c.stride.0,
+            sw: c.stride.1,
+            ph: c.padding.0,
+            pw: c.padding.1,
+            dh: c.dilation.0,
+            dw: c.dilation.1,
+            groups: c.groups,
+        })
+    }
+
+    /// The algorithm for inputs of `shape` in `mode` under `choice`, with the kernels `isa` allows (see
+    /// [`algo`]). A model's plan calls it once per shape.
+    pub fn algorithm(
+        &self,
+        shape: &[usize],
+        mode: Mode,
+        choice: ConvChoice,
+        isa: Isa,
+    ) -> Result<ConvAlgo> {
+        let g = self.geom(shape)?;
+        Ok(algo::choose(
+            &g,
+            mode,
+            choice,
+            isa,
+            as_f32(self.weight.values()).is_some(),
+        ))
+    }
+
+    /// Errors unless this layer can run `algo` on geometry `g` (an algorithm forced by a caller).
+    fn check_algo(&self, g: &Geom, algo: ConvAlgo) -> Result<()> {
+        let fast = as_f32(self.weight.values()).is_some() && simd::available();
+        let ok = match algo {
+            ConvAlgo::Gemm | ConvAlgo::GemmThreads => true,
+            ConvAlgo::Explicit => fast,
+            ConvAlgo::Implicit => fast && g.implicit(),
+            ConvAlgo::Winograd2 => fast && algo::winograd_shape(g).is_some(),
+            ConvAlgo::Winograd4 => {
+                fast && algo::winograd_shape(g).is_some_and(|ws| winograd::f4::applies(&ws))
+            }
+            ConvAlgo::OneChannel => fast && algo::one_channel_shape(g).is_some(),
+        };
+        if !ok {
+            return Err(NvError::Config(format!(
+                "{}: algorithm {} does not apply to input {:?} on this CPU",
+                self.name(),
+                algo.name(),
+                [g.n, g.c, g.h, g.w]
+            )));
+        }
+        Ok(())
+    }
+
+    /// (number of workspaces, samples per workspace) for a batch of `n` on the direct paths.
+    fn split(n: usize, algo: ConvAlgo) -> (usize, usize) {
+        let threads = rayon::current_num_threads().max(1);
+        // A few chunks per thread, so that work stealing evens out a thread that is slowed down (other
+        // processes on the core); each chunk owns a workspace.
+        let chunks = if algo != ConvAlgo::GemmThreads && threads > 1 {
+            (threads * CHUNKS_PER_THREAD).min(n).max(1)
+        } else {
+            1
+        };
+        (chunks, n.div_ceil(chunks).max(1))
+    }
+
+    fn gemm_par(algo: ConvAlgo) -> Par {
+        match algo {
+            ConvAlgo::GemmThreads => Par::all(),
+            _ => Par::Seq,
+        }
+    }
+
+    /// Adds per-channel Σdy (f64) to the bias gradient, when the layer has a bias.
+    fn add_bias_grad(&mut self, db: Option<Vec<f64>>) {
+        if let (Some(b), Some(db)) = (self.bias.as_mut(), db) {
+            for (d, s) in b.grads_mut().iter_mut().zip(db) {
+                *d = *d + T::of_f64(s);
+            }
+        }
+    }
+
+    /// Packs every group's weights for [`simd::gemm_nn`]: as is (og × kdim, forward), transposed (kdim × og,
+    /// explicit data gradient), or as the implicit data-gradient matrix (cg × og·kh·kw, element (c, (o, t)) =
+    /// W[o, c, t]).
+    fn pack_weights(&mut self, g: &Geom, mode: Pack) {
+        let w = as_f32(self.weight.values()).expect("f32 layer");
+        let (og, kdim, cg, kk) = (g.og(), g.kdim(), g.c / g.groups, g.kh * g.kw);
+        let mut one = Vec::new();
+        self.packed.clear();
+        for gi in 0..g.groups {
+            let wg = &w[gi * og * kdim..(gi + 1) * og * kdim];
+            match mode {
+                Pack::Forward => simd::pack_a(og, kdim, wg, kdim, 1, &mut one),
+                Pack::Transposed => simd::pack_a(kdim, og, wg, 1, kdim, &mut one),
+                Pack::DataGrad => simd::pack_a_with(
+                    cg,
+                    og * kk,
+                    |c, r| wg[(r / kk) * kdim + c * kk + r % kk],
+                    &mut one,
+                ),
+            }
+            self.packed.extend_from_slice(&one);
+        }
+    }
+
+    fn prepare_ws(&mut self, count: usize, col: usize, dw: usize, db: usize) {
+        if self.ws.len() < count {
+            self.ws.resize_with(count, Workspace::default);
+        }
+        for ws in &mut self.ws[..count] {
+            ws.col.resize(col, T::zero());
+            ws.dw.clear();
+            ws.dw.resize(dw, T::zero());
+            ws.db.clear();
+            ws.db.resize(db, 0.0);
+        }
+    }
+
+    /// Absorbs a following per-channel affine `z = y·a + b` (an eval-mode BatchNorm, see
+    /// [`crate::norm::BatchNorm::eval_affine`]) into the weights and bias: `W'[o] = a[o]·W[o]`,
+    /// `bias'[o] = a[o]·bias[o] + b[o]` (a bias is created when there was none), computed in f64 and rounded
+    /// once.
+    pub fn fold_affine(&mut self, a: &[f64], b: &[f64]) -> Result<()> {
+        let o = self.cfg.out_channels;
+        if a.len() != o || b.len() != o {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "folding an affine of {} channels into {o} output channels",
+                    a.len()
+                ),
+            });
+        }
+        let per = self.weight.len() / o;
+        for (k, w) in self.weight.value.iter_mut().enumerate() {
+            *w = T::of_f64(w.as_f64() * a[k / per]);
+        }
+        let old: Vec<f64> = match &self.bias {
+            Some(p) => p.value.iter().map(|v| v.as_f64()).collect(),
+            None => vec![0.0; o],
+        };
+        let nb =
+            ndarray::Array1::from_iter((0..o).map(|i| T::of_f64(old[i] * a[i] + b[i]))).into_dyn();
+        match self.bias.as_mut() {
+            Some(p) => p.value = nb,
+            None => self.bias = Some(Param::new(nb).with_role(ParamRole::Bias)),
+        }
+        self.cfg.bias = true;
+        Ok(())
+    }
+
+    /// The forward with algorithm `algo` and an output-pass `epi`logue. A ReLU epilogue runs with every
+    /// algorithm; an affine needs one that [`ConvAlgo::fuses_affine`], a 2×2 max pool (after affine and ReLU)
+    /// [`ConvAlgo::fuses_affine_relu_pool`] and even output sides.
+    pub fn forward_with(
+        &mut self,
+        x: &ArrayD<T>,
+        algo: ConvAlgo,
+        epi: Epilogue<'_, T>,
+    ) -> Result<ArrayD<T>> {
+        let g = self.geom(x.shape())?;
+        self.check_algo(&g, algo)?;
+        let o = g.o;
+        if let Some((a, b)) = epi.affine {
+            if a.len() != o || b.len() != o || !algo.fuses_affine() {
+                return Err(NvError::Config(format!(
+                    "{}: {} cannot apply a {}-channel affine in its output pass",
+                    self.name(),
+                    algo.name(),
+                    a.len()
+                )));
+            }
+        }
+        if epi.pool2x2 {
+            if !(algo.fuses_affine_relu_pool()
+                && epi.relu
+                && g.oh.is_multiple_of(2)
+                && g.ow.is_multiple_of(2))
+            {
+                return Err(NvError::Config(format!(
+                    "{}: {} cannot apply a 2x2 max pool in its output pass to a {}x{} output",
+                    self.name(),
+                    algo.name(),
+                    g.oh,
+                    g.ow
+                )));
+            }
+            let shape = [g.n, g.o, g.oh / 2, g.ow / 2];
+            let ws = algo::winograd_shape(&g).expect("checked");
+            return Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
+                winograd::forward_affine_relu_maxpool(ws, xf, wf, bias, affine, yf)
+            }));
+        }
+        let shape = [g.n, g.o, g.oh, g.ow];
+        match algo {
+            ConvAlgo::Winograd4 if epi.affine.is_none() => {
+                let ws = algo::winograd_shape(&g).expect("checked");
+                Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                    winograd::f4::forward(ws, xf, wf, bias, epi.relu, None, yf)
+                }))
+            }
+            ConvAlgo::Winograd2 => {
+                let ws = algo::winograd_shape(&g).expect("checked");
+                Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                    let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
+                    winograd::forward_affine(ws, xf, wf, bias, affine, epi.relu, yf)
+                }))
+            }
+            ConvAlgo::OneChannel => {
+                let os = algo::one_channel_shape(&g).expect("checked");
+                Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                    let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
+                    one_channel::forward(os, xf, wf, bias, affine, epi.relu, yf)
+                }))
+            }
+            _ if epi.affine.is_some() => unreachable!("checked above"),
+            _ => {
+                // SAFETY: the direct paths write every element of the output.
+                let mut y = unsafe { arena::output_uninit(&shape) };
+                let ys = y.as_slice_mut().expect("fresh array");
+                self.forward_direct(&g, x.view(), ys, algo, epi.relu);
+                Ok(y)
+            }
+        }
+    }
+
+    /// The forward, with each output plane also reduced to its (mean, M2) while it is in cache (N·O entries,
+    /// n-major; [`crate::kernels::moments::plane_moments`]): a following training BatchNorm then needs no
+    /// statistics pass of its own. Needs an algorithm that [`ConvAlgo::emits_moments`]; the output is bitwise
+    /// that of [`Conv2d::forward_with`] with the same algorithm.
+    pub fn forward_with_moments(
+        &mut self,
+        x: &ArrayD<T>,
+        algo: ConvAlgo,
+    ) -> Result<(ArrayD<T>, PlaneMoments)> {
+        let g = self.geom(x.shape())?;
+        self.check_algo(&g, algo)?;
+        if !algo.emits_moments() {
+            return Err(NvError::Config(format!(
+                "{}: {} does not compute plane moments",
+                self.name(),
+                algo.name()
+            )));
+        }
+        let mut pm = vec![(0.0, 0.0); g.n * g.o];
+        let y = self.f32_forward(x, &[g.n, g.o, g.oh, g.ow], |xf, wf, bias, yf| match algo {
+            ConvAlgo::Winograd4 => {
+                let ws = algo::winograd_shape(&g).expect("checked");
+                winograd::f4::forward(ws, xf, wf, bias, false, Some(&mut pm), yf)
+            }
+            ConvAlgo::Winograd2 => {
+                let ws = algo::winograd_shape(&g).expect("checked");
+                winograd::forward_with_moments(ws, xf, wf, bias, yf, &mut pm)
+            }
+            _ => {
+                let os = algo::one_channel_shape(&g).expect("checked");
+                one_channel::forward_with_moments(os, xf, wf, bias, yf, &mut pm)
+            }
+        });
+        Ok((y, pm))
+    }
+
+    /// A fresh output of `shape` written by `kernel(x, weight, bias, y)` on f32 slices: the set-up shared by the
+    /// AVX-512 f32 paths (Winograd, single channel), which write every element.
+    fn f32_forward(
+        &self,
+        x: &ArrayD<T>,
+        shape: &[usize],
+        kernel: impl FnOnce(&[f32], &[f32], Option<&[f32]>, &mut [f32]),
+    ) -> ArrayD<T> {
+        // SAFETY: every f32 kernel passed here writes each element of its output.
+        let mut y: ArrayD<T> = unsafe { arena::output_uninit(shape) };
+        let xs = contiguous(x);
+        let bias = self.bias.as_ref().map(|b| f32s(b.values()));
+        let yf = as_f32_mut(y.as_slice_mut().expect("fresh array")).expect("f32");
+        kernel(f32s(&xs), f32s(self.weight.values()), bias, yf);
+        y
+    }
+
+    /// The direct paths' forward (implicit, explicit, `gemm` crate) into `y`, chunked over the batch.
+    fn forward_direct(
+        &mut self,
+        g: &Geom,
+        x: ArrayViewD<T>,
+        y: &mut [T],
+        algo: ConvAlgo,
+        relu: bool,
+    ) {
+        let g = *g;
+        if g.n == 0 {
+            return;
+        }
+        let xs = contiguous(&x);
+        let (chunks, per) = Self::split(g.n, algo);
+        let par = Self::gemm_par(algo);
+        let implicit = algo == ConvAlgo::Implicit;
+        let fast = implicit || algo == ConvAlgo::Explicit;
+        if fast {
+            self.pack_weights(&g, Pack::Forward);
+        }
+        let col_len = if implicit {
+            g.og() * g.q()
+        } else {
+            g.col_len()
+        };
+        self.prepare_ws(chunks, col_len, 0, 0);
+        let offs = if implicit {
+            implicit::implicit_offsets(&g).0
+        } else {
+            vec![]
+        };
+        let w = self.weight.values();
+        let bias = self.bias.as_ref().map(|b| b.values());
+        let packed = &self.packed[..];
+        let (is, os) = (g.in_size(), g.out_size());
+        let run = |xc: &[T], yc: &mut [T], ws: &mut Workspace<T>| {
+            if implicit {
+                // the same key as the backward (one slot per sample of a gradient group), so the zeroed
+                // borders survive from one call to the next; the forward uses the first slot
+                ensure_padded(
+                    &mut ws.xpad,
+                    &mut ws.xpad_key,
+                    (g.c * WGRAD_GROUP, g.hp(), g.wp()),
+                );
+            }
+            for (xs, ys) in xc.chunks_exact(is).zip(yc.chunks_exact_mut(os)) {
+                if implicit {
+                    implicit::implicit_forward_sample(
+                        &g,
+                        f32s(xs),
+                        f32s_mut(ys),
+                        packed,
+                        bias.map(f32s),
+                        &offs,
+                        f32s_mut(&mut ws.xpad),
+                        f32s_mut(&mut ws.col),
+                        relu,
+                    );
+                    continue;
+                } else if fast {
+                    direct::fast_forward_sample(
+                        &g,
+                        f32s(xs),
+                        f32s_mut(ys),
+                        packed,
+                        bias.map(f32s),
+                        f32s_mut(&mut ws.col),
+                    );
+                } else {
+                    direct::forward_sample(&g, xs, ys, w, bias, &mut ws.col, par);
+                }
+                if relu {
+                    for v in ys.iter_mut() {
+                        if !(*v > T::zero()) {
+                            *v = T::zero();
+                        }
+                    }
+                }
+            }
+        };
+        if chunks == 1 {
+            run(&xs, y, &mut self.ws[0]);
+        } else {
+            xs.par_chunks(per * is)
+                .zip(y.par_chunks_mut(per * os))
+                .zip(self.ws[..chunks].par_iter_mut())
+                .for_each(|((xc, yc), ws)| run(xc, yc, ws));
+        }
+    }
+
+    /// The backward with algorithm `algo`: writes dx into `dx` when given (x's number of elements) and
+    /// accumulates dweight and dbias.
+    pub fn backward_with(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &ArrayD<T>,
+        dx: Option<&mut [T]>,
+        algo: ConvAlgo,
+    ) -> Result<()> {
+        let g = self.geom(x.shape())?;
+        self.check_algo(&g, algo)?;
+        let want = [g.n, g.o, g.oh, g.ow];
+        if dy.shape() != want {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has shape {:?}, the output has shape {want:?}",
+                    dy.shape()
+                ),
+            });
+        }
+        if let Some(d) = &dx {
+            if d.len() != x.len() {
+                return Err(NvError::Shape {
+                    layer: Self::NAME,
+                    msg: format!("dx buffer has {} elements, input {}", d.len(), x.len()),
+                });
+            }
+        }
+        if g.n == 0 {
+            return Ok(());
+        }
+        let (xs, gs) = (contiguous(x), contiguous(dy));
+        match algo {
+            ConvAlgo::Winograd4 | ConvAlgo::Winograd2 => {
+                let ws = algo::winograd_shape(&g).expect("checked");
+                let backward = if algo == ConvAlgo::Winograd4 {
+                    winograd::f4::backward
+                } else {
+                    winograd::backward
+                };
+                let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+                let Param { value, grad, .. } = &mut self.weight;
+                backward(
+                    ws,
+                    f32s(&xs),
+                    f32s(&gs),
+                    f32s(value.as_slice().expect("contiguous weights")),
+                    dx.map(f32s_mut),
+                    f32s_mut(grad.as_slice_mut().expect("contiguous gradients")),
+                    db.as_deref_mut(),
+                );
+                self.add_bias_grad(db);
+            }
+            ConvAlgo::OneChannel => {
+                let os = algo::one_channel_shape(&g).expect("checked");
+                let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+                let Param { value, grad, .. } = &mut self.weight;
+                if let Some(d) = dx {
+                    let w = f32s(value.as_slice().expect("contiguous weights"));
+                    one_channel::backward_data(os, f32s(&gs), w, f32s_mut(d));
+                }
+                let grad = f32s_mut(grad.as_slice_mut().expect("contiguous gradients"));
+                one_channel::backward_params(os, f32s(&xs), f32s(&gs), grad, db.as_deref_mut());
+                self.add_bias_grad(db);
+            }
+            _ => self.backward_direct(&g, &xs, &gs, dx, algo),
+        }
+        Ok(())
+    }
+
+    /// The direct paths' backward, chunked over the batch; the chunks' private dW/db are added in chunk order.
+    fn backward_direct(
+        &mut self,
+        g: &Geom,
+        xs: &[T],
+        gs: &[T],
+        dx: Option<&mut [T]>,
+        algo: ConvAlgo,
+    ) {
+        let g = *g;
+        let (chunks, per) = Self::split(g.n, algo);
+        let par = Self::gemm_par(algo);
+        let want_db = self.bias.is_some();
+        let wlen = self.weight.len();
+        let implicit = algo == ConvAlgo::Implicit;
+        let fast = implicit || algo == ConvAlgo::Explicit;
+        if fast && dx.is_some() {
+            let mode = if g.implicit_dx() {
+                Pack::DataGrad
+            } else {
+                Pack::Transposed
+            };
+            self.pack_weights(&g, mode);
+        }
+        let col_len = match (implicit, dx.is_some()) {
+            (true, false) => 0,
+            (true, true) if g.implicit_dx() => (g.c / g.groups) * g.q(),
+            _ => g.col_len(),
+        };
+        self.prepare_ws(chunks, col_len, wlen, if want_db { g.o } else { 0 });
+        let (offs_f, offs_b) = if implicit {
+            implicit::implicit_offsets(&g)
+        } else {
+            (vec![], vec![])
+        };
+        let w = self.weight.values();
+        let packed = &self.packed[..];
+        let (is, os) = (g.in_size(), g.out_size());
+        let run = |xc: &[T], gc: &[T], mut dxc: Option<&mut [T]>, ws: &mut Workspace<T>| {
+            if implicit {
+                let (hp, wp) = (g.hp(), g.wp());
+                ensure_padded(&mut ws.xpad, &mut ws.xpad_key, (g.c * WGRAD_GROUP, hp, wp));
+                ensure_padded(
+                    &mut ws.dypad,
+                    &mut ws.dypad_key,
+                    (g.o * WGRAD_GROUP, hp, wp),
+                );
+                let samples = xc.len() / is;
+                let mut s0 = 0;
+                while s0 < samples {
+                    let s1 = (s0 + WGRAD_GROUP).min(samples);
+                    let xg: Vec<&[f32]> =
+                        (s0..s1).map(|s| f32s(&xc[s * is..(s + 1) * is])).collect();
+                    let yg: Vec<&[f32]> =
+                        (s0..s1).map(|s| f32s(&gc[s * os..(s + 1) * os])).collect();
+                    let dxg: Vec<Option<&mut [f32]>> = match dxc.as_deref_mut() {
+                        Some(d) => d[s0 * is..s1 * is]
+                            .chunks_exact_mut(is)
+                            .map(|c| Some(f32s_mut(c)))
+                            .collect(),
+                        None => (s0..s1).map(|_| None).collect(),
+                    };
+                    implicit::implicit_backward_group(
+                        &g,
+                        &xg,
+                        &yg,
+                        dxg,
+                        packed,
+                        (&offs_f, &offs_b),
+                        f32s_mut(&mut ws.xpad),
+                        f32s_mut(&mut ws.dypad),
+                        f32s_mut(&mut ws.col),
+                        f32s_mut(&mut ws.dw),
+                        &mut ws.db,
+                    );
+                    s0 = s1;
+                }
+                return;
+            }
+            for (s, (xs, gs)) in xc.chunks_exact(is).zip(gc.chunks_exact(os)).enumerate() {
+                let dxs = dxc.as_deref_mut().map(|d| &mut d[s * is..(s + 1) * is]);
+                if fast {
+                    direct::fast_backward_sample(
+                        &g,
+                        f32s(xs),
+                        f32s(gs),
+                        dxs.map(f32s_mut),
+                        packed,
+                        f32s_mut(&mut ws.col),
+                        f32s_mut(&mut ws.dw),
+                        &mut ws.db,
+                    );
+                } else {
+                    direct::backward_sample(&g, xs, gs, dxs, w, ws, want_db, par);
+                }
+            }
+        };
+        if chunks == 1 {
+            run(xs, gs, dx, &mut self.ws[0]);
+        } else {
+            let mut dx_chunks: Vec<Option<&mut [T]>> = match dx {
+                Some(d) => d.chunks_mut(per * is).map(Some).collect(),
+                None => (0..chunks).map(|_| None).collect(),
+            };
+            xs.par_chunks(per * is)
+                .zip(gs.par_chunks(per * os))
+                .zip(dx_chunks.par_iter_mut())
+                .zip(self.ws[..chunks].par_iter_mut())
+                .for_each(|(((xc, gc), dxc), ws)| run(xc, gc, dxc.as_deref_mut(), ws));
+        }
+        let used = chunks.min(g.n.div_ceil(per));
+        let dw = self.weight.grads_mut();
+        for ws in &self.ws[..used] {
+            for (d, s) in dw.iter_mut().zip(&ws.dw) {
+                *d = *d + *s;
+            }
+        }
+        if let Some(b) = self.bias.as_mut() {
+            let db = b.grads_mut();
+            for (o, d) in db.iter_mut().enumerate() {
+                let s: f64 = self.ws[..used].iter().map(|ws| ws.db[o]).sum();
+                *d = *d + T::of_f64(s);
+            }
+        }
+    }
+
+    /// The parameter gradients from dy given plane by plane: `fill(k, out)` writes plane k (= n·O + o) of dy,
+    /// `planes` = (N, O, OH·OW). Only [`ConvAlgo::OneChannel`] takes it (its weight gradient consumes dy image by
+    /// image from a buffer in cache, so a dy that a following BatchNorm computes plane by plane is never written
+    /// out in full); `Ok(false)` (nothing done) for every other algorithm.
+    pub fn backward_params_from_planes(
+        &mut self,
+        x: &ArrayD<T>,
+        planes: (usize, usize, usize),
+        fill: &(dyn Fn(usize, &mut [T]) + Sync),
+        algo: ConvAlgo,
+    ) -> Result<bool> {
+        let g = self.geom(x.shape())?;
+        if !algo.takes_dy_planes() {
+            return Ok(false);
+        }
+        self.check_algo(&g, algo)?;
+        let os = algo::one_channel_shape(&g).expect("checked");
+        if planes != (g.n, g.o, g.oh * g.ow) {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has (N, C, H·W) = {planes:?}, the output ({}, {}, {})",
+                    g.n,
+                    g.o,
+                    g.oh * g.ow
+                ),
+            });
+        }
+        let xs = contiguous(x);
+        let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
+        let grad = f32s_mut(
+            self.weight
+                .grad
+                .as_slice_mut()
+                .expect("contiguous gradients"),
+        );
+        one_channel::backward_params_from_planes(
+            os,
+            f32s(&xs),
+            |p, out: &mut [f32]| fill(p, crate::kernels::cast::f32_as_mut(out).expect("f32")),
+            grad,
+            db.as_deref_mut(),
+        );
+        self.add_bias_grad(db);
+        Ok(true)
+    }
+
+    /// The algorithm [`Layer::forward`] and [`Layer::backward`] use on a lone layer.
+    fn default_algo(&self, shape: &[usize], ctx: Ctx) -> Result<ConvAlgo> {
+        self.algorithm(shape, ctx.mode(), ConvChoice::default(), ctx.isa())
+    }
+}
+
+/// A `T` slice as f32 on the f32-only paths (the algorithm checks guarantee `T` is f32 there).
+fn f32s<T: 'static>(s: &[T]) -> &[f32] {
+    as_f32(s).expect("f32 kernels run on f32 layers only")
+}
+
+fn f32s_mut<T: 'static>(s: &mut [T]) -> &mut [f32] {
+    as_f32_mut(s).expect("f32 kernels run on f32 layers only")
+}
+
+impl<T: Real> Layer<T> for Conv2d<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        let algo = self.default_algo(x.shape(), ctx)?;
+        self.forward_with(x, algo, Epilogue::default())
+    }
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        let algo = self.default_algo(x.shape(), ctx)?;
+        // SAFETY: every backward path writes each element of dx.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_with(x, dy, Some(dx.as_slice_mut().expect("fresh array")), algo)?;
+        Ok(dx)
+    }
+    fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<()> {
+        let algo = self.default_algo(x.shape(), ctx)?;
+        self.backward_with(x, dy, None, algo)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let g = self.geom(input)?;
+        Ok(vec![g.n, g.o, g.oh, g.ow])
+    }
+    fn name(&self) -> String {
+        let c = &self.cfg;
+        let mut s = format!(
+            "Conv2d({}, {}, kernel_size={:?}, stride={:?}",
+            c.in_channels, c.out_channels, c.kernel_size, c.stride
+        );
+        if c.padding != (0, 0) {
+            s += &format!(", padding={:?}", c.padding);
+        }
+        if c.dilation != (1, 1) {
+            s += &format!(", dilation={:?}", c.dilation);
+        }
+        if c.groups != 1 {
+            s += &format!(", groups={}", c.groups);
+        }
+        if !c.bias {
+            s += ", bias=False";
+        }
+        s + ")"
+    }
+}
+
+impl<T: Real> Stateful<T> for Conv2d<T> {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        sd.insert_float(join(prefix, "weight"), &self.weight.value);
+        if let Some(b) = &self.bias {
+            sd.insert_float(join(prefix, "bias"), &b.value);
+        }
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        sd.load_float(&join(prefix, "weight"), &mut self.weight.value)?;
+        if let Some(b) = self.bias.as_mut() {
+            sd.load_float(&join(prefix, "bias"), &mut b.value)?;
+        }
+        Ok(())
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        f(&join(prefix, "weight"), &mut self.weight);
+        if let Some(b) = self.bias.as_mut() {
+            f(&join(prefix, "bias"), b);
+        }
+    }
+}

@@ -1,0 +1,773 @@
+//! Batch normalization over (N, C, *) inputs: BatchNorm1d on (N, C) and (N, C, L), BatchNorm2d on (N, C, H, W),
+//! BatchNorm3d on (N, C, D, H, W).
+//!
+//! | | PyTorch convention (default) | Keras convention ([`BatchNormConfig::keras`]) |
+//! |---|---|---|
+//! | defaults | eps 1e-5, momentum 0.1 | epsilon 1e-3, momentum 0.99 |
+//! | running update | `r = (1-m)·r + m·batch` | `r = r·m + batch·(1-m)` |
+//! | variance normalising the batch | biased | biased |
+//! | variance entering `running_var` | unbiased (·m/(m-1)) | biased |
+//! | momentum `None` | cumulative average, factor 1/num_batches_tracked | same |
+//! | one value per channel when training | error | error |
+//!
+//! In eval mode with `track_running_stats` the layer is the affine map y = x·a + b with
+//! a = weight/sqrt(running_var+eps), b = bias - running_mean·a ([`BatchNorm::eval_affine`]); without tracking it
+//! uses batch statistics. `num_batches_tracked` counts training forwards (an `i64`, as in PyTorch).
+//!
+//! A model's plan fuses the layers around a BatchNorm into its kernels ([`BnFusion`]): the ReLU after it, a 2×2
+//! max pool after that, and statistics computed by the convolution before it. Each fused form is bitwise the
+//! layers run one by one.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | [`stats`] | (N, C, S) dimensions, moments and their exact merge, the forward's saved statistics, the backward's sums |
+//! | [`planes`] | the passes over planes of S > 1 values (train/eval forward, backward, dx handed over plane by plane) |
+//! | [`rows`] | the same for S = 1 (BatchNorm1d on (N, C)), over tiles of rows × channels |
+//! | [`maxpool`] | the training forward and backward fused with a following 2×2 max pool |
+
+mod config;
+pub mod maxpool;
+pub mod planes;
+pub mod rows;
+pub mod stats;
+
+pub use config::{BatchNormConfig, Convention};
+pub use planes::DxPlanes;
+
+use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
+use super::{check_eps, check_momentum, pslice, EvalAffine};
+use crate::kernels::arena;
+use crate::kernels::shape::{check_channels, check_same_shape, contiguous};
+use crate::layer::Layer;
+use crate::param::ParamRole;
+use crate::state::{StateDict, Stateful};
+use crate::{Ctx, Mode, NvError, Param, Real, Result};
+use maxpool::Pool2x2;
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use stats::{BackwardSums, BatchStats, Ncs};
+
+/// What a model's plan fuses into a BatchNorm's forward. Each is bitwise what the separate layers compute
+/// (finite values: a NaN becomes 0 in a fused ReLU, as `max(·, 0)` makes it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BnFusion<'a> {
+    /// A following ReLU.
+    pub relu: bool,
+    /// A following 2×2, stride-2 max pool (see [`BatchNorm::can_pool2x2`]); the output is the pooled one.
+    pub pool2x2: bool,
+    /// The (mean, M2) of each of the input's N·C planes (n-major), computed by the layer that wrote them (see
+    /// [`BatchNorm::takes_plane_moments`]): the statistics are their exact merge, so the only pass over the input
+    /// is the normalizing one.
+    pub plane_moments: Option<&'a [(f64, f64)]>,
+}
+
+/// What the last forward left for the backward.
+#[derive(Debug, Clone)]
+enum Saved<T> {
+    /// Batch statistics (training, or eval without running stats).
+    Batch {
+        stats: BatchStats<T>,
+        shape: Vec<usize>,
+        relu: bool,
+    },
+    /// Fixed affine y = x·a + b from running statistics; `invstd` and `mean` for dweight.
+    Running {
+        a: Vec<T>,
+        b: Vec<T>,
+        invstd: Vec<f64>,
+        mean: Vec<f64>,
+        shape: Vec<usize>,
+        relu: bool,
+    },
+}
+
+/// A batch-norm layer. Parameters and buffers are under PyTorch's names (`weight`, `bias`, `running_mean`,
+/// `running_var`, `num_batches_tracked`).
+///
+/// ```
+/// use normvision::ndarray::{ArrayD, IxDyn};
+/// use normvision::norm::BatchNormConfig;
+/// use normvision::{Ctx, Layer};
+/// let mut bn = BatchNormConfig::d2(3).build::<f32>().unwrap();
+/// let x = ArrayD::from_shape_fn(IxDyn(&[4, 3, 5, 5]), |i| (i[0] * 7 + i[3]) as f32);
+/// let y = bn.forward(&x, Ctx::train()).unwrap();
+/// let mean: f32 = y.iter().sum::<f32>() / y.len() as f32;
+/// assert!(mean.abs() < 1e-5);
+/// assert_eq!(bn.num_batches_tracked(), 1);
+/// let dx = bn.backward(&x, &ArrayD::ones(x.raw_dim()), Ctx::train()).unwrap();
+/// assert!(dx.iter().all(|v| v.abs() < 1e-5)); // a constant dy has no gradient through the batch mean
+/// ```
+#[derive(Debug, Clone)]
+pub struct BatchNorm<T: Real = f32> {
+    cfg: BatchNormConfig,
+    weight: Option<Param<T>>,
+    bias: Option<Param<T>>,
+    running_mean: Option<ArrayD<T>>,
+    running_var: Option<ArrayD<T>>,
+    num_batches_tracked: i64,
+    saved: Option<Saved<T>>,
+    /// The argmax indices of the max pool fused into the last forward; kept across steps so that consecutive
+    /// pooled forwards reuse the allocation.
+    pooled: Option<(Pool2x2, Vec<u32>)>,
+}
+
+impl<T: Real> BatchNorm<T> {
+    pub const NAME: &'static str = "BatchNorm";
+
+    pub fn new(cfg: BatchNormConfig) -> Result<Self> {
+        check_eps(cfg.eps)?;
+        check_momentum(cfg.momentum)?;
+        if cfg.num_features == 0 {
+            return Err(NvError::Config("num_features must be > 0".into()));
+        }
+        let c = cfg.num_features;
+        let (weight, bias) = if cfg.affine {
+            (
+                Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
+                Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
+            )
+        } else {
+            (None, None)
+        };
+        let (running_mean, running_var) = if cfg.track_running_stats {
+            (
+                Some(ArrayD::zeros(IxDyn(&[c]))),
+                Some(ArrayD::from_elem(IxDyn(&[c]), T::one())),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(BatchNorm {
+            cfg,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked: 0,
+            saved: None,
+            pooled: None,
+        })
+    }
+
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.cfg
+    }
+    pub fn weight(&self) -> Option<&Param<T>> {
+        self.weight.as_ref()
+    }
+    pub fn weight_mut(&mut self) -> Option<&mut Param<T>> {
+        self.weight.as_mut()
+    }
+    pub fn bias(&self) -> Option<&Param<T>> {
+        self.bias.as_ref()
+    }
+    pub fn bias_mut(&mut self) -> Option<&mut Param<T>> {
+        self.bias.as_mut()
+    }
+    /// The running mean (`None` without `track_running_stats`).
+    pub fn running_mean(&self) -> Option<&ArrayD<T>> {
+        self.running_mean.as_ref()
+    }
+    /// The running (unbiased, in PyTorch's convention) variance.
+    pub fn running_var(&self) -> Option<&ArrayD<T>> {
+        self.running_var.as_ref()
+    }
+    /// Mutable running statistics (mean, var), e.g. to re-estimate them.
+    pub fn running_stats_mut(&mut self) -> Option<(&mut ArrayD<T>, &mut ArrayD<T>)> {
+        match (self.running_mean.as_mut(), self.running_var.as_mut()) {
+            (Some(m), Some(v)) => Some((m, v)),
+            _ => None,
+        }
+    }
+    pub fn num_batches_tracked(&self) -> i64 {
+        self.num_batches_tracked
+    }
+
+    /// Validates the input shape and returns its (N, C, S) view.
+    pub fn dims(&self, shape: &[usize]) -> Result<Ncs> {
+        let rank_ok = if self.cfg.ranks.is_empty() {
+            shape.len() >= 2
+        } else {
+            self.cfg.ranks.contains(&shape.len())
+        };
+        if !rank_ok {
+            let expected = if self.cfg.ranks.is_empty() {
+                "(N, C, *) (rank >= 2)".to_string()
+            } else {
+                format!("rank {:?}", self.cfg.ranks)
+            };
+            return Err(NvError::Rank {
+                layer: Self::NAME,
+                expected,
+                got: shape.to_vec(),
+            });
+        }
+        check_channels(Self::NAME, shape, self.cfg.num_features)?;
+        Ok(Ncs {
+            n: shape[0],
+            c: shape[1],
+            s: shape[2..].iter().product(),
+        })
+    }
+
+    /// Whether the forward in `mode` normalizes with batch statistics (training, or eval without running
+    /// statistics) rather than the running ones.
+    pub fn uses_batch_stats(&self, mode: Mode) -> bool {
+        mode.is_train() || !self.cfg.track_running_stats
+    }
+
+    /// The eval-mode affine y = x·scale + shift, when eval mode uses running statistics (`None` with
+    /// `track_running_stats = false`): scale = weight/sqrt(running_var + eps), shift = bias − running_mean·scale,
+    /// in f64. The eval forward computes with these values rounded to `T`.
+    pub fn eval_affine(&self) -> Option<EvalAffine> {
+        if self.uses_batch_stats(Mode::Eval) {
+            return None;
+        }
+        let (rm, rv) = (self.running_mean.as_ref()?, self.running_var.as_ref()?);
+        Some(EvalAffine::from_stats(
+            rm.iter().map(|v| v.as_f64()),
+            rv.iter().map(|v| v.as_f64()),
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.eps,
+        ))
+    }
+
+    /// Per-channel (a, b) of the eval affine in `T`, with the exact invstd and mean (for dweight).
+    fn running_affine(&self) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<f64>) {
+        let aff = self.eval_affine().expect("tracked running statistics");
+        let rv = self.running_var.as_ref().expect("tracked");
+        let rm = self.running_mean.as_ref().expect("tracked");
+        let (a, b) = aff.to_real();
+        let inv = rv
+            .iter()
+            .map(|v| 1.0 / (v.as_f64() + self.cfg.eps).sqrt())
+            .collect();
+        (a, b, inv, rm.iter().map(|v| v.as_f64()).collect())
+    }
+
+    /// Whether [`BnFusion::pool2x2`] applies to inputs of `shape` under `ctx`: batch statistics, 4-D input at
+    /// least 2×2, f32 with AVX-512F allowed.
+    pub fn can_pool2x2(&self, shape: &[usize], ctx: Ctx) -> bool {
+        self.uses_batch_stats(ctx.mode())
+            && ctx.isa().avx512()
+            && Pool2x2::available::<T>()
+            && shape.len() == 4
+            && shape[2] >= 2
+            && shape[3] >= 2
+    }
+
+    /// Whether [`BnFusion::plane_moments`] applies to inputs of `shape` in `mode`: batch statistics on planes of
+    /// more than one value.
+    pub fn takes_plane_moments(&self, shape: &[usize], mode: Mode) -> bool {
+        self.uses_batch_stats(mode) && shape.len() >= 3 && shape[2..].iter().product::<usize>() >= 2
+    }
+
+    fn check_train_values(&self, d: Ncs, shape: &[usize], mode: Mode) -> Result<()> {
+        if mode.is_train() && d.m() <= 1 {
+            return Err(NvError::OneValuePerChannel {
+                layer: Self::NAME,
+                shape: shape.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Forward pass into a caller-owned buffer of x's size, without fusions.
+    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+        self.forward_plain(x, y, ctx, false)
+    }
+
+    fn forward_plain(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx, relu: bool) -> Result<()> {
+        let shape = x.shape().to_vec();
+        let d = self.dims(&shape)?;
+        if y.len() != d.numel() {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "output buffer has {} elements, input {}",
+                    y.len(),
+                    d.numel()
+                ),
+            });
+        }
+        let xs = contiguous(&x);
+        self.pooled = None;
+        let mode = ctx.mode();
+        if self.uses_batch_stats(mode) {
+            self.check_train_values(d, &shape, mode)?;
+            let stats = planes::train_forward(
+                &xs,
+                y,
+                d,
+                pslice(&self.weight),
+                pslice(&self.bias),
+                self.cfg.eps,
+                relu,
+                ctx.kernels(),
+            );
+            if mode.is_train() && self.cfg.track_running_stats {
+                self.update_running(&stats.mean, &stats.var, d.m());
+            }
+            self.saved = Some(Saved::Batch { stats, shape, relu });
+        } else {
+            let (a, b, invstd, mean) = self.running_affine();
+            planes::eval_forward(&xs, y, d, &a, &b, relu);
+            self.saved = Some(Saved::Running {
+                a,
+                b,
+                invstd,
+                mean,
+                shape,
+                relu,
+            });
+        }
+        Ok(())
+    }
+
+    /// The forward with the fusions `f` (see [`BnFusion`]). A requested pool that does not apply
+    /// ([`BatchNorm::can_pool2x2`]) or plane moments that do not ([`BatchNorm::takes_plane_moments`], or of the
+    /// wrong length) are an error. The backward ([`Layer::backward`]) then takes the gradient of the pooled
+    /// output when the forward pooled.
+    pub fn forward_fused(&mut self, x: &ArrayD<T>, ctx: Ctx, f: BnFusion<'_>) -> Result<ArrayD<T>> {
+        let shape = x.shape().to_vec();
+        let d = self.dims(&shape)?;
+        let mode = ctx.mode();
+        if f.pool2x2 && !self.can_pool2x2(&shape, ctx) {
+            return Err(NvError::Config(format!(
+                "{}: no fused 2x2 max pool for input {shape:?} in {mode:?} mode",
+                Self::NAME
+            )));
+        }
+        if let Some(pm) = f.plane_moments {
+            if !self.takes_plane_moments(&shape, mode) || pm.len() != d.n * d.c {
+                return Err(NvError::Config(format!(
+                    "{}: {} plane moments do not apply to input {shape:?} in {mode:?} mode",
+                    Self::NAME,
+                    pm.len()
+                )));
+            }
+            return self.forward_from_plane_moments(x, pm, d, ctx, f.relu, f.pool2x2);
+        }
+        if f.pool2x2 {
+            return self.forward_maxpool(x, d, ctx, f.relu);
+        }
+        // SAFETY: the forward writes every element of y.
+        let mut y = unsafe { arena::output_uninit(x.shape()) };
+        self.forward_plain(
+            x.view(),
+            y.as_slice_mut().expect("fresh array"),
+            ctx,
+            f.relu,
+        )?;
+        Ok(y)
+    }
+
+    /// The batch-statistics forward followed by a 2×2, stride-2 max pool, as one kernel that never writes the
+    /// unpooled output ([`maxpool::train_forward_maxpool`]): the pooled (N, C, H/2, W/2) output, bitwise that of
+    /// the forward then [`crate::nn::MaxPool2d`], with the running statistics updated the same way.
+    fn forward_maxpool(
+        &mut self,
+        x: &ArrayD<T>,
+        d: Ncs,
+        ctx: Ctx,
+        relu: bool,
+    ) -> Result<ArrayD<T>> {
+        let shape = x.shape().to_vec();
+        let mode = ctx.mode();
+        self.check_train_values(d, &shape, mode)?;
+        let p = Pool2x2 {
+            h: shape[2],
+            w: shape[3],
+        };
+        let (mut y, mut ix) = Self::pooled_buffers(&mut self.pooled, d, p);
+        let xs = contiguous(x);
+        let stats = maxpool::train_forward_maxpool(
+            &xs,
+            y.as_slice_mut().expect("fresh array"),
+            &mut ix,
+            d,
+            p,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.eps,
+            relu,
+        );
+        if mode.is_train() && self.cfg.track_running_stats {
+            self.update_running(&stats.mean, &stats.var, d.m());
+        }
+        self.saved = Some(Saved::Batch { stats, shape, relu });
+        self.pooled = Some((p, ix));
+        Ok(y)
+    }
+
+    /// The pooled output (N, C, H/2, W/2) and its argmax buffer (the last forward's, reused).
+    fn pooled_buffers(
+        last: &mut Option<(Pool2x2, Vec<u32>)>,
+        d: Ncs,
+        p: Pool2x2,
+    ) -> (ArrayD<T>, Vec<u32>) {
+        // SAFETY: the pooled kernels write every output element.
+        let y = unsafe { arena::output_uninit(&[d.n, d.c, p.oh(), p.ow()]) };
+        let mut ix = last.take().map(|(_, v)| v).unwrap_or_default();
+        ix.resize(y.len(), 0);
+        (y, ix)
+    }
+
+    /// The batch-statistics forward when the layer that produced `x` (N, C, *) has already reduced each of its
+    /// N·C planes to (mean, M2) while writing it: the statistics are their exact merge
+    /// ([`stats::moments_from_planes`]), so the only pass over `x` is the normalizing one (with the pool applied
+    /// in it when `pool`). Running statistics, the saved state and the errors are those of the plain forward;
+    /// the statistics agree with it to rounding.
+    fn forward_from_plane_moments(
+        &mut self,
+        x: &ArrayD<T>,
+        pm: &[(f64, f64)],
+        d: Ncs,
+        ctx: Ctx,
+        relu: bool,
+        pool: bool,
+    ) -> Result<ArrayD<T>> {
+        let shape = x.shape().to_vec();
+        let mode = ctx.mode();
+        self.check_train_values(d, &shape, mode)?;
+        let stats = BatchStats::<T>::from_moments(&stats::moments_from_planes(pm, d), self.cfg.eps);
+        let xs = contiguous(x);
+        let (w, b) = (pslice(&self.weight), pslice(&self.bias));
+        let (y, pooled) = if pool {
+            let p = Pool2x2 {
+                h: shape[2],
+                w: shape[3],
+            };
+            let (mut y, mut ix) = Self::pooled_buffers(&mut self.pooled, d, p);
+            let ys = y.as_slice_mut().expect("fresh array");
+            maxpool::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu);
+            (y, Some((p, ix)))
+        } else {
+            // SAFETY: normalize writes every element.
+            let mut y = unsafe { arena::output_uninit(&shape) };
+            let ys = y.as_slice_mut().expect("fresh array");
+            planes::normalize(&xs, ys, d, &stats, w, b, relu, ctx.kernels());
+            (y, None)
+        };
+        if mode.is_train() && self.cfg.track_running_stats {
+            self.update_running(&stats.mean, &stats.var, d.m());
+        }
+        self.saved = Some(Saved::Batch { stats, shape, relu });
+        self.pooled = pooled;
+        Ok(y)
+    }
+
+    /// The training backward without its dx pass, for a consumer that takes dx plane by plane (see
+    /// [`DxPlanes`]): accumulates dweight and dbias as the backward does and returns dx as a function of the
+    /// plane. Needs a last forward that was unpooled, with batch statistics, on planes of more than one value,
+    /// and contiguous x and dy.
+    pub fn backward_deferred<'a>(
+        &mut self,
+        x: &'a ArrayD<T>,
+        dy: &'a ArrayD<T>,
+        ctx: Ctx,
+    ) -> Result<DxPlanes<'a, T>> {
+        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        let d = self.dims(x.shape())?;
+        let no_state = NvError::NoSavedState {
+            layer: Self::NAME,
+            mode: ctx.mode(),
+        };
+        let (Some(xs), Some(gs)) = (x.as_slice(), dy.as_slice()) else {
+            return Err(NvError::Config(format!(
+                "{}: a deferred dx needs contiguous x and dy",
+                Self::NAME
+            )));
+        };
+        let Some(Saved::Batch { stats, shape, relu }) = &self.saved else {
+            return Err(no_state);
+        };
+        if self.pooled.is_some()
+            || !self.uses_batch_stats(ctx.mode())
+            || shape.as_slice() != x.shape()
+            || d.s < 2
+        {
+            return Err(no_state);
+        }
+        let (sums, planes) = planes::train_backward_deferred(
+            xs,
+            gs,
+            d,
+            stats,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            *relu,
+        );
+        add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
+        Ok(planes)
+    }
+
+    /// Backward of a pooled forward: `dy` is the gradient of the pooled output; returns dx (of x's shape) and
+    /// accumulates dweight and dbias, bitwise as the max pool's backward followed by the BatchNorm's would.
+    fn backward_maxpool(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        let d = self.dims(x.shape())?;
+        let mode = ctx.mode();
+        let no_state = || NvError::NoSavedState {
+            layer: Self::NAME,
+            mode,
+        };
+        let (Some(Saved::Batch { stats, shape, relu }), Some((p, ix)), true) =
+            (&self.saved, &self.pooled, self.uses_batch_stats(mode))
+        else {
+            return Err(no_state());
+        };
+        if shape.as_slice() != x.shape() {
+            return Err(no_state());
+        }
+        let want = [d.n, d.c, p.oh(), p.ow()];
+        if dy.shape() != want {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!(
+                    "dy has shape {:?}, the pooled output has shape {want:?}",
+                    dy.shape()
+                ),
+            });
+        }
+        // SAFETY: the pooled backward writes every element of dx.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        let (xs, gs) = (contiguous(x), contiguous(dy));
+        let sums = maxpool::train_backward_maxpool(
+            &xs,
+            &gs,
+            ix,
+            dx.as_slice_mut().expect("fresh array"),
+            d,
+            *p,
+            stats,
+            pslice(&self.weight),
+            pslice(&self.bias),
+            *relu,
+            ctx.kernels(),
+        );
+        add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
+        Ok(dx)
+    }
+
+    /// Folds one batch's statistics into the running statistics (the layer's convention); `m` values per channel.
+    pub fn update_running(&mut self, mean: &[f64], var_biased: &[f64], m: usize) {
+        self.num_batches_tracked += 1;
+        let factor = match self.cfg.momentum {
+            Some(mo) => match self.cfg.convention {
+                Convention::PyTorch => mo,
+                Convention::Keras => 1.0 - mo,
+            },
+            None => 1.0 / self.num_batches_tracked as f64,
+        };
+        let unbias = match self.cfg.convention {
+            Convention::PyTorch => m as f64 / (m as f64 - 1.0),
+            Convention::Keras => 1.0,
+        };
+        let rm = self
+            .running_mean
+            .as_mut()
+            .expect("tracked")
+            .as_slice_mut()
+            .unwrap();
+        for (r, &v) in rm.iter_mut().zip(mean) {
+            *r = T::of_f64((1.0 - factor) * r.as_f64() + factor * v);
+        }
+        let rv = self
+            .running_var
+            .as_mut()
+            .expect("tracked")
+            .as_slice_mut()
+            .unwrap();
+        for (r, &v) in rv.iter_mut().zip(var_biased) {
+            *r = T::of_f64((1.0 - factor) * r.as_f64() + factor * v * unbias);
+        }
+    }
+
+    /// Backward into a caller-owned buffer (after an unpooled forward). `ctx`'s mode must be the forward's.
+    pub fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: &mut [T],
+        ctx: Ctx,
+    ) -> Result<()> {
+        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
+        let d = self.dims(x.shape())?;
+        if dx.len() != d.numel() {
+            return Err(NvError::Shape {
+                layer: Self::NAME,
+                msg: format!("dx buffer has {} elements, input {}", dx.len(), d.numel()),
+            });
+        }
+        let mode = ctx.mode();
+        let (xs, gs) = (contiguous(&x), contiguous(&dy));
+        let batch = self.uses_batch_stats(mode);
+        match (&self.saved, batch) {
+            (Some(Saved::Batch { stats, shape, relu }), true)
+                if shape == x.shape() && self.pooled.is_none() =>
+            {
+                let sums = planes::train_backward(
+                    &xs,
+                    &gs,
+                    dx,
+                    d,
+                    stats,
+                    pslice(&self.weight),
+                    pslice(&self.bias),
+                    *relu,
+                    ctx.kernels(),
+                );
+                add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
+                Ok(())
+            }
+            (
+                Some(Saved::Running {
+                    a,
+                    b,
+                    invstd,
+                    mean,
+                    shape,
+                    relu,
+                }),
+                false,
+            ) if shape == x.shape() => {
+                let (sd, sx) = planes::eval_backward(&xs, &gs, dx, d, a, b, *relu);
+                add_affine_grads(
+                    &mut self.weight,
+                    &mut self.bias,
+                    |c| (sx[c] - mean[c] * sd[c]) * invstd[c],
+                    |c| sd[c],
+                );
+                Ok(())
+            }
+            _ => Err(NvError::NoSavedState {
+                layer: Self::NAME,
+                mode,
+            }),
+        }
+    }
+
+    /// Resets running statistics to their initial values (mean 0, var 1, count 0), as `reset_running_stats()`.
+    pub fn reset_running_stats(&mut self) {
+        if let Some(rm) = self.running_mean.as_mut() {
+            rm.fill(T::zero());
+        }
+        if let Some(rv) = self.running_var.as_mut() {
+            rv.fill(T::one());
+        }
+        self.num_batches_tracked = 0;
+    }
+}
+
+impl<T: Real> Layer<T> for BatchNorm<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        self.forward_fused(x, ctx, BnFusion::default())
+    }
+    /// The backward of the last forward, fused or not: after a pooled forward, `dy` is the gradient of the
+    /// pooled output.
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        if self.pooled.is_some() {
+            return self.backward_maxpool(x, dy, ctx);
+        }
+        // SAFETY: the backward writes every element of dx.
+        let mut dx = unsafe { arena::output_uninit(x.shape()) };
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            ctx,
+        )?;
+        Ok(dx)
+    }
+    fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        self.dims(input)?;
+        Ok(input.to_vec())
+    }
+    fn name(&self) -> String {
+        let c = &self.cfg;
+        let kind = match c.ranks.as_slice() {
+            [2, 3] => "BatchNorm1d",
+            [4] => "BatchNorm2d",
+            [5] => "BatchNorm3d",
+            _ => "BatchNorm",
+        };
+        format!(
+            "{kind}({}, eps={}, momentum={}, affine={}, track_running_stats={})",
+            c.num_features,
+            c.eps,
+            c.momentum.map_or("None".to_string(), |m| m.to_string()),
+            py_bool(c.affine),
+            py_bool(c.track_running_stats)
+        )
+    }
+}
+
+/// `True` / `False`, as PyTorch prints booleans.
+pub(crate) fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+impl<T: Real> Stateful<T> for BatchNorm<T> {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        save_affine(prefix, &self.weight, &self.bias, sd);
+        save_running(
+            prefix,
+            &self.running_mean,
+            &self.running_var,
+            self.num_batches_tracked,
+            sd,
+        );
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        load_affine(prefix, &mut self.weight, &mut self.bias, sd)?;
+        load_running(
+            prefix,
+            &mut self.running_mean,
+            &mut self.running_var,
+            &mut self.num_batches_tracked,
+            sd,
+        )?;
+        self.saved = None;
+        self.pooled = None;
+        Ok(())
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        visit_affine(prefix, &mut self.weight, &mut self.bias, f);
+    }
+}
+
+/// [`add_affine_grads`] from a batch-statistics backward's sums: dweight = Σdy·x̂ = dot·invstd, dbias = Σdy.
+fn add_sums_grads<T: Real>(
+    weight: &mut Option<Param<T>>,
+    bias: &mut Option<Param<T>>,
+    sums: &BackwardSums,
+    stats: &BatchStats<T>,
+) {
+    add_affine_grads(
+        weight,
+        bias,
+        |c| sums.dot[c] * stats.invstd[c],
+        |c| sums.sum_dy[c],
+    );
+}
+
+/// Adds `dweight(c)` and `dbias(c)` to the affine parameters' gradients (when the layer has them).
+fn add_affine_grads<T: Real>(
+    weight: &mut Option<Param<T>>,
+    bias: &mut Option<Param<T>>,
+    dweight: impl Fn(usize) -> f64,
+    dbias: impl Fn(usize) -> f64,
+) {
+    if let (Some(w), Some(b)) = (weight.as_mut(), bias.as_mut()) {
+        for (c, g) in w.grads_mut().iter_mut().enumerate() {
+            *g = *g + T::of_f64(dweight(c));
+        }
+        for (c, g) in b.grads_mut().iter_mut().enumerate() {
+            *g = *g + T::of_f64(dbias(c));
+        }
+    }
+}
