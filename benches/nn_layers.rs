@@ -1,17 +1,19 @@
 //! Timing of the `nn` layers on the shapes of the Fashion-MNIST reference CNN (batch 128, f32):
-//! the four 3×3/pad-1 convolutions, forward and backward, with the AVX-512 kernels (batch split over threads)
-//! and with the `gemm` crate under both thread strategies, plus max pooling.
+//! the four 3×3/pad-1 convolutions, forward and backward, with every algorithm that applies on this CPU
+//! ([`ConvAlgo`]: Winograd, the AVX-512 im2col paths, the `gemm` crate under both thread strategies), plus max
+//! pooling.
 //!
 //!     cargo bench --bench nn_layers                              # release profile
 //!
-//! Environment: `NV_BENCH_SPLITS` (default `avx512,Batch,Gemm`) selects the variants, `NV_BENCH_REPS`
-//! (default 10) the timed repetitions after 2 warm-up calls; the table shows the
-//! minimum and the median in milliseconds per call, and GFLOP/s of the minimum (2·MACs of the GEMMs).
+//! Environment: `NV_BENCH_ALGOS` (comma-separated algorithm names; default all) selects the algorithms,
+//! `NV_BENCH_REPS` (default 10) the timed repetitions after 2 warm-up calls; the table shows the minimum and the
+//! median in milliseconds per call, and GFLOP/s of the minimum (2·MACs of the direct convolution's GEMMs).
 
 #![allow(clippy::needless_range_loop)]
 
 use ndarray::{ArrayD, IxDyn};
 use normvision::nn::*;
+use normvision::{Ctx, Layer, NvError};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -45,43 +47,49 @@ pub fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let splits: Vec<String> = std::env::var("NV_BENCH_SPLITS")
-        .unwrap_or_else(|_| "avx512,Batch,Gemm".into())
-        .split(',')
-        .map(|s| s.to_string())
-        .collect();
+    let picked: Option<Vec<String>> = std::env::var("NV_BENCH_ALGOS")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.to_string()).collect());
     println!(
         "rayon threads: {}, batch {BATCH}, {reps} reps",
         rayon::current_num_threads()
     );
     println!(
-        "{:<22} {:<6} {:<16} {:>9} {:>9} {:>8}",
-        "conv (3x3, pad 1)", "split", "op", "min ms", "med ms", "GFLOP/s"
+        "{:<22} {:<12} {:<16} {:>9} {:>9} {:>8}",
+        "conv (3x3, pad 1)", "algo", "op", "min ms", "med ms", "GFLOP/s"
     );
     for (ci, co, hw) in CONV_SHAPES {
         let x = randn(&[BATCH, ci, hw, hw], 1);
         let dy = randn(&[BATCH, co, hw, hw], 2);
         let macs = (BATCH * co * hw * hw * ci * 9) as f64;
-        for (split, par, simd) in [
-            ("avx512", ConvParallel::Batch, true),
-            ("Batch", ConvParallel::Batch, false),
-            ("Gemm", ConvParallel::Gemm, false),
+        for algo in [
+            ConvAlgo::Winograd4,
+            ConvAlgo::Winograd2,
+            ConvAlgo::OneChannel,
+            ConvAlgo::Implicit,
+            ConvAlgo::Explicit,
+            ConvAlgo::Gemm,
+            ConvAlgo::GemmThreads,
         ] {
-            if !splits.iter().any(|s| s == split) {
+            if picked
+                .as_ref()
+                .is_some_and(|p| !p.iter().any(|s| s == algo.name()))
+            {
                 continue;
             }
             let mut conv = Conv2dConfig::new(ci, co, 3)
                 .padding(1)
                 .build::<f32>(&mut rand_pcg::Pcg64Mcg::seed_from_u64(3))
                 .unwrap();
-            conv.parallel = par;
-            conv.simd = simd;
-            let mut y = vec![0f32; dy.len()];
+            if let Err(NvError::Config(_)) = conv.forward_with(&x, algo, Epilogue::default()) {
+                continue; // not on this CPU or for this shape
+            }
+            let split = algo.name();
             let mut dx = vec![0f32; x.len()];
             let label = format!("{ci}->{co} {hw}x{hw}");
             let row = |op: &str, gemms: f64, t: (f64, f64)| {
                 println!(
-                    "{:<22} {:<6} {:<16} {:>9.2} {:>9.2} {:>8.1}",
+                    "{:<22} {:<12} {:<16} {:>9.2} {:>9.2} {:>8.1}",
                     label,
                     split,
                     op,
@@ -93,40 +101,34 @@ pub fn main() {
             row(
                 "forward",
                 1.0,
-                time(reps, || drop(conv.forward(&x).unwrap())),
-            );
-            row(
-                "forward_into",
-                1.0,
-                time(reps, || conv.forward_into(x.view(), &mut y).unwrap()),
+                time(reps, || {
+                    drop(conv.forward_with(&x, algo, Epilogue::default()).unwrap())
+                }),
             );
             row(
                 "backward",
                 2.0,
                 time(reps, || {
-                    conv.backward_into(x.view(), dy.view(), Some(&mut dx))
-                        .unwrap()
+                    conv.backward_with(&x, &dy, Some(&mut dx), algo).unwrap()
                 }),
             );
             row(
                 "backward (no dx)",
                 1.0,
-                time(reps, || {
-                    conv.backward_into(x.view(), dy.view(), None).unwrap()
-                }),
+                time(reps, || conv.backward_with(&x, &dy, None, algo).unwrap()),
             );
         }
     }
     for (c, hw) in [(32, 28), (64, 14)] {
         let x = randn(&[BATCH, c, hw, hw], 4);
         let mut mp = MaxPool2dConfig::new(2).build::<f32>().unwrap();
-        let y = mp.forward(&x).unwrap();
-        let t = time(reps, || drop(mp.forward(&x).unwrap()));
+        let y = mp.forward(&x, Ctx::train()).unwrap();
+        let t = time(reps, || drop(mp.forward(&x, Ctx::train()).unwrap()));
         println!(
             "maxpool2 {c}x{hw}x{hw}  forward  min {:.2} ms  median {:.2} ms",
             t.0, t.1
         );
-        let t = time(reps, || drop(mp.backward(&x, &y).unwrap()));
+        let t = time(reps, || drop(mp.backward(&x, &y, Ctx::train()).unwrap()));
         println!(
             "maxpool2 {c}x{hw}x{hw}  backward min {:.2} ms  median {:.2} ms",
             t.0, t.1

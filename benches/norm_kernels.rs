@@ -9,10 +9,10 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::{
-    BatchChannelNormConfig, BatchNormConfig, FrozenBatchNorm, GroupNormConfig, InstanceNormConfig,
-    LayerNormConfig, NormLayer,
+    BatchChannelNormConfig, BatchNormConfig, BnFusion, FrozenBatchNormConfig, GroupNormConfig,
+    InstanceNormConfig, LayerNormConfig, NormLayer,
 };
-use normvision::Mode;
+use normvision::{Ctx, Layer};
 use rand::{Rng, SeedableRng};
 use std::time::Duration;
 
@@ -34,17 +34,8 @@ fn layers(shape: &[usize]) -> Vec<(&'static str, Box<dyn NormLayer<f32>>)> {
             Box::new(BatchNormConfig::new(c).build::<f32>().unwrap()),
         ),
         (
-            "batch_norm_relu",
-            Box::new(
-                BatchNormConfig::new(c)
-                    .fuse_relu(true)
-                    .build::<f32>()
-                    .unwrap(),
-            ),
-        ),
-        (
             "frozen_batch_norm",
-            Box::new(FrozenBatchNorm::<f32>::new(c, 1e-5).unwrap()),
+            Box::new(FrozenBatchNormConfig::new(c).build::<f32>().unwrap()),
         ),
         (
             "layer_norm",
@@ -88,22 +79,40 @@ fn bench(cr: &mut Criterion) {
             let mut dx = vec![0.0f32; numel];
             g.throughput(Throughput::Bytes((2 * numel * 4) as u64));
             g.bench_function(BenchmarkId::new("train_fwd", &label), |b| {
-                b.iter(|| layer.forward_into(x.view(), &mut y, Mode::Train).unwrap())
+                b.iter(|| layer.forward_into(x.view(), &mut y, Ctx::train()).unwrap())
             });
             g.bench_function(BenchmarkId::new("eval_fwd", &label), |b| {
-                b.iter(|| layer.forward_into(x.view(), &mut y, Mode::Eval).unwrap())
+                b.iter(|| layer.forward_into(x.view(), &mut y, Ctx::eval()).unwrap())
             });
             g.throughput(Throughput::Bytes((5 * numel * 4) as u64));
             g.bench_function(BenchmarkId::new("train_fwd_bwd", &label), |b| {
                 b.iter(|| {
-                    layer.forward_into(x.view(), &mut y, Mode::Train).unwrap();
+                    layer.forward_into(x.view(), &mut y, Ctx::train()).unwrap();
                     layer
-                        .backward_into(x.view(), dy.view(), &mut dx, Mode::Train)
+                        .backward_into(x.view(), dy.view(), &mut dx, Ctx::train())
                         .unwrap();
                 })
             });
             g.finish();
         }
+        // BatchNorm with its ReLU fused (as a model's plan runs it), allocating its output
+        let mut bn = BatchNormConfig::new(shape[1]).build::<f32>().unwrap();
+        let relu = BnFusion {
+            relu: true,
+            ..Default::default()
+        };
+        let mut g = cr.benchmark_group("batch_norm_relu");
+        g.sample_size(20)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+        g.throughput(Throughput::Bytes((5 * numel * 4) as u64));
+        g.bench_function(BenchmarkId::new("train_fwd_bwd", &label), |b| {
+            b.iter(|| {
+                drop(bn.forward_fused(&x, Ctx::train(), relu).unwrap());
+                drop(bn.backward(&x, &dy, Ctx::train()).unwrap());
+            })
+        });
+        g.finish();
     }
 }
 

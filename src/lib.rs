@@ -10,9 +10,10 @@
 pub mod ctx;
 pub mod data;
 pub mod error;
-pub mod io;
 #[doc(hidden)]
-pub mod kernels;
+pub mod internals;
+pub mod io;
+mod kernels;
 pub mod layer;
 pub mod mode;
 pub mod model;

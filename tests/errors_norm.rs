@@ -5,7 +5,9 @@
 use ndarray::{ArrayD, Dimension, IxDyn};
 use normvision::norm::*;
 use normvision::state::{StateDict, StateTensor, Stateful};
-use normvision::{Mode, NvError};
+use normvision::{Ctx, Layer, NvError};
+mod common;
+use common::Relu;
 
 fn data(shape: &[usize]) -> ArrayD<f32> {
     ArrayD::from_shape_fn(IxDyn(shape), |i| {
@@ -49,7 +51,7 @@ fn wrong_rank() {
     let mut b2: BatchNorm<f32> = BatchNormConfig::d2(3).build().unwrap();
     let e = assert_err!(
         "BN2d on 3-D",
-        b2.forward(&data(&[2, 3, 4]), Mode::Train),
+        b2.forward(&data(&[2, 3, 4]), Ctx::train()),
         NvError::Rank { .. }
     );
     if let NvError::Rank { layer, got, .. } = &e {
@@ -58,71 +60,71 @@ fn wrong_rank() {
     }
     assert_err!(
         "BN2d on 5-D",
-        b2.forward(&data(&[2, 3, 2, 2, 2]), Mode::Eval),
+        b2.forward(&data(&[2, 3, 2, 2, 2]), Ctx::eval()),
         NvError::Rank { .. }
     );
     let mut b1: BatchNorm<f32> = BatchNormConfig::d1(3).build().unwrap();
     assert_err!(
         "BN1d on 4-D",
-        b1.forward(&data(&[2, 3, 2, 2]), Mode::Train),
+        b1.forward(&data(&[2, 3, 2, 2]), Ctx::train()),
         NvError::Rank { .. }
     );
     assert_err!(
         "BN1d on 1-D",
-        b1.forward(&data(&[3]), Mode::Train),
+        b1.forward(&data(&[3]), Ctx::train()),
         NvError::Rank { .. }
     );
     let mut b3: BatchNorm<f32> = BatchNormConfig::d3(3).build().unwrap();
     assert_err!(
         "BN3d on 4-D",
-        b3.forward(&data(&[2, 3, 2, 2]), Mode::Train),
+        b3.forward(&data(&[2, 3, 2, 2]), Ctx::train()),
         NvError::Rank { .. }
     );
     assert_err!(
         "BN (any rank) on 1-D",
-        bn(3).forward(&data(&[3]), Mode::Train),
+        bn(3).forward(&data(&[3]), Ctx::train()),
         NvError::Rank { .. }
     );
     assert_err!(
         "BN on 0-D",
-        bn(3).forward(&data(&[]), Mode::Eval),
+        bn(3).forward(&data(&[]), Ctx::eval()),
         NvError::Rank { .. }
     );
 
     let mut in2: InstanceNorm<f32> = InstanceNormConfig::d2(3).affine(true).build().unwrap();
     assert_err!(
         "IN2d on 2-D",
-        in2.forward(&data(&[3, 4]), Mode::Train),
+        in2.forward(&data(&[3, 4]), Ctx::train()),
         NvError::Rank { .. }
     );
     assert_err!(
         "IN2d on 5-D",
-        in2.forward(&data(&[2, 3, 4, 4, 4]), Mode::Train),
+        in2.forward(&data(&[2, 3, 4, 4, 4]), Ctx::train()),
         NvError::Rank { .. }
     );
     let mut in1: InstanceNorm<f32> = InstanceNormConfig::d1(3).build().unwrap();
     assert_err!(
         "IN1d on 4-D",
-        in1.forward(&data(&[2, 3, 4, 4]), Mode::Train),
+        in1.forward(&data(&[2, 3, 4, 4]), Ctx::train()),
         NvError::Rank { .. }
     );
 
     let mut gn: GroupNorm<f32> = GroupNormConfig::new(1, 3).build().unwrap();
     assert_err!(
         "GN on 1-D",
-        gn.forward(&data(&[3]), Mode::Train),
+        gn.forward(&data(&[3]), Ctx::train()),
         NvError::Rank { .. }
     );
-    let mut fz: FrozenBatchNorm<f32> = FrozenBatchNorm::new(3, 1e-5).unwrap();
+    let mut fz: FrozenBatchNorm<f32> = FrozenBatchNormConfig::new(3).eps(1e-5).build().unwrap();
     assert_err!(
         "FrozenBN on 1-D",
-        fz.forward(&data(&[3]), Mode::Eval),
+        fz.forward(&data(&[3]), Ctx::eval()),
         NvError::Rank { .. }
     );
     let mut bcn: BatchChannelNorm<f32> = BatchChannelNormConfig::new(3).build().unwrap();
     assert_err!(
         "BCN on 1-D",
-        bcn.forward(&data(&[3]), Mode::Train),
+        bcn.forward(&data(&[3]), Ctx::train()),
         NvError::Rank { .. }
     );
 }
@@ -135,7 +137,7 @@ fn channel_mismatch() {
     let x = data(&[2, 4, 3, 3]);
     let e = assert_err!(
         "BN",
-        bn(3).forward(&x, Mode::Train),
+        bn(3).forward(&x, Ctx::train()),
         NvError::Channels { .. }
     );
     if let NvError::Channels { expected, got, .. } = e {
@@ -143,27 +145,27 @@ fn channel_mismatch() {
     }
     assert_err!(
         "BN eval",
-        bn(3).forward(&x, Mode::Eval),
+        bn(3).forward(&x, Ctx::eval()),
         NvError::Channels { .. }
     );
     let mut gn: GroupNorm<f32> = GroupNormConfig::new(1, 3).build().unwrap();
-    assert_err!("GN", gn.forward(&x, Mode::Train), NvError::Channels { .. });
-    let mut fz: FrozenBatchNorm<f32> = FrozenBatchNorm::new(3, 1e-5).unwrap();
+    assert_err!("GN", gn.forward(&x, Ctx::train()), NvError::Channels { .. });
+    let mut fz: FrozenBatchNorm<f32> = FrozenBatchNormConfig::new(3).eps(1e-5).build().unwrap();
     assert_err!(
         "FrozenBN",
-        fz.forward(&x, Mode::Eval),
+        fz.forward(&x, Ctx::eval()),
         NvError::Channels { .. }
     );
     let mut bcn: BatchChannelNorm<f32> = BatchChannelNormConfig::new(3).build().unwrap();
     assert_err!(
         "BCN",
-        bcn.forward(&x, Mode::Train),
+        bcn.forward(&x, Ctx::train()),
         NvError::Channels { .. }
     );
     let mut ina: InstanceNorm<f32> = InstanceNormConfig::d2(3).affine(true).build().unwrap();
     assert_err!(
         "IN affine",
-        ina.forward(&x, Mode::Train),
+        ina.forward(&x, Ctx::train()),
         NvError::Channels { .. }
     );
     let mut int: InstanceNorm<f32> = InstanceNormConfig::d2(3)
@@ -172,18 +174,18 @@ fn channel_mismatch() {
         .unwrap();
     assert_err!(
         "IN tracked",
-        int.forward(&x, Mode::Eval),
+        int.forward(&x, Ctx::eval()),
         NvError::Channels { .. }
     );
     // Unbatched (C, H, W) input: C is dim 0.
     assert_err!(
         "IN affine unbatched",
-        ina.forward(&data(&[4, 3, 3]), Mode::Train),
+        ina.forward(&data(&[4, 3, 3]), Ctx::train()),
         NvError::Channels { .. }
     );
     // Without affine or running stats PyTorch accepts (and only warns about) any channel count.
     let mut plain: InstanceNorm<f32> = InstanceNormConfig::d2(3).build().unwrap();
-    assert!(plain.forward(&x, Mode::Train).is_ok());
+    assert!(plain.forward(&x, Ctx::train()).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -218,7 +220,11 @@ fn invalid_eps() {
             InstanceNormConfig::d2(3).eps(eps).build::<f32>(),
             NvError::Config(_)
         );
-        assert_err!(&w, FrozenBatchNorm::<f32>::new(3, eps), NvError::Config(_));
+        assert_err!(
+            &w,
+            FrozenBatchNormConfig::new(3).eps(eps).build::<f32>(),
+            NvError::Config(_)
+        );
         let mut cfg = BatchChannelNormConfig::new(3);
         cfg.eps = eps;
         assert_err!(&w, cfg.build::<f32>(), NvError::Config(_));
@@ -241,7 +247,7 @@ fn momentum_outside_unit_interval() {
         );
         assert_err!(
             &w,
-            InstanceNormConfig::d2(3).momentum(m).build::<f32>(),
+            InstanceNormConfig::d2(3).momentum(Some(m)).build::<f32>(),
             NvError::Config(_)
         );
         let mut cfg = BatchChannelNormConfig::new(3);
@@ -283,7 +289,7 @@ fn zero_sizes_and_bad_groups() {
     );
     assert_err!(
         "FrozenBN C=0",
-        FrozenBatchNorm::<f32>::new(0, 1e-5),
+        FrozenBatchNormConfig::new(0).eps(1e-5).build::<f32>(),
         NvError::Config(_)
     );
     assert_err!(
@@ -326,7 +332,10 @@ fn zero_sizes_and_bad_groups() {
         FrozenBatchNorm::from_batch_norm(&b),
         NvError::Config(_)
     );
-    assert_err!("fold untracked", b.eval_affine(), NvError::Config(_));
+    assert!(
+        b.eval_affine().is_none(),
+        "an untracked BatchNorm has no eval affine to fold"
+    );
 }
 
 #[test]
@@ -334,21 +343,21 @@ fn layer_norm_shape_mismatch() {
     let mut ln: LayerNorm<f32> = LayerNormConfig::new(&[4, 5]).build().unwrap();
     assert_err!(
         "LN [4,5] on (2,5,4)",
-        ln.forward(&data(&[2, 5, 4]), Mode::Train),
+        ln.forward(&data(&[2, 5, 4]), Ctx::train()),
         NvError::Shape { .. }
     );
     assert_err!(
         "LN [4,5] on (2,3,4)",
-        ln.forward(&data(&[2, 3, 4]), Mode::Eval),
+        ln.forward(&data(&[2, 3, 4]), Ctx::eval()),
         NvError::Shape { .. }
     );
     assert_err!(
         "LN [4,5] on (5,)",
-        ln.forward(&data(&[5]), Mode::Train),
+        ln.forward(&data(&[5]), Ctx::train()),
         NvError::Shape { .. }
     );
-    assert!(ln.forward(&data(&[4, 5]), Mode::Train).is_ok());
-    assert!(ln.forward(&data(&[2, 3, 4, 5]), Mode::Train).is_ok());
+    assert!(ln.forward(&data(&[4, 5]), Ctx::train()).is_ok());
+    assert!(ln.forward(&data(&[2, 3, 4, 5]), Ctx::train()).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -366,7 +375,7 @@ fn one_value_per_channel_when_training() {
         let w = format!("BN {shape:?}");
         let e = assert_err!(
             &w,
-            bn(3).forward(&x, Mode::Train),
+            bn(3).forward(&x, Ctx::train()),
             NvError::OneValuePerChannel { .. }
         );
         let msg = e.to_string();
@@ -375,19 +384,19 @@ fn one_value_per_channel_when_training() {
             "{w}: message {msg:?}"
         );
         // Eval with running statistics, and eval without them (PyTorch only checks in training), are fine.
-        assert!(bn(3).forward(&x, Mode::Eval).is_ok(), "{w}: eval");
+        assert!(bn(3).forward(&x, Ctx::eval()).is_ok(), "{w}: eval");
         let mut untracked: BatchNorm<f32> = BatchNormConfig::new(3)
             .track_running_stats(false)
             .build()
             .unwrap();
         assert!(
-            untracked.forward(&x, Mode::Eval).is_ok(),
+            untracked.forward(&x, Ctx::eval()).is_ok(),
             "{w}: eval untracked"
         );
         let mut bcn: BatchChannelNorm<f32> = BatchChannelNormConfig::new(3).build().unwrap();
         let e = assert_err!(
             &w,
-            bcn.forward(&x, Mode::Train),
+            bcn.forward(&x, Ctx::train()),
             NvError::OneValuePerChannel { .. }
         );
         assert!(e
@@ -396,12 +405,12 @@ fn one_value_per_channel_when_training() {
     }
     // A failed training forward must not touch the running statistics.
     let mut b = bn(3);
-    let _ = b.forward(&data(&[1, 3]), Mode::Train);
-    assert_eq!(b.num_batches_tracked, 0);
-    assert!(b.running_mean.as_ref().unwrap().iter().all(|v| *v == 0.0));
+    let _ = b.forward(&data(&[1, 3]), Ctx::train());
+    assert_eq!(b.num_batches_tracked(), 0);
+    assert!(b.running_mean().unwrap().iter().all(|v| *v == 0.0));
     // Two values per channel are enough.
-    assert!(bn(3).forward(&data(&[2, 3]), Mode::Train).is_ok());
-    assert!(bn(3).forward(&data(&[1, 3, 2]), Mode::Train).is_ok());
+    assert!(bn(3).forward(&data(&[2, 3]), Ctx::train()).is_ok());
+    assert!(bn(3).forward(&data(&[1, 3, 2]), Ctx::train()).is_ok());
 }
 
 #[test]
@@ -409,11 +418,11 @@ fn instance_norm_one_spatial_element_when_training() {
     let mut inorm: InstanceNorm<f32> = InstanceNormConfig::d2(3).affine(true).build().unwrap();
     assert_err!(
         "IN (2,3,1,1)",
-        inorm.forward(&data(&[2, 3, 1, 1]), Mode::Train),
+        inorm.forward(&data(&[2, 3, 1, 1]), Ctx::train()),
         NvError::OneSpatialElement { .. }
     );
     let msg = inorm
-        .forward(&data(&[2, 3, 1, 1]), Mode::Train)
+        .forward(&data(&[2, 3, 1, 1]), Ctx::train())
         .unwrap_err()
         .to_string();
     assert!(
@@ -422,32 +431,27 @@ fn instance_norm_one_spatial_element_when_training() {
     );
     assert_err!(
         "IN unbatched (3,1,1)",
-        inorm.forward(&data(&[3, 1, 1]), Mode::Train),
+        inorm.forward(&data(&[3, 1, 1]), Ctx::train()),
         NvError::OneSpatialElement { .. }
     );
     let mut in1: InstanceNorm<f32> = InstanceNormConfig::d1(3).build().unwrap();
     assert_err!(
         "IN1d (4,3,1)",
-        in1.forward(&data(&[4, 3, 1]), Mode::Train),
+        in1.forward(&data(&[4, 3, 1]), Ctx::train()),
         NvError::OneSpatialElement { .. }
     );
     // GroupNorm allows one value per group (PyTorch does too).
     let mut gn: GroupNorm<f32> = GroupNormConfig::new(3, 3).build().unwrap();
-    assert!(gn.forward(&data(&[2, 3, 1, 1]), Mode::Train).is_ok());
+    assert!(gn.forward(&data(&[2, 3, 1, 1]), Ctx::train()).is_ok());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // backward misuse
 
-fn all_layers() -> Vec<Box<dyn NormLayer<f32>>> {
+fn all_layers() -> Vec<Box<dyn Layer<f32>>> {
     vec![
         Box::new(bn(3)),
-        Box::new(
-            BatchNormConfig::new(3)
-                .fuse_relu(true)
-                .build::<f32>()
-                .unwrap(),
-        ),
+        Box::new(Relu(BatchNormConfig::new(3).build::<f32>().unwrap())),
         Box::new(GroupNormConfig::new(3, 3).build::<f32>().unwrap()),
         Box::new(LayerNormConfig::new(&[4, 5]).build::<f32>().unwrap()),
         Box::new(
@@ -465,11 +469,11 @@ fn all_layers() -> Vec<Box<dyn NormLayer<f32>>> {
 fn backward_without_forward() {
     let x = data(&[2, 3, 4, 5]);
     for mut l in all_layers() {
-        for mode in [Mode::Train, Mode::Eval] {
+        for mode in [Ctx::train(), Ctx::eval()] {
             let w = format!("{} {mode:?}", l.name());
             let e = assert_err!(&w, l.backward(&x, &x, mode), NvError::NoSavedState { .. });
             if let NvError::NoSavedState { mode: m, .. } = e {
-                assert_eq!(m, mode);
+                assert_eq!(m, mode.mode());
             }
         }
     }
@@ -481,56 +485,56 @@ fn backward_after_forward_on_other_shape_or_mode() {
     let x2 = data(&[3, 3, 4, 5]);
     for mut l in all_layers() {
         let name = l.name();
-        l.forward(&x, Mode::Train).unwrap();
+        l.forward(&x, Ctx::train()).unwrap();
         assert_err!(
             &format!("{name}: other shape"),
-            l.backward(&x2, &x2, Mode::Train),
+            l.backward(&x2, &x2, Ctx::train()),
             NvError::NoSavedState { .. }
         );
         assert!(
-            l.backward(&x, &x, Mode::Train).is_ok(),
+            l.backward(&x, &x, Ctx::train()).is_ok(),
             "{name}: matching backward"
         );
     }
     // Layers whose train and eval computations differ refuse a backward in the other mode.
     let mut b = bn(3);
-    b.forward(&x, Mode::Train).unwrap();
+    b.forward(&x, Ctx::train()).unwrap();
     assert_err!(
         "BN train fwd, eval bwd",
-        b.backward(&x, &x, Mode::Eval),
+        b.backward(&x, &x, Ctx::eval()),
         NvError::NoSavedState { .. }
     );
-    b.forward(&x, Mode::Eval).unwrap();
+    b.forward(&x, Ctx::eval()).unwrap();
     assert_err!(
         "BN eval fwd, train bwd",
-        b.backward(&x, &x, Mode::Train),
+        b.backward(&x, &x, Ctx::train()),
         NvError::NoSavedState { .. }
     );
     let mut bcn: BatchChannelNorm<f32> = BatchChannelNormConfig::new(3).build().unwrap();
-    bcn.forward(&x, Mode::Eval).unwrap();
+    bcn.forward(&x, Ctx::eval()).unwrap();
     assert_err!(
         "BCN eval fwd, train bwd",
-        bcn.backward(&x, &x, Mode::Train),
+        bcn.backward(&x, &x, Ctx::train()),
         NvError::NoSavedState { .. }
     );
     let mut inorm: InstanceNorm<f32> = InstanceNormConfig::d2(3)
         .track_running_stats(true)
         .build()
         .unwrap();
-    inorm.forward(&x, Mode::Train).unwrap();
+    inorm.forward(&x, Ctx::train()).unwrap();
     assert_err!(
         "IN train fwd, eval bwd",
-        inorm.backward(&x, &x, Mode::Eval),
+        inorm.backward(&x, &x, Ctx::eval()),
         NvError::NoSavedState { .. }
     );
     // A state load invalidates what the forward saved.
     let mut b = bn(3);
-    b.forward(&x, Mode::Train).unwrap();
+    b.forward(&x, Ctx::train()).unwrap();
     let sd = b.state_dict();
     b.load_state("", &sd).unwrap();
     assert_err!(
         "BN after load_state",
-        b.backward(&x, &x, Mode::Train),
+        b.backward(&x, &x, Ctx::train()),
         NvError::NoSavedState { .. }
     );
 }
@@ -540,9 +544,14 @@ fn dy_shape_mismatch() {
     let x = data(&[2, 3, 4, 5]);
     let dy = data(&[2, 3, 5, 4]);
     let mut layers = all_layers();
-    layers.push(Box::new(FrozenBatchNorm::<f32>::new(3, 1e-5).unwrap()));
+    layers.push(Box::new(
+        FrozenBatchNormConfig::new(3)
+            .eps(1e-5)
+            .build::<f32>()
+            .unwrap(),
+    ));
     for mut l in layers {
-        for mode in [Mode::Train, Mode::Eval] {
+        for mode in [Ctx::train(), Ctx::eval()] {
             let w = format!("{} {mode:?}", l.name());
             l.forward(&x, mode).unwrap();
             assert_err!(&w, l.backward(&x, &dy, mode), NvError::Shape { .. });
@@ -553,10 +562,27 @@ fn dy_shape_mismatch() {
 #[test]
 fn buffer_size_mismatch() {
     let x = data(&[2, 3, 4, 5]);
-    let mut layers = all_layers();
-    layers.push(Box::new(FrozenBatchNorm::<f32>::new(3, 1e-5).unwrap()));
+    let layers: Vec<Box<dyn NormLayer<f32>>> = vec![
+        Box::new(bn(3)),
+        Box::new(GroupNormConfig::new(3, 3).build::<f32>().unwrap()),
+        Box::new(LayerNormConfig::new(&[4, 5]).build::<f32>().unwrap()),
+        Box::new(
+            InstanceNormConfig::d2(3)
+                .affine(true)
+                .track_running_stats(true)
+                .build::<f32>()
+                .unwrap(),
+        ),
+        Box::new(BatchChannelNormConfig::new(3).build::<f32>().unwrap()),
+        Box::new(
+            FrozenBatchNormConfig::new(3)
+                .eps(1e-5)
+                .build::<f32>()
+                .unwrap(),
+        ),
+    ];
     for mut l in layers {
-        for mode in [Mode::Train, Mode::Eval] {
+        for mode in [Ctx::train(), Ctx::eval()] {
             let w = format!("{} {mode:?}", l.name());
             let mut short = vec![0.0f32; x.len() - 1];
             let mut long = vec![0.0f32; x.len() + 1];
@@ -602,7 +628,7 @@ fn reshape_key(sd: &StateDict, key: &str) -> StateDict {
     s
 }
 
-fn check_state_errors(what: &str, l: &mut dyn NormLayer<f32>, float_keys: &[&str]) {
+fn check_state_errors(what: &str, l: &mut dyn Layer<f32>, float_keys: &[&str]) {
     let sd = l.state_dict();
     let keys: Vec<&str> = sd.keys().map(|s| s.as_str()).collect();
     for k in float_keys {
@@ -642,7 +668,10 @@ fn state_dict_missing_key_or_wrong_shape() {
     check_state_errors("BN", &mut bn(3), &stats);
     check_state_errors(
         "FrozenBN",
-        &mut FrozenBatchNorm::<f32>::new(3, 1e-5).unwrap(),
+        &mut FrozenBatchNormConfig::new(3)
+            .eps(1e-5)
+            .build::<f32>()
+            .unwrap(),
         &stats,
     );
     check_state_errors(
@@ -671,9 +700,9 @@ fn state_dict_missing_key_or_wrong_shape() {
     );
     // num_batches_tracked may be absent (old PyTorch checkpoints): not an error, the count becomes 0.
     let mut b = bn(3);
-    b.forward(&data(&[2, 3]), Mode::Train).unwrap();
+    b.forward(&data(&[2, 3]), Ctx::train()).unwrap();
     let sd = drop_key(&b.state_dict(), "num_batches_tracked");
     let mut b2 = bn(3);
     b2.load_state("", &sd).unwrap();
-    assert_eq!(b2.num_batches_tracked, 0);
+    assert_eq!(b2.num_batches_tracked(), 0);
 }

@@ -1,14 +1,14 @@
 //! Folding an eval-mode BatchNorm into the convolution before it (`Conv2d::fold_affine`,
-//! `Sequential::fold_batch_norm`): the folded convolution equals the convolution followed by the BatchNorm
-//! (and its fused ReLU) up to f32 rounding, and a folded model gives the unfolded model's eval logits.
+//! `Graph::fold_batch_norm`): the folded convolution equals the convolution followed by the BatchNorm up to f32
+//! rounding, and a folded model gives the unfolded model's eval logits.
 
 use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind};
 use normvision::nn::loss::cross_entropy;
-use normvision::nn::Conv2dConfig;
-use normvision::norm::{BatchNormConfig, NormLayer};
+use normvision::nn::{Conv2dConfig, ReLU};
+use normvision::norm::BatchNormConfig;
 use normvision::state::Stateful;
-use normvision::{Mode, NvError};
+use normvision::{Ctx, Layer};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
@@ -28,7 +28,7 @@ fn rel_err(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
-    /// conv → BatchNorm(eval, fused ReLU or not) equals the folded conv, for random shapes, strides, groups,
+    /// conv → BatchNorm(eval) (→ ReLU) equals the folded conv (→ ReLU), for random shapes, strides, groups,
     /// running statistics and affine parameters, with and without a conv bias.
     #[test]
     fn folded_conv_equals_conv_then_batch_norm(
@@ -51,26 +51,26 @@ proptest! {
             .groups(groups)
             .bias(bias);
         let mut conv = cfg.clone().build::<f32>(&mut rng).unwrap();
-        let mut bn = BatchNormConfig::d2(cout).fuse_relu(relu).build::<f32>().unwrap();
-        bn.weight.as_mut().unwrap().value = uniform(&mut rng, &[cout], 0.5, 1.5);
-        bn.bias.as_mut().unwrap().value = uniform(&mut rng, &[cout], -0.5, 0.5);
-        bn.running_mean = Some(uniform(&mut rng, &[cout], -0.5, 0.5));
-        bn.running_var = Some(uniform(&mut rng, &[cout], 0.2, 2.0));
+        let mut bn = BatchNormConfig::d2(cout).build::<f32>().unwrap();
+        bn.weight_mut().unwrap().value = uniform(&mut rng, &[cout], 0.5, 1.5);
+        bn.bias_mut().unwrap().value = uniform(&mut rng, &[cout], -0.5, 0.5);
+        let (rm, rv) = bn.running_stats_mut().unwrap();
+        *rm = uniform(&mut rng, &[cout], -0.5, 0.5);
+        *rv = uniform(&mut rng, &[cout], 0.2, 2.0);
         let x = uniform(&mut rng, &[n, cin, hw, hw], -1.0, 1.0);
+        let mut act = ReLU::<f32>::new();
 
-        let y = conv.forward(&x).unwrap();
-        let want = NormLayer::forward(&mut bn, &y, Mode::Eval).unwrap();
-        let (a, b, fused) = NormLayer::eval_affine(&bn).expect("foldable");
-        prop_assert_eq!(fused, relu);
-        conv.fold_affine(&a, &b, fused).unwrap();
-        let got = conv.forward(&x).unwrap();
+        let y = conv.forward(&x, Ctx::eval()).unwrap();
+        let mut want = bn.forward(&y, Ctx::eval()).unwrap();
+        let aff = bn.eval_affine().expect("foldable");
+        conv.fold_affine(&aff.scale, &aff.shift).unwrap();
+        let mut got = conv.forward(&x, Ctx::eval()).unwrap();
+        if relu {
+            want = act.forward(&want, Ctx::eval()).unwrap();
+            got = act.forward(&got, Ctx::eval()).unwrap();
+        }
         let e = rel_err(&got, &want);
         prop_assert!(e < 1e-5, "relative error {e}");
-        // the folded conv is inference-only when it absorbed a ReLU
-        if relu {
-            let err = conv.backward(&x, &got).unwrap_err();
-            prop_assert!(matches!(err, NvError::Config(_)), "{err}");
-        }
     }
 }
 
@@ -81,11 +81,12 @@ fn batch_norm_without_running_stats_is_not_folded() {
         .track_running_stats(false)
         .build::<f32>()
         .unwrap();
-    assert!(NormLayer::eval_affine(&bn).is_none());
+    assert!(bn.eval_affine().is_none());
 }
 
-/// A trained reference CNN: the folded model's eval logits equal the unfolded model's, its state dict has no
-/// BatchNorm keys, and it refuses a backward pass.
+/// A trained reference CNN: the folded model's eval logits (plain and through the inference plan) equal the
+/// unfolded model's, its state dict has no BatchNorm keys, and it is an ordinary model of convolutions with
+/// biases (it still trains).
 #[test]
 fn folded_model_gives_the_same_eval_logits() {
     let mut m = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Batch)).unwrap();
@@ -95,20 +96,25 @@ fn folded_model_gives_the_same_eval_logits() {
     // a few train steps move the running statistics away from (0, 1)
     for _ in 0..3 {
         m.zero_grad();
-        let logits = m.forward(&x, Mode::Train).unwrap();
+        let logits = m.forward(&x, Ctx::train()).unwrap();
         let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
-        m.backward(&x, &d, Mode::Train).unwrap();
+        m.backward(&x, &d, Ctx::train()).unwrap();
     }
-    let want = m.forward(&x, Mode::Eval).unwrap();
+    let want = m.forward(&x, Ctx::eval()).unwrap();
     let before = m.state_dict().keys().count();
     let folded = m.fold_batch_norm().unwrap();
     assert_eq!(
         folded, 4,
         "the four conv+BN pairs (BatchNorm1d follows a linear layer)"
     );
-    let got = m.forward(&x, Mode::Eval).unwrap();
+    let got = m.forward(&x, Ctx::eval()).unwrap();
     let e = rel_err(&got, &want);
     assert!(e < 1e-5, "folded logits differ: {e}");
+    let inferred = m.forward_inference(&x).unwrap();
+    assert_eq!(
+        inferred, got,
+        "the folded model's inference plan is bitwise its eval forward"
+    );
     let keys: Vec<String> = m.state_dict().keys().cloned().collect();
     assert_eq!(
         keys.len(),
@@ -120,8 +126,8 @@ fn folded_model_gives_the_same_eval_logits() {
         .all(|k| !k.starts_with("1.") && !k.starts_with("4.")));
     assert!(keys.contains(&"0.bias".to_string()));
     let (_, d) = cross_entropy(&got, &y, 0.0).unwrap();
-    m.forward(&x, Mode::Train).unwrap();
-    assert!(m.backward(&x, &d, Mode::Train).is_err());
+    m.forward(&x, Ctx::train()).unwrap();
+    assert!(m.backward(&x, &d, Ctx::train()).is_ok());
     // models without BatchNorm fold nothing
     let mut plain = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Group)).unwrap();
     assert_eq!(plain.fold_batch_norm().unwrap(), 0);

@@ -17,7 +17,7 @@ use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind};
 use normvision::nn::loss::cross_entropy;
 use normvision::state::{StateDict, StateTensor, Stateful};
-use normvision::Mode;
+use normvision::Ctx;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -209,9 +209,9 @@ fn run_case(name: &str, cfg: ModelConfig) {
     );
 
     model.zero_grad();
-    let logits = model.forward(&x, Mode::Train).unwrap();
+    let logits = model.forward(&x, Ctx::train()).unwrap();
     let (loss, dlogits) = cross_entropy(&logits, &targets, 0.0).unwrap();
-    model.backward(&x, &dlogits, Mode::Train).unwrap();
+    model.backward(&x, &dlogits, Ctx::train()).unwrap();
 
     let mut report = vec![];
     let r = compare(
@@ -323,7 +323,7 @@ fn eval_mode_uses_running_stats() {
     model.load_state("", &fx.state("init")).unwrap();
     let x = fx.f("x").clone();
     let before = model.state_dict();
-    let eval = model.forward(&x, Mode::Eval).unwrap();
+    let eval = model.forward(&x, Ctx::eval()).unwrap();
     assert_eq!(model.state_dict(), before, "eval forward changed the state");
     assert!(eval.iter().all(|v| v.is_finite()));
     let train = fx.f("logits");
@@ -367,7 +367,6 @@ fn run_trajectory(name: &str, norm: NormKind) {
     let mut model = Model::new(cfg).unwrap();
     model.load_state("", &fx.state("init")).unwrap();
     let mut opt = OptimConfig::Sgd(SgdConfig {
-        lr,
         momentum: 0.9,
         ..SgdConfig::default()
     })
@@ -381,7 +380,7 @@ fn run_trajectory(name: &str, norm: NormKind) {
     let mut eval = None;
     for s in 0..steps {
         if s == eval_at {
-            eval = Some(model.forward(&x0, Mode::Eval).unwrap());
+            eval = Some(model.forward(&x0, Ctx::eval()).unwrap());
         }
         let x = xs.index_axis(ndarray::Axis(0), s).to_owned();
         let t: Vec<usize> = ys
@@ -390,10 +389,10 @@ fn run_trajectory(name: &str, norm: NormKind) {
             .map(|&v| v as usize)
             .collect();
         model.zero_grad();
-        let logits = model.forward(&x, Mode::Train).unwrap();
+        let logits = model.forward(&x, Ctx::train()).unwrap();
         let (loss, d) = cross_entropy(&logits, &t, 0.0).unwrap();
-        model.backward(&x, &d, Mode::Train).unwrap();
-        opt.step(&mut model).unwrap();
+        model.backward(&x, &d, Ctx::train()).unwrap();
+        opt.step(&mut model, lr).unwrap();
         let w = want[s] as f64;
         let rel = (loss - w).abs() / w.abs();
         let rel_cl = (cl[s] as f64 - w).abs() / w.abs();

@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use ndarray::ArrayD;
 use normvision::nn::*;
-use normvision::Mode;
+use normvision::{Ctx, Layer};
 use serde_json::Value;
 
 const RTOL: f32 = 1e-5;
@@ -51,15 +51,25 @@ fn conv_cfg(c: &Value) -> Conv2dConfig {
     .bias(c["bias"].as_bool().unwrap())
 }
 
+const ALGOS: [ConvAlgo; 7] = [
+    ConvAlgo::Winograd4,
+    ConvAlgo::Winograd2,
+    ConvAlgo::OneChannel,
+    ConvAlgo::Implicit,
+    ConvAlgo::Explicit,
+    ConvAlgo::Gemm,
+    ConvAlgo::GemmThreads,
+];
+
 /// Runs forward + backward of `layer` on the fixture and compares y, dx and every parameter gradient.
 fn check_layer(fx: &Fixture, what: &str, layer: &mut dyn Layer<f32>) {
     layer.load_state("", &fx.state("init")).expect("load init");
     layer.zero_grad();
     let x = fx.get("x");
-    let y = layer.forward(x, Mode::Train).expect("forward");
+    let y = layer.forward(x, Ctx::train()).expect("forward");
     assert_close(&format!("{what}: y"), &y, fx.get("y"), RTOL, ATOL);
     let dx = layer
-        .backward(x, fx.get("dy"), Mode::Train)
+        .backward(x, fx.get("dy"), Ctx::train())
         .expect("backward");
     assert_close(&format!("{what}: dx"), &dx, fx.get("dx"), RTOL, ATOL);
     let mut grads: Vec<(String, ArrayD<f32>)> = vec![];
@@ -108,23 +118,21 @@ fn run_fixture(fx: &Fixture) {
     let name = fx.name.as_str();
     match fx.meta["layer"].as_str().unwrap() {
         "conv2d" => {
-            // (AVX-512 with Winograd where the shape allows it: conv_32to16_5x5; AVX-512 direct; generic)
-            for (par, simd, winograd) in [
-                (ConvParallel::Batch, true, true),
-                (ConvParallel::Batch, true, false),
-                (ConvParallel::Batch, false, false),
-                (ConvParallel::Gemm, false, false),
-            ] {
-                let mut conv = Conv2d::<f32>::new(conv_cfg(c)).unwrap();
-                conv.parallel = par;
-                conv.simd = simd;
-                conv.winograd = winograd;
-                check_layer(
-                    fx,
-                    &format!("{name} ({par:?}, simd {simd}, winograd {winograd})"),
-                    &mut conv,
-                );
+            // every algorithm that applies to the shape on this CPU (Winograd where the shape allows it, the
+            // AVX-512 direct paths, the generic ones)
+            let mut tried = 0;
+            for algo in ALGOS {
+                let mut conv = ConvWith(Conv2d::<f32>::new(conv_cfg(c)).unwrap(), algo);
+                if conv
+                    .forward(fx.get("x"), Ctx::train())
+                    .is_err_and(|e| matches!(e, normvision::NvError::Config(_)))
+                {
+                    continue; // does not apply here
+                }
+                check_layer(fx, &format!("{name} ({})", algo.name()), &mut conv);
+                tried += 1;
             }
+            assert!(tried >= 2, "{name}: the generic algorithms always apply");
         }
         "linear" => {
             let cfg = LinearConfig::new(uint(&c["in_features"]), uint(&c["out_features"]))
@@ -206,7 +214,7 @@ fn conv_output_shapes_match_pytorch() {
             "{name}"
         );
         assert_eq!(
-            conv.weight.value.shape(),
+            conv.weight().value.shape(),
             fx.get("init.weight").shape(),
             "{name}: weight shape"
         );
@@ -221,12 +229,12 @@ fn bad_inputs_are_errors() {
     let x = fx.get("x");
     let bad_rank = x.clone().into_shape_with_order(vec![2, 3, 30]).unwrap();
     assert!(matches!(
-        conv.forward(&bad_rank),
+        conv.forward(&bad_rank, Ctx::train()),
         Err(normvision::NvError::Rank { .. })
     ));
     let wrong_c = ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 4, 6, 5]));
     assert!(matches!(
-        conv.forward(&wrong_c),
+        conv.forward(&wrong_c, Ctx::train()),
         Err(normvision::NvError::Channels { .. })
     ));
     let fx = load_fixture("nn", "cross_entropy_8x5");

@@ -7,12 +7,12 @@ use common::*;
 use ndarray::ArrayD;
 use normvision::norm::*;
 use normvision::state::{StateDict, StateTensor};
-use normvision::Mode;
+use normvision::{Ctx, Layer};
 
 const RTOL: f32 = 1e-5;
 const ATOL: f32 = 1e-5;
 
-fn build(fx: &Fixture) -> Box<dyn NormLayer<f32>> {
+fn build(fx: &Fixture) -> Box<dyn Layer<f32>> {
     let c = fx.cfg();
     let eps = c["eps"].as_f64().unwrap_or(1e-5);
     match fx.meta["layer"].as_str().unwrap() {
@@ -21,9 +21,13 @@ fn build(fx: &Fixture) -> Box<dyn NormLayer<f32>> {
                 .eps(eps)
                 .momentum(c["momentum"].as_f64())
                 .affine(c["affine"].as_bool().unwrap())
-                .track_running_stats(c["track_running_stats"].as_bool().unwrap())
-                .fuse_relu(kind == "batch_norm_relu");
-            Box::new(BatchNorm::new(cfg).unwrap())
+                .track_running_stats(c["track_running_stats"].as_bool().unwrap());
+            let bn = BatchNorm::new(cfg).unwrap();
+            if kind == "batch_norm_relu" {
+                Box::new(Relu(bn))
+            } else {
+                Box::new(bn)
+            }
         }
         "group_norm" => Box::new(
             GroupNormConfig::new(
@@ -65,7 +69,7 @@ fn build(fx: &Fixture) -> Box<dyn NormLayer<f32>> {
                     batched_rank - 2,
                 )
                 .eps(eps)
-                .momentum(c["momentum"].as_f64().unwrap_or(0.0))
+                .momentum(c["momentum"].as_f64())
                 .affine(c["affine"].as_bool().unwrap())
                 .track_running_stats(c["track_running_stats"].as_bool().unwrap())
                 .build()
@@ -73,7 +77,10 @@ fn build(fx: &Fixture) -> Box<dyn NormLayer<f32>> {
             )
         }
         "frozen_batch_norm" => Box::new(
-            FrozenBatchNorm::new(c["num_features"].as_u64().unwrap() as usize, eps).unwrap(),
+            FrozenBatchNormConfig::new(c["num_features"].as_u64().unwrap() as usize)
+                .eps(eps)
+                .build::<f32>()
+                .unwrap(),
         ),
         "batch_channel_norm" => {
             let mut cfg = BatchChannelNormConfig::new(c["num_features"].as_u64().unwrap() as usize);
@@ -95,9 +102,9 @@ fn run_case(fx: &Fixture) {
     }
     for (k, step) in fx.steps().iter().enumerate() {
         let mode = if step == "train" {
-            Mode::Train
+            Ctx::train()
         } else {
-            Mode::Eval
+            Ctx::eval()
         };
         let x = fx.get(&format!("x.{k}"));
         let dy = fx.get(&format!("dy.{k}"));

@@ -11,7 +11,9 @@
 use ndarray::{ArrayD, IxDyn};
 use normvision::nn::*;
 use normvision::state::Stateful;
-use normvision::{Mode, NvError};
+use normvision::{Ctx, Isa, KernelOptions, Layer, NvError};
+mod common;
+use common::ConvWith;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_pcg::Pcg64;
@@ -38,7 +40,7 @@ fn randn_away(rng: &mut Pcg64, shape: &[usize], margin: f64) -> ArrayD<f64> {
     })
 }
 
-fn loss<L: Layer<f64>>(l: &mut L, x: &ArrayD<f64>, r: &ArrayD<f64>, mode: Mode) -> f64 {
+fn loss<L: Layer<f64>>(l: &mut L, x: &ArrayD<f64>, r: &ArrayD<f64>, mode: Ctx) -> f64 {
     let y = l.forward(x, mode).expect("forward");
     assert_eq!(y.shape(), r.shape());
     y.iter().zip(r.iter()).map(|(a, b)| a * b).sum()
@@ -72,7 +74,7 @@ fn gradcheck<L: Layer<f64> + Clone>(
     what: &str,
     base: &L,
     x: &ArrayD<f64>,
-    mode: Mode,
+    mode: Ctx,
     expect_params: &[&str],
     seed: u64,
 ) -> f64 {
@@ -140,7 +142,7 @@ fn gradcheck<L: Layer<f64> + Clone>(
 fn conv(cfg: Conv2dConfig, seed: u64) -> Conv2d<f64> {
     let mut c = cfg.build::<f64>(&mut rng(seed)).unwrap();
     // make the bias matter as much as the weights
-    if let Some(b) = c.bias.as_mut() {
+    if let Some(b) = c.bias_mut() {
         b.value.mapv_inplace(|v| v * 5.0);
     }
     c
@@ -236,15 +238,14 @@ fn conv2d_gradients() {
         if cfg.bias {
             bias_names.push("bias");
         }
-        for par in [ConvParallel::Batch, ConvParallel::Gemm] {
-            let mut c = conv(cfg.clone(), 100 + i as u64);
-            c.parallel = par;
+        for algo in [ConvAlgo::Gemm, ConvAlgo::GemmThreads] {
+            let c = ConvWith(conv(cfg.clone(), 100 + i as u64), algo);
             let x = randn(&mut rng(200 + i as u64), &shape);
             gradcheck(
-                &format!("conv {what} {par:?}"),
+                &format!("conv {what} {algo:?}"),
                 &c,
                 &x,
-                Mode::Train,
+                Ctx::train(),
                 &bias_names,
                 300 + i as u64,
             );
@@ -270,18 +271,17 @@ fn conv2d_thread_split_is_exact() {
                 .num_threads(threads)
                 .build()
                 .unwrap();
-            for par in [ConvParallel::Batch, ConvParallel::Gemm] {
-                let mut c = base.clone();
-                c.parallel = par;
+            for algo in [ConvAlgo::Gemm, ConvAlgo::GemmThreads] {
+                let mut c = ConvWith(base.clone(), algo);
                 let (y, dx) = pool.install(|| {
-                    let y = c.forward(&x).unwrap();
-                    (y, c.backward(&x, &dy).unwrap())
+                    let y = c.forward(&x, Ctx::train()).unwrap();
+                    (y, c.backward(&x, &dy, Ctx::train()).unwrap())
                 });
                 results.push((
                     y,
                     dx,
-                    c.weight.grad.clone(),
-                    c.bias.as_ref().unwrap().grad.clone(),
+                    c.0.weight().grad.clone(),
+                    c.0.bias().unwrap().grad.clone(),
                 ));
             }
         }
@@ -298,9 +298,9 @@ fn conv2d_thread_split_is_exact() {
         }
         // backward_params gives the same parameter gradients without dx
         let mut c = base.clone();
-        c.backward_params(&x, &dy).unwrap();
+        c.backward_params(&x, &dy, Ctx::train()).unwrap();
         let e = c
-            .weight
+            .weight()
             .grad
             .iter()
             .zip(dw0.iter())
@@ -318,7 +318,7 @@ fn linear_gradients() {
         "linear",
         &l,
         &randn(&mut r, &[4, 5]),
-        Mode::Train,
+        Ctx::train(),
         &["weight", "bias"],
         2,
     );
@@ -326,7 +326,7 @@ fn linear_gradients() {
         "linear rank 3",
         &l,
         &randn(&mut r, &[2, 3, 5]),
-        Mode::Train,
+        Ctx::train(),
         &["weight", "bias"],
         3,
     );
@@ -338,7 +338,7 @@ fn linear_gradients() {
         "linear no bias",
         &l,
         &randn(&mut r, &[3, 6]),
-        Mode::Eval,
+        Ctx::eval(),
         &["weight"],
         4,
     );
@@ -346,13 +346,13 @@ fn linear_gradients() {
     let l = LinearConfig::new(64, 40).build::<f64>(&mut r).unwrap();
     let x = randn(&mut r, &[128, 64]);
     let mut a = l.clone();
-    let y = a.forward(&x).unwrap();
+    let y = a.forward(&x, Ctx::train()).unwrap();
     for i in [0usize, 77, 127] {
         for o in [0usize, 13, 39] {
             let want: f64 = (0..64)
-                .map(|k| x[[i, k]] * l.weight.value[[o, k]])
+                .map(|k| x[[i, k]] * l.weight().value[[o, k]])
                 .sum::<f64>()
-                + l.bias.as_ref().unwrap().value[[o]];
+                + l.bias().unwrap().value[[o]];
             assert!((y[[i, o]] - want).abs() < 1e-12);
         }
     }
@@ -381,7 +381,7 @@ fn pooling_gradients() {
     ];
     for (what, cfg) in cases {
         let p = cfg.build::<f64>().unwrap();
-        gradcheck(what, &p, &x, Mode::Train, &[], 1);
+        gradcheck(what, &p, &x, Ctx::train(), &[], 1);
     }
     let cases: Vec<(&str, AvgPool2dConfig)> = vec![
         ("avg k2", AvgPool2dConfig::new(2)),
@@ -407,13 +407,13 @@ fn pooling_gradients() {
     ];
     for (what, cfg) in cases {
         let p = cfg.build::<f64>().unwrap();
-        gradcheck(what, &p, &x, Mode::Train, &[], 2);
+        gradcheck(what, &p, &x, Ctx::train(), &[], 2);
     }
     gradcheck(
         "global avg",
         &GlobalAvgPool::<f64>::new(),
         &x,
-        Mode::Train,
+        Ctx::train(),
         &[],
         3,
     );
@@ -425,14 +425,14 @@ fn maxpool_backward_without_matching_forward_recomputes_argmax() {
     let x = randn(&mut r, &[2, 2, 4, 4]);
     let other = randn(&mut r, &[1, 2, 6, 6]);
     let mut a = MaxPool2dConfig::new(2).build::<f64>().unwrap();
-    let y = a.forward(&x).unwrap();
+    let y = a.forward(&x, Ctx::train()).unwrap();
     let dy = randn(&mut r, y.shape());
-    let want = a.backward(&x, &dy).unwrap();
+    let want = a.backward(&x, &dy, Ctx::train()).unwrap();
     let mut b = MaxPool2dConfig::new(2).build::<f64>().unwrap();
-    b.forward(&other).unwrap(); // a different shape: indices are recomputed from x
-    assert_eq!(b.backward(&x, &dy).unwrap(), want);
+    b.forward(&other, Ctx::train()).unwrap(); // a different shape: indices are recomputed from x
+    assert_eq!(b.backward(&x, &dy, Ctx::train()).unwrap(), want);
     let mut c = MaxPool2dConfig::new(2).build::<f64>().unwrap();
-    assert_eq!(c.backward(&x, &dy).unwrap(), want);
+    assert_eq!(c.backward(&x, &dy, Ctx::train()).unwrap(), want);
     // every dy lands on exactly one element, the window maximum
     assert!((want.sum() - dy.sum()).abs() < 1e-12);
 }
@@ -441,12 +441,12 @@ fn maxpool_backward_without_matching_forward_recomputes_argmax() {
 fn activation_gradients() {
     let mut r = rng(11);
     let x = randn_away(&mut r, &[3, 4, 5], 1e-3);
-    gradcheck("relu", &ReLU::<f64>::new(), &x, Mode::Train, &[], 1);
+    gradcheck("relu", &ReLU::<f64>::new(), &x, Ctx::train(), &[], 1);
     gradcheck(
         "sigmoid",
         &Sigmoid::<f64>::new(),
         &(x.clone() * 4.0),
-        Mode::Train,
+        Ctx::train(),
         &[],
         2,
     );
@@ -454,25 +454,25 @@ fn activation_gradients() {
         "flatten",
         &Flatten::<f64>::new(),
         &randn(&mut r, &[2, 3, 2, 2]),
-        Mode::Train,
+        Ctx::train(),
         &[],
         3,
     );
     // a large input uses the parallel element-wise path
     let big = randn_away(&mut r, &[4, 8, 32, 33], 1e-3);
     let mut relu = ReLU::<f64>::new();
-    let y = relu.forward(&big, Mode::Train).unwrap();
+    let y = relu.forward(&big, Ctx::train()).unwrap();
     assert!(y.iter().zip(big.iter()).all(|(a, b)| *a == b.max(0.0)));
     let mut s = Sigmoid::<f64>::new();
     let y = s
         .forward(
             &ArrayD::from_shape_vec(IxDyn(&[3]), vec![-800.0, 0.0, 800.0]).unwrap(),
-            Mode::Eval,
+            Ctx::eval(),
         )
         .unwrap();
     assert_eq!(y.as_slice().unwrap(), &[0.0, 0.5, 1.0]);
     let y = relu
-        .forward(&ArrayD::from_elem(IxDyn(&[2]), f64::NAN), Mode::Train)
+        .forward(&ArrayD::from_elem(IxDyn(&[2]), f64::NAN), Ctx::train())
         .unwrap();
     assert!(
         y.iter().all(|v| v.is_nan()),
@@ -485,21 +485,22 @@ fn dropout_gradients_and_modes() {
     let mut r = rng(12);
     let x = randn(&mut r, &[4, 6]);
     let d = Dropout::<f64>::new(0.4, 99).unwrap();
-    gradcheck("dropout train", &d, &x, Mode::Train, &[], 1);
-    gradcheck("dropout eval", &d, &x, Mode::Eval, &[], 2);
+    gradcheck("dropout train", &d, &x, Ctx::train(), &[], 1);
+    gradcheck("dropout eval", &d, &x, Ctx::eval(), &[], 2);
     // backward in train mode needs the mask of a train forward on x's shape
     let mut d = Dropout::<f64>::new(0.4, 99).unwrap();
     assert!(matches!(
-        d.backward(&x, &x, Mode::Train),
+        d.backward(&x, &x, Ctx::train()),
         Err(NvError::NoSavedState { .. })
     ));
-    d.forward(&x, Mode::Train).unwrap();
+    d.forward(&x, Ctx::train()).unwrap();
     let dx = d
-        .backward(&x, &ArrayD::ones(x.raw_dim()), Mode::Train)
+        .backward(&x, &ArrayD::ones(x.raw_dim()), Ctx::train())
         .unwrap();
     let y = {
         let mut d2 = Dropout::<f64>::new(0.4, 99).unwrap();
-        d2.forward(&ArrayD::ones(x.raw_dim()), Mode::Train).unwrap()
+        d2.forward(&ArrayD::ones(x.raw_dim()), Ctx::train())
+            .unwrap()
     };
     assert_eq!(dx, y, "dx is dy times the mask");
 }
@@ -572,56 +573,73 @@ fn errors_are_typed_never_panics() {
     assert_config(Conv2d::<f32>::new(Conv2dConfig::new(4, 4, (3, 0))));
     assert_config(Conv2d::<f32>::new(Conv2dConfig::new(0, 4, 3)));
     let mut c = Conv2dConfig::new(3, 4, 3).build::<f64>(&mut r).unwrap();
-    assert_rank(c.forward(&randn(&mut r, &[3, 5, 5])));
-    assert_rank(c.forward(&randn(&mut r, &[1, 3, 5, 5, 1])));
+    assert_rank(c.forward(&randn(&mut r, &[3, 5, 5]), Ctx::train()));
+    assert_rank(c.forward(&randn(&mut r, &[1, 3, 5, 5, 1]), Ctx::train()));
     assert!(matches!(
-        c.forward(&randn(&mut r, &[2, 4, 5, 5])),
+        c.forward(&randn(&mut r, &[2, 4, 5, 5]), Ctx::train()),
         Err(NvError::Channels {
             expected: 3,
             got: 4,
             ..
         })
     ));
-    assert_shape(c.forward(&randn(&mut r, &[2, 3, 2, 5])));
-    assert_shape(c.forward(&randn(&mut r, &[2, 3, 0, 5])));
+    assert_shape(c.forward(&randn(&mut r, &[2, 3, 2, 5]), Ctx::train()));
+    assert_shape(c.forward(&randn(&mut r, &[2, 3, 0, 5]), Ctx::train()));
     let mut c2 = Conv2dConfig::new(3, 4, 3)
         .dilation(2)
         .build::<f64>(&mut r)
         .unwrap();
-    assert_shape(c2.forward(&randn(&mut r, &[1, 3, 4, 9]))); // dilated kernel is 5 tall
+    assert_shape(c2.forward(&randn(&mut r, &[1, 3, 4, 9]), Ctx::train())); // dilated kernel is 5 tall
     let mut c3 = Conv2dConfig::new(3, 4, 3)
         .padding(1)
         .build::<f64>(&mut r)
         .unwrap();
     assert_eq!(
-        c3.forward(&randn(&mut r, &[1, 3, 1, 1])).unwrap().shape(),
+        c3.forward(&randn(&mut r, &[1, 3, 1, 1]), Ctx::train())
+            .unwrap()
+            .shape(),
         &[1, 4, 1, 1]
     );
     let x = randn(&mut r, &[2, 3, 5, 5]);
-    assert_shape(c.backward(&x, &randn(&mut r, &[2, 4, 4, 3])));
+    assert_shape(c.backward(&x, &randn(&mut r, &[2, 4, 4, 3]), Ctx::train()));
     assert_eq!(
-        c.forward(&randn(&mut r, &[0, 3, 5, 5])).unwrap().shape(),
+        c.forward(&randn(&mut r, &[0, 3, 5, 5]), Ctx::train())
+            .unwrap()
+            .shape(),
         &[0, 4, 3, 3]
     );
     let mut buf = vec![0.0; 7];
-    assert_shape(c.forward_into(x.view(), &mut buf));
+    assert_shape(c.backward_with(
+        &x,
+        &randn(&mut r, &[2, 4, 3, 3]),
+        Some(&mut buf),
+        ConvAlgo::Gemm,
+    ));
     assert!(
-        c.weight.grad.iter().all(|v| *v == 0.0),
+        c.weight().grad.iter().all(|v| *v == 0.0),
         "failed calls leave gradients alone"
     );
 
     // Linear
     let mut l = LinearConfig::new(5, 3).build::<f64>(&mut r).unwrap();
-    assert_shape(l.forward(&randn(&mut r, &[4, 6])));
-    assert_rank(l.forward(&ArrayD::from_elem(IxDyn(&[]), 1.0)));
-    assert_shape(l.backward(&randn(&mut r, &[4, 5]), &randn(&mut r, &[4, 4])));
+    assert_shape(l.forward(&randn(&mut r, &[4, 6]), Ctx::train()));
+    assert_rank(l.forward(&ArrayD::from_elem(IxDyn(&[]), 1.0), Ctx::train()));
+    assert_shape(l.backward(
+        &randn(&mut r, &[4, 5]),
+        &randn(&mut r, &[4, 4]),
+        Ctx::train(),
+    ));
     assert_config(Linear::<f32>::new(LinearConfig::new(0, 3)));
 
     // Pooling
     let mut mp = MaxPool2dConfig::new(2).build::<f64>().unwrap();
-    assert_rank(mp.forward(&randn(&mut r, &[3, 4, 4])));
-    assert_shape(mp.forward(&randn(&mut r, &[1, 3, 1, 4])));
-    assert_shape(mp.backward(&randn(&mut r, &[1, 3, 4, 4]), &randn(&mut r, &[1, 3, 3, 2])));
+    assert_rank(mp.forward(&randn(&mut r, &[3, 4, 4]), Ctx::train()));
+    assert_shape(mp.forward(&randn(&mut r, &[1, 3, 1, 4]), Ctx::train()));
+    assert_shape(mp.backward(
+        &randn(&mut r, &[1, 3, 4, 4]),
+        &randn(&mut r, &[1, 3, 3, 2]),
+        Ctx::train(),
+    ));
     assert_config(MaxPool2dConfig::new(2).padding(2).build::<f32>());
     assert_config(MaxPool2dConfig::new(2).stride(0).build::<f32>());
     assert_config(AvgPool2dConfig::new(3).padding(2).build::<f32>());
@@ -631,23 +649,27 @@ fn errors_are_typed_never_panics() {
             .build::<f32>(),
     );
     let mut ap = AvgPool2dConfig::new(3).build::<f64>().unwrap();
-    assert_shape(ap.forward(&randn(&mut r, &[1, 1, 2, 2])));
-    assert_rank(ap.forward(&randn(&mut r, &[4, 4])));
+    assert_shape(ap.forward(&randn(&mut r, &[1, 1, 2, 2]), Ctx::train()));
+    assert_rank(ap.forward(&randn(&mut r, &[4, 4]), Ctx::train()));
     let mut gp = GlobalAvgPool::<f64>::new();
-    assert_rank(gp.forward(&randn(&mut r, &[2, 3])));
-    assert_shape(gp.backward(&randn(&mut r, &[2, 3, 2, 2]), &randn(&mut r, &[2, 4])));
+    assert_rank(gp.forward(&randn(&mut r, &[2, 3]), Ctx::train()));
+    assert_shape(gp.backward(
+        &randn(&mut r, &[2, 3, 2, 2]),
+        &randn(&mut r, &[2, 4]),
+        Ctx::train(),
+    ));
 
     // Activations
-    assert_rank(Flatten::<f64>::new().forward(&randn(&mut r, &[5]), Mode::Train));
+    assert_rank(Flatten::<f64>::new().forward(&randn(&mut r, &[5]), Ctx::train()));
     assert_shape(Flatten::<f64>::new().backward(
         &randn(&mut r, &[2, 3, 2]),
         &randn(&mut r, &[2, 5]),
-        Mode::Train,
+        Ctx::train(),
     ));
     assert_shape(ReLU::<f64>::new().backward(
         &randn(&mut r, &[2, 3]),
         &randn(&mut r, &[3, 2]),
-        Mode::Train,
+        Ctx::train(),
     ));
 
     // Loss
@@ -681,7 +703,7 @@ fn state_dicts_use_pytorch_names() {
     assert_eq!(sd.get("weight").unwrap().shape(), &[4, 3, 3, 3]);
     let mut c2 = Conv2d::<f32>::new(Conv2dConfig::new(3, 4, 3)).unwrap();
     c2.load_state("", &sd).unwrap();
-    assert_eq!(c2.weight.value, c.weight.value);
+    assert_eq!(c2.weight().value, c.weight().value);
     let mut wrong = Conv2d::<f32>::new(Conv2dConfig::new(3, 5, 3)).unwrap();
     assert!(matches!(wrong.load_state("", &sd), Err(NvError::State(_))));
     let nb = Conv2d::<f32>::new(Conv2dConfig::new(3, 4, 3).bias(false)).unwrap();
@@ -706,14 +728,8 @@ fn state_dicts_use_pytorch_names() {
         .is_empty());
     // PyTorch's default init bound 1/sqrt(fan_in)
     let bound = 1.0 / 27f32.sqrt();
-    assert!(c.weight.value.iter().all(|v| v.abs() <= bound));
-    assert!(c
-        .bias
-        .as_ref()
-        .unwrap()
-        .value
-        .iter()
-        .all(|v| v.abs() <= bound));
+    assert!(c.weight().value.iter().all(|v| v.abs() <= bound));
+    assert!(c.bias().unwrap().value.iter().all(|v| v.abs() <= bound));
 }
 
 /// The f32 AVX-512 path (when the CPU has it) against the f64 reference path of the same layer, on every
@@ -764,19 +780,23 @@ fn conv2d_f32_fast_path_matches_f64() {
         c64.load_state("", &c32.state_dict()).unwrap();
         let x64 = randn(&mut rng(600 + i as u64), &shape).mapv(|v| v as f32 as f64);
         let x32 = x64.mapv(|v| v as f32);
-        let y64 = c64.forward(&x64).unwrap();
+        let y64 = c64.forward(&x64, Ctx::train()).unwrap();
         let dy64 = randn(&mut rng(700 + i as u64), y64.shape()).mapv(|v| v as f32 as f64);
         let dy32 = dy64.mapv(|v| v as f32);
-        let dx64 = c64.backward(&x64, &dy64).unwrap();
+        let dx64 = c64.backward(&x64, &dy64, Ctx::train()).unwrap();
         for simd in [true, false] {
             let mut c = c32.clone();
-            c.simd = simd;
-            let y = c.forward(&x32).unwrap();
-            let dx = c.backward(&x32, &dy32).unwrap();
+            let isa = if simd { Isa::detect() } else { Isa::Portable };
+            let ctx = Ctx::train().with_kernels(KernelOptions {
+                isa,
+                ..KernelOptions::default()
+            });
+            let y = c.forward(&x32, ctx).unwrap();
+            let dx = c.backward(&x32, &dy32, ctx).unwrap();
             let pairs = [
                 ("y", y.mapv(|v| v as f64), &y64),
                 ("dx", dx.mapv(|v| v as f64), &dx64),
-                ("dw", c.weight.grad.mapv(|v| v as f64), &c64.weight.grad),
+                ("dw", c.weight().grad.mapv(|v| v as f64), &c64.weight().grad),
             ];
             for (what, got, want) in pairs {
                 let scale = want.iter().fold(1.0f64, |m, v| m.max(v.abs()));
@@ -788,7 +808,7 @@ fn conv2d_f32_fast_path_matches_f64() {
                     / scale;
                 assert!(e < 1e-5, "case {i} {cfg:?} simd={simd}: {what} error {e:e}");
             }
-            if let (Some(b), Some(b64)) = (&c.bias, &c64.bias) {
+            if let (Some(b), Some(b64)) = (c.bias(), c64.bias()) {
                 for (a, w) in b.grad.iter().zip(b64.grad.iter()) {
                     assert!(
                         (*a as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),

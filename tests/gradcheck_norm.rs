@@ -10,9 +10,12 @@
 //! [`TOL`]. With h = 1e-6 the truncation error is O(h²) ≈ 1e-12 and the round-off ≈ |L|·1e-16/h ≈ 1e-9; the worst
 //! error measured over all cases is ~1e-9 (printed by `cargo test --test gradcheck_norm -- --nocapture`).
 
+mod common;
+use common::Relu;
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::*;
-use normvision::Mode;
+use normvision::state::{StateDict, Stateful};
+use normvision::{Ctx, Layer};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_pcg::Pcg64;
@@ -47,8 +50,8 @@ fn channel_input(rng: &mut Pcg64, shape: &[usize], axis: usize) -> ArrayD<f64> {
     x
 }
 
-fn loss<L: NormLayer<f64>>(l: &mut L, x: &ArrayD<f64>, r: &ArrayD<f64>, mode: Mode) -> f64 {
-    let y = NormLayer::forward(l, x, mode).expect("forward");
+fn loss<L: Layer<f64>>(l: &mut L, x: &ArrayD<f64>, r: &ArrayD<f64>, mode: Ctx) -> f64 {
+    let y = l.forward(x, mode).expect("forward");
     y.iter().zip(r.iter()).map(|(a, b)| a * b).sum()
 }
 
@@ -63,7 +66,7 @@ fn rel_err(fd: &[f64], an: &[f64]) -> f64 {
         / scale
 }
 
-fn param_names<L: NormLayer<f64>>(l: &mut L) -> Vec<(String, usize)> {
+fn param_names<L: Layer<f64>>(l: &mut L) -> Vec<(String, usize)> {
     let mut v = vec![];
     l.visit_params("", &mut |n, p| v.push((n.to_string(), p.len())));
     v
@@ -71,11 +74,11 @@ fn param_names<L: NormLayer<f64>>(l: &mut L) -> Vec<(String, usize)> {
 
 /// Checks dx and every parameter gradient of `base` at `x` in `mode`; `expect_params` lists the parameter names the
 /// layer must expose. Returns the worst error.
-fn gradcheck<L: NormLayer<f64> + Clone>(
+fn gradcheck<L: Layer<f64> + Clone>(
     what: &str,
     base: &L,
     x: &ArrayD<f64>,
-    mode: Mode,
+    mode: Ctx,
     expect_params: &[&str],
     seed: u64,
 ) -> f64 {
@@ -83,8 +86,8 @@ fn gradcheck<L: NormLayer<f64> + Clone>(
     // analytic
     let mut l = base.clone();
     l.zero_grad();
-    NormLayer::forward(&mut l, x, mode).expect("forward");
-    let dx = NormLayer::backward(&mut l, x, &r, mode).expect("backward");
+    l.forward(x, mode).expect("forward");
+    let dx = l.backward(x, &r, mode).expect("backward");
     let mut grads: Vec<(String, Vec<f64>)> = vec![];
     l.visit_params("", &mut |n, p| {
         grads.push((n.to_string(), p.grad.iter().copied().collect()))
@@ -141,7 +144,7 @@ fn gradcheck<L: NormLayer<f64> + Clone>(
 }
 
 /// Random weight and bias for a layer that has them.
-fn randomize_params<L: NormLayer<f64>>(l: &mut L, rng: &mut Pcg64) {
+fn randomize_params<L: Layer<f64>>(l: &mut L, rng: &mut Pcg64) {
     l.visit_params("", &mut |n, p| {
         let (lo, hi) = match n {
             "weight" => (0.5, 1.5),
@@ -156,10 +159,10 @@ fn randomize_params<L: NormLayer<f64>>(l: &mut L, rng: &mut Pcg64) {
 }
 
 /// A few train steps on fresh batches of `shape`, so the running statistics are non-trivial.
-fn warm_up<L: NormLayer<f64>>(l: &mut L, shape: &[usize], axis: usize, rng: &mut Pcg64) {
+fn warm_up<L: Layer<f64>>(l: &mut L, shape: &[usize], axis: usize, rng: &mut Pcg64) {
     for _ in 0..3 {
         let xb = channel_input(rng, shape, axis);
-        NormLayer::forward(l, &xb, Mode::Train).expect("warm-up forward");
+        l.forward(&xb, Ctx::train()).expect("warm-up forward");
     }
 }
 
@@ -170,18 +173,21 @@ const NONE: &[&str] = &[];
 // BatchNorm
 
 fn bn_case(what: &str, cfg: BatchNormConfig, shape: &[usize], seed: u64) {
+    bn_case_relu(what, cfg, false, shape, seed)
+}
+
+fn bn_case_relu(what: &str, cfg: BatchNormConfig, relu: bool, shape: &[usize], seed: u64) {
     let mut g = rng(seed);
     let affine = cfg.affine;
     let tracked = cfg.track_running_stats;
-    let relu = cfg.fuse_relu;
     let mut bn: BatchNorm<f64> = cfg.clone().build().unwrap();
     randomize_params(&mut bn, &mut g);
     let params = if affine { AFFINE } else { NONE };
-    for mode in [Mode::Train, Mode::Eval] {
+    for mode in [Ctx::train(), Ctx::eval()] {
         let mut layer = bn.clone();
-        if mode == Mode::Eval && tracked {
+        if mode == Ctx::eval() && tracked {
             warm_up(&mut layer, shape, 1, &mut g);
-            let rm = layer.running_mean.as_ref().unwrap();
+            let rm = layer.running_mean().unwrap();
             assert!(
                 rm.iter().any(|v| v.abs() > 0.1),
                 "{what}: warm-up left running_mean ~ 0"
@@ -193,15 +199,17 @@ fn bn_case(what: &str, cfg: BatchNormConfig, shape: &[usize], seed: u64) {
             if !relu {
                 break x;
             }
-            let mut pre = layer.clone();
-            pre.cfg.fuse_relu = false;
-            let t = pre.forward(&x, mode).unwrap();
+            let t = layer.clone().forward(&x, mode).unwrap();
             let pos = t.iter().filter(|v| **v > 0.0).count();
             if t.iter().all(|v| v.abs() > RELU_MARGIN) && pos > 0 && pos < t.len() {
                 break x;
             }
         };
-        gradcheck(what, &layer, &x, mode, params, seed);
+        if relu {
+            gradcheck(what, &Relu(layer), &x, mode, params, seed);
+        } else {
+            gradcheck(what, &layer, &x, mode, params, seed);
+        }
     }
 }
 
@@ -283,12 +291,12 @@ fn batch_norm_no_running_stats() {
 
 #[test]
 fn batch_norm_fused_relu() {
-    let cfg = BatchNormConfig::d2(3).fuse_relu(true).momentum(Some(0.3));
-    bn_case("BN+ReLU (4,3,5,3)", cfg, &[4, 3, 5, 3], 10);
-    let cfg = BatchNormConfig::d1(6).fuse_relu(true).momentum(Some(0.3));
-    bn_case("BN+ReLU (9,6) S=1", cfg, &[9, 6], 11);
-    let cfg = BatchNormConfig::new(3).fuse_relu(true).affine(false);
-    bn_case("BN+ReLU affine=off (5,3,4)", cfg, &[5, 3, 4], 12);
+    let cfg = BatchNormConfig::d2(3).momentum(Some(0.3));
+    bn_case_relu("BN+ReLU (4,3,5,3)", cfg, true, &[4, 3, 5, 3], 10);
+    let cfg = BatchNormConfig::d1(6).momentum(Some(0.3));
+    bn_case_relu("BN+ReLU (9,6) S=1", cfg, true, &[9, 6], 11);
+    let cfg = BatchNormConfig::new(3).affine(false);
+    bn_case_relu("BN+ReLU affine=off (5,3,4)", cfg, true, &[5, 3, 4], 12);
 }
 
 #[test]
@@ -322,26 +330,29 @@ fn batch_norm_cumulative_momentum() {
 
 fn frozen_case(what: &str, c: usize, shape: &[usize], relu: bool, seed: u64) {
     let mut g = rng(seed);
-    let mut f: FrozenBatchNorm<f64> = FrozenBatchNorm::new(c, 1e-5).unwrap();
-    f.weight = uniform(&mut g, c, -1.5, 1.5);
-    f.bias = uniform(&mut g, c, -0.5, 0.5);
-    f.running_mean = uniform(&mut g, c, -2.0, 2.0);
-    f.running_var = uniform(&mut g, c, 0.3, 3.0);
-    f.fuse_relu = relu;
-    for mode in [Mode::Train, Mode::Eval] {
+    let mut f: FrozenBatchNorm<f64> = FrozenBatchNormConfig::new(c).build().unwrap();
+    let mut sd = StateDict::new();
+    sd.insert_float("weight".into(), &uniform(&mut g, c, -1.5, 1.5));
+    sd.insert_float("bias".into(), &uniform(&mut g, c, -0.5, 0.5));
+    sd.insert_float("running_mean".into(), &uniform(&mut g, c, -2.0, 2.0));
+    sd.insert_float("running_var".into(), &uniform(&mut g, c, 0.3, 3.0));
+    f.load_state("", &sd).unwrap();
+    for mode in [Ctx::train(), Ctx::eval()] {
         let x = loop {
             let x = channel_input(&mut g, shape, 1);
             if !relu {
                 break x;
             }
-            let mut pre = f.clone();
-            pre.fuse_relu = false;
-            let t = pre.forward(&x, mode).unwrap();
+            let t = f.clone().forward(&x, mode).unwrap();
             if t.iter().all(|v| v.abs() > RELU_MARGIN) {
                 break x;
             }
         };
-        gradcheck(what, &f, &x, mode, NONE, seed);
+        if relu {
+            gradcheck(what, &Relu(f.clone()), &x, mode, NONE, seed);
+        } else {
+            gradcheck(what, &f, &x, mode, NONE, seed);
+        }
     }
 }
 
@@ -360,7 +371,7 @@ fn gn_case(what: &str, cfg: GroupNormConfig, shape: &[usize], seed: u64) {
     let params = if cfg.affine { AFFINE } else { NONE };
     let mut gn: GroupNorm<f64> = cfg.build().unwrap();
     randomize_params(&mut gn, &mut g);
-    for mode in [Mode::Train, Mode::Eval] {
+    for mode in [Ctx::train(), Ctx::eval()] {
         let x = channel_input(&mut g, shape, 1);
         gradcheck(what, &gn, &x, mode, params, seed);
     }
@@ -397,7 +408,7 @@ fn ln_case(what: &str, cfg: LayerNormConfig, shape: &[usize], params: &[&str], s
     let mut g = rng(seed);
     let mut ln: LayerNorm<f64> = cfg.build().unwrap();
     randomize_params(&mut ln, &mut g);
-    for mode in [Mode::Train, Mode::Eval] {
+    for mode in [Ctx::train(), Ctx::eval()] {
         // per-"channel" statistics along the last axis make the rows' statistics differ
         let x = channel_input(&mut g, shape, shape.len() - 1);
         gradcheck(what, &ln, &x, mode, params, seed);
@@ -465,13 +476,13 @@ fn in_case(what: &str, cfg: InstanceNormConfig, shape: &[usize], seed: u64) {
     let tracked = cfg.track_running_stats;
     let mut inorm: InstanceNorm<f64> = cfg.build().unwrap();
     randomize_params(&mut inorm, &mut g);
-    let unbatched = shape.len() == inorm.cfg.spatial_dims + 1;
+    let unbatched = shape.len() == inorm.config().spatial_dims + 1;
     let axis = if unbatched { 0 } else { 1 };
-    for mode in [Mode::Train, Mode::Eval] {
+    for mode in [Ctx::train(), Ctx::eval()] {
         let mut layer = inorm.clone();
-        if mode == Mode::Eval && tracked {
+        if mode == Ctx::eval() && tracked {
             warm_up(&mut layer, shape, axis, &mut g);
-            let rm = layer.running_mean.as_ref().unwrap();
+            let rm = layer.running_mean().unwrap();
             assert!(
                 rm.iter().any(|v| v.abs() > 0.1),
                 "{what}: warm-up left running_mean ~ 0"
@@ -509,11 +520,11 @@ fn instance_norm_running_stats_eval() {
     let cfg = InstanceNormConfig::d2(4)
         .affine(true)
         .track_running_stats(true)
-        .momentum(0.4);
+        .momentum(Some(0.4));
     in_case("IN2d affine+track (3,4,5,3)", cfg, &[3, 4, 5, 3], 53);
     let cfg = InstanceNormConfig::d2(3)
         .track_running_stats(true)
-        .momentum(0.4);
+        .momentum(Some(0.4));
     in_case("IN2d track, no affine (2,3,4,5)", cfg, &[2, 3, 4, 5], 54);
 }
 
@@ -528,7 +539,7 @@ fn instance_norm_unbatched() {
     let cfg = InstanceNormConfig::d2(4)
         .affine(true)
         .track_running_stats(true)
-        .momentum(0.4);
+        .momentum(Some(0.4));
     in_case("IN2d unbatched+track (4,5,3)", cfg, &[4, 5, 3], 56);
 }
 
@@ -541,12 +552,12 @@ fn bcn_case(what: &str, c: usize, shape: &[usize], seed: u64) {
     cfg.momentum = Some(0.4);
     let mut bcn: BatchChannelNorm<f64> = cfg.build().unwrap();
     randomize_params(&mut bcn, &mut g);
-    assert!(bcn.l.value.iter().any(|v| (*v - 1.0).abs() > 0.1));
-    for mode in [Mode::Train, Mode::Eval] {
+    assert!(bcn.l().value.iter().any(|v| (*v - 1.0).abs() > 0.1));
+    for mode in [Ctx::train(), Ctx::eval()] {
         let mut layer = bcn.clone();
-        if mode == Mode::Eval {
+        if mode == Ctx::eval() {
             warm_up(&mut layer, shape, 1, &mut g);
-            assert!(layer.running_mean.iter().any(|v| v.abs() > 0.1));
+            assert!(layer.running_mean().unwrap().iter().any(|v| v.abs() > 0.1));
         }
         let x = channel_input(&mut g, shape, 1);
         gradcheck(what, &layer, &x, mode, &["weight", "bias", "l"], seed);
@@ -565,14 +576,14 @@ fn batch_channel_norm() {
 /// Parameter gradients accumulate across backward calls (PyTorch semantics), for every layer with parameters.
 #[test]
 fn parameter_gradients_accumulate() {
-    fn twice<L: NormLayer<f64> + Clone>(mut l: L, x: &ArrayD<f64>, mode: Mode) {
+    fn twice<L: Layer<f64> + Clone>(mut l: L, x: &ArrayD<f64>, mode: Ctx) {
         let r = randn(&mut rng(99), x.shape());
         l.zero_grad();
-        NormLayer::forward(&mut l, x, mode).unwrap();
-        NormLayer::backward(&mut l, x, &r, mode).unwrap();
+        Layer::forward(&mut l, x, mode).unwrap();
+        Layer::backward(&mut l, x, &r, mode).unwrap();
         let mut once = vec![];
         l.visit_params("", &mut |_, p| once.push(p.grad.clone()));
-        NormLayer::backward(&mut l, x, &r, mode).unwrap();
+        Layer::backward(&mut l, x, &r, mode).unwrap();
         let mut i = 0;
         l.visit_params("", &mut |n, p| {
             for (a, b) in p.grad.iter().zip(once[i].iter()) {
@@ -587,7 +598,7 @@ fn parameter_gradients_accumulate() {
     }
     let mut g = rng(7);
     let x = channel_input(&mut g, &[3, 4, 3, 2], 1);
-    for mode in [Mode::Train, Mode::Eval] {
+    for mode in [Ctx::train(), Ctx::eval()] {
         twice(BatchNormConfig::new(4).build::<f64>().unwrap(), &x, mode);
         twice(GroupNormConfig::new(2, 4).build::<f64>().unwrap(), &x, mode);
         twice(

@@ -7,7 +7,7 @@ use normvision::nn::loss::cross_entropy;
 use normvision::optim::sgd::SgdConfig;
 use normvision::optim::OptimConfig;
 use normvision::state::Stateful;
-use normvision::Mode;
+use normvision::Ctx;
 use rand::{Rng, SeedableRng};
 
 const NORMS: [NormKind; 7] = [
@@ -45,7 +45,6 @@ fn every_model_and_norm_trains_on_a_fixed_batch() {
                 }
             };
             let mut opt = OptimConfig::Sgd(SgdConfig {
-                lr: 0.02,
                 momentum: 0.9,
                 ..SgdConfig::default()
             })
@@ -54,12 +53,12 @@ fn every_model_and_norm_trains_on_a_fixed_batch() {
             let mut losses = vec![];
             for _ in 0..8 {
                 m.zero_grad();
-                let logits = m.forward(&x, Mode::Train).unwrap();
+                let logits = m.forward(&x, Ctx::train()).unwrap();
                 assert_eq!(logits.shape(), &[16, 10], "{kind:?}/{norm:?}");
                 let (loss, d) = cross_entropy(&logits, &y, 0.0).unwrap();
-                let dx = m.backward(&x, &d, Mode::Train).unwrap();
+                let dx = m.backward(&x, &d, Ctx::train()).unwrap();
                 assert_eq!(dx.shape(), x.shape());
-                opt.step(&mut m).unwrap();
+                opt.step(&mut m, 0.02).unwrap();
                 losses.push(loss);
             }
             assert!(
@@ -70,7 +69,7 @@ fn every_model_and_norm_trains_on_a_fixed_batch() {
                 losses[7] < losses[0],
                 "{kind:?}/{norm:?}: loss did not fall: {losses:?}"
             );
-            let logits = m.forward(&x, Mode::Eval).unwrap();
+            let logits = m.forward(&x, Ctx::eval()).unwrap();
             assert!(logits.iter().all(|v| v.is_finite()));
         }
     }
@@ -108,13 +107,13 @@ fn frozen_model_loads_a_batchnorm_checkpoint() {
     let mut bn = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Batch)).unwrap();
     let (x, _) = batch(8);
     for _ in 0..3 {
-        bn.forward(&x, Mode::Train).unwrap();
+        bn.forward(&x, Ctx::train()).unwrap();
     }
     let sd = bn.state_dict();
     let mut frozen = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Frozen)).unwrap();
     frozen.load_state("", &sd).unwrap();
-    let a = bn.forward(&x, Mode::Eval).unwrap();
-    let b = frozen.forward(&x, Mode::Train).unwrap();
+    let a = bn.forward(&x, Ctx::eval()).unwrap();
+    let b = frozen.forward(&x, Ctx::train()).unwrap();
     for (p, q) in a.iter().zip(b.iter()) {
         assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{p} vs {q}");
     }
@@ -124,10 +123,10 @@ fn frozen_model_loads_a_batchnorm_checkpoint() {
 fn wrong_input_shape_is_a_typed_error() {
     let mut m = Model::new(ModelConfig::fashion(ModelKind::Cnn, NormKind::Batch)).unwrap();
     let x = ArrayD::zeros(IxDyn(&[2, 3, 28, 28]));
-    let e = m.forward(&x, Mode::Train).unwrap_err();
+    let e = m.forward(&x, Ctx::train()).unwrap_err();
     assert!(e.to_string().contains("expected input"), "{e}");
     let one = ArrayD::zeros(IxDyn(&[1, 1, 28, 28]));
-    let e = m.forward(&one, Mode::Train).unwrap_err();
+    let e = m.forward(&one, Ctx::train()).unwrap_err();
     assert!(
         e.to_string()
             .contains("Expected more than 1 value per channel when training"),
@@ -153,9 +152,9 @@ fn recycled_buffers_do_not_leak_into_results() {
             let cfg = ModelConfig::fashion(kind, norm);
             let run = |m: &mut Model, inp: &ArrayD<f32>| {
                 m.zero_grad();
-                let logits = m.forward(inp, Mode::Train).unwrap();
+                let logits = m.forward(inp, Ctx::train()).unwrap();
                 let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
-                let dx = m.backward(inp, &d, Mode::Train).unwrap();
+                let dx = m.backward(inp, &d, Ctx::train()).unwrap();
                 let mut grads = vec![];
                 m.visit_params("", &mut |_, p| grads.extend(p.grad.iter().copied()));
                 (logits, dx, grads)
@@ -163,16 +162,16 @@ fn recycled_buffers_do_not_leak_into_results() {
             let mut used = Model::new(cfg.clone()).unwrap();
             let mut fresh = Model::new(cfg).unwrap();
             // eval passes hand their activations back to the pool; the train step after them reuses them
-            used.forward(&other, Mode::Eval).unwrap();
-            used.forward(&other, Mode::Eval).unwrap();
+            used.forward(&other, Ctx::eval()).unwrap();
+            used.forward(&other, Ctx::eval()).unwrap();
             run(&mut used, &other);
-            used.forward(&other, Mode::Eval).unwrap();
+            used.forward(&other, Ctx::eval()).unwrap();
             // the running statistics moved in `used`; give `fresh` the same state before comparing
             let mut sd = normvision::state::StateDict::default();
             used.save_state("", &mut sd);
             fresh.load_state("", &sd).unwrap();
-            let ea = used.forward(&x, Mode::Eval).unwrap();
-            let eb = fresh.forward(&x, Mode::Eval).unwrap();
+            let ea = used.forward(&x, Ctx::eval()).unwrap();
+            let eb = fresh.forward(&x, Ctx::eval()).unwrap();
             assert!(
                 ea.iter()
                     .zip(eb.iter())
@@ -215,13 +214,13 @@ fn backward_params_gives_backwards_parameter_gradients() {
             let grads = |full: bool| {
                 let mut m = Model::new(cfg.clone()).unwrap();
                 m.zero_grad();
-                let logits = m.forward(&x, Mode::Train).unwrap();
+                let logits = m.forward(&x, Ctx::train()).unwrap();
                 let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
                 if full {
-                    let dx = m.backward(&x, &d, Mode::Train).unwrap();
+                    let dx = m.backward(&x, &d, Ctx::train()).unwrap();
                     assert_eq!(dx.shape(), x.shape());
                 } else {
-                    m.backward_params(&x, &d, Mode::Train).unwrap();
+                    m.backward_params(&x, &d, Ctx::train()).unwrap();
                 }
                 let mut g = vec![];
                 m.visit_params("", &mut |_, p| g.extend(p.grad.iter().map(|v| v.to_bits())));
@@ -247,7 +246,6 @@ fn inference_forward_is_bitwise_the_eval_forward() {
                 continue; // a combination the model refuses (InstanceNorm in the MLP)
             };
             let mut opt = OptimConfig::Sgd(SgdConfig {
-                lr: 0.05,
                 momentum: 0.9,
                 ..Default::default()
             })
@@ -255,12 +253,12 @@ fn inference_forward_is_bitwise_the_eval_forward() {
             .unwrap();
             for _ in 0..3 {
                 m.zero_grad();
-                let logits = m.forward(&x, Mode::Train).unwrap();
+                let logits = m.forward(&x, Ctx::train()).unwrap();
                 let (_, d) = cross_entropy(&logits, &y, 0.0).unwrap();
-                m.backward_params(&x, &d, Mode::Train).unwrap();
-                opt.step(&mut m).unwrap();
+                m.backward_params(&x, &d, Ctx::train()).unwrap();
+                opt.step(&mut m, 0.05).unwrap();
             }
-            let want = m.forward(&x, Mode::Eval).unwrap();
+            let want = m.forward(&x, Ctx::eval()).unwrap();
             for _ in 0..2 {
                 let got = m.forward_inference(&x).unwrap();
                 assert_eq!(got.shape(), want.shape());
@@ -273,7 +271,10 @@ fn inference_forward_is_bitwise_the_eval_forward() {
             }
             // no activations are kept: a backward now is a typed error, not garbage
             let d = ArrayD::zeros(want.raw_dim());
-            assert!(m.backward(&x, &d, Mode::Eval).is_err(), "{kind:?}/{norm:?}");
+            assert!(
+                m.backward(&x, &d, Ctx::eval()).is_err(),
+                "{kind:?}/{norm:?}"
+            );
         }
     }
 }

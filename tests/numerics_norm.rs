@@ -16,10 +16,11 @@
 //! - eval-mode BatchNorm (PyTorch's y = x·a + b): ≤ 4 ulp(|x·a|) ≈ 3e-2 absolute [8.9e-3] — see that test.
 
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
-use normvision::norm::batch_kernels::{local_moments, train_forward, Ncs};
+use normvision::internals::planes::train_forward;
+use normvision::internals::stats::{local_moments, Ncs};
 use normvision::norm::*;
 use normvision::state::Stateful;
-use normvision::Mode;
+use normvision::{Ctx, Layer};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_pcg::Pcg64;
@@ -183,6 +184,7 @@ fn batch_norm_train_forward_statistics_and_backward() {
         None,
         EPS,
         false,
+        normvision::KernelOptions::default(),
     );
     let mo = local_moments(x.as_slice().unwrap(), d);
     for c in 0..3 {
@@ -211,20 +213,20 @@ fn batch_norm_train_forward_statistics_and_backward() {
     let w: Vec<f32> = (0..3).map(|_| g.gen_range(0.5f32..2.0)).collect();
     let b: Vec<f32> = (0..3).map(|_| g.gen_range(-1.0f32..1.0)).collect();
     let mut bn: BatchNorm<f32> = BatchNormConfig::d2(3).momentum(Some(1.0)).build().unwrap();
-    bn.weight.as_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), w.clone()).unwrap();
-    bn.bias.as_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), b.clone()).unwrap();
+    bn.weight_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), w.clone()).unwrap();
+    bn.bias_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), b.clone()).unwrap();
     let mut bn_default = bn.clone();
-    bn_default.cfg.momentum = Some(0.1);
+    bn_default.set_momentum(Some(0.1)).unwrap();
 
-    let y = bn.forward(&x, Mode::Train).unwrap();
+    let y = bn.forward(&x, Ctx::train()).unwrap();
     let y_ref = ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| w[i[1]] as f64 * xh[&i] + b[i[1]] as f64);
     let e_y = max_abs_err(&y, &y_ref);
 
-    let rm = bn.running_mean.as_ref().unwrap();
-    let rv = bn.running_var.as_ref().unwrap();
-    bn_default.forward(&x, Mode::Train).unwrap();
-    let rm_d = bn_default.running_mean.as_ref().unwrap();
-    let rv_d = bn_default.running_var.as_ref().unwrap();
+    let rm = bn.running_mean().unwrap();
+    let rv = bn.running_var().unwrap();
+    bn_default.forward(&x, Ctx::train()).unwrap();
+    let rm_d = bn_default.running_mean().unwrap();
+    let rv_d = bn_default.running_var().unwrap();
     let f32_rel = f32::EPSILON as f64; // 2 half-ulps
     let mut e_run = 0.0f64;
     for c in 0..3 {
@@ -248,7 +250,7 @@ fn batch_norm_train_forward_statistics_and_backward() {
     // backward
     let dy = randn32(4, &SHAPE);
     bn.zero_grad();
-    let dx = bn.backward(&x, &dy, Mode::Train).unwrap();
+    let dx = bn.backward(&x, &dy, Ctx::train()).unwrap();
     let u = ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| dy[&i] as f64 * w[i[1]] as f64);
     let dx_ref = reference_dx(&xh, &u, &var, key);
     let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
@@ -263,8 +265,8 @@ fn batch_norm_train_forward_statistics_and_backward() {
                 ab += (*v as f64).abs();
             }
         }
-        let got_w = bn.weight.as_ref().unwrap().grad[c] as f64;
-        let got_b = bn.bias.as_ref().unwrap().grad[c] as f64;
+        let got_w = bn.weight().unwrap().grad[c] as f64;
+        let got_b = bn.bias().unwrap().grad[c] as f64;
         e_dp = e_dp.max((got_w - gw).abs() / aw);
         e_dp = e_dp.max((got_b - gb).abs() / ab);
     }
@@ -292,10 +294,10 @@ fn batch_norm_1d_s1_layout() {
     let key = |i: &[usize]| i[1];
     let (xh, _, var, _) = reference_norm(&to64(&x), 3, key);
     let mut bn: BatchNorm<f32> = BatchNormConfig::d1(3).affine(false).build().unwrap();
-    let y = bn.forward(&x, Mode::Train).unwrap();
+    let y = bn.forward(&x, Ctx::train()).unwrap();
     let e_y = max_abs_err(&y, &xh);
     let dy = randn32(6, &[2048, 3]);
-    let dx = bn.backward(&x, &dy, Mode::Train).unwrap();
+    let dx = bn.backward(&x, &dy, Ctx::train()).unwrap();
     let dx_ref = reference_dx(&xh, &to64(&dy), &var, key);
     let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
     println!("BatchNorm1d S=1: y {e_y:.2e} (abs), dx {e_dx:.2e} (rel)");
@@ -332,14 +334,15 @@ fn batch_norm_1d_s1_every_tiling_matches_the_reference() {
                 .unwrap();
             let (y, dx, relu_y) = pool.install(|| {
                 let mut bn: BatchNorm<f32> = BatchNormConfig::d1(c).affine(false).build().unwrap();
-                let y = bn.forward(&x, Mode::Train).unwrap();
-                let dx = bn.backward(&x, &dy, Mode::Train).unwrap();
-                let mut fused: BatchNorm<f32> = BatchNormConfig::d1(c)
-                    .affine(false)
-                    .fuse_relu(true)
-                    .build()
-                    .unwrap();
-                (y, dx, fused.forward(&x, Mode::Train).unwrap())
+                let y = bn.forward(&x, Ctx::train()).unwrap();
+                let dx = bn.backward(&x, &dy, Ctx::train()).unwrap();
+                let mut fused: BatchNorm<f32> =
+                    BatchNormConfig::d1(c).affine(false).build().unwrap();
+                let relu = BnFusion {
+                    relu: true,
+                    ..Default::default()
+                };
+                (y, dx, fused.forward_fused(&x, Ctx::train(), relu).unwrap())
             });
             let e_y = max_abs_err(&y, &xh);
             let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
@@ -364,10 +367,10 @@ fn batch_norm_1d_s1_every_tiling_matches_the_reference() {
 fn batch_norm_eval_accuracy_is_bounded_by_ulp_of_x_times_a() {
     let x = hard_input(7);
     let mut bn: BatchNorm<f32> = BatchNormConfig::d2(3).momentum(Some(1.0)).build().unwrap();
-    bn.forward(&x, Mode::Train).unwrap();
-    let y = bn.forward(&x, Mode::Eval).unwrap();
-    let rm = bn.running_mean.clone().unwrap();
-    let rv = bn.running_var.clone().unwrap();
+    bn.forward(&x, Ctx::train()).unwrap();
+    let y = bn.forward(&x, Ctx::eval()).unwrap();
+    let rm = bn.running_mean().unwrap().clone();
+    let rv = bn.running_var().unwrap().clone();
     let y_ref = ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| {
         (x[&i] as f64 - rm[i[1]] as f64) / (rv[i[1]] as f64 + EPS).sqrt()
     });
@@ -396,13 +399,13 @@ fn group_norm_on_hard_data() {
         let key = move |i: &[usize]| i[0] * groups + i[1] / cpg;
         let (xh, _, var, _) = reference_norm(&x64, 8 * groups, key);
         let mut gn: GroupNorm<f32> = GroupNormConfig::new(groups, 3).build().unwrap();
-        gn.weight.as_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), w.clone()).unwrap();
-        gn.bias.as_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), b.clone()).unwrap();
-        let y = gn.forward(&x, Mode::Train).unwrap();
+        gn.weight_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), w.clone()).unwrap();
+        gn.bias_mut().unwrap().value = ArrayD::from_shape_vec(IxDyn(&[3]), b.clone()).unwrap();
+        let y = gn.forward(&x, Ctx::train()).unwrap();
         let y_ref =
             ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| w[i[1]] as f64 * xh[&i] + b[i[1]] as f64);
         let e_y = max_abs_err(&y, &y_ref);
-        let dx = gn.backward(&x, &dy, Mode::Train).unwrap();
+        let dx = gn.backward(&x, &dy, Ctx::train()).unwrap();
         let u = ArrayD::from_shape_fn(IxDyn(&SHAPE), |i| dy[&i] as f64 * w[i[1]] as f64);
         let dx_ref = reference_dx(&xh, &u, &var, key);
         let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
@@ -417,8 +420,8 @@ fn group_norm_on_hard_data() {
                     ab += (*v as f64).abs();
                 }
             }
-            e_dp = e_dp.max((gn.weight.as_ref().unwrap().grad[c] as f64 - gw).abs() / aw);
-            e_dp = e_dp.max((gn.bias.as_ref().unwrap().grad[c] as f64 - gb).abs() / ab);
+            e_dp = e_dp.max((gn.weight().unwrap().grad[c] as f64 - gw).abs() / aw);
+            e_dp = e_dp.max((gn.bias().unwrap().grad[c] as f64 - gb).abs() / ab);
         }
         println!("GroupNorm G={groups}: y {e_y:.2e} (abs), dx {e_dx:.2e} (rel), dγ/dβ {e_dp:.2e}");
         assert!(e_y <= Y_ATOL, "G={groups}: y error {e_y:e}");
@@ -474,8 +477,8 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
         let nsz: usize = ns.iter().product();
         let w = randn32(13, ns).mapv(|v| 1.0 + 0.3 * v);
         let b = randn32(14, ns);
-        ln.weight.as_mut().unwrap().value = w.clone();
-        ln.bias.as_mut().unwrap().value = b.clone();
+        ln.weight_mut().unwrap().value = w.clone();
+        ln.bias_mut().unwrap().value = b.clone();
         let wf: Vec<f32> = w.iter().copied().collect();
         let bf: Vec<f32> = b.iter().copied().collect();
         let flat = |i: &IxDyn| {
@@ -484,13 +487,13 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
                 .zip(ns)
                 .fold(0, |a, (v, d)| a * d + v)
         };
-        let y = ln.forward(&x, Mode::Train).unwrap();
+        let y = ln.forward(&x, Ctx::train()).unwrap();
         let y_ref = ArrayD::from_shape_fn(IxDyn(shape), |i| {
             let j = flat(&i);
             wf[j] as f64 * xh[&i] + bf[j] as f64
         });
         let e_y = max_abs_err(&y, &y_ref);
-        let dx = ln.backward(&x, &dy, Mode::Train).unwrap();
+        let dx = ln.backward(&x, &dy, Ctx::train()).unwrap();
         let u = ArrayD::from_shape_fn(IxDyn(shape), |i| dy[&i] as f64 * wf[flat(&i)] as f64);
         let dx_ref = reference_dx(&xh, &u, &var, &key);
         let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);
@@ -505,8 +508,8 @@ fn check_layer_norm(shape: &[usize], norm_shapes: &[Vec<usize>]) {
         }
         let mut e_dp = 0.0f64;
         for j in 0..nsz {
-            let got_w = ln.weight.as_ref().unwrap().grad.as_slice().unwrap()[j] as f64;
-            let got_b = ln.bias.as_ref().unwrap().grad.as_slice().unwrap()[j] as f64;
+            let got_w = ln.weight().unwrap().grad.as_slice().unwrap()[j] as f64;
+            let got_b = ln.bias().unwrap().grad.as_slice().unwrap()[j] as f64;
             e_dp = e_dp.max((got_w - gw[j]).abs() / aw[j]);
             e_dp = e_dp.max((got_b - gb[j]).abs() / ab[j]);
         }
@@ -554,12 +557,12 @@ fn group_norm_many_small_blocks_on_hard_data() {
                 .unwrap();
             let (y, dx) = pool.install(|| {
                 let mut gn: GroupNorm<f32> = GroupNormConfig::new(groups, c).build().unwrap();
-                gn.weight.as_mut().unwrap().value =
+                gn.weight_mut().unwrap().value =
                     ArrayD::from_shape_vec(IxDyn(&[c]), w.clone()).unwrap();
-                gn.bias.as_mut().unwrap().value =
+                gn.bias_mut().unwrap().value =
                     ArrayD::from_shape_vec(IxDyn(&[c]), b.clone()).unwrap();
-                let y = gn.forward(&x, Mode::Train).unwrap();
-                (y, gn.backward(&x, &dy, Mode::Train).unwrap())
+                let y = gn.forward(&x, Ctx::train()).unwrap();
+                (y, gn.backward(&x, &dy, Ctx::train()).unwrap())
             });
             let e_y = max_abs_err(&y, &y_ref);
             let e_dx = max_abs_err(&dx, &dx_ref) / max_abs(&dx_ref);

@@ -1,13 +1,13 @@
 //! The normalization layers with every elementwise output written by streaming stores.
 //!
-//! Streaming stores are used only for passes whose arrays exceed `lanes::STREAM_BYTES` (40 MiB), which no other
-//! test reaches. This binary sets `NV_STREAM_BYTES=1` before any kernel runs (it has a single test, so nothing
-//! else in the process reads the threshold first) and checks LayerNorm's, GroupNorm's and BatchNorm's training
-//! forward and backward against an f64 computation on the same inputs.
+//! Streaming stores are used only for passes whose arrays exceed the kernel options' threshold (40 MiB by default),
+//! which no other test reaches. This test runs the layers under a context whose threshold is one byte
+//! ([`KernelOptions::stream_bytes`]) and checks LayerNorm's, GroupNorm's and BatchNorm's training forward and
+//! backward against an f64 computation on the same inputs.
 
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::*;
-use normvision::Mode;
+use normvision::{Ctx, KernelOptions, Layer};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rand_pcg::Pcg64;
@@ -76,15 +76,17 @@ fn assert_matches(
 
 #[test]
 fn streamed_outputs_match_the_f64_reference() {
-    std::env::set_var("NV_STREAM_BYTES", "1");
-    if !cfg!(all(target_arch = "x86_64", target_feature = "avx512f")) {
-        eprintln!("skipped: streaming stores need a build with AVX-512 (this one has none)");
+    let ko = KernelOptions {
+        stream_bytes: 1,
+        ..KernelOptions::default()
+    };
+    if !ko.streams(4, 1) {
+        eprintln!(
+            "skipped: streaming stores need AVX-512 (in the build and the CPU; this one has none)"
+        );
         return;
     }
-    assert!(
-        normvision::kernels::lanes::stream_output(4, 1),
-        "the threshold override was not picked up"
-    );
+    let train = Ctx::train().with_kernels(ko);
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -101,12 +103,12 @@ fn streamed_outputs_match_the_f64_reference() {
             let bv = randn(4, &[d]);
             let (y, dx) = pool.install(|| {
                 let mut ln: LayerNorm<f32> = LayerNormConfig::new(&shape[1..]).build().unwrap();
-                ln.weight.as_mut().unwrap().value =
+                ln.weight_mut().unwrap().value =
                     wv.clone().into_shape_with_order(&shape[1..]).unwrap();
-                ln.bias.as_mut().unwrap().value =
+                ln.bias_mut().unwrap().value =
                     bv.clone().into_shape_with_order(&shape[1..]).unwrap();
-                let y = ln.forward(&x, Mode::Train).unwrap();
-                (y, ln.backward(&x, &dy, Mode::Train).unwrap())
+                let y = ln.forward(&x, train).unwrap();
+                (y, ln.backward(&x, &dy, train).unwrap())
             });
             let (ws, bs) = (wv.as_slice().unwrap(), bv.as_slice().unwrap());
             assert_matches(
@@ -124,8 +126,8 @@ fn streamed_outputs_match_the_f64_reference() {
         let dy = randn(6, &shape);
         let (y, dx) = pool.install(|| {
             let mut gn: GroupNorm<f32> = GroupNormConfig::new(4, 8).affine(false).build().unwrap();
-            let y = gn.forward(&x, Mode::Train).unwrap();
-            (y, gn.backward(&x, &dy, Mode::Train).unwrap())
+            let y = gn.forward(&x, train).unwrap();
+            (y, gn.backward(&x, &dy, train).unwrap())
         });
         let what = format!("GroupNorm T={threads}");
         assert_matches(&what, (&x, &dy), (&y, &dx), 2 * 30 * 30, |_| 1.0, |_| 0.0);
@@ -137,8 +139,8 @@ fn streamed_outputs_match_the_f64_reference() {
             .into_dyn();
         let (y, dx) = pool.install(|| {
             let mut bn: BatchNorm<f32> = BatchNormConfig::new(8).affine(false).build().unwrap();
-            let y = bn.forward(&one, Mode::Train).unwrap();
-            (y, bn.backward(&one, &dy1, Mode::Train).unwrap())
+            let y = bn.forward(&one, train).unwrap();
+            (y, bn.backward(&one, &dy1, train).unwrap())
         });
         let what = format!("BatchNorm2d T={threads}");
         assert_matches(&what, (&one, &dy1), (&y, &dx), 30 * 30, |_| 1.0, |_| 0.0);

@@ -52,7 +52,7 @@ use normvision::optim::schedule::{LrSchedule, Schedule};
 use normvision::optim::sgd::SgdConfig;
 use normvision::optim::{AdamW, DecayPolicy, NamedParams, OptimConfig, Optimizer, Sgd};
 use normvision::state::{StateDict, StateTensor};
-use normvision::{NvError, Param};
+use normvision::{NvError, Param, ParamRole};
 
 const W0: [f32; 6] = [0.5, -1.0, 2.0, 1.5, 0.25, -0.75];
 const B0: [f32; 3] = [0.1, -0.2, 0.3];
@@ -66,7 +66,7 @@ fn model() -> NamedParams {
     let b = ArrayD::from_shape_vec(IxDyn(&[3]), B0.to_vec()).unwrap();
     NamedParams(vec![
         ("fc.weight".into(), Param::new(w)),
-        ("fc.bias".into(), Param::new(b)),
+        ("fc.bias".into(), Param::new(b).with_role(ParamRole::Bias)),
     ])
 }
 
@@ -89,13 +89,12 @@ fn flat(m: &NamedParams) -> Vec<f32> {
     m.0.iter().flat_map(|(_, p)| p.values().to_vec()).collect()
 }
 
-fn run(opt: &mut dyn Optimizer, m: &mut NamedParams, steps: usize, lrs: Option<&[f64]>) {
+/// `steps` steps at learning rate `lr`, or at `lrs[s]` for step s when given (the schedule's rate).
+fn run(opt: &mut dyn Optimizer, m: &mut NamedParams, steps: usize, lr: f64, lrs: Option<&[f64]>) {
     for s in 0..steps {
-        if let Some(l) = lrs {
-            opt.set_lr(l[s]);
-        }
+        let lr = lrs.map_or(lr, |l| l[s]);
         set_grads(m);
-        opt.step(m).unwrap();
+        opt.step(m, lr).unwrap();
     }
 }
 
@@ -198,51 +197,44 @@ fn sgd(cfg: SgdConfig) -> Sgd {
 
 #[test]
 fn sgd_matches_torch() {
-    let cases: Vec<(&str, SgdConfig, &[f64; 9])> = vec![
-        (
-            "plain",
-            SgdConfig {
-                lr: 0.1,
-                ..Default::default()
-            },
-            &SGD_PLAIN,
-        ),
+    let cases: Vec<(&str, SgdConfig, f64, &[f64; 9])> = vec![
+        ("plain", SgdConfig::default(), 0.1, &SGD_PLAIN),
         (
             "momentum+wd",
             SgdConfig {
-                lr: 0.1,
                 momentum: 0.9,
                 weight_decay: 0.1,
                 ..Default::default()
             },
+            0.1,
             &SGD_MOMENTUM_WD,
         ),
         (
             "nesterov+wd excluding bias",
             SgdConfig {
-                lr: 0.05,
                 momentum: 0.9,
                 nesterov: true,
                 weight_decay: 0.05,
                 decay: DecayPolicy::ExcludeNormAndBias,
                 ..Default::default()
             },
+            0.05,
             &SGD_NESTEROV_WD_NOBIAS,
         ),
         (
             "dampening",
             SgdConfig {
-                lr: 0.1,
                 momentum: 0.5,
                 dampening: 0.3,
                 ..Default::default()
             },
+            0.1,
             &SGD_DAMPENING,
         ),
     ];
-    for (what, cfg, want) in cases {
+    for (what, cfg, lr, want) in cases {
         let mut m = model();
-        run(&mut sgd(cfg), &mut m, 5, None);
+        run(&mut sgd(cfg), &mut m, 5, lr, None);
         assert_close(&flat(&m), want, TOL, what);
     }
 }
@@ -251,38 +243,31 @@ fn sgd_matches_torch() {
 fn adamw_matches_torch() {
     let mut m = model();
     run(
-        &mut AdamW::new(AdamWConfig {
-            lr: 0.1,
-            ..Default::default()
-        })
-        .unwrap(),
+        &mut AdamW::new(AdamWConfig::default()).unwrap(),
         &mut m,
         5,
+        0.1,
         None,
     );
     assert_close(&flat(&m), &ADAMW_DEFAULT, TOL, "default");
 
     let mut m = model();
     let cfg = AdamWConfig {
-        lr: 0.05,
         betas: (0.8, 0.99),
         eps: 1e-6,
         weight_decay: 0.1,
         decay: DecayPolicy::ExcludeNormAndBias,
     };
-    run(&mut AdamW::new(cfg).unwrap(), &mut m, 5, None);
+    run(&mut AdamW::new(cfg).unwrap(), &mut m, 5, 0.05, None);
     assert_close(&flat(&m), &ADAMW_WD_NOBIAS, TOL, "wd excluding bias");
 
     let mut m = model();
     let lrs = [0.1, 0.05, 0.2, 0.01, 0.1];
     run(
-        &mut AdamW::new(AdamWConfig {
-            lr: 0.1,
-            ..Default::default()
-        })
-        .unwrap(),
+        &mut AdamW::new(AdamWConfig::default()).unwrap(),
         &mut m,
         5,
+        0.1,
         Some(&lrs),
     );
     assert_close(&flat(&m), &ADAMW_LR_CHANGES, TOL, "lr changes");
@@ -291,10 +276,7 @@ fn adamw_matches_torch() {
 #[test]
 fn adamw_defaults_are_torch_defaults() {
     let c = AdamWConfig::default();
-    assert_eq!(
-        (c.lr, c.betas, c.eps, c.weight_decay),
-        (1e-3, (0.9, 0.999), 1e-8, 0.01)
-    );
+    assert_eq!((c.betas, c.eps, c.weight_decay), ((0.9, 0.999), 1e-8, 0.01));
 }
 
 /// Saving after 2 steps and resuming into a fresh optimizer gives bit-identical parameters after 5.
@@ -302,24 +284,20 @@ fn adamw_defaults_are_torch_defaults() {
 fn state_dict_resume_is_exact() {
     let configs = [
         OptimConfig::Sgd(SgdConfig {
-            lr: 0.1,
             momentum: 0.9,
             nesterov: true,
             weight_decay: 0.1,
             ..Default::default()
         }),
-        OptimConfig::Adamw(AdamWConfig {
-            lr: 0.1,
-            ..Default::default()
-        }),
+        OptimConfig::Adamw(AdamWConfig::default()),
     ];
     for cfg in configs {
         let mut full = model();
-        run(cfg.build().unwrap().as_mut(), &mut full, 5, None);
+        run(cfg.build().unwrap().as_mut(), &mut full, 5, 0.1, None);
 
         let mut m = model();
         let mut a = cfg.build().unwrap();
-        run(a.as_mut(), &mut m, 2, None);
+        run(a.as_mut(), &mut m, 2, 0.1, None);
         let sd = a.state_dict();
         assert_eq!(sd.load_i64("optim.step").unwrap(), 2);
         let keys: Vec<&String> = sd.keys().collect();
@@ -336,7 +314,7 @@ fn state_dict_resume_is_exact() {
         let mut b = cfg.build().unwrap();
         b.load_state_dict(&sd).unwrap();
         assert_eq!(b.steps(), 2);
-        run(b.as_mut(), &mut m, 3, None);
+        run(b.as_mut(), &mut m, 3, 0.1, None);
         assert_eq!(flat(&m), flat(&full), "{}", a.name());
         assert_eq!(b.state_dict().load_i64("optim.step").unwrap(), 5);
     }
@@ -352,14 +330,13 @@ fn state_dict_errors() {
         &ArrayD::<f32>::zeros(IxDyn(&[3, 2])),
     );
     let mut o = sgd(SgdConfig {
-        lr: 0.1,
         momentum: 0.9,
         ..Default::default()
     });
     o.load_state_dict(&sd).unwrap();
     let mut m = model();
     set_grads(&mut m);
-    let e = o.step(&mut m).unwrap_err();
+    let e = o.step(&mut m, 0.1).unwrap_err();
     assert!(matches!(e, NvError::State(_)), "{e:?}");
     assert!(
         e.to_string().contains("optim.fc.weight.momentum_buffer"),
@@ -408,11 +385,9 @@ fn config_validation() {
         ..Default::default()
     })
     .is_err());
-    assert!(Sgd::new(SgdConfig {
-        lr: -1.0,
-        ..Default::default()
-    })
-    .is_err());
+    // a negative learning rate is refused at the step (the schedule owns the rate)
+    let mut m = model();
+    assert!(sgd(SgdConfig::default()).step(&mut m, -1.0).is_err());
     assert!(Sgd::new(SgdConfig {
         momentum: 0.9,
         dampening: 0.1,
@@ -437,7 +412,6 @@ fn config_validation() {
     assert_eq!(
         cfg,
         OptimConfig::Sgd(SgdConfig {
-            lr: 0.1,
             momentum: 0.9,
             decay: DecayPolicy::ExcludeNormAndBias,
             ..Default::default()

@@ -4,10 +4,10 @@
 #![allow(clippy::needless_range_loop)]
 
 use ndarray::{ArrayD, Axis, Dimension, IxDyn, Slice};
-use normvision::norm::batch_kernels::{local_moments, Moments, Ncs};
+use normvision::internals::stats::{local_moments, Moments, Ncs};
 use normvision::norm::*;
 use normvision::state::Stateful;
-use normvision::Mode;
+use normvision::{Ctx, Layer};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -137,7 +137,7 @@ proptest! {
         let c = shape[1];
         let x = input(seed, &shape, 1);
         let mut bn: BatchNorm<f64> = BatchNormConfig::new(c).affine(false).build().unwrap();
-        let y = bn.forward(&x, Mode::Train).unwrap();
+        let y = bn.forward(&x, Ctx::train()).unwrap();
         check_standardised("BN", &x, &y, 1e-5, c, |i| i[1])?;
     }
 
@@ -151,7 +151,7 @@ proptest! {
         shape.extend(&sp);
         let x = input(seed, &shape, 1);
         let mut gn: GroupNorm<f64> = GroupNormConfig::new(groups, c).affine(false).build().unwrap();
-        for mode in [Mode::Train, Mode::Eval] {
+        for mode in [Ctx::train(), Ctx::eval()] {
             let y = gn.forward(&x, mode).unwrap();
             check_standardised("GN", &x, &y, 1e-5, n * groups, |i| i[0] * groups + i[1] / cpg)?;
         }
@@ -166,7 +166,7 @@ proptest! {
         shape.extend(&ns);
         let x = input(seed, &shape, shape.len() - 1);
         let mut ln: LayerNorm<f64> = LayerNormConfig::new(&ns).elementwise_affine(false).build().unwrap();
-        let y = ln.forward(&x, Mode::Train).unwrap();
+        let y = ln.forward(&x, Ctx::train()).unwrap();
         let rows: usize = lead.iter().product();
         let k = lead.len();
         let lead2 = lead.clone();
@@ -193,13 +193,13 @@ proptest! {
         let mut gn: GroupNorm<f64> = GroupNormConfig::new(1, c).build().unwrap();
         let wv = randn(seed ^ 2, &[c]);
         let bv = randn(seed ^ 3, &[c]);
-        gn.weight.as_mut().unwrap().value.assign(&wv);
-        gn.bias.as_mut().unwrap().value.assign(&bv);
+        gn.weight_mut().unwrap().value.assign(&wv);
+        gn.bias_mut().unwrap().value.assign(&bv);
         let mut ln: LayerNorm<f64> = LayerNormConfig::new(&[c, h, w]).build().unwrap();
         let bcast = |v: &ArrayD<f64>| ArrayD::from_shape_fn(IxDyn(&[c, h, w]), |i| v[[i[0]]]);
-        ln.weight.as_mut().unwrap().value.assign(&bcast(&wv));
-        ln.bias.as_mut().unwrap().value.assign(&bcast(&bv));
-        for mode in [Mode::Train, Mode::Eval] {
+        ln.weight_mut().unwrap().value.assign(&bcast(&wv));
+        ln.bias_mut().unwrap().value.assign(&bcast(&bv));
+        for mode in [Ctx::train(), Ctx::eval()] {
             gn.zero_grad();
             ln.zero_grad();
             let yg = gn.forward(&x, mode).unwrap();
@@ -209,9 +209,9 @@ proptest! {
             let dl = ln.backward(&x, &dy, mode).unwrap();
             let scale = 1.0 + dg.iter().fold(0.0f64, |m, v| m.max(v.abs()));
             prop_assert!(max_abs_diff(&dg, &dl) < 1e-10 * scale, "dx differs by {}", max_abs_diff(&dg, &dl));
-            for (gp, lp) in [(&gn.weight, &ln.weight), (&gn.bias, &ln.bias)] {
-                let gsum = lp.as_ref().unwrap().grad.sum_axis(Axis(2)).sum_axis(Axis(1));
-                let d = max_abs_diff(&gp.as_ref().unwrap().grad, &gsum);
+            for (gp, lp) in [(gn.weight(), ln.weight()), (gn.bias(), ln.bias())] {
+                let gsum = lp.unwrap().grad.sum_axis(Axis(2)).sum_axis(Axis(1));
+                let d = max_abs_diff(&gp.unwrap().grad, &gsum);
                 prop_assert!(d < 1e-9, "parameter gradient differs by {}", d);
             }
         }
@@ -231,11 +231,11 @@ proptest! {
             InstanceNormConfig::new(c, sp.len()).affine(true).build().unwrap();
         let wv = randn(seed ^ 2, &[c]);
         let bv = randn(seed ^ 3, &[c]);
-        for (w, b) in [(&mut gn.weight, &mut gn.bias), (&mut inorm.weight, &mut inorm.bias)] {
-            w.as_mut().unwrap().value.assign(&wv);
-            b.as_mut().unwrap().value.assign(&bv);
-        }
-        for mode in [Mode::Train, Mode::Eval] {
+        gn.weight_mut().unwrap().value.assign(&wv);
+        gn.bias_mut().unwrap().value.assign(&bv);
+        inorm.weight_mut().unwrap().value.assign(&wv);
+        inorm.bias_mut().unwrap().value.assign(&bv);
+        for mode in [Ctx::train(), Ctx::eval()] {
             gn.zero_grad();
             inorm.zero_grad();
             let yg = gn.forward(&x, mode).unwrap();
@@ -244,8 +244,8 @@ proptest! {
             let dg = gn.backward(&x, &dy, mode).unwrap();
             let di = inorm.backward(&x, &dy, mode).unwrap();
             prop_assert!(max_abs_diff(&dg, &di) < 1e-12);
-            prop_assert!(max_abs_diff(&gn.weight.as_ref().unwrap().grad, &inorm.weight.as_ref().unwrap().grad) < 1e-12);
-            prop_assert!(max_abs_diff(&gn.bias.as_ref().unwrap().grad, &inorm.bias.as_ref().unwrap().grad) < 1e-12);
+            prop_assert!(max_abs_diff(&gn.weight().unwrap().grad, &inorm.weight().unwrap().grad) < 1e-12);
+            prop_assert!(max_abs_diff(&gn.bias().unwrap().grad, &inorm.bias().unwrap().grad) < 1e-12);
         }
     }
 
@@ -254,19 +254,20 @@ proptest! {
     #[test]
     fn batch_norm_eval_is_per_sample(shape in bn_shape(), seed in any::<u64>(), relu in any::<bool>()) {
         let c = shape[1];
-        let mut bn: BatchNorm<f32> = BatchNormConfig::new(c).fuse_relu(relu).build().unwrap();
+        let mut bn: BatchNorm<f32> = BatchNormConfig::new(c).build().unwrap();
+        let f = BnFusion { relu, ..Default::default() };
         for k in 0..3 {
             let xb = input(seed ^ (10 + k), &shape, 1).mapv(|v| v as f32);
-            bn.forward(&xb, Mode::Train).unwrap();
+            bn.forward_fused(&xb, Ctx::train(), f).unwrap();
         }
         let x = input(seed, &shape, 1).mapv(|v| v as f32);
-        let y = bn.forward(&x, Mode::Eval).unwrap();
+        let y = bn.forward_fused(&x, Ctx::eval(), f).unwrap();
         // the same first sample in a batch of different companions, and alone
         let mut other = input(seed ^ 99, &shape, 1).mapv(|v| (v * 3.0) as f32);
         other.index_axis_mut(Axis(0), 0).assign(&x.index_axis(Axis(0), 0));
-        let y2 = bn.forward(&other, Mode::Eval).unwrap();
+        let y2 = bn.forward_fused(&other, Ctx::eval(), f).unwrap();
         let alone = x.slice_axis(Axis(0), Slice::from(0..1)).to_owned();
-        let y3 = bn.forward(&alone, Mode::Eval).unwrap();
+        let y3 = bn.forward_fused(&alone, Ctx::eval(), f).unwrap();
         prop_assert_eq!(y.index_axis(Axis(0), 0), y2.index_axis(Axis(0), 0));
         prop_assert_eq!(y.index_axis(Axis(0), 0), y3.index_axis(Axis(0), 0));
     }
@@ -287,26 +288,26 @@ proptest! {
         let w = randn(seed ^ 5, &[c]);
         let bias = randn(seed ^ 4, &[c]);
         for l in [&mut l1, &mut l2] {
-            l.weight.as_mut().unwrap().value.assign(&w);
-            l.bias.as_mut().unwrap().value.assign(&bias);
+            l.weight_mut().unwrap().value.assign(&w);
+            l.bias_mut().unwrap().value.assign(&bias);
         }
-        let y1 = l1.forward(&xs, Mode::Train).unwrap();
-        let y2 = l2.forward(&x, Mode::Train).unwrap();
+        let y1 = l1.forward(&xs, Ctx::train()).unwrap();
+        let y2 = l2.forward(&x, Ctx::train()).unwrap();
         prop_assert!(max_abs_diff(&y1, &y2) < 1e-9, "exact identity off by {}", max_abs_diff(&y1, &y2));
         let dy = randn(seed ^ 6, &shape);
-        let d1 = l1.backward(&xs, &dy, Mode::Train).unwrap();
-        let d2 = l2.backward(&x, &dy, Mode::Train).unwrap().mapv(|v| v / a);
+        let d1 = l1.backward(&xs, &dy, Ctx::train()).unwrap();
+        let d2 = l2.backward(&x, &dy, Ctx::train()).unwrap().mapv(|v| v / a);
         let scale = 1.0 + d2.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         prop_assert!(max_abs_diff(&d1, &d2) < 1e-9 * scale, "dx off by {}", max_abs_diff(&d1, &d2));
-        for (p1, p2) in [(&l1.weight, &l2.weight), (&l1.bias, &l2.bias)] {
-            let (g1, g2) = (&p1.as_ref().unwrap().grad, &p2.as_ref().unwrap().grad);
+        for (p1, p2) in [(l1.weight(), l2.weight()), (l1.bias(), l2.bias())] {
+            let (g1, g2) = (&p1.unwrap().grad, &p2.unwrap().grad);
             prop_assert!(max_abs_diff(g1, g2) < 1e-9 * (1.0 + g2.iter().fold(0.0f64, |m, v| m.max(v.abs()))));
         }
         // plain invariance with a tiny eps, on channels whose variance dwarfs it
         let tiny = 1e-14;
         let mut t: BatchNorm<f64> = BatchNormConfig::new(c).eps(tiny).affine(false).build().unwrap();
-        let z1 = t.forward(&xs, Mode::Train).unwrap();
-        let z2 = t.forward(&x, Mode::Train).unwrap();
+        let z1 = t.forward(&xs, Ctx::train()).unwrap();
+        let z2 = t.forward(&x, Ctx::train()).unwrap();
         let vx = block_moments(&x, c, |i| i[1]);
         for ((idx, p), q) in z1.indexed_iter().zip(z2.iter()) {
             let var = vx[idx[1]].1 * a.min(1.0).powi(2);
@@ -322,19 +323,20 @@ proptest! {
     fn frozen_from_batch_norm_equals_eval(shape in bn_shape(), seed in any::<u64>(), relu in any::<bool>()) {
         let c = shape[1];
         fn check<T: normvision::Real>(shape: &[usize], c: usize, seed: u64, relu: bool) -> Result<(), TestCaseError> {
-            let mut bn: BatchNorm<T> = BatchNormConfig::new(c).fuse_relu(relu).momentum(Some(0.5)).build().unwrap();
+            let mut bn: BatchNorm<T> = BatchNormConfig::new(c).momentum(Some(0.5)).build().unwrap();
+            let f = BnFusion { relu, ..Default::default() };
             let cast = |a: ArrayD<f64>| a.mapv(T::of_f64);
-            bn.weight.as_mut().unwrap().value.assign(&cast(randn(seed ^ 7, &[c])));
-            bn.bias.as_mut().unwrap().value.assign(&cast(randn(seed ^ 8, &[c])));
+            bn.weight_mut().unwrap().value.assign(&cast(randn(seed ^ 7, &[c])));
+            bn.bias_mut().unwrap().value.assign(&cast(randn(seed ^ 8, &[c])));
             for k in 0..3 {
-                bn.forward(&cast(input(seed ^ (20 + k), shape, 1)), Mode::Train).unwrap();
+                bn.forward_fused(&cast(input(seed ^ (20 + k), shape, 1)), Ctx::train(), f).unwrap();
             }
             let mut fz = FrozenBatchNorm::from_batch_norm(&bn).unwrap();
             let x = cast(input(seed, shape, 1));
             let dy = cast(randn(seed ^ 9, shape));
-            for mode in [Mode::Train, Mode::Eval] {
-                prop_assert_eq!(fz.forward(&x, mode).unwrap(), bn.forward(&x, Mode::Eval).unwrap());
-                prop_assert_eq!(fz.backward(&x, &dy, mode).unwrap(), bn.backward(&x, &dy, Mode::Eval).unwrap());
+            for mode in [Ctx::train(), Ctx::eval()] {
+                prop_assert_eq!(fz.forward_fused(&x, relu).unwrap(), bn.forward_fused(&x, Ctx::eval(), f).unwrap());
+                prop_assert_eq!(fz.backward(&x, &dy, mode).unwrap(), bn.backward(&x, &dy, Ctx::eval()).unwrap());
             }
             Ok(())
         }
@@ -407,7 +409,7 @@ proptest! {
         let mut sum_var = vec![0.0; c];
         for step in 0..k {
             let x = input(seed.wrapping_add(step as u64), &shape, 1);
-            bn.forward(&x, Mode::Train).unwrap();
+            bn.forward(&x, Ctx::train()).unwrap();
             for ch in 0..c {
                 let vals: Vec<f64> = x.index_axis(Axis(1), ch).iter().copied().collect();
                 let m = vals.iter().sum::<f64>() / vals.len() as f64;
@@ -416,9 +418,9 @@ proptest! {
                 sum_var[ch] += v;
             }
         }
-        prop_assert_eq!(bn.num_batches_tracked, k as i64);
-        let rm: Vec<f64> = bn.running_mean.as_ref().unwrap().iter().copied().collect();
-        let rv: Vec<f64> = bn.running_var.as_ref().unwrap().iter().copied().collect();
+        prop_assert_eq!(bn.num_batches_tracked(), k as i64);
+        let rm: Vec<f64> = bn.running_mean().unwrap().iter().copied().collect();
+        let rv: Vec<f64> = bn.running_var().unwrap().iter().copied().collect();
         let want_m: Vec<f64> = sum_mean.iter().map(|v| v / k as f64).collect();
         let want_v: Vec<f64> = sum_var.iter().map(|v| v / k as f64).collect();
         prop_assert!(rel_close(&rm, &want_m, 1e-12), "{:?} vs {:?}", rm, want_m);
@@ -431,12 +433,12 @@ proptest! {
     fn keras_running_update(shape in bn_shape(), k in 0.0f64..1.0, seed in any::<u64>()) {
         let c = shape[1];
         let mut bn: BatchNorm<f64> = BatchNormConfig::keras(c).momentum(Some(k)).build().unwrap();
-        prop_assert_eq!(bn.cfg.eps, 1e-3);
+        prop_assert_eq!(bn.config().eps, 1e-3);
         let mut want_m = vec![0.0; c];
         let mut want_v = vec![1.0; c];
         for step in 0..2u64 {
             let x = input(seed ^ step, &shape, 1);
-            bn.forward(&x, Mode::Train).unwrap();
+            bn.forward(&x, Ctx::train()).unwrap();
             for ch in 0..c {
                 let vals: Vec<f64> = x.index_axis(Axis(1), ch).iter().copied().collect();
                 let m = vals.iter().sum::<f64>() / vals.len() as f64;
@@ -444,8 +446,8 @@ proptest! {
                 want_m[ch] = k * want_m[ch] + (1.0 - k) * m;
                 want_v[ch] = k * want_v[ch] + (1.0 - k) * v;
             }
-            let rm: Vec<f64> = bn.running_mean.as_ref().unwrap().iter().copied().collect();
-            let rv: Vec<f64> = bn.running_var.as_ref().unwrap().iter().copied().collect();
+            let rm: Vec<f64> = bn.running_mean().unwrap().iter().copied().collect();
+            let rv: Vec<f64> = bn.running_var().unwrap().iter().copied().collect();
             prop_assert!(rel_close(&rm, &want_m, 1e-12), "step {}: {:?} vs {:?}", step, rm, want_m);
             prop_assert!(rel_close(&rv, &want_v, 1e-12), "step {}: {:?} vs {:?}", step, rv, want_v);
         }
@@ -457,14 +459,14 @@ proptest! {
         let c = shape[1];
         let mut bn: BatchNorm<f64> = BatchNormConfig::new(c).momentum(Some(mo)).build().unwrap();
         let x = input(seed, &shape, 1);
-        bn.forward(&x, Mode::Train).unwrap();
+        bn.forward(&x, Ctx::train()).unwrap();
         for ch in 0..c {
             let vals: Vec<f64> = x.index_axis(Axis(1), ch).iter().copied().collect();
             let n = vals.len() as f64;
             let m = vals.iter().sum::<f64>() / n;
             let v = vals.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (n - 1.0);
-            let rm = bn.running_mean.as_ref().unwrap()[ch];
-            let rv = bn.running_var.as_ref().unwrap()[ch];
+            let rm = bn.running_mean().unwrap()[ch];
+            let rv = bn.running_var().unwrap()[ch];
             prop_assert!((rm - mo * m).abs() <= 1e-12 * (1.0 + m.abs()));
             prop_assert!((rv - ((1.0 - mo) + mo * v)).abs() <= 1e-12 * (1.0 + v));
         }

@@ -347,10 +347,7 @@ fn resume_mlp_adamw_schedule_augment_is_exact() {
     // AdamW moments and step counts, a warm-up + cosine schedule, label smoothing and augmentation (whose
     // random draws depend on (seed, epoch, position)) must all continue exactly.
     let mut cfg = small(ModelKind::Mlp, NormKind::Layer, 600, 50, 3);
-    cfg.optim = OptimConfig::Adamw(AdamWConfig {
-        lr: 3e-3,
-        ..AdamWConfig::default()
-    });
+    cfg.optim = OptimConfig::Adamw(AdamWConfig::default());
     cfg.schedule = LrSchedule::with_warmup(
         Schedule::Cosine {
             lr: 3e-3,
@@ -413,7 +410,6 @@ fn plain_cnn_at_huge_lr_diverges_and_keeps_the_last_good_checkpoint() {
     assert_eq!(c.position.step, 4);
     let lr = 50.0;
     c.config.optim = OptimConfig::Sgd(SgdConfig {
-        lr,
         momentum: 0.9,
         ..SgdConfig::default()
     });
@@ -491,7 +487,6 @@ fn divergence_caught_at_epoch_end_evaluation() {
     let mut c = checkpoint::load(&ck).unwrap();
     let lr = 50.0;
     c.config.optim = OptimConfig::Sgd(SgdConfig {
-        lr,
         momentum: 0.9,
         ..SgdConfig::default()
     });
@@ -545,7 +540,6 @@ fn chance_level_epoch_is_diverged_and_not_saved() {
     cfg.divergence_window = 5;
     let lr = 1.0;
     cfg.optim = OptimConfig::Sgd(SgdConfig {
-        lr,
         momentum: 0.9,
         ..SgdConfig::default()
     });

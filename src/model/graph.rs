@@ -12,6 +12,7 @@
 //! use normvision::nn::{Conv2dConfig, ReLU};
 //! use normvision::norm::BatchNormConfig;
 //! use normvision::ndarray::{ArrayD, IxDyn};
+//! use normvision::state::Stateful;
 //! use normvision::Ctx;
 //! let mut rng = rand::thread_rng();
 //! let mut g = Graph::new();

@@ -16,6 +16,7 @@
 
 use super::batch::stats::{self as bk, BatchStats, Ncs};
 use super::group_kernels::block_stats;
+use super::NormLayer;
 use super::{check_eps, check_momentum};
 use crate::kernels::arena;
 use crate::kernels::lanes;
@@ -165,7 +166,24 @@ impl<T: Real> BatchChannelNorm<T> {
         })
     }
 
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+    fn update_running(&mut self, mean: &[f64], var_b: &[f64], m: usize) {
+        self.num_batches_tracked += 1;
+        let f = self
+            .cfg
+            .momentum
+            .unwrap_or(1.0 / self.num_batches_tracked as f64);
+        let unb = m as f64 / (m as f64 - 1.0);
+        for (c, r) in self.running_mean.iter_mut().enumerate() {
+            *r = T::of_f64((1.0 - f) * r.as_f64() + f * mean[c]);
+        }
+        for (c, r) in self.running_var.iter_mut().enumerate() {
+            *r = T::of_f64((1.0 - f) * r.as_f64() + f * var_b[c] * unb);
+        }
+    }
+}
+
+impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let mode = ctx.mode();
         let shape = x.shape().to_vec();
         let d = self.dims(&shape)?;
@@ -252,23 +270,7 @@ impl<T: Real> BatchChannelNorm<T> {
         });
         Ok(())
     }
-
-    fn update_running(&mut self, mean: &[f64], var_b: &[f64], m: usize) {
-        self.num_batches_tracked += 1;
-        let f = self
-            .cfg
-            .momentum
-            .unwrap_or(1.0 / self.num_batches_tracked as f64);
-        let unb = m as f64 / (m as f64 - 1.0);
-        for (c, r) in self.running_mean.iter_mut().enumerate() {
-            *r = T::of_f64((1.0 - f) * r.as_f64() + f * mean[c]);
-        }
-        for (c, r) in self.running_var.iter_mut().enumerate() {
-            *r = T::of_f64((1.0 - f) * r.as_f64() + f * var_b[c] * unb);
-        }
-    }
-
-    pub fn backward_into(
+    fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
@@ -375,6 +377,9 @@ impl<T: Real> BatchChannelNorm<T> {
             *p = *p + T::of_f64(*v);
         }
         Ok(())
+    }
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
+        Some((&self.running_mean, &self.running_var))
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::batch::planes;
 use super::batch::stats::Ncs;
-use super::{check_eps, BatchNorm, EvalAffine};
+use super::{check_eps, BatchNorm, EvalAffine, NormLayer};
 use crate::kernels::arena;
 use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
 use crate::layer::Layer;
@@ -158,13 +158,20 @@ impl<T: Real> FrozenBatchNorm<T> {
         self.forward_fused_into(x.view(), y.as_slice_mut().expect("fresh array"), relu)?;
         Ok(y)
     }
+}
 
+impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
+    /// The same computation in both modes.
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], _ctx: Ctx) -> Result<()> {
+        self.forward_fused_into(x, y, false)
+    }
     /// dx = dy·scale (masked by the last forward's fused ReLU); nothing else has a gradient.
-    pub fn backward_into(
+    fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
+        _ctx: Ctx,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
@@ -173,16 +180,24 @@ impl<T: Real> FrozenBatchNorm<T> {
         planes::eval_backward(&contiguous(&x), &contiguous(&dy), dx, d, &a, &b, self.relu);
         Ok(())
     }
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
+        Some((&self.running_mean, &self.running_var))
+    }
 }
 
 impl<T: Real> Layer<T> for FrozenBatchNorm<T> {
     fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         self.forward_fused(x, false)
     }
-    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
         // SAFETY: the backward writes every element of dx.
         let mut dx = unsafe { arena::output_uninit(x.shape()) };
-        self.backward_into(x.view(), dy.view(), dx.as_slice_mut().expect("fresh array"))?;
+        self.backward_into(
+            x.view(),
+            dy.view(),
+            dx.as_slice_mut().expect("fresh array"),
+            ctx,
+        )?;
         Ok(dx)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {

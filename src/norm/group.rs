@@ -11,6 +11,7 @@
 use super::batch::stats::Ncs;
 use super::buffers::{load_affine, save_affine, visit_affine};
 use super::group_kernels::{self as k, GroupStats};
+use super::NormLayer;
 use super::{check_eps, pslice};
 use crate::kernels::arena;
 use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
@@ -130,9 +131,34 @@ impl<T: Real> GroupNorm<T> {
             s: shape[2..].iter().product(),
         })
     }
+}
 
+/// Adds per-(n, c) (Σdy, Σdy·x̂) into per-channel dweight, dbias.
+pub(crate) fn accumulate_affine_grads<T: Real>(
+    w: &mut Option<Param<T>>,
+    b: &mut Option<Param<T>>,
+    sums: &[(f64, f64)],
+    d: Ncs,
+) {
+    if let (Some(w), Some(b)) = (w.as_mut(), b.as_mut()) {
+        let mut gw = vec![0.0f64; d.c];
+        let mut gb = vec![0.0f64; d.c];
+        for (i, (a, gx)) in sums.iter().enumerate() {
+            gb[i % d.c] += a;
+            gw[i % d.c] += gx;
+        }
+        for (g, v) in w.grads_mut().iter_mut().zip(gw) {
+            *g = *g + T::of_f64(v);
+        }
+        for (g, v) in b.grads_mut().iter_mut().zip(gb) {
+            *g = *g + T::of_f64(v);
+        }
+    }
+}
+
+impl<T: Real> NormLayer<T> for GroupNorm<T> {
     /// Forward into a caller-owned buffer. GroupNorm computes the same thing in both modes.
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let d = self.dims(x.shape())?;
         if y.len() != d.numel() {
             return Err(NvError::Shape {
@@ -154,8 +180,7 @@ impl<T: Real> GroupNorm<T> {
         self.saved = Some((st, x.shape().to_vec()));
         Ok(())
     }
-
-    pub fn backward_into(
+    fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
@@ -183,28 +208,8 @@ impl<T: Real> GroupNorm<T> {
         accumulate_affine_grads(&mut self.weight, &mut self.bias, &sums, d);
         Ok(())
     }
-}
-
-/// Adds per-(n, c) (Σdy, Σdy·x̂) into per-channel dweight, dbias.
-pub(crate) fn accumulate_affine_grads<T: Real>(
-    w: &mut Option<Param<T>>,
-    b: &mut Option<Param<T>>,
-    sums: &[(f64, f64)],
-    d: Ncs,
-) {
-    if let (Some(w), Some(b)) = (w.as_mut(), b.as_mut()) {
-        let mut gw = vec![0.0f64; d.c];
-        let mut gb = vec![0.0f64; d.c];
-        for (i, (a, gx)) in sums.iter().enumerate() {
-            gb[i % d.c] += a;
-            gw[i % d.c] += gx;
-        }
-        for (g, v) in w.grads_mut().iter_mut().zip(gw) {
-            *g = *g + T::of_f64(v);
-        }
-        for (g, v) in b.grads_mut().iter_mut().zip(gb) {
-            *g = *g + T::of_f64(v);
-        }
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
+        None
     }
 }
 

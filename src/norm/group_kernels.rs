@@ -81,6 +81,7 @@ fn stats_from_moments<T: Real>(mean: f64, m2: f64, len: usize) -> (T, f64, f64) 
 /// which for small blocks (InstanceNorm on 7×7 planes: 49 values) cost more than the block's data; phased, the
 /// chains of a run overlap and the finish is vectorised, and the run's blocks are still in L1/L2 when they are
 /// normalised.
+#[allow(clippy::too_many_arguments)]
 pub fn forward<T: Real>(
     x: &[T],
     y: &mut [T],

@@ -16,6 +16,7 @@ use super::batch::stats::Ncs;
 use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
 use super::group::accumulate_affine_grads;
 use super::group_kernels::{self as k, GroupStats};
+use super::NormLayer;
 use super::{check_eps, check_momentum, pslice, EvalAffine};
 use crate::kernels::arena;
 use crate::kernels::shape::{check_dx_len, check_same_shape, contiguous};
@@ -223,8 +224,10 @@ impl<T: Real> InstanceNorm<T> {
     fn uses_instance_stats(&self, mode: Mode) -> bool {
         mode.is_train() || !self.cfg.track_running_stats
     }
+}
 
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+impl<T: Real> NormLayer<T> for InstanceNorm<T> {
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let mode = ctx.mode();
         let shape = x.shape().to_vec();
         let d = self.dims(&shape)?;
@@ -287,8 +290,7 @@ impl<T: Real> InstanceNorm<T> {
         }
         Ok(())
     }
-
-    pub fn backward_into(
+    fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
@@ -332,6 +334,9 @@ impl<T: Real> InstanceNorm<T> {
                 mode,
             }),
         }
+    }
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
+        Some((self.running_mean.as_ref()?, self.running_var.as_ref()?))
     }
 }
 

@@ -10,6 +10,7 @@
 //! the row is hot. Backward: per row Σu and Σu·x̂ (u = dy·w) with dweight/dbias accumulated per task, then dx.
 
 use super::buffers::{load_affine, save_affine, visit_affine};
+use super::NormLayer;
 use super::{check_eps, group_kernels::block_stats};
 use crate::kernels::arena;
 use crate::kernels::lanes;
@@ -192,9 +193,11 @@ impl<T: Real> LayerNorm<T> {
         let d: usize = ns.iter().product();
         Ok((shape.iter().product::<usize>() / d, d))
     }
+}
 
+impl<T: Real> NormLayer<T> for LayerNorm<T> {
     /// Forward into a caller-owned buffer (same computation in both modes).
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let (rows, d) = self.dims(x.shape())?;
         if y.len() != rows * d {
             return Err(NvError::Shape {
@@ -263,8 +266,7 @@ impl<T: Real> LayerNorm<T> {
         self.saved = Some(st);
         Ok(())
     }
-
-    pub fn backward_into(
+    fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
@@ -304,6 +306,9 @@ impl<T: Real> LayerNorm<T> {
             }
         }
         Ok(())
+    }
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
+        None
     }
 }
 

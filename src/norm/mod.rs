@@ -15,7 +15,7 @@ pub mod bcn;
 mod buffers;
 pub mod frozen;
 pub mod group;
-pub mod group_kernels;
+pub(crate) mod group_kernels;
 pub mod instance;
 pub mod layer;
 
@@ -26,7 +26,8 @@ pub use group::{GroupNorm, GroupNormConfig};
 pub use instance::{InstanceNorm, InstanceNormConfig};
 pub use layer::{LayerNorm, LayerNormConfig};
 
-use crate::{NvError, Real, Result};
+use crate::{Ctx, NvError, Real, Result};
+use ndarray::{ArrayD, ArrayViewD};
 
 pub(crate) fn check_eps(eps: f64) -> Result<()> {
     if !(eps > 0.0) || !eps.is_finite() {
@@ -51,6 +52,35 @@ pub(crate) fn check_momentum(m: Option<f64>) -> Result<()> {
 /// Optional parameter → optional slice.
 pub(crate) fn pslice<T: Real>(p: &Option<crate::Param<T>>) -> Option<&[T]> {
     p.as_ref().map(|p| p.values())
+}
+
+/// What every normalization layer offers beyond [`crate::Layer`]: its passes into caller-owned buffers (as
+/// PyTorch's `out=` kernels) and its running statistics, so that code can handle any norm alike (`--norm`).
+///
+/// ```
+/// use normvision::norm::{BatchNormConfig, GroupNormConfig, NormLayer};
+/// let norms: Vec<Box<dyn NormLayer<f32>>> = vec![
+///     Box::new(BatchNormConfig::d2(8).build().unwrap()),
+///     Box::new(GroupNormConfig::new(2, 8).build().unwrap()),
+/// ];
+/// assert!(norms[0].running_stats().is_some());
+/// assert!(norms[1].running_stats().is_none());
+/// ```
+pub trait NormLayer<T: Real>: crate::Layer<T> {
+    /// The forward into a caller-owned buffer of x's number of elements.
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()>;
+    /// The backward into a caller-owned buffer of x's number of elements; accumulates the parameter gradients.
+    /// `ctx`'s mode must be the forward's.
+    fn backward_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        dy: ArrayViewD<T>,
+        dx: &mut [T],
+        ctx: Ctx,
+    ) -> Result<()>;
+    /// (running_mean, running_var), for a norm that keeps them (BatchNorm, InstanceNorm with
+    /// `track_running_stats`, Batch-Channel Norm's BN part, FrozenBatchNorm's fixed ones).
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)>;
 }
 
 /// A normalization's eval-mode output as a per-channel affine, y = x·scale + shift, in f64: what an inference plan

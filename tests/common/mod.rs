@@ -155,3 +155,118 @@ pub fn assert_close(what: &str, got: &ArrayD<f32>, want: &ArrayD<f32>, rtol: f32
         );
     }
 }
+
+/// A BatchNorm or FrozenBatchNorm with its ReLU fused into its kernels, as a model's plan runs them
+/// ([`normvision::norm::BnFusion`], `FrozenBatchNorm::forward_fused`): the layer the tests check for the fused
+/// BN+ReLU pattern.
+#[derive(Clone)]
+pub struct Relu<L>(pub L);
+
+impl<T: normvision::Real> normvision::Layer<T> for Relu<normvision::norm::BatchNorm<T>> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: normvision::Ctx) -> normvision::Result<ArrayD<T>> {
+        let f = normvision::norm::BnFusion {
+            relu: true,
+            ..Default::default()
+        };
+        self.0.forward_fused(x, ctx, f)
+    }
+    fn backward(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &ArrayD<T>,
+        ctx: normvision::Ctx,
+    ) -> normvision::Result<ArrayD<T>> {
+        self.0.backward(x, dy, ctx)
+    }
+    fn output_shape(&self, s: &[usize]) -> normvision::Result<Vec<usize>> {
+        self.0.output_shape(s)
+    }
+    fn name(&self) -> String {
+        "BatchNorm+ReLU".into()
+    }
+}
+
+impl<T: normvision::Real> normvision::Layer<T> for Relu<normvision::norm::FrozenBatchNorm<T>> {
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: normvision::Ctx) -> normvision::Result<ArrayD<T>> {
+        self.0.forward_fused(x, true)
+    }
+    fn backward(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &ArrayD<T>,
+        ctx: normvision::Ctx,
+    ) -> normvision::Result<ArrayD<T>> {
+        self.0.backward(x, dy, ctx)
+    }
+    fn output_shape(&self, s: &[usize]) -> normvision::Result<Vec<usize>> {
+        self.0.output_shape(s)
+    }
+    fn name(&self) -> String {
+        "FrozenBatchNorm+ReLU".into()
+    }
+}
+
+impl<T: normvision::Real, L: normvision::state::Stateful<T>> normvision::state::Stateful<T>
+    for Relu<L>
+{
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        self.0.save_state(prefix, sd)
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> normvision::Result<()> {
+        self.0.load_state(prefix, sd)
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut normvision::Param<T>)) {
+        self.0.visit_params(prefix, f)
+    }
+}
+
+/// A convolution run with one algorithm (a plan's choice, forced).
+#[derive(Clone)]
+pub struct ConvWith<T: normvision::Real>(
+    pub normvision::nn::Conv2d<T>,
+    pub normvision::nn::ConvAlgo,
+);
+
+impl<T: normvision::Real> normvision::Layer<T> for ConvWith<T> {
+    fn forward(&mut self, x: &ArrayD<T>, _ctx: normvision::Ctx) -> normvision::Result<ArrayD<T>> {
+        self.0
+            .forward_with(x, self.1, normvision::nn::Epilogue::default())
+    }
+    fn backward(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &ArrayD<T>,
+        _ctx: normvision::Ctx,
+    ) -> normvision::Result<ArrayD<T>> {
+        let mut dx = ArrayD::zeros(x.raw_dim());
+        self.0
+            .backward_with(x, dy, Some(dx.as_slice_mut().unwrap()), self.1)?;
+        Ok(dx)
+    }
+    fn backward_params(
+        &mut self,
+        x: &ArrayD<T>,
+        dy: &ArrayD<T>,
+        _ctx: normvision::Ctx,
+    ) -> normvision::Result<()> {
+        self.0.backward_with(x, dy, None, self.1)
+    }
+    fn output_shape(&self, s: &[usize]) -> normvision::Result<Vec<usize>> {
+        self.0.output_shape(s)
+    }
+    fn name(&self) -> String {
+        format!("{} [{}]", self.0.name(), self.1.name())
+    }
+}
+
+impl<T: normvision::Real> normvision::state::Stateful<T> for ConvWith<T> {
+    fn save_state(&self, prefix: &str, sd: &mut StateDict) {
+        self.0.save_state(prefix, sd)
+    }
+    fn load_state(&mut self, prefix: &str, sd: &StateDict) -> normvision::Result<()> {
+        self.0.load_state(prefix, sd)
+    }
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut normvision::Param<T>)) {
+        self.0.visit_params(prefix, f)
+    }
+}

@@ -1,10 +1,9 @@
 //! `normvision bench-kernels`: times the normalization kernels on the benchmark shapes, for the side-by-side
 //! comparison with PyTorch (`tools/bench_norm_vs_torch.py`), and prints a table or JSON lines.
 
-use normvision::ndarray::{ArrayD, ArrayViewD, IxDyn};
+use normvision::ndarray::{ArrayD, IxDyn};
 use normvision::norm::{
-    BatchNorm, BatchNormConfig, GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig,
-    LayerNorm, LayerNormConfig,
+    BatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, NormLayer,
 };
 use normvision::{Ctx, KernelOptions, NvError, Result};
 use rand::{Rng, SeedableRng};
@@ -38,35 +37,9 @@ pub struct KernelTiming {
     pub gbps: f64,
 }
 
-/// A normalization's caller-owned-buffer passes, as the benchmark times them (PyTorch's `out=` kernels).
-pub trait IntoBuffers {
-    fn forward_into(&mut self, x: ArrayViewD<f32>, y: &mut [f32], ctx: Ctx) -> Result<()>;
-    fn backward_into(
-        &mut self,
-        x: ArrayViewD<f32>,
-        dy: ArrayViewD<f32>,
-        dx: &mut [f32],
-        ctx: Ctx,
-    ) -> Result<()>;
-}
-
-macro_rules! into_buffers {
-    ($($t:ident),*) => {$(
-        impl IntoBuffers for $t<f32> {
-            fn forward_into(&mut self, x: ArrayViewD<f32>, y: &mut [f32], ctx: Ctx) -> Result<()> {
-                $t::forward_into(self, x, y, ctx)
-            }
-            fn backward_into(&mut self, x: ArrayViewD<f32>, dy: ArrayViewD<f32>, dx: &mut [f32], ctx: Ctx) -> Result<()> {
-                $t::backward_into(self, x, dy, dx, ctx)
-            }
-        }
-    )*};
-}
-into_buffers!(BatchNorm, GroupNorm, LayerNorm, InstanceNorm);
-
 /// Builds the benchmark's layer for an op and shape; `None` when the op does not apply to the shape
 /// (group_norm / instance_norm on a non-4-D shape, group_norm when C is not divisible by [`GROUP_NORM_GROUPS`]).
-pub fn layer_for(op: &str, shape: &[usize]) -> Result<Option<Box<dyn IntoBuffers>>> {
+pub fn layer_for(op: &str, shape: &[usize]) -> Result<Option<Box<dyn NormLayer<f32>>>> {
     let c = shape[1];
     Ok(match (op, shape.len()) {
         ("batch_norm", _) => Some(Box::new(BatchNormConfig::new(c).build::<f32>()?)),
@@ -112,7 +85,7 @@ pub fn time_one(
         Ctx::train().with_kernels(kernels),
         Ctx::eval().with_kernels(kernels),
     );
-    let mut once = |layer: &mut Box<dyn IntoBuffers>| -> Result<()> {
+    let mut once = |layer: &mut Box<dyn NormLayer<f32>>| -> Result<()> {
         match mode {
             "train_fwd" => layer.forward_into(x.view(), &mut y, train),
             "train_fwd_bwd" => {
@@ -150,6 +123,7 @@ pub fn effective_bytes(shape: &[usize], mode: &str) -> usize {
 }
 
 /// Runs the grid on a pool of `threads` threads.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     ops: &[String],
     shapes: &[Vec<usize>],

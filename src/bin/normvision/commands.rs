@@ -381,6 +381,7 @@ fn print_layer_profile(
 }
 
 /// The main job: the same network with BatchNorm and without normalization, side by side.
+#[allow(clippy::too_many_arguments)]
 pub fn compare(
     args: &TrainArgs,
     data: &DataArgs,

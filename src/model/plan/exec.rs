@@ -49,7 +49,7 @@ impl<'x> Values<'x> {
 }
 
 /// The node's layer as an `L` (the plan made the step for that type).
-fn layer<'a, L: 'static>(nodes: &'a mut [Node], n: usize) -> &'a mut L {
+fn layer<L: 'static>(nodes: &mut [Node], n: usize) -> &mut L {
     nodes[n]
         .layer_as_mut::<L>()
         .expect("the plan's step kind matches its node's layer")

@@ -32,7 +32,9 @@ mod direct;
 mod geom;
 mod im2col;
 mod implicit;
+#[doc(hidden)]
 pub mod one_channel;
+#[doc(hidden)]
 pub mod winograd;
 
 #[cfg(test)]

@@ -26,15 +26,20 @@
 //! | [`maxpool`] | the training forward and backward fused with a following 2×2 max pool |
 
 mod config;
+#[doc(hidden)]
 pub mod maxpool;
+#[doc(hidden)]
 pub mod planes;
+#[doc(hidden)]
 pub mod rows;
+#[doc(hidden)]
 pub mod stats;
 
 pub use config::{BatchNormConfig, Convention};
 pub use planes::DxPlanes;
 
 use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
+use super::NormLayer;
 use super::{check_eps, check_momentum, pslice, EvalAffine};
 use crate::kernels::arena;
 use crate::kernels::shape::{check_channels, check_same_shape, contiguous};
@@ -181,9 +186,15 @@ impl<T: Real> BatchNorm<T> {
     pub fn num_batches_tracked(&self) -> i64 {
         self.num_batches_tracked
     }
+    /// Sets the momentum of the running update (`None`: cumulative average), as PyTorch's `bn.momentum = m`.
+    pub fn set_momentum(&mut self, m: Option<f64>) -> Result<()> {
+        check_momentum(m)?;
+        self.cfg.momentum = m;
+        Ok(())
+    }
 
     /// Validates the input shape and returns its (N, C, S) view.
-    pub fn dims(&self, shape: &[usize]) -> Result<Ncs> {
+    pub(crate) fn dims(&self, shape: &[usize]) -> Result<Ncs> {
         let rank_ok = if self.cfg.ranks.is_empty() {
             shape.len() >= 2
         } else {
@@ -270,11 +281,6 @@ impl<T: Real> BatchNorm<T> {
             });
         }
         Ok(())
-    }
-
-    /// Forward pass into a caller-owned buffer of x's size, without fusions.
-    pub fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
-        self.forward_plain(x, y, ctx, false)
     }
 
     fn forward_plain(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx, relu: bool) -> Result<()> {
@@ -583,8 +589,25 @@ impl<T: Real> BatchNorm<T> {
         }
     }
 
+    /// Resets running statistics to their initial values (mean 0, var 1, count 0), as `reset_running_stats()`.
+    pub fn reset_running_stats(&mut self) {
+        if let Some(rm) = self.running_mean.as_mut() {
+            rm.fill(T::zero());
+        }
+        if let Some(rv) = self.running_var.as_mut() {
+            rv.fill(T::one());
+        }
+        self.num_batches_tracked = 0;
+    }
+}
+
+impl<T: Real> NormLayer<T> for BatchNorm<T> {
+    /// Forward pass into a caller-owned buffer of x's size, without fusions.
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+        self.forward_plain(x, y, ctx, false)
+    }
     /// Backward into a caller-owned buffer (after an unpooled forward). `ctx`'s mode must be the forward's.
-    pub fn backward_into(
+    fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
@@ -646,16 +669,8 @@ impl<T: Real> BatchNorm<T> {
             }),
         }
     }
-
-    /// Resets running statistics to their initial values (mean 0, var 1, count 0), as `reset_running_stats()`.
-    pub fn reset_running_stats(&mut self) {
-        if let Some(rm) = self.running_mean.as_mut() {
-            rm.fill(T::zero());
-        }
-        if let Some(rv) = self.running_var.as_mut() {
-            rv.fill(T::one());
-        }
-        self.num_batches_tracked = 0;
+    fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
+        Some((self.running_mean.as_ref()?, self.running_var.as_ref()?))
     }
 }
 
@@ -666,6 +681,12 @@ impl<T: Real> Layer<T> for BatchNorm<T> {
     /// The backward of the last forward, fused or not: after a pooled forward, `dy` is the gradient of the
     /// pooled output.
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        if self.saved.is_none() {
+            return Err(NvError::NoSavedState {
+                layer: Self::NAME,
+                mode: ctx.mode(),
+            });
+        }
         if self.pooled.is_some() {
             return self.backward_maxpool(x, dy, ctx);
         }

@@ -80,6 +80,7 @@ pub(super) fn streams<T>(d: Ncs, arrays: usize, ko: KernelOptions) -> bool {
 
 /// Stage 3 of the forward: y = weight·(x-mean)·invstd + bias (then ReLU when `relu`), with statistics that may
 /// come from several workers.
+#[allow(clippy::too_many_arguments)]
 pub fn normalize<T: Real>(
     x: &[T],
     y: &mut [T],
@@ -118,6 +119,7 @@ pub(super) const PLANES_PER_TASK: usize = 8;
 
 /// Fused training forward: per channel, statistics then normalisation while the channel is hot in cache.
 /// Requires more than one value per channel (checked by the layer).
+#[allow(clippy::too_many_arguments)]
 pub fn train_forward<T: Real>(
     x: &[T],
     y: &mut [T],

@@ -47,7 +47,7 @@ pub(crate) fn apply(b: &mut Builder) {
         // a 2×2 max pool after the ReLU goes into the same pass where the algorithm can
         let out = b.step(i).output;
         let shape = &b.shapes[out.0];
-        let even = shape.len() == 4 && shape[2] % 2 == 0 && shape[3] % 2 == 0;
+        let even = shape.len() == 4 && shape[2].is_multiple_of(2) && shape[3].is_multiple_of(2);
         if !(relu && algo.fuses_affine_relu_pool() && even) {
             continue;
         }
