@@ -34,7 +34,7 @@
 use super::plan::{Engine, PlanOptions, StepTime};
 use crate::layer::Layer;
 use crate::state::{join, StateDict, Stateful};
-use crate::{Ctx, NvError, Param, Result};
+use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::ArrayD;
 
 /// A value of a graph: a graph input or a node's output.
@@ -49,18 +49,18 @@ impl ValueId {
 }
 
 /// What a node computes.
-pub enum Op {
+pub enum Op<T: Real = f32> {
     /// A layer of one input.
-    Layer(Box<dyn Layer<f32>>),
+    Layer(Box<dyn Layer<T>>),
     /// The elementwise sum of its inputs (all of one shape).
     Add,
     /// Its inputs concatenated along `axis` (1: channels).
     Concat { axis: usize },
 }
 
-impl Op {
+impl<T: Real> Op<T> {
     /// The layer, when the node is one.
-    pub fn as_layer(&self) -> Option<&dyn Layer<f32>> {
+    pub fn as_layer(&self) -> Option<&dyn Layer<T>> {
         match self {
             Op::Layer(l) => Some(l.as_ref()),
             _ => None,
@@ -82,18 +82,18 @@ impl Op {
 }
 
 /// A node: its state-dict name, what it computes, the values it reads and the value it writes.
-pub struct Node {
+pub struct Node<T: Real = f32> {
     pub(crate) name: String,
-    pub(crate) op: Op,
+    pub(crate) op: Op<T>,
     pub(crate) inputs: Vec<ValueId>,
     pub(crate) output: ValueId,
 }
 
-impl Node {
+impl<T: Real> Node<T> {
     pub fn name(&self) -> &str {
         &self.name
     }
-    pub fn op(&self) -> &Op {
+    pub fn op(&self) -> &Op<T> {
         &self.op
     }
     pub fn inputs(&self) -> &[ValueId] {
@@ -125,17 +125,29 @@ pub(crate) struct ValueInfo {
     pub(crate) producer: Option<usize>,
 }
 
-/// A model as a graph of layers. See the module docs.
-#[derive(Default)]
-pub struct Graph {
-    pub(crate) nodes: Vec<Node>,
+/// A model as a graph of layers of element type `T` (f32; f64 for gradient checks of the same graphs). See the
+/// module docs.
+pub struct Graph<T: Real = f32> {
+    pub(crate) nodes: Vec<Node<T>>,
     pub(crate) values: Vec<ValueInfo>,
     pub(crate) inputs: Vec<ValueId>,
     pub(crate) outputs: Vec<ValueId>,
-    pub(crate) engine: Engine,
+    pub(crate) engine: Engine<T>,
 }
 
-impl Graph {
+impl<T: Real> Default for Graph<T> {
+    fn default() -> Self {
+        Graph {
+            nodes: vec![],
+            values: vec![],
+            inputs: vec![],
+            outputs: vec![],
+            engine: Engine::default(),
+        }
+    }
+}
+
+impl<T: Real> Graph<T> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -180,7 +192,7 @@ impl Graph {
         id
     }
 
-    fn push(&mut self, name: String, op: Op, inputs: Vec<ValueId>) -> Result<ValueId> {
+    fn push(&mut self, name: String, op: Op<T>, inputs: Vec<ValueId>) -> Result<ValueId> {
         self.check_name(&name)?;
         for &v in &inputs {
             self.check_value(v, &name)?;
@@ -204,7 +216,7 @@ impl Graph {
     pub fn layer(
         &mut self,
         name: impl Into<String>,
-        layer: impl Layer<f32>,
+        layer: impl Layer<T>,
         x: ValueId,
     ) -> Result<ValueId> {
         self.layer_boxed(name, Box::new(layer), x)
@@ -214,7 +226,7 @@ impl Graph {
     pub fn layer_boxed(
         &mut self,
         name: impl Into<String>,
-        layer: Box<dyn Layer<f32>>,
+        layer: Box<dyn Layer<T>>,
         x: ValueId,
     ) -> Result<ValueId> {
         self.push(name.into(), Op::Layer(layer), vec![x])
@@ -262,7 +274,12 @@ impl Graph {
 
     /// Appends a chain of layers, each reading the previous one's output, the first reading `x`; the layers are
     /// named `prefix.name` (or `name` with an empty prefix). Returns the last output.
-    pub fn chain(&mut self, prefix: &str, seq: super::Sequential, x: ValueId) -> Result<ValueId> {
+    pub fn chain(
+        &mut self,
+        prefix: &str,
+        seq: super::Sequential<T>,
+        x: ValueId,
+    ) -> Result<ValueId> {
         let mut cur = x;
         for (name, layer) in seq.into_layers() {
             cur = self.layer_boxed(join(prefix, &name), layer, cur)?;
@@ -270,7 +287,7 @@ impl Graph {
         Ok(cur)
     }
 
-    pub fn nodes(&self) -> &[Node] {
+    pub fn nodes(&self) -> &[Node<T>] {
         &self.nodes
     }
     pub fn inputs(&self) -> &[ValueId] {
@@ -284,11 +301,11 @@ impl Graph {
         &self.values[v.0].name
     }
     /// The node named `name`.
-    pub fn node(&self, name: &str) -> Option<&Node> {
+    pub fn node(&self, name: &str) -> Option<&Node<T>> {
         self.nodes.iter().find(|n| n.name == name)
     }
     /// The node named `name`, mutably (a change of its layer's configuration is seen by the next plan).
-    pub fn node_mut(&mut self, name: &str) -> Option<&mut Node> {
+    pub fn node_mut(&mut self, name: &str) -> Option<&mut Node<T>> {
         self.engine.invalidate();
         self.nodes.iter_mut().find(|n| n.name == name)
     }
@@ -340,7 +357,7 @@ impl Graph {
 
     /// Forward pass in `ctx`'s mode, keeping what the backward needs. Returns the outputs in
     /// [`Graph::outputs`] order.
-    pub fn forward(&mut self, inputs: &[&ArrayD<f32>], ctx: Ctx) -> Result<Vec<ArrayD<f32>>> {
+    pub fn forward(&mut self, inputs: &[&ArrayD<T>], ctx: Ctx) -> Result<Vec<ArrayD<T>>> {
         let Graph {
             nodes,
             values,
@@ -360,7 +377,7 @@ impl Graph {
     /// Inference: an eval-mode forward with the inference fusions (a convolution applies the eval BatchNorm,
     /// ReLU and 2×2 max pool after it in its output pass), bitwise the eval forward's outputs for finite
     /// values. Keeps nothing for a backward.
-    pub fn infer(&mut self, inputs: &[&ArrayD<f32>]) -> Result<Vec<ArrayD<f32>>> {
+    pub fn infer(&mut self, inputs: &[&ArrayD<T>]) -> Result<Vec<ArrayD<T>>> {
         let Graph {
             nodes,
             values,
@@ -382,11 +399,11 @@ impl Graph {
     /// each input when `input_grads` (else `None`s, and the first layers skip their input gradients).
     pub fn backward(
         &mut self,
-        inputs: &[&ArrayD<f32>],
-        dys: &[&ArrayD<f32>],
+        inputs: &[&ArrayD<T>],
+        dys: &[&ArrayD<T>],
         ctx: Ctx,
         input_grads: bool,
-    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+    ) -> Result<Vec<Option<ArrayD<T>>>> {
         let Graph {
             nodes,
             values,
@@ -481,15 +498,15 @@ impl Graph {
 }
 
 /// The parts of a graph a plan reads and runs (the graph without its engine).
-pub(crate) struct GraphView<'a> {
-    pub(crate) nodes: &'a mut [Node],
+pub(crate) struct GraphView<'a, T: Real> {
+    pub(crate) nodes: &'a mut [Node<T>],
     pub(crate) values: &'a [ValueInfo],
     pub(crate) inputs: &'a [ValueId],
     pub(crate) outputs: &'a [ValueId],
 }
 
 /// The output shape of `op` on inputs of `ins`.
-pub(crate) fn op_output_shape(op: &Op, ins: &[&[usize]]) -> Result<Vec<usize>> {
+pub(crate) fn op_output_shape<T: Real>(op: &Op<T>, ins: &[&[usize]]) -> Result<Vec<usize>> {
     match op {
         Op::Layer(l) => l.output_shape(ins[0]),
         Op::Add => {
@@ -543,7 +560,7 @@ pub(crate) fn in_node(name: &str, e: NvError) -> NvError {
     }
 }
 
-impl Stateful<f32> for Graph {
+impl<T: Real> Stateful<T> for Graph<T> {
     fn save_state(&self, prefix: &str, sd: &mut StateDict) {
         for n in &self.nodes {
             if let Op::Layer(l) = &n.op {
@@ -560,7 +577,7 @@ impl Stateful<f32> for Graph {
         self.engine.clear_saved();
         Ok(())
     }
-    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<f32>)) {
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
         for n in self.nodes.iter_mut() {
             if let Op::Layer(l) = &mut n.op {
                 l.visit_params(&join(prefix, &n.name), f);
@@ -571,17 +588,17 @@ impl Stateful<f32> for Graph {
 
 /// A graph of one input and one output is a layer (a submodule of another graph, or a model driven by the
 /// [`Layer`] interface).
-impl Layer<f32> for Graph {
-    fn forward(&mut self, x: &ArrayD<f32>, ctx: Ctx) -> Result<ArrayD<f32>> {
+impl<T: Real> Layer<T> for Graph<T> {
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
         self.one_in_one_out()?;
         Ok(Graph::forward(self, &[x], ctx)?.remove(0))
     }
-    fn backward(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, ctx: Ctx) -> Result<ArrayD<f32>> {
+    fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
         self.one_in_one_out()?;
         let mut g = Graph::backward(self, &[x], &[dy], ctx, true)?;
         Ok(g.remove(0).expect("input gradient requested"))
     }
-    fn backward_params(&mut self, x: &ArrayD<f32>, dy: &ArrayD<f32>, ctx: Ctx) -> Result<()> {
+    fn backward_params(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<()> {
         self.one_in_one_out()?;
         Graph::backward(self, &[x], &[dy], ctx, false).map(|_| ())
     }
@@ -595,7 +612,7 @@ impl Layer<f32> for Graph {
     }
 }
 
-impl Graph {
+impl<T: Real> Graph<T> {
     fn one_in_one_out(&self) -> Result<()> {
         if self.inputs.len() != 1 || self.outputs.len() != 1 {
             return Err(NvError::Config(format!(

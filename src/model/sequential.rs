@@ -3,7 +3,7 @@
 
 use super::Graph;
 use crate::layer::Layer;
-use crate::Result;
+use crate::{Real, Result};
 
 /// Layers applied in order. Each child has the name it has in the equivalent PyTorch module, so state-dict keys
 /// match (`"0"`, `"1"`, ... for an `nn.Sequential`).
@@ -22,21 +22,26 @@ use crate::Result;
 /// let y = g.forward(&[&ArrayD::ones(IxDyn(&[2, 3, 2, 2]))], Ctx::eval()).unwrap();
 /// assert_eq!(y[0].shape(), &[2, 4]);
 /// ```
-#[derive(Default)]
-pub struct Sequential {
-    layers: Vec<(String, Box<dyn Layer<f32>>)>,
+pub struct Sequential<T: Real = f32> {
+    layers: Vec<(String, Box<dyn Layer<T>>)>,
 }
 
-impl Sequential {
+impl<T: Real> Default for Sequential<T> {
+    fn default() -> Self {
+        Sequential { layers: vec![] }
+    }
+}
+
+impl<T: Real> Sequential<T> {
     pub fn new() -> Self {
         Self::default()
     }
     /// Appends a layer named `name`.
-    pub fn push(&mut self, name: impl Into<String>, layer: impl Layer<f32>) -> &mut Self {
+    pub fn push(&mut self, name: impl Into<String>, layer: impl Layer<T>) -> &mut Self {
         self.push_boxed(name, Box::new(layer))
     }
     /// Appends a boxed layer named `name`.
-    pub fn push_boxed(&mut self, name: impl Into<String>, layer: Box<dyn Layer<f32>>) -> &mut Self {
+    pub fn push_boxed(&mut self, name: impl Into<String>, layer: Box<dyn Layer<T>>) -> &mut Self {
         self.layers.push((name.into(), layer));
         self
     }
@@ -47,11 +52,11 @@ impl Sequential {
         self.layers.is_empty()
     }
     /// The layers with their names, in order.
-    pub fn into_layers(self) -> Vec<(String, Box<dyn Layer<f32>>)> {
+    pub fn into_layers(self) -> Vec<(String, Box<dyn Layer<T>>)> {
         self.layers
     }
     /// The chain as a graph of one input (`input`) and one output.
-    pub fn into_graph(self) -> Result<Graph> {
+    pub fn into_graph(self) -> Result<Graph<T>> {
         let mut g = Graph::new();
         let x = g.input("input");
         let y = g.chain("", self, x)?;

@@ -8,7 +8,7 @@ use super::{PlanKind, PlanOptions};
 use crate::model::graph::{in_node, op_output_shape, Node, Op, ValueId};
 use crate::nn::{Conv2d, Flatten};
 use crate::norm::{BatchNorm, FrozenBatchNorm};
-use crate::{Ctx, Result};
+use crate::{Ctx, Real, Result};
 
 /// A compiled plan.
 pub(crate) struct Plan {
@@ -26,8 +26,8 @@ pub(crate) struct Plan {
 }
 
 /// The plan under construction, as the fusion patterns see it.
-pub(crate) struct Builder<'a> {
-    pub nodes: &'a [Node],
+pub(crate) struct Builder<'a, T: Real> {
+    pub nodes: &'a [Node<T>],
     pub steps: Vec<Option<Step>>,
     pub shapes: Vec<Vec<usize>>,
     pub kind: PlanKind,
@@ -36,7 +36,7 @@ pub(crate) struct Builder<'a> {
     pub outputs: &'a [ValueId],
 }
 
-impl Builder<'_> {
+impl<T: Real> Builder<'_, T> {
     /// The live steps reading `v`.
     pub fn readers(&self, v: ValueId) -> Vec<usize> {
         self.steps
@@ -98,7 +98,7 @@ impl Builder<'_> {
 }
 
 /// Whether each node has trainable parameters.
-fn params_of(nodes: &mut [Node]) -> Vec<bool> {
+fn params_of<T: Real>(nodes: &mut [Node<T>]) -> Vec<bool> {
     nodes
         .iter_mut()
         .map(|n| match &mut n.op {
@@ -113,8 +113,8 @@ fn params_of(nodes: &mut [Node]) -> Vec<bool> {
 }
 
 /// The base step of a node: the convolutions and norms the patterns know get their own kinds.
-fn base_step(
-    nodes: &[Node],
+fn base_step<T: Real>(
+    nodes: &[Node<T>],
     i: usize,
     shapes: &[Vec<usize>],
     ctx: Ctx,
@@ -126,7 +126,7 @@ fn base_step(
         Op::Add => StepKind::Add { relu: false },
         Op::Concat { axis } => StepKind::Concat { axis: *axis },
         Op::Layer(_) => {
-            if let Some(conv) = node.layer_as::<Conv2d<f32>>() {
+            if let Some(conv) = node.layer_as::<Conv2d<T>>() {
                 let algo = conv
                     .algorithm(
                         &shapes[node.inputs()[0].0],
@@ -143,7 +143,7 @@ fn base_step(
                     pool: false,
                     moments: false,
                 })
-            } else if node.layer_as::<BatchNorm<f32>>().is_some() {
+            } else if node.layer_as::<BatchNorm<T>>().is_some() {
                 StepKind::BatchNorm(BnStep {
                     node: i,
                     relu: false,
@@ -151,12 +151,12 @@ fn base_step(
                     moments: false,
                     defer_to: None,
                 })
-            } else if node.layer_as::<FrozenBatchNorm<f32>>().is_some() {
+            } else if node.layer_as::<FrozenBatchNorm<T>>().is_some() {
                 StepKind::Frozen {
                     node: i,
                     relu: false,
                 }
-            } else if node.layer_as::<Flatten<f32>>().is_some() {
+            } else if node.layer_as::<Flatten<T>>().is_some() {
                 StepKind::Reshape {
                     node: i,
                     moved: false,
@@ -177,8 +177,8 @@ fn base_step(
 
 /// Compiles the graph's `nodes` for these input shapes.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn compile(
-    nodes: &mut [Node],
+pub(crate) fn compile<T: Real>(
+    nodes: &mut [Node<T>],
     num_values: usize,
     inputs: &[ValueId],
     outputs: &[ValueId],
@@ -201,7 +201,7 @@ pub(crate) fn compile(
             op_output_shape(node.op(), &ins).map_err(|e| in_node(node.name(), e))?;
     }
     let params = params_of(nodes);
-    let nodes: &[Node] = nodes;
+    let nodes: &[Node<T>] = nodes;
     let steps = (0..nodes.len())
         .map(|i| base_step(nodes, i, &shapes, ctx, opts, params[i]).map(Some))
         .collect::<Result<Vec<_>>>()?;

@@ -10,22 +10,22 @@ use crate::kernels::moments::PlaneMoments;
 use crate::model::graph::{in_node, Node, Op, ValueId};
 use crate::nn::{Conv2d, Epilogue};
 use crate::norm::{BatchNorm, BnFusion, FrozenBatchNorm};
-use crate::{Ctx, NvError, Result};
+use crate::{Ctx, NvError, Real, Result};
 use ndarray::{ArrayD, Axis, IxDyn, Slice};
 use std::sync::Arc;
 
 /// The activations of one forward: the values it computed (graph inputs stay the caller's).
-pub(crate) struct Values<'x> {
-    pub vals: Vec<Option<ArrayD<f32>>>,
-    pub inputs: &'x [&'x ArrayD<f32>],
+pub(crate) struct Values<'x, T: Real> {
+    pub vals: Vec<Option<ArrayD<T>>>,
+    pub inputs: &'x [&'x ArrayD<T>],
     pub input_ids: &'x [ValueId],
     moments: Vec<Option<PlaneMoments>>,
 }
 
-impl<'x> Values<'x> {
+impl<'x, T: Real> Values<'x, T> {
     pub fn new(
-        vals: Vec<Option<ArrayD<f32>>>,
-        inputs: &'x [&'x ArrayD<f32>],
+        vals: Vec<Option<ArrayD<T>>>,
+        inputs: &'x [&'x ArrayD<T>],
         input_ids: &'x [ValueId],
     ) -> Self {
         let n = vals.len();
@@ -38,7 +38,7 @@ impl<'x> Values<'x> {
     }
 
     /// Value `v`: a graph input or a computed value still alive.
-    pub fn get(&self, v: ValueId) -> Result<&ArrayD<f32>> {
+    pub fn get(&self, v: ValueId) -> Result<&ArrayD<T>> {
         if let Some(k) = self.input_ids.iter().position(|&i| i == v) {
             return Ok(self.inputs[k]);
         }
@@ -49,13 +49,13 @@ impl<'x> Values<'x> {
 }
 
 /// The node's layer as an `L` (the plan made the step for that type).
-fn layer<L: 'static>(nodes: &mut [Node], n: usize) -> &mut L {
+fn layer<T: Real, L: 'static>(nodes: &mut [Node<T>], n: usize) -> &mut L {
     nodes[n]
         .layer_as_mut::<L>()
         .expect("the plan's step kind matches its node's layer")
 }
 
-fn dyn_layer(nodes: &mut [Node], n: usize) -> &mut dyn crate::Layer<f32> {
+fn dyn_layer<T: Real>(nodes: &mut [Node<T>], n: usize) -> &mut dyn crate::Layer<T> {
     match &mut nodes[n].op {
         Op::Layer(l) => l.as_mut(),
         _ => unreachable!("a layer step's node is a layer"),
@@ -63,11 +63,11 @@ fn dyn_layer(nodes: &mut [Node], n: usize) -> &mut dyn crate::Layer<f32> {
 }
 
 /// Runs step `i`'s forward, writing its output value.
-pub(crate) fn forward_step(
+pub(crate) fn forward_step<T: Real>(
     plan: &Plan,
     i: usize,
-    nodes: &mut [Node],
-    v: &mut Values,
+    nodes: &mut [Node<T>],
+    v: &mut Values<T>,
     ctx: Ctx,
 ) -> Result<()> {
     let step = &plan.steps[i];
@@ -77,14 +77,14 @@ pub(crate) fn forward_step(
     Ok(())
 }
 
-fn forward_kind(
+fn forward_kind<T: Real>(
     plan: &Plan,
     i: usize,
     step: &Step,
-    nodes: &mut [Node],
-    v: &mut Values,
+    nodes: &mut [Node<T>],
+    v: &mut Values<T>,
     ctx: Ctx,
-) -> Result<ArrayD<f32>> {
+) -> Result<ArrayD<T>> {
     match &step.kind {
         StepKind::Layer { node } => {
             let x = v.get(step.inputs[0])?;
@@ -103,11 +103,11 @@ fn forward_kind(
                 pool2x2: b.pool,
                 plane_moments: pm.as_deref(),
             };
-            layer::<BatchNorm<f32>>(nodes, b.node).forward_fused(x, ctx, f)
+            layer::<T, BatchNorm<T>>(nodes, b.node).forward_fused(x, ctx, f)
         }
         StepKind::Frozen { node, relu } => {
             let x = v.get(step.inputs[0])?;
-            layer::<FrozenBatchNorm<f32>>(nodes, *node).forward_fused(x, *relu)
+            layer::<T, FrozenBatchNorm<T>>(nodes, *node).forward_fused(x, *relu)
         }
         StepKind::Add { relu } => add_forward(plan, i, step, v, *relu),
         StepKind::Concat { axis } => {
@@ -133,18 +133,18 @@ fn forward_kind(
     }
 }
 
-fn conv_forward(
+fn conv_forward<T: Real>(
     c: &ConvStep,
     step: &Step,
-    nodes: &mut [Node],
-    v: &mut Values,
-) -> Result<ArrayD<f32>> {
+    nodes: &mut [Node<T>],
+    v: &mut Values<T>,
+) -> Result<ArrayD<T>> {
     let affine = match c.affine {
         Some(n) => Some(norm_affine(nodes, n)?),
         None => None,
     };
     let x = v.get(step.inputs[0])?;
-    let conv = layer::<Conv2d<f32>>(nodes, c.node);
+    let conv = layer::<T, Conv2d<T>>(nodes, c.node);
     if c.moments {
         let (y, pm) = conv.forward_with_moments(x, c.algo)?;
         v.moments[step.output.0] = Some(pm);
@@ -159,12 +159,12 @@ fn conv_forward(
 }
 
 /// The f32 eval affine of a BatchNorm or FrozenBatchNorm node.
-fn norm_affine(nodes: &[Node], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+fn norm_affine<T: Real>(nodes: &[Node<T>], n: usize) -> Result<(Vec<T>, Vec<T>)> {
     let node = &nodes[n];
-    let aff = match node.layer_as::<BatchNorm<f32>>() {
+    let aff = match node.layer_as::<BatchNorm<T>>() {
         Some(bn) => bn.eval_affine(),
         None => node
-            .layer_as::<FrozenBatchNorm<f32>>()
+            .layer_as::<FrozenBatchNorm<T>>()
             .map(|f| f.eval_affine()),
     };
     aff.map(|a| a.to_real())
@@ -172,13 +172,13 @@ fn norm_affine(nodes: &[Node], n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
 }
 
 /// relu(a + b + …), into the first input's buffer when the plan allows.
-fn add_forward(
+fn add_forward<T: Real>(
     plan: &Plan,
     i: usize,
     step: &Step,
-    v: &mut Values,
+    v: &mut Values<T>,
     relu: bool,
-) -> Result<ArrayD<f32>> {
+) -> Result<ArrayD<T>> {
     let first = step.inputs[0];
     let mut y = if plan.in_place[i] {
         v.vals[first.0]
@@ -205,17 +205,17 @@ fn add_forward(
             // the sum and the ReLU in one pass, as PyTorch's `relu(a + b)` computes each element
             zip.for_each(|a, &b| {
                 let t = *a + b;
-                *a = if t <= 0.0 { 0.0 } else { t };
+                *a = if t <= T::zero() { T::zero() } else { t };
             });
         } else {
-            zip.for_each(|a, &b| *a += b);
+            zip.for_each(|a, &b| *a = *a + b);
         }
     }
     Ok(y)
 }
 
 /// `xs` concatenated along `axis`.
-fn concat(xs: &[&ArrayD<f32>], axis: usize) -> Result<ArrayD<f32>> {
+fn concat<T: Real>(xs: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {
     let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
     ndarray::concatenate(Axis(axis), &views).map_err(|e| NvError::Shape {
         layer: "Concat",
@@ -225,7 +225,7 @@ fn concat(xs: &[&ArrayD<f32>], axis: usize) -> Result<ArrayD<f32>> {
 
 /// `a` with `shape` (the same number of elements, row-major): its buffer moved when `a` is in standard layout,
 /// copied in logical order otherwise.
-pub(crate) fn reshape_owned(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
+pub(crate) fn reshape_owned<T: Real>(a: ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
     if a.is_standard_layout() {
         if let Ok(y) = a.into_shape_with_order(IxDyn(shape)) {
             return y;
@@ -237,52 +237,52 @@ pub(crate) fn reshape_owned(a: ArrayD<f32>, shape: &[usize]) -> ArrayD<f32> {
 }
 
 /// A gradient held by the backward: shared when one dy feeds several inputs (an addition).
-pub(crate) type Grad = Arc<ArrayD<f32>>;
+pub(crate) type Grad<T> = Arc<ArrayD<T>>;
 
 /// Adds `g` into the gradient slot of a value (the first contribution is stored as is).
-pub(crate) fn accumulate(slot: &mut Option<Grad>, g: Grad) {
+pub(crate) fn accumulate<T: Real>(slot: &mut Option<Grad<T>>, g: Grad<T>) {
     match slot {
         None => *slot = Some(g),
         Some(have) => {
             let a = Arc::make_mut(have);
-            ndarray::Zip::from(a).and(&*g).for_each(|a, &b| *a += b);
+            ndarray::Zip::from(a).and(&*g).for_each(|a, &b| *a = *a + b);
         }
     }
 }
 
 /// What a step's backward hands back: a gradient per input (`None` where the input needs none).
-pub(crate) type InputGrads = Vec<Option<Grad>>;
+pub(crate) type InputGrads<T> = Vec<Option<Grad<T>>>;
 
 /// Runs step `i`'s backward from `dy`: accumulates its parameters' gradients and returns its inputs' gradients
 /// where `needs[k]` (input k requires a gradient).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn backward_step(
+pub(crate) fn backward_step<T: Real>(
     plan: &Plan,
     i: usize,
-    nodes: &mut [Node],
-    v: &Values,
-    dy: Grad,
+    nodes: &mut [Node<T>],
+    v: &Values<T>,
+    dy: Grad<T>,
     needs: &[bool],
     deferred: bool,
     ctx: Ctx,
-) -> Result<InputGrads> {
+) -> Result<InputGrads<T>> {
     let step = &plan.steps[i];
     backward_kind(plan, i, step, nodes, v, dy, needs, deferred, ctx)
         .map_err(|e| in_node(nodes[step.nodes[0]].name(), e))
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_kind(
+fn backward_kind<T: Real>(
     plan: &Plan,
     _i: usize,
     step: &Step,
-    nodes: &mut [Node],
-    v: &Values,
-    dy: Grad,
+    nodes: &mut [Node<T>],
+    v: &Values<T>,
+    dy: Grad<T>,
     needs: &[bool],
     deferred: bool,
     ctx: Ctx,
-) -> Result<InputGrads> {
+) -> Result<InputGrads<T>> {
     let need = needs.first().copied().unwrap_or(false);
     match &step.kind {
         StepKind::Layer { node } => {
@@ -297,7 +297,7 @@ fn backward_kind(
         }
         StepKind::Conv(c) => {
             let x = v.get(step.inputs[0])?;
-            let conv = layer::<Conv2d<f32>>(nodes, c.node);
+            let conv = layer::<T, Conv2d<T>>(nodes, c.node);
             if need {
                 // SAFETY: every convolution backward writes each element of dx.
                 let mut dx = unsafe { arena::output_uninit(x.shape()) };
@@ -319,7 +319,7 @@ fn backward_kind(
                 deferred_backward(plan, b, nodes, v, x, &dy, ctx)?;
                 return Ok(vec![None]);
             }
-            let dx = Layer::backward(layer::<BatchNorm<f32>>(nodes, b.node), x, &dy, ctx)?;
+            let dx = Layer::backward(layer::<T, BatchNorm<T>>(nodes, b.node), x, &dy, ctx)?;
             Ok(vec![need.then(|| Arc::new(dx))])
         }
         StepKind::Frozen { node, .. } => {
@@ -327,7 +327,7 @@ fn backward_kind(
                 return Ok(vec![None]);
             }
             let x = v.get(step.inputs[0])?;
-            let dx = Layer::backward(layer::<FrozenBatchNorm<f32>>(nodes, *node), x, &dy, ctx)?;
+            let dx = Layer::backward(layer::<T, FrozenBatchNorm<T>>(nodes, *node), x, &dy, ctx)?;
             Ok(vec![Some(Arc::new(dx))])
         }
         StepKind::Add { relu } => {
@@ -335,8 +335,8 @@ fn backward_kind(
                 let out = v.get(step.output)?;
                 let mut g = Arc::unwrap_or_clone(dy);
                 ndarray::Zip::from(&mut g).and(out).for_each(|g, &o| {
-                    if o <= 0.0 {
-                        *g = 0.0
+                    if o <= T::zero() {
+                        *g = T::zero()
                     }
                 });
                 Arc::new(g)
@@ -380,13 +380,13 @@ fn backward_kind(
 
 /// The BatchNorm's backward without its dx pass, its dx handed plane by plane to the weight gradient of the
 /// convolution before it ([`super::fusions::dx_planes`]).
-fn deferred_backward(
+fn deferred_backward<T: Real>(
     plan: &Plan,
     b: &BnStep,
-    nodes: &mut [Node],
-    v: &Values,
-    x: &ArrayD<f32>,
-    dy: &ArrayD<f32>,
+    nodes: &mut [Node<T>],
+    v: &Values<T>,
+    x: &ArrayD<T>,
+    dy: &ArrayD<T>,
     ctx: Ctx,
 ) -> Result<()> {
     let conv_step = &plan.steps[b.defer_to.expect("deferred")];
@@ -398,14 +398,14 @@ fn deferred_backward(
         .get_disjoint_mut([b.node, c.node])
         .expect("two distinct nodes");
     let bn = bn_node
-        .layer_as_mut::<BatchNorm<f32>>()
+        .layer_as_mut::<BatchNorm<T>>()
         .expect("a BatchNorm step");
     let conv = conv_node
-        .layer_as_mut::<Conv2d<f32>>()
+        .layer_as_mut::<Conv2d<T>>()
         .expect("a convolution step");
     let planes = bn.backward_deferred(x, dy, ctx)?;
     let d = planes.dims();
-    let fill = |k: usize, out: &mut [f32]| planes.fill(k, out);
+    let fill = |k: usize, out: &mut [T]| planes.fill(k, out);
     if !conv.backward_params_from_planes(x0, (d.n, d.c, d.s), &fill, c.algo)? {
         let dx = ArrayD::from_shape_vec(x.raw_dim(), planes.to_vec())
             .expect("dx of the norm's input shape");

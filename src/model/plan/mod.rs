@@ -22,7 +22,7 @@ pub(crate) mod step;
 use crate::kernels::arena;
 use crate::model::graph::{GraphView, Node, ValueId};
 use crate::nn::ConvChoice;
-use crate::{Ctx, KernelOptions, Mode, NvError, Result};
+use crate::{Ctx, KernelOptions, Mode, NvError, Real, Result};
 use compile::Plan;
 use exec::{accumulate, Grad, Values};
 use ndarray::ArrayD;
@@ -106,9 +106,9 @@ struct PlanKey {
 }
 
 /// The activations a forward kept for the backward.
-struct Saved {
+struct Saved<T> {
     key: PlanKey,
-    vals: Vec<Option<ArrayD<f32>>>,
+    vals: Vec<Option<ArrayD<T>>>,
 }
 
 /// One step's time: the nodes it runs, what it does, forward and backward seconds.
@@ -121,16 +121,27 @@ pub struct StepTime {
 }
 
 /// A graph's plans and the state between a forward and its backward.
-#[derive(Default)]
-pub(crate) struct Engine {
+pub(crate) struct Engine<T> {
     opts: PlanOptions,
     plans: Vec<(PlanKey, Plan)>,
-    saved: Option<Saved>,
+    saved: Option<Saved<T>>,
     timing: bool,
     last: Option<PlanKey>,
 }
 
-impl Engine {
+impl<T> Default for Engine<T> {
+    fn default() -> Self {
+        Engine {
+            opts: PlanOptions::default(),
+            plans: vec![],
+            saved: None,
+            timing: false,
+            last: None,
+        }
+    }
+}
+
+impl<T: Real> Engine<T> {
     pub fn options(&self) -> &PlanOptions {
         &self.opts
     }
@@ -161,7 +172,7 @@ impl Engine {
     }
 
     /// The plan for `key`, compiled (and cached) if needed; its index in the cache.
-    fn plan(&mut self, g: &mut GraphView, key: &PlanKey, ctx: Ctx) -> Result<usize> {
+    fn plan(&mut self, g: &mut GraphView<T>, key: &PlanKey, ctx: Ctx) -> Result<usize> {
         if let Some(i) = self.plans.iter().position(|(k, _)| k == key) {
             // most recently used last
             let entry = self.plans.remove(i);
@@ -185,7 +196,7 @@ impl Engine {
         Ok(self.plans.len() - 1)
     }
 
-    fn key(g: &GraphView, inputs: &[&[usize]], kind: PlanKind) -> Result<PlanKey> {
+    fn key(g: &GraphView<T>, inputs: &[&[usize]], kind: PlanKind) -> Result<PlanKey> {
         if g.inputs.is_empty() || g.outputs.is_empty() {
             return Err(NvError::Config(
                 "graph: it needs at least one input and one output (set_outputs)".into(),
@@ -211,11 +222,11 @@ impl Engine {
 
     pub fn forward(
         &mut self,
-        mut g: GraphView,
-        inputs: &[&ArrayD<f32>],
+        mut g: GraphView<T>,
+        inputs: &[&ArrayD<T>],
         ctx: Ctx,
         inference: bool,
-    ) -> Result<Vec<ArrayD<f32>>> {
+    ) -> Result<Vec<ArrayD<T>>> {
         let kind = PlanKind::of(ctx.mode(), inference);
         let shapes: Vec<&[usize]> = inputs.iter().map(|x| x.shape()).collect();
         let key = Self::key(&g, &shapes, kind)?;
@@ -270,12 +281,12 @@ impl Engine {
 
     pub fn backward(
         &mut self,
-        g: GraphView,
-        inputs: &[&ArrayD<f32>],
-        dys: &[&ArrayD<f32>],
+        g: GraphView<T>,
+        inputs: &[&ArrayD<T>],
+        dys: &[&ArrayD<T>],
         ctx: Ctx,
         input_grads: bool,
-    ) -> Result<Vec<Option<ArrayD<f32>>>> {
+    ) -> Result<Vec<Option<ArrayD<T>>>> {
         let kind = PlanKind::of(ctx.mode(), false);
         let shapes: Vec<&[usize]> = inputs.iter().map(|x| x.shape()).collect();
         let key = Self::key(&g, &shapes, kind)?;
@@ -327,7 +338,7 @@ impl Engine {
         for s in &plan.steps {
             requires[s.output.0] = s.has_params || s.inputs.iter().any(|v| requires[v.0]);
         }
-        let mut grads: Vec<Option<Grad>> = vec![None; n];
+        let mut grads: Vec<Option<Grad<T>>> = vec![None; n];
         for (&o, dy) in g.outputs.iter().zip(dys) {
             accumulate(&mut grads[o.0], Arc::new((*dy).clone()));
         }
@@ -373,7 +384,7 @@ impl Engine {
             .collect())
     }
 
-    pub fn step_times(&self, nodes: &[Node]) -> Vec<StepTime> {
+    pub fn step_times(&self, nodes: &[Node<T>]) -> Vec<StepTime> {
         let Some(key) = &self.last else {
             return vec![];
         };
@@ -397,7 +408,7 @@ impl Engine {
 
     pub fn describe(
         &mut self,
-        mut g: GraphView,
+        mut g: GraphView<T>,
         inputs: &[&[usize]],
         ctx: Ctx,
         inference: bool,
@@ -417,7 +428,7 @@ impl Engine {
 
     pub fn memory(
         &mut self,
-        mut g: GraphView,
+        mut g: GraphView<T>,
         inputs: &[&[usize]],
         ctx: Ctx,
     ) -> Result<(usize, usize)> {
@@ -425,7 +436,8 @@ impl Engine {
         let ctx = self.layer_ctx(ctx);
         let p = self.plan(&mut g, &key, ctx)?;
         let plan = &self.plans[p].1;
-        let bytes = |v: ValueId| plan.shapes[v.0].iter().product::<usize>() * 4;
+        let bytes =
+            |v: ValueId| plan.shapes[v.0].iter().product::<usize>() * std::mem::size_of::<T>();
         let kept: usize = (0..plan.keep.len())
             .filter(|&v| plan.keep[v] && !g.inputs.contains(&ValueId(v)))
             .map(|v| bytes(ValueId(v)))

@@ -86,7 +86,7 @@ impl Step {
     }
 
     /// `name1+name2 [what]`: the nodes and what the step does, for plan descriptions and profiles.
-    pub fn describe(&self, nodes: &[Node]) -> (String, String) {
+    pub fn describe<T: crate::Real>(&self, nodes: &[Node<T>]) -> (String, String) {
         let names: Vec<&str> = self.nodes.iter().map(|&n| nodes[n].name()).collect();
         let what = match &self.kind {
             StepKind::Layer { node } => nodes[*node].op().describe(),

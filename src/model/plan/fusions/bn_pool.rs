@@ -6,8 +6,9 @@ use super::super::compile::Builder;
 use super::super::step::StepKind;
 use crate::nn::MaxPool2d;
 use crate::norm::BatchNorm;
+use crate::Real;
 
-pub(crate) fn apply(b: &mut Builder) {
+pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
     for i in b.live() {
         if b.steps[i].is_none() {
             continue;
@@ -16,7 +17,7 @@ pub(crate) fn apply(b: &mut Builder) {
             continue;
         };
         let layer = b.nodes[bn.node]
-            .layer_as::<BatchNorm<f32>>()
+            .layer_as::<BatchNorm<T>>()
             .expect("a BatchNorm step's node");
         if bn.pool || !layer.can_pool2x2(b.in_shape(i), b.ctx) {
             continue;
@@ -24,10 +25,7 @@ pub(crate) fn apply(b: &mut Builder) {
         let Some(r) = b.sole_reader(b.step(i).output) else {
             continue;
         };
-        if !b
-            .layer_step::<MaxPool2d<f32>>(r)
-            .is_some_and(|p| p.is_2x2())
-        {
+        if !b.layer_step::<MaxPool2d<T>>(r).is_some_and(|p| p.is_2x2()) {
             continue;
         }
         if let StepKind::BatchNorm(bn) = &mut b.step_mut(i).kind {

@@ -7,8 +7,9 @@ use super::super::compile::Builder;
 use super::super::step::StepKind;
 use crate::nn::MaxPool2d;
 use crate::norm::{BatchNorm, FrozenBatchNorm};
+use crate::Real;
 
-pub(crate) fn apply(b: &mut Builder) {
+pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
     for i in b.live() {
         if b.steps[i].is_none() {
             continue;
@@ -25,7 +26,7 @@ pub(crate) fn apply(b: &mut Builder) {
         let (norm, relu) = match &b.step(r).kind {
             StepKind::BatchNorm(bn) if !bn.pool => {
                 let layer = b.nodes[bn.node]
-                    .layer_as::<BatchNorm<f32>>()
+                    .layer_as::<BatchNorm<T>>()
                     .expect("a BatchNorm step's node");
                 if layer.eval_affine().is_none() {
                     continue;
@@ -33,7 +34,7 @@ pub(crate) fn apply(b: &mut Builder) {
                 (bn.node, bn.relu)
             }
             StepKind::Frozen { node, relu } => {
-                debug_assert!(b.nodes[*node].layer_as::<FrozenBatchNorm<f32>>().is_some());
+                debug_assert!(b.nodes[*node].layer_as::<FrozenBatchNorm<T>>().is_some());
                 (*node, *relu)
             }
             _ => continue,
@@ -54,9 +55,7 @@ pub(crate) fn apply(b: &mut Builder) {
         let Some(p) = b.sole_reader(out) else {
             continue;
         };
-        if b.layer_step::<MaxPool2d<f32>>(p)
-            .is_some_and(|m| m.is_2x2())
-        {
+        if b.layer_step::<MaxPool2d<T>>(p).is_some_and(|m| m.is_2x2()) {
             if let StepKind::Conv(c) = &mut b.step_mut(i).kind {
                 c.pool = true;
             }

@@ -6,8 +6,9 @@
 use super::super::compile::Builder;
 use super::super::step::StepKind;
 use crate::norm::BatchNorm;
+use crate::Real;
 
-pub(crate) fn apply(b: &mut Builder) {
+pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
     let mode = b.ctx.mode();
     for i in b.live() {
         let StepKind::Conv(conv) = &b.step(i).kind else {
@@ -33,7 +34,7 @@ pub(crate) fn apply(b: &mut Builder) {
             unreachable!("found above")
         };
         let layer = b.nodes[bn.node]
-            .layer_as::<BatchNorm<f32>>()
+            .layer_as::<BatchNorm<T>>()
             .expect("a BatchNorm step's node");
         if !layer.takes_plane_moments(&b.shapes[out.0], mode) {
             continue;

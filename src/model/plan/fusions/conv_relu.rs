@@ -4,8 +4,9 @@
 use super::super::compile::Builder;
 use super::super::step::StepKind;
 use crate::nn::ReLU;
+use crate::Real;
 
-pub(crate) fn apply(b: &mut Builder) {
+pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
     for i in b.live() {
         if b.steps[i].is_none() {
             continue;
@@ -19,7 +20,7 @@ pub(crate) fn apply(b: &mut Builder) {
         let Some(r) = b.sole_reader(b.step(i).output) else {
             continue;
         };
-        if b.layer_step::<ReLU<f32>>(r).is_none() {
+        if b.layer_step::<ReLU<T>>(r).is_none() {
             continue;
         }
         if let StepKind::Conv(c) = &mut b.step_mut(i).kind {

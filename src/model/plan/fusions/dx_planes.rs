@@ -5,8 +5,9 @@
 
 use super::super::compile::Builder;
 use super::super::step::StepKind;
+use crate::Real;
 
-pub(crate) fn apply(b: &mut Builder) {
+pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
     for i in b.live() {
         let StepKind::Conv(conv) = &b.step(i).kind else {
             continue;

@@ -4,8 +4,9 @@
 use super::super::compile::Builder;
 use super::super::step::StepKind;
 use super::super::PlanKind;
+use crate::Real;
 
-pub(crate) fn apply(b: &mut Builder) {
+pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
     for i in b.live() {
         let StepKind::Reshape { .. } = b.step(i).kind else {
             continue;

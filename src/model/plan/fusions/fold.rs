@@ -13,24 +13,24 @@
 use crate::model::graph::{Graph, Op, ValueId};
 use crate::nn::Conv2d;
 use crate::norm::{BatchNorm, EvalAffine, FrozenBatchNorm};
-use crate::Result;
+use crate::{Real, Result};
 
 /// The eval affine of node `n` when it is a foldable norm.
-fn norm_affine(g: &Graph, n: usize) -> Option<EvalAffine> {
+fn norm_affine<T: Real>(g: &Graph<T>, n: usize) -> Option<EvalAffine> {
     let node = &g.nodes[n];
-    if let Some(bn) = node.layer_as::<BatchNorm<f32>>() {
+    if let Some(bn) = node.layer_as::<BatchNorm<T>>() {
         return bn.eval_affine();
     }
-    node.layer_as::<FrozenBatchNorm<f32>>()
+    node.layer_as::<FrozenBatchNorm<T>>()
         .map(|f| f.eval_affine())
 }
 
 /// Folds every foldable (convolution, norm) pair of `g`; returns how many.
-pub(crate) fn fold(g: &mut Graph) -> Result<usize> {
+pub(crate) fn fold<T: Real>(g: &mut Graph<T>) -> Result<usize> {
     let mut folded = 0;
     while let Some((conv, norm, aff)) = find(g) {
         let node = &mut g.nodes[conv];
-        node.layer_as_mut::<Conv2d<f32>>()
+        node.layer_as_mut::<Conv2d<T>>()
             .expect("found as a convolution")
             .fold_affine(&aff.scale, &aff.shift)?;
         let keep = node.output;
@@ -41,7 +41,7 @@ pub(crate) fn fold(g: &mut Graph) -> Result<usize> {
 }
 
 /// The first (convolution node, norm node, affine) that folds.
-fn find(g: &Graph) -> Option<(usize, usize, EvalAffine)> {
+fn find<T: Real>(g: &Graph<T>) -> Option<(usize, usize, EvalAffine)> {
     for (n, node) in g.nodes.iter().enumerate() {
         let Some(aff) = norm_affine(g, n) else {
             continue;
@@ -50,7 +50,7 @@ fn find(g: &Graph) -> Option<(usize, usize, EvalAffine)> {
         let Some(p) = g.values[input.0].producer else {
             continue;
         };
-        let Some(conv) = g.nodes[p].layer_as::<Conv2d<f32>>() else {
+        let Some(conv) = g.nodes[p].layer_as::<Conv2d<T>>() else {
             continue;
         };
         let readers = g.nodes.iter().filter(|m| m.inputs.contains(&input)).count();
@@ -65,7 +65,7 @@ fn find(g: &Graph) -> Option<(usize, usize, EvalAffine)> {
 }
 
 /// Removes node `n`, whose readers read `alias` instead, and its output value.
-fn remove_node(g: &mut Graph, n: usize, alias: ValueId) {
+fn remove_node<T: Real>(g: &mut Graph<T>, n: usize, alias: ValueId) {
     let gone = g.nodes.remove(n);
     debug_assert!(matches!(gone.op, Op::Layer(_)));
     let dead = gone.output;

@@ -29,7 +29,7 @@ use super::compile::Builder;
 use super::PlanKind;
 
 /// Applies every pattern that applies to the builder's kind of plan, in the order of the module docs.
-pub(crate) fn apply_all(b: &mut Builder) {
+pub(crate) fn apply_all<T: crate::Real>(b: &mut Builder<T>) {
     bn_relu::apply(b);
     add_relu::apply(b);
     match b.kind {
