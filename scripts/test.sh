@@ -7,4 +7,5 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh || echo "warning: scripts/setup.sh failed; dataset-dependent tests use synthetic data" >&2
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib --quiet
 cargo test --no-fail-fast 2>&1 | tee /tmp/normvision-test.log

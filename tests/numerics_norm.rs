@@ -16,8 +16,9 @@
 //! - eval-mode BatchNorm (PyTorch's y = x·a + b): ≤ 4 ulp(|x·a|) ≈ 3e-2 absolute [8.9e-3] — see that test.
 
 use ndarray::{ArrayD, Axis, Dimension, IxDyn};
+use normvision::internals::planes::local_moments;
 use normvision::internals::planes::train_forward;
-use normvision::internals::stats::{local_moments, Ncs};
+use normvision::internals::stats::Ncs;
 use normvision::norm::*;
 use normvision::state::Stateful;
 use normvision::{Ctx, Layer};

@@ -4,7 +4,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use ndarray::{ArrayD, Axis, Dimension, IxDyn, Slice};
-use normvision::internals::stats::{local_moments, Moments, Ncs};
+use normvision::internals::planes::local_moments;
+use normvision::internals::stats::{Moments, Ncs};
 use normvision::norm::*;
 use normvision::state::Stateful;
 use normvision::{Ctx, Layer};

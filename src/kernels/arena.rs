@@ -101,7 +101,7 @@ pub fn recycle<T: 'static>(a: ArrayD<T>) {
 }
 
 /// An output array of `shape` for a kernel that writes every element: for `f32` a recycled buffer or a fresh
-/// one that is not zeroed (see [`take_for_overwrite`]); zeroed for other types.
+/// one that is not zeroed (see `take_for_overwrite`); zeroed for other types.
 ///
 /// # Safety
 /// The caller writes every element of the array before any element is read.

@@ -8,14 +8,14 @@
 
 pub mod graph;
 mod norm_choice;
-pub mod plan;
 mod sequential;
 pub mod spec;
 pub mod zoo;
 
+pub use graph::plan;
+pub use graph::plan::{PlanOptions, StepTime};
 pub use graph::{Graph, Node, Op, ValueId};
 pub use norm_choice::{build_norm, NormKind};
-pub use plan::{PlanOptions, StepTime};
 pub use sequential::Sequential;
 pub use spec::{GraphSpec, LayerSpec};
 pub use zoo::{ModelConfig, ModelKind};

@@ -2,7 +2,7 @@
 //!
 //! | layer | forward | backward | PyTorch detail kept |
 //! |---|---|---|---|
-//! | [`ReLU`] | max(x, 0) | dy·[x > 0] | NaN propagates (relu(NaN) = NaN, its gradient passes dy); gradient 0 at x = 0 |
+//! | [`ReLU`] | max(x, 0) | dy·\[x > 0\] | NaN propagates (relu(NaN) = NaN, its gradient passes dy); gradient 0 at x = 0 |
 //! | [`Sigmoid`] | 1/(1+e^(−x)) (overflow-free form) | dy·σ(x)(1−σ(x)), σ recomputed from x | — |
 //! | [`Flatten`] | (N, *) → (N, prod(*)) (`start_dim=1`) | dy reshaped to x's shape | rank ≥ 2 |
 

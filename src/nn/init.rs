@@ -8,7 +8,7 @@
 //! | [`Init::XavierUniform`] | U(−b, b), b = √(6/(fan_in+fan_out)) | 0 |
 //! | [`Init::XavierNormal`] | N(0, std²), std = √(2/(fan_in+fan_out)) | 0 |
 //!
-//! fan_in = shape[1]·receptive field, fan_out = shape[0]·receptive field, as `_calculate_fan_in_and_fan_out`
+//! fan_in = `shape[1]`·receptive field, fan_out = `shape[0]`·receptive field, as `_calculate_fan_in_and_fan_out`
 //! (receptive field = product of the dimensions after the first two). `scale` multiplies the sampled weights
 //! (not the bias) — e.g. 0 to zero-initialise a residual branch's last layer.
 

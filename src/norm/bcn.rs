@@ -10,11 +10,12 @@
 //! | parameters | `weight` (γ), `bias` (β), `l` |
 //! | one value per channel when training | error |
 //!
-//! Kernels: the BN moments come from [`local_moments`](super::batch::stats::local_moments), the LN
+//! Kernels: the BN moments come from [`local_moments`](super::batch::planes::local_moments), the LN
 //! moments per sample; the output is one affine pass per (sample, channel) slice. Backward: one reduction pass per
 //! (sample, channel) giving Σdy and Σdy·(x-shift), from which both parts' terms follow, then one dx pass.
 
-use super::batch::stats::{self as bk, BatchStats, Ncs};
+use super::batch::planes;
+use super::batch::stats::{BatchStats, Ncs};
 use super::group_kernels::block_stats;
 use super::NormLayer;
 use super::{check_eps, check_momentum};
@@ -202,7 +203,7 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
                     shape,
                 });
             }
-            let st: BatchStats<T> = BatchStats::from_moments(&bk::local_moments(&xs, d), eps);
+            let st: BatchStats<T> = BatchStats::from_moments(&planes::local_moments(&xs, d), eps);
             self.update_running(&st.mean, &st.var, d.m());
             (
                 Part {

@@ -20,7 +20,7 @@ pub struct BatchNormConfig {
     pub affine: bool,
     pub track_running_stats: bool,
     pub convention: Convention,
-    /// Accepted input ranks; empty = any rank >= 2 (BatchNorm1d is [2, 3], BatchNorm2d [4], BatchNorm3d [5]).
+    /// Accepted input ranks; empty = any rank >= 2 (BatchNorm1d is `[2, 3]`, BatchNorm2d `[4]`, BatchNorm3d `[5]`).
     pub ranks: Vec<usize>,
 }
 

@@ -3,10 +3,9 @@
 //! each plane's unpooled dy in L1 from the pooled dy and the argmax.
 
 use super::planes::{
-    all_dx_coefficients, combine_plane_sums, plane_dy_sums, relu_masks, streams,
-    train_forward_with, PLANES_PER_TASK,
+    combine_plane_sums, plane_dy_sums, relu_masks, streams, train_forward_with, PLANES_PER_TASK,
 };
-use super::stats::{BackwardSums, BatchStats, Ncs};
+use super::stats::{all_dx_coefficients, BackwardSums, BatchStats, Ncs};
 use crate::kernels::elementwise::SyncPtr;
 use crate::kernels::lanes;
 use crate::{KernelOptions, Real};
@@ -53,7 +52,7 @@ fn with_pool_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
-/// [`train_forward`] (planes of S = H·W > 1) followed by a 2×2, stride-2 max pool, without writing the
+/// [`train_forward`](super::planes::train_forward) (planes of S = H·W > 1) followed by a 2×2, stride-2 max pool, without writing the
 /// unpooled output: each (n, c) plane is normalized into a per-thread buffer that stays in L1 and pooled from
 /// there into `y` (N, C, H/2, W/2), with the window's argmax (an index into the H × W plane) in `ix`. The
 /// values and indices are bitwise those of `train_forward` then [`crate::nn::MaxPool2d`] (the same kernels).
@@ -86,8 +85,8 @@ pub fn train_forward_maxpool<T: Real>(
     })
 }
 
-/// The normalize stage of [`train_forward_maxpool`] with statistics computed elsewhere (as [`normalize`] is
-/// to [`train_forward`]).
+/// The normalize stage of [`train_forward_maxpool`] with statistics computed elsewhere (as [`normalize`](super::planes::normalize) is
+/// to [`train_forward`](super::planes::train_forward)).
 #[allow(clippy::too_many_arguments)]
 pub fn normalize_maxpool<T: Real>(
     x: &[T],
@@ -172,7 +171,7 @@ fn normalize_channel_maxpool<T: Real>(
     }
 }
 
-/// [`train_backward`] for a BatchNorm whose output went through a 2×2 max pool ([`train_forward_maxpool`]):
+/// [`train_backward`](super::planes::train_backward) for a BatchNorm whose output went through a 2×2 max pool ([`train_forward_maxpool`]):
 /// `dy` is the pooled gradient (N, C, H/2, W/2) and `ix` the pool's argmax indices. In both passes each plane's
 /// unpooled dy is rebuilt into a per-thread L1 buffer by the pool's own backward kernel and used from there,
 /// so the full-size dy is never written to memory. Bitwise the result of [`crate::nn::MaxPool2d`]'s backward

@@ -1,15 +1,14 @@
 //! BatchNorm kernels for the S = 1 layout (BatchNorm1d on (N, C)): channels are contiguous within a row.
 //!
-//! The tensor is cut into **tiles** of rows × channels (see [`tiles`]); each rayon task owns whole tiles. Inside a tile every pass walks the
+//! The tensor is cut into **tiles** of rows × channels (see `tiles`); each rayon task owns whole tiles. Inside a tile every pass walks the
 //! rows in order and updates per-channel lane accumulators (vertical, vectorisable adds; no horizontal
-//! reductions), flushed into `f64` every [`FLUSH_ROWS`] rows. When each tile holds every row of its channels, the
+//! reductions), flushed into `f64` every `FLUSH_ROWS` rows. When each tile holds every row of its channels, the
 //! training forward computes the statistics (Σx, then the
 //! shifted Σd and Σd²) and normalises the tile while it is still in cache, and the backward computes its two
 //! reductions and dx the same way. On several threads the tiles are row blocks and the kernels run staged
 //! (reduce tiles, add the partial sums across row blocks in a fixed order, then the elementwise pass).
 
-use super::planes::dx_coefficients;
-use super::stats::{BackwardSums, BatchStats, Moments, Ncs};
+use super::stats::{dx_coefficients, BackwardSums, BatchStats, Moments, Ncs};
 use crate::kernels::elementwise::SyncPtr;
 use crate::kernels::moments::moments_from_shifted;
 use crate::Real;
@@ -79,7 +78,7 @@ fn tiles<T>(d: Ncs) -> (Vec<Tile>, usize) {
 }
 
 /// Walks the rows of a tile, calling `row(offset of the row's first channel, acc1, acc2)` to accumulate one row
-/// into `T` lanes, and adds the lanes into `out1`/`out2` every [`FLUSH_ROWS`] rows.
+/// into `T` lanes, and adds the lanes into `out1`/`out2` every `FLUSH_ROWS` rows.
 #[inline(always)]
 fn reduce_tile<T: Real>(
     t: Tile,

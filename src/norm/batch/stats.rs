@@ -3,14 +3,11 @@
 //! and the backward's sums. These are the stages SyncBN, Ghost BN and statistics re-estimation build on:
 //!
 //! ```text
-//! forward : local_moments ──► Moments::merge (exact parallel Welford; across workers) ──► BatchStats ──► normalize
+//! forward : planes::local_moments ──► Moments::merge (exact parallel Welford; across workers) ──► BatchStats ──► normalize
 //! backward: backward_sums ──► BackwardSums::add (across workers) ──► backward_dx
 //! ```
 
-use crate::kernels::lanes;
-use crate::kernels::moments::moments_from_shifted;
 use crate::Real;
-use rayon::prelude::*;
 
 /// Dimensions of an (N, C, S) view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,39 +174,35 @@ pub fn moments_from_planes(pm: &[(f64, f64)], d: Ncs) -> Moments {
     out
 }
 
-/// Two-pass statistics of one channel: returns (shift, Σ(x-shift), Σ(x-shift)²).
+/// The per-channel constants (k1, k2, k3) of dx = dy·k1 + (x-shift)·k2 + k3, from channel `c`'s Σdy and
+/// Σdy·(x-mean) over `count` values.
 #[inline]
-pub(super) fn channel_moments<T: Real>(x: &[T], d: Ncs, c: usize) -> (T, f64, f64) {
-    let m = d.m() as f64;
-    let total = lanes::sum_channel(x, c * d.s, d.n, d.s, d.c * d.s);
-    let shift = T::of_f64(total / m);
-    let (s1, s2) = lanes::shifted_moments_channel(x, c * d.s, d.n, d.s, d.c * d.s, shift);
-    (shift, s1, s2)
+pub(super) fn dx_coefficients<T: Real>(
+    st: &BatchStats<T>,
+    c: usize,
+    sum_dy: f64,
+    dot: f64,
+    count: f64,
+    weight: Option<&[T]>,
+) -> (T, T, T) {
+    let w = weight.map_or(1.0, |w| w[c].as_f64());
+    let inv = st.invstd[c];
+    let k1 = inv * w;
+    let k2 = -dot * inv * inv / count * k1;
+    let delta = st.mean[c] - st.shift[c].as_f64();
+    let k3 = -sum_dy / count * k1 - delta * k2;
+    (T::of_f64(k1), T::of_f64(k2), T::of_f64(k3))
 }
 
-/// Stage 1 of the forward: this process's per-channel moments.
-pub fn local_moments<T: Real>(x: &[T], d: Ncs) -> Moments {
-    assert_eq!(x.len(), d.numel());
-    let mut out = Moments::empty(d.c);
-    out.count = d.m() as u64;
-    if d.m() == 0 {
-        return out;
-    }
-    if d.s == 1 {
-        return super::rows::moments(x, d).1;
-    }
-    let m = d.m() as f64;
-    let per: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            let (sh, s1, s2) = channel_moments(x, d, c);
-            moments_from_shifted(sh.as_f64(), s1, s2, m)
-        })
-        .collect();
-    for (c, (mean, m2)) in per.into_iter().enumerate() {
-        out.mean[c] = mean;
-        out.m2[c] = m2;
-    }
-
-    out
+/// The per-channel (k1, k2, k3) of the dx pass.
+pub(super) fn all_dx_coefficients<T: Real>(
+    st: &BatchStats<T>,
+    sums: &BackwardSums,
+    d: Ncs,
+    count: f64,
+    weight: Option<&[T]>,
+) -> Vec<(T, T, T)> {
+    (0..d.c)
+        .map(|c| dx_coefficients(st, c, sums.sum_dy[c], sums.dot[c], count, weight))
+        .collect()
 }

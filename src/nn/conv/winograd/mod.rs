@@ -17,7 +17,7 @@
 //! error close to the direct convolution's (the tests compare both against an f64 reference).
 //!
 //! Work is split by images: a chunk of images (about [`TILE_TARGET`] tiles) is transformed into a scratch buffer
-//! that stays in L2, multiplied with [`simd::gemm_nn`] (forward, data gradient) or the `gemm` crate (weight
+//! that stays in L2, multiplied with the kernel floor's AVX-512 `gemm_nn` (forward, data gradient) or the `gemm` crate (weight
 //! gradient) and transformed back. The tile
 //! transforms are vectorised over the tiles of a tile row (16 lanes with a mask), on inputs split into even and
 //! odd columns first, so that every vector load is contiguous.
@@ -163,7 +163,7 @@ pub fn forward(
 }
 
 /// [`forward`] followed, in the same output pass, by a per-channel `y·a + b` (a rounded product, then a rounded
-/// sum, as [`crate::norm::batch_kernels::eval_forward`] computes it) before the ReLU: an eval-mode BatchNorm
+/// sum, as BatchNorm's eval forward computes it) before the ReLU: an eval-mode BatchNorm
 /// applied with bitwise the same result as running it afterwards.
 pub fn forward_affine(
     s: WinoShape,
@@ -178,7 +178,7 @@ pub fn forward_affine(
 }
 
 /// [`forward`] (no ReLU) that also reduces every output plane to its (mean, M2) while the plane is still in
-/// cache ([`crate::norm::batch_kernels::plane_moments`]; `moments` has N·K entries, n-major): the statistics a
+/// cache (the kernel floor's `plane_moments`; `moments` has N·K entries, n-major): the statistics a
 /// following training BatchNorm needs, without a pass of its own over `y`.
 pub fn forward_with_moments(
     s: WinoShape,

@@ -1,7 +1,7 @@
 //! Inference: convolution → ReLU (a convolution without a norm after it, or one that absorbed its BatchNorm by
 //! folding): the convolution's output pass applies the ReLU.
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::nn::ReLU;
 use crate::Real;

@@ -25,7 +25,7 @@ pub mod dx_planes;
 pub mod flatten_move;
 pub mod fold;
 
-use super::compile::Builder;
+use super::builder::Builder;
 use super::PlanKind;
 
 /// Applies every pattern that applies to the builder's kind of plan, in the order of the module docs.

@@ -14,6 +14,7 @@
 //! so a backward can follow) and inference (eval, with the inference fusions, nothing kept, every activation
 //! handed back to the buffer pool as soon as its last reader has run).
 
+mod builder;
 pub(crate) mod compile;
 pub(crate) mod exec;
 pub mod fusions;

@@ -3,7 +3,7 @@
 //! ReLU and, when its algorithm can (Winograd F(2×2): one output tile is one pool window), the pool. Bitwise the
 //! separate layers.
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::nn::MaxPool2d;
 use crate::norm::{BatchNorm, FrozenBatchNorm};

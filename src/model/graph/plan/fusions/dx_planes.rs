@@ -3,7 +3,7 @@
 //! writing it: the single-channel convolution consumes each image's planes from a buffer in cache, and other
 //! algorithms take the planes gathered into one array. Bitwise the separate backwards.
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::Real;
 

@@ -1,7 +1,7 @@
 //! BatchNorm (or FrozenBatchNorm) → ReLU: the norm's kernels apply the ReLU in the pass that writes its output,
 //! and its backward masks dy by recomputing that output (bitwise the forward's).
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::nn::ReLU;
 use crate::Real;

@@ -1,7 +1,7 @@
 //! A flatten whose input is read by nothing else and kept for no backward takes over its input's buffer
 //! instead of copying it (its backward reshapes dy back, moving it when it is not shared).
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use super::super::PlanKind;
 use crate::Real;

@@ -2,7 +2,7 @@
 //! buffer and pools from there, so the unpooled activation is never written; the pool's backward needs only
 //! the argmax indices, which the BatchNorm keeps, and rebuilds each plane's unpooled dy in L1.
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::nn::MaxPool2d;
 use crate::norm::BatchNorm;

@@ -3,7 +3,7 @@
 //! PyTorch's keys.
 //!
 //! A graph is built in order (a node can only read values that exist), so the node list is a topological order.
-//! Running it is the plan's business ([`super::plan`]): a graph compiles, once per input shape and mode, into
+//! Running it is the plan's business ([`plan`]): a graph compiles, once per input shape and mode, into
 //! a plan whose steps are the nodes with their fusions applied; the backward runs the steps in reverse and
 //! accumulates gradients where a value feeds several nodes.
 //!
@@ -31,11 +31,13 @@
 //! assert!(g.state_dict().get("bn.running_mean").is_some());
 //! ```
 
-use super::plan::{Engine, PlanOptions, StepTime};
+pub mod plan;
+
 use crate::layer::Layer;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::ArrayD;
+use plan::{Engine, PlanOptions, StepTime};
 
 /// A value of a graph: a graph input or a node's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -481,10 +483,10 @@ impl<T: Real> Graph<T> {
     /// Folds every eval-mode BatchNorm (or FrozenBatchNorm) whose input is the output of a convolution (or
     /// linear layer) read by nothing else into that layer's weights and bias, and removes it: an inference-only
     /// graph that computes the same eval outputs up to f32 rounding with one pass less per pair (see
-    /// [`super::plan::fusions::fold`] for the error bound). The state dict keeps the other nodes' names.
+    /// [`plan::fusions::fold`] for the error bound). The state dict keeps the other nodes' names.
     /// Returns the number of folded pairs.
     pub fn fold_batch_norm(&mut self) -> Result<usize> {
-        let n = super::plan::fusions::fold::fold(self)?;
+        let n = plan::fusions::fold::fold(self)?;
         self.engine.invalidate();
         Ok(n)
     }

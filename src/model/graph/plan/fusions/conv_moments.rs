@@ -3,7 +3,7 @@
 //! statistics, so its only pass over the input is the normalizing one. The convolution's output is bitwise its
 //! plain forward's; the statistics agree with the BatchNorm's own to rounding.
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::norm::BatchNorm;
 use crate::Real;

@@ -1,6 +1,6 @@
 //! Add → ReLU (a residual join): one pass writes relu(a + b); the backward masks dy by that output.
 
-use super::super::compile::Builder;
+use super::super::builder::Builder;
 use super::super::step::StepKind;
 use crate::nn::ReLU;
 use crate::Real;
