@@ -1096,3 +1096,117 @@ fn write_atomic_replaces_and_leaves_no_temp_file() {
         assert_eq!(listing(&dir.path().join("ck")), ["model.safetensors"]);
     }
 }
+
+/// A model built through the graph API (branches, a concatenation, a residual Add) trains with the trainer,
+/// its checkpoint stores its architecture, and both `restore_model` and `normvision eval` rebuild it.
+#[test]
+fn api_graph_model_checkpoints_and_the_cli_evaluates_it() {
+    use normvision::model::{Graph, Model, Sequential};
+    use normvision::nn::{Conv2dConfig, GlobalAvgPool, LinearConfig, MaxPool2dConfig, ReLU};
+    use normvision::norm::BatchNormConfig;
+    use rand::SeedableRng;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_idx_dir(&data, 192, 40);
+    let train_ds = Arc::new(fashion_mnist::load(Some(&data), fashion_mnist::Split::Train).unwrap());
+    let test_ds = Arc::new(fashion_mnist::load(Some(&data), fashion_mnist::Split::Test).unwrap());
+
+    let rng = &mut rand_pcg::Pcg64Mcg::seed_from_u64(1);
+    let mut g = Graph::new();
+    let x = g.input("x");
+    let mut stem = Sequential::new();
+    stem.push(
+        "0",
+        Conv2dConfig::new(1, 8, 3)
+            .padding(1)
+            .bias(false)
+            .build(rng)
+            .unwrap(),
+    )
+    .push("1", BatchNormConfig::d2(8).build().unwrap())
+    .push("2", ReLU::new())
+    .push("3", MaxPool2dConfig::new(2).build().unwrap());
+    let stem_out = g.chain("stem", stem, x).unwrap();
+    let mut branches = vec![];
+    for (i, (k, d)) in [(1usize, 1usize), (3, 2)].into_iter().enumerate() {
+        let mut b = Sequential::new();
+        let conv = Conv2dConfig::new(8, 8, k)
+            .padding(d * (k / 2))
+            .dilation(d)
+            .bias(false);
+        b.push("0", conv.build(rng).unwrap())
+            .push("1", BatchNormConfig::d2(8).build().unwrap())
+            .push("2", ReLU::new());
+        branches.push(g.chain(&format!("aspp.{i}"), b, stem_out).unwrap());
+    }
+    let cat = g.concat("cat", &branches, 1).unwrap();
+    let p = g
+        .layer(
+            "project",
+            Conv2dConfig::new(16, 8, 1).build(rng).unwrap(),
+            cat,
+        )
+        .unwrap();
+    let sum = g.add("residual", &[p, stem_out]).unwrap();
+    let r = g.layer("relu", ReLU::new(), sum).unwrap();
+    let pooled = g.layer("gap", GlobalAvgPool::new(), r).unwrap();
+    let logits = g
+        .layer("fc", LinearConfig::new(8, 10).build(rng).unwrap(), pooled)
+        .unwrap();
+    g.set_outputs(&[logits]).unwrap();
+    let model = Model::from_graph(g, [1, 28, 28]).unwrap();
+
+    let mut cfg = TrainConfig::reference(ModelKind::Mlp, NormKind::Batch);
+    cfg.epochs = 1;
+    cfg.batch_size = 32;
+    let ck = dir.path().join("graph.safetensors");
+    let r = train::train_model(
+        model,
+        &cfg,
+        train_ds,
+        Arc::clone(&test_ds),
+        opts_with_checkpoint(&ck),
+    )
+    .unwrap();
+    assert_eq!(r.steps, 6);
+    let acc = r.final_test_acc.unwrap();
+
+    let c = checkpoint::load(&ck).unwrap();
+    let spec = c
+        .graph
+        .as_ref()
+        .expect("the checkpoint stores the architecture");
+    assert!(spec.nodes.iter().any(|n| n.name == "cat"));
+    let mut m = checkpoint::restore_model(&c).unwrap();
+    let loader = DataLoader::new(test_ds, c.norm.clone(), LoaderConfig::eval(20)).unwrap();
+    assert_eq!(train::evaluate(&mut m, &loader).unwrap().0, acc);
+
+    let o = nv(&["eval", "--checkpoint", s(&ck), "--data", s(&data), "--json"]);
+    assert_ok("eval of an API-built graph", &o);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["test_acc"].as_f64().unwrap(), acc);
+
+    // a model that does not fit the data is refused before training
+    let small = Model::from_graph(
+        {
+            let mut seq = Sequential::new();
+            seq.push("0", normvision::nn::Flatten::new())
+                .push("1", LinearConfig::new(64, 10).build(rng).unwrap());
+            seq.into_graph().unwrap()
+        },
+        [1, 8, 8],
+    )
+    .unwrap();
+    let train_ds = Arc::new(fashion_mnist::load(Some(&data), fashion_mnist::Split::Train).unwrap());
+    let e = train::train_model(
+        small,
+        &cfg,
+        train_ds,
+        Arc::new(synthetic(10, 1)),
+        RunOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("[1, 8, 8]") && e.contains("1x28x28"), "{e}");
+}

@@ -12,7 +12,7 @@ use crate::norm::{
     BatchChannelNorm, BatchChannelNormConfig, BatchNorm, BatchNormConfig, FrozenBatchNorm,
     GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, LayerNormConfig,
 };
-use crate::{NvError, Result};
+use crate::{NvError, Real, Result};
 use serde::{Deserialize, Serialize};
 
 /// A layer's type and configuration.
@@ -38,11 +38,11 @@ pub enum LayerSpec {
 
 impl LayerSpec {
     /// The spec of a layer of a known type (`None` for a user's own layer type).
-    pub fn of(layer: &dyn Layer<f32>) -> Option<LayerSpec> {
+    pub fn of<T: Real>(layer: &dyn Layer<T>) -> Option<LayerSpec> {
         let any: &dyn std::any::Any = layer;
         macro_rules! try_cfg {
             ($($t:ident => $v:ident),*) => {$(
-                if let Some(l) = any.downcast_ref::<$t<f32>>() {
+                if let Some(l) = any.downcast_ref::<$t<T>>() {
                     return Some(LayerSpec::$v(l.config().clone()));
                 }
             )*};
@@ -50,19 +50,19 @@ impl LayerSpec {
         try_cfg!(Conv2d => Conv2d, Linear => Linear, BatchNorm => BatchNorm, FrozenBatchNorm => FrozenBatchNorm,
             GroupNorm => GroupNorm, LayerNorm => LayerNorm, InstanceNorm => InstanceNorm,
             BatchChannelNorm => BatchChannelNorm, MaxPool2d => MaxPool2d, AvgPool2d => AvgPool2d);
-        if any.is::<ReLU<f32>>() {
+        if any.is::<ReLU<T>>() {
             return Some(LayerSpec::Relu);
         }
-        if any.is::<Sigmoid<f32>>() {
+        if any.is::<Sigmoid<T>>() {
             return Some(LayerSpec::Sigmoid);
         }
-        if any.is::<Flatten<f32>>() {
+        if any.is::<Flatten<T>>() {
             return Some(LayerSpec::Flatten);
         }
-        if any.is::<GlobalAvgPool<f32>>() {
+        if any.is::<GlobalAvgPool<T>>() {
             return Some(LayerSpec::GlobalAvgPool);
         }
-        if let Some(d) = any.downcast_ref::<Dropout<f32>>() {
+        if let Some(d) = any.downcast_ref::<Dropout<T>>() {
             return Some(LayerSpec::Dropout {
                 p: d.p(),
                 seed: d.seed(),
@@ -72,23 +72,23 @@ impl LayerSpec {
     }
 
     /// A layer of this spec, with zero (or identity) parameters, to be loaded from a state dict.
-    pub fn build(&self) -> Result<Box<dyn Layer<f32>>> {
+    pub fn build<T: Real>(&self) -> Result<Box<dyn Layer<T>>> {
         Ok(match self {
-            LayerSpec::Conv2d(c) => Box::new(Conv2d::<f32>::new(c.clone())?),
-            LayerSpec::Linear(c) => Box::new(Linear::<f32>::new(c.clone())?),
-            LayerSpec::BatchNorm(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::FrozenBatchNorm(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::GroupNorm(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::LayerNorm(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::InstanceNorm(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::BatchChannelNorm(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::Relu => Box::new(ReLU::<f32>::new()),
-            LayerSpec::Sigmoid => Box::new(Sigmoid::<f32>::new()),
-            LayerSpec::Flatten => Box::new(Flatten::<f32>::new()),
-            LayerSpec::MaxPool2d(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::AvgPool2d(c) => Box::new(c.clone().build::<f32>()?),
-            LayerSpec::GlobalAvgPool => Box::new(GlobalAvgPool::<f32>::new()),
-            LayerSpec::Dropout { p, seed } => Box::new(Dropout::<f32>::new(*p, *seed)?),
+            LayerSpec::Conv2d(c) => Box::new(Conv2d::<T>::new(c.clone())?),
+            LayerSpec::Linear(c) => Box::new(Linear::<T>::new(c.clone())?),
+            LayerSpec::BatchNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::FrozenBatchNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::GroupNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::LayerNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::InstanceNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::BatchChannelNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::Relu => Box::new(ReLU::<T>::new()),
+            LayerSpec::Sigmoid => Box::new(Sigmoid::<T>::new()),
+            LayerSpec::Flatten => Box::new(Flatten::<T>::new()),
+            LayerSpec::MaxPool2d(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::AvgPool2d(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::GlobalAvgPool => Box::new(GlobalAvgPool::<T>::new()),
+            LayerSpec::Dropout { p, seed } => Box::new(Dropout::<T>::new(*p, *seed)?),
         })
     }
 }
@@ -118,7 +118,7 @@ pub struct GraphSpec {
     pub outputs: Vec<String>,
 }
 
-impl Graph {
+impl<T: Real> Graph<T> {
     /// The graph's architecture, or an error naming a node whose layer type has no spec.
     pub fn spec(&self) -> Result<GraphSpec> {
         let name = |v: &ValueId| self.value_name(*v).to_string();
@@ -153,7 +153,7 @@ impl Graph {
 
     /// A graph of this architecture with zero (or identity) parameters, to be loaded from a state dict. Every
     /// name must be unique and every value read must exist before it is read.
-    pub fn from_spec(spec: &GraphSpec) -> Result<Graph> {
+    pub fn from_spec(spec: &GraphSpec) -> Result<Self> {
         let mut g = Graph::new();
         let mut by_name: std::collections::HashMap<String, ValueId> = Default::default();
         let lookup = |by_name: &std::collections::HashMap<String, ValueId>, n: &str, node: &str| {

@@ -30,7 +30,7 @@ pub use conv::{Conv2d, Conv2dConfig, ConvAlgo, ConvChoice, Epilogue};
 pub use dropout::Dropout;
 pub use init::{Init, InitSpec};
 pub use linear::{Linear, LinearConfig};
-pub use loss::{accuracy, argmax, cross_entropy, CrossEntropyLoss};
+pub use loss::{accuracy, argmax, cross_entropy, mse, CrossEntropyLoss, MseLoss, WeightedLosses};
 pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dConfig};
 
 pub use crate::layer::Layer;

@@ -11,7 +11,7 @@ pub mod log;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Position};
-pub use trainer::{evaluate, train, EvalPoint, Progress, RunOptions, TrainReport};
+pub use trainer::{evaluate, train, train_model, EvalPoint, Progress, RunOptions, TrainReport};
 
 use crate::data::Augment;
 use crate::model::{ModelConfig, ModelKind, NormKind};

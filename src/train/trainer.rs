@@ -145,6 +145,44 @@ pub fn train(
     cfg: &TrainConfig,
     train_ds: Arc<Dataset>,
     test_ds: Arc<Dataset>,
+    opts: RunOptions,
+) -> Result<TrainReport> {
+    run(cfg, None, train_ds, test_ds, opts)
+}
+
+/// Trains a model built through the API (any [`Model::from_graph`]) with `cfg`'s optimizer, schedule, data
+/// and run settings; `cfg.model` does not build it. Its checkpoints store its architecture, so
+/// [`checkpoint::restore_model`] and `normvision eval` rebuild it, and [`train`] resumes it.
+pub fn train_model(
+    model: Model,
+    cfg: &TrainConfig,
+    train_ds: Arc<Dataset>,
+    test_ds: Arc<Dataset>,
+    opts: RunOptions,
+) -> Result<TrainReport> {
+    if opts.resume.is_some() {
+        return Err(NvError::Config(
+            "train_model starts a run; continue a checkpoint with train and RunOptions::resume"
+                .into(),
+        ));
+    }
+    let [c, h, w] = train_ds.shape;
+    if model.input_shape() != [c, h, w] || model.num_classes() < train_ds.num_classes() {
+        return Err(NvError::Config(format!(
+            "the model takes {:?} images into {} classes; the dataset has {c}x{h}x{w} images in {} classes",
+            model.input_shape(),
+            model.num_classes(),
+            train_ds.num_classes()
+        )));
+    }
+    run(cfg, Some(model), train_ds, test_ds, opts)
+}
+
+fn run(
+    cfg: &TrainConfig,
+    model: Option<Model>,
+    train_ds: Arc<Dataset>,
+    test_ds: Arc<Dataset>,
     mut opts: RunOptions,
 ) -> Result<TrainReport> {
     let (mut model, mut opt, norm, mut pos, run_cfg): (
@@ -153,8 +191,8 @@ pub fn train(
         Option<Normalization>,
         Position,
         TrainConfig,
-    ) = match &opts.resume {
-        Some(ck) => {
+    ) = match (&opts.resume, model) {
+        (Some(ck), _) => {
             let mut rc = ck.config.clone();
             rc.epochs = cfg.epochs;
             rc.max_steps = cfg.max_steps;
@@ -163,8 +201,11 @@ pub fn train(
             o.load_state_dict(&ck.optim_state)?;
             (m, o, Some(ck.norm.clone()), ck.position, rc)
         }
-        None => (
-            Model::new(cfg.model.clone())?,
+        (None, m) => (
+            match m {
+                Some(m) => m,
+                None => Model::new(cfg.model.clone())?,
+            },
             cfg.optim.build()?,
             None,
             Position::default(),
@@ -205,7 +246,7 @@ pub fn train(
     log.write(&json!({"event": "start", "config": cfg, "resume_from": pos, "train_samples": train_ds.len(),
         "threads": rayon::current_num_threads()}))?;
 
-    let classes = cfg.model.num_classes as f64;
+    let classes = model.num_classes() as f64;
     let chance_loss = classes.ln();
     let mut report = TrainReport {
         evals: vec![],

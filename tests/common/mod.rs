@@ -11,6 +11,7 @@ pub struct Fixture {
     pub name: String,
     pub meta: serde_json::Value,
     pub f32s: BTreeMap<String, ArrayD<f32>>,
+    pub f64s: BTreeMap<String, ArrayD<f64>>,
     pub i64s: BTreeMap<String, i64>,
     /// Every int64 tensor in full (`i64s` holds their first element, for scalars such as num_batches_tracked).
     pub i64_arrays: BTreeMap<String, ArrayD<i64>>,
@@ -35,6 +36,7 @@ pub fn load_fixture(family: &str, name: &str) -> Fixture {
     .unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut f32s = BTreeMap::new();
+    let mut f64s = BTreeMap::new();
     let mut i64s = BTreeMap::new();
     let mut i64_arrays = BTreeMap::new();
     for (k, v) in st.tensors() {
@@ -46,6 +48,17 @@ pub fn load_fixture(family: &str, name: &str) -> Fixture {
                     .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                     .collect();
                 f32s.insert(
+                    k.to_string(),
+                    ArrayD::from_shape_vec(IxDyn(v.shape()), data).unwrap(),
+                );
+            }
+            safetensors::Dtype::F64 => {
+                let data: Vec<f64> = v
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                f64s.insert(
                     k.to_string(),
                     ArrayD::from_shape_vec(IxDyn(v.shape()), data).unwrap(),
                 );
@@ -71,6 +84,7 @@ pub fn load_fixture(family: &str, name: &str) -> Fixture {
         name: name.to_string(),
         meta,
         f32s,
+        f64s,
         i64s,
         i64_arrays,
     }
@@ -94,6 +108,11 @@ impl Fixture {
         self.f32s
             .get(k)
             .unwrap_or_else(|| panic!("{}: missing tensor {k}", self.name))
+    }
+    pub fn get_f64(&self, k: &str) -> &ArrayD<f64> {
+        self.f64s
+            .get(k)
+            .unwrap_or_else(|| panic!("{}: missing f64 tensor {k}", self.name))
     }
     pub fn get_i64(&self, k: &str) -> &ArrayD<i64> {
         self.i64_arrays

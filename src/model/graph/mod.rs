@@ -137,6 +137,34 @@ pub struct Graph<T: Real = f32> {
     pub(crate) engine: Engine<T>,
 }
 
+/// The nodes, one per line: `name = op(inputs)`.
+impl<T: Real> std::fmt::Debug for Graph<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names = |vs: &[ValueId]| {
+            vs.iter()
+                .map(|v| self.value_name(*v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            f,
+            "Graph({}) -> ({})",
+            names(&self.inputs),
+            names(&self.outputs)
+        )?;
+        for n in &self.nodes {
+            writeln!(
+                f,
+                "  {} = {}({})",
+                n.name,
+                n.op.describe(),
+                names(&n.inputs)
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl<T: Real> Default for Graph<T> {
     fn default() -> Self {
         Graph {
@@ -347,6 +375,24 @@ impl<T: Real> Graph<T> {
         Ok(shapes.into_iter().map(|s| s.unwrap_or_default()).collect())
     }
 
+    /// The graph as the plan reads it, and its engine.
+    fn parts(&mut self) -> (GraphView<'_, T>, &mut Engine<T>) {
+        let Graph {
+            nodes,
+            values,
+            inputs,
+            outputs,
+            engine,
+        } = self;
+        let view = GraphView {
+            nodes,
+            values,
+            inputs,
+            outputs,
+        };
+        (view, engine)
+    }
+
     /// The options every plan of this graph is made with.
     pub fn plan_options(&self) -> &PlanOptions {
         self.engine.options()
@@ -360,19 +406,7 @@ impl<T: Real> Graph<T> {
     /// Forward pass in `ctx`'s mode, keeping what the backward needs. Returns the outputs in
     /// [`Graph::outputs`] order.
     pub fn forward(&mut self, inputs: &[&ArrayD<T>], ctx: Ctx) -> Result<Vec<ArrayD<T>>> {
-        let Graph {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-            engine,
-        } = self;
-        let view = GraphView {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-        };
+        let (view, engine) = self.parts();
         engine.forward(view, inputs, ctx, false)
     }
 
@@ -380,19 +414,7 @@ impl<T: Real> Graph<T> {
     /// ReLU and 2×2 max pool after it in its output pass), bitwise the eval forward's outputs for finite
     /// values. Keeps nothing for a backward.
     pub fn infer(&mut self, inputs: &[&ArrayD<T>]) -> Result<Vec<ArrayD<T>>> {
-        let Graph {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-            engine,
-        } = self;
-        let view = GraphView {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-        };
+        let (view, engine) = self.parts();
         engine.forward(view, inputs, Ctx::eval(), true)
     }
 
@@ -406,19 +428,7 @@ impl<T: Real> Graph<T> {
         ctx: Ctx,
         input_grads: bool,
     ) -> Result<Vec<Option<ArrayD<T>>>> {
-        let Graph {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-            engine,
-        } = self;
-        let view = GraphView {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-        };
+        let (view, engine) = self.parts();
         engine.backward(view, inputs, dys, ctx, input_grads)
     }
 
@@ -445,38 +455,14 @@ impl<T: Real> Graph<T> {
         ctx: Ctx,
         inference: bool,
     ) -> Result<String> {
-        let Graph {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-            engine,
-        } = self;
-        let view = GraphView {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-        };
+        let (view, engine) = self.parts();
         engine.describe(view, inputs, ctx, inference)
     }
 
     /// The bytes of activations a training step keeps for its backward, and the peak bytes of activations
     /// alive at once during its forward, for these input shapes (as planned; parameters and gradients apart).
     pub fn activation_memory(&mut self, inputs: &[&[usize]], ctx: Ctx) -> Result<(usize, usize)> {
-        let Graph {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-            engine,
-        } = self;
-        let view = GraphView {
-            nodes,
-            values,
-            inputs: gin,
-            outputs,
-        };
+        let (view, engine) = self.parts();
         engine.memory(view, inputs, ctx)
     }
 

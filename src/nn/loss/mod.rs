@@ -1,4 +1,8 @@
-//! Softmax cross-entropy on logits (`nn.CrossEntropyLoss`), argmax and accuracy.
+//! Losses: softmax cross-entropy on logits (`nn.CrossEntropyLoss`, here with argmax and accuracy), mean
+//! squared error ([`mse`], `nn.MSELoss`), and the weighted sum of one loss per output of a multi-output model
+//! ([`WeightedLosses`]). Each loss returns `(loss, dloss/dinput)`; the gradient goes to the model's backward.
+//!
+//! Cross-entropy:
 //!
 //! | | PyTorch `nn.CrossEntropyLoss` | here |
 //! |---|---|---|
@@ -10,6 +14,12 @@
 //! | target out of range | "Target 7 is out of bounds." | [`NvError::Shape`] |
 //! | NaN / ±inf logits | propagates NaN | [`NvError::NonFinite`] |
 //! | class weights, `ignore_index` | supported | not supported |
+
+mod mse;
+mod weighted;
+
+pub use mse::{mse, MseLoss};
+pub use weighted::{Combined, WeightedLosses};
 
 use crate::kernels::shape::contiguous as cont;
 use crate::{NvError, Real, Result};
