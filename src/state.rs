@@ -56,6 +56,18 @@ impl StateDict {
     pub fn keys(&self) -> impl Iterator<Item = &String> {
         self.tensors.keys()
     }
+    /// PyTorch's `consume_prefix_in_state_dict_if_present`: strips `prefix` (e.g. `"module."` from
+    /// DistributedDataParallel, `"model."` from Lightning) from every key that starts with it.
+    pub fn consume_prefix(&mut self, prefix: &str) {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.tensors = tensors
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix(prefix) {
+                Some(rest) => (rest.to_string(), v),
+                None => (k, v),
+            })
+            .collect();
+    }
     /// Copies a float tensor into `dst`, checking its shape.
     pub fn load_float<T: Real>(&self, name: &str, dst: &mut ArrayD<T>) -> Result<()> {
         match self.tensors.get(name) {
@@ -107,5 +119,27 @@ pub trait Stateful<T: Real> {
         let mut sd = StateDict::new();
         self.save_state("", &mut sd);
         sd
+    }
+    /// PyTorch's `load_state_dict(sd, strict=True)`: `sd` must hold exactly this module's keys, with their
+    /// shapes. The error lists the missing and the unexpected keys, as PyTorch's does; nothing is loaded then.
+    fn load_strict(&mut self, sd: &StateDict) -> Result<()> {
+        let own = self.state_dict();
+        let missing: Vec<&String> = own.keys().filter(|k| sd.get(k).is_none()).collect();
+        let unexpected: Vec<&String> = sd.keys().filter(|k| own.get(k).is_none()).collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(NvError::State(format!(
+                "Error(s) in loading state_dict: missing keys {missing:?}, unexpected keys {unexpected:?}"
+            )));
+        }
+        for (k, t) in &own.tensors {
+            let got = sd.get(k).map_or(t.shape(), StateTensor::shape);
+            if got != t.shape() {
+                return Err(NvError::State(format!(
+                    "size mismatch for {k}: the checkpoint has shape {got:?}, the model {:?}",
+                    t.shape()
+                )));
+            }
+        }
+        self.load_state("", sd)
     }
 }

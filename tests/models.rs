@@ -278,3 +278,51 @@ fn inference_forward_is_bitwise_the_eval_forward() {
         }
     }
 }
+
+#[test]
+fn strict_loading_lists_missing_unexpected_and_mismatched_keys() {
+    use normvision::state::StateTensor;
+    let mut m = Model::new(ModelConfig::fashion(ModelKind::Mlp, NormKind::Batch)).unwrap();
+    let good = m.state_dict();
+    m.load_strict(&good).unwrap();
+
+    // a DataParallel-style prefix is consumed, as PyTorch's consume_prefix_in_state_dict_if_present does
+    let mut prefixed = normvision::state::StateDict::new();
+    for (k, v) in &good.tensors {
+        prefixed.tensors.insert(format!("module.{k}"), v.clone());
+    }
+    let e = m.load_strict(&prefixed).unwrap_err().to_string();
+    assert!(
+        e.contains("missing keys") && e.contains("unexpected keys [\"module."),
+        "{e}"
+    );
+    prefixed.consume_prefix("module.");
+    assert_eq!(prefixed, good);
+
+    let mut extra = good.clone();
+    extra.insert_i64("head.num_batches_tracked".into(), 1);
+    let e = m.load_strict(&extra).unwrap_err().to_string();
+    assert!(
+        e.contains("unexpected keys [\"head.num_batches_tracked\"]"),
+        "{e}"
+    );
+
+    let mut missing = good.clone();
+    let first = missing.keys().next().unwrap().clone();
+    missing.tensors.remove(&first);
+    let e = m.load_strict(&missing).unwrap_err().to_string();
+    assert!(e.contains(&format!("missing keys [\"{first}\"]")), "{e}");
+
+    let mut wrong = good.clone();
+    let (k, shape) = good
+        .tensors
+        .iter()
+        .find_map(|(k, v)| {
+            matches!(v, StateTensor::F32(_)).then(|| (k.clone(), v.shape().to_vec()))
+        })
+        .unwrap();
+    let bad = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[shape.iter().product::<usize>() + 1]));
+    wrong.tensors.insert(k.clone(), StateTensor::F32(bad));
+    let e = m.load_strict(&wrong).unwrap_err().to_string();
+    assert!(e.contains(&format!("size mismatch for {k}")), "{e}");
+}

@@ -6,6 +6,11 @@ Run from the repository root:
     tools/.venv/bin/python tools/gen_branching_fixture.py            # writes tests/fixtures/model/branching.safetensors
     tools/.venv/bin/python tools/gen_branching_fixture.py --out DIR  # elsewhere
 
+It also writes examples/data/branching_pytorch.safetensors for `cargo run --example load_pytorch`: the model
+after 200 Adam steps on a small task, saved as `safetensors.torch.save_file(model.state_dict())` would save it
+(PyTorch names, F32, num_batches_tracked I64), and examples/data/branching_pytorch_io.safetensors: a batch of
+inputs with the model's eval-mode outputs (`x`, `cls`, `aux`), to check a port against.
+
 Deterministic for a given torch version (CPU, one thread, fixed seed); the version is in the file's metadata.
 
 The model (an ASPP-like block with a residual and two heads; the state-dict names are PyTorch's):
@@ -132,9 +137,39 @@ def run(net: nn.Module, dtype: torch.dtype, x: torch.Tensor, targets: torch.Tens
     out[f"{p}.eval_aux"] = arr(ea)
 
 
+def example_weights(out_dir: Path) -> None:
+    """A briefly trained model's state dict, and a batch with its eval-mode outputs."""
+    torch.manual_seed(7)
+    net = Branching()
+    protos = torch.randn(CLASSES, 1, H, W)
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    net.train()
+    for _ in range(200):
+        t = torch.randint(0, CLASSES, (32,))
+        x = protos[t] + 0.3 * torch.randn(32, 1, H, W)
+        cls, aux = net(x)
+        loss = WEIGHTS[0] * F.cross_entropy(cls, t) + WEIGHTS[1] * F.mse_loss(aux, F.avg_pool2d(x, 2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    t = torch.arange(8) % CLASSES
+    x = protos[t] + 0.3 * torch.randn(8, 1, H, W)
+    with torch.no_grad():
+        cls, aux = net(x)
+    sd = {k: arr(v) for k, v in net.state_dict().items()}
+    meta = {"format": "pt", "torch": torch.__version__}
+    gm.write_safetensors(out_dir / "branching_pytorch.safetensors", sd, meta)
+    io = {"x": arr(x), "targets": arr(t).astype(np.int64), "cls": arr(cls), "aux": arr(aux)}
+    gm.write_safetensors(out_dir / "branching_pytorch_io.safetensors", io, {"torch": torch.__version__})
+    print(f"wrote {out_dir}/branching_pytorch*.safetensors (accuracy on the batch "
+          f"{(cls.argmax(1) == t).float().mean().item():.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--examples", type=Path, default=ROOT / "examples" / "data")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(20261203)
@@ -161,6 +196,7 @@ def main() -> None:
     path = args.out / "branching.safetensors"
     gm.write_safetensors(path, tensors, {"meta": json.dumps(meta)})
     print(f"wrote {path} ({path.stat().st_size} bytes, {len(tensors)} tensors)")
+    example_weights(args.examples)
 
 
 if __name__ == "__main__":
