@@ -87,11 +87,8 @@ impl std::str::FromStr for Isa {
 }
 
 /// Working set (bytes of all the arrays an elementwise pass touches) from which a normalization pass writes its
-/// output with streaming stores, by default. Measured on this project's AVX-512 machine against PyTorch
-/// (`tools/bench_norm_vs_torch.sh`): streaming won for every pass over (32, 64, 56, 56) (forward 51 MB,
-/// backward 77 MB) and for (256, 16, 32, 32) backward (50 MB), but lost for its forward (34 MB), whose output
-/// still fits the cache the next pass reads it from. The reference CNN's passes (≤ 38 MB at batch 128) keep
-/// normal stores.
+/// output with streaming stores, by default: below it, the output still fits the cache the next pass reads it
+/// from. The reference CNN's passes (≤ 38 MB at batch 128) keep normal stores (see docs/PERFORMANCE.md, "Tuning constants").
 pub const STREAM_BYTES: usize = 40 << 20;
 
 /// How the kernels may run: the instruction set and the streaming-store threshold. Neither changes a value,

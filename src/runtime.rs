@@ -4,7 +4,7 @@
 ///
 /// A training step allocates and frees the same large activation buffers (up to ~13 MB at batch 128) every
 /// step. glibc serves blocks above its mmap threshold with fresh `mmap`s and trims the heap after large frees,
-/// so every step page-faults its buffers in again and the kernel zeroes them (measured: `exc_page_fault`,
+/// so every step page-faults its buffers in again and the kernel zeroes them (profiled: `exc_page_fault`,
 /// `clear_page_erms` and memcg accounting were ~8% of a step). Raising the mmap and trim thresholds makes
 /// those buffers reusable heap memory. No-op on other C libraries.
 pub fn tune_allocator() {
@@ -35,10 +35,9 @@ std::thread_local! {
 /// Keeps the current rayon pool's other workers polling for work until none has come for 0.5 ms.
 ///
 /// A rayon worker that finds no work spins for a few microseconds, then sleeps; waking it for the next parallel
-/// region costs tens of microseconds on this project's VM (the idle vCPU has halted). Measured with
-/// `cargo run --release --example pool_latency` (a 2 MB elementwise pass in 8 tasks, 400 calls, each after
-/// 50 µs of serial work): 0.130 ms median on two threads, against 0.148 ms on one; with the keepers (`WARM=1`),
-/// 0.068 ms on two. OpenMP runtimes (and so PyTorch) keep their workers spinning for a while instead. This does
+/// region costs tens of microseconds on a VM whose idle vCPU has halted (measured with `cargo run --release
+/// --example pool_latency`; see docs/PERFORMANCE.md, "Tuning constants"). OpenMP runtimes (and so PyTorch) keep their workers spinning
+/// for a while instead. This does
 /// the same inside rayon: it broadcasts to every other worker of the pool a job that runs the pool's pending
 /// jobs as they come (`rayon::yield_now`) and returns after `WARM_SPIN` (0.5 ms) without any, or after
 /// `WARM_MAX` (50 ms) in all.
@@ -48,9 +47,8 @@ std::thread_local! {
 /// is process-wide, not per pool).
 ///
 /// `normvision bench-kernels` calls it before every repetition, so its timings compare with PyTorch's under the
-/// same policy. Training does not use it: with the command run on a pool worker and one call per forward and
-/// backward, `normvision --threads 2 train --epochs 1` went 1992/1925/1976 → 1877/1774/2013 img/s (alternating
-/// runs): the spinning worker competes with the data-loading thread for the machine's two cores.
+/// same policy. Training does not use it: the spinning worker competes with the data-loading thread for a
+/// two-core machine's cores, and training was no faster with it.
 pub fn keep_workers_warm() {
     use std::sync::atomic::Ordering;
     let Some(me) = rayon::current_thread_index() else {

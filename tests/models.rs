@@ -326,3 +326,41 @@ fn strict_loading_lists_missing_unexpected_and_mismatched_keys() {
     let e = m.load_strict(&wrong).unwrap_err().to_string();
     assert!(e.contains(&format!("size mismatch for {k}")), "{e}");
 }
+
+/// Activations are planned by liveness: in inference a chain holds two activations at a time whatever its
+/// depth; training keeps exactly what each backward reads (each Linear's and each ReLU's input); and the
+/// backward consumes them, so a second backward needs a second forward, as in PyTorch.
+#[test]
+fn activation_memory_follows_liveness_not_depth() {
+    use normvision::model::Sequential;
+    use normvision::nn::{LinearConfig, ReLU};
+    let (batch, width) = (32, 64);
+    let bytes = batch * width * 4;
+    for depth in [4, 16] {
+        let mut seq = Sequential::new();
+        let rng = &mut rand::thread_rng();
+        for i in 0..depth {
+            seq.push(
+                format!("{}", 2 * i),
+                LinearConfig::new(width, width).build::<f32>(rng).unwrap(),
+            )
+            .push(format!("{}", 2 * i + 1), ReLU::new());
+        }
+        let mut g = seq.into_graph().unwrap();
+        let shape = [batch, width];
+        let (kept, peak) = g.activation_memory(&[&shape], Ctx::eval(), true).unwrap();
+        assert_eq!((kept, peak), (0, 2 * bytes), "inference, depth {depth}");
+        let (kept, _) = g.activation_memory(&[&shape], Ctx::train(), false).unwrap();
+        assert_eq!(kept, (2 * depth - 1) * bytes, "training, depth {depth}");
+
+        let x = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&shape));
+        let dy = ndarray::ArrayD::<f32>::ones(ndarray::IxDyn(&shape));
+        g.forward(&[&x], Ctx::train()).unwrap();
+        g.backward(&[&x], &[&dy], Ctx::train(), false).unwrap();
+        let again = g.backward(&[&x], &[&dy], Ctx::train(), false);
+        assert!(
+            matches!(again, Err(normvision::NvError::NoSavedState { .. })),
+            "{again:?}"
+        );
+    }
+}

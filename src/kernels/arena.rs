@@ -1,12 +1,11 @@
 //! Recycled buffers for activations and gradients.
 //!
 //! An eval pass allocates the same large arrays for every batch (the reference CNN at batch 128: about 10 arrays
-//! of 3-13 MB). Fresh zeroed allocations cost a `memset` each (12% of an eval pass, measured with `perf`), or
-//! page faults when they come from `mmap`. Layers whose kernels write every element of their output take their
-//! output buffers from here ([`output_uninit`]), and a model's inference plan hands each activation back
-//! ([`recycle`]) once its last reader has run (measured: 2500 → 3800 img/s on 2 threads). Training does not
-//! recycle (see `model::plan` for the measurement), but its fresh output buffers are not zeroed either, since the
-//! layer's kernel writes every element.
+//! of 3-13 MB), and fresh zeroed allocations cost a `memset` each, or page faults when they come from `mmap`.
+//! Layers whose kernels write every element of their output take their output buffers from here
+//! ([`output_uninit`]), and a model's inference plan hands each activation back ([`recycle`]) once its last
+//! reader has run. Training does not recycle, but its fresh output buffers are not zeroed either, since the
+//! layer's kernel writes every element (measurements: docs/PERFORMANCE.md, "Tuning constants").
 //!
 //! [`output_uninit`] is `unsafe`: its caller promises to write every element before any is read. It is
 //! crate-private, so no safe public function returns uninitialised memory. In debug builds (the test suite)

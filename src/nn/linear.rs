@@ -203,8 +203,7 @@ impl<T: Real> Linear<T> {
             }
         }
         // y (m×n) = x (m×k) · Wᵀ, W stored (n×k). With several threads the rows are split between them,
-        // each a sequential product: `gemm`'s own parallel split was slower than one thread here (3136→128 at
-        // batch 128, 2 threads: 1.6–2.0 ms against 1.2 ms sequential, `bench --profile`).
+        // each a sequential product: `gemm`'s own parallel split was slower than one thread here.
         let acc = self.bias.is_some();
         matmul_split_rows(m, n, k, &xs, self.weight.values(), Op::T, y, acc);
         Ok(())

@@ -31,15 +31,8 @@ const RUN: usize = 32;
 /// Blocks per run: [`RUN`] for blocks of one chunk ([`lanes::BLOCK_CHUNK`] values or fewer), whose statistics
 /// cost more than their data. For blocks of several chunks, up to [`RUN_MAX_BLOCK`] values, made of several
 /// channels' planes (`cpg` > 1: GroupNorm), as many blocks as fit [`RUN_BYTES`] with at most [`RUN`] chunks in
-/// all; one block per run otherwise.
-///
-/// Measured (`normvision bench-kernels`, best of 120 calls on one thread, against one block per run):
-/// - GroupNorm(8) on (128, 128, 7, 7), blocks of 784 values (16 planes of 49) in runs of 10: forward
-///   0.346 → 0.310 ms, forward+backward 0.989 → 0.910 ms (0.332 → 0.299 and 0.980 → 0.922 in an earlier run);
-/// - InstanceNorm on (64, 32, 28, 28), also blocks of 784 values but one plane each: forward 0.562 → 0.601 ms,
-///   forward+backward 1.369 → 1.461 ms, so planes that long keep one block per run;
-/// - blocks of 1024 (InstanceNorm (256, 16, 32, 32), forward 1.42 → 1.53 ms), 1568 and 2048 values lost
-///   7–20%; where between 784 and 1024 values the gain ends was not measured.
+/// all; one block per run otherwise. Runs won for GroupNorm's multi-plane blocks of up to 784 values and lost
+/// for single planes that long and for longer blocks (see docs/PERFORMANCE.md, "Tuning constants").
 fn run_len<T>(blk: usize, cpg: usize) -> usize {
     let q = blk.div_ceil(lanes::BLOCK_CHUNK);
     if q <= 1 {

@@ -79,8 +79,7 @@ pub struct LayerNorm<T: Real = f32> {
 type ChunkGrads<T> = (Vec<T>, Vec<T>, Vec<(f64, f64)>);
 
 /// Rows up to this many bytes take the per-row backward (the row stays in L1/L2 between its two passes); longer
-/// rows the two-phase column-chunked one. Measured on (512, 1024) rows of 4 KB: the per-row form was 1.1× PyTorch, the two-phase
-/// form 0.7×; on (32, 64·56·56) rows of 800 KB the two-phase form took 18 ms against 24.5 ms.
+/// rows the two-phase column-chunked one (see docs/PERFORMANCE.md, "Tuning constants").
 const SHORT_ROW_BYTES: usize = 256 << 10;
 
 /// Values per chunk of the short-row backward's first pass (its x̂ and u scratch, 2 × 4 KB of f32, and the
@@ -441,9 +440,7 @@ fn row_dx<T: Real>(
 /// dweight/dbias partials and sums Σu and Σu·x̂ (per chunk, then across chunks in f64); a second pass recomputes
 /// x̂ and u from the row (still in L1/L2) with the same arithmetic and writes dx, with streaming stores when the
 /// tensors exceed the cache. Materialising x̂ and u for the whole row instead (arrays as long as the row, in L2
-/// rather than L1), with dx always through the cache, was slower: best of 60 forward+backward calls on one
-/// thread (`normvision bench-kernels --ops layer_norm`, on a noisy machine), 1.15–1.27× the time on the
-/// benchmark shapes' rows of 25–100 KB and 1.6× on (256, 16·32·32) (14.0 against 8.8 ms).
+/// rather than L1), with dx always through the cache, was slower (see docs/PERFORMANCE.md, "Tuning constants").
 #[allow(clippy::too_many_arguments)]
 fn short_rows_backward<T: Real>(
     xs: &[T],

@@ -110,9 +110,8 @@ impl Optimizer for Sgd {
             } else {
                 0.0
             };
-            // One pass over contiguous slices (parameters and gradients are standard-layout arrays): the
-            // previous version iterated the dynamic-rank arrays element by element four times, 4.7 ms per step
-            // for the reference CNN's 420K parameters (`bench --profile`). Same arithmetic, element for element.
+            // One pass over contiguous slices (parameters and gradients are standard-layout arrays), not four
+            // element-by-element passes over dynamic-rank arrays (see docs/PERFORMANCE.md, "Tuning constants").
             let grad = p.grad.as_slice().expect("gradients are contiguous");
             let dim = p.value.raw_dim();
             let v = p.value.as_slice_mut().expect("parameters are contiguous");

@@ -225,6 +225,58 @@ pub fn predict(
 
 /// Training and inference throughput on synthetic data of the model's input shape (no dataset needed).
 #[allow(clippy::too_many_arguments)]
+pub fn plan(
+    kind: ModelKind,
+    norm: NormKind,
+    batch: usize,
+    mode: &str,
+    json_out: bool,
+    plan: &PlanOptions,
+) -> Result<()> {
+    let (ctx, inference) = match mode {
+        "train" => (Ctx::train(), false),
+        "eval" => (Ctx::eval(), false),
+        "inference" => (Ctx::eval(), true),
+        _ => {
+            return Err(NvError::Config(format!(
+                "--mode must be train, eval or inference, got {mode}"
+            )))
+        }
+    };
+    if batch == 0 {
+        return Err(NvError::Config("--batch-size must be > 0".into()));
+    }
+    let cfg = ModelConfig::fashion(kind, norm);
+    let mut model = Model::new(cfg.clone())?;
+    model.set_plan_options(plan.clone())?;
+    let shape = [batch, cfg.in_channels, cfg.height, cfg.width];
+    let g = model.graph_mut();
+    let text = g.describe_plan(&[&shape], ctx, inference)?;
+    let (kept, peak) = g.activation_memory(&[&shape], ctx, inference)?;
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    if json_out {
+        println!(
+            "{}",
+            json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": mode, "input": shape,
+                "steps": text.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>(),
+                "kept_bytes": kept, "peak_bytes": peak})
+        );
+    } else {
+        println!(
+            "{} with {} norm, input {shape:?}, {mode} plan:",
+            kind.as_str(),
+            norm.as_str()
+        );
+        print!("{text}");
+        println!(
+            "activations: {:.1} MiB kept for the backward, {:.1} MiB alive at the peak of the forward",
+            mib(kept),
+            mib(peak)
+        );
+    }
+    Ok(())
+}
+
 pub fn bench(
     kind: ModelKind,
     norm: NormKind,

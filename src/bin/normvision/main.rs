@@ -149,6 +149,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the plan the engine compiles for a zoo model: one line per step (its nodes, fusions and convolution
+    /// algorithm), and the activation memory it plans.
+    Plan {
+        #[arg(long, value_parser = choice::model(), default_value = "cnn")]
+        model: ModelKind,
+        #[arg(long, value_parser = choice::norm(), default_value = "batch")]
+        norm: NormKind,
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        /// train (batch statistics, activations kept for the backward), eval (running statistics, kept too) or
+        /// inference (eval with the inference fusions, nothing kept).
+        #[arg(long, default_value = "train")]
+        mode: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Time the normalization kernels (train forward, forward+backward, eval) on the benchmark shapes.
     BenchKernels {
         /// Comma-separated ops: batch_norm, group_norm, layer_norm, instance_norm.
@@ -292,6 +308,13 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     )
                     .map(|_| ())
                 }
+                Cmd::Plan {
+                    model,
+                    norm,
+                    batch_size,
+                    mode,
+                    json,
+                } => commands::plan(model, norm, batch_size, &mode, json, &plan),
                 Cmd::BenchKernels { .. } => unreachable!("handled above"),
             }
         }

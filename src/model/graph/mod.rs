@@ -459,11 +459,17 @@ impl<T: Real> Graph<T> {
         engine.describe(view, inputs, ctx, inference)
     }
 
-    /// The bytes of activations a training step keeps for its backward, and the peak bytes of activations
-    /// alive at once during its forward, for these input shapes (as planned; parameters and gradients apart).
-    pub fn activation_memory(&mut self, inputs: &[&[usize]], ctx: Ctx) -> Result<(usize, usize)> {
+    /// The bytes of activations the forward in `ctx`'s mode keeps for a backward (none for `inference`), and
+    /// the peak bytes of activations alive at once during it, for these input shapes (as planned; parameters,
+    /// gradients and kernel workspaces apart).
+    pub fn activation_memory(
+        &mut self,
+        inputs: &[&[usize]],
+        ctx: Ctx,
+        inference: bool,
+    ) -> Result<(usize, usize)> {
         let (view, engine) = self.parts();
-        engine.memory(view, inputs, ctx)
+        engine.memory(view, inputs, ctx, inference)
     }
 
     /// Folds every eval-mode BatchNorm (or FrozenBatchNorm) whose input is the output of a convolution (or

@@ -22,11 +22,9 @@ use serde::{Deserialize, Serialize};
 /// multiplications they save (the first layer of an image network has 1 or 3).
 pub const WINOGRAD_MIN_CHANNELS: usize = 8;
 
-/// Planes at least this wide (and at most [`f4::MAX_W`]) take Winograd F(4×4, 3×3) in training. Measured on the
-/// reference CNN's layers at batch 128, one thread (`cargo run --release --example conv_algos`), F(2×2) → F(4×4):
-/// 32→32 at 28×28 forward 13.9 → 8.9 ms and backward 31.2 → 20.1 ms, but 32→64 at 14×14 slower (5.7 → 7.2 and
-/// 12.9 → 14.9 ms), and 64→64 too (11.2 → 12.5 and 23.6 → 25.1 ms): a 14-wide plane has 4 tiles per row (4 of 16
-/// vector lanes) and pads to 16×16.
+/// Planes at least this wide (and at most [`f4::MAX_W`]) take Winograd F(4×4, 3×3) in training: faster at
+/// 28×28, slower at 14×14, where a plane has 4 tiles per row (4 of 16 vector lanes) and pads to 16×16
+/// (`cargo run --release --example conv_algos`; see docs/PERFORMANCE.md, "Tuning constants").
 pub const WINOGRAD4_MIN_W: usize = 21;
 
 /// The user's choice for 3×3, stride-1, padding-1 convolutions (every other convolution is unaffected).

@@ -122,9 +122,8 @@ pub(super) fn implicit_forward_sample(
 }
 
 /// Samples per weight-gradient call on the implicit path: their dot products accumulate in the same registers
-/// and are reduced once ([`simd::gemm_nt_rows_multi`]). Measured (interleaved, one thread, batch 128, weight
-/// gradient only): 32→64 on 14×14 15.3 → 12.6 ms, 64→64 on 14×14 29.5 → 23.5 ms; 32→32 on 28×28 unchanged
-/// (23 ms; its 840-long rows already amortise the reductions).
+/// and are reduced once ([`simd::gemm_nt_rows_multi`]); 4 won on the 14×14 layers and changed nothing on
+/// 28×28 (see docs/PERFORMANCE.md, "Tuning constants").
 pub(super) const WGRAD_GROUP: usize = 4;
 
 /// Backward of a group of samples on the implicit path: `dw += Σ_s dy_s · rows(xpad_s)ᵀ` (dy read in the

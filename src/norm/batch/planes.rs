@@ -81,10 +81,8 @@ pub fn local_moments<T: Real>(x: &[T], d: Ncs) -> Moments {
 /// Planes of at most this many bytes have their output lines requested ahead by the channel-by-channel
 /// normalising pass of the training forward ([`normalize_channel`]): a channel's planes lie C·S values apart, and
 /// pieces that short and that far apart are not followed by the hardware prefetcher, so without it every
-/// plane's stores waited for their lines. Measured (`normvision bench-kernels --ops batch_norm --modes
-/// train_fwd`, best of 120 calls): (128, 128, 7, 7) 0.562 → 0.354 ms on one thread and 0.274 → 0.203 ms on two;
-/// (64, 64, 14, 14) 0.364 → 0.314 ms on one thread, 0.172 → 0.179 ms on two. A read prefetch of x in the
-/// statistics pass added nothing measurable and is not used.
+/// plane's stores waited for their lines. A read prefetch of x in the statistics pass added nothing
+/// measurable and is not used (see docs/PERFORMANCE.md, "Tuning constants").
 const PREFETCH_PLANE_BYTES: usize = 1024;
 /// How many planes ahead.
 const PREFETCH_PLANES: usize = 8;

@@ -44,12 +44,8 @@ impl Tile {
 ///
 /// Column tiles per thread were the multi-thread layout before, and lost: a thread's columns of a row are a
 /// fraction of each 4 KB row, so its half of x and of y maps onto that fraction of the L2 sets and evicts
-/// itself. BatchNorm1d (512, 1024) on two threads, `normvision bench-kernels --ops batch_norm --shapes 512x1024
-/// --threads 2`, best/median of 240 calls: training forward 0.268/0.312 → 0.178/0.201 ms, forward+backward
-/// 0.570/0.618 → 0.422/0.476 ms (and 0.262/0.413 → 0.183/0.356 ms forward without
-/// `runtime::keep_workers_warm`, so the second region's wake-up costs less than it saves). Narrow column tiles
-/// on one thread were slower too (256 channels: 0.45 ms against 0.39 ms for whole rows), because each short row
-/// segment starts a new hardware-prefetch stream. Tiles are ordered row block by row block, so partial sums are
+/// itself. Narrow column tiles on one thread were slower too, because each short row segment starts a new
+/// hardware-prefetch stream (see docs/PERFORMANCE.md, "Tuning constants"). Tiles are ordered row block by row block, so partial sums are
 /// added in a fixed order. Returns the tiles and the number of row blocks.
 fn tiles<T>(d: Ncs) -> (Vec<Tile>, usize) {
     let threads = rayon::current_num_threads().max(1);

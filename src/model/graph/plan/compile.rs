@@ -20,6 +20,9 @@ pub(crate) struct Plan {
     pub free_after: Vec<Vec<ValueId>>,
     /// Per value: kept after the forward for the backward.
     pub keep: Vec<bool>,
+    /// Per step: the kept values to drop once the step's backward has run (no earlier step's backward reads
+    /// them), so the backward's memory falls as it goes.
+    pub bwd_free_after: Vec<Vec<ValueId>>,
     /// Per step: an Add may add into its first input's buffer (read by nothing after it, kept for nothing).
     pub in_place: Vec<bool>,
     /// Forward and backward seconds per step, summed while timing is on.
@@ -149,12 +152,14 @@ pub(crate) fn compile<T: Real>(
     let steps: Vec<Step> = b.steps.into_iter().flatten().collect();
     let shapes = b.shapes;
     let (keep, free_after, in_place) = liveness(&steps, num_values, inputs, outputs, kind);
+    let bwd_free_after = backward_liveness(&steps, &keep, inputs);
     let n = steps.len();
     Ok(Plan {
         steps,
         shapes,
         free_after,
         keep,
+        bwd_free_after,
         in_place,
         times: vec![[0.0; 2]; n],
     })
@@ -210,4 +215,30 @@ fn liveness(
         })
         .collect();
     (keep, free_after, in_place)
+}
+
+/// For each step, the kept values whose last reader in the backward (which runs the steps in reverse) it is.
+fn backward_liveness(steps: &[Step], keep: &[bool], inputs: &[ValueId]) -> Vec<Vec<ValueId>> {
+    let mut first: Vec<Option<usize>> = vec![None; keep.len()];
+    let mut read = |v: ValueId, i: usize| {
+        let f = &mut first[v.0];
+        *f = Some(f.map_or(i, |f| f.min(i)));
+    };
+    for (i, s) in steps.iter().enumerate() {
+        if s.backward_reads_inputs() {
+            s.inputs.iter().for_each(|&v| read(v, i));
+        }
+        if s.backward_reads_output() {
+            read(s.output, i);
+        }
+    }
+    let mut out = vec![vec![]; steps.len()];
+    for (v, f) in first.iter().enumerate() {
+        if let Some(i) = *f {
+            if keep[v] && !inputs.contains(&ValueId(v)) {
+                out[i].push(ValueId(v));
+            }
+        }
+    }
+    out
 }

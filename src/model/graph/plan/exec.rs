@@ -37,6 +37,14 @@ impl<'x, T: Real> Values<'x, T> {
         }
     }
 
+    /// Drops computed values (their buffers go back to the allocator).
+    pub fn drop_values(&mut self, vs: &[ValueId]) {
+        for v in vs {
+            self.vals[v.0] = None;
+            self.moments[v.0] = None;
+        }
+    }
+
     /// Value `v`: a graph input or a computed value still alive.
     pub fn get(&self, v: ValueId) -> Result<&ArrayD<T>> {
         if let Some(k) = self.input_ids.iter().position(|&i| i == v) {

@@ -233,9 +233,8 @@ impl<T: Real> Engine<T> {
         let key = Self::key(&g, &shapes, kind)?;
         let ctx = self.layer_ctx(ctx);
         // The last forward's activations: in eval they go back to the buffer pool for this batch's layers to
-        // reuse. Training does not recycle: on this project's machine, buffers kept across a training step
-        // took write-protect faults with TLB-shootdown IPIs (perf: do_wp_page → flush_tlb_mm_range, 35% of
-        // the step; 690 against 860 img/s), while eval got faster (3800 against 2500 img/s).
+        // reuse. Training does not recycle: buffers kept across a training step took write-protect faults
+        // (see docs/PERFORMANCE.md, "Tuning constants").
         if let Some(old) = self.saved.take() {
             if old.key.kind != PlanKind::Train {
                 old.vals.into_iter().flatten().for_each(arena::recycle);
@@ -343,7 +342,7 @@ impl<T: Real> Engine<T> {
         for (&o, dy) in g.outputs.iter().zip(dys) {
             accumulate(&mut grads[o.0], Arc::new((*dy).clone()));
         }
-        let v = Values::new(saved.vals, inputs, g.inputs);
+        let mut v = Values::new(saved.vals, inputs, g.inputs);
         for i in (0..plan.steps.len()).rev() {
             let step = &plan.steps[i];
             let Some(dy) = grads[step.output.0].take() else {
@@ -369,10 +368,10 @@ impl<T: Real> Engine<T> {
             if let Some(s) = start {
                 plan.times[i][1] += s.elapsed().as_secs_f64();
             }
+            v.drop_values(&plan.bwd_free_after[i]);
         }
-        // the activations stay for another backward of the same forward (a second loss), as PyTorch's
-        // retain_graph would keep them
-        self.saved = Some(Saved { key, vals: v.vals });
+        // as in PyTorch (without retain_graph), the backward consumed the forward's activations: a second
+        // backward needs a second forward
         Ok(g.inputs
             .iter()
             .map(|i| {
@@ -432,8 +431,9 @@ impl<T: Real> Engine<T> {
         mut g: GraphView<T>,
         inputs: &[&[usize]],
         ctx: Ctx,
+        inference: bool,
     ) -> Result<(usize, usize)> {
-        let key = Self::key(&g, inputs, PlanKind::of(ctx.mode(), false))?;
+        let key = Self::key(&g, inputs, PlanKind::of(ctx.mode(), inference))?;
         let ctx = self.layer_ctx(ctx);
         let p = self.plan(&mut g, &key, ctx)?;
         let plan = &self.plans[p].1;

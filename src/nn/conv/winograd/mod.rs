@@ -27,10 +27,9 @@ use crate::kernels::moments::plane_moments_into;
 use rayon::prelude::*;
 
 /// Tiles per chunk the work is split into (a chunk holds whole images): large enough for long GEMM rows, small
-/// enough for the chunk's transformed tiles (16·C·T floats, two or three buffers) to stay in L2. Measured on the
-/// 14×14 layers (49 tiles per image), one thread, three alternating rounds: 100 (2 images) beat 50, 200 and
-/// 400 (64→64 backward: 21.3-23.3 ms against 22.9-27.8, 23.4-32.3 and 26.8-35.9). 28×28 images (196 tiles)
-/// are one per chunk whatever the target.
+/// enough for the chunk's transformed tiles (16·C·T floats, two or three buffers) to stay in L2; 100 beat 50,
+/// 200 and 400 on the 14×14 layers (see docs/PERFORMANCE.md, "Tuning constants"). 28×28 images (196 tiles) are one per chunk whatever
+/// the target.
 pub const TILE_TARGET: usize = 100;
 
 /// A convolution the Winograd path computes: (N, C, H, W) input, K output channels, 3×3 kernel, stride 1,
