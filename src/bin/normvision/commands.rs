@@ -224,7 +224,6 @@ pub fn predict(
 }
 
 /// Training and inference throughput on synthetic data of the model's input shape (no dataset needed).
-#[allow(clippy::too_many_arguments)]
 pub fn plan(
     kind: ModelKind,
     norm: NormKind,
@@ -277,6 +276,7 @@ pub fn plan(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     kind: ModelKind,
     norm: NormKind,
