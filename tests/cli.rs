@@ -53,6 +53,7 @@ fn top_level_help_lists_the_subcommands() {
         "predict",
         "bench",
         "bench-kernels",
+        "plan",
         "--threads",
     ] {
         assert!(h.contains(cmd), "--help does not mention {cmd}:\n{h}");
@@ -263,4 +264,27 @@ fn bench_kernels_rejects_a_bad_shape() {
     assert!(!o.status.success());
     let e = text(&o.stderr);
     assert!(e.contains("bad shape") && !e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn plan_prints_the_steps_and_the_planned_memory() {
+    let o = normvision(&["plan", "--batch-size", "8"]);
+    assert_ok("plan", &o);
+    let out = text(&o.stdout);
+    assert!(out.contains("train plan"), "{out}");
+    assert!(
+        out.contains("1+2") && out.contains("+ ReLU"),
+        "BN+ReLU fused:\n{out}"
+    );
+    assert!(out.contains("kept for the backward"), "{out}");
+    let rows = json_lines(
+        "plan --json",
+        &normvision(&["plan", "--model", "resnet", "--mode", "inference", "--json"]),
+    );
+    assert_eq!(rows[0]["kept_bytes"], 0);
+    assert!(rows[0]["peak_bytes"].as_u64().unwrap() > 0);
+    assert!(rows[0]["steps"].as_array().unwrap().len() > 20);
+    let bad = normvision(&["plan", "--mode", "sideways"]);
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("--mode must be train, eval or inference"));
 }
