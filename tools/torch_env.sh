@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Print the path of a Python interpreter that has torch and numpy installed.
+# Print the path of a Python interpreter that has the reference packages installed: torch (the PyPI build),
+# torchvision, onnx, onnxscript, onnxruntime, pycocotools and numpy.
 #
 #   PY="$(bash tools/torch_env.sh)"
 #
 # - If $TORCH_PYTHON is set, it is printed as is (no checks, nothing installed).
-# - Otherwise tools/.venv is created if needed (python3 -m venv) and torch + numpy
-#   are pip-installed into it if missing; then its absolute python path is printed.
+# - Otherwise tools/.venv is created if needed (python3 -m venv) and the packages are pip-installed into it
+#   if any is missing; then its absolute python path is printed.
 #   Extra pip arguments (for example a CPU-only index:
 #   TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu") go in $TORCH_PIP_ARGS.
 #
@@ -21,9 +22,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/tools/.venv"
 PY="$VENV/bin/python"
 
+PACKAGES=(torch torchvision onnx onnxscript onnxruntime pycocotools numpy)
+MODULES="torch torchvision onnx onnxscript onnxruntime pycocotools numpy"
+
 has_torch() {
-    # find_spec does not import torch, so this check is fast.
-    "$PY" -c 'import importlib.util as u, sys; sys.exit(0 if u.find_spec("torch") and u.find_spec("numpy") else 1)' \
+    # find_spec does not import the modules, so this check is fast.
+    "$PY" -c "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in '$MODULES'.split()) else 1)" \
         >/dev/null 2>&1
 }
 
@@ -33,10 +37,10 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 if ! has_torch; then
-    echo "torch_env: installing torch and numpy into $VENV (large download)" >&2
+    echo "torch_env: installing ${PACKAGES[*]} into $VENV (large download)" >&2
     # shellcheck disable=SC2086
-    "$PY" -m pip install ${TORCH_PIP_ARGS:-} torch numpy >&2
-    has_torch || { echo "torch_env: torch still not importable from $PY" >&2; exit 1; }
+    "$PY" -m pip install ${TORCH_PIP_ARGS:-} "${PACKAGES[@]}" >&2
+    has_torch || { echo "torch_env: $MODULES not all importable from $PY" >&2; exit 1; }
 fi
 
 echo "$PY"
