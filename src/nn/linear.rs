@@ -138,20 +138,7 @@ impl<T: Real> Linear<T> {
                 msg: format!("folding an affine of {} features into {o} outputs", a.len()),
             });
         }
-        let per = self.cfg.in_features;
-        for (k, w) in self.weight.value.iter_mut().enumerate() {
-            *w = T::of_f64(w.as_f64() * a[k / per]);
-        }
-        let old: Vec<f64> = match &self.bias {
-            Some(p) => p.value.iter().map(|v| v.as_f64()).collect(),
-            None => vec![0.0; o],
-        };
-        let nb =
-            ndarray::Array1::from_iter((0..o).map(|i| T::of_f64(old[i] * a[i] + b[i]))).into_dyn();
-        match self.bias.as_mut() {
-            Some(p) => p.value = nb,
-            None => self.bias = Some(Param::new(nb).with_role(ParamRole::Bias)),
-        }
+        super::fold::fold_affine(&mut self.weight, &mut self.bias, a, b);
         self.cfg.bias = true;
         Ok(())
     }

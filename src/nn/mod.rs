@@ -20,6 +20,7 @@
 pub mod activation;
 pub mod conv;
 pub mod dropout;
+mod fold;
 pub mod init;
 pub mod linear;
 pub mod loss;

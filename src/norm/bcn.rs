@@ -19,7 +19,6 @@ use super::batch::stats::{BatchStats, Ncs};
 use super::group_kernels::block_stats;
 use super::NormLayer;
 use super::{check_eps, check_momentum};
-use crate::kernels::arena;
 use crate::kernels::lanes;
 use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
 use crate::layer::Layer;
@@ -386,21 +385,10 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
 
 impl<T: Real> Layer<T> for BatchChannelNorm<T> {
     fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the forward writes every element.
-        let mut y = unsafe { arena::output_uninit(x.shape()) };
-        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
-        Ok(y)
+        super::forward_new(self, x, ctx)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the backward writes every element.
-        let mut dx = unsafe { arena::output_uninit(x.shape()) };
-        self.backward_into(
-            x.view(),
-            dy.view(),
-            dx.as_slice_mut().expect("fresh array"),
-            ctx,
-        )?;
-        Ok(dx)
+        super::backward_new(self, x, dy, ctx)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.dims(input)?;

@@ -1,9 +1,35 @@
 //! The state-dict plumbing every normalization layer shares: the optional affine parameters (`weight`, `bias`)
 //! and the running-statistics buffers (`running_mean`, `running_var`, `num_batches_tracked`), under PyTorch's names.
 
+use crate::param::ParamRole;
 use crate::state::{join, StateDict};
 use crate::{Param, Real, Result};
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
+
+/// PyTorch's initial affine parameters of `c` channels, when the layer has them: weight 1, bias 0.
+pub(crate) fn new_affine<T: Real>(c: usize, affine: bool) -> (Option<Param<T>>, Option<Param<T>>) {
+    if !affine {
+        return (None, None);
+    }
+    (
+        Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
+        Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
+    )
+}
+
+/// PyTorch's initial running statistics of `c` channels, when the layer tracks them: mean 0, variance 1.
+pub(crate) fn new_running<T: Real>(
+    c: usize,
+    track: bool,
+) -> (Option<ArrayD<T>>, Option<ArrayD<T>>) {
+    if !track {
+        return (None, None);
+    }
+    (
+        Some(ArrayD::zeros(IxDyn(&[c]))),
+        Some(ArrayD::from_elem(IxDyn(&[c]), T::one())),
+    )
+}
 
 /// Writes whichever of `weight` and `bias` exist.
 pub(crate) fn save_affine<T: Real>(

@@ -190,15 +190,7 @@ impl<T: Real> Layer<T> for FrozenBatchNorm<T> {
         self.forward_fused(x, false)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the backward writes every element of dx.
-        let mut dx = unsafe { arena::output_uninit(x.shape()) };
-        self.backward_into(
-            x.view(),
-            dy.view(),
-            dx.as_slice_mut().expect("fresh array"),
-            ctx,
-        )?;
-        Ok(dx)
+        super::backward_new(self, x, dy, ctx)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.dims(input)?;

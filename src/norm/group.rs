@@ -13,10 +13,8 @@ use super::buffers::{load_affine, save_affine, visit_affine};
 use super::group_kernels::{self as k, GroupStats};
 use super::NormLayer;
 use super::{check_eps, pslice};
-use crate::kernels::arena;
 use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
 use crate::layer::Layer;
-use crate::param::ParamRole;
 use crate::state::{StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
@@ -76,14 +74,7 @@ impl<T: Real> GroupNorm<T> {
             )));
         }
         let c = cfg.num_channels;
-        let (weight, bias) = if cfg.affine {
-            (
-                Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
-                Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
-            )
-        } else {
-            (None, None)
-        };
+        let (weight, bias) = super::buffers::new_affine(c, cfg.affine);
         Ok(GroupNorm {
             cfg,
             weight,
@@ -215,21 +206,10 @@ impl<T: Real> NormLayer<T> for GroupNorm<T> {
 
 impl<T: Real> Layer<T> for GroupNorm<T> {
     fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the forward writes every element.
-        let mut y = unsafe { arena::output_uninit(x.shape()) };
-        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
-        Ok(y)
+        super::forward_new(self, x, ctx)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the backward writes every element.
-        let mut dx = unsafe { arena::output_uninit(x.shape()) };
-        self.backward_into(
-            x.view(),
-            dy.view(),
-            dx.as_slice_mut().expect("fresh array"),
-            ctx,
-        )?;
-        Ok(dx)
+        super::backward_new(self, x, dy, ctx)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.dims(input)?;

@@ -18,13 +18,11 @@ use super::group::accumulate_affine_grads;
 use super::group_kernels::{self as k, GroupStats};
 use super::NormLayer;
 use super::{check_eps, check_momentum, pslice, EvalAffine};
-use crate::kernels::arena;
 use crate::kernels::shape::{check_dx_len, check_same_shape, contiguous};
 use crate::layer::Layer;
-use crate::param::ParamRole;
 use crate::state::{StateDict, Stateful};
 use crate::{Ctx, Mode, NvError, Param, Real, Result};
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD};
 
 /// Configuration with PyTorch's defaults (eps 1e-5, momentum 0.1, no affine, no running statistics).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -116,22 +114,8 @@ impl<T: Real> InstanceNorm<T> {
             ));
         }
         let c = cfg.num_features;
-        let (weight, bias) = if cfg.affine {
-            (
-                Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
-                Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
-            )
-        } else {
-            (None, None)
-        };
-        let (running_mean, running_var) = if cfg.track_running_stats {
-            (
-                Some(ArrayD::zeros(IxDyn(&[c]))),
-                Some(ArrayD::from_elem(IxDyn(&[c]), T::one())),
-            )
-        } else {
-            (None, None)
-        };
+        let (weight, bias) = super::buffers::new_affine(c, cfg.affine);
+        let (running_mean, running_var) = super::buffers::new_running(c, cfg.track_running_stats);
         Ok(InstanceNorm {
             cfg,
             weight,
@@ -342,21 +326,10 @@ impl<T: Real> NormLayer<T> for InstanceNorm<T> {
 
 impl<T: Real> Layer<T> for InstanceNorm<T> {
     fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the forward writes every element.
-        let mut y = unsafe { arena::output_uninit(x.shape()) };
-        self.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
-        Ok(y)
+        super::forward_new(self, x, ctx)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
-        // SAFETY: the backward writes every element.
-        let mut dx = unsafe { arena::output_uninit(x.shape()) };
-        self.backward_into(
-            x.view(),
-            dy.view(),
-            dx.as_slice_mut().expect("fresh array"),
-            ctx,
-        )?;
-        Ok(dx)
+        super::backward_new(self, x, dy, ctx)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.dims(input)?;

@@ -83,6 +83,37 @@ pub trait NormLayer<T: Real>: crate::Layer<T> {
     fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)>;
 }
 
+/// [`Layer::forward`](crate::Layer::forward) of this crate's norms: [`NormLayer::forward_into`] a fresh output.
+/// Crate-private: it relies on the crate's own norms writing every element of the output.
+pub(crate) fn forward_new<T: Real>(
+    l: &mut impl NormLayer<T>,
+    x: &ArrayD<T>,
+    ctx: Ctx,
+) -> Result<ArrayD<T>> {
+    // SAFETY: every norm of this crate writes each element of y in forward_into (or fails).
+    let mut y = unsafe { crate::kernels::arena::output_uninit(x.shape()) };
+    l.forward_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx)?;
+    Ok(y)
+}
+
+/// [`Layer::backward`](crate::Layer::backward) of this crate's norms: [`NormLayer::backward_into`] a fresh dx.
+pub(crate) fn backward_new<T: Real>(
+    l: &mut impl NormLayer<T>,
+    x: &ArrayD<T>,
+    dy: &ArrayD<T>,
+    ctx: Ctx,
+) -> Result<ArrayD<T>> {
+    // SAFETY: every norm of this crate writes each element of dx in backward_into (or fails).
+    let mut dx = unsafe { crate::kernels::arena::output_uninit(x.shape()) };
+    l.backward_into(
+        x.view(),
+        dy.view(),
+        dx.as_slice_mut().expect("fresh array"),
+        ctx,
+    )?;
+    Ok(dx)
+}
+
 /// A normalization's eval-mode output as a per-channel affine, y = x·scale + shift, in f64: what an inference plan
 /// applies in a preceding convolution's output pass (rounded to the layer's element type, bitwise the layer's own
 /// eval pass) and what BN folding absorbs into the convolution's weights.

@@ -42,15 +42,13 @@ pub use planes::DxPlanes;
 use super::buffers::{load_affine, load_running, save_affine, save_running, visit_affine};
 use super::NormLayer;
 use super::{check_eps, check_momentum, pslice, EvalAffine};
-use crate::kernels::arena;
 use crate::kernels::shape::{check_channels, check_same_shape, contiguous};
 use crate::layer::Layer;
-use crate::param::ParamRole;
 use crate::state::{StateDict, Stateful};
 use crate::{Ctx, Mode, NvError, Param, Real, Result};
 pub use fused::BnFusion;
 use maxpool::Pool2x2;
-use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD};
 use stats::{BackwardSums, BatchStats, Ncs};
 
 /// What the last forward left for the backward.
@@ -113,22 +111,8 @@ impl<T: Real> BatchNorm<T> {
             return Err(NvError::Config("num_features must be > 0".into()));
         }
         let c = cfg.num_features;
-        let (weight, bias) = if cfg.affine {
-            (
-                Some(Param::filled(&[c], T::one()).with_role(ParamRole::NormWeight)),
-                Some(Param::filled(&[c], T::zero()).with_role(ParamRole::NormBias)),
-            )
-        } else {
-            (None, None)
-        };
-        let (running_mean, running_var) = if cfg.track_running_stats {
-            (
-                Some(ArrayD::zeros(IxDyn(&[c]))),
-                Some(ArrayD::from_elem(IxDyn(&[c]), T::one())),
-            )
-        } else {
-            (None, None)
-        };
+        let (weight, bias) = super::buffers::new_affine(c, cfg.affine);
+        let (running_mean, running_var) = super::buffers::new_running(c, cfg.track_running_stats);
         Ok(BatchNorm {
             cfg,
             weight,
@@ -436,15 +420,7 @@ impl<T: Real> Layer<T> for BatchNorm<T> {
         if self.pooled.is_some() {
             return self.backward_maxpool(x, dy, ctx);
         }
-        // SAFETY: the backward writes every element of dx.
-        let mut dx = unsafe { arena::output_uninit(x.shape()) };
-        self.backward_into(
-            x.view(),
-            dy.view(),
-            dx.as_slice_mut().expect("fresh array"),
-            ctx,
-        )?;
-        Ok(dx)
+        super::backward_new(self, x, dy, ctx)
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         self.dims(input)?;
