@@ -46,7 +46,7 @@ impl<T: Real> BatchNorm<T> {
 
     /// The forward with the fusions `f` (see [`BnFusion`]). A requested pool that does not apply
     /// ([`BatchNorm::can_pool2x2`]) or plane moments that do not ([`BatchNorm::takes_plane_moments`], or of the
-    /// wrong length) are an error. The backward ([`Layer::backward`]) then takes the gradient of the pooled
+    /// wrong length) are an error. The backward ([`Layer::backward`](crate::Layer::backward)) then takes the gradient of the pooled
     /// output when the forward pooled.
     pub fn forward_fused(&mut self, x: &ArrayD<T>, ctx: Ctx, f: BnFusion<'_>) -> Result<ArrayD<T>> {
         let shape = x.shape().to_vec();
