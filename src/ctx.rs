@@ -25,7 +25,7 @@ impl Isa {
     pub fn detect() -> Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
+            #[cfg(nv_x86)]
             {
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     return Isa::Avx512;
@@ -50,6 +50,13 @@ impl Isa {
             )));
         }
         Ok(self)
+    }
+
+    /// `self`, lowered to what this CPU has: the set a kernel actually runs (so that no request, whatever its
+    /// origin, reaches an instruction the CPU lacks).
+    #[inline]
+    pub fn usable(self) -> Isa {
+        self.min(Isa::detect())
     }
 
     /// Whether kernels may use AVX-512F.
@@ -117,8 +124,8 @@ impl KernelOptions {
     /// (forward passes touch 2 arrays, x and y; backward passes 3, x, dy and dx). Streaming stores exist for
     /// AVX-512 only.
     pub fn streams(&self, bytes: usize, arrays: usize) -> bool {
-        cfg!(all(target_arch = "x86_64", target_feature = "avx512f"))
-            && self.isa.avx512()
+        cfg!(nv_x86)
+            && self.isa.usable().avx512()
             && bytes.saturating_mul(arrays) >= self.stream_bytes
     }
 }

@@ -3,14 +3,17 @@
 //! on fixed pseudo-random batches, on a 2-thread pool. Every step's loss (f64 bits) and a hash of the whole state
 //! dict after steps 1, 20 and 60 must equal `tests/fixtures/engine/baseline.json`, as must the eval logits
 //! after the last step, from the plain eval forward and from the fused inference forward.
-//! `tests/fixtures/engine/baseline-<isa>.json` holds the values for the kernels of one instruction set (the CPU's
-//! best, [`Isa::detect`]): other kernels round differently.
+//! `tests/fixtures/engine/baseline-<isa>.json` holds the values for the kernels of one instruction set: other
+//! kernels round differently. Every set this CPU has runs, forced through the plan's instruction-set option (a
+//! run-time switch of the one build), so CI checks the AVX2 and the portable kernels on an AVX2 machine and all
+//! three on an AVX-512 one. The portable run takes the default `--conv` cases only (the choices coincide where
+//! no AVX-512 kernel exists).
 //!
-//! `baseline-avx2.json` was written by the engine before the graph redesign (issue #4), on an AVX2 machine (the
-//! generic kernels: the three `--conv` choices coincide there), with
-//! `NORMVISION_BLESS=1 cargo test --release --test engine_baseline`. It guards that a redesign of how a batch
-//! flows through the engine (graphs, plans, fusions) changes no result. On a CPU whose instruction set has no
-//! fixture yet the test says so and compares nothing; bless one there from a known-good commit.
+//! `baseline-avx2.json` was written by the engine before the graph redesign (issue #4), on an AVX2 machine, with a
+//! `-C target-cpu=native` build; the run-time-dispatched kernels of issue #5 reproduce it bit for bit.
+//! `baseline-portable.json` was written by those portable kernels (issue #5). Bless with
+//! `NORMVISION_BLESS=1 cargo test --release --test engine_baseline`; an instruction set without a fixture is
+//! reported and compared with nothing.
 
 use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind, PlanOptions};
@@ -123,7 +126,7 @@ fn batch(step: u64) -> (ArrayD<f32>, Vec<usize>) {
     )
 }
 
-fn run(case: &Case) -> Value {
+fn run(case: &Case, isa: Isa) -> Value {
     let cfg = ModelConfig {
         dropout: case.dropout,
         seed: 7,
@@ -131,7 +134,7 @@ fn run(case: &Case) -> Value {
     };
     let mut model = Model::new(cfg).unwrap();
     model
-        .set_plan_options(PlanOptions::default().conv(case.conv))
+        .set_plan_options(PlanOptions::default().conv(case.conv).isa(isa))
         .unwrap();
     let schedule = LrSchedule::with_warmup(
         Schedule::Cosine {
@@ -177,25 +180,33 @@ fn run(case: &Case) -> Value {
     })
 }
 
-#[test]
-fn sixty_sgd_steps_are_bitwise_the_baseline() {
+fn check(isa: Isa) {
+    if isa > Isa::detect() {
+        eprintln!("this CPU has no {}: nothing compared", isa.as_str());
+        return;
+    }
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
         "tests/fixtures/engine/baseline-{}.json",
-        Isa::detect().as_str()
+        isa.as_str()
     ));
     if !path.exists() && std::env::var_os("NORMVISION_BLESS").is_none() {
         eprintln!(
-            "no baseline for this CPU's instruction set ({}): nothing compared",
+            "no baseline for the {} kernels ({}): nothing compared",
+            isa.as_str(),
             path.display()
         );
         return;
     }
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| isa != Isa::Portable || c.conv == ConvChoice::Winograd)
+        .collect();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(2)
         .build()
         .unwrap();
     let got: serde_json::Map<String, Value> =
-        pool.install(|| cases().iter().map(|c| (c.name(), run(c))).collect());
+        pool.install(|| cases.iter().map(|c| (c.name(), run(c, isa))).collect());
     if std::env::var_os("NORMVISION_BLESS").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();
@@ -223,4 +234,19 @@ fn sixty_sgd_steps_are_bitwise_the_baseline() {
     }
     assert_eq!(got.len(), want.len(), "cases: {:?}", got.keys());
     assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn avx512_kernels_give_the_baseline() {
+    check(Isa::Avx512);
+}
+
+#[test]
+fn avx2_kernels_give_the_baseline() {
+    check(Isa::Avx2);
+}
+
+#[test]
+fn portable_kernels_give_the_baseline() {
+    check(Isa::Portable);
 }

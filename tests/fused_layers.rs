@@ -207,7 +207,11 @@ proptest! {
 /// Per-plane (mean, M2) of an (N, C, H, W) array, as a convolution hands them over.
 fn planes(x: &ArrayD<f32>) -> Vec<(f64, f64)> {
     let s = x.shape()[2] * x.shape()[3];
-    x.as_slice().unwrap().chunks(s).map(plane_moments).collect()
+    x.as_slice()
+        .unwrap()
+        .chunks(s)
+        .map(|p| plane_moments(normvision::Isa::Avx512, p))
+        .collect()
 }
 
 #[test]

@@ -7,7 +7,7 @@ use common::*;
 use ndarray::ArrayD;
 use normvision::norm::*;
 use normvision::state::{StateDict, StateTensor};
-use normvision::{Ctx, Layer};
+use normvision::{Ctx, Isa, KernelOptions, Layer};
 
 const RTOL: f32 = 1e-5;
 const ATOL: f32 = 1e-5;
@@ -92,7 +92,7 @@ fn build(fx: &Fixture) -> Box<dyn Layer<f32>> {
     }
 }
 
-fn run_case(fx: &Fixture) {
+fn run_case(fx: &Fixture, isa: Isa) {
     let mut layer = build(fx);
     let init = fx.state("init");
     if !init.tensors.is_empty() {
@@ -105,7 +105,11 @@ fn run_case(fx: &Fixture) {
             Ctx::train()
         } else {
             Ctx::eval()
-        };
+        }
+        .with_kernels(KernelOptions {
+            isa,
+            ..KernelOptions::default()
+        });
         let x = fx.get(&format!("x.{k}"));
         let dy = fx.get(&format!("dy.{k}"));
         let y = layer
@@ -177,14 +181,17 @@ fn all_norm_fixtures_match_pytorch() {
         names.len()
     );
     let mut failures = vec![];
-    for name in &names {
-        let fx = load_fixture("norm", name);
-        if let Err(e) = std::panic::catch_unwind(|| run_case(&fx)) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .unwrap_or_else(|| format!("{e:?}"));
-            failures.push(msg);
+    // every instruction set this CPU has, forced through the kernel options
+    for isa in common::isas() {
+        for name in &names {
+            let fx = load_fixture("norm", name);
+            if let Err(e) = std::panic::catch_unwind(|| run_case(&fx, isa)) {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_else(|| format!("{e:?}"));
+                failures.push(format!("[{}] {msg}", isa.as_str()));
+            }
         }
     }
     assert!(

@@ -336,7 +336,7 @@ proptest! {
             let x = cast(input(seed, shape, 1));
             let dy = cast(randn(seed ^ 9, shape));
             for mode in [Ctx::train(), Ctx::eval()] {
-                prop_assert_eq!(fz.forward_fused(&x, relu).unwrap(), bn.forward_fused(&x, Ctx::eval(), f).unwrap());
+                prop_assert_eq!(fz.forward_fused(&x, mode, relu).unwrap(), bn.forward_fused(&x, Ctx::eval(), f).unwrap());
                 prop_assert_eq!(fz.backward(&x, &dy, mode).unwrap(), bn.backward(&x, &dy, Ctx::eval()).unwrap());
             }
             Ok(())
@@ -372,7 +372,11 @@ proptest! {
         let x = input(seed, &[total, c, s], 1);
         let part = |lo: usize, hi: usize| {
             let xs = x.slice_axis(Axis(0), Slice::from(lo..hi)).to_owned();
-            local_moments(xs.as_slice().unwrap(), Ncs { n: hi - lo, c, s })
+            local_moments(
+                xs.as_slice().unwrap(),
+                Ncs { n: hi - lo, c, s },
+                normvision::KernelOptions::default(),
+            )
         };
         let (a, b, cc) = (part(0, n1), part(n1, n1 + n2), part(n1 + n2, total));
         let left = a.merge(&b).merge(&cc);

@@ -17,9 +17,12 @@ use normvision::optim::{LrSchedule, OptimConfig};
 use normvision::state::{StateTensor, Stateful};
 use normvision::train::{self, checkpoint, RunOptions, TrainConfig};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+mod common;
+use common::cli::*;
 
 // ------------------------------------------------------------------------------------------------
 // data
@@ -46,36 +49,6 @@ fn fashion() -> Option<Pair> {
         Some((Arc::new(tr), Arc::new(te)))
     })
     .clone()
-}
-
-/// A learnable synthetic 10-class 1x28x28 dataset: a bright 8x8 square whose position depends on the class,
-/// on noise. Deterministic in `seed`.
-fn synthetic(n: usize, seed: u64) -> Dataset {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = move || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (s >> 33) as u32
-    };
-    let mut images = Vec::with_capacity(n * 784);
-    let mut labels = Vec::with_capacity(n);
-    for i in 0..n {
-        let label = (i * 7 + (next() as usize % 3)) % 10;
-        let (r0, c0) = ((label / 5) * 12 + 3, (label % 5) * 5 + 1);
-        for r in 0..28 {
-            for c in 0..28 {
-                let inside = (r0..r0 + 8).contains(&r) && (c0..c0 + 6).contains(&c);
-                let base = if inside { 170 } else { 20 };
-                images.push((base + next() % 60) as u8);
-            }
-        }
-        labels.push(label);
-    }
-    let classes = (0..10).map(|k| format!("class {k}")).collect();
-    Dataset::new(images, labels, classes, [1, 28, 28]).unwrap()
 }
 
 /// Fashion-MNIST when installed, otherwise synthetic data (the train/test limits of the config apply either way).
@@ -570,81 +543,6 @@ fn chance_level_epoch_is_diverged_and_not_saved() {
 // ------------------------------------------------------------------------------------------------
 // corrupt inputs through the binary
 // ------------------------------------------------------------------------------------------------
-
-fn nv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_normvision"))
-        .args(["--threads", "1"])
-        .args(args)
-        .output()
-        .expect("run normvision")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Asserts a clean failure: non-zero exit, an `error:` line mentioning every `needles`, no panic.
-fn assert_fails(what: &str, o: &Output, needles: &[&str]) -> String {
-    let e = stderr(o);
-    assert!(
-        !o.status.success(),
-        "{what}: expected failure, got success\nstdout:\n{}\nstderr:\n{e}",
-        stdout(o)
-    );
-    assert_eq!(o.status.code(), Some(1), "{what}: exit code\n{e}");
-    assert!(!e.contains("panicked"), "{what}: panicked:\n{e}");
-    assert!(e.contains("error:"), "{what}: no error line:\n{e}");
-    for n in needles {
-        assert!(e.contains(n), "{what}: stderr does not mention {n:?}:\n{e}");
-    }
-    e
-}
-
-fn assert_ok(what: &str, o: &Output) {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        stdout(o),
-        stderr(o)
-    );
-}
-
-/// Writes a small valid Fashion-MNIST-format directory (raw, uncompressed IDX files).
-fn write_idx_dir(dir: &Path, n_train: usize, n_test: usize) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (stem_i, stem_l, n, seed) in [
-        (
-            "train-images-idx3-ubyte",
-            "train-labels-idx1-ubyte",
-            n_train,
-            3,
-        ),
-        (
-            "t10k-images-idx3-ubyte",
-            "t10k-labels-idx1-ubyte",
-            n_test,
-            4,
-        ),
-    ] {
-        let d = synthetic(n, seed);
-        let imgs = IdxArray::new(vec![n, 28, 28], IdxData::U8(d.images)).unwrap();
-        let labs = IdxArray::new(
-            vec![n],
-            IdxData::U8(d.labels.iter().map(|&l| l as u8).collect()),
-        )
-        .unwrap();
-        write_idx(&dir.join(stem_i), &imgs, false).unwrap();
-        write_idx(&dir.join(stem_l), &labs, false).unwrap();
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Trains a tiny MLP through the CLI on synthetic IDX data; returns (data dir, checkpoint).
 fn cli_checkpoint(root: &Path) -> (PathBuf, PathBuf) {

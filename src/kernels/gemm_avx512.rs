@@ -22,7 +22,7 @@ pub const MR: usize = 8;
 
 /// The mask of the first `cnt` lanes of a 16-lane vector (all of them for `cnt >= 16`): the tails of the
 /// project's AVX-512 kernels (GEMM, Winograd, pooling, the single-channel convolution).
-#[cfg(target_arch = "x86_64")]
+#[cfg(nv_x86)]
 #[inline(always)]
 pub(crate) fn lane_mask(cnt: usize) -> std::arch::x86_64::__mmask16 {
     if cnt >= 16 {
@@ -37,7 +37,7 @@ pub(crate) fn lane_mask(cnt: usize) -> std::arch::x86_64::__mmask16 {
 ///
 /// # Safety
 /// AVX-512F must be available, and `p..p + count` must be valid for writes.
-#[cfg(target_arch = "x86_64")]
+#[cfg(nv_x86)]
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn store_interleaved(
@@ -61,13 +61,13 @@ pub(crate) unsafe fn store_interleaved(
 
 /// Whether the kernels can run on this CPU (AVX-512F, checked once).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(nv_x86)]
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(nv_x86))]
     {
         false
     }
@@ -167,7 +167,7 @@ pub fn gemm_nn_rows(
     );
     assert!(n <= ldc || m == 1, "gemm_nn: ldc < n");
     assert!((m - 1) * ldc + n <= c.len(), "gemm_nn: C too short");
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(nv_x86)]
     // SAFETY: AVX-512F is available (asserted); the asserts above bound every address the kernels touch:
     // panel rows < packed_len, B rows offs[p] + (column < n, masked), C rows < m with columns < n (masked).
     unsafe {
@@ -259,7 +259,7 @@ pub fn gemm_nt_rows_multi(
     );
     let ap: Vec<*const f32> = a.iter().map(|s| s.as_ptr()).collect();
     let bp: Vec<*const f32> = b.iter().map(|s| s.as_ptr()).collect();
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(nv_x86)]
     // SAFETY: AVX-512F is available; rows of every A (< m) and B (< n) are read over [0, len) only (masked
     // tail), which the asserts above bound; C is written at rows < m, columns < n.
     unsafe {
@@ -278,7 +278,7 @@ pub fn gemm_nt_rows_multi(
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(nv_x86)]
 mod x86 {
     use super::MR;
     use std::arch::x86_64::*;

@@ -3,22 +3,19 @@
 //! LLVM does not reliably turn the generic lane-array reductions into packed code (it emitted scalar `vmovss`
 //! and `vinsertps` for them on this project's machines), so the `f32` reductions are written with intrinsics:
 //! 4 independent 8-wide accumulators, flushed into `f64` every 1024 values, the same accumulation scheme as the
-//! generic code. Used only when the binary is compiled with AVX2 and FMA enabled (the project builds with
-//! `-C target-cpu=native`); otherwise the generic code runs.
+//! generic code. Each is a `#[target_feature]` function: [`lanes`](super::lanes) calls them where the instruction
+//! set chosen at run time allows (see [`super::isa`]).
 
 #![allow(unsafe_code)]
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(nv_x86)]
 mod imp {
     use std::arch::x86_64::*;
 
     const FLUSH: usize = 1024;
 
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum_pd(v: __m256d) -> f64 {
         let lo = _mm256_castpd256_pd128(v);
         let hi = _mm256_extractf128_pd(v, 1);
@@ -28,7 +25,8 @@ mod imp {
     }
 
     /// Sum of 8 f32 lanes in f64.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum_ps_f64(v: __m256) -> f64 {
         let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
         let hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
@@ -64,7 +62,10 @@ mod imp {
         }
     }
 
-    pub fn sum(xs: &[f32], v: Strided) -> f64 {
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum(xs: &[f32], v: Strided) -> f64 {
         v.check(xs.len());
         let mut total = 0.0f64;
         let mut since = 0usize;
@@ -96,7 +97,10 @@ mod imp {
         total
     }
 
-    pub fn shifted_moments(xs: &[f32], v: Strided, shift: f32) -> (f64, f64) {
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn shifted_moments(xs: &[f32], v: Strided, shift: f32) -> (f64, f64) {
         v.check(xs.len());
         let (mut t1, mut t2) = (0.0f64, 0.0f64);
         let mut since = 0usize;
@@ -147,7 +151,10 @@ mod imp {
     }
 
     /// (Σg, Σg·(x-shift)) where g = dy, or dy masked by (x-shift)·s + b > 0 when `relu` is `Some((s, b))`.
-    pub fn dy_moments(
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dy_moments(
         dy: &[f32],
         x: &[f32],
         v: Strided,
@@ -228,7 +235,7 @@ mod imp {
 /// twice the memory traffic of the write itself. The arithmetic is the generic code's, operation for operation
 /// (separate multiply and add, no FMA), so the results are bitwise the same. Stores are 64-byte aligned: a
 /// scalar head runs up to the first aligned element. Callers must [`fence`] before other threads read the output.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[cfg(nv_x86)]
 pub mod stream {
     use std::arch::x86_64::*;
 
@@ -244,7 +251,10 @@ pub mod stream {
     }
 
     /// y = (x - shift)·s + b, then ReLU when `relu`.
-    pub fn affine_shifted(x: &[f32], y: &mut [f32], shift: f32, s: f32, b: f32, relu: bool) {
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn affine_shifted(x: &[f32], y: &mut [f32], shift: f32, s: f32, b: f32, relu: bool) {
         assert_eq!(x.len(), y.len());
         let n = x.len();
         let one = |x: &[f32], y: &mut [f32], i: usize| {
@@ -282,7 +292,10 @@ pub mod stream {
 
     /// dx = g·k1 + (x - shift)·k2 + k3, g = dy masked by (x - shift)·s + b > 0 when `relu` is `Some((s, b))`.
     #[allow(clippy::too_many_arguments)]
-    pub fn bwd_dx(
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn bwd_dx(
         dy: &[f32],
         x: &[f32],
         dx: &mut [f32],
@@ -339,7 +352,10 @@ pub mod stream {
     }
 
     /// dst = src with streaming stores.
-    pub fn copy(src: &[f32], dst: &mut [f32]) {
+    /// # Safety
+    /// The CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn copy(src: &[f32], dst: &mut [f32]) {
         assert_eq!(src.len(), dst.len());
         let n = src.len();
         let dp = dst.as_mut_ptr();
@@ -362,9 +378,5 @@ pub mod stream {
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(nv_x86)]
 pub use imp::*;

@@ -9,6 +9,7 @@
 //! | [`elementwise`] | parallel elementwise loops, `SyncPtr` |
 //! | [`gemm`] | the `gemm` crate behind a bounds-checked front end |
 //! | [`gemm_avx512`] | AVX-512 GEMM microkernels for the convolution shapes, lane masks |
+//! | [`isa`] | kernels compiled per instruction set and chosen at run time ([`isa::isa_fn`]) |
 //! | [`lanes`] | lane-wise reductions and elementwise passes of the normalizations (generic, flushed to f64) |
 //! | [`lanes_x86`] | their AVX2/FMA reductions and AVX-512 streaming-store passes |
 //! | [`moments`] | (mean, M2) of contiguous planes |
@@ -20,6 +21,7 @@ pub mod cast;
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_avx512;
+pub mod isa;
 pub mod lanes;
 pub mod lanes_x86;
 pub mod moments;

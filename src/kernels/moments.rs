@@ -2,24 +2,26 @@
 //! BatchNorm, so that the BatchNorm's statistics need no pass of their own.
 
 use super::lanes;
+use crate::ctx::Isa;
 
 /// (mean, M2) of one contiguous plane, two-pass (a sum, then Σ(x-shift) and Σ(x-shift)² around the rounded
 /// mean): what a layer that has just written the plane (still in L1) hands to a following BatchNorm, so the
 /// BatchNorm's statistics need no pass of their own (`moments_from_planes` in `norm::batch`).
-pub fn plane_moments(x: &[f32]) -> (f64, f64) {
+pub fn plane_moments(isa: Isa, x: &[f32]) -> (f64, f64) {
     if x.is_empty() {
         return (0.0, 0.0);
     }
     let m = x.len() as f64;
-    let shift = (lanes::sum(x) / m) as f32;
-    let (s1, s2) = lanes::shifted_moments(x, shift);
+    let shift = (lanes::sum(isa, x) / m) as f32;
+    let (s1, s2) = lanes::shifted_moments(isa, x, shift);
     moments_from_shifted(shift as f64, s1, s2, m)
 }
 
 /// [`plane_moments`] of each `plane`-value plane of `y` into `out` (one entry per plane).
+/// (The callers are AVX-512 kernels: the reductions run with AVX-512's instruction set.)
 pub fn plane_moments_into(y: &[f32], plane: usize, out: &mut [(f64, f64)]) {
     for (m, pl) in out.iter_mut().zip(y.chunks(plane)) {
-        *m = plane_moments(pl);
+        *m = plane_moments(Isa::Avx512, pl);
     }
 }
 

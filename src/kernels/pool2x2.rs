@@ -10,7 +10,7 @@ pub fn available() -> bool {
 pub fn plane(x: &[f32], w: usize, oh: usize, ow: usize, y: &mut [f32], ix: &mut [u32]) {
     assert!(available(), "AVX-512F");
     assert!(2 * ow <= w && x.len() >= 2 * oh * w && y.len() >= oh * ow && ix.len() >= oh * ow);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(nv_x86)]
     // SAFETY: AVX-512F is available; loads are masked to the 2·ow columns of rows < 2·oh, stores to the
     // ow values of output rows < oh (bounds asserted above).
     unsafe {
@@ -37,7 +37,7 @@ pub fn plane_backward(
             && dy.len() >= oh * ow
             && ix.len() >= oh * ow
     );
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(nv_x86)]
     // SAFETY: AVX-512F is available; dy and ix reads are masked to ow values of rows < oh, dx writes to the
     // 2·ow columns of rows < 2·oh (bounds asserted above); the rest is written by safe code.
     unsafe {
@@ -49,7 +49,7 @@ pub fn plane_backward(
     dx[2 * oh * w..h * w].fill(0.0);
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(nv_x86)]
 mod x86 {
     use std::arch::x86_64::*;
 
@@ -150,7 +150,7 @@ mod x86 {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(nv_x86))]
 mod x86 {
     pub unsafe fn plane(_: &[f32], _: usize, _: usize, _: usize, _: &mut [f32], _: &mut [u32]) {
         unreachable!("AVX-512F only")

@@ -185,6 +185,7 @@ impl<T: Real> BatchChannelNorm<T> {
 impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
     fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let mode = ctx.mode();
+        let isa = ctx.kernels().isa;
         let shape = x.shape().to_vec();
         let d = self.dims(&shape)?;
         if y.len() != d.numel() {
@@ -202,7 +203,8 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
                     shape,
                 });
             }
-            let st: BatchStats<T> = BatchStats::from_moments(&planes::local_moments(&xs, d), eps);
+            let st: BatchStats<T> =
+                BatchStats::from_moments(&planes::local_moments(&xs, d, ctx.kernels()), eps);
             self.update_running(&st.mean, &st.var, d.m());
             (
                 Part {
@@ -237,7 +239,7 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
             y.par_chunks_mut(blk)
                 .zip(xs.par_chunks(blk))
                 .map(|(yb, xb)| {
-                    let (_, mu_l, var_l) = block_stats(xb);
+                    let (_, mu_l, var_l) = block_stats(isa, xb);
                     let r_l = 1.0 / (var_l + eps).sqrt();
                     for c in 0..d.c {
                         let (gc, lc) = (g[c].as_f64(), l[c].as_f64());
@@ -248,6 +250,7 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
                             gc * (-lc * db * rb + (1.0 - lc) * (sh - mu_l) * r_l) + b[c].as_f64();
                         let r = c * d.s..(c + 1) * d.s;
                         lanes::affine_shifted(
+                            isa,
                             &xb[r.clone()],
                             &mut yb[r],
                             bn_shift[c],
@@ -278,6 +281,7 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
         ctx: Ctx,
     ) -> Result<()> {
         let mode = ctx.mode();
+        let isa = ctx.kernels().isa;
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
@@ -303,7 +307,7 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
                 (0..d.c)
                     .map(|c| {
                         let r = c * d.s..(c + 1) * d.s;
-                        lanes::dy_moments(&gb[r.clone()], &xb[r], sv.bn_shift[c])
+                        lanes::dy_moments(isa, &gb[r.clone()], &xb[r], sv.bn_shift[c])
                     })
                     .collect()
             })
@@ -357,6 +361,7 @@ impl<T: Real> NormLayer<T> for BatchChannelNorm<T> {
                     }
                     let r = c * d.s..(c + 1) * d.s;
                     lanes::bwd_dx(
+                        isa,
                         &gb[r.clone()],
                         &xb[r.clone()],
                         &mut dxb[r],

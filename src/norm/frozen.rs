@@ -108,7 +108,8 @@ impl<T: Real> FrozenBatchNorm<T> {
         &self.running_var
     }
 
-    /// The affine y = x·scale + shift the layer computes in both modes (f64; the forward rounds it to `T`).
+    /// The layer's output as an affine y = x·scale + shift (f64), for folding into a convolution. The layer
+    /// itself computes (x − running_mean)·scale + bias, which stays exact when |mean| ≫ std.
     pub fn eval_affine(&self) -> EvalAffine {
         EvalAffine::from_stats(
             self.running_mean.iter().map(|v| v.as_f64()),
@@ -117,6 +118,18 @@ impl<T: Real> FrozenBatchNorm<T> {
             self.bias.as_slice(),
             self.cfg.eps,
         )
+    }
+
+    /// (m, a, b) of the pass y = (x - m)·a + b ([`crate::norm::running_affine`]): exact when |mean| ≫ std.
+    fn shifted_affine(&self) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let (m, a, b, _) = super::running_affine(
+            self.running_mean.as_slice().expect("contiguous"),
+            self.running_var.as_slice().expect("contiguous"),
+            self.weight.as_slice(),
+            self.bias.as_slice(),
+            self.cfg.eps,
+        );
+        (m, a, b)
     }
 
     fn dims(&self, shape: &[usize]) -> Result<Ncs> {
@@ -137,7 +150,13 @@ impl<T: Real> FrozenBatchNorm<T> {
 
     /// The forward into a caller-owned buffer (the same in both modes), followed by a ReLU when `relu` (a
     /// model's plan fuses a following ReLU this way).
-    pub fn forward_fused_into(&mut self, x: ArrayViewD<T>, y: &mut [T], relu: bool) -> Result<()> {
+    pub fn forward_fused_into(
+        &mut self,
+        x: ArrayViewD<T>,
+        y: &mut [T],
+        ctx: Ctx,
+        relu: bool,
+    ) -> Result<()> {
         let d = self.dims(x.shape())?;
         if y.len() != d.numel() {
             return Err(NvError::Shape {
@@ -145,25 +164,25 @@ impl<T: Real> FrozenBatchNorm<T> {
                 msg: "output buffer size".into(),
             });
         }
-        let (a, b) = self.eval_affine().to_real();
-        planes::eval_forward(&contiguous(&x), y, d, &a, &b, relu);
+        let (m, a, b) = self.shifted_affine();
+        planes::eval_forward(&contiguous(&x), y, d, &m, &a, &b, relu, ctx.kernels());
         self.relu = relu;
         Ok(())
     }
 
     /// The forward (with a fused ReLU when `relu`), allocating the output.
-    pub fn forward_fused(&mut self, x: &ArrayD<T>, relu: bool) -> Result<ArrayD<T>> {
+    pub fn forward_fused(&mut self, x: &ArrayD<T>, ctx: Ctx, relu: bool) -> Result<ArrayD<T>> {
         // SAFETY: the eval pass writes every element.
         let mut y = unsafe { arena::output_uninit(x.shape()) };
-        self.forward_fused_into(x.view(), y.as_slice_mut().expect("fresh array"), relu)?;
+        self.forward_fused_into(x.view(), y.as_slice_mut().expect("fresh array"), ctx, relu)?;
         Ok(y)
     }
 }
 
 impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
     /// The same computation in both modes.
-    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], _ctx: Ctx) -> Result<()> {
-        self.forward_fused_into(x, y, false)
+    fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
+        self.forward_fused_into(x, y, ctx, false)
     }
     /// dx = dy·scale (masked by the last forward's fused ReLU); nothing else has a gradient.
     fn backward_into(
@@ -171,13 +190,23 @@ impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
         x: ArrayViewD<T>,
         dy: ArrayViewD<T>,
         dx: &mut [T],
-        _ctx: Ctx,
+        ctx: Ctx,
     ) -> Result<()> {
         check_same_shape(Self::NAME, x.shape(), dy.shape())?;
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
-        let (a, b) = self.eval_affine().to_real();
-        planes::eval_backward(&contiguous(&x), &contiguous(&dy), dx, d, &a, &b, self.relu);
+        let (m, a, b) = self.shifted_affine();
+        planes::eval_backward(
+            &contiguous(&x),
+            &contiguous(&dy),
+            dx,
+            d,
+            &m,
+            &a,
+            &b,
+            self.relu,
+            ctx.kernels(),
+        );
         Ok(())
     }
     fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
@@ -186,8 +215,8 @@ impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
 }
 
 impl<T: Real> Layer<T> for FrozenBatchNorm<T> {
-    fn forward(&mut self, x: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
-        self.forward_fused(x, false)
+    fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        self.forward_fused(x, ctx, false)
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
         super::backward_new(self, x, dy, ctx)

@@ -82,10 +82,10 @@ impl InstanceNormConfig {
 enum Saved<T> {
     Instance(GroupStats<T>, Vec<usize>),
     Running {
+        m: Vec<T>,
         a: Vec<T>,
         b: Vec<T>,
         invstd: Vec<f64>,
-        mean: Vec<f64>,
         shape: Vec<usize>,
     },
 }
@@ -257,18 +257,19 @@ impl<T: Real> NormLayer<T> for InstanceNorm<T> {
         } else {
             let rm = self.running_mean.as_ref().unwrap().as_slice().unwrap();
             let rv = self.running_var.as_ref().unwrap().as_slice().unwrap();
-            let (a_v, b_v) = self.eval_affine().expect("running statistics").to_real();
-            let inv_v = rv
-                .iter()
-                .map(|v| 1.0 / (v.as_f64() + self.cfg.eps).sqrt())
-                .collect();
-            let mean_v = rm.iter().map(|v| v.as_f64()).collect();
-            bk::eval_forward(&xs, y, d, &a_v, &b_v, false);
+            let (m, a, b, invstd) = super::running_affine(
+                rm,
+                rv,
+                pslice(&self.weight),
+                pslice(&self.bias),
+                self.cfg.eps,
+            );
+            bk::eval_forward(&xs, y, d, &m, &a, &b, false, ctx.kernels());
             self.saved = Some(Saved::Running {
-                a: a_v,
-                b: b_v,
-                invstd: inv_v,
-                mean: mean_v,
+                m,
+                a,
+                b,
+                invstd,
                 shape,
             });
         }
@@ -294,18 +295,18 @@ impl<T: Real> NormLayer<T> for InstanceNorm<T> {
             }
             (
                 Some(Saved::Running {
+                    m,
                     a,
                     b,
                     invstd,
-                    mean,
                     shape,
                 }),
                 false,
             ) if shape == x.shape() => {
-                let (sd, sx) = bk::eval_backward(&xs, &gs, dx, d, a, b, false);
+                let (sd, sx) = bk::eval_backward(&xs, &gs, dx, d, m, a, b, false, ctx.kernels());
                 if let (Some(w), Some(bp)) = (self.weight.as_mut(), self.bias.as_mut()) {
                     for (c, g) in w.grads_mut().iter_mut().enumerate() {
-                        *g = *g + T::of_f64((sx[c] - mean[c] * sd[c]) * invstd[c]);
+                        *g = *g + T::of_f64(sx[c] * invstd[c]);
                     }
                     for (c, g) in bp.grads_mut().iter_mut().enumerate() {
                         *g = *g + T::of_f64(sd[c]);

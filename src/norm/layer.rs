@@ -10,8 +10,10 @@
 //! the row is hot. Backward: per row Σu and Σu·x̂ (u = dy·w) with dweight/dbias accumulated per task, then dx.
 
 use super::buffers::{load_affine, save_affine, visit_affine};
+use super::check_eps;
+use super::group_kernels::block_stats_with;
 use super::NormLayer;
-use super::{check_eps, group_kernels::block_stats};
+use crate::kernels::isa::isa_fn;
 use crate::kernels::lanes;
 use crate::kernels::shape::{check_dx_len, check_same_shape, contiguous};
 use crate::layer::Layer;
@@ -94,10 +96,71 @@ fn xhat_consts<T: Real>(shift: T, mean: f64, r: f64) -> (T, T) {
     (T::of_f64(r), T::of_f64(-(mean - shift.as_f64()) * r))
 }
 
+isa_fn! {
+    isa = ko.isa;
+    /// The forward of rows of `d` values: per row its statistics (one pass, [`block_stats`]), then the normalized,
+    /// scaled and shifted row; returns each row's (shift, mean, 1/std).
+    fn forward_rows<T: Real, const X2: bool, const X512: bool>(
+        xs: &[T],
+        y: &mut [T],
+        rows: usize,
+        d: usize,
+        w: Option<&[T]>,
+        b: Option<&[T]>,
+        eps: f64,
+        ko: KernelOptions,
+    ) -> Vec<Vec<(T, f64, f64)>> {
+        let rpt = rows_per_task(rows, d);
+        let stream = ko.streams(std::mem::size_of_val(y), 2);
+    let per: Vec<Vec<(T, f64, f64)>> = y
+            .par_chunks_mut(rpt * d)
+            .zip(xs.par_chunks(rpt * d))
+            .map(|(yb, xb)| {
+                let mut out = Vec::with_capacity(rpt);
+                let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
+                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
+                    let (shift, mean, var) = block_stats_with::<T, X2, X512>(xr);
+                    let r = 1.0 / (var + eps).sqrt();
+                    let (rt, c0) = xhat_consts(shift, mean, r);
+                    write_chunked::<T, X2, X512>(yr, &mut buf, stream, |lo, o| {
+                        let n = o.len();
+                        let xr = &xr[lo..lo + n];
+                        match (w, b) {
+                            (Some(w), Some(b)) => {
+                                let (w, b) = (&w[lo..lo + n], &b[lo..lo + n]);
+                                for i in 0..n {
+                                    o[i] = ((xr[i] - shift) * rt + c0) * w[i] + b[i];
+                                }
+                            }
+                            (Some(w), None) => {
+                                let w = &w[lo..lo + n];
+                                for i in 0..n {
+                                    o[i] = ((xr[i] - shift) * rt + c0) * w[i];
+                                }
+                            }
+                            _ => {
+                                for i in 0..n {
+                                    o[i] = (xr[i] - shift) * rt + c0;
+                                }
+                            }
+                        }
+                    });
+                    out.push((shift, mean, r));
+                }
+                if stream {
+                    lanes::stream_fence();
+                }
+                out
+            })
+            .collect();
+        per
+    }
+}
+
 /// Fills `dst` through `f(offset, out)`: directly when not streaming, otherwise chunk by chunk into the L1
 /// scratch `buf`, each chunk then written out with streaming stores (same arithmetic either way).
 #[inline(always)]
-fn write_chunked<T: Real>(
+fn write_chunked<T: Real, const X2: bool, const X512: bool>(
     dst: &mut [T],
     buf: &mut [T],
     stream: bool,
@@ -109,7 +172,7 @@ fn write_chunked<T: Real>(
     for lo in (0..dst.len()).step_by(CHUNK) {
         let n = CHUNK.min(dst.len() - lo);
         f(lo, &mut buf[..n]);
-        lanes::store_to(&buf[..n], &mut dst[lo..lo + n]);
+        lanes::store_to_with::<T, X2, X512>(&buf[..n], &mut dst[lo..lo + n]);
     }
 }
 
@@ -207,49 +270,7 @@ impl<T: Real> NormLayer<T> for LayerNorm<T> {
         let w = self.weight.as_ref().map(|p| p.values());
         let b = self.bias.as_ref().map(|p| p.values());
         let eps = self.cfg.eps;
-        let rpt = rows_per_task(rows, d);
-        let stream = ctx.kernels().streams(std::mem::size_of_val(y), 2);
-        let per: Vec<Vec<(T, f64, f64)>> = y
-            .par_chunks_mut(rpt * d)
-            .zip(xs.par_chunks(rpt * d))
-            .map(|(yb, xb)| {
-                let mut out = Vec::with_capacity(rpt);
-                let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
-                for (yr, xr) in yb.chunks_mut(d).zip(xb.chunks(d)) {
-                    let (shift, mean, var) = block_stats(xr);
-                    let r = 1.0 / (var + eps).sqrt();
-                    let (rt, c0) = xhat_consts(shift, mean, r);
-                    write_chunked(yr, &mut buf, stream, |lo, o| {
-                        let n = o.len();
-                        let xr = &xr[lo..lo + n];
-                        match (w, b) {
-                            (Some(w), Some(b)) => {
-                                let (w, b) = (&w[lo..lo + n], &b[lo..lo + n]);
-                                for i in 0..n {
-                                    o[i] = ((xr[i] - shift) * rt + c0) * w[i] + b[i];
-                                }
-                            }
-                            (Some(w), None) => {
-                                let w = &w[lo..lo + n];
-                                for i in 0..n {
-                                    o[i] = ((xr[i] - shift) * rt + c0) * w[i];
-                                }
-                            }
-                            _ => {
-                                for i in 0..n {
-                                    o[i] = (xr[i] - shift) * rt + c0;
-                                }
-                            }
-                        }
-                    });
-                    out.push((shift, mean, r));
-                }
-                if stream {
-                    lanes::stream_fence();
-                }
-                out
-            })
-            .collect();
+        let per = forward_rows(&xs, y, rows, d, w, b, eps, ctx.kernels());
         let mut st = RowStats {
             shift: vec![],
             mean: vec![],
@@ -349,7 +370,7 @@ impl<T: Real> Stateful<T> for LayerNorm<T> {
 /// chunk's (Σu, Σu·x̂).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn row_chunk_sums<T: Real>(
+fn row_chunk_sums<T: Real, const X2: bool, const X512: bool>(
     xr: &[T],
     g: &[T],
     w: Option<&[T]>,
@@ -385,14 +406,14 @@ fn row_chunk_sums<T: Real>(
             gb[i] = gb[i] + g[i];
         }
     }
-    lanes::dy_moments(u, xh, T::zero())
+    lanes::dy_moments_with::<T, X2, X512>(u, xh, T::zero())
 }
 
 /// One row's dx = r·(u − k_su − x̂·k_sux), with x̂ = (x − shift)·r + c0 and u = dy·w recomputed from the row,
 /// through the L1 chunk `buf` and streamed out when `stream` ([`write_chunked`]).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn row_dx<T: Real>(
+fn row_dx<T: Real, const X2: bool, const X512: bool>(
     xr: &[T],
     gr: &[T],
     w: Option<&[T]>,
@@ -402,7 +423,7 @@ fn row_dx<T: Real>(
     buf: &mut [T],
     stream: bool,
 ) {
-    write_chunked(dxr, buf, stream, |lo, o| {
+    write_chunked::<T, X2, X512>(dxr, buf, stream, |lo, o| {
         let n = o.len();
         let (xc, gc) = (&xr[lo..lo + n], &gr[lo..lo + n]);
         match w {
@@ -423,187 +444,191 @@ fn row_dx<T: Real>(
     });
 }
 
-/// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows. Per row, a first pass
-/// over [`ROW_CHUNK`]-value chunks materialises x̂ and u = dy·w in an L1 scratch, adds dy·x̂ and dy into the task's
-/// dweight/dbias partials and sums Σu and Σu·x̂ (per chunk, then across chunks in f64); a second pass recomputes
-/// x̂ and u from the row (still in L1/L2) with the same arithmetic and writes dx, with streaming stores when the
-/// tensors exceed the cache. Materialising x̂ and u for the whole row instead (arrays as long as the row, in L2
-/// rather than L1), with dx always through the cache, was slower (see docs/PERFORMANCE.md, "Tuning constants").
-#[allow(clippy::too_many_arguments)]
-fn short_rows_backward<T: Real>(
-    xs: &[T],
-    gs: &[T],
-    dx: &mut [T],
-    rows: usize,
-    d: usize,
-    st: &RowStats<T>,
-    w: Option<&[T]>,
-    want_w: bool,
-    want_b: bool,
-    ko: KernelOptions,
-) -> (Vec<T>, Vec<T>) {
-    let rpt = rows_per_task(rows, d);
-    let df = d as f64;
-    let stream = ko.streams(std::mem::size_of_val(dx), 3);
-    let partials: Vec<(Vec<T>, Vec<T>)> = dx
-        .par_chunks_mut(rpt * d)
-        .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
-        .enumerate()
-        .map(|(t, (dxb, (xb, gb)))| {
-            let mut gw = if want_w { vec![T::zero(); d] } else { vec![] };
-            let mut gbias = if want_b { vec![T::zero(); d] } else { vec![] };
-            let ch = d.min(ROW_CHUNK);
-            let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
-            let mut xh = vec![T::zero(); ch];
-            let mut u = vec![T::zero(); ch];
-            for (j, ((dxr, xr), gr)) in dxb
-                .chunks_mut(d)
-                .zip(xb.chunks(d))
-                .zip(gb.chunks(d))
-                .enumerate()
-            {
-                let row = t * rpt + j;
+isa_fn! {
+    isa = ko.isa;
+    /// LayerNorm backward for short rows (≤ [`SHORT_ROW_BYTES`]): one task per block of rows. Per row, a first pass
+    /// over [`ROW_CHUNK`]-value chunks materialises x̂ and u = dy·w in an L1 scratch, adds dy·x̂ and dy into the task's
+    /// dweight/dbias partials and sums Σu and Σu·x̂ (per chunk, then across chunks in f64); a second pass recomputes
+    /// x̂ and u from the row (still in L1/L2) with the same arithmetic and writes dx, with streaming stores when the
+    /// tensors exceed the cache. Materialising x̂ and u for the whole row instead (arrays as long as the row, in L2
+    /// rather than L1), with dx always through the cache, was slower (see docs/PERFORMANCE.md, "Tuning constants").
+    fn short_rows_backward<T: Real, const X2: bool, const X512: bool>(
+        xs: &[T],
+        gs: &[T],
+        dx: &mut [T],
+        rows: usize,
+        d: usize,
+        st: &RowStats<T>,
+        w: Option<&[T]>,
+        want_w: bool,
+        want_b: bool,
+        ko: KernelOptions,
+    ) -> (Vec<T>, Vec<T>) {
+        let rpt = rows_per_task(rows, d);
+        let df = d as f64;
+        let stream = ko.streams(std::mem::size_of_val(dx), 3);
+        let partials: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(rpt * d)
+            .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
+            .enumerate()
+            .map(|(t, (dxb, (xb, gb)))| {
+                let mut gw = if want_w { vec![T::zero(); d] } else { vec![] };
+                let mut gbias = if want_b { vec![T::zero(); d] } else { vec![] };
+                let ch = d.min(ROW_CHUNK);
+                let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
+                let mut xh = vec![T::zero(); ch];
+                let mut u = vec![T::zero(); ch];
+                for (j, ((dxr, xr), gr)) in dxb
+                    .chunks_mut(d)
+                    .zip(xb.chunks(d))
+                    .zip(gb.chunks(d))
+                    .enumerate()
+                {
+                    let row = t * rpt + j;
+                    let shift = st.shift[row];
+                    let (rt, c0) = xhat_consts(shift, st.mean[row], st.invstd[row]);
+                    // Pass 1 over L1-sized chunks: x̂ and u in the scratch, dweight/dbias, and the row's sums.
+                    let (mut su, mut sux) = (0.0f64, 0.0f64);
+                    for lo in (0..d).step_by(ch) {
+                        let n = ch.min(d - lo);
+                        let (a, b) = row_chunk_sums::<T, X2, X512>(
+                            &xr[lo..lo + n],
+                            &gr[lo..lo + n],
+                            w.map(|w| &w[lo..lo + n]),
+                            (shift, rt, c0),
+                            &mut xh,
+                            &mut u,
+                            if want_w { &mut gw[lo..lo + n] } else { &mut [] },
+                            if want_b {
+                                &mut gbias[lo..lo + n]
+                            } else {
+                                &mut []
+                            },
+                        );
+                        su += a;
+                        sux += b;
+                    }
+                    // Pass 2: dx, recomputing x̂ and u from the row (still in L1/L2) exactly as pass 1 did; streamed
+                    // out when the tensors are too large for the cache.
+                    let k = (T::of_f64(su / df), T::of_f64(sux / df));
+                    row_dx::<T, X2, X512>(xr, gr, w, (shift, rt, c0), k, dxr, &mut buf, stream);
+                }
+                if stream {
+                    lanes::stream_fence();
+                }
+                (gw, gbias)
+            })
+            .collect();
+        let mut gw_all = vec![T::zero(); if want_w { d } else { 0 }];
+        let mut gb_all = vec![T::zero(); if want_b { d } else { 0 }];
+        for (pw, pb) in &partials {
+            for (gi, v) in gw_all.iter_mut().zip(pw) {
+                *gi = *gi + *v;
+            }
+            for (gi, v) in gb_all.iter_mut().zip(pb) {
+                *gi = *gi + *v;
+            }
+        }
+        (gw_all, gb_all)
+    }
+}
+
+isa_fn! {
+    isa = ko.isa;
+    /// LayerNorm backward for long rows: two phases (see the comments), so that no per-task copies of
+    /// dweight/dbias are made and each pass's working set stays in cache.
+    fn long_rows_backward<T: Real, const X2: bool, const X512: bool>(
+        xs: &[T],
+        gs: &[T],
+        dx: &mut [T],
+        rows: usize,
+        d: usize,
+        st: &RowStats<T>,
+        w: Option<&[T]>,
+        want_w: bool,
+        want_b: bool,
+        ko: KernelOptions,
+    ) -> (Vec<T>, Vec<T>) {
+        let df = d as f64;
+        // Per-row constants of x̂ = (x - shift)·r + c0.
+        let rc: Vec<(T, T, T)> = (0..rows)
+            .map(|row| {
                 let shift = st.shift[row];
                 let (rt, c0) = xhat_consts(shift, st.mean[row], st.invstd[row]);
-                // Pass 1 over L1-sized chunks: x̂ and u in the scratch, dweight/dbias, and the row's sums.
-                let (mut su, mut sux) = (0.0f64, 0.0f64);
-                for lo in (0..d).step_by(ch) {
-                    let n = ch.min(d - lo);
-                    let (a, b) = row_chunk_sums(
-                        &xr[lo..lo + n],
-                        &gr[lo..lo + n],
-                        w.map(|w| &w[lo..lo + n]),
+                (shift, rt, c0)
+            })
+            .collect();
+        // Phase 1, by column chunks over all rows: dweight and dbias of the chunk's columns (each task owns its
+        // columns, so no partial copies), and every row's Σu and Σu·x̂ over the chunk (u = dy·w). One read of x
+        // and dy; the chunk's weight, gradients and scratch stay in L1.
+        let chunk = col_chunk(d);
+        let mut gw_all = vec![T::zero(); if want_w { d } else { 0 }];
+        let mut gb_all = vec![T::zero(); if want_b { d } else { 0 }];
+        let starts: Vec<usize> = (0..d).step_by(chunk).collect();
+        let parts: Vec<ChunkGrads<T>> = starts
+            .par_iter()
+            .map(|&lo| {
+                let n = chunk.min(d - lo);
+                let mut gw = vec![T::zero(); if want_w { n } else { 0 }];
+                let mut gbias = vec![T::zero(); if want_b { n } else { 0 }];
+                let mut xh = vec![T::zero(); n];
+                let mut u = vec![T::zero(); n];
+                let mut sums = Vec::with_capacity(rows);
+                for (row, &(shift, rt, c0)) in rc.iter().enumerate() {
+                    let off = row * d + lo;
+                    let (xr, g) = (&xs[off..off + n], &gs[off..off + n]);
+                    let wc = w.map(|w| &w[lo..lo + n]);
+                    sums.push(row_chunk_sums::<T, X2, X512>(
+                        xr,
+                        g,
+                        wc,
                         (shift, rt, c0),
                         &mut xh,
                         &mut u,
-                        if want_w { &mut gw[lo..lo + n] } else { &mut [] },
-                        if want_b {
-                            &mut gbias[lo..lo + n]
-                        } else {
-                            &mut []
-                        },
-                    );
-                    su += a;
-                    sux += b;
+                        &mut gw,
+                        &mut gbias,
+                    ));
                 }
-                // Pass 2: dx, recomputing x̂ and u from the row (still in L1/L2) exactly as pass 1 did; streamed
-                // out when the tensors are too large for the cache.
-                let k = (T::of_f64(su / df), T::of_f64(sux / df));
-                row_dx(xr, gr, w, (shift, rt, c0), k, dxr, &mut buf, stream);
+                (gw, gbias, sums)
+            })
+            .collect();
+        let mut row_sums = vec![(0.0f64, 0.0f64); rows];
+        for (&lo, (gw, gbias, sums)) in starts.iter().zip(parts) {
+            if want_w {
+                gw_all[lo..lo + gw.len()].copy_from_slice(&gw);
             }
-            if stream {
-                lanes::stream_fence();
+            if want_b {
+                gb_all[lo..lo + gbias.len()].copy_from_slice(&gbias);
             }
-            (gw, gbias)
-        })
-        .collect();
-    let mut gw_all = vec![T::zero(); if want_w { d } else { 0 }];
-    let mut gb_all = vec![T::zero(); if want_b { d } else { 0 }];
-    for (pw, pb) in &partials {
-        for (gi, v) in gw_all.iter_mut().zip(pw) {
-            *gi = *gi + *v;
+            for (acc, (a, b)) in row_sums.iter_mut().zip(sums) {
+                acc.0 += a;
+                acc.1 += b;
+            }
         }
-        for (gi, v) in gb_all.iter_mut().zip(pb) {
-            *gi = *gi + *v;
-        }
+        // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D), through an L1 chunk (streamed out when large).
+        let rpt = rows_per_task(rows, d);
+        let stream = ko.streams(std::mem::size_of_val(dx), 3);
+        dx.par_chunks_mut(rpt * d)
+            .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
+            .enumerate()
+            .for_each(|(t, (dxb, (xb, gb)))| {
+                let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
+                for (j, ((or, xr), gr)) in dxb
+                    .chunks_mut(d)
+                    .zip(xb.chunks(d))
+                    .zip(gb.chunks(d))
+                    .enumerate()
+                {
+                    let row = t * rpt + j;
+                    let (shift, rt, c0) = rc[row];
+                    let (su, sux) = row_sums[row];
+                    let k = (T::of_f64(su / df), T::of_f64(sux / df));
+                    row_dx::<T, X2, X512>(xr, gr, w, (shift, rt, c0), k, or, &mut buf, stream);
+                }
+                if stream {
+                    lanes::stream_fence();
+                }
+            });
+        (gw_all, gb_all)
     }
-    (gw_all, gb_all)
-}
-
-/// LayerNorm backward for long rows: two phases (see the comments), so that no per-task copies of
-/// dweight/dbias are made and each pass's working set stays in cache.
-#[allow(clippy::too_many_arguments)]
-fn long_rows_backward<T: Real>(
-    xs: &[T],
-    gs: &[T],
-    dx: &mut [T],
-    rows: usize,
-    d: usize,
-    st: &RowStats<T>,
-    w: Option<&[T]>,
-    want_w: bool,
-    want_b: bool,
-    ko: KernelOptions,
-) -> (Vec<T>, Vec<T>) {
-    let df = d as f64;
-    // Per-row constants of x̂ = (x - shift)·r + c0.
-    let rc: Vec<(T, T, T)> = (0..rows)
-        .map(|row| {
-            let shift = st.shift[row];
-            let (rt, c0) = xhat_consts(shift, st.mean[row], st.invstd[row]);
-            (shift, rt, c0)
-        })
-        .collect();
-    // Phase 1, by column chunks over all rows: dweight and dbias of the chunk's columns (each task owns its
-    // columns, so no partial copies), and every row's Σu and Σu·x̂ over the chunk (u = dy·w). One read of x
-    // and dy; the chunk's weight, gradients and scratch stay in L1.
-    let chunk = col_chunk(d);
-    let mut gw_all = vec![T::zero(); if want_w { d } else { 0 }];
-    let mut gb_all = vec![T::zero(); if want_b { d } else { 0 }];
-    let starts: Vec<usize> = (0..d).step_by(chunk).collect();
-    let parts: Vec<ChunkGrads<T>> = starts
-        .par_iter()
-        .map(|&lo| {
-            let n = chunk.min(d - lo);
-            let mut gw = vec![T::zero(); if want_w { n } else { 0 }];
-            let mut gbias = vec![T::zero(); if want_b { n } else { 0 }];
-            let mut xh = vec![T::zero(); n];
-            let mut u = vec![T::zero(); n];
-            let mut sums = Vec::with_capacity(rows);
-            for (row, &(shift, rt, c0)) in rc.iter().enumerate() {
-                let off = row * d + lo;
-                let (xr, g) = (&xs[off..off + n], &gs[off..off + n]);
-                let wc = w.map(|w| &w[lo..lo + n]);
-                sums.push(row_chunk_sums(
-                    xr,
-                    g,
-                    wc,
-                    (shift, rt, c0),
-                    &mut xh,
-                    &mut u,
-                    &mut gw,
-                    &mut gbias,
-                ));
-            }
-            (gw, gbias, sums)
-        })
-        .collect();
-    let mut row_sums = vec![(0.0f64, 0.0f64); rows];
-    for (&lo, (gw, gbias, sums)) in starts.iter().zip(parts) {
-        if want_w {
-            gw_all[lo..lo + gw.len()].copy_from_slice(&gw);
-        }
-        if want_b {
-            gb_all[lo..lo + gbias.len()].copy_from_slice(&gbias);
-        }
-        for (acc, (a, b)) in row_sums.iter_mut().zip(sums) {
-            acc.0 += a;
-            acc.1 += b;
-        }
-    }
-    // Phase 2, by rows: dx = r·(u - Σu/D - x̂·Σu·x̂/D), through an L1 chunk (streamed out when large).
-    let rpt = rows_per_task(rows, d);
-    let stream = ko.streams(std::mem::size_of_val(dx), 3);
-    dx.par_chunks_mut(rpt * d)
-        .zip(xs.par_chunks(rpt * d).zip(gs.par_chunks(rpt * d)))
-        .enumerate()
-        .for_each(|(t, (dxb, (xb, gb)))| {
-            let mut buf = vec![T::zero(); if stream { CHUNK.min(d) } else { 0 }];
-            for (j, ((or, xr), gr)) in dxb
-                .chunks_mut(d)
-                .zip(xb.chunks(d))
-                .zip(gb.chunks(d))
-                .enumerate()
-            {
-                let row = t * rpt + j;
-                let (shift, rt, c0) = rc[row];
-                let (su, sux) = row_sums[row];
-                let k = (T::of_f64(su / df), T::of_f64(sux / df));
-                row_dx(xr, gr, w, (shift, rt, c0), k, or, &mut buf, stream);
-            }
-            if stream {
-                lanes::stream_fence();
-            }
-        });
-    (gw_all, gb_all)
 }

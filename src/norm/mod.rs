@@ -114,6 +114,30 @@ pub(crate) fn backward_new<T: Real>(
     Ok(dx)
 }
 
+/// What a norm's eval pass computes with, y = (x - m)·a + b per channel (in `T`): m = running mean, a =
+/// weight·(1/sqrt(running_var + eps)) rounded once (PyTorch's and torchvision's scale), b = bias; with the exact
+/// invstd in f64 (for dweight). Subtracting the mean first keeps the output exact to f32 rounding when
+/// |mean| ≫ std, where PyTorch's x·a + (bias − mean·a) loses the low bits of x·a.
+pub(crate) fn running_affine<T: Real>(
+    rm: &[T],
+    rv: &[T],
+    weight: Option<&[T]>,
+    bias: Option<&[T]>,
+    eps: f64,
+) -> (Vec<T>, Vec<T>, Vec<T>, Vec<f64>) {
+    let inv: Vec<f64> = rv.iter().map(|v| 1.0 / (v.as_f64() + eps).sqrt()).collect();
+    let a = inv
+        .iter()
+        .enumerate()
+        .map(|(c, i)| T::of_f64(weight.map_or(1.0, |w| w[c].as_f64()) * i))
+        .collect();
+    let b = match bias {
+        Some(b) => b.to_vec(),
+        None => vec![T::zero(); inv.len()],
+    };
+    (rm.to_vec(), a, b, inv)
+}
+
 /// A normalization's eval-mode output as a per-channel affine, y = x·scale + shift, in f64: what an inference plan
 /// applies in a preceding convolution's output pass (rounded to the layer's element type, bitwise the layer's own
 /// eval pass) and what BN folding absorbs into the convolution's weights.

@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture loading and tolerant comparison.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use ndarray::{ArrayD, IxDyn};
 use normvision::state::{StateDict, StateTensor};
 use safetensors::SafeTensors;
@@ -206,8 +208,8 @@ impl<T: normvision::Real> normvision::Layer<T> for Relu<normvision::norm::BatchN
 }
 
 impl<T: normvision::Real> normvision::Layer<T> for Relu<normvision::norm::FrozenBatchNorm<T>> {
-    fn forward(&mut self, x: &ArrayD<T>, _ctx: normvision::Ctx) -> normvision::Result<ArrayD<T>> {
-        self.0.forward_fused(x, true)
+    fn forward(&mut self, x: &ArrayD<T>, ctx: normvision::Ctx) -> normvision::Result<ArrayD<T>> {
+        self.0.forward_fused(x, ctx, true)
     }
     fn backward(
         &mut self,
@@ -288,4 +290,14 @@ impl<T: normvision::Real> normvision::state::Stateful<T> for ConvWith<T> {
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut normvision::Param<T>)) {
         self.0.visit_params(prefix, f)
     }
+}
+
+/// Every instruction set this CPU runs, best first: tests run their checks once per set, forcing it through the
+/// kernel options (`Ctx::with_kernels`, `PlanOptions::isa`), so one build checks every kernel version.
+pub fn isas() -> Vec<normvision::Isa> {
+    use normvision::Isa;
+    [Isa::Avx512, Isa::Avx2, Isa::Portable]
+        .into_iter()
+        .filter(|&i| i <= Isa::detect())
+        .collect()
 }

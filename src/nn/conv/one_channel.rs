@@ -238,7 +238,7 @@ fn padded(x: &[f32], h: usize, w: usize, pad: &mut Vec<f32>) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(nv_x86)]
 mod x86 {
     use super::MAX_WIDTH;
     use std::arch::x86_64::*;
@@ -396,7 +396,7 @@ mod x86 {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(nv_x86))]
 mod x86 {
     // The public entry points assert `available()`, which is false off x86-64.
     #[allow(clippy::too_many_arguments)]

@@ -111,6 +111,7 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.bias),
             self.cfg.eps,
             relu,
+            ctx.kernels(),
         );
         if mode.is_train() && self.cfg.track_running_stats {
             self.update_running(&stats.mean, &stats.var, d.m());
@@ -160,7 +161,7 @@ impl<T: Real> BatchNorm<T> {
             };
             let (mut y, mut ix) = Self::pooled_buffers(&mut self.pooled, d, p);
             let ys = y.as_slice_mut().expect("fresh array");
-            maxpool::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu);
+            maxpool::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu, ctx.kernels());
             (y, Some((p, ix)))
         } else {
             // SAFETY: normalize writes every element.
@@ -217,6 +218,7 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.weight),
             pslice(&self.bias),
             *relu,
+            ctx.kernels(),
         );
         add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
         Ok(planes)

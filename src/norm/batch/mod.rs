@@ -62,10 +62,10 @@ enum Saved<T> {
     },
     /// Fixed affine y = x·a + b from running statistics; `invstd` and `mean` for dweight.
     Running {
+        m: Vec<T>,
         a: Vec<T>,
         b: Vec<T>,
         invstd: Vec<f64>,
-        mean: Vec<f64>,
         shape: Vec<usize>,
         relu: bool,
     },
@@ -215,17 +215,18 @@ impl<T: Real> BatchNorm<T> {
         ))
     }
 
-    /// Per-channel (a, b) of the eval affine in `T`, with the exact invstd and mean (for dweight).
-    fn running_affine(&self) -> (Vec<T>, Vec<T>, Vec<f64>, Vec<f64>) {
-        let aff = self.eval_affine().expect("tracked running statistics");
+    /// The eval pass's per-channel (m, a, b) in `T` for y = (x - m)·a + b: m the running mean, a =
+    /// weight/sqrt(running_var + eps) rounded once, b the bias; with the exact invstd in f64 (for dweight).
+    fn running_affine(&self) -> (Vec<T>, Vec<T>, Vec<T>, Vec<f64>) {
         let rv = self.running_var.as_ref().expect("tracked");
         let rm = self.running_mean.as_ref().expect("tracked");
-        let (a, b) = aff.to_real();
-        let inv = rv
-            .iter()
-            .map(|v| 1.0 / (v.as_f64() + self.cfg.eps).sqrt())
-            .collect();
-        (a, b, inv, rm.iter().map(|v| v.as_f64()).collect())
+        crate::norm::running_affine(
+            rm.as_slice().expect("contiguous"),
+            rv.as_slice().expect("contiguous"),
+            pslice(&self.weight),
+            pslice(&self.bias),
+            self.cfg.eps,
+        )
     }
 
     fn check_train_values(&self, d: Ncs, shape: &[usize], mode: Mode) -> Result<()> {
@@ -271,13 +272,13 @@ impl<T: Real> BatchNorm<T> {
             }
             self.saved = Some(Saved::Batch { stats, shape, relu });
         } else {
-            let (a, b, invstd, mean) = self.running_affine();
-            planes::eval_forward(&xs, y, d, &a, &b, relu);
+            let (m, a, b, invstd) = self.running_affine();
+            planes::eval_forward(&xs, y, d, &m, &a, &b, relu, ctx.kernels());
             self.saved = Some(Saved::Running {
+                m,
                 a,
                 b,
                 invstd,
-                mean,
                 shape,
                 relu,
             });
@@ -375,20 +376,21 @@ impl<T: Real> NormLayer<T> for BatchNorm<T> {
             }
             (
                 Some(Saved::Running {
+                    m,
                     a,
                     b,
                     invstd,
-                    mean,
                     shape,
                     relu,
                 }),
                 false,
             ) if shape == x.shape() => {
-                let (sd, sx) = planes::eval_backward(&xs, &gs, dx, d, a, b, *relu);
+                let (sd, sx) =
+                    planes::eval_backward(&xs, &gs, dx, d, m, a, b, *relu, ctx.kernels());
                 add_affine_grads(
                     &mut self.weight,
                     &mut self.bias,
-                    |c| (sx[c] - mean[c] * sd[c]) * invstd[c],
+                    |c| sx[c] * invstd[c],
                     |c| sd[c],
                 );
                 Ok(())

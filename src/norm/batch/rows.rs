@@ -10,8 +10,9 @@
 
 use super::stats::{dx_coefficients, BackwardSums, BatchStats, Moments, Ncs};
 use crate::kernels::elementwise::SyncPtr;
+use crate::kernels::isa::isa_fn;
 use crate::kernels::moments::moments_from_shifted;
-use crate::Real;
+use crate::{KernelOptions, Real};
 use rayon::prelude::*;
 
 /// Rows accumulated in `T` lanes before the partial sums are added into `f64` (as the S > 1 kernels flush
@@ -259,167 +260,182 @@ fn affines<T: Real>(
     (0..d.c).map(|c| st.channel_affine(c, weight, bias)).unzip()
 }
 
-/// Two-pass moments with the rounded mean as shift.
-pub fn moments<T: Real>(x: &[T], d: Ncs) -> (Vec<T>, Moments) {
-    let m = d.n as f64;
-    let (tl, _) = tiles::<T>(d);
-    let parts: Vec<_> = tl
-        .par_iter()
-        .map(|&t| {
-            let mut o = vec![0.0f64; t.width()];
-            tile_sum(x, d, t, &mut o);
-            (o, Vec::new())
-        })
-        .collect();
-    let (tot, _) = add_partials(d, &tl, parts);
-    let shift: Vec<T> = tot.iter().map(|t| T::of_f64(t / m)).collect();
-    let parts: Vec<_> = tl
-        .par_iter()
-        .map(|&t| {
-            let (mut o1, mut o2) = (vec![0.0f64; t.width()], vec![0.0f64; t.width()]);
-            tile_shifted(x, d, t, &shift[t.c0..t.c1], &mut o1, &mut o2);
-            (o1, o2)
-        })
-        .collect();
-    let (s1, s2) = add_partials(d, &tl, parts);
-    let mut out = Moments::empty(d.c);
-    out.count = d.n as u64;
-    for c in 0..d.c {
-        (out.mean[c], out.m2[c]) = moments_from_shifted(shift[c].as_f64(), s1[c], s2[c], m);
+isa_fn! {
+    isa = ko.isa;
+    /// Two-pass moments with the rounded mean as shift.
+    pub fn moments<T: Real, const X2: bool, const X512: bool>(x: &[T], d: Ncs, ko: KernelOptions) -> (Vec<T>, Moments) {
+        let m = d.n as f64;
+        let (tl, _) = tiles::<T>(d);
+        let parts: Vec<_> = tl
+            .par_iter()
+            .map(|&t| {
+                let mut o = vec![0.0f64; t.width()];
+                tile_sum(x, d, t, &mut o);
+                (o, Vec::new())
+            })
+            .collect();
+        let (tot, _) = add_partials(d, &tl, parts);
+        let shift: Vec<T> = tot.iter().map(|t| T::of_f64(t / m)).collect();
+        let parts: Vec<_> = tl
+            .par_iter()
+            .map(|&t| {
+                let (mut o1, mut o2) = (vec![0.0f64; t.width()], vec![0.0f64; t.width()]);
+                tile_shifted(x, d, t, &shift[t.c0..t.c1], &mut o1, &mut o2);
+                (o1, o2)
+            })
+            .collect();
+        let (s1, s2) = add_partials(d, &tl, parts);
+        let mut out = Moments::empty(d.c);
+        out.count = d.n as u64;
+        for c in 0..d.c {
+            (out.mean[c], out.m2[c]) = moments_from_shifted(shift[c].as_f64(), s1[c], s2[c], m);
+        }
+        (shift, out)
     }
-    (shift, out)
 }
 
-/// y = (x - shift)·s + b' per channel, tile by tile.
-pub fn normalize<T: Real>(
-    x: &[T],
-    y: &mut [T],
-    d: Ncs,
-    st: &BatchStats<T>,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    relu: bool,
-) {
-    let (s, b) = affines(st, d, weight, bias);
-    let yp = SyncPtr(y.as_mut_ptr());
-    let (tl, _) = tiles::<T>(d);
-    tl.par_iter().for_each(|&t| {
-        let r = t.c0..t.c1;
-        tile_normalize(
-            x,
-            yp,
-            d,
-            t,
-            &st.shift[r.clone()],
-            &s[r.clone()],
-            &b[r],
-            relu,
-        );
-    });
-}
-
-/// Statistics and normalisation (the fused training forward for S = 1).
-pub fn train_forward<T: Real>(
-    x: &[T],
-    y: &mut [T],
-    d: Ncs,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    eps: f64,
-    relu: bool,
-) -> BatchStats<T> {
-    let (tl, blocks) = tiles::<T>(d);
-    if blocks != 1 {
-        let (shift, mo) = moments(x, d);
-        let mut st = BatchStats::<T>::from_moments(&mo, eps);
-        st.shift = shift;
-        normalize(x, y, d, &st, weight, bias, relu);
-        return st;
-    }
-    // One row block: each tile holds all N values of its channels; reduce and normalise it while it is hot.
-    let m = d.n as f64;
-    let yp = SyncPtr(y.as_mut_ptr());
-    let parts: Vec<(Vec<T>, Moments)> = tl
-        .par_iter()
-        .map(|&t| {
-            let w = t.width();
-            let mut tot = vec![0.0f64; w];
-            tile_sum(x, d, t, &mut tot);
-            let shift: Vec<T> = tot.iter().map(|v| T::of_f64(v / m)).collect();
-            let (mut s1, mut s2) = (vec![0.0f64; w], vec![0.0f64; w]);
-            tile_shifted(x, d, t, &shift, &mut s1, &mut s2);
-            let mut mo = Moments::empty(w);
-            mo.count = d.n as u64;
-            for i in 0..w {
-                (mo.mean[i], mo.m2[i]) = moments_from_shifted(shift[i].as_f64(), s1[i], s2[i], m);
-            }
-            let mut st = BatchStats::<T>::from_moments(&mo, eps);
-            st.shift = shift;
+isa_fn! {
+    isa = ko.isa;
+    /// y = (x - shift)·s + b' per channel, tile by tile.
+    pub fn normalize<T: Real, const X2: bool, const X512: bool>(
+        x: &[T],
+        y: &mut [T],
+        d: Ncs,
+        st: &BatchStats<T>,
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        relu: bool,
+        ko: KernelOptions,
+    ) {
+        let (s, b) = affines(st, d, weight, bias);
+        let yp = SyncPtr(y.as_mut_ptr());
+        let (tl, _) = tiles::<T>(d);
+        tl.par_iter().for_each(|&t| {
             let r = t.c0..t.c1;
-            let (s, b): (Vec<T>, Vec<T>) = (0..w)
-                .map(|i| {
-                    st.channel_affine(
-                        i,
-                        weight.map(|v| &v[r.clone()]),
-                        bias.map(|v| &v[r.clone()]),
-                    )
-                })
-                .unzip();
-            tile_normalize(x, yp, d, t, &st.shift, &s, &b, relu);
-            (st.shift, mo)
-        })
-        .collect();
-    let mut mo = Moments::empty(d.c);
-    mo.count = d.n as u64;
-    let mut shift = vec![T::zero(); d.c];
-    for (t, (sh, part)) in tl.iter().zip(parts) {
-        shift[t.c0..t.c1].copy_from_slice(&sh);
-        mo.mean[t.c0..t.c1].copy_from_slice(&part.mean);
-        mo.m2[t.c0..t.c1].copy_from_slice(&part.m2);
-    }
-    let mut st = BatchStats::<T>::from_moments(&mo, eps);
-    st.shift = shift;
-    st
-}
-
-/// Σdy and Σdy·(x - mean) per channel (dy masked by the fused ReLU).
-pub fn backward_sums<T: Real>(
-    x: &[T],
-    dy: &[T],
-    d: Ncs,
-    st: &BatchStats<T>,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    relu: bool,
-) -> BackwardSums {
-    let (s, b) = affines(st, d, weight, bias);
-    let sh = &st.shift;
-    let (tl, _) = tiles::<T>(d);
-    let parts: Vec<_> = tl
-        .par_iter()
-        .map(|&t| {
-            let r = t.c0..t.c1;
-            let (mut o1, mut o2) = (vec![0.0f64; t.width()], vec![0.0f64; t.width()]);
-            tile_dy_sums(
+            tile_normalize(
                 x,
-                dy,
+                yp,
                 d,
                 t,
-                &sh[r.clone()],
+                &st.shift[r.clone()],
                 &s[r.clone()],
                 &b[r],
                 relu,
-                &mut o1,
-                &mut o2,
             );
-            (o1, o2)
-        })
-        .collect();
-    let (sd, dt) = add_partials(d, &tl, parts);
-    let dot = (0..d.c)
-        .map(|c| dt[c] - (st.mean[c] - sh[c].as_f64()) * sd[c])
-        .collect();
-    BackwardSums { sum_dy: sd, dot }
+        });
+    }
+}
+
+isa_fn! {
+    isa = ko.isa;
+    /// Statistics and normalisation (the fused training forward for S = 1).
+    pub fn train_forward<T: Real, const X2: bool, const X512: bool>(
+        x: &[T],
+        y: &mut [T],
+        d: Ncs,
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        eps: f64,
+        relu: bool,
+        ko: KernelOptions,
+    ) -> BatchStats<T> {
+        let (tl, blocks) = tiles::<T>(d);
+        if blocks != 1 {
+            let (shift, mo) = moments(x, d, ko);
+            let mut st = BatchStats::<T>::from_moments(&mo, eps);
+            st.shift = shift;
+            normalize(x, y, d, &st, weight, bias, relu, ko);
+            return st;
+        }
+        // One row block: each tile holds all N values of its channels; reduce and normalise it while it is hot.
+        let m = d.n as f64;
+        let yp = SyncPtr(y.as_mut_ptr());
+        let parts: Vec<(Vec<T>, Moments)> = tl
+            .par_iter()
+            .map(|&t| {
+                let w = t.width();
+                let mut tot = vec![0.0f64; w];
+                tile_sum(x, d, t, &mut tot);
+                let shift: Vec<T> = tot.iter().map(|v| T::of_f64(v / m)).collect();
+                let (mut s1, mut s2) = (vec![0.0f64; w], vec![0.0f64; w]);
+                tile_shifted(x, d, t, &shift, &mut s1, &mut s2);
+                let mut mo = Moments::empty(w);
+                mo.count = d.n as u64;
+                for i in 0..w {
+                    (mo.mean[i], mo.m2[i]) = moments_from_shifted(shift[i].as_f64(), s1[i], s2[i], m);
+                }
+                let mut st = BatchStats::<T>::from_moments(&mo, eps);
+                st.shift = shift;
+                let r = t.c0..t.c1;
+                let (s, b): (Vec<T>, Vec<T>) = (0..w)
+                    .map(|i| {
+                        st.channel_affine(
+                            i,
+                            weight.map(|v| &v[r.clone()]),
+                            bias.map(|v| &v[r.clone()]),
+                        )
+                    })
+                    .unzip();
+                tile_normalize(x, yp, d, t, &st.shift, &s, &b, relu);
+                (st.shift, mo)
+            })
+            .collect();
+        let mut mo = Moments::empty(d.c);
+        mo.count = d.n as u64;
+        let mut shift = vec![T::zero(); d.c];
+        for (t, (sh, part)) in tl.iter().zip(parts) {
+            shift[t.c0..t.c1].copy_from_slice(&sh);
+            mo.mean[t.c0..t.c1].copy_from_slice(&part.mean);
+            mo.m2[t.c0..t.c1].copy_from_slice(&part.m2);
+        }
+        let mut st = BatchStats::<T>::from_moments(&mo, eps);
+        st.shift = shift;
+        st
+    }
+}
+
+isa_fn! {
+    isa = ko.isa;
+    /// Σdy and Σdy·(x - mean) per channel (dy masked by the fused ReLU).
+    pub fn backward_sums<T: Real, const X2: bool, const X512: bool>(
+        x: &[T],
+        dy: &[T],
+        d: Ncs,
+        st: &BatchStats<T>,
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        relu: bool,
+        ko: KernelOptions,
+    ) -> BackwardSums {
+        let (s, b) = affines(st, d, weight, bias);
+        let sh = &st.shift;
+        let (tl, _) = tiles::<T>(d);
+        let parts: Vec<_> = tl
+            .par_iter()
+            .map(|&t| {
+                let r = t.c0..t.c1;
+                let (mut o1, mut o2) = (vec![0.0f64; t.width()], vec![0.0f64; t.width()]);
+                tile_dy_sums(
+                    x,
+                    dy,
+                    d,
+                    t,
+                    &sh[r.clone()],
+                    &s[r.clone()],
+                    &b[r],
+                    relu,
+                    &mut o1,
+                    &mut o2,
+                );
+                (o1, o2)
+            })
+            .collect();
+        let (sd, dt) = add_partials(d, &tl, parts);
+        let dot = (0..d.c)
+            .map(|c| dt[c] - (st.mean[c] - sh[c].as_f64()) * sd[c])
+            .collect();
+        BackwardSums { sum_dy: sd, dot }
+    }
 }
 
 /// The (k1, k2, k3) of [`dx_coefficients`] for channels `cs`, from their Σdy and Σdy·(x-mean) (indexed from
@@ -446,127 +462,139 @@ fn coefficients<T: Real>(
     k
 }
 
-/// dx = dy·k1 + (x - shift)·k2 + k3 per channel, from (possibly all-reduced) sums over `count` values.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_dx<T: Real>(
-    x: &[T],
-    dy: &[T],
-    dx: &mut [T],
-    d: Ncs,
-    st: &BatchStats<T>,
-    sums: &BackwardSums,
-    count: u64,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    relu: bool,
-) {
-    let (k1, k2, k3) = coefficients(st, 0..d.c, &sums.sum_dy, &sums.dot, count as f64, weight);
-    let (s, b) = affines(st, d, weight, bias);
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let (tl, _) = tiles::<T>(d);
-    tl.par_iter().for_each(|&t| {
-        let r = t.c0..t.c1;
-        tile_dx(
-            x,
-            dy,
-            dxp,
-            d,
-            t,
-            &st.shift[r.clone()],
-            (&s[r.clone()], &b[r.clone()]),
-            (&k1[r.clone()], &k2[r.clone()], &k3[r]),
-            relu,
-        );
-    });
-}
-
-/// The fused training backward for S = 1: per tile the two reductions, then dx while the tile is in cache.
-#[allow(clippy::too_many_arguments)]
-pub fn train_backward<T: Real>(
-    x: &[T],
-    dy: &[T],
-    dx: &mut [T],
-    d: Ncs,
-    st: &BatchStats<T>,
-    weight: Option<&[T]>,
-    bias: Option<&[T]>,
-    relu: bool,
-) -> BackwardSums {
-    let (tl, blocks) = tiles::<T>(d);
-    if blocks != 1 {
-        let sums = backward_sums(x, dy, d, st, weight, bias, relu);
-        backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu);
-        return sums;
-    }
-    let (s, b) = affines(st, d, weight, bias);
-    let count = st.count as f64;
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = tl
-        .par_iter()
-        .map(|&t| {
-            let w = t.width();
+isa_fn! {
+    isa = ko.isa;
+    /// dx = dy·k1 + (x - shift)·k2 + k3 per channel, from (possibly all-reduced) sums over `count` values.
+    pub fn backward_dx<T: Real, const X2: bool, const X512: bool>(
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        d: Ncs,
+        st: &BatchStats<T>,
+        sums: &BackwardSums,
+        count: u64,
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        relu: bool,
+        ko: KernelOptions,
+    ) {
+        let (k1, k2, k3) = coefficients(st, 0..d.c, &sums.sum_dy, &sums.dot, count as f64, weight);
+        let (s, b) = affines(st, d, weight, bias);
+        let dxp = SyncPtr(dx.as_mut_ptr());
+        let (tl, _) = tiles::<T>(d);
+        tl.par_iter().for_each(|&t| {
             let r = t.c0..t.c1;
-            let (sh, sr, br) = (&st.shift[r.clone()], &s[r.clone()], &b[r.clone()]);
-            let (mut sd, mut dt) = (vec![0.0f64; w], vec![0.0f64; w]);
-            tile_dy_sums(x, dy, d, t, sh, sr, br, relu, &mut sd, &mut dt);
-            for i in 0..w {
-                let c = t.c0 + i;
-                dt[i] -= (st.mean[c] - st.shift[c].as_f64()) * sd[i];
-            }
-            let k = coefficients(st, r.clone(), &sd, &dt, count, weight);
-            tile_dx(x, dy, dxp, d, t, sh, (sr, br), (&k.0, &k.1, &k.2), relu);
-            (sd, dt)
-        })
-        .collect();
-    let mut sums = BackwardSums {
-        sum_dy: vec![0.0; d.c],
-        dot: vec![0.0; d.c],
-    };
-    for (t, (sd, dt)) in tl.iter().zip(parts) {
-        sums.sum_dy[t.c0..t.c1].copy_from_slice(&sd);
-        sums.dot[t.c0..t.c1].copy_from_slice(&dt);
+            tile_dx(
+                x,
+                dy,
+                dxp,
+                d,
+                t,
+                &st.shift[r.clone()],
+                (&s[r.clone()], &b[r.clone()]),
+                (&k1[r.clone()], &k2[r.clone()], &k3[r]),
+                relu,
+            );
+        });
     }
-    sums
 }
 
-/// Eval-mode backward for S = 1: dx = dy·a (masked), and per channel (Σdy, Σdy·x) with the same mask, in one
-/// pass per tile.
-pub fn eval_backward<T: Real>(
-    x: &[T],
-    dy: &[T],
-    dx: &mut [T],
-    d: Ncs,
-    a: &[T],
-    b: &[T],
-    relu: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let z = T::zero();
-    let dxp = SyncPtr(dx.as_mut_ptr());
-    let (tl, _) = tiles::<T>(d);
-    let parts: Vec<_> = tl
-        .par_iter()
-        .map(|&t| {
-            let w = t.width();
-            let (a, b) = (&a[t.c0..t.c1], &b[t.c0..t.c1]);
-            let (mut o1, mut o2) = (vec![0.0f64; w], vec![0.0f64; w]);
-            reduce_tile(t, d, &mut o1, &mut o2, |off, a1: &mut [T], a2: &mut [T]| {
-                let (xr, gr) = (&x[off..off + w], &dy[off..off + w]);
-                // SAFETY: tiles are disjoint and each is written by one task.
-                let or = unsafe { dxp.slice(off, w) };
-                let (a1, a2) = (&mut a1[..w], &mut a2[..w]);
+isa_fn! {
+    isa = ko.isa;
+    /// The fused training backward for S = 1: per tile the two reductions, then dx while the tile is in cache.
+    pub fn train_backward<T: Real, const X2: bool, const X512: bool>(
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        d: Ncs,
+        st: &BatchStats<T>,
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        relu: bool,
+        ko: KernelOptions,
+    ) -> BackwardSums {
+        let (tl, blocks) = tiles::<T>(d);
+        if blocks != 1 {
+            let sums = backward_sums(x, dy, d, st, weight, bias, relu, ko);
+            backward_dx(x, dy, dx, d, st, &sums, st.count, weight, bias, relu, ko);
+            return sums;
+        }
+        let (s, b) = affines(st, d, weight, bias);
+        let count = st.count as f64;
+        let dxp = SyncPtr(dx.as_mut_ptr());
+        let parts: Vec<(Vec<f64>, Vec<f64>)> = tl
+            .par_iter()
+            .map(|&t| {
+                let w = t.width();
+                let r = t.c0..t.c1;
+                let (sh, sr, br) = (&st.shift[r.clone()], &s[r.clone()], &b[r.clone()]);
+                let (mut sd, mut dt) = (vec![0.0f64; w], vec![0.0f64; w]);
+                tile_dy_sums(x, dy, d, t, sh, sr, br, relu, &mut sd, &mut dt);
                 for i in 0..w {
-                    let g = if relu && !(xr[i] * a[i] + b[i] > z) {
-                        z
-                    } else {
-                        gr[i]
-                    };
-                    or[i] = g * a[i];
-                    a1[i] = a1[i] + g;
-                    a2[i] = a2[i] + g * xr[i];
+                    let c = t.c0 + i;
+                    dt[i] -= (st.mean[c] - st.shift[c].as_f64()) * sd[i];
                 }
-            });
-            (o1, o2)
-        })
-        .collect();
-    add_partials(d, &tl, parts)
+                let k = coefficients(st, r.clone(), &sd, &dt, count, weight);
+                tile_dx(x, dy, dxp, d, t, sh, (sr, br), (&k.0, &k.1, &k.2), relu);
+                (sd, dt)
+            })
+            .collect();
+        let mut sums = BackwardSums {
+            sum_dy: vec![0.0; d.c],
+            dot: vec![0.0; d.c],
+        };
+        for (t, (sd, dt)) in tl.iter().zip(parts) {
+            sums.sum_dy[t.c0..t.c1].copy_from_slice(&sd);
+            sums.dot[t.c0..t.c1].copy_from_slice(&dt);
+        }
+        sums
+    }
+}
+
+isa_fn! {
+    isa = ko.isa;
+    /// Eval-mode backward for S = 1 of y = (x - m)·a + b: dx = dy·a (masked), and per channel
+    /// (Σdy, Σdy·(x - m)) with the same mask, in one pass per tile.
+    pub fn eval_backward<T: Real, const X2: bool, const X512: bool>(
+        x: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        d: Ncs,
+        m: &[T],
+        a: &[T],
+        b: &[T],
+        relu: bool,
+        ko: KernelOptions,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let z = T::zero();
+        let dxp = SyncPtr(dx.as_mut_ptr());
+        let (tl, _) = tiles::<T>(d);
+        let parts: Vec<_> = tl
+            .par_iter()
+            .map(|&t| {
+                let w = t.width();
+                let (m, a, b) = (&m[t.c0..t.c1], &a[t.c0..t.c1], &b[t.c0..t.c1]);
+                let (mut o1, mut o2) = (vec![0.0f64; w], vec![0.0f64; w]);
+                reduce_tile(t, d, &mut o1, &mut o2, |off, a1: &mut [T], a2: &mut [T]| {
+                    let (xr, gr) = (&x[off..off + w], &dy[off..off + w]);
+                    // SAFETY: tiles are disjoint and each is written by one task.
+                    let or = unsafe { dxp.slice(off, w) };
+                    let (a1, a2) = (&mut a1[..w], &mut a2[..w]);
+                    for i in 0..w {
+                        let xm = xr[i] - m[i];
+                        let g = if relu && !(xm * a[i] + b[i] > z) {
+                            z
+                        } else {
+                            gr[i]
+                        };
+                        or[i] = g * a[i];
+                        a1[i] = a1[i] + g;
+                        a2[i] = a2[i] + g * xm;
+                    }
+                });
+                (o1, o2)
+            })
+            .collect();
+        add_partials(d, &tl, parts)
+    }
 }

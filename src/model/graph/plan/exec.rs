@@ -115,7 +115,7 @@ fn forward_kind<T: Real>(
         }
         StepKind::Frozen { node, relu } => {
             let x = v.get(step.inputs[0])?;
-            layer::<T, FrozenBatchNorm<T>>(nodes, *node).forward_fused(x, *relu)
+            layer::<T, FrozenBatchNorm<T>>(nodes, *node).forward_fused(x, ctx, *relu)
         }
         StepKind::Add { relu } => add_forward(plan, i, step, v, *relu),
         StepKind::Concat { axis } => {

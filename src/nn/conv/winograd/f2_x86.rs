@@ -1,7 +1,7 @@
 //! The AVX-512 tile transforms of Winograd F(2×2, 3×3): vectorised over the tiles of a tile row, on inputs split
 //! into even and odd columns.
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(nv_x86)]
 #[allow(clippy::needless_range_loop)] // the tile algebra reads best with explicit row/column indices
 pub(super) mod x86 {
     use std::arch::x86_64::*;
@@ -699,7 +699,7 @@ pub(super) mod x86 {
     }
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(nv_x86))]
 pub(super) mod x86 {
     // The public entry points assert `available()`, which is false off x86-64, so these are never reached.
     #[allow(clippy::too_many_arguments)]

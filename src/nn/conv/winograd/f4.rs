@@ -264,7 +264,63 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// Off x86-64 the transforms are never reached: the Winograd path applies only with AVX-512F (`applies`).
+#[cfg(not(nv_x86))]
+#[allow(clippy::too_many_arguments)]
+mod x86 {
+    pub unsafe fn input_plane(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    pub unsafe fn output_plane(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: f32,
+        _: bool,
+        _: &mut [f32],
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    pub unsafe fn dy_plane(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+        _: usize,
+        _: usize,
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+    pub unsafe fn adjoint_plane(
+        _: &[f32],
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: usize,
+        _: &mut [f32],
+    ) {
+        unreachable!("Winograd kernels need AVX-512F")
+    }
+}
+
+#[cfg(nv_x86)]
 #[allow(clippy::too_many_arguments)]
 mod x86 {
     use std::arch::x86_64::*;
@@ -752,7 +808,7 @@ mod tests {
                     forward(s, &x, &wt, Some(&bias), false, Some(&mut pm), &mut y);
                     close(&y, &yr, 1e-5, &format!("y {s:?}"));
                     for (i, pl) in y.chunks(h * w).enumerate() {
-                        let want = crate::kernels::moments::plane_moments(pl);
+                        let want = crate::kernels::moments::plane_moments(crate::Isa::Avx512, pl);
                         assert_eq!(pm[i], want, "plane moments {s:?} plane {i}");
                     }
                     let mut yrl = vec![f32::NAN; yr.len()];
