@@ -60,8 +60,33 @@ pub enum NvError {
     /// Training diverged (non-finite loss, or loss stuck at chance level).
     #[error("training diverged: {0}")]
     Diverged(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
+    /// An I/O operation on a file or directory failed; `path` names it.
+    #[error("{path}: cannot {op}: {source}")]
+    Io {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl NvError {
+    /// The error of I/O operation `op` ("read", "create", ...) on `path`.
+    pub fn io(path: &std::path::Path, op: &'static str, source: std::io::Error) -> NvError {
+        NvError::Io {
+            path: path.display().to_string(),
+            op,
+            source,
+        }
+    }
+}
+
+/// `.map_err(io_at(path, "read"))`: names the path of a failed I/O operation.
+pub(crate) fn io_at<'a>(
+    path: &'a std::path::Path,
+    op: &'static str,
+) -> impl FnOnce(std::io::Error) -> NvError + 'a {
+    move |e| NvError::io(path, op, e)
 }
 
 /// `Result` with [`NvError`].

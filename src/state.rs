@@ -21,6 +21,16 @@ impl StateTensor {
             StateTensor::I64(a) => a.shape(),
         }
     }
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            StateTensor::F32(a) => a.len(),
+            StateTensor::I64(a) => a.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Ordered name → tensor map.

@@ -248,7 +248,7 @@ fn image_folder_errors_name_the_file() {
     ));
     assert!(matches!(
         load_image_for_model(&root.join("missing.png"), 1, 2, 2),
-        Err(NvError::Io(_))
+        Err(NvError::Io { ref path, .. }) if path.ends_with("missing.png")
     ));
 }
 

@@ -1,11 +1,17 @@
-//! An in-memory image classification dataset, its per-channel statistics and the normalization built from them.
+//! An image classification dataset, its per-channel statistics and the normalization built from them.
 //!
-//! Pixels stay `u8` in memory (Fashion-MNIST's 60 000 training images take 47 MB); batches are converted to
-//! `f32` as `x / 255`, augmented in that `[0, 1]` range, then normalized as `(x / 255 - mean) / std`.
+//! Pixels stay `u8` in memory (Fashion-MNIST's 60 000 training images take 47 MB), or, for an image folder
+//! larger than memory, stay on disk: a streaming dataset holds the file list and decodes each sample when a
+//! batch is made ([`Dataset::from_files`]). Batches are converted to `f32` as `x / 255`, augmented in that
+//! `[0, 1]` range, then normalized as `(x / 255 - mean) / std`.
 
 use crate::{NvError, Result};
 use ndarray::Array4;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Images `(N, C, H, W)` as `u8`, one label per image, and the class names labels index into.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +24,9 @@ pub struct Dataset {
     pub classes: Vec<String>,
     /// `(C, H, W)` of every sample.
     pub shape: [usize; 3],
+    /// When set, sample `i` is image file `files[i]`, decoded (converted and resized to `shape`) when a batch
+    /// is made, and `images` is empty: the dataset streams from disk.
+    pub files: Option<Arc<Vec<PathBuf>>>,
 }
 
 impl Dataset {
@@ -56,7 +65,62 @@ impl Dataset {
             labels,
             classes,
             shape,
+            files: None,
         })
+    }
+
+    /// A streaming dataset: sample `i` is the PNG/JPEG file `files[i]` with label `labels[i]`, decoded when a
+    /// batch is made. Nothing is read here; a file that cannot be decoded is an error of the batch (or of
+    /// [`Dataset::mean_std`], which reads every file once).
+    pub fn from_files(
+        files: Vec<PathBuf>,
+        labels: Vec<usize>,
+        classes: Vec<String>,
+        shape: [usize; 3],
+    ) -> Result<Dataset> {
+        if files.len() != labels.len() {
+            return Err(NvError::Config(format!(
+                "dataset: {} files but {} labels",
+                files.len(),
+                labels.len()
+            )));
+        }
+        let mut d = Dataset::new(vec![], vec![], classes, shape)?;
+        if let Some((i, &l)) = labels
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l >= d.classes.len())
+        {
+            return Err(NvError::Config(format!(
+                "dataset: label {l} at index {i} is out of range for {} classes",
+                d.classes.len()
+            )));
+        }
+        d.labels = labels;
+        d.files = Some(Arc::new(files));
+        Ok(d)
+    }
+
+    /// Whether the samples are decoded from files as batches are made.
+    pub fn is_streaming(&self) -> bool {
+        self.files.is_some()
+    }
+
+    /// The pixels of sample `i` (`C * H * W`, channel-major): borrowed from memory, or decoded from its file.
+    pub fn sample(&self, i: usize) -> Result<Cow<'_, [u8]>> {
+        if i >= self.len() {
+            return Err(NvError::Config(format!(
+                "dataset: index {i} out of range for {} samples",
+                self.len()
+            )));
+        }
+        match &self.files {
+            None => Ok(Cow::Borrowed(self.image(i))),
+            Some(f) => {
+                let [c, h, w] = self.shape;
+                Ok(Cow::Owned(super::decode::load_image(&f[i], c, h, w)?))
+            }
+        }
     }
 
     /// Number of samples.
@@ -76,8 +140,13 @@ impl Dataset {
     pub fn sample_len(&self) -> usize {
         self.shape.iter().product()
     }
-    /// The pixels of sample `i` (`C * H * W`, channel-major). Panics if `i >= len()`, like slice indexing.
+    /// The pixels of in-memory sample `i` (`C * H * W`, channel-major). Panics if `i >= len()`, like slice
+    /// indexing, and on a streaming dataset (use [`Dataset::sample`]).
     pub fn image(&self, i: usize) -> &[u8] {
+        assert!(
+            self.files.is_none(),
+            "Dataset::image on a streaming dataset: use sample()"
+        );
         let s = self.sample_len();
         &self.images[i * s..(i + 1) * s]
     }
@@ -98,6 +167,11 @@ impl Dataset {
                 self.len()
             )));
         }
+        let labels = indices.iter().map(|&i| self.labels[i]).collect();
+        if let Some(f) = &self.files {
+            let files = indices.iter().map(|&i| f[i].clone()).collect();
+            return Dataset::from_files(files, labels, self.classes.clone(), self.shape);
+        }
         let s = self.sample_len();
         let mut images = Vec::with_capacity(indices.len() * s);
         for &i in indices {
@@ -105,9 +179,10 @@ impl Dataset {
         }
         Ok(Dataset {
             images,
-            labels: indices.iter().map(|&i| self.labels[i]).collect(),
+            labels,
             classes: self.classes.clone(),
             shape: self.shape,
+            files: None,
         })
     }
 
@@ -154,13 +229,38 @@ impl Dataset {
         let c = self.channels();
         let hw = self.shape[1] * self.shape[2];
         // Integer histogram per channel: exact, fast, independent of summation order.
-        let mut hist = vec![[0u64; 256]; c];
-        for img in self.images.chunks_exact(c * hw) {
+        let add = |hist: &mut Vec<[u64; 256]>, img: &[u8]| {
             for (ch, plane) in img.chunks_exact(hw).enumerate() {
                 let h = &mut hist[ch];
                 for &p in plane {
                     h[p as usize] += 1;
                 }
+            }
+        };
+        let mut hist = vec![[0u64; 256]; c];
+        if self.is_streaming() {
+            // every file decoded once, in parallel, holding one image per thread
+            hist = (0..self.len())
+                .into_par_iter()
+                .try_fold(
+                    || vec![[0u64; 256]; c],
+                    |mut h, i| -> Result<_> {
+                        add(&mut h, &self.sample(i)?);
+                        Ok(h)
+                    },
+                )
+                .try_reduce(
+                    || vec![[0u64; 256]; c],
+                    |mut a, b| {
+                        for (x, y) in a.iter_mut().zip(&b) {
+                            x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                        }
+                        Ok(a)
+                    },
+                )?;
+        } else {
+            for img in self.images.chunks_exact(c * hw) {
+                add(&mut hist, img);
             }
         }
         let mut mean = Vec::with_capacity(c);
@@ -185,18 +285,31 @@ impl Dataset {
         Normalization::new(mean, std)
     }
 
-    /// Copies samples `indices` into a `(B, C, H, W)` array of `x / 255` (no normalization).
-    pub fn batch_unit(&self, indices: &[usize]) -> Array4<f32> {
+    /// Copies samples `indices` into a `(B, C, H, W)` array of `x / 255` (no normalization). A streaming
+    /// dataset decodes them in parallel (on the calling thread's rayon pool).
+    pub fn batch_unit(&self, indices: &[usize]) -> Result<Array4<f32>> {
         let [c, h, w] = self.shape;
         let s = self.sample_len();
         let mut out = Array4::<f32>::zeros((indices.len(), c, h, w));
         let dst = out.as_slice_mut().expect("fresh array");
-        for (k, &i) in indices.iter().enumerate() {
-            for (d, &p) in dst[k * s..(k + 1) * s].iter_mut().zip(self.image(i)) {
+        let put = |d: &mut [f32], px: &[u8]| {
+            for (d, &p) in d.iter_mut().zip(px) {
                 *d = p as f32 / 255.0;
             }
+        };
+        if self.is_streaming() {
+            dst.par_chunks_mut(s).zip(indices.par_iter()).try_for_each(
+                |(d, &i)| -> Result<()> {
+                    put(d, &self.sample(i)?);
+                    Ok(())
+                },
+            )?;
+        } else {
+            for (k, &i) in indices.iter().enumerate() {
+                put(&mut dst[k * s..(k + 1) * s], self.image(i));
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Samples `indices` as a normalized `(B, C, H, W)` batch with their labels (no augmentation).
@@ -211,7 +324,7 @@ impl Dataset {
                 self.len()
             )));
         }
-        let mut x = self.batch_unit(indices);
+        let mut x = self.batch_unit(indices)?;
         norm.normalize(&mut x)?;
         Ok((x, indices.iter().map(|&i| self.labels[i]).collect()))
     }

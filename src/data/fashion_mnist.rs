@@ -82,15 +82,17 @@ pub fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    Err(NvError::Io(std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!(
-            "Fashion-MNIST not found: no {stem}.gz or {stem} in {}. Install it with \
-             `apt-get install dataset-fashion-mnist` (files go to {DEFAULT_DIR}) or pass `--data DIR` \
-             pointing at a folder holding the four IDX files",
-            dir.display()
+    Err(NvError::io(
+        dir,
+        "find Fashion-MNIST in",
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!(
+                "no {stem}.gz or {stem} here. Install it with `apt-get install dataset-fashion-mnist` \
+                 (files go to {DEFAULT_DIR}) or pass `--data DIR` pointing at a folder holding the four IDX files"
+            ),
         ),
-    )))
+    ))
 }
 
 /// Whether all four files are present in `dir` (or [`DEFAULT_DIR`]).
@@ -132,7 +134,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = load(Some(dir.path()), Split::Train).unwrap_err();
         let m = e.to_string();
-        assert!(matches!(&e, NvError::Io(io) if io.kind() == std::io::ErrorKind::NotFound));
+        assert!(
+            matches!(&e, NvError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
         assert!(
             m.contains("apt-get install dataset-fashion-mnist") && m.contains("--data DIR"),
             "{m}"

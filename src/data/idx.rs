@@ -141,20 +141,74 @@ fn format_err(path: &str, msg: impl Into<String>) -> NvError {
     }
 }
 
-/// Reads a file fully, gunzipping it when it starts with `1f 8b`.
-pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
-    let name = path.display().to_string();
-    let raw = std::fs::read(path)
-        .map_err(|e| NvError::Io(std::io::Error::new(e.kind(), format!("{name}: {e}"))))?;
-    if raw.len() >= 2 && raw[0] == 0x1f && raw[1] == 0x8b {
-        let mut out = Vec::with_capacity(raw.len() * 4);
-        MultiGzDecoder::new(raw.as_slice())
-            .read_to_end(&mut out)
-            .map_err(|e| format_err(&name, format!("corrupt gzip stream: {e}")))?;
-        Ok(out)
-    } else {
-        Ok(raw)
+/// Deflate inflates at most 1032:1; a gzip file whose IDX header promises more than this many bytes per
+/// compressed byte lies, and is refused before anything is inflated or allocated.
+const MAX_GZIP_RATIO: u64 = 1100;
+
+/// The total size (header + data) an IDX header promises, when `head` holds a well-formed header.
+fn promised_size(head: &[u8]) -> Option<u64> {
+    if head.len() < 4 || head[0] != 0 || head[1] != 0 {
+        return None;
     }
+    let ty = IdxType::from_code(head[2])?;
+    let ndim = head[3] as usize;
+    let header = 4 + 4 * ndim;
+    if ndim == 0 || head.len() < header {
+        return None;
+    }
+    (0..ndim)
+        .map(|i| u32::from_be_bytes(head[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as u64)
+        .try_fold(ty.size() as u64, |acc, d| acc.checked_mul(d))?
+        .checked_add(header as u64)
+}
+
+/// Reads a file fully, gunzipping it when it starts with `1f 8b`. A gzip stream is inflated only up to the
+/// size its IDX header promises (one byte more, so that [`parse_idx`] reports trailing data): a gzip bomb
+/// costs no more memory than the file it claims to be, and a header that claims more than the compressed
+/// file can hold is refused before any allocation.
+pub fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let raw = std::fs::read(path).map_err(crate::error::io_at(path, "read"))?;
+    inflate_idx(raw, &path.display().to_string())
+}
+
+/// [`read_maybe_gz`] on bytes already read: gunzips them (bounded by the IDX header's promise) when they start
+/// with `1f 8b`, else returns them. `name` is used in error messages.
+pub fn inflate_idx(raw: Vec<u8>, name: &str) -> Result<Vec<u8>> {
+    let name = name.to_string();
+    if raw.len() < 2 || raw[0] != 0x1f || raw[1] != 0x8b {
+        return Ok(raw);
+    }
+    let gz_err = |e: std::io::Error| format_err(&name, format!("corrupt gzip stream: {e}"));
+    let mut dec = MultiGzDecoder::new(raw.as_slice());
+    let mut out = Vec::new();
+    (&mut dec).take(4).read_to_end(&mut out).map_err(gz_err)?;
+    if out.len() == 4 && out[0] == 0 && out[1] == 0 {
+        (&mut dec)
+            .take(4 * out[3] as u64)
+            .read_to_end(&mut out)
+            .map_err(gz_err)?;
+    }
+    // A malformed header: parse_idx says what is wrong with it.
+    let Some(total) = promised_size(&out) else {
+        return Ok(out);
+    };
+    let plausible = (raw.len() as u64).saturating_mul(MAX_GZIP_RATIO);
+    if total > plausible {
+        return Err(format_err(
+            &name,
+            format!(
+                "the IDX header promises {total} bytes, more than a {}-byte gzip file can inflate to \
+                 (deflate's ratio is at most 1032:1); refused before inflating",
+                raw.len()
+            ),
+        ));
+    }
+    out.reserve_exact(total as usize + 1 - out.len());
+    (&mut dec)
+        .take(total + 1 - out.len() as u64)
+        .read_to_end(&mut out)
+        .map_err(gz_err)?;
+    Ok(out)
 }
 
 /// Parses IDX bytes (already decompressed). `name` is used in error messages.
@@ -304,17 +358,18 @@ pub fn encode_idx(a: &IdxArray) -> Result<Vec<u8>> {
 /// Writes an IDX file, gzipped when `gzip` is true (used by tests and tools).
 pub fn write_idx(path: &Path, a: &IdxArray, gzip: bool) -> Result<()> {
     let bytes = encode_idx(a)?;
-    let f = std::fs::File::create(path)?;
+    let err = crate::error::io_at(path, "write");
+    let f = std::fs::File::create(path).map_err(crate::error::io_at(path, "create"))?;
     let mut w = std::io::BufWriter::new(f);
-    if gzip {
+    let written = if gzip {
         let mut enc = flate2::write::GzEncoder::new(w, flate2::Compression::fast());
-        enc.write_all(&bytes)?;
-        enc.finish()?.flush()?;
+        enc.write_all(&bytes)
+            .and_then(|_| enc.finish())
+            .and_then(|mut w| w.flush())
     } else {
-        w.write_all(&bytes)?;
-        w.flush()?;
-    }
-    Ok(())
+        w.write_all(&bytes).and_then(|_| w.flush())
+    };
+    written.map_err(err)
 }
 
 /// Loads an image file: a u8 IDX file with 3 dims (N, H, W), H and W positive.

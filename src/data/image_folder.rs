@@ -11,36 +11,18 @@
 //! * Every non-hidden file inside a class folder must be a PNG or JPEG image. The format is detected from the
 //!   content, not the extension, so a text file named `x.png` (or any other non-image) is an
 //!   [`NvError::Format`] naming the file, as is a corrupt image. A class folder with no image is an error.
-//! * Images are converted to grayscale (`channels = 1`, PIL's `convert("L")` weights 0.299/0.587/0.114) or RGB
-//!   (`channels = 3`, alpha dropped), then **resized to exactly `(h, w)`** with bilinear (triangle) filtering
-//!   when their size differs; the aspect ratio is not preserved. An image already `(h, w)` is not resampled.
+//! * Images are converted and resized to `(channels, h, w)` as [`super::decode`] says (grayscale or RGB,
+//!   bilinear resize to exactly `(h, w)`).
+//! * [`load_image_folder`] decodes the whole folder into memory; [`stream_image_folder`] lists it and decodes
+//!   each image when a batch is made.
 
 use super::dataset::Dataset;
-use crate::{NvError, Result};
-use image::{imageops::FilterType, DynamicImage, ImageFormat, ImageReader};
-use ndarray::Array4;
+use super::decode::{check_target, format_err};
+pub use super::decode::{
+    decode_bytes, load_image, load_image_for_model, to_chw, MAX_DECODE_BYTES, MAX_DECODE_SIDE,
+};
+use crate::Result;
 use std::path::{Path, PathBuf};
-
-fn format_err(path: &Path, msg: impl Into<String>) -> NvError {
-    NvError::Format {
-        path: path.display().to_string(),
-        msg: msg.into(),
-    }
-}
-
-fn check_target(channels: usize, h: usize, w: usize) -> Result<()> {
-    if channels != 1 && channels != 3 {
-        return Err(NvError::Config(format!(
-            "images: channels must be 1 (grayscale) or 3 (RGB), got {channels}"
-        )));
-    }
-    if h == 0 || w == 0 || h > u32::MAX as usize || w > u32::MAX as usize {
-        return Err(NvError::Config(format!(
-            "images: target size {h}x{w} must be positive"
-        )));
-    }
-    Ok(())
-}
 
 fn is_hidden(p: &Path) -> bool {
     p.file_name()
@@ -48,105 +30,13 @@ fn is_hidden(p: &Path) -> bool {
         .is_some_and(|n| n.starts_with('.'))
 }
 
-/// Decodes one PNG/JPEG file (format from content).
-fn decode(path: &Path) -> Result<DynamicImage> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        NvError::Io(std::io::Error::new(
-            e.kind(),
-            format!("{}: {e}", path.display()),
-        ))
-    })?;
-    let reader = ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| format_err(path, format!("cannot read image: {e}")))?;
-    match reader.format() {
-        Some(ImageFormat::Png) | Some(ImageFormat::Jpeg) => {}
-        Some(f) => {
-            return Err(format_err(
-                path,
-                format!("unsupported image format {f:?} (expected PNG or JPEG)"),
-            ))
-        }
-        None => {
-            return Err(format_err(
-                path,
-                "not a PNG or JPEG image (unrecognized content)",
-            ))
-        }
-    }
-    reader
-        .decode()
-        .map_err(|e| format_err(path, format!("corrupt image: {e}")))
-}
-
-/// Converts a decoded image to `channels` and size `(h, w)`, as `C * H * W` bytes (channel-major).
-pub fn to_chw(img: &DynamicImage, channels: usize, h: usize, w: usize) -> Result<Vec<u8>> {
-    check_target(channels, h, w)?;
-    let rgb = img.to_rgb8();
-    let (h32, w32) = (h as u32, w as u32);
-    if channels == 1 {
-        // PIL convert("L"): L = (19595 R + 38470 G + 7471 B + 0x8000) >> 16
-        let (iw, ih) = rgb.dimensions();
-        let luma: Vec<u8> = rgb
-            .pixels()
-            .map(|p| {
-                let [r, g, b] = p.0;
-                ((19595 * r as u32 + 38470 * g as u32 + 7471 * b as u32 + 0x8000) >> 16) as u8
-            })
-            .collect();
-        let mut gray = image::GrayImage::from_raw(iw, ih, luma).expect("sizes match");
-        if (iw, ih) != (w32, h32) {
-            gray = image::imageops::resize(&gray, w32, h32, FilterType::Triangle);
-        }
-        Ok(gray.into_raw())
-    } else {
-        let rgb = if rgb.dimensions() != (w32, h32) {
-            image::imageops::resize(&rgb, w32, h32, FilterType::Triangle)
-        } else {
-            rgb
-        };
-        let hw = h * w;
-        let mut out = vec![0u8; 3 * hw];
-        for (i, p) in rgb.pixels().enumerate() {
-            for c in 0..3 {
-                out[c * hw + i] = p.0[c];
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// Loads one image file as `C * H * W` bytes (see the module docs for conversion and resizing).
-pub fn load_image(path: &Path, channels: usize, h: usize, w: usize) -> Result<Vec<u8>> {
-    check_target(channels, h, w)?;
-    to_chw(&decode(path)?, channels, h, w)
-}
-
-/// Loads one image for `predict`: a `(1, C, H, W)` batch of `x / 255` in `[0, 1]`.
-/// **Not normalized**: apply the model's saved [`super::Normalization::normalize`] before the forward pass.
-pub fn load_image_for_model(
-    path: &Path,
-    channels: usize,
-    h: usize,
-    w: usize,
-) -> Result<Array4<f32>> {
-    let px = load_image(path, channels, h, w)?;
-    let v: Vec<f32> = px.iter().map(|&p| p as f32 / 255.0).collect();
-    Ok(Array4::from_shape_vec((1, channels, h, w), v).expect("sizes match"))
-}
-
 /// The class names (sorted sub-folder names) and the files of each class, sorted.
 pub fn scan(root: &Path) -> Result<Vec<(String, Vec<PathBuf>)>> {
     let read_dir = |d: &Path| -> Result<Vec<PathBuf>> {
-        let rd = std::fs::read_dir(d).map_err(|e| {
-            NvError::Io(std::io::Error::new(
-                e.kind(),
-                format!("{}: {e}", d.display()),
-            ))
-        })?;
+        let rd = std::fs::read_dir(d).map_err(crate::error::io_at(d, "list"))?;
         let mut v = Vec::new();
         for entry in rd {
-            let p = entry?.path();
+            let p = entry.map_err(crate::error::io_at(d, "list"))?.path();
             if !is_hidden(&p) {
                 v.push(p);
             }
@@ -196,6 +86,26 @@ pub fn load_image_folder(root: &Path, channels: usize, h: usize, w: usize) -> Re
     }
     Dataset::new(
         images,
+        labels,
+        classes.into_iter().map(|(n, _)| n).collect(),
+        [channels, h, w],
+    )
+}
+
+/// The image folder as a streaming [`Dataset`]: the files are listed now (classes and order as
+/// [`load_image_folder`]'s) and decoded when batches are made, in the loader's threads, so a folder larger than
+/// memory trains in bounded memory.
+pub fn stream_image_folder(root: &Path, channels: usize, h: usize, w: usize) -> Result<Dataset> {
+    check_target(channels, h, w)?;
+    let classes = scan(root)?;
+    let mut files = Vec::new();
+    let mut labels = Vec::new();
+    for (k, (_, fs)) in classes.iter().enumerate() {
+        files.extend(fs.iter().cloned());
+        labels.extend(std::iter::repeat_n(k, fs.len()));
+    }
+    Dataset::from_files(
+        files,
         labels,
         classes.into_iter().map(|(n, _)| n).collect(),
         [channels, h, w],

@@ -73,6 +73,9 @@ pub struct DataLoader {
     dataset: Arc<Dataset>,
     norm: Normalization,
     cfg: LoaderConfig,
+    /// The loader's own decoding threads, for a streaming dataset: images are decoded there while the model
+    /// computes on the global pool.
+    decoders: Option<Arc<rayon::ThreadPool>>,
 }
 
 impl DataLoader {
@@ -98,7 +101,25 @@ impl DataLoader {
         if let Some(a) = &cfg.augment {
             a.validate()?;
         }
-        Ok(DataLoader { dataset, norm, cfg })
+        let decoders = if dataset.is_streaming() {
+            let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .thread_name(|i| format!("loader-decode-{i}"))
+                .build()
+                .map_err(|e| {
+                    NvError::Config(format!("loader: cannot start decoding threads: {e}"))
+                })?;
+            Some(Arc::new(pool))
+        } else {
+            None
+        };
+        Ok(DataLoader {
+            dataset,
+            norm,
+            cfg,
+            decoders,
+        })
     }
     pub fn dataset(&self) -> &Arc<Dataset> {
         &self.dataset
@@ -137,7 +158,8 @@ impl DataLoader {
             )));
         }
         let depth = self.cfg.prefetch.max(1);
-        let (tx, rx) = sync_channel::<Batch>(depth);
+        let (tx, rx) = sync_channel::<Result<Batch>>(depth);
+        let decoders = self.decoders.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let job = BatchMaker {
             dataset: Arc::clone(&self.dataset),
@@ -155,13 +177,17 @@ impl DataLoader {
                     if stop2.load(Ordering::Relaxed) {
                         break;
                     }
-                    let batch = job.make(b, &mut scratch);
-                    if tx.send(batch).is_err() {
-                        break; // receiver dropped
+                    let batch = match &decoders {
+                        Some(pool) => pool.install(|| job.make(b, &mut scratch)),
+                        None => job.make(b, &mut scratch),
+                    };
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        break; // receiver dropped, or nothing more to make
                     }
                 }
             })
-            .map_err(NvError::Io)?;
+            .map_err(|e| NvError::io(std::path::Path::new("data loader thread"), "spawn", e))?;
         Ok(EpochIter {
             rx: Some(rx),
             handle: Some(handle),
@@ -169,6 +195,7 @@ impl DataLoader {
             epoch,
             next: start_batch,
             num_batches: nb,
+            error: None,
         })
     }
     /// Builds batch `index` of `epoch` synchronously (same result as the iterator's).
@@ -186,7 +213,7 @@ impl DataLoader {
             order: self.epoch_order(epoch),
             epoch,
         };
-        Ok(job.make(index, &mut Vec::new()))
+        job.make(index, &mut Vec::new())
     }
 }
 
@@ -213,12 +240,12 @@ struct BatchMaker {
 }
 
 impl BatchMaker {
-    fn make(&self, b: usize, scratch: &mut Vec<f32>) -> Batch {
+    fn make(&self, b: usize, scratch: &mut Vec<f32>) -> Result<Batch> {
         let bs = self.cfg.batch_size;
         let start = b * bs;
         let end = (start + bs).min(self.order.len());
         let idx = &self.order[start..end];
-        let mut x = self.dataset.batch_unit(idx);
+        let mut x = self.dataset.batch_unit(idx)?;
         if let Some(aug) = self.cfg.augment.as_ref().filter(|a| !a.is_identity()) {
             let shape = self.dataset.shape;
             let s = self.dataset.sample_len();
@@ -232,13 +259,16 @@ impl BatchMaker {
         self.norm
             .normalize(&mut x)
             .expect("channel count checked in DataLoader::new");
-        (x, idx.iter().map(|&i| self.dataset.labels[i]).collect())
+        Ok((x, idx.iter().map(|&i| self.dataset.labels[i]).collect()))
     }
 }
 
-/// The batches of one epoch, produced on a background thread. Yields [`Batch`]es in order.
+/// The batches of one epoch, produced on a background thread. Yields [`Batch`]es in order. A batch that cannot
+/// be made (a streamed image file that no longer decodes) ends the iteration early; [`EpochIter::error`] then
+/// holds why.
 pub struct EpochIter {
-    rx: Option<Receiver<Batch>>,
+    rx: Option<Receiver<Result<Batch>>>,
+    error: Option<NvError>,
     handle: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     epoch: usize,
@@ -258,6 +288,13 @@ impl EpochIter {
     pub fn num_batches(&self) -> usize {
         self.num_batches
     }
+    /// Why the iteration ended before its last batch, if it did (taken: a second call returns `Ok`).
+    pub fn error(&mut self) -> Result<()> {
+        match self.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Iterator for EpochIter {
@@ -267,9 +304,14 @@ impl Iterator for EpochIter {
             return None;
         }
         match self.rx.as_ref()?.recv() {
-            Ok(b) => {
+            Ok(Ok(b)) => {
                 self.next += 1;
                 Some(b)
+            }
+            Ok(Err(e)) => {
+                self.error = Some(e);
+                self.next = self.num_batches;
+                None
             }
             // The producer died (a panic while building a batch): surface it instead of ending quietly.
             Err(_) => {

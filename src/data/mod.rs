@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod dataset;
+pub mod decode;
 pub mod fashion_mnist;
 pub mod idx;
 pub mod image_folder;
@@ -12,5 +13,5 @@ pub mod loader;
 
 pub use augment::Augment;
 pub use dataset::{Dataset, Normalization};
-pub use image_folder::{load_image_folder, load_image_for_model};
+pub use image_folder::{load_image_folder, load_image_for_model, stream_image_folder};
 pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig};

@@ -3,10 +3,12 @@
 
 pub mod atomic;
 pub mod graph_file;
+pub mod lock;
 pub mod safetensors_io;
 
-pub use atomic::write_atomic;
+pub use atomic::{remove_stale_temps, write_atomic};
 pub use graph_file::{load_graph, save_graph, GRAPH_FORMAT};
+pub use lock::RunLock;
 pub use safetensors_io::{
     load_state_dict, save_state_dict, state_dict_from_bytes, state_dict_to_bytes,
 };

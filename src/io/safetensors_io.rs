@@ -109,9 +109,6 @@ pub fn save_state_dict(
 
 /// Reads a state dict and its metadata.
 pub fn load_state_dict(path: &Path) -> Result<(StateDict, HashMap<String, String>)> {
-    let bytes = std::fs::read(path).map_err(|e| NvError::Format {
-        path: path.display().to_string(),
-        msg: e.to_string(),
-    })?;
+    let bytes = std::fs::read(path).map_err(crate::error::io_at(path, "read"))?;
     state_dict_from_bytes(&bytes, &path.display().to_string())
 }

@@ -114,6 +114,34 @@ impl Model {
         self.graph.fold_batch_norm()
     }
 
+    /// The first node that a training batch of `n` images would leave with one value per channel (a
+    /// BatchNorm, or Batch-Channel Norm's batch part, on (n, C) or (n, C, 1, 1)), with its input shape; `None`
+    /// when a batch of `n` trains.
+    pub fn one_value_per_channel(&self, n: usize) -> Result<Option<(String, Vec<usize>)>> {
+        let [c, h, w] = self.input;
+        let shapes = self.graph.value_shapes(&[&[n, c, h, w]])?;
+        for node in self.graph.nodes() {
+            let uses_batch_stats = node.layer_as::<crate::norm::BatchNorm<f32>>().is_some()
+                || node
+                    .layer_as::<crate::norm::BatchChannelNorm<f32>>()
+                    .is_some();
+            if !uses_batch_stats {
+                continue;
+            }
+            let shape = &shapes[node.inputs()[0].index()];
+            let per_channel: usize = shape
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != 1)
+                .map(|(_, d)| d)
+                .product();
+            if per_channel <= 1 {
+                return Ok(Some((node.name().to_string(), shape.clone())));
+            }
+        }
+        Ok(None)
+    }
+
     /// Checks an input batch's shape against the model's input.
     pub fn check_input(&self, x: &ArrayD<f32>) -> Result<()> {
         let want = self.input;

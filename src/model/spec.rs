@@ -71,6 +71,32 @@ impl LayerSpec {
         None
     }
 
+    /// About how many values this layer's state dict holds (parameters and buffers; an upper bound), in
+    /// `u128` so that no claim read from a file overflows. Checked against a checkpoint's tensors before the
+    /// layer is built, so an architecture that claims huge layers is refused without allocating them.
+    pub fn state_elements(&self) -> u128 {
+        let u = |v: usize| v as u128;
+        match self {
+            LayerSpec::Conv2d(c) => {
+                u(c.out_channels)
+                    * (u(c.in_channels) / u(c.groups.max(1)))
+                    * u(c.kernel_size.0)
+                    * u(c.kernel_size.1)
+                    + u(c.out_channels)
+            }
+            LayerSpec::Linear(c) => u(c.in_features) * u(c.out_features) + u(c.out_features),
+            LayerSpec::BatchNorm(c) => 4 * u(c.num_features) + 1,
+            LayerSpec::FrozenBatchNorm(c) => 4 * u(c.num_features),
+            LayerSpec::GroupNorm(c) => 2 * u(c.num_channels),
+            LayerSpec::LayerNorm(c) => {
+                2 * c.normalized_shape.iter().map(|&d| u(d)).product::<u128>()
+            }
+            LayerSpec::InstanceNorm(c) => 4 * u(c.num_features) + 1,
+            LayerSpec::BatchChannelNorm(c) => 8 * u(c.num_features) + 1,
+            _ => 0,
+        }
+    }
+
     /// A layer of this spec, with zero (or identity) parameters, to be loaded from a state dict.
     pub fn build<T: Real>(&self) -> Result<Box<dyn Layer<T>>> {
         Ok(match self {
@@ -116,6 +142,19 @@ pub struct GraphSpec {
     pub inputs: Vec<String>,
     pub nodes: Vec<NodeSpec>,
     pub outputs: Vec<String>,
+}
+
+impl GraphSpec {
+    /// About how many values the state dict of a graph of this architecture holds ([`LayerSpec::state_elements`]).
+    pub fn state_elements(&self) -> u128 {
+        self.nodes
+            .iter()
+            .map(|n| match &n.op {
+                OpSpec::Layer(l) => l.state_elements(),
+                _ => 0,
+            })
+            .sum()
+    }
 }
 
 impl<T: Real> Graph<T> {

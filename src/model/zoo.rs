@@ -91,8 +91,49 @@ impl ModelConfig {
         }
     }
 
+    /// Largest image side a zoo model accepts: far above any vision input it is meant for, and small enough
+    /// that no configuration within the bounds asks for more memory than a machine has.
+    pub const MAX_SIDE: usize = 512;
+    /// Most input channels.
+    pub const MAX_CHANNELS: usize = 64;
+    /// Most classes.
+    pub const MAX_CLASSES: usize = 100_000;
+
+    /// Checks every field against the bounds above, so that a configuration read from a file (a checkpoint
+    /// that claims huge dimensions) is refused before anything is allocated.
+    pub fn validate(&self) -> Result<()> {
+        let range = |name: &str, v: usize, max: usize| -> Result<()> {
+            if (1..=max).contains(&v) {
+                Ok(())
+            } else {
+                Err(NvError::Config(format!(
+                    "model: {name} must be in 1..={max}, got {v}"
+                )))
+            }
+        };
+        range("in_channels", self.in_channels, Self::MAX_CHANNELS)?;
+        range("height", self.height, Self::MAX_SIDE)?;
+        range("width", self.width, Self::MAX_SIDE)?;
+        range("num_classes", self.num_classes, Self::MAX_CLASSES)?;
+        range("groups", self.groups, 1024)?;
+        if !(self.init.scale.is_finite() && self.init.scale > 0.0) {
+            return Err(NvError::Config(format!(
+                "model: the init scale must be finite and > 0, got {}",
+                self.init.scale
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(NvError::Config(format!(
+                "model: dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+
     /// The graph this configuration describes, with weights drawn from its seed.
     pub fn build_graph(&self) -> Result<Graph> {
+        self.validate()?;
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(self.seed);
         let mut z = Zoo {
             g: Graph::new(),

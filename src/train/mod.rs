@@ -7,6 +7,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod fuzz;
 pub mod log;
 pub mod trainer;
 
@@ -41,6 +42,10 @@ pub struct TrainConfig {
     /// Use only the first k training / test samples (0 = all).
     pub train_limit: usize,
     pub test_limit: usize,
+    /// Drop every epoch's last batch when it is smaller than `batch_size`. Without it, a last batch is still
+    /// dropped (and the log says so) when it would leave a batch-statistics norm with one value per channel.
+    #[serde(default)]
+    pub drop_last: bool,
 }
 
 impl TrainConfig {
@@ -66,6 +71,47 @@ impl TrainConfig {
             divergence_window: 200,
             train_limit: 0,
             test_limit: 0,
+            drop_last: false,
         }
+    }
+
+    /// Most images in a batch.
+    pub const MAX_BATCH: usize = 1 << 16;
+
+    /// Checks every field (a configuration read from a checkpoint is checked before anything is built).
+    pub fn validate(&self) -> crate::Result<()> {
+        use crate::NvError;
+        self.model.validate()?;
+        self.schedule.validate()?;
+        for (name, v) in [
+            ("batch_size (--batch-size)", self.batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+        ] {
+            if !(1..=Self::MAX_BATCH).contains(&v) {
+                return Err(NvError::Config(format!(
+                    "{name} must be in 1..={}, got {v}",
+                    Self::MAX_BATCH
+                )));
+            }
+        }
+        if self.eval_every_steps == Some(0) {
+            return Err(NvError::Config(
+                "eval_every_steps (--eval-every) must be at least 1 step".into(),
+            ));
+        }
+        if let Some(t) = self.target_acc {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(NvError::Config(format!(
+                    "target_acc (--target-acc) is a fraction in [0, 1], got {t}"
+                )));
+            }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(NvError::Config(format!(
+                "label_smoothing must be in [0, 1), got {}",
+                self.label_smoothing
+            )));
+        }
+        Ok(())
     }
 }

@@ -34,8 +34,9 @@ pub struct RunOptions {
     pub log: Option<PathBuf>,
     /// Progress reports.
     pub progress: Option<Box<dyn Progress>>,
-    /// Continue this checkpoint's run (model, optimizer, position); its config is used, with `epochs` and
-    /// `max_steps` taken from the config passed to [`train`].
+    /// Continue this checkpoint's run (model, optimizer, position); its config is used, with `epochs`,
+    /// `max_steps`, `eval_every_steps`, `target_acc` and `divergence_window` taken from the config passed to
+    /// [`train`].
     pub resume: Option<checkpoint::Checkpoint>,
     /// Plan options for the model (convolution algorithm, instruction set).
     pub plan: crate::model::PlanOptions,
@@ -62,6 +63,9 @@ pub struct TrainReport {
     pub steps: u64,
     /// Why the run was declared diverged, if it was.
     pub diverged: Option<String>,
+    /// What the run decided on its own and the user should know (a last batch dropped, stale temporary files
+    /// removed); each is also a `note` event in the log.
+    pub notes: Vec<String>,
     /// The step of the first evaluation at or above `target_acc`.
     pub reached_target_at: Option<u64>,
     /// Training throughput (images per second of training steps, evaluation excluded).
@@ -83,13 +87,15 @@ impl TrainReport {
 /// Accuracy and mean loss of `model` in eval mode over a loader.
 pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
     let (mut correct, mut n, mut loss_sum) = (0usize, 0usize, 0.0f64);
-    for (x, y) in loader.epoch(0) {
+    let mut batches = loader.epoch(0);
+    for (x, y) in &mut batches {
         let logits = model.forward_inference(&x.into_dyn())?;
         let (loss, _) = cross_entropy(&logits, &y, 0.0)?;
         correct += count_correct(&logits, &y)?;
         loss_sum += loss * y.len() as f64;
         n += y.len();
     }
+    batches.error()?;
     model.graph_mut().clear_saved();
     // the eval batches' recycled activations are not reused by training batches of another shape
     crate::kernels::arena::clear();
@@ -129,6 +135,34 @@ fn evaluate_checked(
         ))),
         Err(e) => Err(e),
     }
+}
+
+/// The data must fit the model before the first step: images of the model's input shape, in the training and
+/// the test set alike, and (when resuming) exactly the model's number of classes; at most that many otherwise.
+fn check_data(model: &Model, train: &Dataset, test: &Dataset, resuming: bool) -> Result<()> {
+    let want = model.input_shape();
+    for (which, ds) in [("training", train), ("test", test)] {
+        if ds.shape != want {
+            return Err(NvError::Config(format!(
+                "the {which} images are {}x{}x{} (CxHxW), the model takes {}x{}x{}",
+                ds.shape[0], ds.shape[1], ds.shape[2], want[0], want[1], want[2]
+            )));
+        }
+        let k = ds.num_classes();
+        let bad = if resuming && which == "training" {
+            k != model.num_classes()
+        } else {
+            k > model.num_classes()
+        };
+        if bad {
+            return Err(NvError::Config(format!(
+                "the {which} data has {k} classes, the model{} has {}",
+                if resuming { " being resumed" } else { "" },
+                model.num_classes()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn limit(ds: Arc<Dataset>, k: usize) -> Result<Arc<Dataset>> {
@@ -193,9 +227,14 @@ fn run(
         TrainConfig,
     ) = match (&opts.resume, model) {
         (Some(ck), _) => {
+            // What the caller may change on a resume: how long the run goes and how it is watched; nothing
+            // that changes what a step computes.
             let mut rc = ck.config.clone();
             rc.epochs = cfg.epochs;
             rc.max_steps = cfg.max_steps;
+            rc.eval_every_steps = cfg.eval_every_steps;
+            rc.target_acc = cfg.target_acc;
+            rc.divergence_window = cfg.divergence_window;
             let m = checkpoint::restore_model(ck)?;
             let mut o = rc.optim.build()?;
             o.load_state_dict(&ck.optim_state)?;
@@ -213,7 +252,9 @@ fn run(
         ),
     };
     let cfg = &run_cfg;
+    cfg.validate()?;
     model.set_plan_options(opts.plan.clone())?;
+    check_data(&model, &train_ds, &test_ds, opts.resume.is_some())?;
     // The run's own limits (a resumed run keeps its checkpoint's, whatever the caller's config says), so it
     // sees the same samples as the run that wrote the checkpoint.
     let train_ds = limit(train_ds, cfg.train_limit)?;
@@ -222,17 +263,61 @@ fn run(
         Some(n) => n,
         None => train_ds.mean_std()?,
     };
-    if cfg.batch_size == 0 {
-        return Err(NvError::Config("batch size must be > 0".into()));
-    }
+    let mut notes = vec![];
+    let drop_last = cfg.drop_last
+        || {
+            if let Some((node, shape)) = model.one_value_per_channel(cfg.batch_size)? {
+                return Err(NvError::Config(format!(
+                "batch size {} leaves {node} with one value per channel (its input would be {shape:?}); \
+                 train with a batch of at least 2",
+                cfg.batch_size
+            )));
+            }
+            let rem = train_ds.len() % cfg.batch_size;
+            match model.one_value_per_channel(rem)? {
+                Some((node, _)) if rem > 0 => {
+                    notes.push(format!(
+                    "each epoch's last batch ({rem} of {} images) is dropped: it would leave {node} with one \
+                     value per channel (--drop-last drops every partial last batch)",
+                    train_ds.len()
+                ));
+                    true
+                }
+                _ => false,
+            }
+        };
     let loader = DataLoader::new(
         train_ds.clone(),
         norm.clone(),
         LoaderConfig {
             augment: cfg.augment.clone(),
+            drop_last,
             ..LoaderConfig::train(cfg.batch_size, cfg.seed)
         },
     )?;
+    if loader.num_batches() == 0 {
+        return Err(NvError::Config(format!(
+            "no training batch: {} images at batch size {} with the last partial batch dropped",
+            train_ds.len(),
+            cfg.batch_size
+        )));
+    }
+    // The output is locked for the whole run (a second run writing it is refused), which also proves it
+    // writable before any training; then the temporary files of a killed run's interrupted writes go.
+    let _lock = match &opts.checkpoint {
+        Some(path) => {
+            let lock = crate::io::RunLock::acquire(path)?;
+            let removed = crate::io::remove_stale_temps(path)?;
+            if removed > 0 {
+                notes.push(format!(
+                    "removed {removed} temporary file(s) left beside {} by an interrupted write",
+                    path.display()
+                ));
+            }
+            Some(lock)
+        }
+        None => None,
+    };
     let test_loader = DataLoader::new(
         test_ds,
         norm.clone(),
@@ -240,11 +325,14 @@ fn run(
     )?;
     let mut log = match (&opts.log, opts.resume.is_some()) {
         (Some(p), false) => JsonLog::create(p)?,
-        (Some(p), true) => JsonLog::append(p)?,
+        (Some(p), true) => JsonLog::resume(p, pos.step)?,
         (None, _) => JsonLog::disabled(),
     };
     log.write(&json!({"event": "start", "config": cfg, "resume_from": pos, "train_samples": train_ds.len(),
         "threads": rayon::current_num_threads()}))?;
+    for n in &notes {
+        log.write(&json!({"event": "note", "message": n}))?;
+    }
 
     let classes = model.num_classes() as f64;
     let chance_loss = classes.ln();
@@ -256,6 +344,7 @@ fn run(
         reached_target_at: None,
         train_img_s: 0.0,
         final_test_acc: None,
+        notes,
     };
     let mut window: VecDeque<f64> = VecDeque::new();
     let (mut train_secs, mut train_imgs) = (0.0f64, 0usize);
@@ -271,7 +360,8 @@ fn run(
         let (mut ep_correct, mut ep_seen) = (0usize, 0usize);
         let epoch_start = Instant::now();
         let mut ep_imgs = 0usize;
-        for (x, y) in loader.epoch_from(pos.epoch, pos.batch)? {
+        let mut batches = loader.epoch_from(pos.epoch, pos.batch)?;
+        for (x, y) in &mut batches {
             if cfg.max_steps.is_some_and(|m| pos.step >= m) {
                 stop = true;
                 break;
@@ -375,6 +465,7 @@ fn run(
                 }
             }
         }
+        batches.error()?;
         if let Some(p) = opts.progress.as_mut() {
             p.epoch_end();
         }

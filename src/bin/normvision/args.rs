@@ -2,7 +2,8 @@
 
 use crate::choice;
 use clap::{Args, ValueEnum};
-use normvision::data::{fashion_mnist, load_image_folder, Augment, Dataset};
+use normvision::data::image_folder::scan;
+use normvision::data::{fashion_mnist, load_image_folder, stream_image_folder, Augment, Dataset};
 use normvision::model::{ModelKind, NormKind};
 use normvision::nn::init::{Init, InitSpec};
 use normvision::optim::adamw::AdamWConfig;
@@ -67,16 +68,51 @@ pub struct DataArgs {
     pub image_size: usize,
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
+    /// Decode image-folder images from disk as batches are made (in the loader's threads) instead of holding
+    /// the decoded folder in memory. Default: stream when the decoded folder would take more than half of the
+    /// available memory.
+    #[arg(long)]
+    pub stream: bool,
 }
 
 impl DataArgs {
     /// (train, test) datasets.
     pub fn load(&self) -> Result<(Arc<Dataset>, Arc<Dataset>)> {
+        let max = normvision::model::ModelConfig::MAX_SIDE;
+        if !(1..=max).contains(&self.image_size) {
+            return Err(NvError::Config(format!(
+                "--image-size must be in 1..={max}, got {}",
+                self.image_size
+            )));
+        }
+        if self.channels != 1 && self.channels != 3 {
+            return Err(NvError::Config(format!(
+                "--channels must be 1 (grayscale) or 3 (RGB), got {}",
+                self.channels
+            )));
+        }
         match (&self.image_folder, &self.test_folder) {
             (Some(tr), Some(te)) => {
                 let s = self.image_size;
-                let train = load_image_folder(tr, self.channels, s, s)?;
-                let test = load_image_folder(te, self.channels, s, s)?;
+                let load = |dir: &std::path::Path| -> Result<Dataset> {
+                    let files: usize = scan(dir)?.iter().map(|(_, f)| f.len()).sum();
+                    let bytes = files as u64 * (self.channels * s * s) as u64;
+                    if self.stream || available_memory().is_some_and(|m| bytes > m / 2) {
+                        if !self.stream {
+                            eprintln!(
+                                "note: {}: streaming its {files} images from disk (decoded, they would take {} MiB, \
+                                 more than half of the available memory)",
+                                dir.display(),
+                                bytes >> 20
+                            );
+                        }
+                        stream_image_folder(dir, self.channels, s, s)
+                    } else {
+                        load_image_folder(dir, self.channels, s, s)
+                    }
+                };
+                let train = load(tr)?;
+                let test = load(te)?;
                 if train.classes != test.classes {
                     return Err(NvError::Config(format!(
                         "train classes {:?} differ from test classes {:?}",
@@ -172,6 +208,10 @@ pub struct TrainArgs {
     /// Steps of loss at ln(classes) after which a run counts as diverged (0 disables).
     #[arg(long, default_value_t = 200)]
     pub divergence_window: u64,
+    /// Drop every epoch's last batch when it is smaller than --batch-size. Without it, only a last batch that
+    /// would leave a BatchNorm with one value per channel is dropped (and the log says so).
+    #[arg(long)]
+    pub drop_last: bool,
 }
 
 impl TrainArgs {
@@ -250,15 +290,18 @@ impl TrainArgs {
         cfg.divergence_window = self.divergence_window;
         cfg.train_limit = self.train_limit;
         cfg.test_limit = self.test_limit;
-        if let Some(t) = self.target_acc {
-            if !(0.0..=1.0).contains(&t) {
-                return Err(NvError::Config(format!(
-                    "--target-acc is a fraction in [0, 1], got {t}"
-                )));
-            }
-        }
+        cfg.drop_last = self.drop_last;
+        cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (Linux; `None` elsewhere).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Sets the global rayon pool's size (call once, before any parallel work).

@@ -7,7 +7,7 @@ use normvision::model::{Model, ModelConfig, ModelKind, NormKind, PlanOptions};
 use normvision::ndarray::{ArrayD, IxDyn};
 use normvision::nn::loss::cross_entropy;
 use normvision::state::Stateful;
-use normvision::train::{self, checkpoint, RunOptions, TrainReport};
+use normvision::train::{self, checkpoint, RunOptions, TrainConfig, TrainReport};
 use normvision::{Ctx, NvError, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -57,58 +57,189 @@ pub fn print_report(label: &str, r: &TrainReport) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a `train` run writes, and what it resumes.
+pub struct RunPaths {
+    pub out: Option<PathBuf>,
+    pub resume: Option<PathBuf>,
+    pub log: Option<PathBuf>,
+}
+
+/// Flags a resumed run applies: they extend or watch the run without changing what its steps compute.
+const RESUME_APPLIES: &[&str] = &[
+    "epochs",
+    "max_steps",
+    "eval_every",
+    "target_acc",
+    "divergence_window",
+];
+
+/// The part of a training configuration that flag `id` sets (`None`: not a training-configuration flag).
+fn flag_value(id: &str, c: &TrainConfig) -> Option<serde_json::Value> {
+    fn v<T: serde::Serialize>(x: &T) -> serde_json::Value {
+        serde_json::to_value(x).expect("serialisable")
+    }
+    Some(match id {
+        "model" => v(&c.model.kind.as_str()),
+        "norm" => v(&c.model.norm.as_str()),
+        "groups" => v(&c.model.groups),
+        "init" | "init_scale" => v(&c.model.init),
+        "dropout" => v(&c.model.dropout),
+        "seed" => v(&c.seed),
+        "batch_size" => v(&c.batch_size),
+        "lr" | "schedule" | "warmup_steps" | "step_size" | "gamma" => {
+            // the total step count follows --epochs, which a resume may change
+            let mut s = v(&c.schedule);
+            strip_key(&mut s, "total_steps");
+            s
+        }
+        "optimizer" | "momentum" | "nesterov" | "weight_decay" | "no_decay_norm_bias" => {
+            v(&c.optim)
+        }
+        "label_smoothing" => v(&c.label_smoothing),
+        "augment" => v(&c.augment.is_some()),
+        "train_limit" => v(&c.train_limit),
+        "test_limit" => v(&c.test_limit),
+        "drop_last" => v(&c.drop_last),
+        _ => return None,
+    })
+}
+
+fn strip_key(v: &mut serde_json::Value, key: &str) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove(key);
+            m.values_mut().for_each(|x| strip_key(x, key));
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| strip_key(x, key)),
+        _ => {}
+    }
+}
+
+/// A resumed run keeps its checkpoint's configuration. The flags typed with `--resume` either apply
+/// ([`RESUME_APPLIES`], listed back to the user) or must agree with the checkpoint: a flag that contradicts it
+/// is an error naming both values, never silently ignored.
+fn check_resume_flags(
+    explicit: &[String],
+    given: &TrainConfig,
+    saved: &TrainConfig,
+    ckpt: &Path,
+) -> Result<Vec<String>> {
+    let flag = |id: &str| format!("--{}", id.replace('_', "-"));
+    let mut conflicts = vec![];
+    let mut applied = vec![];
+    for id in explicit {
+        if RESUME_APPLIES.contains(&id.as_str()) {
+            applied.push(flag(id));
+            continue;
+        }
+        if let (Some(a), Some(b)) = (flag_value(id, given), flag_value(id, saved)) {
+            if a != b {
+                conflicts.push(format!("{} gives {a}, the checkpoint has {b}", flag(id)));
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(NvError::Config(format!(
+            "--resume {}: a resumed run keeps its checkpoint's configuration, and these flags contradict it: {}. \
+             Drop them to resume, or start a new run (with --out elsewhere) to train with them. With --resume, \
+             only {} apply.",
+            ckpt.display(),
+            conflicts.join("; "),
+            RESUME_APPLIES.iter().map(|f| flag(f)).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(applied)
+}
+
 pub fn train(
     args: &TrainArgs,
     data: &DataArgs,
-    out: Option<PathBuf>,
-    resume: Option<PathBuf>,
-    log: Option<PathBuf>,
+    paths: RunPaths,
+    explicit: &[String],
     json_out: bool,
     quiet: bool,
     plan: &PlanOptions,
 ) -> Result<TrainReport> {
     let (train_ds, test_ds) = data.load()?;
     let cfg = args.to_config(&train_ds)?;
-    let name = format!("{}-{}", cfg.model.kind.as_str(), cfg.model.norm.as_str());
-    let dir = PathBuf::from("runs").join(&name);
-    let ckpt = out.unwrap_or_else(|| dir.join("model.safetensors"));
-    let log = log.unwrap_or_else(|| ckpt.with_extension("jsonl"));
-    let resume = match resume {
-        Some(p) => Some(checkpoint::load(&p)?),
+    let resume = match &paths.resume {
+        Some(p) => Some((p.clone(), checkpoint::load(p)?)),
         None => None,
     };
+    // A resumed run lives where its checkpoint is (not where the current flags' defaults point), unless --out
+    // says otherwise; its model and norm name it.
+    let run_cfg = resume
+        .as_ref()
+        .map(|(_, ck)| ck.config.clone())
+        .unwrap_or_else(|| cfg.clone());
+    let run_cfg = &run_cfg;
+    let name = format!(
+        "{}-{}",
+        run_cfg.model.kind.as_str(),
+        run_cfg.model.norm.as_str()
+    );
+    let ckpt = match (&paths.out, &resume) {
+        (Some(o), _) => o.clone(),
+        (None, Some((p, _))) => p.clone(),
+        (None, None) => PathBuf::from("runs").join(&name).join("model.safetensors"),
+    };
+    let log = paths.log.unwrap_or_else(|| ckpt.with_extension("jsonl"));
+    if let Some((p, ck)) = &resume {
+        let applied = check_resume_flags(explicit, &cfg, &ck.config, p)?;
+        if !quiet && !json_out {
+            eprintln!(
+                "resuming {} at step {} (epoch {}, batch {}){}",
+                p.display(),
+                ck.position.step,
+                ck.position.epoch + 1,
+                ck.position.batch,
+                if applied.is_empty() {
+                    String::new()
+                } else {
+                    format!("; applying {}", applied.join(", "))
+                }
+            );
+        }
+    }
     if !quiet && !json_out {
         eprintln!(
             "training {} with --norm {} on {} images ({} threads); checkpoint {}, log {}",
-            cfg.model.kind.as_str(),
-            cfg.model.norm,
+            run_cfg.model.kind.as_str(),
+            run_cfg.model.norm,
             train_ds.len(),
             rayon::current_num_threads(),
             ckpt.display(),
             log.display()
         );
     }
+    let had_checkpoint = ckpt.is_file();
     let opts = RunOptions {
         checkpoint: Some(ckpt.clone()),
         log: Some(log),
         progress: Bars::boxed(&name, quiet),
-        resume,
+        resume: resume.map(|(_, ck)| ck),
         plan: plan.clone(),
     };
     let r = train::train(&cfg, train_ds, test_ds, opts)?;
     if json_out {
-        println!("{}", serde_json::to_string(&json!({"model": cfg.model.kind.as_str(), "norm": cfg.model.norm.as_str(), "report": r})).expect("json"));
+        println!("{}", serde_json::to_string(&json!({"model": run_cfg.model.kind.as_str(), "norm": run_cfg.model.norm.as_str(), "report": r})).expect("json"));
     } else {
+        for n in &r.notes {
+            eprintln!("note: {n}");
+        }
         print_report(&name, &r);
-        if r.diverged.is_some() {
-            println!(
-                "  the last good checkpoint (if any) is kept at {}",
-                ckpt.display()
-            );
-        } else {
+        if r.diverged.is_none() {
             println!("  checkpoint: {}", ckpt.display());
         }
+    }
+    if let Some(why) = &r.diverged {
+        // A divergence is a failed run: the exit status says so (compare reports it as an outcome instead).
+        let kept = if had_checkpoint || ckpt.is_file() {
+            format!("; the last good checkpoint is kept at {}", ckpt.display())
+        } else {
+            "; no checkpoint was written".to_string()
+        };
+        return Err(NvError::Diverged(format!("{why}{kept}")));
     }
     Ok(r)
 }

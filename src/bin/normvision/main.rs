@@ -8,7 +8,8 @@ mod commands;
 mod progress;
 
 use args::{set_threads, DataArgs, TrainArgs};
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use normvision::model::{ModelKind, NormKind, PlanOptions};
 use normvision::nn::ConvChoice;
 use normvision::Isa;
@@ -68,6 +69,9 @@ enum Cmd {
         /// No progress bar.
         #[arg(long, short)]
         quiet: bool,
+        /// Test-only fault hook: die (SIGKILL) halfway through the N-th checkpoint or log rewrite.
+        #[arg(long, hide = true, value_name = "N")]
+        fault_kill_in_write: Option<u64>,
     },
     /// Train the same network with each normalization and print a comparison table (the README's main job).
     Compare {
@@ -186,7 +190,7 @@ enum Cmd {
     },
 }
 
-fn run(cli: Cli) -> normvision::Result<()> {
+fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
     let mut plan = PlanOptions::default().conv(cli.conv).fuse(!cli.no_fusion);
     if let Some(isa) = cli.isa {
         plan = plan.isa(isa.checked()?);
@@ -259,8 +263,13 @@ fn run(cli: Cli) -> normvision::Result<()> {
                     log,
                     json,
                     quiet,
+                    fault_kill_in_write,
                 } => {
-                    commands::train(&train, &data, out, resume, log, json, quiet, &plan).map(|_| ())
+                    if let Some(n) = fault_kill_in_write {
+                        normvision::io::atomic::fault::kill_in_write(n);
+                    }
+                    let run = commands::RunPaths { out, resume, log };
+                    commands::train(&train, &data, run, &explicit, json, quiet, &plan).map(|_| ())
                 }
                 Cmd::Compare {
                     train,
@@ -302,6 +311,11 @@ fn run(cli: Cli) -> normvision::Result<()> {
                             "--mode must be train, eval or both, got {mode}"
                         )));
                     }
+                    if steps == 0 || batch_size == 0 {
+                        return Err(normvision::NvError::Config(format!(
+                            "--steps and --batch-size must be at least 1, got {steps} and {batch_size}"
+                        )));
+                    }
                     commands::bench(
                         model, norm, batch_size, steps, warmup, &mode, fold_bn, profile, json,
                         &plan,
@@ -323,7 +337,22 @@ fn run(cli: Cli) -> normvision::Result<()> {
 
 fn main() -> ExitCode {
     normvision::runtime::tune_allocator();
-    match run(Cli::parse()) {
+    let matches = Cli::command().get_matches();
+    // The flags typed on the command line (not defaults): a resumed run checks them against its checkpoint.
+    let explicit: Vec<String> = matches
+        .subcommand()
+        .map(|(_, m)| {
+            m.ids()
+                .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+                .map(|id| id.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, explicit) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
