@@ -449,3 +449,22 @@ fn io_errors_name_their_path() {
     let o = nv(&["predict", "--checkpoint", s(&missing), "x.png"]);
     assert_fails("predict missing checkpoint", &o, &["nowhere.safetensors"]);
 }
+
+/// Fuzzing found JPEGs on which the decoder (zune-jpeg) panics, and JPEG headers claiming 10000x10000 pixels
+/// whose decoding took 6-12 s: both are now clear errors from `predict`, at once.
+#[test]
+fn fuzz_found_images_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ck) = mlp_run(dir.path(), 64, &[]);
+    let crashes = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/crashes/image");
+    for name in [
+        "jpeg-decoder-panic-0",
+        "jpeg-decoder-panic-3",
+        "huge-image-2",
+    ] {
+        let t = std::time::Instant::now();
+        let o = nv(&["predict", "--checkpoint", s(&ck), s(&crashes.join(name))]);
+        assert_fails(name, &o, &[name, "image"]);
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{name}: {:?}", t.elapsed());
+    }
+}

@@ -32,9 +32,9 @@ pub(super) fn check_target(channels: usize, h: usize, w: usize) -> Result<()> {
 
 /// Largest image side decoded (PNG and JPEG headers can claim up to 2^31 and 65535): a header that claims more
 /// is refused before its pixels are allocated.
-pub const MAX_DECODE_SIDE: u32 = 16384;
+pub const MAX_DECODE_SIDE: u32 = 8192;
 /// Most bytes a decoder may allocate for one image.
-pub const MAX_DECODE_BYTES: u64 = 512 << 20;
+pub const MAX_DECODE_BYTES: u64 = 256 << 20;
 
 /// Decodes one PNG/JPEG file (format from content).
 fn decode(path: &Path) -> Result<DynamicImage> {
@@ -68,9 +68,30 @@ pub fn decode_bytes(bytes: &[u8], path: &Path) -> Result<DynamicImage> {
             ))
         }
     }
-    reader
-        .decode()
-        .map_err(|e| format_err(path, format!("corrupt image: {e}")))
+    // The JPEG decoder (zune-jpeg 0.5) panics on some malformed files instead of returning an error (found by
+    // fuzzing, docs/RELIABILITY.md; known upstream, etemesi254/zune-image#236 and #281): such a file is a
+    // corrupt image like any other, so the panic is contained here.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode())) {
+        Ok(r) => r.map_err(|e| format_err(path, format!("corrupt image: {e}"))),
+        Err(p) => {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(format_err(
+                path,
+                format!("corrupt image: the decoder failed on it ({why})"),
+            ))
+        }
+    }
+}
+
+/// Whether a panic was raised inside the image decoders, whose panics [`decode_bytes`] turns into errors (a
+/// panic hook can stay quiet about those).
+pub fn is_decoder_panic(info: &std::panic::PanicHookInfo<'_>) -> bool {
+    info.location()
+        .is_some_and(|l| l.file().contains("/zune-jpeg-") || l.file().contains("/png-"))
 }
 
 /// Converts a decoded image to `channels` and size `(h, w)`, as `C * H * W` bytes (channel-major).

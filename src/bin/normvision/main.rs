@@ -337,6 +337,13 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
 
 fn main() -> ExitCode {
     normvision::runtime::tune_allocator();
+    // A decoder panic on a malformed image becomes an error naming the file; say nothing about the panic itself.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !normvision::data::decode::is_decoder_panic(info) {
+            default_hook(info);
+        }
+    }));
     let matches = Cli::command().get_matches();
     // The flags typed on the command line (not defaults): a resumed run checks them against its checkpoint.
     let explicit: Vec<String> = matches
