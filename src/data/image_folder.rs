@@ -10,7 +10,7 @@
 //!   and hidden entries (names starting with `.`) are ignored; files inside a class folder are sorted by name.
 //! * Every non-hidden file inside a class folder must be a PNG or JPEG image. The format is detected from the
 //!   content, not the extension, so a text file named `x.png` (or any other non-image) is an
-//!   [`NvError::Format`] naming the file, as is a corrupt image. A class folder with no image is an error.
+//!   [`crate::NvError::Format`] naming the file, as is a corrupt image. A class folder with no image is an error.
 //! * Images are converted and resized to `(channels, h, w)` as [`super::decode`] says (grayscale or RGB,
 //!   bilinear resize to exactly `(h, w)`).
 //! * [`load_image_folder`] decodes the whole folder into memory; [`stream_image_folder`] lists it and decodes

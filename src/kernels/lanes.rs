@@ -10,9 +10,9 @@
 //! pass), which makes `x - shift` exact for data concentrated around its mean (Sterbenz), so that even inputs
 //! with mean 1e4 and standard deviation 1e-1 keep their variance. Elementwise passes compute in `T`.
 //!
-//! Every function takes the instruction set first and runs compiled for it ([`isa_leaf!`](super::isa)): the
+//! Every function takes the instruction set first and runs compiled for it (`isa_leaf!` in `kernels/isa.rs`): the
 //! generic loops vectorised at its width, and for `f32` the explicit AVX2/FMA reductions and AVX-512
-//! streaming stores of [`lanes_x86`](super::lanes_x86) where it allows them. Each also has a `_with` form,
+//! streaming stores of `lanes_x86` where it allows them. Each also has a `_with` form,
 //! generic over the two flags, for kernels already compiled for a set.
 
 #[cfg(nv_x86)]

@@ -139,8 +139,10 @@ pub(crate) fn running_affine<T: Real>(
 }
 
 /// A normalization's eval-mode output as a per-channel affine, y = x·scale + shift, in f64: what an inference plan
-/// applies in a preceding convolution's output pass (rounded to the layer's element type, bitwise the layer's own
-/// eval pass) and what BN folding absorbs into the convolution's weights.
+/// applies in a preceding convolution's output pass (rounded to the layer's element type) and what BN folding
+/// absorbs into the convolution's weights. The layer's own eval pass computes (x − mean)·scale + bias instead
+/// (`running_affine`), which stays exact when |mean| ≫ std; see `model::graph::plan::fusions::fold` for the
+/// bound of this form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalAffine {
     pub scale: Vec<f64>,

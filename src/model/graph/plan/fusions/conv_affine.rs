@@ -1,7 +1,8 @@
 //! Inference: convolution → eval BatchNorm or FrozenBatchNorm (+ ReLU) (+ 2×2 max pool): the convolution's
-//! output pass applies the norm's per-channel affine y·a + b (rounded as the norm's own pass rounds it), the
-//! ReLU and, when its algorithm can (Winograd F(2×2): one output tile is one pool window), the pool. Bitwise the
-//! separate layers.
+//! output pass applies the norm's per-channel affine y·a + b, b = bias − running_mean·a (PyTorch's formula),
+//! the ReLU and, when its algorithm can (Winograd F(2×2): one output tile is one pool window), the pool. The
+//! separate layers compute (y − running_mean)·a + bias, exact at any |mean|/std; the two agree to f32
+//! rounding of y·a, which matters only where |mean| ≫ std (the bound of [`super::fold`]).
 
 use super::super::builder::Builder;
 use super::super::step::StepKind;
