@@ -225,10 +225,14 @@ fn check_resume(label: &str, cfg: &TrainConfig, n: u64, k: u64) {
     );
 
     // Resume. The checkpoint's configuration rules (batch size, data limits, optimizer, schedule, seeds): pass a
-    // config that differs in everything but epochs / max_steps to make sure none of it leaks in.
+    // config that differs in everything but what a resume applies (epochs, max_steps and how the run is
+    // watched: eval_every_steps, target_acc, divergence_window) to make sure none of it leaks in.
     let mut cfg_r = TrainConfig::reference(ModelKind::Resnet, NormKind::Group);
     cfg_r.epochs = cfg.epochs;
     cfg_r.max_steps = Some(n);
+    cfg_r.eval_every_steps = cfg.eval_every_steps;
+    cfg_r.target_acc = cfg.target_acc;
+    cfg_r.divergence_window = cfg.divergence_window;
     let b2 = train::train(
         &cfg_r,
         Arc::clone(&train_ds),

@@ -88,7 +88,7 @@ pub fn find_file(dir: &Path, stem: &str) -> Result<PathBuf> {
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!(
-                "no {stem}.gz or {stem} here. Install it with `apt-get install dataset-fashion-mnist` \
+                "Fashion-MNIST not found: no {stem}.gz or {stem} here. Install it with `apt-get install dataset-fashion-mnist` \
                  (files go to {DEFAULT_DIR}) or pass `--data DIR` pointing at a folder holding the four IDX files"
             ),
         ),

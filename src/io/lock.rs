@@ -1,6 +1,7 @@
 //! The lock a run holds on its output: two processes writing the same checkpoint are refused, not interleaved.
 //! It is an `flock`-style advisory lock on a hidden file beside the checkpoint, which the kernel releases when
-//! the process dies (a SIGKILL included), so a killed run never blocks its own resume.
+//! the process dies (a SIGKILL included), so a killed run never blocks its own resume. A run that ends removes
+//! the lock file.
 
 use crate::error::io_at;
 use crate::{NvError, Result};
@@ -50,7 +51,13 @@ impl RunLock {
             .open(&path)
             .map_err(io_at(&path, "create lock file"))?;
         match file.try_lock() {
-            Ok(()) => Ok(RunLock { _file: file, path }),
+            // The lock file is removed when the run ends; a process that opened it just before that and locked
+            // it just after holds a lock on a removed file: it must see that and count as refused.
+            Ok(()) if same_file(&file, &path) => Ok(RunLock { _file: file, path }),
+            Ok(()) => Err(NvError::Config(format!(
+                "{}: another normvision process was finishing with this output; try again",
+                target.display()
+            ))),
             Err(TryLockError::WouldBlock) => Err(NvError::Config(format!(
                 "{}: another normvision process is writing this output (it holds {}); wait for it to finish \
                  or choose another output path",
@@ -64,5 +71,30 @@ impl RunLock {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced since it was opened).
+fn same_file(file: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (file, path);
+        true
+    }
+}
+
+impl Drop for RunLock {
+    /// Removes the lock file while still holding the lock, so a finished run leaves nothing beside its
+    /// checkpoint (a killed one leaves the hidden file, which the next run reuses).
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
