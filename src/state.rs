@@ -150,6 +150,76 @@ pub trait Stateful<T: Real> {
                 )));
             }
         }
+        for (k, t) in &own.tensors {
+            let (want, got) = (is_int(t), sd.get(k).map(is_int));
+            if got.is_some_and(|g| g != want) {
+                return Err(NvError::State(format!(
+                    "dtype mismatch for {k}: the model holds {}, the file {}",
+                    if want { "an integer" } else { "a float" },
+                    if want { "a float" } else { "an integer" }
+                )));
+            }
+        }
         self.load_state("", sd)
+    }
+
+    /// PyTorch's `load_state_dict(sd, strict=False)`: loads the tensors whose names the module has (a wrong
+    /// shape or dtype is still an error), leaves the others as they are, and reports both lists.
+    fn load_non_strict(&mut self, sd: &StateDict) -> Result<LoadReport> {
+        let own = self.state_dict();
+        let mut merged = StateDict::new();
+        let mut report = LoadReport::default();
+        for (k, t) in &own.tensors {
+            match sd.get(k) {
+                Some(v) => {
+                    merged.tensors.insert(k.clone(), v.clone());
+                }
+                None => {
+                    report.missing.push(k.clone());
+                    merged.tensors.insert(k.clone(), t.clone());
+                }
+            }
+        }
+        report.unexpected = sd
+            .keys()
+            .filter(|k| own.get(k).is_none())
+            .cloned()
+            .collect();
+        self.load_strict(&merged)?;
+        Ok(report)
+    }
+}
+
+fn is_int(t: &StateTensor) -> bool {
+    matches!(t, StateTensor::I64(_))
+}
+
+/// What [`Stateful::load_non_strict`] left aside.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// The module's tensors the state dict lacked (left at their current values).
+    pub missing: Vec<String>,
+    /// The state dict's tensors the module has no slot for (ignored).
+    pub unexpected: Vec<String>,
+}
+
+impl StateDict {
+    /// Adds `num_batches_tracked = 0` for every BatchNorm-like module of `own` (a module's state dict) whose
+    /// other buffers are here but whose counter is not, as PyTorch does for state dicts without version metadata
+    /// (every safetensors file a user saves with `safetensors.torch.save_file` may lack it). Returns the keys
+    /// added.
+    pub fn fill_num_batches_tracked(&mut self, own: &StateDict) -> Vec<String> {
+        let mut added = vec![];
+        for k in own.keys() {
+            if let Some(prefix) = k.strip_suffix("num_batches_tracked") {
+                if self.get(k).is_none() && self.get(&format!("{prefix}running_mean")).is_some() {
+                    added.push(k.clone());
+                }
+            }
+        }
+        for k in &added {
+            self.insert_i64(k.clone(), 0);
+        }
+        added
     }
 }

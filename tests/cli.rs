@@ -137,10 +137,13 @@ fn bench_json_lines() {
 }
 
 #[test]
-fn bench_fold_bn_folds_the_four_conv_batch_norm_pairs() {
+fn bench_fold_bn_folds_the_five_batch_norms() {
     let rows = bench_rows(&["--mode", "eval", "--fold-bn"]);
     assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0]["folded_bn"], 4);
+    assert_eq!(
+        rows[0]["folded_bn"], 5,
+        "four after convolutions, one after the linear layer"
+    );
 }
 
 #[test]

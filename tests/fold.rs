@@ -1,5 +1,5 @@
 //! Folding an eval-mode BatchNorm into the convolution before it (`Conv2d::fold_affine`,
-//! `Graph::fold_batch_norm`): the folded convolution equals the convolution followed by the BatchNorm up to f32
+//! `Graph::fold_batch_norm`, convolutions and linear layers): the folded convolution equals the convolution followed by the BatchNorm up to f32
 //! rounding, and a folded model gives the unfolded model's eval logits.
 
 use ndarray::{ArrayD, IxDyn};
@@ -104,8 +104,8 @@ fn folded_model_gives_the_same_eval_logits() {
     let before = m.state_dict().keys().count();
     let folded = m.fold_batch_norm().unwrap();
     assert_eq!(
-        folded, 4,
-        "the four conv+BN pairs (BatchNorm1d follows a linear layer)"
+        folded, 5,
+        "the four conv+BN pairs and the linear+BatchNorm1d pair"
     );
     let got = m.forward(&x, Ctx::eval()).unwrap();
     let e = rel_err(&got, &want);
@@ -118,13 +118,13 @@ fn folded_model_gives_the_same_eval_logits() {
     let keys: Vec<String> = m.state_dict().keys().cloned().collect();
     assert_eq!(
         keys.len(),
-        before - 4 * 5 + 4,
-        "BN keys gone, one new conv bias each"
+        before - 5 * 5 + 5,
+        "BN keys gone, one new conv or linear bias each"
     );
     assert!(keys
         .iter()
-        .all(|k| !k.starts_with("1.") && !k.starts_with("4.")));
-    assert!(keys.contains(&"0.bias".to_string()));
+        .all(|k| !k.starts_with("1.") && !k.starts_with("4.") && !k.starts_with("16.")));
+    assert!(keys.contains(&"0.bias".to_string()) && keys.contains(&"15.bias".to_string()));
     let (_, d) = cross_entropy(&got, &y, 0.0).unwrap();
     m.forward(&x, Ctx::train()).unwrap();
     assert!(m.backward(&x, &d, Ctx::train()).is_ok());

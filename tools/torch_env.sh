@@ -22,8 +22,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/tools/.venv"
 PY="$VENV/bin/python"
 
-PACKAGES=(torch torchvision onnx onnxscript onnxruntime pycocotools numpy)
-MODULES="torch torchvision onnx onnxscript onnxruntime pycocotools numpy"
+PACKAGES=(torch torchvision onnx onnxscript onnxruntime pycocotools numpy safetensors)
+MODULES="torch torchvision onnx onnxscript onnxruntime pycocotools numpy safetensors"
 
 has_torch() {
     # find_spec does not import the modules, so this check is fast.

@@ -5,6 +5,7 @@ pub mod atomic;
 pub mod graph_file;
 pub mod lock;
 pub mod safetensors_io;
+pub mod torch;
 
 pub use atomic::{remove_stale_temps, write_atomic};
 pub use graph_file::{load_graph, save_graph, GRAPH_FORMAT};

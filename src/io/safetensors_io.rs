@@ -1,5 +1,6 @@
 //! State dicts as safetensors files, readable by `safetensors.torch.load_file` and `model.load_state_dict` in
 //! PyTorch: float tensors as F32, `num_batches_tracked` as I64, names as in PyTorch (`features.0.weight`).
+//! Reading also takes F64, F16 and BF16 tensors (converted to f32, exactly for the half types).
 //! String metadata (config, step, ...) goes into the safetensors `__metadata__` map.
 //! A truncated or corrupt file is a [`NvError::Format`] naming the file.
 
@@ -78,6 +79,22 @@ pub fn state_dict_from_bytes(
                 )
                 .map_err(|e| fmt(format!("{name}: {e}")))?,
             ),
+            Dtype::F16 | Dtype::BF16 => {
+                let half: fn(u16) -> f32 = if view.dtype() == Dtype::F16 {
+                    f16_to_f32
+                } else {
+                    |b| f32::from_bits((b as u32) << 16)
+                };
+                StateTensor::F32(
+                    ArrayD::from_shape_vec(
+                        IxDyn(&shape),
+                        data.chunks_exact(2)
+                            .map(|c| half(u16::from_le_bytes([c[0], c[1]])))
+                            .collect(),
+                    )
+                    .map_err(|e| fmt(format!("{name}: {e}")))?,
+                )
+            }
             Dtype::I64 => StateTensor::I64(
                 ArrayD::from_shape_vec(
                     IxDyn(&shape),
@@ -89,13 +106,25 @@ pub fn state_dict_from_bytes(
             ),
             d => {
                 return Err(fmt(format!(
-                    "{name}: unsupported dtype {d:?} (expected F32, F64 or I64)"
+                    "{name}: unsupported dtype {d:?} (expected F32, F64, F16, BF16 or I64)"
                 )))
             }
         };
         sd.tensors.insert(name.to_string(), t);
     }
     Ok((sd, metadata))
+}
+
+/// IEEE half precision to f32, exactly (subnormals, infinities and NaN included).
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = if h & 0x8000 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    match exp {
+        0 => sign * man as f32 * (1.0 / 16_777_216.0), // man · 2^-24
+        31 => f32::from_bits(((h as u32 & 0x8000) << 16) | 0x7f80_0000 | (man << 13)),
+        _ => f32::from_bits(((h as u32 & 0x8000) << 16) | ((exp + 112) << 23) | (man << 13)),
+    }
 }
 
 /// Writes a state dict atomically.

@@ -109,7 +109,8 @@ impl Model {
         self.graph.set_plan_options(opts)
     }
 
-    /// Folds each eval BatchNorm after a convolution into it ([`Graph::fold_batch_norm`]); inference only.
+    /// Folds each eval BatchNorm after a convolution or linear layer into it ([`Graph::fold_batch_norm`]);
+    /// inference only.
     pub fn fold_batch_norm(&mut self) -> Result<usize> {
         self.graph.fold_batch_norm()
     }

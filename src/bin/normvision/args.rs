@@ -135,6 +135,103 @@ impl DataArgs {
     }
 }
 
+/// A PyTorch state dict's model: the zoo architecture it belongs to, and the input normalization it was trained
+/// with (`--weights`, `import --torch`).
+#[derive(Debug, Clone, Args)]
+pub struct TorchModelArgs {
+    /// The zoo model the state dict belongs to (its PyTorch twin: tools/gen_zoo_twins.py).
+    #[arg(long, value_parser = choice::model(), default_value = "cnn")]
+    pub model: ModelKind,
+    /// Its normalization.
+    #[arg(long, value_parser = choice::norm(), default_value = "batch")]
+    pub norm: NormKind,
+    /// Groups for --norm group.
+    #[arg(long, default_value_t = 8)]
+    pub groups: usize,
+    /// Input shape CxHxW.
+    #[arg(long, default_value = "1x28x28")]
+    pub input: String,
+    #[arg(long, default_value_t = 10)]
+    pub num_classes: usize,
+    /// Per-channel mean and std of the inputs the model was trained on (in [0, 1] units, as torchvision's
+    /// Normalize) [default: Fashion-MNIST's training statistics].
+    #[arg(long, value_delimiter = ',', default_values_t = [0.2860f32])]
+    pub mean: Vec<f32>,
+    #[arg(long, value_delimiter = ',', default_values_t = [0.3530f32])]
+    pub std: Vec<f32>,
+    /// Load what matches and list the rest, as PyTorch's load_state_dict(strict=False) [default: strict].
+    #[arg(long)]
+    pub non_strict: bool,
+}
+
+impl TorchModelArgs {
+    /// The zoo configuration these flags describe.
+    pub fn config(&self) -> Result<normvision::model::ModelConfig> {
+        let dims: Vec<usize> = self
+            .input
+            .split('x')
+            .map(|d| d.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                NvError::Config(format!(
+                    "--input must be CxHxW, e.g. 1x28x28, got {:?}",
+                    self.input
+                ))
+            })?;
+        let [c, h, w] = dims[..] else {
+            return Err(NvError::Config(format!(
+                "--input must be CxHxW, e.g. 1x28x28, got {:?}",
+                self.input
+            )));
+        };
+        let mut cfg = normvision::model::ModelConfig::fashion(self.model, self.norm);
+        cfg.in_channels = c;
+        cfg.height = h;
+        cfg.width = w;
+        cfg.num_classes = self.num_classes;
+        cfg.groups = self.groups;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The model with the state dict at `path` loaded, and the input normalization. Notes what loading filled
+    /// in or skipped on stderr.
+    pub fn load(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<(normvision::model::Model, normvision::data::Normalization)> {
+        let cfg = self.config()?;
+        let norm = normvision::data::Normalization::new(self.mean.clone(), self.std.clone())
+            .map_err(|e| NvError::Config(format!("--mean/--std: {e}")))?;
+        if norm.channels() != cfg.in_channels {
+            return Err(NvError::Config(format!(
+                "--mean/--std give {} channels, --input {} has {}",
+                norm.channels(),
+                self.input,
+                cfg.in_channels
+            )));
+        }
+        let mut model = normvision::model::Model::new(cfg)?;
+        let r = normvision::io::torch::load_into(&mut model, path, !self.non_strict)?;
+        if !r.filled.is_empty() {
+            eprintln!(
+                "note: {}: no num_batches_tracked for {} BatchNorm(s); set to 0, as PyTorch does",
+                path.display(),
+                r.filled.len()
+            );
+        }
+        if !r.skipped.missing.is_empty() || !r.skipped.unexpected.is_empty() {
+            eprintln!(
+                "note: {}: loaded non-strictly; missing keys (left at their initial values) {:?}, unexpected keys (ignored) {:?}",
+                path.display(),
+                r.skipped.missing,
+                r.skipped.unexpected
+            );
+        }
+        Ok((model, norm))
+    }
+}
+
 /// Model, optimizer and run arguments of `train` (and of each run of `compare`).
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {

@@ -1,13 +1,15 @@
 //! The training-side subcommands: train, eval, predict, bench, compare.
 
 use crate::args::{DataArgs, TrainArgs};
+use crate::interop::Source;
 use crate::progress::Bars;
+use crate::resume::{check_resume_flags, RunPaths};
 use normvision::data::{load_image_for_model, DataLoader, LoaderConfig};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind, PlanOptions};
 use normvision::ndarray::{ArrayD, IxDyn};
 use normvision::nn::loss::cross_entropy;
 use normvision::state::Stateful;
-use normvision::train::{self, checkpoint, RunOptions, TrainConfig, TrainReport};
+use normvision::train::{self, checkpoint, RunOptions, TrainReport};
 use normvision::{Ctx, NvError, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -55,100 +57,6 @@ pub fn print_report(label: &str, r: &TrainReport) {
     if let Some(d) = &r.diverged {
         println!("  DIVERGED: {d}");
     }
-}
-
-/// Where a `train` run writes, and what it resumes.
-pub struct RunPaths {
-    pub out: Option<PathBuf>,
-    pub resume: Option<PathBuf>,
-    pub log: Option<PathBuf>,
-}
-
-/// Flags a resumed run applies: they extend or watch the run without changing what its steps compute.
-const RESUME_APPLIES: &[&str] = &[
-    "epochs",
-    "max_steps",
-    "eval_every",
-    "target_acc",
-    "divergence_window",
-];
-
-/// The part of a training configuration that flag `id` sets (`None`: not a training-configuration flag).
-fn flag_value(id: &str, c: &TrainConfig) -> Option<serde_json::Value> {
-    fn v<T: serde::Serialize>(x: &T) -> serde_json::Value {
-        serde_json::to_value(x).expect("serialisable")
-    }
-    Some(match id {
-        "model" => v(&c.model.kind.as_str()),
-        "norm" => v(&c.model.norm.as_str()),
-        "groups" => v(&c.model.groups),
-        "init" | "init_scale" => v(&c.model.init),
-        "dropout" => v(&c.model.dropout),
-        "seed" => v(&c.seed),
-        "batch_size" => v(&c.batch_size),
-        "lr" | "schedule" | "warmup_steps" | "step_size" | "gamma" => {
-            // the total step count follows --epochs, which a resume may change
-            let mut s = v(&c.schedule);
-            strip_key(&mut s, "total_steps");
-            s
-        }
-        "optimizer" | "momentum" | "nesterov" | "weight_decay" | "no_decay_norm_bias" => {
-            v(&c.optim)
-        }
-        "label_smoothing" => v(&c.label_smoothing),
-        "augment" => v(&c.augment.is_some()),
-        "train_limit" => v(&c.train_limit),
-        "test_limit" => v(&c.test_limit),
-        "drop_last" => v(&c.drop_last),
-        _ => return None,
-    })
-}
-
-fn strip_key(v: &mut serde_json::Value, key: &str) {
-    match v {
-        serde_json::Value::Object(m) => {
-            m.remove(key);
-            m.values_mut().for_each(|x| strip_key(x, key));
-        }
-        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| strip_key(x, key)),
-        _ => {}
-    }
-}
-
-/// A resumed run keeps its checkpoint's configuration. The flags typed with `--resume` either apply
-/// ([`RESUME_APPLIES`], listed back to the user) or must agree with the checkpoint: a flag that contradicts it
-/// is an error naming both values, never silently ignored.
-fn check_resume_flags(
-    explicit: &[String],
-    given: &TrainConfig,
-    saved: &TrainConfig,
-    ckpt: &Path,
-) -> Result<Vec<String>> {
-    let flag = |id: &str| format!("--{}", id.replace('_', "-"));
-    let mut conflicts = vec![];
-    let mut applied = vec![];
-    for id in explicit {
-        if RESUME_APPLIES.contains(&id.as_str()) {
-            applied.push(flag(id));
-            continue;
-        }
-        if let (Some(a), Some(b)) = (flag_value(id, given), flag_value(id, saved)) {
-            if a != b {
-                conflicts.push(format!("{} gives {a}, the checkpoint has {b}", flag(id)));
-            }
-        }
-    }
-    if !conflicts.is_empty() {
-        return Err(NvError::Config(format!(
-            "--resume {}: a resumed run keeps its checkpoint's configuration, and these flags contradict it: {}. \
-             Drop them to resume, or start a new run (with --out elsewhere) to train with them. With --resume, \
-             only {} apply.",
-            ckpt.display(),
-            conflicts.join("; "),
-            RESUME_APPLIES.iter().map(|f| flag(f)).collect::<Vec<_>>().join(", ")
-        )));
-    }
-    Ok(applied)
 }
 
 pub fn train(
@@ -245,26 +153,22 @@ pub fn train(
 }
 
 pub fn eval(
-    checkpoint_path: &Path,
+    src: &Source,
     data: &DataArgs,
     batch_size: usize,
     fold_bn: bool,
     json_out: bool,
     plan: &PlanOptions,
 ) -> Result<()> {
-    let ck = checkpoint::load(checkpoint_path)?;
-    let mut model = checkpoint::restore_model(&ck)?;
+    let checkpoint_path = src.path();
+    let (mut model, input_norm) = src.load()?;
     model.set_plan_options(plan.clone())?;
     if fold_bn {
         model.fold_batch_norm()?;
     }
     let (_, test) = data.load()?;
     check_data_matches(&model, &test)?;
-    let loader = DataLoader::new(
-        test.clone(),
-        ck.norm.clone(),
-        LoaderConfig::eval(batch_size),
-    )?;
+    let loader = DataLoader::new(test.clone(), input_norm, LoaderConfig::eval(batch_size))?;
     let t = Instant::now();
     let (acc, loss) = train::evaluate(&mut model, &loader)?;
     let secs = t.elapsed().as_secs_f64();
@@ -300,7 +204,7 @@ fn check_data_matches(model: &Model, ds: &normvision::data::Dataset) -> Result<(
 }
 
 pub fn predict(
-    checkpoint_path: &Path,
+    src: &Source,
     images: &[PathBuf],
     top_k: usize,
     classes: Option<Vec<String>>,
@@ -308,8 +212,7 @@ pub fn predict(
     json_out: bool,
     plan: &PlanOptions,
 ) -> Result<()> {
-    let ck = checkpoint::load(checkpoint_path)?;
-    let mut model = checkpoint::restore_model(&ck)?;
+    let (mut model, input_norm) = src.load()?;
     model.set_plan_options(plan.clone())?;
     if fold_bn {
         model.fold_batch_norm()?;
@@ -328,7 +231,7 @@ pub fn predict(
     });
     for path in images {
         let mut x = load_image_for_model(path, ch, h, w)?;
-        ck.norm.normalize(&mut x)?;
+        input_norm.normalize(&mut x)?;
         let logits = model.forward_inference(&x.into_dyn())?;
         let row: Vec<f64> = logits.iter().map(|v| *v as f64).collect();
         let m = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

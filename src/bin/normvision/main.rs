@@ -5,9 +5,11 @@ mod args;
 mod bench_kernels;
 mod choice;
 mod commands;
+mod interop;
 mod progress;
+mod resume;
 
-use args::{set_threads, DataArgs, TrainArgs};
+use args::{set_threads, DataArgs, TorchModelArgs, TrainArgs};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use normvision::model::{ModelKind, NormKind, PlanOptions};
@@ -93,25 +95,37 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Evaluate a checkpoint on the test set.
+    /// Evaluate a checkpoint, or a PyTorch state dict (--weights with its model flags), on the test set.
     Eval {
+        /// A normvision checkpoint.
+        #[arg(long, required_unless_present = "weights", conflicts_with = "weights")]
+        checkpoint: Option<PathBuf>,
+        /// A PyTorch state dict (safetensors) of the zoo model --model --norm --input --num-classes describe.
         #[arg(long)]
-        checkpoint: PathBuf,
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        torch: TorchModelArgs,
         #[command(flatten)]
         data: DataArgs,
         #[arg(long, default_value_t = 500)]
         batch_size: usize,
-        /// Fold each BatchNorm that follows a convolution into it before evaluating (inference-only; the same
+        /// Fold each BatchNorm that follows a convolution or linear layer into it before evaluating (inference-only; the same
         /// outputs up to f32 rounding, one pass less per block).
         #[arg(long)]
         fold_bn: bool,
         #[arg(long)]
         json: bool,
     },
-    /// Classify PNG/JPEG images with a checkpoint (top-k classes with probabilities).
+    /// Classify PNG/JPEG images with a checkpoint or a PyTorch state dict (top-k classes with probabilities).
     Predict {
+        /// A normvision checkpoint.
+        #[arg(long, required_unless_present = "weights", conflicts_with = "weights")]
+        checkpoint: Option<PathBuf>,
+        /// A PyTorch state dict (safetensors) of the zoo model --model --norm --input --num-classes describe.
         #[arg(long)]
-        checkpoint: PathBuf,
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        torch: TorchModelArgs,
         /// Image files; they are converted to the model's channels and resized to its input size.
         #[arg(required = true)]
         images: Vec<PathBuf>,
@@ -120,12 +134,36 @@ enum Cmd {
         /// Class names, comma-separated (default: Fashion-MNIST's for 10-class grayscale models).
         #[arg(long, value_delimiter = ',')]
         classes: Option<Vec<String>>,
-        /// Fold each BatchNorm that follows a convolution into it before evaluating (inference-only; the same
+        /// Fold each BatchNorm that follows a convolution or linear layer into it before evaluating (inference-only; the same
         /// outputs up to f32 rounding, one pass less per block).
         #[arg(long)]
         fold_bn: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Turn a PyTorch state dict of a zoo model's twin (tools/gen_zoo_twins.py) into a normvision checkpoint.
+    Import {
+        /// The PyTorch state dict (safetensors, as safetensors.torch.save_file writes it).
+        #[arg(long, value_name = "FILE")]
+        torch: PathBuf,
+        #[command(flatten)]
+        model: TorchModelArgs,
+        /// The checkpoint to write.
+        #[arg(long, short)]
+        out: PathBuf,
+    },
+    /// Write a checkpoint's model for other tools: --torch, a PyTorch state dict (safetensors).
+    Export {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Write a PyTorch state dict (the only format so far).
+        #[arg(long, required = true)]
+        torch: bool,
+        /// Fold each BatchNorm into the convolution or linear layer before it (for deployment).
+        #[arg(long)]
+        fold_bn: bool,
+        #[arg(long, short)]
+        out: PathBuf,
     },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
@@ -143,7 +181,7 @@ enum Cmd {
         /// train, eval or both.
         #[arg(long, default_value = "both")]
         mode: String,
-        /// Time eval with each BatchNorm folded into the convolution before it (after the train timing).
+        /// Time eval with each BatchNorm folded into the convolution or linear layer before it (after the train timing).
         #[arg(long)]
         fold_bn: bool,
         /// Also print where a step's time goes: wall-clock milliseconds per step for each top-level layer's
@@ -268,7 +306,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     if let Some(n) = fault_kill_in_write {
                         normvision::io::atomic::fault::kill_in_write(n);
                     }
-                    let run = commands::RunPaths { out, resume, log };
+                    let run = resume::RunPaths { out, resume, log };
                     commands::train(&train, &data, run, &explicit, json, quiet, &plan).map(|_| ())
                 }
                 Cmd::Compare {
@@ -282,19 +320,36 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                 } => commands::compare(&train, &data, &norms, target, json, quiet, &out_dir, &plan),
                 Cmd::Eval {
                     checkpoint,
+                    weights,
+                    torch,
                     data,
                     batch_size,
                     fold_bn,
                     json,
-                } => commands::eval(&checkpoint, &data, batch_size, fold_bn, json, &plan),
+                } => {
+                    let src = interop::Source::of(&checkpoint, &weights, &torch)?;
+                    commands::eval(&src, &data, batch_size, fold_bn, json, &plan)
+                }
                 Cmd::Predict {
                     checkpoint,
+                    weights,
+                    torch,
                     images,
                     top_k,
                     classes,
                     fold_bn,
                     json,
-                } => commands::predict(&checkpoint, &images, top_k, classes, fold_bn, json, &plan),
+                } => {
+                    let src = interop::Source::of(&checkpoint, &weights, &torch)?;
+                    commands::predict(&src, &images, top_k, classes, fold_bn, json, &plan)
+                }
+                Cmd::Import { torch, model, out } => interop::import(&torch, &model, &out),
+                Cmd::Export {
+                    checkpoint,
+                    torch: _,
+                    fold_bn,
+                    out,
+                } => interop::export_torch(&checkpoint, &out, fold_bn),
                 Cmd::Bench {
                     model,
                     norm,

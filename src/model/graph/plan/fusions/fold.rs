@@ -1,5 +1,5 @@
-//! BatchNorm folding (inference): a convolution followed by an eval-mode BatchNorm (or a FrozenBatchNorm) becomes
-//! one convolution with W' = a·W and b' = a·b + c (a = weight/sqrt(running_var + eps), c = bias −
+//! BatchNorm folding (inference): a convolution (or a linear layer) followed by an eval-mode BatchNorm (or a
+//! FrozenBatchNorm) becomes one convolution (linear layer) with W' = a·W and b' = a·b + c (a = weight/sqrt(running_var + eps), c = bias −
 //! running_mean·a), computed in f64 and rounded once, and the norm node is removed. It applies wherever the
 //! convolution's output is read by the norm alone, inside residual blocks too.
 //!
@@ -14,8 +14,9 @@
 //! where it is acceptable (it is far below f32 resolution for activations whose mean is not large against
 //! their spread).
 
+use crate::model::graph::Node;
 use crate::model::graph::{Graph, Op, ValueId};
-use crate::nn::Conv2d;
+use crate::nn::{Conv2d, Linear};
 use crate::norm::{BatchNorm, EvalAffine, FrozenBatchNorm};
 use crate::{Real, Result};
 
@@ -29,14 +30,27 @@ fn norm_affine<T: Real>(g: &Graph<T>, n: usize) -> Option<EvalAffine> {
         .map(|f| f.eval_affine())
 }
 
-/// Folds every foldable (convolution, norm) pair of `g`; returns how many.
+/// The output channels of a layer a norm can fold into: a convolution, or a linear layer (BatchNorm1d).
+fn foldable_channels<T: Real>(node: &Node<T>) -> Option<usize> {
+    if let Some(c) = node.layer_as::<Conv2d<T>>() {
+        return Some(c.config().out_channels);
+    }
+    node.layer_as::<Linear<T>>()
+        .map(|l| l.config().out_features)
+}
+
+/// Folds every foldable (convolution or linear layer, norm) pair of `g`; returns how many.
 pub(crate) fn fold<T: Real>(g: &mut Graph<T>) -> Result<usize> {
     let mut folded = 0;
     while let Some((conv, norm, aff)) = find(g) {
         let node = &mut g.nodes[conv];
-        node.layer_as_mut::<Conv2d<T>>()
-            .expect("found as a convolution")
-            .fold_affine(&aff.scale, &aff.shift)?;
+        if let Some(c) = node.layer_as_mut::<Conv2d<T>>() {
+            c.fold_affine(&aff.scale, &aff.shift)?;
+        } else {
+            node.layer_as_mut::<Linear<T>>()
+                .expect("found as a convolution or a linear layer")
+                .fold_affine(&aff.scale, &aff.shift)?;
+        }
         let keep = node.output;
         remove_node(g, norm, keep);
         folded += 1;
@@ -54,14 +68,11 @@ fn find<T: Real>(g: &Graph<T>) -> Option<(usize, usize, EvalAffine)> {
         let Some(p) = g.values[input.0].producer else {
             continue;
         };
-        let Some(conv) = g.nodes[p].layer_as::<Conv2d<T>>() else {
+        let Some(channels) = foldable_channels(&g.nodes[p]) else {
             continue;
         };
         let readers = g.nodes.iter().filter(|m| m.inputs.contains(&input)).count();
-        if readers == 1
-            && !g.outputs.contains(&input)
-            && conv.config().out_channels == aff.channels()
-        {
+        if readers == 1 && !g.outputs.contains(&input) && channels == aff.channels() {
             return Some((p, n, aff));
         }
     }
