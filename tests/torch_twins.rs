@@ -73,6 +73,7 @@ fn every_twin_loads_strictly_and_gives_pytorch_eval_logits() {
                 .iter()
                 .zip(want.iter())
                 .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
+            eprintln!("{name} {how}: max |logit - PyTorch's| = {err:.2e} (max |logit| {scale:.2})");
             assert!(
                 err <= 1e-4 * scale,
                 "{name} {how}: logits off by {err} (scale {scale})"
