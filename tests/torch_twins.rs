@@ -241,3 +241,64 @@ fn cli_import_export_and_weights() {
         &["cnn-batch.safetensors", "running_mean"],
     );
 }
+
+/// Corrupt safetensors files are clear errors naming the file (and the tensor, where there is one).
+#[test]
+fn corrupt_state_dicts_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, header: &str, data: &[u8]| -> PathBuf {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(data);
+        let p = dir.path().join(name);
+        std::fs::write(&p, b).unwrap();
+        p
+    };
+    let cases = [
+        (
+            file("header.safetensors", "{not json", &[]),
+            vec!["header.safetensors"],
+        ),
+        (
+            file(
+                "dtype.safetensors",
+                r#"{"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}"#,
+                &[1, 2],
+            ),
+            vec!["dtype.safetensors", "w", "U8"],
+        ),
+        (
+            file(
+                "length.safetensors",
+                r#"{"w":{"dtype":"F32","shape":[10],"data_offsets":[0,8]}}"#,
+                &[0; 8],
+            ),
+            vec!["length.safetensors"],
+        ),
+        (
+            file(
+                "short.safetensors",
+                r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                &[0; 4],
+            ),
+            vec!["short.safetensors"],
+        ),
+    ];
+    for (p, needles) in cases {
+        let e = load_state_dict(&p).unwrap_err().to_string();
+        for n in needles {
+            assert!(e.contains(n), "{}: {e}", p.display());
+        }
+        let mut m = twin_model("mlp", "batch");
+        assert!(torch::load_into(&mut m, &p, true).is_err());
+    }
+    // A 12-byte file whose header length claims 2^60 bytes: refused, nothing allocated.
+    let p = dir.path().join("huge.safetensors");
+    let mut b = (1u64 << 60).to_le_bytes().to_vec();
+    b.extend_from_slice(b"{}  ");
+    std::fs::write(&p, b).unwrap();
+    assert!(load_state_dict(&p)
+        .unwrap_err()
+        .to_string()
+        .contains("huge.safetensors"));
+}
