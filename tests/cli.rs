@@ -291,3 +291,32 @@ fn plan_prints_the_steps_and_the_planned_memory() {
     assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("--mode must be train, eval or inference"));
 }
+
+#[test]
+fn bench_inference_reports_throughput_and_latency_at_batch_1_and_n() {
+    let o = normvision(&[
+        "bench",
+        "--inference",
+        "--model",
+        "mlp",
+        "--batch-size",
+        "8",
+        "--steps",
+        "3",
+        "--json",
+    ]);
+    let rows = json_lines("bench --inference", &o);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["batch"], 1);
+    assert_eq!(rows[1]["batch"], 8);
+    for r in &rows {
+        for k in ["img_s", "latency_ms_p50", "latency_ms_p99", "folded_bn"] {
+            assert!(r.contains_key(k), "{k} missing: {r:?}");
+        }
+        assert!(r["latency_ms_p99"].as_f64().unwrap() >= r["latency_ms_p50"].as_f64().unwrap());
+    }
+    assert_eq!(
+        rows[0]["folded_bn"], 3,
+        "the mlp's three BatchNorm1d fold into its linear layers"
+    );
+}

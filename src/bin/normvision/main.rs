@@ -5,6 +5,7 @@ mod args;
 mod bench_kernels;
 mod choice;
 mod commands;
+mod inference_bench;
 mod interop;
 mod progress;
 mod resume;
@@ -188,6 +189,10 @@ enum Cmd {
         /// forward and backward (summed over the timed steps, divided by their number).
         #[arg(long)]
         profile: bool,
+        /// Time deployment inference instead: the model folded, at batch 1 and --batch-size, each call timed
+        /// (throughput from the median call, latency p50/p99); batch 1 makes 10x --steps calls.
+        #[arg(long)]
+        inference: bool,
         #[arg(long)]
         json: bool,
     },
@@ -359,8 +364,19 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     mode,
                     fold_bn,
                     profile,
+                    inference,
                     json,
                 } => {
+                    if inference {
+                        if steps == 0 || batch_size == 0 {
+                            return Err(normvision::NvError::Config(format!(
+                                "--steps and --batch-size must be at least 1, got {steps} and {batch_size}"
+                            )));
+                        }
+                        return crate::inference_bench::run(
+                            model, norm, batch_size, steps, warmup, json, &plan,
+                        );
+                    }
                     if !["train", "eval", "both"].contains(&mode.as_str()) {
                         return Err(normvision::NvError::Config(format!(
                             "--mode must be train, eval or both, got {mode}"
