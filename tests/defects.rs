@@ -7,31 +7,7 @@ mod common;
 use common::cli::*;
 use normvision::io::{load_state_dict, save_state_dict};
 use std::io::Write;
-use std::path::{Path, PathBuf};
-
-/// A tiny MLP run on synthetic IDX data (`n` training images): returns (data dir, checkpoint).
-fn mlp_run(root: &Path, n: usize, extra: &[&str]) -> (PathBuf, PathBuf) {
-    let data = root.join("data");
-    write_idx_dir(&data, n, 40);
-    let ck = root.join("run").join("model.safetensors");
-    let mut args = vec![
-        "train",
-        "--data",
-        s(&data),
-        "--model",
-        "mlp",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--quiet",
-        "--out",
-        s(&ck),
-    ];
-    args.extend_from_slice(extra);
-    assert_ok("train", &nv(&args));
-    (data, ck)
-}
+use std::path::Path;
 
 /// Rewrites a checkpoint's metadata entry through `f`.
 fn edit_metadata(ck: &Path, key: &str, f: impl Fn(&str) -> String) {
@@ -54,7 +30,7 @@ fn edit_tensor(ck: &Path, key: &str, f: impl Fn(&mut [f32])) {
 fn resume_writes_where_the_resumed_run_lives_and_refuses_contradicting_flags() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (data, ck) = mlp_run(root, 64, &["--norm", "group", "--groups", "4"]);
+    let (data, ck) = train_mlp(root, 64, &["--norm", "group", "--groups", "4"]);
     // Resuming without repeating --norm group writes to the resumed run's checkpoint, not runs/mlp-batch.
     let o = nv_in(
         root,
@@ -128,7 +104,7 @@ fn resume_writes_where_the_resumed_run_lives_and_refuses_contradicting_flags() {
 fn a_last_batch_of_one_is_dropped_with_a_note_and_drop_last_drops_any() {
     let dir = tempfile::tempdir().unwrap();
     // 65 images at batch 32: the last batch is one image, which BatchNorm1d cannot train on.
-    let (_, ck) = mlp_run(dir.path(), 65, &[]);
+    let (_, ck) = train_mlp(dir.path(), 65, &[]);
     let log = std::fs::read_to_string(ck.with_extension("jsonl")).unwrap();
     assert!(
         log.lines()
@@ -142,7 +118,7 @@ fn a_last_batch_of_one_is_dropped_with_a_note_and_drop_last_drops_any() {
     assert_eq!(steps, 2, "two full batches, the single image dropped");
     // --drop-last drops any partial last batch.
     let dir2 = tempfile::tempdir().unwrap();
-    let (_, ck2) = mlp_run(dir2.path(), 70, &["--drop-last"]);
+    let (_, ck2) = train_mlp(dir2.path(), 70, &["--drop-last"]);
     let log = std::fs::read_to_string(ck2.with_extension("jsonl")).unwrap();
     assert_eq!(
         log.lines()
@@ -152,7 +128,7 @@ fn a_last_batch_of_one_is_dropped_with_a_note_and_drop_last_drops_any() {
     );
     // Without a norm that needs two values, a last batch of one trains.
     let dir3 = tempfile::tempdir().unwrap();
-    let (_, ck3) = mlp_run(dir3.path(), 65, &["--norm", "layer"]);
+    let (_, ck3) = train_mlp(dir3.path(), 65, &["--norm", "layer"]);
     let log = std::fs::read_to_string(ck3.with_extension("jsonl")).unwrap();
     assert_eq!(
         log.lines()
@@ -212,7 +188,7 @@ fn huge_sizes_are_refused_before_allocating() {
     ]);
     assert_fails("--image-size 100000", &o, &["--image-size"]);
     // A checkpoint whose config claims huge dimensions.
-    let (data, ck) = mlp_run(root, 64, &[]);
+    let (data, ck) = train_mlp(root, 64, &[]);
     let bad = root.join("huge.safetensors");
     std::fs::copy(&ck, &bad).unwrap();
     edit_metadata(&bad, "config", |c| {
@@ -286,7 +262,7 @@ fn peak_rss_kib() -> u64 {
 fn silent_wrong_results_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let (data, ck) = mlp_run(root, 64, &[]);
+    let (data, ck) = train_mlp(root, 64, &[]);
     // A 10-class checkpoint resumed on a 3-class image folder.
     let imgs = root.join("three");
     write_image_folder(&imgs, 3, 4, 28);
@@ -455,7 +431,7 @@ fn io_errors_name_their_path() {
 #[test]
 fn fuzz_found_images_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, ck) = mlp_run(dir.path(), 64, &[]);
+    let (_, ck) = train_mlp(dir.path(), 64, &[]);
     let crashes = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/crashes/image");
     for name in [
         "jpeg-decoder-panic-0",

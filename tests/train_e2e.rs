@@ -16,7 +16,7 @@ use normvision::optim::sgd::SgdConfig;
 use normvision::optim::{LrSchedule, OptimConfig};
 use normvision::state::{StateTensor, Stateful};
 use normvision::train::{self, checkpoint, RunOptions, TrainConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -548,30 +548,6 @@ fn chance_level_epoch_is_diverged_and_not_saved() {
 // corrupt inputs through the binary
 // ------------------------------------------------------------------------------------------------
 
-/// Trains a tiny MLP through the CLI on synthetic IDX data; returns (data dir, checkpoint).
-fn cli_checkpoint(root: &Path) -> (PathBuf, PathBuf) {
-    let data = root.join("data");
-    write_idx_dir(&data, 96, 40);
-    let ck = root.join("run").join("mlp.safetensors");
-    let o = nv(&[
-        "train",
-        "--data",
-        s(&data),
-        "--model",
-        "mlp",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "32",
-        "--quiet",
-        "--out",
-        s(&ck),
-    ]);
-    assert_ok("train on synthetic IDX", &o);
-    assert!(ck.is_file());
-    (data, ck)
-}
-
 /// `train --max-steps k` then `train --resume` to N gives the losses of one `train --max-steps N` run.
 #[test]
 fn cli_resume_matches_uninterrupted_run() {
@@ -674,7 +650,7 @@ fn cli_truncated_idx_file_is_a_clear_error() {
     assert!(!out.exists(), "a checkpoint was written");
 
     // Same through eval (test split): truncated labels.
-    let (data2, ck) = cli_checkpoint(&dir.path().join("ok"));
+    let (data2, ck) = train_mlp(&dir.path().join("ok"), 96, &[]);
     let f = data2.join("t10k-labels-idx1-ubyte");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() - 3]).unwrap();
@@ -762,7 +738,7 @@ fn cli_truncated_gzip_and_wrong_magic_are_clear_errors() {
 #[test]
 fn cli_predict_rejects_non_images_and_resizes_real_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, ck) = cli_checkpoint(dir.path());
+    let (_, ck) = train_mlp(dir.path(), 96, &[]);
 
     // A text file named .png
     let fake = dir.path().join("x.png");
@@ -842,7 +818,7 @@ fn cli_predict_rejects_non_images_and_resizes_real_ones() {
 #[test]
 fn cli_eval_rejects_corrupt_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
-    let (data, ck) = cli_checkpoint(dir.path());
+    let (data, ck) = train_mlp(dir.path(), 96, &[]);
     // the good one evaluates
     let o = nv(&["eval", "--checkpoint", s(&ck), "--data", s(&data), "--json"]);
     assert_ok("eval", &o);

@@ -134,3 +134,33 @@ pub fn write_image_folder(dir: &Path, classes: usize, per_class: usize, side: u3
         }
     }
 }
+
+/// Trains a tiny MLP through the CLI for one epoch on synthetic IDX data (`n_train` training images, 40 test
+/// images, batch 32) under `root`, with `extra` flags; returns (data dir, checkpoint).
+pub fn train_mlp(
+    root: &Path,
+    n_train: usize,
+    extra: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = root.join("data");
+    write_idx_dir(&data, n_train, 40);
+    let ck = root.join("run").join("model.safetensors");
+    let mut args = vec![
+        "train",
+        "--data",
+        s(&data),
+        "--model",
+        "mlp",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--quiet",
+        "--out",
+        s(&ck),
+    ];
+    args.extend_from_slice(extra);
+    assert_ok("train on synthetic IDX", &nv(&args));
+    assert!(ck.is_file());
+    (data, ck)
+}
