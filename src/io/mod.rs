@@ -4,6 +4,7 @@
 pub mod atomic;
 pub mod graph_file;
 pub mod lock;
+pub mod onnx;
 pub mod safetensors_io;
 pub mod torch;
 

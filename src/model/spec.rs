@@ -4,8 +4,8 @@
 use super::graph::{Graph, Op, ValueId};
 use crate::layer::Layer;
 use crate::nn::{
-    AvgPool2d, AvgPool2dConfig, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Linear,
-    LinearConfig, MaxPool2d, MaxPool2dConfig, ReLU, Sigmoid,
+    AvgPool2d, AvgPool2dConfig, Clamp, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool,
+    Linear, LinearConfig, MaxPool2d, MaxPool2dConfig, ReLU, Reshape, ScaleShift, Sigmoid, Softmax,
 };
 use crate::norm::frozen::FrozenBatchNormConfig;
 use crate::norm::{
@@ -33,7 +33,24 @@ pub enum LayerSpec {
     MaxPool2d(MaxPool2dConfig),
     AvgPool2d(AvgPool2dConfig),
     GlobalAvgPool,
-    Dropout { p: f64, seed: u64 },
+    Dropout {
+        p: f64,
+        seed: u64,
+    },
+    /// `nn.Hardtanh(lo, hi)` (ONNX `Clip`); infinite bounds are written as `null`.
+    Clamp {
+        lo: Option<f64>,
+        hi: Option<f64>,
+    },
+    Softmax,
+    Reshape {
+        shape: Vec<usize>,
+    },
+    /// The shapes of the constant `scale` and `shift` buffers (loaded from the state dict).
+    ScaleShift {
+        scale: Option<Vec<usize>>,
+        shift: Option<Vec<usize>>,
+    },
 }
 
 impl LayerSpec {
@@ -61,6 +78,27 @@ impl LayerSpec {
         }
         if any.is::<GlobalAvgPool<T>>() {
             return Some(LayerSpec::GlobalAvgPool);
+        }
+        if let Some(c) = any.downcast_ref::<Clamp<T>>() {
+            let fin = |v: f64| v.is_finite().then_some(v);
+            return Some(LayerSpec::Clamp {
+                lo: fin(c.lo()),
+                hi: fin(c.hi()),
+            });
+        }
+        if any.is::<Softmax<T>>() {
+            return Some(LayerSpec::Softmax);
+        }
+        if let Some(r) = any.downcast_ref::<Reshape<T>>() {
+            return Some(LayerSpec::Reshape {
+                shape: r.shape().to_vec(),
+            });
+        }
+        if let Some(s) = any.downcast_ref::<ScaleShift<T>>() {
+            return Some(LayerSpec::ScaleShift {
+                scale: s.scale().map(|a| a.shape().to_vec()),
+                shift: s.shift().map(|a| a.shape().to_vec()),
+            });
         }
         if let Some(d) = any.downcast_ref::<Dropout<T>>() {
             return Some(LayerSpec::Dropout {
@@ -93,6 +131,11 @@ impl LayerSpec {
             }
             LayerSpec::InstanceNorm(c) => 4 * u(c.num_features) + 1,
             LayerSpec::BatchChannelNorm(c) => 8 * u(c.num_features) + 1,
+            LayerSpec::ScaleShift { scale, shift } => [scale, shift]
+                .iter()
+                .filter_map(|s| s.as_ref())
+                .map(|s| s.iter().map(|&d| u(d)).product::<u128>())
+                .sum(),
             _ => 0,
         }
     }
@@ -115,6 +158,19 @@ impl LayerSpec {
             LayerSpec::AvgPool2d(c) => Box::new(c.clone().build::<T>()?),
             LayerSpec::GlobalAvgPool => Box::new(GlobalAvgPool::<T>::new()),
             LayerSpec::Dropout { p, seed } => Box::new(Dropout::<T>::new(*p, *seed)?),
+            LayerSpec::Clamp { lo, hi } => Box::new(Clamp::<T>::new(
+                lo.unwrap_or(f64::NEG_INFINITY),
+                hi.unwrap_or(f64::INFINITY),
+            )?),
+            LayerSpec::Softmax => Box::new(Softmax::<T>::new()),
+            LayerSpec::Reshape { shape } => Box::new(Reshape::<T>::new(shape.clone())),
+            LayerSpec::ScaleShift { scale, shift } => {
+                let zeros = |s: &Option<Vec<usize>>| {
+                    s.as_ref()
+                        .map(|s| ndarray::ArrayD::<T>::zeros(ndarray::IxDyn(s)))
+                };
+                Box::new(ScaleShift::<T>::new(zeros(scale), zeros(shift)))
+            }
         })
     }
 }

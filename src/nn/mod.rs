@@ -10,8 +10,10 @@
 //! | [`MaxPool2d`] | (N, C, H, W) → (N, C, H', W') | — | argmax indices |
 //! | [`AvgPool2d`] | (N, C, H, W) → (N, C, H', W') | — | — |
 //! | [`GlobalAvgPool`] | (N, C, H, W) → (N, C) | — | — |
-//! | [`ReLU`], [`Sigmoid`] | any → same | — | — |
-//! | [`Flatten`] | (N, *) → (N, prod(*)) | — | — |
+//! | [`ReLU`], [`Sigmoid`], [`Clamp`] | any → same | — | — |
+//! | [`Softmax`] | (*, K) → (*, K) | — | — |
+//! | [`Flatten`], [`Reshape`] | (N, *) → (N, prod(*)), (N, *shape) | — | — |
+//! | [`ScaleShift`] | any → same | — (buffers `scale`, `shift`) | — |
 //! | [`Dropout`] | any → same | — | mask (train), RNG |
 //!
 //! [`CrossEntropyLoss`] is not a layer: it maps logits and integer targets to `(loss, dlogits)`.
@@ -25,16 +27,19 @@ pub mod init;
 pub mod linear;
 pub mod loss;
 pub mod pool;
+pub mod scale_shift;
 
-pub use activation::{Flatten, ReLU, Sigmoid};
+pub use activation::{Clamp, Flatten, ReLU, Reshape, Sigmoid, Softmax};
 pub use conv::{Conv2d, Conv2dConfig, ConvAlgo, ConvChoice, Epilogue};
 pub use dropout::Dropout;
 pub use init::{Init, InitSpec};
 pub use linear::{Linear, LinearConfig};
 pub use loss::{accuracy, argmax, cross_entropy, mse, CrossEntropyLoss, MseLoss, WeightedLosses};
 pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dConfig};
+pub use scale_shift::ScaleShift;
 
 pub use crate::layer::Layer;
+use crate::state::StateDict;
 
 /// A size given either once for both spatial dimensions (`3`) or per dimension (`(3, 5)`), as in PyTorch.
 pub trait IntoPair {
