@@ -1,6 +1,7 @@
 //! ONNX in and out: models exported by both of PyTorch's exporters (`tools/gen_onnx_fixtures.py`, fixtures in
 //! `tests/fixtures/onnx/`) give PyTorch's logits within 1e-4 at a batch size other than the exported one;
-//! our own export imports back to the same logits; corrupt and unsupported files are errors that name the
+//! our own export (BatchNorm kept or folded; GroupNorm as its decomposition; LayerNorm) imports back to the same
+//! logits; corrupt and unsupported files are errors that name the
 //! file, the node and the op, never a panic.
 
 mod common;
@@ -94,7 +95,12 @@ fn our_export_imports_back_to_the_same_logits() {
         ((i[2] * 5 + i[3] + i[0] * 3) % 13) as f32 / 13.0
     });
     for kind in [ModelKind::Cnn, ModelKind::Mlp, ModelKind::Resnet] {
-        for norm in [NormKind::Batch, NormKind::None] {
+        for norm in [
+            NormKind::Batch,
+            NormKind::None,
+            NormKind::Group,
+            NormKind::Layer,
+        ] {
             for fold in [false, true] {
                 let mut ours = zoo(kind, norm);
                 let want = ours.forward_inference(&x).unwrap();
@@ -273,4 +279,105 @@ fn a_file_that_is_missing_or_not_onnx_names_the_file() {
     std::fs::write(&p, b"definitely not protobuf \xff\xff\xff").unwrap();
     let e = load_onnx(&p).err().unwrap().to_string();
     assert!(e.contains("model.onnx"), "{e}");
+}
+
+#[test]
+fn cli_export_onnx_then_eval_predict_and_bench_it() {
+    use common::cli::*;
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ck) = train_mlp(dir.path(), 200, &[]);
+    let onnx = dir.path().join("mlp.onnx");
+    assert_ok(
+        "export --onnx",
+        &nv(&[
+            "export",
+            "--onnx",
+            "--fold-bn",
+            "--checkpoint",
+            s(&ck),
+            "-o",
+            s(&onnx),
+        ]),
+    );
+    let acc = |o: std::process::Output| -> f64 {
+        assert_ok("eval", &o);
+        let v: serde_json::Value =
+            serde_json::from_str(stdout(&o).lines().last().unwrap()).unwrap();
+        v["test_acc"].as_f64().unwrap()
+    };
+    let a = acc(nv(&[
+        "eval",
+        "--checkpoint",
+        s(&ck),
+        "--data",
+        s(&data),
+        "--json",
+    ]));
+    let b = acc(nv(&[
+        "eval",
+        "--onnx",
+        s(&onnx),
+        "--data",
+        s(&data),
+        "--json",
+    ]));
+    assert_eq!(
+        a, b,
+        "the exported model classifies the test set as the checkpoint does"
+    );
+    let imgs = dir.path().join("imgs");
+    write_image_folder(&imgs, 2, 1, 28);
+    let o = nv(&[
+        "predict",
+        "--onnx",
+        s(&onnx),
+        s(&imgs.join("class1/0.png")),
+        "--json",
+    ]);
+    assert_ok("predict --onnx", &o);
+    let o = nv(&[
+        "bench",
+        "--onnx",
+        s(&onnx),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch-size",
+        "4",
+        "--json",
+    ]);
+    assert_ok("bench --onnx", &o);
+    assert_eq!(stdout(&o).lines().count(), 2, "batch 1 and batch 4");
+    // a PyTorch export, with its own input size (1x8x8) and the normalization given on the command line
+    let folder = dir.path().join("small");
+    write_image_folder(&folder, 10, 1, 8);
+    let o = nv(&[
+        "eval",
+        "--onnx",
+        s(&dir_of("cnn-dynamo.onnx")),
+        "--image-folder",
+        s(&folder),
+        "--test-folder",
+        s(&folder),
+        "--image-size",
+        "8",
+        "--mean",
+        "0",
+        "--std",
+        "1",
+    ]);
+    assert_ok("eval --onnx of a PyTorch export", &o);
+    // an unsupported file is an error naming it, not a panic
+    let bad = dir.path().join("bad.onnx");
+    std::fs::write(&bad, b"\x08\x07garbage").unwrap();
+    assert_fails(
+        "eval --onnx garbage",
+        &nv(&["eval", "--onnx", s(&bad), "--data", s(&data)]),
+        &["bad.onnx"],
+    );
+}
+
+fn dir_of(name: &str) -> PathBuf {
+    dir().join(name)
 }

@@ -1,4 +1,4 @@
-//! `bench --inference`: deployment inference of a zoo model, timed call by call. The model is folded (every
+//! `bench --inference`: deployment inference of a zoo model or an ONNX file (`--onnx`), timed call by call. The model is folded (every
 //! BatchNorm into the layer before it) and run through the inference plan, at batch 1 and at the given batch
 //! size; each call is timed on its own, so the report has the throughput of the median call and the latency
 //! percentiles a server would see. `tools/bench_inference_vs_ort.py` runs it beside ONNX Runtime and PyTorch.
@@ -16,28 +16,51 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
+/// What to time: a zoo model (`--model --norm`) or an ONNX file (`--onnx`).
+pub enum Subject<'a> {
+    Zoo(ModelKind, NormKind),
+    Onnx(&'a std::path::Path),
+}
+
 pub fn run(
-    kind: ModelKind,
-    norm: NormKind,
+    subject: Subject,
     batch: usize,
     steps: usize,
     warmup: usize,
     json_out: bool,
     plan: &PlanOptions,
 ) -> Result<()> {
-    let cfg = ModelConfig::fashion(kind, norm);
-    let mut model = Model::new(cfg.clone())?;
+    let (mut model, folded, label, norm_label) = match subject {
+        Subject::Zoo(kind, norm) => {
+            let mut model = Model::new(ModelConfig::fashion(kind, norm))?;
+            let folded = model.fold_batch_norm()?;
+            (
+                model,
+                folded,
+                kind.as_str().to_string(),
+                norm.as_str().to_string(),
+            )
+        }
+        Subject::Onnx(path) => {
+            let m = normvision::io::onnx::load_onnx(path)?;
+            let folded = m.folded_batch_norms;
+            (
+                m.into_classifier()?,
+                folded,
+                path.display().to_string(),
+                "onnx".to_string(),
+            )
+        }
+    };
     model.set_plan_options(plan.clone())?;
-    let folded = model.fold_batch_norm()?;
+    let [c, h, w] = model.input_shape();
     let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
     let mut batches = vec![1];
     if batch != 1 {
         batches.push(batch);
     }
     for b in batches {
-        let x = ArrayD::from_shape_fn(IxDyn(&[b, cfg.in_channels, cfg.height, cfg.width]), |_| {
-            rng.gen::<f32>() * 2.0 - 1.0
-        });
+        let x = ArrayD::from_shape_fn(IxDyn(&[b, c, h, w]), |_| rng.gen::<f32>() * 2.0 - 1.0);
         let calls = if b == 1 { steps * 10 } else { steps };
         for _ in 0..warmup.max(1) * if b == 1 { 10 } else { 1 } {
             model.forward_inference(&x)?;
@@ -54,17 +77,15 @@ pub fn run(
         if json_out {
             println!(
                 "{}",
-                json!({"model": kind.as_str(), "norm": norm.as_str(), "mode": "inference", "batch": b,
+                json!({"model": label, "norm": norm_label, "mode": "inference", "batch": b,
                     "threads": rayon::current_num_threads(), "img_s": img_s, "calls": calls,
                     "latency_ms_p50": p50 * 1e3, "latency_ms_p99": p99 * 1e3, "latency_ms_min": t[0] * 1e3,
                     "folded_bn": folded, "isa": plan.kernels.isa.as_str()})
             );
         } else {
             println!(
-                "{} --norm {} inference batch {b}, {} threads, {folded} BatchNorms folded: {img_s:.0} img/s; \
+                "{label} ({norm_label}) inference batch {b}, {} threads, {folded} BatchNorms folded: {img_s:.0} img/s; \
                  latency p50 {:.3} ms, p99 {:.3} ms, min {:.3} ms ({calls} calls)",
-                kind.as_str(),
-                norm,
                 rayon::current_num_threads(),
                 p50 * 1e3,
                 p99 * 1e3,

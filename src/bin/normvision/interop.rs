@@ -14,6 +14,8 @@ pub enum Source<'a> {
     Checkpoint(&'a Path),
     /// A PyTorch state dict and the zoo architecture it belongs to (`--weights` and the model flags).
     Torch(&'a Path, &'a TorchModelArgs),
+    /// An ONNX model (`--onnx`); `--mean`/`--std` when typed (`true`), else the file's normvision metadata.
+    Onnx(&'a Path, &'a TorchModelArgs, bool),
 }
 
 impl<'a> Source<'a> {
@@ -21,13 +23,16 @@ impl<'a> Source<'a> {
     pub fn of(
         checkpoint: &'a Option<PathBuf>,
         weights: &'a Option<PathBuf>,
+        onnx: &'a Option<PathBuf>,
         torch: &'a TorchModelArgs,
+        norm_given: bool,
     ) -> Result<Source<'a>> {
-        match (checkpoint, weights) {
-            (Some(c), None) => Ok(Source::Checkpoint(c)),
-            (None, Some(w)) => Ok(Source::Torch(w, torch)),
+        match (checkpoint, weights, onnx) {
+            (Some(c), None, None) => Ok(Source::Checkpoint(c)),
+            (None, Some(w), None) => Ok(Source::Torch(w, torch)),
+            (None, None, Some(o)) => Ok(Source::Onnx(o, torch, norm_given)),
             _ => Err(NvError::Config(
-                "give either --checkpoint (a normvision checkpoint) or --weights (a PyTorch state dict)".into(),
+                "give one of --checkpoint (a normvision checkpoint), --weights (a PyTorch state dict) or --onnx (an ONNX model)".into(),
             )),
         }
     }
@@ -35,7 +40,7 @@ impl<'a> Source<'a> {
     /// The file, for messages.
     pub fn path(&self) -> &Path {
         match self {
-            Source::Checkpoint(p) | Source::Torch(p, _) => p,
+            Source::Checkpoint(p) | Source::Torch(p, _) | Source::Onnx(p, _, _) => p,
         }
     }
 
@@ -47,6 +52,28 @@ impl<'a> Source<'a> {
                 Ok((checkpoint::restore_model(&ck)?, ck.norm))
             }
             Source::Torch(p, args) => args.load(p),
+            Source::Onnx(p, args, norm_given) => {
+                let m = normvision::io::onnx::load_onnx(p)?;
+                let from_file = m.normalization.clone();
+                let model = m.into_classifier().map_err(|e| NvError::Format {
+                    path: p.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+                let norm = match from_file {
+                    Some(n) if !norm_given => n,
+                    _ => Normalization::new(args.mean.clone(), args.std.clone())
+                        .map_err(|e| NvError::Config(format!("--mean/--std: {e}")))?,
+                };
+                let c = model.input_shape()[0];
+                if norm.channels() != c {
+                    return Err(NvError::Config(format!(
+                        "--mean/--std give {} channels, the ONNX model {} takes {c}",
+                        norm.channels(),
+                        p.display()
+                    )));
+                }
+                Ok((model, norm))
+            }
         }
     }
 }
@@ -74,6 +101,26 @@ pub fn import(torch: &Path, args: &TorchModelArgs, out: &Path) -> Result<()> {
         args.norm.as_str(),
         model.num_params(),
         torch.display()
+    );
+    Ok(())
+}
+
+/// `export --onnx`: a checkpoint's model as ONNX (eval mode, dynamic batch, BatchNorm kept or folded), with
+/// the input normalization in the file's metadata so that `--onnx` finds it again.
+pub fn export_onnx(ck_path: &Path, out: &Path, fold_bn: bool, opset: i64) -> Result<()> {
+    let ck = checkpoint::load(ck_path)?;
+    let model = checkpoint::restore_model(&ck)?;
+    let opts = normvision::io::onnx::ExportOptions {
+        opset,
+        fold_bn,
+        normalization: Some(ck.norm.clone()),
+    };
+    normvision::io::onnx::save_onnx(out, model.graph(), &model.input_shape(), &opts)?;
+    println!(
+        "{}: ONNX opset {opset} of {}{}",
+        out.display(),
+        ck_path.display(),
+        if fold_bn { ", BatchNorm folded" } else { "" }
     );
     Ok(())
 }

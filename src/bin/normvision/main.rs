@@ -96,14 +96,19 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
-    /// Evaluate a checkpoint, or a PyTorch state dict (--weights with its model flags), on the test set.
+    /// Evaluate a checkpoint, a PyTorch state dict (--weights with its model flags) or an ONNX model (--onnx) on
+    /// the test set.
     Eval {
         /// A normvision checkpoint.
-        #[arg(long, required_unless_present = "weights", conflicts_with = "weights")]
+        #[arg(long, required_unless_present_any = ["weights", "onnx"], conflicts_with_all = ["weights", "onnx"])]
         checkpoint: Option<PathBuf>,
         /// A PyTorch state dict (safetensors) of the zoo model --model --norm --input --num-classes describe.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "onnx")]
         weights: Option<PathBuf>,
+        /// An ONNX model (torch.onnx.export, either exporter, or `normvision export --onnx`); its input size comes
+        /// from the file, the input normalization from the file's normvision metadata or --mean/--std.
+        #[arg(long)]
+        onnx: Option<PathBuf>,
         #[command(flatten)]
         torch: TorchModelArgs,
         #[command(flatten)]
@@ -117,14 +122,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Classify PNG/JPEG images with a checkpoint or a PyTorch state dict (top-k classes with probabilities).
+    /// Classify PNG/JPEG images with a checkpoint, a PyTorch state dict or an ONNX model (top-k classes with
+    /// probabilities).
     Predict {
         /// A normvision checkpoint.
-        #[arg(long, required_unless_present = "weights", conflicts_with = "weights")]
+        #[arg(long, required_unless_present_any = ["weights", "onnx"], conflicts_with_all = ["weights", "onnx"])]
         checkpoint: Option<PathBuf>,
         /// A PyTorch state dict (safetensors) of the zoo model --model --norm --input --num-classes describe.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "onnx")]
         weights: Option<PathBuf>,
+        /// An ONNX model (torch.onnx.export, either exporter, or `normvision export --onnx`); its input size comes
+        /// from the file, the input normalization from the file's normvision metadata or --mean/--std.
+        #[arg(long)]
+        onnx: Option<PathBuf>,
         #[command(flatten)]
         torch: TorchModelArgs,
         /// Image files; they are converted to the model's channels and resized to its input size.
@@ -153,13 +163,20 @@ enum Cmd {
         #[arg(long, short)]
         out: PathBuf,
     },
-    /// Write a checkpoint's model for other tools: --torch, a PyTorch state dict (safetensors).
+    /// Write a checkpoint's model for other tools: --torch, a PyTorch state dict (safetensors), or --onnx, an ONNX
+    /// model (eval mode, dynamic batch) that ONNX Runtime and `normvision ... --onnx` run.
     Export {
         #[arg(long)]
         checkpoint: PathBuf,
-        /// Write a PyTorch state dict (the only format so far).
-        #[arg(long, required = true)]
+        /// Write a PyTorch state dict.
+        #[arg(long, required_unless_present = "onnx", conflicts_with = "onnx")]
         torch: bool,
+        /// Write an ONNX model.
+        #[arg(long)]
+        onnx: bool,
+        /// ONNX opset (13-21).
+        #[arg(long, default_value_t = 17, requires = "onnx")]
+        opset: i64,
         /// Fold each BatchNorm into the convolution or linear layer before it (for deployment).
         #[arg(long)]
         fold_bn: bool,
@@ -193,6 +210,9 @@ enum Cmd {
         /// (throughput from the median call, latency p50/p99); batch 1 makes 10x --steps calls.
         #[arg(long)]
         inference: bool,
+        /// Time an ONNX model's inference (implies --inference; --model and --norm are ignored).
+        #[arg(long)]
+        onnx: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -326,18 +346,22 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                 Cmd::Eval {
                     checkpoint,
                     weights,
+                    onnx,
                     torch,
                     data,
                     batch_size,
                     fold_bn,
                     json,
                 } => {
-                    let src = interop::Source::of(&checkpoint, &weights, &torch)?;
+                    let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
+                    let src =
+                        interop::Source::of(&checkpoint, &weights, &onnx, &torch, norm_given)?;
                     commands::eval(&src, &data, batch_size, fold_bn, json, &plan)
                 }
                 Cmd::Predict {
                     checkpoint,
                     weights,
+                    onnx,
                     torch,
                     images,
                     top_k,
@@ -345,16 +369,26 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     fold_bn,
                     json,
                 } => {
-                    let src = interop::Source::of(&checkpoint, &weights, &torch)?;
+                    let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
+                    let src =
+                        interop::Source::of(&checkpoint, &weights, &onnx, &torch, norm_given)?;
                     commands::predict(&src, &images, top_k, classes, fold_bn, json, &plan)
                 }
                 Cmd::Import { torch, model, out } => interop::import(&torch, &model, &out),
                 Cmd::Export {
                     checkpoint,
                     torch: _,
+                    onnx,
+                    opset,
                     fold_bn,
                     out,
-                } => interop::export_torch(&checkpoint, &out, fold_bn),
+                } => {
+                    if onnx {
+                        interop::export_onnx(&checkpoint, &out, fold_bn, opset)
+                    } else {
+                        interop::export_torch(&checkpoint, &out, fold_bn)
+                    }
+                }
                 Cmd::Bench {
                     model,
                     norm,
@@ -365,16 +399,21 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     fold_bn,
                     profile,
                     inference,
+                    onnx,
                     json,
                 } => {
-                    if inference {
+                    if inference || onnx.is_some() {
                         if steps == 0 || batch_size == 0 {
                             return Err(normvision::NvError::Config(format!(
                                 "--steps and --batch-size must be at least 1, got {steps} and {batch_size}"
                             )));
                         }
+                        let subject = match &onnx {
+                            Some(p) => crate::inference_bench::Subject::Onnx(p),
+                            None => crate::inference_bench::Subject::Zoo(model, norm),
+                        };
                         return crate::inference_bench::run(
-                            model, norm, batch_size, steps, warmup, json, &plan,
+                            subject, batch_size, steps, warmup, json, &plan,
                         );
                     }
                     if !["train", "eval", "both"].contains(&mode.as_str()) {

@@ -22,6 +22,9 @@ pub struct ExportOptions {
     pub opset: i64,
     /// Fold each eval BatchNorm into the convolution or linear layer before it first.
     pub fold_bn: bool,
+    /// The input normalization, written to the metadata (`normvision.mean`, `normvision.std`), where
+    /// [`super::load_onnx`] finds it again.
+    pub normalization: Option<crate::data::Normalization>,
 }
 
 impl Default for ExportOptions {
@@ -29,6 +32,7 @@ impl Default for ExportOptions {
         ExportOptions {
             opset: 17,
             fold_bn: false,
+            normalization: None,
         }
     }
 }
@@ -246,9 +250,6 @@ impl Writer<'_> {
                 );
             }
             LayerSpec::GroupNorm(c) => {
-                if in_shape.len() < 3 {
-                    return unsupported("GroupNorm of a rank-2 input");
-                }
                 let g = c.num_groups;
                 let shape_g = self.ints(&k("shape_groups"), &[0, g as i64, -1]);
                 let r1 = format!("{name}.grouped");
@@ -489,6 +490,18 @@ pub fn to_onnx_bytes(
         producer_name: Some("normvision".into()),
         producer_version: Some(env!("CARGO_PKG_VERSION").into()),
         graph: Some(graph_proto),
+        metadata_props: opts
+            .normalization
+            .iter()
+            .flat_map(|n| {
+                [("normvision.mean", &n.mean), ("normvision.std", &n.std)].map(|(k, v)| {
+                    super::proto::StringStringEntryProto {
+                        key: Some(k.into()),
+                        value: Some(serde_json::to_string(v).expect("floats serialize")),
+                    }
+                })
+            })
+            .collect(),
         ..Default::default()
     };
     Ok(model.encode_to_vec())

@@ -503,6 +503,7 @@ impl<'a> Importer<'a> {
         match n.op {
             "Conv" => self.conv(n),
             "BatchNormalization" => self.batch_norm(n),
+            "InstanceNormalization" | "LayerNormalization" => self.other_norm(n),
             "Relu" => {
                 n.check_attrs(&[])?;
                 let (x, s) = self.act(n, 0)?;
@@ -913,6 +914,59 @@ impl<'a> Importer<'a> {
         bn.load_state("", &sd).map_err(|e| e.to_string())?;
         let name = n.name.clone();
         self.layer(&name, Box::new(bn), x, &s)
+    }
+
+    /// InstanceNormalization (instance statistics, per-channel affine) and LayerNormalization (over the axes
+    /// from `axis` on, affine of that shape).
+    fn other_norm(&mut self, n: &NodeRef) -> R<V> {
+        let (x, s) = self.act(n, 0)?;
+        let name = n.name.clone();
+        let eps = n.float("epsilon", 1e-5) as f64;
+        let affine_of = |t: &Const, dims: &[usize], what: &str| -> R<ArrayD<f32>> {
+            if t.len() != dims.iter().product::<usize>() {
+                return Err(format!("{what} has shape {:?}; {dims:?} expected", t.dims));
+            }
+            Const {
+                dims: dims.to_vec(),
+                ..t.clone()
+            }
+            .to_array()
+        };
+        if n.op == "InstanceNormalization" {
+            n.check_attrs(&["epsilon"])?;
+            if s.len() < 2 || s.len() > 4 {
+                return Err(format!("InstanceNormalization of per-sample shape {s:?}; (C, L), (C, H, W) or (C, D, H, W) expected"));
+            }
+            let c = s[0];
+            let w = affine_of(self.konst(n, 1)?, &[c], "scale")?;
+            let b = affine_of(self.konst(n, 2)?, &[c], "B")?;
+            let cfg = crate::norm::InstanceNormConfig::new(c, s.len() - 1)
+                .eps(eps)
+                .affine(true);
+            let mut layer = cfg.build::<f32>().map_err(|e| e.to_string())?;
+            Self::load(&mut layer, &[("weight", w), ("bias", b)])?;
+            return self.layer(&name, Box::new(layer), x, &s);
+        }
+        n.check_attrs(&["axis", "epsilon", "stash_type"])?;
+        let rank = s.len() + 1;
+        let a = consts::axis(n.int("axis", -1), rank)?;
+        if a == 0 {
+            return Err("LayerNormalization over the batch dimension is not supported".into());
+        }
+        let shape = s[a - 1..].to_vec();
+        let w = affine_of(self.konst(n, 1)?, &shape, "Scale")?;
+        let b = match self.opt_const(n, 2)? {
+            Some(t) => Some(affine_of(t, &shape, "B")?),
+            None => None,
+        };
+        let cfg = crate::norm::LayerNormConfig::new(&shape)
+            .eps(eps)
+            .bias(b.is_some());
+        let mut layer = cfg.build::<f32>().map_err(|e| e.to_string())?;
+        let mut ts = vec![("weight", w)];
+        ts.extend(b.map(|b| ("bias", b)));
+        Self::load(&mut layer, &ts)?;
+        self.layer(&name, Box::new(layer), x, &s)
     }
 
     fn pool(&mut self, n: &NodeRef) -> R<V> {

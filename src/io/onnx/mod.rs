@@ -7,6 +7,7 @@
 //! |---|---|
 //! | Conv (pads, strides, dilations, group, auto_pad) | [`crate::nn::Conv2d`] |
 //! | BatchNormalization | eval BatchNorm, folded into the conv or linear layer before it when that is its only reader |
+//! | InstanceNormalization, LayerNormalization | InstanceNorm (affine, instance statistics), LayerNorm |
 //! | Relu, Clip, Sigmoid, Softmax (last axis) | ReLU (Clip to [0, ∞)), [`crate::nn::Clamp`], Sigmoid, [`crate::nn::Softmax`] |
 //! | MaxPool, AveragePool (ceil_mode 0), GlobalAveragePool, ReduceMean over (H, W) | the pooling layers |
 //! | Gemm, MatMul by a constant | [`crate::nn::Linear`] |
@@ -50,6 +51,8 @@ pub struct OnnxModel {
     pub producer: String,
     /// How many BatchNormalization nodes were folded into a convolution or linear layer.
     pub folded_batch_norms: usize,
+    /// The input normalization, when the file carries normvision's metadata (`export --onnx` writes it).
+    pub normalization: Option<crate::data::Normalization>,
 }
 
 impl OnnxModel {
@@ -126,5 +129,30 @@ pub fn parse_onnx(bytes: &[u8], dir: Option<&Path>, label: &str) -> Result<OnnxM
         .trim()
         .to_string(),
         folded_batch_norms: im.folded,
+        normalization: normalization_of(&m, label)?,
     })
+}
+
+/// `normvision.mean` and `normvision.std` from the metadata, when both are there.
+fn normalization_of(
+    m: &proto::ModelProto,
+    label: &str,
+) -> Result<Option<crate::data::Normalization>> {
+    let get = |k: &str| {
+        m.metadata_props
+            .iter()
+            .find(|p| p.key.as_deref() == Some(k))
+            .and_then(|p| p.value.as_deref())
+    };
+    let (Some(mean), Some(std)) = (get("normvision.mean"), get("normvision.std")) else {
+        return Ok(None);
+    };
+    let bad = |msg: String| NvError::Format {
+        path: label.to_string(),
+        msg: format!("metadata normvision.mean/std: {msg}"),
+    };
+    let parse = |s: &str| serde_json::from_str::<Vec<f32>>(s).map_err(|e| bad(e.to_string()));
+    crate::data::Normalization::new(parse(mean)?, parse(std)?)
+        .map(Some)
+        .map_err(|e| bad(e.to_string()))
 }
