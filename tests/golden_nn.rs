@@ -160,6 +160,36 @@ fn run_fixture(fx: &Fixture) {
         "relu" => check_layer(fx, name, &mut ReLU::<f32>::new()),
         "sigmoid" => check_layer(fx, name, &mut Sigmoid::<f32>::new()),
         "flatten" => check_layer(fx, name, &mut Flatten::<f32>::new()),
+        "clamp" => {
+            let f = |k: &str| c[k].as_f64().unwrap();
+            check_layer(
+                fx,
+                name,
+                &mut Clamp::<f32>::new(f("min_val"), f("max_val")).unwrap(),
+            )
+        }
+        "softmax" => check_layer(fx, name, &mut Softmax::<f32>::new()),
+        "reshape" => {
+            let shape = c["shape"].as_array().unwrap().iter().map(uint).collect();
+            check_layer(fx, name, &mut Reshape::<f32>::new(shape))
+        }
+        "scale_shift" => {
+            let shape: Vec<usize> = c["shape"].as_array().unwrap().iter().map(uint).collect();
+            let arr = |k: &str| {
+                let v: Vec<f32> = c[k]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect();
+                ArrayD::from_shape_vec(ndarray::IxDyn(&shape), v).unwrap()
+            };
+            check_layer(
+                fx,
+                name,
+                &mut ScaleShift::<f32>::new(Some(arr("scale")), Some(arr("shift"))),
+            )
+        }
         "cross_entropy" => check_cross_entropy(fx),
         other => panic!("{name}: unknown layer {other}"),
     }

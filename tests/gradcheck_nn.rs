@@ -819,3 +819,61 @@ fn conv2d_f32_fast_path_matches_f64() {
         }
     }
 }
+
+/// The layers ONNX import maps Clip, Softmax, Reshape and Mul/Add by a constant to.
+#[test]
+fn onnx_layer_gradients() {
+    let mut r = rng(12);
+    // clamp: inputs kept away from both kinks
+    let x = randn(&mut r, &[3, 4, 5]).mapv(|v| {
+        let v = v * 1.5;
+        if (v + 0.7).abs() < 1e-3 || (v - 0.9).abs() < 1e-3 {
+            v + 3e-3
+        } else {
+            v
+        }
+    });
+    gradcheck(
+        "clamp",
+        &Clamp::<f64>::new(-0.7, 0.9).unwrap(),
+        &x,
+        Ctx::train(),
+        &[],
+        4,
+    );
+    gradcheck(
+        "softmax",
+        &Softmax::<f64>::new(),
+        &(randn(&mut r, &[3, 2, 6]) * 3.0),
+        Ctx::train(),
+        &[],
+        5,
+    );
+    gradcheck(
+        "reshape",
+        &Reshape::<f64>::new(vec![3, 4]),
+        &randn(&mut r, &[2, 12]),
+        Ctx::train(),
+        &[],
+        6,
+    );
+    let scale = randn(&mut r, &[3, 1, 1]);
+    let shift = randn(&mut r, &[4]);
+    gradcheck(
+        "scale_shift",
+        &ScaleShift::<f64>::new(Some(scale), Some(shift)),
+        &randn(&mut r, &[2, 3, 5, 4]),
+        Ctx::train(),
+        &[],
+        7,
+    );
+    // constants that do not broadcast over a sample are shape errors, not panics
+    let mut bad = ScaleShift::<f64>::new(Some(randn(&mut r, &[5])), None);
+    assert!(bad
+        .forward(&randn(&mut r, &[2, 3, 4]), Ctx::train())
+        .is_err());
+    assert!(Reshape::<f64>::new(vec![5])
+        .forward(&randn(&mut r, &[2, 4]), Ctx::train())
+        .is_err());
+    assert!(Clamp::<f64>::new(1.0, -1.0).is_err());
+}

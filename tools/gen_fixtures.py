@@ -416,7 +416,7 @@ def norm_cases() -> List[StepCase]:
 # Layout of a "layer" fixture (see tests/fixtures/nn/README.md):
 #
 #     __metadata__["meta"] = JSON {"layer", "config", "input_shape", "output_shape", "torch_module", "torch_version"}
-#     init.<param>   parameters as initialised by PyTorch's default reset_parameters() (seeded)
+#     init.<param>   parameters as initialised by PyTorch's default reset_parameters() (seeded), and buffers
 #     x, dy          input ~ randn and upstream gradient ~ randn (shaped like y)
 #     y              forward output
 #     dx             d/dx of (y * dy).sum()
@@ -432,6 +432,19 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+class ScaleShift(nn.Module):
+    """x * scale + shift with constant (buffer) tensors broadcast over each sample: what an imported ONNX graph's
+    Mul/Add by a constant becomes. The constants are in the case's config."""
+
+    def __init__(self, scale, shift, shape):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).reshape(shape))
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
 
 
 @dataclass
@@ -455,6 +468,8 @@ class LayerCase:
         for n, p in params.items():
             t[f"init.{n}"] = p.detach()
             t[f"grad.{n}"] = p.grad
+        for n, b in module.named_buffers():  # constants (ScaleShift), loaded like the parameters
+            t[f"init.{n}"] = b
         meta = {
             "layer": self.layer,
             "config": self.config,
@@ -557,6 +572,19 @@ def nn_cases() -> list:
         LayerCase("relu", "relu", {}, nn.ReLU, (2, 3, 4, 5)),
         LayerCase("sigmoid", "sigmoid", {}, nn.Sigmoid, (2, 3, 4, 5), input_scale=4.0),
         LayerCase("flatten", "flatten", {"start_dim": 1, "end_dim": -1}, nn.Flatten, (2, 3, 2, 2)),
+        # the layers ONNX import needs (Clip, Softmax, Reshape, Mul/Add by a constant)
+        LayerCase("hardtanh_relu6", "clamp", {"min_val": 0.0, "max_val": 6.0}, lambda: nn.ReLU6(), (2, 3, 4, 5),
+                  input_scale=5.0),
+        LayerCase("hardtanh_m1_p0.5", "clamp", {"min_val": -1.0, "max_val": 0.5},
+                  lambda: nn.Hardtanh(-1.0, 0.5), (3, 7), input_scale=2.0),
+        LayerCase("softmax_last", "softmax", {"dim": -1}, lambda: nn.Softmax(dim=-1), (4, 7), input_scale=3.0),
+        LayerCase("softmax_rank4_large", "softmax", {"dim": -1}, lambda: nn.Softmax(dim=-1), (2, 3, 2, 5),
+                  input_scale=30.0),
+        LayerCase("unflatten_12_to_3x2x2", "reshape", {"shape": [3, 2, 2]}, lambda: nn.Unflatten(1, (3, 2, 2)),
+                  (2, 12)),
+        LayerCase("scale_shift_per_channel", "scale_shift",
+                  {"scale": [0.5, -2.0, 3.0], "shift": [0.25, 1.0, -4.0], "shape": [3, 1, 1]},
+                  lambda: ScaleShift([0.5, -2.0, 3.0], [0.25, 1.0, -4.0], (3, 1, 1)), (2, 3, 4, 5)),
         # cross entropy (mean reduction)
         LossCase("cross_entropy_8x5", 8, 5),
         LossCase("cross_entropy_smooth0.1_8x5", 8, 5, label_smoothing=0.1),

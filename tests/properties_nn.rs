@@ -1,0 +1,76 @@
+//! Property tests of the element-wise and shape layers ONNX import uses: Softmax rows are probabilities and
+//! ignore a constant shift, Clamp stays in its bounds and is idempotent, Reshape round-trips, ScaleShift with
+//! scale 1 and shift 0 is the identity and its backward is linear in dy.
+
+use ndarray::{ArrayD, IxDyn};
+use normvision::nn::{Clamp, Reshape, ScaleShift, Softmax};
+use normvision::{Ctx, Layer};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn randn(seed: u64, shape: &[usize], scale: f64) -> ArrayD<f64> {
+    let mut r = rand_pcg::Pcg64::seed_from_u64(seed);
+    ArrayD::from_shape_simple_fn(IxDyn(shape), || {
+        r.sample::<f64, _>(rand_distr::StandardNormal) * scale
+    })
+}
+
+fn shape() -> impl Strategy<Value = Vec<usize>> {
+    prop::collection::vec(1usize..6, 2..5)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn softmax_rows_are_probabilities_and_shift_invariant(shape in shape(), seed in any::<u64>(), scale in 0.1f64..200.0, c in -50.0f64..50.0) {
+        let x = randn(seed, &shape, scale);
+        let mut s = Softmax::<f64>::new();
+        let y = s.forward(&x, Ctx::eval()).unwrap();
+        let k = *shape.last().unwrap();
+        for row in y.as_slice().unwrap().chunks(k) {
+            let sum: f64 = row.iter().sum();
+            prop_assert!((sum - 1.0).abs() < 1e-12, "row sums to {sum}");
+            prop_assert!(row.iter().all(|&p| (0.0..=1.0).contains(&p)));
+        }
+        let y2 = s.forward(&x.mapv(|v| v + c), Ctx::eval()).unwrap();
+        let d = y.iter().zip(y2.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        prop_assert!(d < 1e-12, "shift changed the output by {d}");
+    }
+
+    #[test]
+    fn clamp_stays_in_bounds_and_is_idempotent(shape in shape(), seed in any::<u64>(), lo in -3.0f64..0.0, w in 0.0f64..4.0) {
+        let hi = lo + w;
+        let x = randn(seed, &shape, 3.0);
+        let mut c = Clamp::<f64>::new(lo, hi).unwrap();
+        let y = c.forward(&x, Ctx::eval()).unwrap();
+        prop_assert!(y.iter().all(|&v| v >= lo && v <= hi));
+        prop_assert_eq!(c.forward(&y, Ctx::eval()).unwrap(), y);
+    }
+
+    #[test]
+    fn reshape_round_trips(shape in shape(), seed in any::<u64>()) {
+        let x = randn(seed, &shape, 1.0);
+        let per: usize = shape[1..].iter().product();
+        let mut to = Reshape::<f64>::new(vec![per]);
+        let mut back = Reshape::<f64>::new(shape[1..].to_vec());
+        let y = to.forward(&x, Ctx::eval()).unwrap();
+        prop_assert_eq!(back.forward(&y, Ctx::eval()).unwrap(), x.clone());
+        let dx = to.backward(&x, &y, Ctx::eval()).unwrap();
+        prop_assert_eq!(dx, x);
+    }
+
+    #[test]
+    fn scale_shift_identity_and_linear_backward(shape in shape(), seed in any::<u64>(), a in -3.0f64..3.0) {
+        let x = randn(seed, &shape, 1.0);
+        let per = &shape[1..];
+        let mut id = ScaleShift::<f64>::new(Some(ArrayD::ones(IxDyn(per))), Some(ArrayD::zeros(IxDyn(&[*per.last().unwrap()]))));
+        prop_assert_eq!(id.forward(&x, Ctx::eval()).unwrap(), x.clone());
+        let mut s = ScaleShift::<f64>::new(Some(randn(seed ^ 1, per, 1.0)), None);
+        let dy = randn(seed ^ 2, &shape, 1.0);
+        let g1 = s.backward(&x, &dy, Ctx::eval()).unwrap();
+        let g2 = s.backward(&x, &dy.mapv(|v| v * a), Ctx::eval()).unwrap();
+        let d = g1.iter().zip(g2.iter()).map(|(p, q)| (p * a - q).abs()).fold(0.0, f64::max);
+        prop_assert!(d < 1e-12);
+    }
+}
