@@ -9,10 +9,11 @@
   threads = --threads, inter-op 1, sequential execution, warm-up, then every call timed; throughput from the
   median call. Its per-call Python overhead is measured on a one-element Identity model and printed.
 - PyTorch eval: torch.inference_mode, NCHW and channels_last, the faster reported.
-- normvision: `normvision --threads T bench --inference --json` (the zoo model folded, through the library's
-  inference plan, each call timed in-process the same way).
+- normvision: `normvision --threads T bench --onnx <the same .onnx file> --json`: the file ONNX Runtime runs,
+  imported by normvision's ONNX importer (BatchNorm already folded by the exporter), through the library's
+  inference plan, each call timed in-process the same way.
 
-Weights do not change the timings; all three run the same architecture and the same folding.
+All three run the same weights, the same architecture and the same folding.
 Prints a table, or with --json one line per batch size with the keys model, batch, threads, ort_img_s,
 torch_img_s, normvision_img_s, speedup_vs_ort (and the latency percentiles).
 """
@@ -86,7 +87,7 @@ def main() -> int:
     one = np.zeros(1, np.float32)
     overhead = statistics.median(timed_calls(lambda: id_sess.run(None, {"a": one}), 2000, 200))
 
-    nv = subprocess.run([args.normvision, "--threads", str(args.threads), "bench", "--inference", "--json",
+    nv = subprocess.run([args.normvision, "--threads", str(args.threads), "bench", "--onnx", str(onnx_path), "--json",
                          "--batch-size", str(max(int(b) for b in args.batches.split(","))),
                          "--steps", str(args.calls)], check=True, capture_output=True, text=True)
     nv_rows = {}

@@ -357,7 +357,8 @@ impl<T: Real> Layer<T> for Reshape<T> {
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
         let per: usize = input.iter().skip(1).product();
-        if input.is_empty() || per != self.shape.iter().product::<usize>() {
+        let want = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if input.is_empty() || want != Some(per) {
             return Err(NvError::Shape {
                 layer: "Reshape",
                 msg: format!(

@@ -32,9 +32,30 @@ pub fn image(data: &[u8]) {
     }
 }
 
+/// ONNX models as `--onnx` reads them: parsed, imported (constant folding, BN folding) and, when that succeeds
+/// and the input is small, run on one sample. External data is refused here (no directory).
+pub fn onnx(data: &[u8]) {
+    if let Ok(mut m) = crate::io::onnx::parse_onnx(data, None, "fuzz.onnx") {
+        let per = m
+            .input_shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d));
+        if per.is_some_and(|p| p <= 1 << 14) {
+            let mut shape = vec![1];
+            shape.extend_from_slice(&m.input_shape);
+            let x = ndarray::ArrayD::<f32>::from_elem(ndarray::IxDyn(&shape), 0.5);
+            let _ = m.graph.infer(&[&x]);
+        }
+    }
+}
+
 /// A fuzz target: arbitrary bytes in, nothing out.
 pub type Target = fn(&[u8]);
 
 /// The targets by name, for the replay test and the fuzz binaries.
-pub const TARGETS: [(&str, Target); 3] =
-    [("idx", idx), ("checkpoint", checkpoint), ("image", image)];
+pub const TARGETS: [(&str, Target); 4] = [
+    ("idx", idx),
+    ("checkpoint", checkpoint),
+    ("image", image),
+    ("onnx", onnx),
+];

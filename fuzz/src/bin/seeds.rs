@@ -5,6 +5,7 @@
 //! PNG (gray, RGB, RGBA, palette) and JPEG images.
 use normvision::data::idx::{encode_idx, IdxArray, IdxData};
 use normvision::data::Normalization;
+use normvision::io::onnx;
 use normvision::model::{Graph, Model, ModelConfig, ModelKind, NormKind};
 use normvision::nn::{Flatten, LinearConfig, ReLU};
 use normvision::norm::BatchNormConfig;
@@ -93,5 +94,107 @@ fn main() {
     });
     rgba.save(d.join("rgba.png")).unwrap();
     gray.save(d.join("gray.jpg")).unwrap();
+    // ONNX: small exported graphs (BN kept and folded, GroupNorm's decomposition, LayerNorm), and a hand-built
+    // graph with the shape subgraph exporters write for x.view(x.size(0), -1)
+    let d = dir("onnx");
+    // conv(1→2) + norm + ReLU + 2x2 max pool + flatten + linear(8→3) + norm, on 1x4x4 inputs
+    let small = |norm: NormKind| -> Graph {
+        let mut rng = rand::thread_rng();
+        let mut seq = normvision::model::Sequential::new();
+        seq.push("conv", normvision::nn::Conv2dConfig::new(1, 2, 3).padding(1).build::<f32>(&mut rng).unwrap());
+        if let Some(n) = normvision::model::build_norm(norm, 2, true, 2).unwrap() {
+            seq.push_boxed("norm", n);
+        }
+        seq.push("relu", ReLU::new())
+            .push("pool", normvision::nn::MaxPool2dConfig::new(2).build::<f32>().unwrap())
+            .push("flatten", Flatten::new())
+            .push("fc", LinearConfig::new(8, 3).build::<f32>(&mut rng).unwrap());
+        if let Some(n) = normvision::model::build_norm(norm, 3, false, 1).unwrap() {
+            seq.push_boxed("fc_norm", n);
+        }
+        seq.into_graph().unwrap()
+    };
+    for (name, norm, fold) in [
+        ("cnn-batch", NormKind::Batch, false),
+        ("cnn-batch-folded", NormKind::Batch, true),
+        ("cnn-group", NormKind::Group, false),
+        ("cnn-layer", NormKind::Layer, false),
+    ] {
+        let g = small(norm);
+        let opts = onnx::ExportOptions { fold_bn: fold, ..Default::default() };
+        let bytes = onnx::to_onnx_bytes(&g, &[1, 4, 4], &opts).unwrap();
+        std::fs::write(d.join(format!("{name}.onnx")), bytes).unwrap();
+    }
+    std::fs::write(d.join("shape-subgraph.onnx"), shape_subgraph()).unwrap();
     println!("seed corpora written under {}", root.display());
+}
+
+/// Input (N, 2, 2, 2) → Shape → Gather(0) → Unsqueeze → Concat([-1]) → Reshape → Gemm(8 → 2) → Softmax.
+fn shape_subgraph() -> Vec<u8> {
+    use normvision::io::onnx::proto::*;
+    use prost::Message;
+    let node = |op: &str, ins: &[&str], out: &str, attrs: Vec<AttributeProto>| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(out.into()),
+        input: ins.iter().map(|s| s.to_string()).collect(),
+        output: vec![out.into()],
+        attribute: attrs,
+        ..Default::default()
+    };
+    let ints = |name: &str, v: &[i64]| TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(7),
+        int64_data: v.to_vec(),
+        ..Default::default()
+    };
+    let floats = |name: &str, dims: &[i64], n: usize| TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(1),
+        float_data: (0..n).map(|i| i as f32 * 0.1 - 0.4).collect(),
+        ..Default::default()
+    };
+    let axis0 = AttributeProto { name: Some("axis".into()), i: Some(0), r#type: Some(2), ..Default::default() };
+    let dim = |v: tensor_shape_proto::dimension::Value| tensor_shape_proto::Dimension { value: Some(v), ..Default::default() };
+    use tensor_shape_proto::dimension::Value::{DimParam, DimValue};
+    let input = ValueInfoProto {
+        name: Some("x".into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(TensorShapeProto { dim: vec![dim(DimParam("N".into())), dim(DimValue(2)), dim(DimValue(2)), dim(DimValue(2))] }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        node: vec![
+            node("Shape", &["x"], "shape", vec![]),
+            node("Gather", &["shape", "zero"], "n", vec![axis0.clone()]),
+            node("Unsqueeze", &["n", "axes0"], "n1", vec![]),
+            node("Concat", &["n1", "minus1"], "target", vec![axis0]),
+            node("Reshape", &["x", "target"], "flat", vec![]),
+            node("Gemm", &["flat", "w", "b"], "logits", vec![AttributeProto { name: Some("transB".into()), i: Some(1), r#type: Some(2), ..Default::default() }]),
+            node("Softmax", &["logits"], "probs", vec![]),
+        ],
+        initializer: vec![
+            TensorProto { dims: vec![], ..ints("zero", &[0]) },
+            ints("axes0", &[0]),
+            ints("minus1", &[-1]),
+            floats("w", &[2, 8], 16),
+            floats("b", &[2], 2),
+        ],
+        input: vec![input],
+        output: vec![ValueInfoProto { name: Some("probs".into()), ..Default::default() }],
+        ..Default::default()
+    };
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+    .encode_to_vec()
 }

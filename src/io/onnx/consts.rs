@@ -13,6 +13,11 @@ fn strides(dims: &[usize]) -> Vec<usize> {
     s
 }
 
+/// The element count of `dims`, `None` on overflow (dimensions read from a file may be anything).
+pub(crate) fn numel(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
 /// NumPy broadcasting of two shapes.
 pub(crate) fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
@@ -244,14 +249,14 @@ pub(crate) fn reshape_target(
             _ => return Err(format!("invalid reshape target {target:?}")),
         }
     }
-    let known: usize = out.iter().product();
+    let known = numel(&out).ok_or_else(|| format!("reshape target {target:?} overflows"))?;
     if let Some(i) = infer {
         if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {input:?} to {target:?}"));
         }
         out[i] = total / known;
     }
-    if out.iter().product::<usize>() != total {
+    if numel(&out) != Some(total) {
         return Err(format!(
             "cannot reshape {input:?} ({total} elements) to {target:?}"
         ));
@@ -295,7 +300,7 @@ pub(crate) fn expand(c: &Const, shape: &[i64]) -> Result<Const, String> {
         .collect::<Result<_, _>>()?;
     let dims = broadcast_shape(&c.dims, &target)
         .ok_or_else(|| format!("cannot expand {:?} to {shape:?}", c.dims))?;
-    if dims.iter().product::<usize>() as u128 > super::tensor::MAX_ELEMENTS {
+    if numel(&dims).is_none_or(|n| n as u128 > super::tensor::MAX_ELEMENTS) {
         return Err(format!("Expand to {dims:?} is too large"));
     }
     Ok(pick(c, &broadcast_index(&c.dims, &dims), dims))

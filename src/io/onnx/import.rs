@@ -74,6 +74,21 @@ const FOLDABLE: &[&str] = &[
     "Reciprocal",
 ];
 
+/// The most inputs each op takes (`None`: any number, as Concat).
+fn max_inputs(op: &str) -> Option<usize> {
+    Some(match op {
+        "Constant" => 0,
+        "Relu" | "Sigmoid" | "MaxPool" | "AveragePool" | "GlobalAveragePool" | "Flatten"
+        | "Softmax" | "Transpose" | "Identity" | "Shape" | "Cast" | "Sqrt" | "Neg"
+        | "Reciprocal" | "ConstantOfShape" => 1,
+        "MatMul" | "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Reshape" | "Squeeze" | "Unsqueeze"
+        | "ReduceMean" | "Gather" | "Expand" | "CastLike" => 2,
+        "Conv" | "Gemm" | "Clip" | "InstanceNormalization" | "LayerNormalization" | "Dropout" => 3,
+        "BatchNormalization" | "Slice" => 5,
+        _ => return None,
+    })
+}
+
 pub(crate) fn import_graph(gp: &GraphProto, opset: i64, dir: Option<&Path>) -> R<Imported> {
     let mut im = Importer {
         dir,
@@ -183,7 +198,7 @@ impl<'a> Importer<'a> {
         if let Some(dimension::Value::DimValue(b)) = dims[0].value {
             self.fixed_batch = usize::try_from(b).ok();
         }
-        dims[1..]
+        let per = dims[1..]
             .iter()
             .enumerate()
             .map(|(i, d)| match d.value {
@@ -193,7 +208,13 @@ impl<'a> Importer<'a> {
                     i + 1
                 )),
             })
-            .collect()
+            .collect::<R<Vec<usize>>>()?;
+        if consts::numel(&per).is_none_or(|n| n as u128 > super::tensor::MAX_ELEMENTS) {
+            return Err(format!(
+                "input {name:?} of per-sample shape {per:?} is too large"
+            ));
+        }
+        Ok(per)
     }
 
     fn get(&self, n: &NodeRef, i: usize) -> R<&V> {
@@ -305,6 +326,15 @@ impl<'a> Importer<'a> {
                 "custom domain {:?} is not supported",
                 n.p.domain.as_deref().unwrap_or("")
             ));
+        }
+        if let Some(max) = max_inputs(n.op) {
+            if n.p.input.len() > max {
+                return Err(format!(
+                    "{} inputs; {} takes at most {max}",
+                    n.p.input.len(),
+                    n.op
+                ));
+            }
         }
         if n.op == "Constant" {
             return self.constant(n);
@@ -718,7 +748,7 @@ impl<'a> Importer<'a> {
         let mut target = vec![1i64];
         target.extend_from_slice(&rest);
         let out = consts::reshape_target(&full_in, &target, allowzero)?;
-        if out.iter().product::<usize>() != per {
+        if consts::numel(&out) != Some(per) {
             return Err(format!("Reshape of per-sample shape {s:?} to {t:?}"));
         }
         Ok(out[1..].to_vec())
@@ -923,7 +953,7 @@ impl<'a> Importer<'a> {
         let name = n.name.clone();
         let eps = n.float("epsilon", 1e-5) as f64;
         let affine_of = |t: &Const, dims: &[usize], what: &str| -> R<ArrayD<f32>> {
-            if t.len() != dims.iter().product::<usize>() {
+            if Some(t.len()) != consts::numel(dims) {
                 return Err(format!("{what} has shape {:?}; {dims:?} expected", t.dims));
             }
             Const {
@@ -1158,7 +1188,7 @@ impl<'a> Importer<'a> {
                     &shape,
                 )
             }
-            (V::Const(_), V::Const(_)) => unreachable!("folded"),
+            (V::Const(_), V::Const(_)) => Err("two constants that were not folded".into()),
         }
     }
 }

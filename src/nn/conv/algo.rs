@@ -9,7 +9,7 @@
 //! | [`ConvAlgo::Implicit`] | other stride-1 "same" convolutions | implicit im2col GEMM, AVX-512 |
 //! | [`ConvAlgo::Explicit`] | every other f32 convolution | im2col + AVX-512 GEMM |
 //! | [`ConvAlgo::Gemm`] | no AVX-512, or f64 | im2col + the `gemm` crate, batch split over threads |
-//! | [`ConvAlgo::GemmThreads`] | only when asked for | im2col + the `gemm` crate, samples in turn, each GEMM threaded |
+//! | [`ConvAlgo::GemmThreads`] | no AVX-512, or f64, with fewer samples than threads (batch-1 inference) | im2col + the `gemm` crate, samples in turn, each GEMM threaded |
 
 use super::geom::Geom;
 use super::one_channel;
@@ -138,7 +138,12 @@ impl ConvAlgo {
 pub(super) fn choose(g: &Geom, mode: Mode, choice: ConvChoice, isa: Isa, is_f32: bool) -> ConvAlgo {
     let fast = is_f32 && isa.avx512() && simd::available();
     if !fast {
-        return ConvAlgo::Gemm;
+        // fewer samples than threads (batch-1 inference): thread each sample's GEMM instead of the batch
+        return if g.n < rayon::current_num_threads() {
+            ConvAlgo::GemmThreads
+        } else {
+            ConvAlgo::Gemm
+        };
     }
     if let Some(ws) = winograd_shape(g).filter(|_| choice != ConvChoice::Direct) {
         let wide = ws.w >= WINOGRAD4_MIN_W && f4::applies(&ws);

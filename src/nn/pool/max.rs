@@ -382,8 +382,62 @@ impl<T: Real> MaxPool2d<T> {
     }
 }
 
+impl<T: Real> MaxPool2d<T> {
+    /// Eval and inference of the 2×2, stride-2 window: the maximum alone, no argmax indices (a backward
+    /// recomputes them from x), by selects rather than branches. The same values as the training path (the
+    /// first maximum wins; a NaN is taken and kept). `None` for other windows and for AVX-512, whose kernel
+    /// already runs branch-free.
+    fn forward_eval_2x2(&mut self, x: &ArrayD<T>, isa: Isa) -> Option<Result<ArrayD<T>>> {
+        let g = match self.geom(x.shape()) {
+            Ok(g) => g,
+            Err(e) => return Some(Err(e)),
+        };
+        let simple = (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw) == (2, 2, 2, 2, 0, 0, 1, 1)
+            && 2 * g.oh <= g.h
+            && 2 * g.ow <= g.w;
+        let avx512 = isa.avx512() && crate::kernels::pool2x2::available() && T::NAME == "f32";
+        if !simple || avx512 {
+            return None;
+        }
+        let s = x.shape();
+        // SAFETY: every output element is written below.
+        let mut y = unsafe { crate::kernels::arena::output_uninit(&[s[0], s[1], g.oh, g.ow]) };
+        let xs = cont(x);
+        let (w, ow, oh) = (g.w, g.ow, g.oh);
+        let pick = |a: T, b: T| if (b > a) | b.is_nan() { b } else { a };
+        let plane = |xp: &[T], yp: &mut [T]| {
+            for oi in 0..oh {
+                let r0 = &xp[2 * oi * w..2 * oi * w + w];
+                let r1 = &xp[(2 * oi + 1) * w..(2 * oi + 1) * w + w];
+                for (oj, o) in yp[oi * ow..(oi + 1) * ow].iter_mut().enumerate() {
+                    let j = 2 * oj;
+                    *o = pick(pick(pick(r0[j], r0[j + 1]), r1[j]), r1[j + 1]);
+                }
+            }
+        };
+        let ys = y.as_slice_mut().expect("fresh array");
+        if g.planes * g.hw() >= PAR_MIN {
+            use rayon::prelude::*;
+            xs.par_chunks(g.hw())
+                .zip(ys.par_chunks_mut(g.ohw()))
+                .for_each(|(xp, yp)| plane(xp, yp));
+        } else {
+            for (xp, yp) in xs.chunks(g.hw()).zip(ys.chunks_mut(g.ohw())) {
+                plane(xp, yp);
+            }
+        }
+        self.saved = None;
+        Some(Ok(y))
+    }
+}
+
 impl<T: Real> Layer<T> for MaxPool2d<T> {
     fn forward(&mut self, x: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
+        if !ctx.is_train() {
+            if let Some(r) = self.forward_eval_2x2(x, ctx.isa()) {
+                return r;
+            }
+        }
         self.forward_impl(x, ctx.isa())
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, ctx: Ctx) -> Result<ArrayD<T>> {
