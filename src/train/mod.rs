@@ -6,6 +6,7 @@
 //!        every epoch / k steps: evaluate(Eval) ─► JSON log, progress bar, --target-acc, checkpoint (atomic)
 //! ```
 
+pub mod adapt;
 pub mod checkpoint;
 pub mod fuzz;
 pub mod log;

@@ -1,6 +1,7 @@
 //! The `normvision` binary: argument parsing (clap), progress bars (indicatif), tables and JSON lines, over the
 //! library's API.
 
+mod adapt;
 mod args;
 mod bench_kernels;
 mod choice;
@@ -182,6 +183,34 @@ enum Cmd {
         fold_bn: bool,
         #[arg(long, short)]
         out: PathBuf,
+    },
+    /// Re-estimate a checkpoint's BatchNorm statistics on target images, without labels: AdaBN (target
+    /// statistics, layer by layer, exact over any number of batches) or the N/n mix with the source statistics.
+    Adapt {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Which split of the data holds the target images.
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// adabn or mix.
+        #[arg(long, default_value = "adabn")]
+        method: String,
+        /// For --method mix: the weight N of the source statistics, in samples (mean = N/(N+n)·source +
+        /// n/(N+n)·target, n the target images).
+        #[arg(long)]
+        prior: Option<f64>,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// Use only the first K target images.
+        #[arg(long, value_name = "K")]
+        limit: Option<usize>,
+        /// The adapted checkpoint.
+        #[arg(long, short)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
@@ -375,6 +404,27 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     commands::predict(&src, &images, top_k, classes, fold_bn, json, &plan)
                 }
                 Cmd::Import { torch, model, out } => interop::import(&torch, &model, &out),
+                Cmd::Adapt {
+                    checkpoint,
+                    data,
+                    split,
+                    method,
+                    prior,
+                    batch_size,
+                    limit,
+                    out,
+                    json,
+                } => adapt::run(
+                    &checkpoint,
+                    &data,
+                    &split,
+                    &method,
+                    prior,
+                    batch_size,
+                    limit,
+                    &out,
+                    json,
+                ),
                 Cmd::Export {
                     checkpoint,
                     torch: _,

@@ -1,0 +1,195 @@
+//! Adapting BatchNorm statistics to shifted data, without labels: AdaBN (Li et al. 2016) and the N/n mix of
+//! source and target statistics (Schneider et al. 2020). The weights stay; each BatchNorm's running mean and
+//! variance are replaced.
+//!
+//! **Layer by layer, exact over any number of batches.** The BatchNorms are adapted in the graph's order. For
+//! the k-th, the target images are run through the graph in eval mode, with the layers before it already
+//! adapted, and the k-th layer's input is reduced per channel to (count, mean, M2) in f64: two passes over
+//! each batch, then Chan's parallel merge across batches:
+//!
+//! ```text
+//! d = μ_b − μ;  μ += d·k/(n+k);  M2 += M2_b + d²·n·k/(n+k);  n += k        (count k, mean μ_b, M2_b of a batch)
+//! ```
+//!
+//! The new running variance is the population variance M2/n over all target values of the channel. The result
+//! does not depend on how the images are split into batches, up to f64 rounding. A BatchNorm's statistics are then
+//! those its input has when every earlier layer is adapted, which is what makes a shift `a·x + b` of the input
+//! undone exactly when the first layer is an unpadded convolution (`tests/adapt.rs`).
+//!
+//! **Mix.** With a prior of N source samples and n target samples (images):
+//! μ = N/(N+n)·μ_s + n/(N+n)·μ_t, and σ² likewise (`experiments.md` §4). N = 0 is AdaBN; n = 0 keeps the source.
+
+use crate::model::{Graph, ValueId};
+use crate::norm::BatchNorm;
+use crate::{NvError, Real, Result};
+use ndarray::ArrayD;
+
+/// How to set the new statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdaptMethod {
+    /// The target statistics alone.
+    AdaBn,
+    /// Schneider et al.'s mix with a prior of `prior` source samples.
+    Mix { prior: f64 },
+}
+
+/// Per-channel (count, mean, M2), merged across batches with Chan's formula.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelMoments {
+    /// Samples seen (the batch dimension).
+    pub samples: f64,
+    /// Values per channel seen (samples × positions).
+    pub count: f64,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+impl ChannelMoments {
+    pub fn new(channels: usize) -> Self {
+        ChannelMoments {
+            samples: 0.0,
+            count: 0.0,
+            mean: vec![0.0; channels],
+            m2: vec![0.0; channels],
+        }
+    }
+
+    /// Adds a batch `x` of shape (N, C, *): every value of channel c, over samples and positions.
+    pub fn add<T: Real>(&mut self, x: &ArrayD<T>) -> Result<()> {
+        let c = self.mean.len();
+        if x.ndim() < 2 || x.shape()[1] != c {
+            return Err(NvError::Shape {
+                layer: "ChannelMoments",
+                msg: format!("expected (N, {c}, *), got {:?}", x.shape()),
+            });
+        }
+        let xs = x.as_standard_layout();
+        let v = xs.as_slice().expect("standard layout");
+        let (n, s) = (x.shape()[0], x.shape()[2..].iter().product::<usize>());
+        let k = (n * s) as f64;
+        if k == 0.0 {
+            return Ok(());
+        }
+        for ch in 0..c {
+            let planes = (0..n).map(|i| &v[(i * c + ch) * s..(i * c + ch + 1) * s]);
+            let sum: f64 = planes.clone().flatten().map(|t| t.as_f64()).sum();
+            let mb = sum / k;
+            let m2b: f64 = planes.flatten().map(|t| (t.as_f64() - mb).powi(2)).sum();
+            let (na, d) = (self.count, mb - self.mean[ch]);
+            let tot = na + k;
+            self.mean[ch] += d * k / tot;
+            self.m2[ch] += m2b + d * d * na * k / tot;
+        }
+        self.count += k;
+        self.samples += n as f64;
+        Ok(())
+    }
+
+    /// The population variance M2/n of each channel.
+    pub fn var(&self) -> Vec<f64> {
+        self.m2.iter().map(|m| m / self.count).collect()
+    }
+}
+
+/// A sink for one target batch.
+pub type BatchSink<'a, T> = dyn FnMut(&ArrayD<T>) -> Result<()> + 'a;
+
+/// What [`adapt_batch_norms`] changed: for each BatchNorm (by node name), the target samples and values per
+/// channel it saw, and the largest change of its running mean and variance.
+#[derive(Debug, Clone)]
+pub struct AdaptedLayer {
+    pub name: String,
+    pub samples: f64,
+    pub values_per_channel: f64,
+    pub max_mean_change: f64,
+    pub max_var_change: f64,
+}
+
+/// Adapts every BatchNorm of `graph` (tracked running statistics) to the target images that `for_each_batch`
+/// yields: it is called once per BatchNorm and must call its argument with every target batch, the same ones
+/// each time. An error when the graph has no BatchNorm to adapt.
+pub fn adapt_batch_norms<T: Real>(
+    graph: &mut Graph<T>,
+    method: AdaptMethod,
+    for_each_batch: &mut dyn FnMut(&mut BatchSink<'_, T>) -> Result<()>,
+) -> Result<Vec<AdaptedLayer>> {
+    if let AdaptMethod::Mix { prior } = method {
+        if !(prior >= 0.0 && prior.is_finite()) {
+            return Err(NvError::Config(format!(
+                "the prior N must be a finite number >= 0, got {prior}"
+            )));
+        }
+    }
+    let targets: Vec<(String, ValueId)> = graph
+        .nodes()
+        .iter()
+        .filter(|n| {
+            n.layer_as::<BatchNorm<T>>()
+                .is_some_and(|b| b.running_mean().is_some())
+        })
+        .map(|n| (n.name().to_string(), n.inputs()[0]))
+        .collect();
+    if targets.is_empty() {
+        return Err(NvError::Config(
+            "the model has no BatchNorm with running statistics to adapt".into(),
+        ));
+    }
+    let outputs = graph.outputs().to_vec();
+    let mut report = vec![];
+    for (name, input) in targets {
+        graph.set_outputs(&[input])?;
+        let c = graph
+            .node(&name)
+            .and_then(|n| n.layer_as::<BatchNorm<T>>())
+            .expect("found above")
+            .config()
+            .num_features;
+        let mut m = ChannelMoments::new(c);
+        let run = for_each_batch(&mut |x: &ArrayD<T>| {
+            let y = graph.infer(&[x])?.remove(0);
+            m.add(&y)
+        });
+        if let Err(e) = run {
+            graph.set_outputs(&outputs)?;
+            return Err(e);
+        }
+        if m.count == 0.0 && method == AdaptMethod::AdaBn {
+            graph.set_outputs(&outputs)?;
+            return Err(NvError::Config("no target images to adapt to".into()));
+        }
+        let var_t = m.var();
+        let bn = graph
+            .node_mut(&name)
+            .and_then(|n| n.layer_as_mut::<BatchNorm<T>>())
+            .expect("found above");
+        let (rm, rv) = bn.running_stats_mut().expect("tracked");
+        let (mut dm, mut dv) = (0.0f64, 0.0f64);
+        let w = match method {
+            AdaptMethod::AdaBn => 1.0,
+            AdaptMethod::Mix { .. } if m.samples == 0.0 => 0.0,
+            AdaptMethod::Mix { prior } => m.samples / (prior + m.samples),
+        };
+        for ch in 0..c {
+            let (ms, vs) = (rm[ch].as_f64(), rv[ch].as_f64());
+            // no target samples (n = 0): the source, exactly (the target moments are 0/0)
+            let (mean, var) = if w == 0.0 {
+                (ms, vs)
+            } else {
+                ((1.0 - w) * ms + w * m.mean[ch], (1.0 - w) * vs + w * var_t[ch])
+            };
+            dm = dm.max((mean - ms).abs());
+            dv = dv.max((var - vs).abs());
+            rm[ch] = T::of_f64(mean);
+            rv[ch] = T::of_f64(var);
+        }
+        report.push(AdaptedLayer {
+            name,
+            samples: m.samples,
+            values_per_channel: m.count,
+            max_mean_change: dm,
+            max_var_change: dv,
+        });
+    }
+    graph.set_outputs(&outputs)?;
+    Ok(report)
+}
