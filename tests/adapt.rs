@@ -5,7 +5,7 @@ use ndarray::{ArrayD, IxDyn};
 use normvision::model::Graph;
 use normvision::nn::{Conv2dConfig, GlobalAvgPool, LinearConfig, ReLU};
 use normvision::norm::{BatchNorm, BatchNormConfig};
-use normvision::train::adapt::{adapt_batch_norms, AdaptMethod};
+use normvision::train::adapt::{adapt_batch_norms, infer_adapted, AdaptMethod};
 use rand::{Rng, SeedableRng};
 
 fn randn(r: &mut rand_pcg::Pcg64, shape: &[usize]) -> ArrayD<f64> {
@@ -153,6 +153,29 @@ fn adabn_does_not_depend_on_the_batches() {
         let var = vals.iter().map(|t| (t - mean).powi(2)).sum::<f64>() / vals.len() as f64;
         assert!((mean - m[ch]).abs() < 1e-12 && (var - v[ch]).abs() < 1e-12);
     }
+}
+
+#[test]
+fn online_adaptation_is_per_batch_and_restores_the_source() {
+    let x = data(5, 10);
+    let (a, b) = (1.7, -0.4);
+    let shifted = x.mapv(|v| a * v + b);
+    let mut g = model(9);
+    let before = [stats(&g, "bn1"), stats(&g, "bn2")];
+    for prior in [0.0, 8.0] {
+        let online = infer_adapted(&mut g, prior, &shifted).unwrap().remove(0);
+        // bitwise the source statistics afterwards
+        assert_eq!([stats(&g, "bn1"), stats(&g, "bn2")], before);
+        // the same as adapting a copy to this batch alone with the N/n mix
+        let mut copy = model(9);
+        adapt(&mut copy, &shifted, 10, AdaptMethod::Mix { prior });
+        let offline = copy.infer(&[&shifted]).unwrap().remove(0);
+        assert!(max_diff(&online, &offline) <= 1e-12, "prior {prior}");
+    }
+    // with N = 0 each batch is normalized by its own statistics: the shift is undone exactly
+    let clean = infer_adapted(&mut g, 0.0, &x).unwrap().remove(0);
+    let moved = infer_adapted(&mut g, 0.0, &shifted).unwrap().remove(0);
+    assert!(max_diff(&clean, &moved) <= 1e-9);
 }
 
 #[test]

@@ -175,7 +175,10 @@ pub fn adapt_batch_norms<T: Real>(
             let (mean, var) = if w == 0.0 {
                 (ms, vs)
             } else {
-                ((1.0 - w) * ms + w * m.mean[ch], (1.0 - w) * vs + w * var_t[ch])
+                (
+                    (1.0 - w) * ms + w * m.mean[ch],
+                    (1.0 - w) * vs + w * var_t[ch],
+                )
             };
             dm = dm.max((mean - ms).abs());
             dv = dv.max((var - vs).abs());
@@ -192,4 +195,51 @@ pub fn adapt_batch_norms<T: Real>(
     }
     graph.set_outputs(&outputs)?;
     Ok(report)
+}
+
+/// The running statistics of every tracked BatchNorm, by node name.
+type StatsSnapshot<T> = Vec<(String, ArrayD<T>, ArrayD<T>)>;
+
+fn snapshot<T: Real>(graph: &Graph<T>) -> StatsSnapshot<T> {
+    graph
+        .nodes()
+        .iter()
+        .filter_map(|n| {
+            let bn = n.layer_as::<BatchNorm<T>>()?;
+            Some((
+                n.name().to_string(),
+                bn.running_mean()?.clone(),
+                bn.running_var()?.clone(),
+            ))
+        })
+        .collect()
+}
+
+fn restore<T: Real>(graph: &mut Graph<T>, snap: &StatsSnapshot<T>) {
+    for (name, m, v) in snap {
+        if let Some((rm, rv)) = graph
+            .node_mut(name)
+            .and_then(|n| n.layer_as_mut::<BatchNorm<T>>())
+            .and_then(|b| b.running_stats_mut())
+        {
+            rm.assign(m);
+            rv.assign(v);
+        }
+    }
+}
+
+/// Online adaptation (Schneider et al.'s test-time setting): the graph's outputs for the batch `x`, with every
+/// BatchNorm normalizing by the N/n mix (`prior` = N, n = this batch's samples) of its source statistics and
+/// this batch's own, layer by layer as in [`adapt_batch_norms`]. The source statistics are restored before it
+/// returns, even on an error, so each batch is adapted independently of the others.
+pub fn infer_adapted<T: Real>(
+    graph: &mut Graph<T>,
+    prior: f64,
+    x: &ArrayD<T>,
+) -> Result<Vec<ArrayD<T>>> {
+    let snap = snapshot(graph);
+    let out = adapt_batch_norms(graph, AdaptMethod::Mix { prior }, &mut |f| f(x))
+        .and_then(|_| graph.infer(&[x]));
+    restore(graph, &snap);
+    out
 }

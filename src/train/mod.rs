@@ -13,7 +13,9 @@ pub mod log;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Position};
-pub use trainer::{evaluate, train, train_model, EvalPoint, Progress, RunOptions, TrainReport};
+pub use trainer::{
+    evaluate, evaluate_with, train, train_model, EvalPoint, Progress, RunOptions, TrainReport,
+};
 
 use crate::data::Augment;
 use crate::model::{ModelConfig, ModelKind, NormKind};

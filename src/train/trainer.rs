@@ -86,10 +86,24 @@ impl TrainReport {
 
 /// Accuracy and mean loss of `model` in eval mode over a loader.
 pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
+    evaluate_with(model, loader, &mut |m, x| m.forward_inference(x))
+}
+
+/// Computes a batch's logits for [`evaluate_with`].
+pub type LogitsFn<'a> =
+    dyn FnMut(&mut Model, &ndarray::ArrayD<f32>) -> Result<ndarray::ArrayD<f32>> + 'a;
+
+/// [`evaluate`] with the logits of each batch computed by `logits` (e.g. with online BN adaptation:
+/// [`crate::train::adapt::infer_adapted`]).
+pub fn evaluate_with(
+    model: &mut Model,
+    loader: &DataLoader,
+    logits: &mut LogitsFn<'_>,
+) -> Result<(f64, f64)> {
     let (mut correct, mut n, mut loss_sum) = (0usize, 0usize, 0.0f64);
     let mut batches = loader.epoch(0);
     for (x, y) in &mut batches {
-        let logits = model.forward_inference(&x.into_dyn())?;
+        let logits = logits(model, &x.into_dyn())?;
         let (loss, _) = cross_entropy(&logits, &y, 0.0)?;
         correct += count_correct(&logits, &y)?;
         loss_sum += loss * y.len() as f64;

@@ -2,7 +2,7 @@
 //! N/n mix with the source statistics; `normvision::train::adapt`), written as a new checkpoint that `eval` and
 //! `predict` take.
 
-use crate::args::DataArgs;
+use crate::args::{CorruptionArgs, DataArgs};
 use normvision::train::adapt::{adapt_batch_norms, AdaptMethod};
 use normvision::train::checkpoint;
 use normvision::{NvError, Result};
@@ -14,6 +14,7 @@ pub fn run(
     ck_path: &Path,
     data: &DataArgs,
     split: &str,
+    corruption: &CorruptionArgs,
     method: &str,
     prior: Option<f64>,
     batch_size: usize,
@@ -46,9 +47,10 @@ pub fn run(
     let ck = checkpoint::load(ck_path)?;
     let mut model = checkpoint::restore_model(&ck)?;
     let (train, test) = data.load()?;
+    let corruption_given = corruption.parsed()?;
     let ds = match split {
-        "test" => test,
-        "train" => train,
+        "test" => corruption.apply(test, false)?,
+        "train" => corruption.apply(train, true)?,
         other => {
             return Err(NvError::Config(format!(
                 "--split must be train or test, got {other:?}"
@@ -102,13 +104,16 @@ pub fn run(
     }
     if !json_out {
         println!(
-            "{}: {} BatchNorms adapted ({}) on {n} {split} images of the data; written to {}",
+            "{}: {} BatchNorms adapted ({}) on {n} {split} images of the data{}; written to {}",
             ck_path.display(),
             report.len(),
             match method {
                 AdaptMethod::AdaBn => "AdaBN".to_string(),
                 AdaptMethod::Mix { prior } => format!("mix with prior N = {prior}"),
             },
+            corruption_given
+                .map(|c| format!(", corrupted with {c}"))
+                .unwrap_or_default(),
             out.display()
         );
     }

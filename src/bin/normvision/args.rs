@@ -3,7 +3,9 @@
 use crate::choice;
 use clap::{Args, ValueEnum};
 use normvision::data::image_folder::scan;
-use normvision::data::{fashion_mnist, load_image_folder, stream_image_folder, Augment, Dataset};
+use normvision::data::{
+    fashion_mnist, load_image_folder, stream_image_folder, Augment, Corruption, Dataset,
+};
 use normvision::model::{ModelKind, NormKind};
 use normvision::nn::init::{Init, InitSpec};
 use normvision::optim::adamw::AdamWConfig;
@@ -132,6 +134,35 @@ impl DataArgs {
                 )?),
             )),
         }
+    }
+}
+
+/// A corruption of the evaluated images (`eval`, `adapt`): the covariate shift to measure or adapt to.
+#[derive(Debug, Clone, Args)]
+pub struct CorruptionArgs {
+    /// Corrupt the images first: NAME:SEVERITY with severity 1-5. Names: brightness, contrast, gaussian-noise,
+    /// gaussian-blur, inversion, jpeg, pixelate, occlusion (`normvision corrupt --list` prints the parameters).
+    #[arg(long, value_name = "NAME:SEVERITY")]
+    pub corruption: Option<String>,
+    /// Seed of the corruption's random draws (noise, occluder positions); the same seed gives the same images.
+    #[arg(long, default_value_t = 0, value_name = "SEED")]
+    pub corruption_seed: u64,
+}
+
+impl CorruptionArgs {
+    /// The parsed corruption, if any.
+    pub fn parsed(&self) -> Result<Option<Corruption>> {
+        self.corruption.as_deref().map(str::parse).transpose()
+    }
+    /// `ds` (a training split when `train`), corrupted when --corruption is given.
+    pub fn apply(&self, ds: Arc<Dataset>, train: bool) -> Result<Arc<Dataset>> {
+        Ok(match self.parsed()? {
+            Some(c) => Arc::new(c.apply_to(
+                &ds,
+                normvision::data::corrupt::split_seed(self.corruption_seed, train),
+            )?),
+            None => ds,
+        })
     }
 }
 

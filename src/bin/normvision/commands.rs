@@ -1,6 +1,6 @@
 //! The training-side subcommands: train, eval, predict, bench, compare.
 
-use crate::args::{DataArgs, TrainArgs};
+use crate::args::{CorruptionArgs, DataArgs, TrainArgs};
 use crate::interop::Source;
 use crate::progress::Bars;
 use crate::resume::{check_resume_flags, RunPaths};
@@ -9,6 +9,7 @@ use normvision::model::{Model, ModelConfig, ModelKind, NormKind, PlanOptions};
 use normvision::ndarray::{ArrayD, IxDyn};
 use normvision::nn::loss::cross_entropy;
 use normvision::state::Stateful;
+use normvision::train::adapt::infer_adapted;
 use normvision::train::{self, checkpoint, RunOptions, TrainReport};
 use normvision::{Ctx, NvError, Result};
 use rand::{Rng, SeedableRng};
@@ -152,15 +153,24 @@ pub fn train(
     Ok(r)
 }
 
+/// The covariate shift `eval` measures: a corruption of the test images, and online BN adaptation.
+pub struct Shift<'a> {
+    pub corruption: &'a CorruptionArgs,
+    /// `Some(N)`: adapt each batch online with the N/n mix.
+    pub adapt_prior: Option<f64>,
+}
+
 pub fn eval(
     src: &Source,
     data: &DataArgs,
     batch_size: usize,
     fold_bn: bool,
+    shift: &Shift,
     json_out: bool,
     plan: &PlanOptions,
 ) -> Result<()> {
     let checkpoint_path = src.path();
+    let corruption = shift.corruption.parsed()?;
     let (mut model, input_norm) = src.load()?;
     model.set_plan_options(plan.clone())?;
     if fold_bn {
@@ -168,18 +178,41 @@ pub fn eval(
     }
     let (_, test) = data.load()?;
     check_data_matches(&model, &test)?;
+    let test = shift.corruption.apply(test, false)?;
     let loader = DataLoader::new(test.clone(), input_norm, LoaderConfig::eval(batch_size))?;
     let t = Instant::now();
-    let (acc, loss) = train::evaluate(&mut model, &loader)?;
+    let (acc, loss) = match shift.adapt_prior {
+        None => train::evaluate(&mut model, &loader)?,
+        Some(prior) => train::evaluate_with(&mut model, &loader, &mut |m, x| {
+            m.check_input(x)?;
+            Ok(infer_adapted(m.graph_mut(), prior, x)?.remove(0))
+        })
+        .map_err(|e| match e {
+            NvError::Config(m) => {
+                NvError::Config(format!("{}: --adapt-bn: {m}", checkpoint_path.display()))
+            }
+            e => e,
+        })?,
+    };
     let secs = t.elapsed().as_secs_f64();
+    let what = match (corruption, shift.adapt_prior) {
+        (Some(c), Some(p)) => format!(" ({c}, online BN adaptation with prior N = {p})"),
+        (Some(c), None) => format!(" ({c})"),
+        (None, Some(p)) => format!(" (online BN adaptation with prior N = {p})"),
+        (None, None) => String::new(),
+    };
     if json_out {
         println!(
             "{}",
-            json!({"checkpoint": checkpoint_path, "test_acc": acc, "test_loss": loss, "samples": test.len(), "img_s": test.len() as f64 / secs})
+            json!({"checkpoint": checkpoint_path, "test_acc": acc, "test_loss": loss, "samples": test.len(),
+                "img_s": test.len() as f64 / secs,
+                "corruption": corruption.map(|c| c.to_string()),
+                "corruption_seed": corruption.map(|_| shift.corruption.corruption_seed),
+                "adapt_bn_prior": shift.adapt_prior})
         );
     } else {
         println!(
-            "{}: test accuracy {:.2}%, loss {:.4} on {} images ({:.0} img/s)",
+            "{}: test accuracy {:.2}%, loss {:.4} on {} images{what} ({:.0} img/s)",
             checkpoint_path.display(),
             acc * 100.0,
             loss,

@@ -6,12 +6,13 @@ mod args;
 mod bench_kernels;
 mod choice;
 mod commands;
+mod corrupt;
 mod inference_bench;
 mod interop;
 mod progress;
 mod resume;
 
-use args::{set_threads, DataArgs, TorchModelArgs, TrainArgs};
+use args::{set_threads, CorruptionArgs, DataArgs, TorchModelArgs, TrainArgs};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use normvision::model::{ModelKind, NormKind, PlanOptions};
@@ -120,6 +121,16 @@ enum Cmd {
         /// outputs up to f32 rounding, one pass less per block).
         #[arg(long)]
         fold_bn: bool,
+        #[command(flatten)]
+        corruption: CorruptionArgs,
+        /// Adapt BatchNorm online: each test batch is normalized with the N/n mix of the source statistics
+        /// (weight N = --prior) and the batch's own (n = its images), layer by layer, independently of the other
+        /// batches.
+        #[arg(long, conflicts_with = "fold_bn")]
+        adapt_bn: bool,
+        /// The prior N of --adapt-bn, in samples: 0 uses each batch's statistics alone.
+        #[arg(long, default_value_t = 16.0, requires = "adapt_bn")]
+        prior: f64,
         #[arg(long)]
         json: bool,
     },
@@ -194,6 +205,8 @@ enum Cmd {
         /// Which split of the data holds the target images.
         #[arg(long, default_value = "test")]
         split: String,
+        #[command(flatten)]
+        corruption: CorruptionArgs,
         /// adabn or mix.
         #[arg(long, default_value = "adabn")]
         method: String,
@@ -211,6 +224,31 @@ enum Cmd {
         out: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Write a corrupted copy of a data set as IDX files (MNIST layout; (N, C, H, W) for colour), the images
+    /// `eval --corruption` evaluates; --list prints every corruption's five severity parameters.
+    Corrupt {
+        /// NAME:SEVERITY, severity 1-5.
+        #[arg(long, value_name = "NAME:SEVERITY", required_unless_present = "list")]
+        corruption: Option<String>,
+        /// Seed of the corruption's random draws.
+        #[arg(long, default_value_t = 0, value_name = "SEED")]
+        corruption_seed: u64,
+        #[command(flatten)]
+        data: DataArgs,
+        /// train, test or both.
+        #[arg(long, default_value = "both")]
+        split: String,
+        /// The output directory (train-images-idx3-ubyte, t10k-images-idx3-ubyte and their labels).
+        #[arg(long, short, required_unless_present = "list")]
+        out: Option<PathBuf>,
+        /// Print the severity table and exit.
+        #[arg(long)]
+        list: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
@@ -380,12 +418,19 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     data,
                     batch_size,
                     fold_bn,
+                    corruption,
+                    adapt_bn,
+                    prior,
                     json,
                 } => {
                     let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
                     let src =
                         interop::Source::of(&checkpoint, &weights, &onnx, &torch, norm_given)?;
-                    commands::eval(&src, &data, batch_size, fold_bn, json, &plan)
+                    let shift = commands::Shift {
+                        corruption: &corruption,
+                        adapt_prior: adapt_bn.then_some(prior),
+                    };
+                    commands::eval(&src, &data, batch_size, fold_bn, &shift, json, &plan)
                 }
                 Cmd::Predict {
                     checkpoint,
@@ -408,6 +453,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     checkpoint,
                     data,
                     split,
+                    corruption,
                     method,
                     prior,
                     batch_size,
@@ -418,6 +464,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     &checkpoint,
                     &data,
                     &split,
+                    &corruption,
                     &method,
                     prior,
                     batch_size,
@@ -425,6 +472,27 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     &out,
                     json,
                 ),
+                Cmd::Corrupt {
+                    corruption,
+                    corruption_seed,
+                    data,
+                    split,
+                    out,
+                    list,
+                    json,
+                    quiet,
+                } => match (list, corruption, out) {
+                    (true, _, _) => {
+                        corrupt::list(json);
+                        Ok(())
+                    }
+                    (false, Some(c), Some(out)) => {
+                        corrupt::run(&c, corruption_seed, &data, &split, &out, quiet)
+                    }
+                    _ => Err(normvision::NvError::Config(
+                        "corrupt needs --corruption NAME:SEVERITY and --out DIR (or --list)".into(),
+                    )),
+                },
                 Cmd::Export {
                     checkpoint,
                     torch: _,
