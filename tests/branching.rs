@@ -429,14 +429,13 @@ fn plan_fuses_across_branches_and_unfused_agrees() {
         .unwrap();
     println!("{plan}");
     // the fusions every instruction set has, and the AVX-512 ones (BN+pool, conv moments) where it runs
-    let mut expect = vec![
-        "aspp.1.1+aspp.1.2",
-        "+ ReLU",
-        "residual+relu",
-        "dx by planes",
-    ];
+    let mut expect = vec!["aspp.1.1+aspp.1.2", "+ ReLU", "residual+relu"];
+    // the stem's BatchNorm hands dx to the first convolution by planes, unless (AVX-512) it is fused with
+    // the max pool after it, which the dx-planes pattern does not combine with
     if Isa::detect() == Isa::Avx512 {
         expect.extend(["+ 2x2 max pool", "plane moments"]);
+    } else {
+        expect.push("dx by planes");
     }
     for fusion in expect {
         assert!(

@@ -63,6 +63,17 @@ const ALGOS: [ConvAlgo; 7] = [
 
 /// Runs forward + backward of `layer` on the fixture and compares y, dx and every parameter gradient.
 fn check_layer(fx: &Fixture, what: &str, layer: &mut dyn Layer<f32>) {
+    check_layer_with(fx, what, layer, ATOL)
+}
+
+/// The weight gradient of Winograd F(4×4, 3×3) (AVX-512 only) is accumulated over tiles in the transformed
+/// domain, whose values the input transform scales up by up to ~25, and mapped back by Gᵀ·dU·G, which cancels:
+/// it carries about 2e-6 of the gradient's largest magnitude in error (6.5e-5 at max |g| = 32 on
+/// conv_32to16_5x5, against 6.8e-6 for PyTorch and 2.8e-6 for im2col + GEMM, both measured against the f64
+/// answer). It is checked against that bound, 4e-6 of the largest magnitude, not the elementwise 1e-5.
+const WINOGRAD4_WEIGHT_GRAD_OF_MAX: f32 = 4e-6;
+
+fn check_layer_with(fx: &Fixture, what: &str, layer: &mut dyn Layer<f32>, weight_grad_atol: f32) {
     layer.load_state("", &fx.state("init")).expect("load init");
     layer.zero_grad();
     let x = fx.get("x");
@@ -82,7 +93,11 @@ fn check_layer(fx: &Fixture, what: &str, layer: &mut dyn Layer<f32>) {
             g,
             fx.get(&format!("grad.{n}")),
             RTOL,
-            ATOL,
+            if n == "weight" {
+                weight_grad_atol
+            } else {
+                ATOL
+            },
         );
     }
 }
@@ -129,7 +144,14 @@ fn run_fixture(fx: &Fixture) {
                 {
                     continue; // does not apply here
                 }
-                check_layer(fx, &format!("{name} ({})", algo.name()), &mut conv);
+                let atol = if algo == ConvAlgo::Winograd4 {
+                    let g = fx.get("grad.weight");
+                    let max = g.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    ATOL.max(WINOGRAD4_WEIGHT_GRAD_OF_MAX * max)
+                } else {
+                    ATOL
+                };
+                check_layer_with(fx, &format!("{name} ({})", algo.name()), &mut conv, atol);
                 tried += 1;
             }
             assert!(tried >= 2, "{name}: the generic algorithms always apply");

@@ -108,7 +108,9 @@ impl<T: Real> Conv2d<T> {
         let implicit = algo == ConvAlgo::Implicit;
         let fast = implicit || algo == ConvAlgo::Explicit;
         if fast && dx.is_some() {
-            let mode = if g.implicit_dx() {
+            // the implicit data gradient reads its own packing; the explicit one (col_grad) the transposed
+            // weights, whatever the shape
+            let mode = if implicit && g.implicit_dx() {
                 Pack::DataGrad
             } else {
                 Pack::Transposed
