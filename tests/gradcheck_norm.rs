@@ -329,8 +329,23 @@ fn batch_norm_cumulative_momentum() {
 // FrozenBatchNorm (dx only)
 
 fn frozen_case(what: &str, c: usize, shape: &[usize], relu: bool, seed: u64) {
+    frozen_case_with(what, c, shape, relu, seed, false)
+}
+
+fn frozen_case_with(
+    what: &str,
+    c: usize,
+    shape: &[usize],
+    relu: bool,
+    seed: u64,
+    train_affine: bool,
+) {
     let mut g = rng(seed);
-    let mut f: FrozenBatchNorm<f64> = FrozenBatchNormConfig::new(c).build().unwrap();
+    let mut f: FrozenBatchNorm<f64> = FrozenBatchNormConfig::new(c)
+        .train_affine(train_affine)
+        .build()
+        .unwrap();
+    let params = if train_affine { AFFINE } else { NONE };
     let mut sd = StateDict::new();
     sd.insert_float("weight".into(), &uniform(&mut g, c, -1.5, 1.5));
     sd.insert_float("bias".into(), &uniform(&mut g, c, -0.5, 0.5));
@@ -349,9 +364,9 @@ fn frozen_case(what: &str, c: usize, shape: &[usize], relu: bool, seed: u64) {
             }
         };
         if relu {
-            gradcheck(what, &Relu(f.clone()), &x, mode, NONE, seed);
+            gradcheck(what, &Relu(f.clone()), &x, mode, params, seed);
         } else {
-            gradcheck(what, &f, &x, mode, NONE, seed);
+            gradcheck(what, &f, &x, mode, params, seed);
         }
     }
 }
@@ -361,6 +376,28 @@ fn frozen_batch_norm() {
     frozen_case("FrozenBN (3,4,5,3)", 4, &[3, 4, 5, 3], false, 20);
     frozen_case("FrozenBN (6,5) S=1", 5, &[6, 5], false, 21);
     frozen_case("FrozenBN+ReLU (3,4,5)", 4, &[3, 4, 5], true, 22);
+}
+
+/// FrozenBatchNorm with a trainable affine (fine-tuning with `--bn eval-stats`): dx, dweight and dbias.
+#[test]
+fn frozen_batch_norm_trainable_affine() {
+    frozen_case_with(
+        "FrozenBN affine (3,4,5,3)",
+        4,
+        &[3, 4, 5, 3],
+        false,
+        23,
+        true,
+    );
+    frozen_case_with("FrozenBN affine (6,5) S=1", 5, &[6, 5], false, 24, true);
+    frozen_case_with(
+        "FrozenBN affine+ReLU (3,4,5)",
+        4,
+        &[3, 4, 5],
+        true,
+        25,
+        true,
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------

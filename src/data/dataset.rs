@@ -218,6 +218,78 @@ impl Dataset {
         self.subset(&idx)
     }
 
+    /// The samples of classes `classes` (original label ids, in the order given), relabelled `0..K` in that
+    /// order, with the class names to match (fine-tuning on a subset: `--classes 8,9`). A repeated or
+    /// missing class, or a class with no sample, is an error naming it.
+    pub fn select_classes(&self, classes: &[usize]) -> Result<Dataset> {
+        if classes.is_empty() {
+            return Err(NvError::Config("--classes: no class given".into()));
+        }
+        let mut counts = vec![0usize; self.num_classes()];
+        for &l in &self.labels {
+            counts[l] += 1;
+        }
+        for (i, &k) in classes.iter().enumerate() {
+            if k >= self.num_classes() {
+                return Err(NvError::Config(format!(
+                    "--classes: class {k} does not exist: the data has {} classes (0..{})",
+                    self.num_classes(),
+                    self.num_classes() - 1
+                )));
+            }
+            if classes[..i].contains(&k) {
+                return Err(NvError::Config(format!(
+                    "--classes: class {k} is given twice"
+                )));
+            }
+            if counts[k] == 0 {
+                return Err(NvError::Config(format!(
+                    "--classes: class {k} ({}) has no sample in the data",
+                    self.classes[k]
+                )));
+            }
+        }
+        let mut new_label = vec![usize::MAX; self.num_classes()];
+        for (j, &k) in classes.iter().enumerate() {
+            new_label[k] = j;
+        }
+        let idx: Vec<usize> = (0..self.len())
+            .filter(|&i| new_label[self.labels[i]] != usize::MAX)
+            .collect();
+        let mut d = self.subset(&idx)?;
+        d.labels.iter_mut().for_each(|l| *l = new_label[*l]);
+        d.classes = classes.iter().map(|&k| self.classes[k].clone()).collect();
+        Ok(d)
+    }
+
+    /// `n` samples of every class, chosen uniformly without replacement by `seed` (kept in data-set order); a
+    /// class with fewer than `n` samples is an error naming it (`--per-class N`).
+    pub fn per_class(&self, n: usize, seed: u64) -> Result<Dataset> {
+        use rand::seq::SliceRandom;
+        let mut by_class: Vec<Vec<usize>> = vec![vec![]; self.num_classes()];
+        for (i, &l) in self.labels.iter().enumerate() {
+            by_class[l].push(i);
+        }
+        let mut keep = vec![];
+        for (k, idx) in by_class.iter_mut().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            if idx.len() < n {
+                return Err(NvError::Config(format!(
+                    "--per-class {n}: class {k} ({}) has only {} samples",
+                    self.classes[k],
+                    idx.len()
+                )));
+            }
+            let mut rng = crate::rng::derive_rng(seed, k as u64, 0x7065_7263);
+            idx.shuffle(&mut rng);
+            keep.extend_from_slice(&idx[..n]);
+        }
+        keep.sort_unstable();
+        self.subset(&keep)
+    }
+
     /// Per-channel mean and (population) standard deviation of `x / 255` over every pixel of every sample,
     /// accumulated in `f64`. Compute it on the training set only. An empty dataset is an error.
     pub fn mean_std(&self) -> Result<Normalization> {

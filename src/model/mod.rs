@@ -89,6 +89,10 @@ impl Model {
     pub fn graph(&self) -> &Graph {
         &self.graph
     }
+    /// The graph, giving up the model (to edit it and build another with [`Model::from_graph`]).
+    pub fn into_graph(self) -> Graph {
+        self.graph
+    }
     pub fn graph_mut(&mut self) -> &mut Graph {
         &mut self.graph
     }

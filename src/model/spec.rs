@@ -190,6 +190,9 @@ pub struct NodeSpec {
     pub name: String,
     pub op: OpSpec,
     pub inputs: Vec<String>,
+    /// The node's parameters are frozen ([`Graph::set_frozen`]); written only when set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub frozen: bool,
 }
 
 /// A graph's architecture: its inputs, nodes in order and outputs, by name.
@@ -236,6 +239,7 @@ impl<T: Real> Graph<T> {
                     name: n.name().to_string(),
                     op,
                     inputs: n.inputs().iter().map(name).collect(),
+                    frozen: n.is_frozen(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -281,6 +285,9 @@ impl<T: Real> Graph<T> {
                 OpSpec::Add => g.add(n.name.clone(), &ins)?,
                 OpSpec::Concat { axis } => g.concat(n.name.clone(), &ins, *axis)?,
             };
+            if n.frozen {
+                g.set_frozen(&n.name, true)?;
+            }
             by_name.insert(n.name.clone(), out);
         }
         let outs = spec

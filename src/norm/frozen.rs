@@ -1,8 +1,9 @@
 //! Frozen batch normalization (torchvision's `FrozenBatchNorm2d`, Detectron's "BN*"), for fine-tuning with small
 //! batches: weight, bias, running_mean and running_var are fixed buffers and the layer is the affine map
 //! y = x·scale + shift with scale = weight/sqrt(running_var+eps), shift = bias - running_mean·scale,
-//! in both modes. Gradients flow to the input only (dx = dy·scale). Loading a state dict ignores
-//! `num_batches_tracked`. Build one from a trained [`BatchNorm`] with [`FrozenBatchNorm::from_batch_norm`].
+//! in both modes. Gradients flow to the input only (dx = dy·scale), or, with
+//! [`FrozenBatchNormConfig::train_affine`], also to weight and bias (BatchNorm in eval mode while the rest
+//! trains). Loading a state dict ignores `num_batches_tracked`. Build one from a trained [`BatchNorm`] with [`FrozenBatchNorm::from_batch_norm`].
 
 use super::batch::planes;
 use super::batch::stats::Ncs;
@@ -10,6 +11,7 @@ use super::{check_eps, BatchNorm, EvalAffine, NormLayer};
 use crate::kernels::arena;
 use crate::kernels::shape::{check_channels, check_dx_len, check_same_shape, contiguous};
 use crate::layer::Layer;
+use crate::param::ParamRole;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -19,6 +21,10 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 pub struct FrozenBatchNormConfig {
     pub num_features: usize,
     pub eps: f64,
+    /// Train the affine `weight` and `bias` (BatchNorm in eval mode with gradients flowing: fine-tuning with
+    /// `--bn eval-stats`); the statistics stay fixed. Off: torchvision's FrozenBatchNorm2d, all four fixed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub train_affine: bool,
 }
 
 impl FrozenBatchNormConfig {
@@ -26,10 +32,15 @@ impl FrozenBatchNormConfig {
         FrozenBatchNormConfig {
             num_features,
             eps: 1e-5,
+            train_affine: false,
         }
     }
     pub fn eps(mut self, eps: f64) -> Self {
         self.eps = eps;
+        self
+    }
+    pub fn train_affine(mut self, on: bool) -> Self {
+        self.train_affine = on;
         self
     }
     pub fn build<T: Real>(self) -> Result<FrozenBatchNorm<T>> {
@@ -41,8 +52,9 @@ impl FrozenBatchNormConfig {
 #[derive(Debug, Clone)]
 pub struct FrozenBatchNorm<T: Real = f32> {
     cfg: FrozenBatchNormConfig,
-    weight: ArrayD<T>,
-    bias: ArrayD<T>,
+    /// Parameters only with `train_affine` (otherwise buffers the optimizer never sees).
+    weight: Param<T>,
+    bias: Param<T>,
     running_mean: ArrayD<T>,
     running_var: ArrayD<T>,
     /// Whether the last forward applied a fused ReLU (the backward masks dy the same way).
@@ -60,8 +72,9 @@ impl<T: Real> FrozenBatchNorm<T> {
         }
         let c = IxDyn(&[cfg.num_features]);
         Ok(FrozenBatchNorm {
-            weight: ArrayD::from_elem(c.clone(), T::one()),
-            bias: ArrayD::zeros(c.clone()),
+            weight: Param::new(ArrayD::from_elem(c.clone(), T::one()))
+                .with_role(ParamRole::NormWeight),
+            bias: Param::new(ArrayD::zeros(c.clone())).with_role(ParamRole::NormBias),
             running_mean: ArrayD::zeros(c.clone()),
             running_var: ArrayD::from_elem(c, T::one()),
             cfg,
@@ -75,8 +88,8 @@ impl<T: Real> FrozenBatchNorm<T> {
             .eps(bn.config().eps)
             .build()?;
         if let (Some(w), Some(b)) = (bn.weight(), bn.bias()) {
-            f.weight.assign(&w.value);
-            f.bias.assign(&b.value);
+            f.weight.value.assign(&w.value);
+            f.bias.value.assign(&b.value);
         }
         match (bn.running_mean(), bn.running_var()) {
             (Some(rm), Some(rv)) => {
@@ -92,14 +105,19 @@ impl<T: Real> FrozenBatchNorm<T> {
         Ok(f)
     }
 
+    /// The same layer with its affine trainable or not ([`FrozenBatchNormConfig::train_affine`]).
+    pub fn with_train_affine(mut self, on: bool) -> Self {
+        self.cfg.train_affine = on;
+        self
+    }
     pub fn config(&self) -> &FrozenBatchNormConfig {
         &self.cfg
     }
     pub fn weight(&self) -> &ArrayD<T> {
-        &self.weight
+        &self.weight.value
     }
     pub fn bias(&self) -> &ArrayD<T> {
-        &self.bias
+        &self.bias.value
     }
     pub fn running_mean(&self) -> &ArrayD<T> {
         &self.running_mean
@@ -114,8 +132,8 @@ impl<T: Real> FrozenBatchNorm<T> {
         EvalAffine::from_stats(
             self.running_mean.iter().map(|v| v.as_f64()),
             self.running_var.iter().map(|v| v.as_f64()),
-            self.weight.as_slice(),
-            self.bias.as_slice(),
+            self.weight.value.as_slice(),
+            self.bias.value.as_slice(),
             self.cfg.eps,
         )
     }
@@ -125,8 +143,8 @@ impl<T: Real> FrozenBatchNorm<T> {
         let (m, a, b, _) = super::running_affine(
             self.running_mean.as_slice().expect("contiguous"),
             self.running_var.as_slice().expect("contiguous"),
-            self.weight.as_slice(),
-            self.bias.as_slice(),
+            self.weight.value.as_slice(),
+            self.bias.value.as_slice(),
             self.cfg.eps,
         );
         (m, a, b)
@@ -179,6 +197,33 @@ impl<T: Real> FrozenBatchNorm<T> {
     }
 }
 
+impl<T: Real> FrozenBatchNorm<T> {
+    /// dweight += Σ dy·x̂ and dbias += Σ dy per channel, x̂ = (x − running_mean)/sqrt(running_var + eps), in
+    /// f64, with dy masked where a fused ReLU cut the output.
+    fn accumulate_affine_grads(&mut self, x: &ArrayViewD<T>, dy: &ArrayViewD<T>, d: Ncs) {
+        let (x, dy) = (contiguous(x), contiguous(dy));
+        let (m, a, b) = self.shifted_affine();
+        for c in 0..d.c {
+            let rm = self.running_mean[c].as_f64();
+            let inv = 1.0 / (self.running_var[c].as_f64() + self.cfg.eps).sqrt();
+            let (mut sw, mut sb) = (0.0f64, 0.0f64);
+            for i in 0..d.n {
+                let o = (i * d.c + c) * d.s;
+                for k in o..o + d.s {
+                    let g = dy[k].as_f64();
+                    if self.relu && (x[k] - m[c]) * a[c] + b[c] <= T::zero() {
+                        continue;
+                    }
+                    sw += g * (x[k].as_f64() - rm) * inv;
+                    sb += g;
+                }
+            }
+            self.weight.grad[c] = T::of_f64(self.weight.grad[c].as_f64() + sw);
+            self.bias.grad[c] = T::of_f64(self.bias.grad[c].as_f64() + sb);
+        }
+    }
+}
+
 impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
     /// The same computation in both modes.
     fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
@@ -207,6 +252,9 @@ impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
             self.relu,
             ctx.kernels(),
         );
+        if self.cfg.train_affine {
+            self.accumulate_affine_grads(&x, &dy, d);
+        }
         Ok(())
     }
     fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {
@@ -227,26 +275,38 @@ impl<T: Real> Layer<T> for FrozenBatchNorm<T> {
     }
     fn name(&self) -> String {
         format!(
-            "FrozenBatchNorm2d({}, eps={})",
-            self.cfg.num_features, self.cfg.eps
+            "FrozenBatchNorm2d({}, eps={}{})",
+            self.cfg.num_features,
+            self.cfg.eps,
+            if self.cfg.train_affine {
+                ", affine trained"
+            } else {
+                ""
+            }
         )
     }
 }
 
 impl<T: Real> Stateful<T> for FrozenBatchNorm<T> {
     fn save_state(&self, prefix: &str, sd: &mut StateDict) {
-        sd.insert_float(join(prefix, "weight"), &self.weight);
-        sd.insert_float(join(prefix, "bias"), &self.bias);
+        sd.insert_float(join(prefix, "weight"), &self.weight.value);
+        sd.insert_float(join(prefix, "bias"), &self.bias.value);
         sd.insert_float(join(prefix, "running_mean"), &self.running_mean);
         sd.insert_float(join(prefix, "running_var"), &self.running_var);
     }
     /// Reads weight, bias, running_mean, running_var; ignores num_batches_tracked (as torchvision does).
     fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
-        sd.load_float(&join(prefix, "weight"), &mut self.weight)?;
-        sd.load_float(&join(prefix, "bias"), &mut self.bias)?;
+        sd.load_float(&join(prefix, "weight"), &mut self.weight.value)?;
+        sd.load_float(&join(prefix, "bias"), &mut self.bias.value)?;
         sd.load_float(&join(prefix, "running_mean"), &mut self.running_mean)?;
         sd.load_float(&join(prefix, "running_var"), &mut self.running_var)?;
         Ok(())
     }
-    fn visit_params(&mut self, _prefix: &str, _f: &mut dyn FnMut(&str, &mut Param<T>)) {}
+    /// Nothing, unless the affine is trained ([`FrozenBatchNormConfig::train_affine`]).
+    fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        if self.cfg.train_affine {
+            f(&join(prefix, "weight"), &mut self.weight);
+            f(&join(prefix, "bias"), &mut self.bias);
+        }
+    }
 }

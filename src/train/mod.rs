@@ -8,6 +8,7 @@
 
 pub mod adapt;
 pub mod checkpoint;
+pub mod finetune;
 pub mod fuzz;
 pub mod log;
 pub mod trainer;
@@ -49,6 +50,9 @@ pub struct TrainConfig {
     /// dropped (and the log says so) when it would leave a batch-statistics norm with one value per channel.
     #[serde(default)]
     pub drop_last: bool,
+    /// Set when the run fine-tunes another model: where it came from and what was changed and frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<finetune::FinetuneRecord>,
 }
 
 impl TrainConfig {
@@ -75,6 +79,7 @@ impl TrainConfig {
             train_limit: 0,
             test_limit: 0,
             drop_last: false,
+            finetune: None,
         }
     }
 

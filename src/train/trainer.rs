@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub resume: Option<checkpoint::Checkpoint>,
     /// Plan options for the model (convolution algorithm, instruction set).
     pub plan: crate::model::PlanOptions,
+    /// The input normalization of a new run (fine-tuning keeps its source model's); `None`: the training
+    /// set's mean and std. A resumed run keeps its checkpoint's.
+    pub normalization: Option<Normalization>,
 }
 
 /// One evaluation.
@@ -273,7 +276,7 @@ fn run(
     // sees the same samples as the run that wrote the checkpoint.
     let train_ds = limit(train_ds, cfg.train_limit)?;
     let test_ds = limit(test_ds, cfg.test_limit)?;
-    let norm = match norm {
+    let norm = match norm.or_else(|| opts.normalization.clone()) {
         Some(n) => n,
         None => train_ds.mean_std()?,
     };

@@ -128,6 +128,7 @@ pub fn train(
         progress: Bars::boxed(&name, quiet),
         resume: resume.map(|(_, ck)| ck),
         plan: plan.clone(),
+        normalization: None,
     };
     let r = train::train(&cfg, train_ds, test_ds, opts)?;
     if json_out {
@@ -171,12 +172,19 @@ pub fn eval(
 ) -> Result<()> {
     let checkpoint_path = src.path();
     let corruption = shift.corruption.parsed()?;
-    let (mut model, input_norm) = src.load()?;
+    let (mut model, input_norm, record) = src.load_with_record()?;
     model.set_plan_options(plan.clone())?;
     if fold_bn {
         model.fold_batch_norm()?;
     }
     let (_, test) = data.load()?;
+    // a model fine-tuned on a subset of the classes is evaluated on that subset, relabelled as it was trained
+    let test = match record.as_ref().and_then(|r| r.classes.as_ref()) {
+        Some(classes) if test.num_classes() != model.num_classes() => {
+            Arc::new(test.select_classes(classes)?)
+        }
+        _ => test,
+    };
     check_data_matches(&model, &test)?;
     let test = shift.corruption.apply(test, false)?;
     let loader = DataLoader::new(test.clone(), input_norm, LoaderConfig::eval(batch_size))?;
@@ -245,14 +253,17 @@ pub fn predict(
     json_out: bool,
     plan: &PlanOptions,
 ) -> Result<()> {
-    let (mut model, input_norm) = src.load()?;
+    let (mut model, input_norm, record) = src.load_with_record()?;
     model.set_plan_options(plan.clone())?;
     if fold_bn {
         model.fold_batch_norm()?;
     }
     let [ch, h, w] = model.input_shape();
     let k = model.num_classes();
-    let names: Vec<String> = classes.unwrap_or_else(|| {
+    let recorded = record
+        .map(|r| r.class_names)
+        .filter(|n| n.len() == k && !n.is_empty());
+    let names: Vec<String> = classes.or(recorded).unwrap_or_else(|| {
         if k == 10 && ch == 1 {
             normvision::data::fashion_mnist::CLASSES
                 .iter()
@@ -526,6 +537,7 @@ pub fn compare(
             progress: Bars::boxed(&label, quiet),
             resume: None,
             plan: plan.clone(),
+            normalization: None,
         };
         if !quiet && !json_out {
             eprintln!(

@@ -4,6 +4,7 @@
 use crate::args::TorchModelArgs;
 use normvision::data::Normalization;
 use normvision::model::Model;
+use normvision::train::finetune::FinetuneRecord;
 use normvision::train::{checkpoint, Position, TrainConfig};
 use normvision::{NvError, Result};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,21 @@ impl<'a> Source<'a> {
 
     /// The model with its weights, and the input normalization.
     pub fn load(&self) -> Result<(Model, Normalization)> {
+        self.load_with_record().map(|(m, n, _)| (m, n))
+    }
+
+    /// [`Source::load`], with the fine-tuning record of a fine-tuned checkpoint (its classes, what was frozen).
+    pub fn load_with_record(&self) -> Result<(Model, Normalization, Option<FinetuneRecord>)> {
+        match self {
+            Source::Checkpoint(p) => {
+                let ck = checkpoint::load(p)?;
+                Ok((checkpoint::restore_model(&ck)?, ck.norm, ck.config.finetune))
+            }
+            _ => self.load_other().map(|(m, n)| (m, n, None)),
+        }
+    }
+
+    fn load_other(&self) -> Result<(Model, Normalization)> {
         match self {
             Source::Checkpoint(p) => {
                 let ck = checkpoint::load(p)?;

@@ -7,6 +7,7 @@ mod bench_kernels;
 mod choice;
 mod commands;
 mod corrupt;
+mod finetune;
 mod inference_bench;
 mod interop;
 mod progress;
@@ -194,6 +195,32 @@ enum Cmd {
         fold_bn: bool,
         #[arg(long, short)]
         out: PathBuf,
+    },
+    /// Fine-tune a checkpoint (--from) or a PyTorch state dict (--weights with its model flags): BatchNorm
+    /// trained, frozen or in eval mode, a new head, a frozen backbone, a subset of classes, N images per class.
+    Finetune {
+        /// A normvision checkpoint.
+        #[arg(long, required_unless_present = "weights", conflicts_with = "weights")]
+        from: Option<PathBuf>,
+        /// A PyTorch state dict (safetensors) of the zoo model --model --norm --input --num-classes describe.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        #[command(flatten)]
+        torch: TorchModelArgs,
+        #[command(flatten)]
+        finetune: finetune::FinetuneArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        /// The fine-tuned checkpoint.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// JSON-lines log [default: next to the checkpoint, .jsonl].
+        #[arg(long)]
+        log: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Re-estimate a checkpoint's BatchNorm statistics on target images, without labels: AdaBN (target
     /// statistics, layer by layer, exact over any number of batches) or the N/n mix with the source statistics.
@@ -472,6 +499,21 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     &out,
                     json,
                 ),
+                Cmd::Finetune {
+                    from,
+                    weights,
+                    torch,
+                    finetune,
+                    data,
+                    out,
+                    log,
+                    json,
+                    quiet,
+                } => {
+                    let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
+                    let src = interop::Source::of(&from, &weights, &None, &torch, norm_given)?;
+                    finetune::run(&src, &finetune, &data, &out, log, json, quiet, &plan)
+                }
                 Cmd::Corrupt {
                     corruption,
                     corruption_seed,

@@ -31,6 +31,7 @@
 //! assert!(g.state_dict().get("bn.running_mean").is_some());
 //! ```
 
+mod edit;
 pub mod plan;
 
 use crate::layer::Layer;
@@ -89,9 +90,16 @@ pub struct Node<T: Real = f32> {
     pub(crate) op: Op<T>,
     pub(crate) inputs: Vec<ValueId>,
     pub(crate) output: ValueId,
+    /// Frozen (`requires_grad = False` on all its parameters): the optimizer does not see its parameters and
+    /// the plan computes no gradient for them ([`Graph::set_frozen`]).
+    pub(crate) frozen: bool,
 }
 
 impl<T: Real> Node<T> {
+    /// Whether the node's parameters are frozen.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen
+    }
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -237,6 +245,7 @@ impl<T: Real> Graph<T> {
             op,
             inputs,
             output,
+            frozen: false,
         });
         self.changed();
         Ok(output)
@@ -571,8 +580,10 @@ impl<T: Real> Stateful<T> for Graph<T> {
         self.engine.clear_saved();
         Ok(())
     }
+    /// The trainable parameters: those of frozen nodes are left out (as PyTorch optimizers skip
+    /// `requires_grad = False` tensors).
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
-        for n in self.nodes.iter_mut() {
+        for n in self.nodes.iter_mut().filter(|n| !n.frozen) {
             if let Op::Layer(l) = &mut n.op {
                 l.visit_params(&join(prefix, &n.name), f);
             }

@@ -29,11 +29,12 @@ pub(crate) struct Plan {
     pub times: Vec<[f64; 2]>,
 }
 
-/// Whether each node has trainable parameters.
+/// Whether each node has trainable parameters (a frozen node has none).
 fn params_of<T: Real>(nodes: &mut [Node<T>]) -> Vec<bool> {
     nodes
         .iter_mut()
         .map(|n| match &mut n.op {
+            Op::Layer(_) if n.frozen => false,
             Op::Layer(l) => {
                 let mut count = 0;
                 l.visit_params("", &mut |_, _| count += 1);

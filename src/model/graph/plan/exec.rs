@@ -331,12 +331,14 @@ fn backward_kind<T: Real>(
             Ok(vec![need.then(|| Arc::new(dx))])
         }
         StepKind::Frozen { node, .. } => {
-            if !need {
+            let f = layer::<T, FrozenBatchNorm<T>>(nodes, *node);
+            let trains_affine = f.config().train_affine && step.has_params;
+            if !(need || trains_affine) {
                 return Ok(vec![None]);
             }
             let x = v.get(step.inputs[0])?;
-            let dx = Layer::backward(layer::<T, FrozenBatchNorm<T>>(nodes, *node), x, &dy, ctx)?;
-            Ok(vec![Some(Arc::new(dx))])
+            let dx = Layer::backward(f, x, &dy, ctx)?;
+            Ok(vec![need.then(|| Arc::new(dx))])
         }
         StepKind::Add { relu } => {
             let g = if *relu {
