@@ -13,6 +13,7 @@
 pub mod ctx;
 pub mod data;
 pub mod error;
+pub mod experiment;
 #[doc(hidden)]
 pub mod internals;
 pub mod io;

@@ -15,7 +15,8 @@ pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Position};
 pub use trainer::{
-    evaluate, evaluate_with, train, train_model, EvalPoint, Progress, RunOptions, TrainReport,
+    evaluate, evaluate_with, train, train_model, train_model_keep, EvalPoint, Progress, RunOptions,
+    TrainReport,
 };
 
 use crate::data::Augment;

@@ -198,7 +198,7 @@ pub fn train(
     test_ds: Arc<Dataset>,
     opts: RunOptions,
 ) -> Result<TrainReport> {
-    run(cfg, None, train_ds, test_ds, opts)
+    run(cfg, None, train_ds, test_ds, opts).map(|(r, _)| r)
 }
 
 /// Trains a model built through the API (any [`Model::from_graph`]) with `cfg`'s optimizer, schedule, data
@@ -211,6 +211,17 @@ pub fn train_model(
     test_ds: Arc<Dataset>,
     opts: RunOptions,
 ) -> Result<TrainReport> {
+    train_model_keep(model, cfg, train_ds, test_ds, opts).map(|(r, _)| r)
+}
+
+/// [`train_model`], handing the trained model back (experiments that go on with it).
+pub fn train_model_keep(
+    model: Model,
+    cfg: &TrainConfig,
+    train_ds: Arc<Dataset>,
+    test_ds: Arc<Dataset>,
+    opts: RunOptions,
+) -> Result<(TrainReport, Model)> {
     if opts.resume.is_some() {
         return Err(NvError::Config(
             "train_model starts a run; continue a checkpoint with train and RunOptions::resume"
@@ -235,7 +246,7 @@ fn run(
     train_ds: Arc<Dataset>,
     test_ds: Arc<Dataset>,
     mut opts: RunOptions,
-) -> Result<TrainReport> {
+) -> Result<(TrainReport, Model)> {
     let (mut model, mut opt, norm, mut pos, run_cfg): (
         Model,
         Box<dyn Optimizer>,
@@ -569,5 +580,5 @@ fn run(
     log.write(&json!({"event": "end", "steps": pos.step, "train_img_s": report.train_img_s,
         "final_test_acc": report.final_test_acc, "diverged": report.diverged, "reached_target_at": report.reached_target_at}))?;
     log.flush()?;
-    Ok(report)
+    Ok((report, model))
 }

@@ -252,6 +252,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Measure a published claim about BatchNorm, with the paper's number beside ours and a verdict: shift
+    /// (AdaBN and the N/n mix under corruptions) or finetune (frozen BN at small batches). Writes NAME.md,
+    /// NAME.json and NAME.svg.
+    Experiment {
+        /// shift or finetune.
+        name: String,
+        /// The short version (about a minute, on subsets).
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// The full version (the default).
+        #[arg(long)]
+        full: bool,
+        /// Seeds per setting (default: the experiment's).
+        #[arg(long, default_value_t = 0)]
+        seeds: usize,
+        /// Output directory [default: runs/experiments].
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Fashion-MNIST directory [default: /usr/share/datasets/fashion-mnist].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Write a corrupted copy of a data set as IDX files (MNIST layout; (N, C, H, W) for colour), the images
     /// `eval --corruption` evaluates; --list prints every corruption's five severity parameters.
     Corrupt {
@@ -513,6 +540,39 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
                     let src = interop::Source::of(&from, &weights, &None, &torch, norm_given)?;
                     finetune::run(&src, &finetune, &data, &out, log, json, quiet, &plan)
+                }
+                Cmd::Experiment {
+                    name,
+                    quick,
+                    full: _,
+                    seeds,
+                    out,
+                    data,
+                    json,
+                    quiet,
+                } => {
+                    let opts = normvision::experiment::ExperimentOptions {
+                        quick,
+                        seeds,
+                        out: out.unwrap_or_else(|| PathBuf::from("runs/experiments")),
+                        data,
+                        verbose: !quiet && !json,
+                    };
+                    let r = normvision::experiment::run(&name, &opts)?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string(&r).expect("a report serialises")
+                        );
+                    } else {
+                        println!("{}", r.markdown());
+                        println!(
+                            "written: {}/{{{n}.md, {n}.json, {n}.svg}}",
+                            opts.out.display(),
+                            n = r.name
+                        );
+                    }
+                    Ok(())
                 }
                 Cmd::Corrupt {
                     corruption,
