@@ -20,6 +20,7 @@
 //! μ = N/(N+n)·μ_s + n/(N+n)·μ_t, and σ² likewise (`experiments.md` §4). N = 0 is AdaBN; n = 0 keeps the source.
 
 use crate::model::{Graph, ValueId};
+use crate::norm::batch::stats::Moments;
 use crate::norm::BatchNorm;
 use crate::{NvError, Real, Result};
 use ndarray::ArrayD;
@@ -33,30 +34,38 @@ pub enum AdaptMethod {
     Mix { prior: f64 },
 }
 
-/// Per-channel (count, mean, M2), merged across batches with Chan's formula.
+/// Per-channel (count, mean, M2) of everything added, merged across batches with the kernels' exact
+/// parallel-Welford merge ([`Moments::merge`], Chan et al.).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelMoments {
     /// Samples seen (the batch dimension).
     pub samples: f64,
-    /// Values per channel seen (samples × positions).
-    pub count: f64,
-    pub mean: Vec<f64>,
-    pub m2: Vec<f64>,
+    /// Values per channel seen (samples × positions), their means and M2.
+    pub moments: Moments,
 }
 
 impl ChannelMoments {
     pub fn new(channels: usize) -> Self {
         ChannelMoments {
             samples: 0.0,
-            count: 0.0,
-            mean: vec![0.0; channels],
-            m2: vec![0.0; channels],
+            moments: Moments::empty(channels),
         }
     }
 
-    /// Adds a batch `x` of shape (N, C, *): every value of channel c, over samples and positions.
+    /// Values per channel seen.
+    pub fn count(&self) -> f64 {
+        self.moments.count as f64
+    }
+
+    /// The per-channel means.
+    pub fn mean(&self) -> &[f64] {
+        &self.moments.mean
+    }
+
+    /// Adds a batch `x` of shape (N, C, *): every value of channel c, over samples and positions (two passes
+    /// in f64 for the batch's moments, then the merge).
     pub fn add<T: Real>(&mut self, x: &ArrayD<T>) -> Result<()> {
-        let c = self.mean.len();
+        let c = self.moments.mean.len();
         if x.ndim() < 2 || x.shape()[1] != c {
             return Err(NvError::Shape {
                 layer: "ChannelMoments",
@@ -66,28 +75,26 @@ impl ChannelMoments {
         let xs = x.as_standard_layout();
         let v = xs.as_slice().expect("standard layout");
         let (n, s) = (x.shape()[0], x.shape()[2..].iter().product::<usize>());
-        let k = (n * s) as f64;
-        if k == 0.0 {
+        if n * s == 0 {
             return Ok(());
         }
+        let mut batch = Moments::empty(c);
+        batch.count = (n * s) as u64;
+        let k = (n * s) as f64;
         for ch in 0..c {
             let planes = (0..n).map(|i| &v[(i * c + ch) * s..(i * c + ch + 1) * s]);
-            let sum: f64 = planes.clone().flatten().map(|t| t.as_f64()).sum();
-            let mb = sum / k;
-            let m2b: f64 = planes.flatten().map(|t| (t.as_f64() - mb).powi(2)).sum();
-            let (na, d) = (self.count, mb - self.mean[ch]);
-            let tot = na + k;
-            self.mean[ch] += d * k / tot;
-            self.m2[ch] += m2b + d * d * na * k / tot;
+            let mb = planes.clone().flatten().map(|t| t.as_f64()).sum::<f64>() / k;
+            batch.mean[ch] = mb;
+            batch.m2[ch] = planes.flatten().map(|t| (t.as_f64() - mb).powi(2)).sum();
         }
-        self.count += k;
+        self.moments = self.moments.merge(&batch);
         self.samples += n as f64;
         Ok(())
     }
 
     /// The population variance M2/n of each channel.
     pub fn var(&self) -> Vec<f64> {
-        self.m2.iter().map(|m| m / self.count).collect()
+        self.moments.var_biased()
     }
 }
 
@@ -153,7 +160,7 @@ pub fn adapt_batch_norms<T: Real>(
             graph.set_outputs(&outputs)?;
             return Err(e);
         }
-        if m.count == 0.0 && method == AdaptMethod::AdaBn {
+        if m.count() == 0.0 && method == AdaptMethod::AdaBn {
             graph.set_outputs(&outputs)?;
             return Err(NvError::Config("no target images to adapt to".into()));
         }
@@ -176,7 +183,7 @@ pub fn adapt_batch_norms<T: Real>(
                 (ms, vs)
             } else {
                 (
-                    (1.0 - w) * ms + w * m.mean[ch],
+                    (1.0 - w) * ms + w * m.mean()[ch],
                     (1.0 - w) * vs + w * var_t[ch],
                 )
             };
@@ -188,7 +195,7 @@ pub fn adapt_batch_norms<T: Real>(
         report.push(AdaptedLayer {
             name,
             samples: m.samples,
-            values_per_channel: m.count,
+            values_per_channel: m.count(),
             max_mean_change: dm,
             max_var_change: dv,
         });
