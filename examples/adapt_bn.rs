@@ -8,7 +8,7 @@
 
 use normvision::data::fashion_mnist::{self, Split};
 use normvision::data::{Corruption, DataLoader, LoaderConfig};
-use normvision::train::adapt::{adapt_batch_norms, infer_adapted, AdaptMethod};
+use normvision::train::adapt::{adapt_to_dataset, infer_adapted, AdaptMethod};
 use normvision::train::{checkpoint, evaluate, evaluate_with};
 use std::sync::Arc;
 
@@ -29,31 +29,27 @@ fn main() -> normvision::Result<()> {
     let mut model = checkpoint::restore_model(&ck)?;
     let (source, _) = evaluate(&mut model, &loader)?;
 
-    // AdaBN: every BN layer's statistics re-estimated on the shifted images, layer by layer; the closure is
-    // called once per BatchNorm and feeds it every target batch
-    let batches = |n: usize| {
-        let (shifted, norm) = (shifted.clone(), norm.clone());
-        move |f: &mut normvision::train::adapt::BatchSink<'_, f32>| -> normvision::Result<()> {
-            for s in (0..n).step_by(500) {
-                let idx: Vec<usize> = (s..(s + 500).min(n)).collect();
-                f(&shifted.batch(&idx, &norm)?.0.into_dyn())?;
-            }
-            Ok(())
-        }
-    };
-    let report = adapt_batch_norms(
+    // AdaBN: every BN layer's statistics re-estimated on the shifted images, layer by layer, in batches of 500
+    let report = adapt_to_dataset(
         model.graph_mut(),
         AdaptMethod::AdaBn,
-        &mut batches(shifted.len()),
+        &shifted,
+        &norm,
+        None,
+        500,
     )?;
     let (adabn, _) = evaluate(&mut model, &loader)?;
 
     // the N/n mix from the first 32 shifted images, with a prior of N = 16 source samples
     let mut model = checkpoint::restore_model(&ck)?;
-    adapt_batch_norms(
+    let mix_method = AdaptMethod::Mix { prior: 16.0 };
+    adapt_to_dataset(
         model.graph_mut(),
-        AdaptMethod::Mix { prior: 16.0 },
-        &mut batches(32),
+        mix_method,
+        &shifted,
+        &norm,
+        Some(32),
+        500,
     )?;
     let (mix, _) = evaluate(&mut model, &loader)?;
 

@@ -20,7 +20,7 @@ use super::{fashion, ExperimentOptions};
 use crate::data::{Corruption, CorruptionKind, DataLoader, Dataset, LoaderConfig, Normalization};
 use crate::model::{Model, ModelKind, NormKind};
 use crate::state::{StateDict, Stateful};
-use crate::train::adapt::{adapt_batch_norms, infer_adapted, AdaptMethod};
+use crate::train::adapt::{adapt_to_dataset, infer_adapted, AdaptMethod};
 use crate::train::{self, RunOptions, TrainConfig};
 use crate::Result;
 use serde_json::json;
@@ -54,16 +54,7 @@ fn adapt(
     n: Option<usize>,
     method: AdaptMethod,
 ) -> Result<()> {
-    let n = n.unwrap_or(ds.len()).min(ds.len());
-    adapt_batch_norms(model.graph_mut(), method, &mut |f| {
-        for s in (0..n).step_by(500) {
-            let idx: Vec<usize> = (s..(s + 500).min(n)).collect();
-            let (x, _) = ds.batch(&idx, norm)?;
-            f(&x.into_dyn())?;
-        }
-        Ok(())
-    })?;
-    Ok(())
+    adapt_to_dataset(model.graph_mut(), method, ds, norm, n, 500).map(|_| ())
 }
 
 /// The accuracy of every method on one corrupted test set; the model's state is `source` again afterwards.

@@ -200,9 +200,13 @@ impl<T: Real> FrozenBatchNorm<T> {
 impl<T: Real> FrozenBatchNorm<T> {
     /// dweight += Σ dy·x̂ and dbias += Σ dy per channel, x̂ = (x − running_mean)/sqrt(running_var + eps), in
     /// f64, with dy masked where a fused ReLU cut the output.
-    fn accumulate_affine_grads(&mut self, x: &ArrayViewD<T>, dy: &ArrayViewD<T>, d: Ncs) {
-        let (x, dy) = (contiguous(x), contiguous(dy));
-        let (m, a, b) = self.shifted_affine();
+    fn accumulate_affine_grads(
+        &mut self,
+        x: &[T],
+        dy: &[T],
+        d: Ncs,
+        (m, a, b): (&[T], &[T], &[T]),
+    ) {
         for c in 0..d.c {
             let rm = self.running_mean[c].as_f64();
             let inv = 1.0 / (self.running_var[c].as_f64() + self.cfg.eps).sqrt();
@@ -229,7 +233,7 @@ impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
     fn forward_into(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         self.forward_fused_into(x, y, ctx, false)
     }
-    /// dx = dy·scale (masked by the last forward's fused ReLU); nothing else has a gradient.
+    /// dx = dy·scale (masked by the last forward's fused ReLU), and the affine's gradients when it trains.
     fn backward_into(
         &mut self,
         x: ArrayViewD<T>,
@@ -241,19 +245,10 @@ impl<T: Real> NormLayer<T> for FrozenBatchNorm<T> {
         check_dx_len(Self::NAME, dx.len(), x.shape())?;
         let d = self.dims(x.shape())?;
         let (m, a, b) = self.shifted_affine();
-        planes::eval_backward(
-            &contiguous(&x),
-            &contiguous(&dy),
-            dx,
-            d,
-            &m,
-            &a,
-            &b,
-            self.relu,
-            ctx.kernels(),
-        );
+        let (x, dy) = (contiguous(&x), contiguous(&dy));
+        planes::eval_backward(&x, &dy, dx, d, &m, &a, &b, self.relu, ctx.kernels());
         if self.cfg.train_affine {
-            self.accumulate_affine_grads(&x, &dy, d);
+            self.accumulate_affine_grads(&x, &dy, d, (&m, &a, &b));
         }
         Ok(())
     }

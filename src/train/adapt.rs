@@ -19,6 +19,7 @@
 //! **Mix.** With a prior of N source samples and n target samples (images):
 //! μ = N/(N+n)·μ_s + n/(N+n)·μ_t, and σ² likewise (`experiments.md` §4). N = 0 is AdaBN; n = 0 keeps the source.
 
+use crate::data::{Dataset, Normalization};
 use crate::model::{Graph, ValueId};
 use crate::norm::batch::stats::Moments;
 use crate::norm::BatchNorm;
@@ -202,6 +203,29 @@ pub fn adapt_batch_norms<T: Real>(
     }
     graph.set_outputs(&outputs)?;
     Ok(report)
+}
+
+/// [`adapt_batch_norms`] on the first `limit` images of `ds` (all when `None`), normalized by `norm`, in batches
+/// of `batch_size`.
+pub fn adapt_to_dataset(
+    graph: &mut Graph<f32>,
+    method: AdaptMethod,
+    ds: &Dataset,
+    norm: &Normalization,
+    limit: Option<usize>,
+    batch_size: usize,
+) -> Result<Vec<AdaptedLayer>> {
+    if batch_size == 0 {
+        return Err(NvError::Config("the batch size must be at least 1".into()));
+    }
+    let n = limit.unwrap_or(ds.len()).min(ds.len());
+    adapt_batch_norms(graph, method, &mut |f| {
+        for s in (0..n).step_by(batch_size) {
+            let idx: Vec<usize> = (s..(s + batch_size).min(n)).collect();
+            f(&ds.batch(&idx, norm)?.0.into_dyn())?;
+        }
+        Ok(())
+    })
 }
 
 /// The running statistics of every tracked BatchNorm, by node name.

@@ -136,13 +136,7 @@ pub fn prepare(
             .nodes()
             .iter()
             .filter(|n| n.name() != head)
-            .filter(|n| {
-                n.op().as_layer().is_some_and(|l| {
-                    let mut sd = crate::state::StateDict::new();
-                    l.save_state("", &mut sd);
-                    !sd.tensors.is_empty()
-                })
-            })
+            .filter(|n| n.has_state())
             .map(|n| n.name().to_string())
             .collect();
         for n in names {

@@ -3,7 +3,7 @@
 //! `predict` take.
 
 use crate::args::{CorruptionArgs, DataArgs};
-use normvision::train::adapt::{adapt_batch_norms, AdaptMethod};
+use normvision::train::adapt::{adapt_to_dataset, AdaptMethod};
 use normvision::train::checkpoint;
 use normvision::{NvError, Result};
 use serde_json::json;
@@ -65,15 +65,14 @@ pub fn run(
         )));
     }
     let n = limit.unwrap_or(ds.len()).min(ds.len());
-    let norm = ck.norm.clone();
-    let report = adapt_batch_norms(model.graph_mut(), method, &mut |f| {
-        for s in (0..n).step_by(batch_size) {
-            let idx: Vec<usize> = (s..(s + batch_size).min(n)).collect();
-            let (x, _) = ds.batch(&idx, &norm)?;
-            f(&x.into_dyn())?;
-        }
-        Ok(())
-    })
+    let report = adapt_to_dataset(
+        model.graph_mut(),
+        method,
+        &ds,
+        &ck.norm,
+        Some(n),
+        batch_size,
+    )
     .map_err(|e| match e {
         NvError::Config(m) => NvError::Config(format!("{}: {m}", ck_path.display())),
         e => e,

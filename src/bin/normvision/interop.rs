@@ -57,41 +57,41 @@ impl<'a> Source<'a> {
                 let ck = checkpoint::load(p)?;
                 Ok((checkpoint::restore_model(&ck)?, ck.norm, ck.config.finetune))
             }
-            _ => self.load_other().map(|(m, n)| (m, n, None)),
-        }
-    }
-
-    fn load_other(&self) -> Result<(Model, Normalization)> {
-        match self {
-            Source::Checkpoint(p) => {
-                let ck = checkpoint::load(p)?;
-                Ok((checkpoint::restore_model(&ck)?, ck.norm))
-            }
-            Source::Torch(p, args) => args.load(p),
+            Source::Torch(p, args) => args.load(p).map(|(m, n)| (m, n, None)),
             Source::Onnx(p, args, norm_given) => {
-                let m = normvision::io::onnx::load_onnx(p)?;
-                let from_file = m.normalization.clone();
-                let model = m.into_classifier().map_err(|e| NvError::Format {
-                    path: p.display().to_string(),
-                    msg: e.to_string(),
-                })?;
-                let norm = match from_file {
-                    Some(n) if !norm_given => n,
-                    _ => Normalization::new(args.mean.clone(), args.std.clone())
-                        .map_err(|e| NvError::Config(format!("--mean/--std: {e}")))?,
-                };
-                let c = model.input_shape()[0];
-                if norm.channels() != c {
-                    return Err(NvError::Config(format!(
-                        "--mean/--std give {} channels, the ONNX model {} takes {c}",
-                        norm.channels(),
-                        p.display()
-                    )));
-                }
-                Ok((model, norm))
+                load_onnx_classifier(p, args, *norm_given).map(|(m, n)| (m, n, None))
             }
         }
     }
+}
+
+/// An ONNX classifier and its input normalization: the file's normvision metadata, or --mean/--std when
+/// typed (`norm_given`) or when the file has none.
+fn load_onnx_classifier(
+    p: &Path,
+    args: &TorchModelArgs,
+    norm_given: bool,
+) -> Result<(Model, Normalization)> {
+    let m = normvision::io::onnx::load_onnx(p)?;
+    let from_file = m.normalization.clone();
+    let model = m.into_classifier().map_err(|e| NvError::Format {
+        path: p.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    let norm = match from_file {
+        Some(n) if !norm_given => n,
+        _ => Normalization::new(args.mean.clone(), args.std.clone())
+            .map_err(|e| NvError::Config(format!("--mean/--std: {e}")))?,
+    };
+    let c = model.input_shape()[0];
+    if norm.channels() != c {
+        return Err(NvError::Config(format!(
+            "--mean/--std give {} channels, the ONNX model {} takes {c}",
+            norm.channels(),
+            p.display()
+        )));
+    }
+    Ok((model, norm))
 }
 
 /// `import --torch`: a PyTorch state dict of a zoo model's twin becomes a normvision checkpoint (step 0, the

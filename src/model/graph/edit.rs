@@ -8,6 +8,17 @@ use crate::norm::{BatchNorm, FrozenBatchNorm};
 use crate::state::StateDict;
 use crate::{NvError, Real, Result};
 
+impl<T: Real> super::Node<T> {
+    /// Whether the node holds parameters or buffers (a layer with a state dict).
+    pub fn has_state(&self) -> bool {
+        self.op.as_layer().is_some_and(|l| {
+            let mut sd = StateDict::new();
+            l.save_state("", &mut sd);
+            !sd.tensors.is_empty()
+        })
+    }
+}
+
 impl<T: Real> Graph<T> {
     /// Freezes (or unfreezes) node `name`'s parameters, as `requires_grad_(False)` on a PyTorch module: the
     /// optimizer no longer sees them ([`crate::state::Stateful::visit_params`] skips the node) and the plan
@@ -77,10 +88,7 @@ impl<T: Real> Graph<T> {
             if n.layer_as::<Linear<T>>().is_some() {
                 return Some(n.name());
             }
-            let Op::Layer(l) = &n.op else { return None };
-            let mut sd = StateDict::new();
-            l.save_state("", &mut sd);
-            if !sd.tensors.is_empty() || n.inputs.len() != 1 {
+            if !matches!(n.op, Op::Layer(_)) || n.has_state() || n.inputs.len() != 1 {
                 return None;
             }
             v = n.inputs[0];
