@@ -658,3 +658,97 @@ fn parameter_gradients_accumulate() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Batch Renorm and Ghost BN
+
+/// Batch Renorm at a step past its ramps. r and d are constants in its backward (the paper's stop_gradient),
+/// so finite differences agree with it where r and d do not move with x: at r_max = 1, d_max = 0 (BatchNorm),
+/// and where both are clipped at their limits (running statistics far from the batch's).
+#[test]
+fn batch_renorm() {
+    let sched = RenormSchedule::Steps {
+        warmup: 0,
+        d_full: 1,
+        r_full: 1,
+    };
+    let step = Ctx::train().with_step(10);
+    for (what, shape, r_max, d_max, far) in [
+        (
+            "Renorm as BN (4,3,5,3)",
+            &[4usize, 3, 5, 3][..],
+            1.0,
+            0.0,
+            false,
+        ),
+        (
+            "Renorm clipped (4,3,5,3)",
+            &[4, 3, 5, 3][..],
+            2.0,
+            0.5,
+            true,
+        ),
+        ("Renorm clipped (7,5) S=1", &[7, 5][..], 3.0, 5.0, true),
+    ] {
+        let mut g = rng(70);
+        let c = shape[1];
+        let mut rn: BatchRenorm<f64> = BatchRenormConfig::new(c)
+            .limits(r_max, d_max)
+            .schedule(sched)
+            .build()
+            .unwrap();
+        randomize_params(&mut rn, &mut g);
+        if far {
+            let (rm, rv) = rn.batch_norm_mut().running_stats_mut().unwrap();
+            rm.fill(1000.0);
+            rv.fill(1e4);
+        }
+        let x = channel_input(&mut g, shape, 1);
+        gradcheck(what, &rn, &x, step, AFFINE, 71);
+        if far {
+            let mut l = rn.clone();
+            l.forward(&x, step).unwrap();
+            let (r, d) = l.last_correction().unwrap();
+            assert!(
+                r.iter().all(|&v| v == 1.0 / r_max),
+                "{what}: r {r:?} not clipped"
+            );
+            assert!(
+                d.iter().all(|&v| v == -d_max),
+                "{what}: d {d:?} not clipped"
+            );
+        }
+        // eval mode: a BatchNorm on the running statistics
+        let mut l = rn.clone();
+        warm_up(&mut l, shape, 1, &mut g);
+        gradcheck(
+            what,
+            &l,
+            &channel_input(&mut g, shape, 1),
+            Ctx::eval(),
+            AFFINE,
+            72,
+        );
+    }
+}
+
+#[test]
+fn ghost_batch_norm() {
+    for (what, shape, ghost) in [
+        ("Ghost 2 of (6,3,4,3)", &[6usize, 3, 4, 3][..], 2),
+        ("Ghost 4 of (10,3,5) ragged", &[10, 3, 5][..], 4),
+        ("Ghost 3 of (9,4) S=1", &[9, 4][..], 3),
+    ] {
+        let mut g = rng(80);
+        let mut gb: GhostBatchNorm<f64> =
+            GhostBatchNormConfig::new(shape[1], ghost).build().unwrap();
+        randomize_params(&mut gb, &mut g);
+        for mode in [Ctx::train(), Ctx::eval()] {
+            let mut l = gb.clone();
+            if mode == Ctx::eval() {
+                warm_up(&mut l, shape, 1, &mut g);
+            }
+            gradcheck(what, &l, &channel_input(&mut g, shape, 1), mode, AFFINE, 81);
+        }
+    }
+}

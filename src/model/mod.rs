@@ -15,7 +15,7 @@ pub mod zoo;
 pub use graph::plan;
 pub use graph::plan::{PlanOptions, StepTime};
 pub use graph::{Graph, Node, Op, ValueId};
-pub use norm_choice::{build_norm, NormKind};
+pub use norm_choice::{build_norm, NormKind, NormParams};
 pub use sequential::Sequential;
 pub use spec::{GraphSpec, LayerSpec};
 pub use zoo::{ModelConfig, ModelKind};
@@ -120,20 +120,28 @@ impl Model {
     }
 
     /// The first node that a training batch of `n` images would leave with one value per channel (a
-    /// BatchNorm, or Batch-Channel Norm's batch part, on (n, C) or (n, C, 1, 1)), with its input shape; `None`
-    /// when a batch of `n` trains.
+    /// BatchNorm, Batch Renorm, or Batch-Channel Norm's batch part, on (n, C) or (n, C, 1, 1); a Ghost BN
+    /// whose virtual batches would), or that cannot take it at all (a Ghost BN whose virtual batch is larger
+    /// than `n`), with its input shape; `None` when a batch of `n` trains.
     pub fn one_value_per_channel(&self, n: usize) -> Result<Option<(String, Vec<usize>)>> {
         let [c, h, w] = self.input;
         let shapes = self.graph.value_shapes(&[&[n, c, h, w]])?;
         for node in self.graph.nodes() {
+            let shape = &shapes[node.inputs().first().map_or(0, |v| v.index())];
+            if let Some(g) = node.layer_as::<crate::norm::GhostBatchNorm<f32>>() {
+                if g.virtual_batches(shape).is_err() {
+                    return Ok(Some((node.name().to_string(), shape.clone())));
+                }
+                continue;
+            }
             let uses_batch_stats = node.layer_as::<crate::norm::BatchNorm<f32>>().is_some()
+                || node.layer_as::<crate::norm::BatchRenorm<f32>>().is_some()
                 || node
                     .layer_as::<crate::norm::BatchChannelNorm<f32>>()
                     .is_some();
             if !uses_batch_stats {
                 continue;
             }
-            let shape = &shapes[node.inputs()[0].index()];
             let per_channel: usize = shape
                 .iter()
                 .enumerate()
@@ -145,6 +153,27 @@ impl Model {
             }
         }
         Ok(None)
+    }
+
+    /// Tells every Batch Renorm scheduled over its run ([`crate::norm::RenormSchedule::Run`]) how many steps the
+    /// run has (the trainer calls it at the start of every run and resume).
+    pub fn set_run_length(&mut self, total_steps: u64) {
+        let names: Vec<String> = self
+            .graph
+            .nodes()
+            .iter()
+            .filter(|n| n.layer_as::<crate::norm::BatchRenorm<f32>>().is_some())
+            .map(|n| n.name().to_string())
+            .collect();
+        for name in names {
+            if let Some(r) = self
+                .graph
+                .node_mut(&name)
+                .and_then(|n| n.layer_as_mut::<crate::norm::BatchRenorm<f32>>())
+            {
+                r.set_run_length(total_steps);
+            }
+        }
     }
 
     /// Checks an input batch's shape against the model's input.

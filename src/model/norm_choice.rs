@@ -3,8 +3,8 @@
 
 use crate::layer::Layer;
 use crate::norm::{
-    BatchChannelNormConfig, BatchNormConfig, FrozenBatchNormConfig, GroupNormConfig,
-    InstanceNormConfig, LayerNormConfig,
+    BatchChannelNormConfig, BatchNormConfig, BatchRenormConfig, FrozenBatchNormConfig,
+    GhostBatchNormConfig, GroupNormConfig, InstanceNormConfig, LayerNormConfig, RenormSchedule,
 };
 use crate::{NvError, Result};
 
@@ -19,11 +19,13 @@ pub enum NormKind {
     Instance,
     Bcn,
     Frozen,
+    Renorm,
+    Ghost,
 }
 
 impl NormKind {
     /// Every choice, in the order the CLI lists them.
-    pub const ALL: [NormKind; 7] = [
+    pub const ALL: [NormKind; 9] = [
         NormKind::None,
         NormKind::Batch,
         NormKind::Group,
@@ -31,6 +33,8 @@ impl NormKind {
         NormKind::Instance,
         NormKind::Bcn,
         NormKind::Frozen,
+        NormKind::Renorm,
+        NormKind::Ghost,
     ];
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -41,6 +45,8 @@ impl NormKind {
             NormKind::Instance => "instance",
             NormKind::Bcn => "bcn",
             NormKind::Frozen => "frozen",
+            NormKind::Renorm => "renorm",
+            NormKind::Ghost => "ghost",
         }
     }
     /// What the CLI's `--help` says of it.
@@ -53,6 +59,8 @@ impl NormKind {
             NormKind::Instance => "InstanceNorm2d with affine after convolutions; none after linear layers (one value per instance)",
             NormKind::Bcn => "Batch-Channel Normalization",
             NormKind::Frozen => "FrozenBatchNorm: fixed statistics and affine (load them from a BN checkpoint to fine-tune)",
+            NormKind::Renorm => "Batch Renormalization (r_max 1->3, d_max 0->5, ramped over the first half of the run)",
+            NormKind::Ghost => "Ghost BatchNorm: virtual batches of --ghost-batch samples (16 by default)",
         }
     }
     /// Whether the layer before it should carry a bias (it is redundant before a norm with a shift).
@@ -75,9 +83,31 @@ impl std::str::FromStr for NormKind {
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
                 NvError::Config(format!(
-                    "unknown normalization {s:?} (expected one of none, batch, group, layer, instance, bcn, frozen)"
+                    "unknown normalization {s:?} (expected one of none, batch, group, layer, instance, bcn, frozen, renorm, ghost)"
                 ))
             })
+    }
+}
+
+/// The settings of the norms that have them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormParams {
+    /// GroupNorm's groups (`--groups`).
+    pub groups: usize,
+    /// Ghost BN's virtual batch size (`--ghost-batch`).
+    pub ghost_batch: usize,
+    /// Batch Renorm's schedule of r_max and d_max.
+    pub renorm: RenormSchedule,
+}
+
+impl Default for NormParams {
+    /// 8 groups, virtual batches of 16, Batch Renorm scaled to the run.
+    fn default() -> Self {
+        NormParams {
+            groups: 8,
+            ghost_batch: 16,
+            renorm: RenormSchedule::Run,
+        }
     }
 }
 
@@ -88,8 +118,9 @@ pub fn build_norm(
     kind: NormKind,
     c: usize,
     spatial: bool,
-    groups: usize,
+    p: &NormParams,
 ) -> Result<Option<Box<dyn Layer<f32>>>> {
+    let groups = p.groups;
     let boxed = |l: Box<dyn Layer<f32>>| Ok(Some(l));
     match kind {
         NormKind::None => Ok(None),
@@ -128,5 +159,21 @@ pub fn build_norm(
             }
         }
         NormKind::Bcn => boxed(Box::new(BatchChannelNormConfig::new(c).build::<f32>()?)),
+        NormKind::Renorm => {
+            let cfg = if spatial {
+                BatchRenormConfig::d2(c)
+            } else {
+                BatchRenormConfig::d1(c)
+            };
+            boxed(Box::new(cfg.schedule(p.renorm).build::<f32>()?))
+        }
+        NormKind::Ghost => {
+            let cfg = if spatial {
+                GhostBatchNormConfig::d2(c, p.ghost_batch)
+            } else {
+                GhostBatchNormConfig::d1(c, p.ghost_batch)
+            };
+            boxed(Box::new(cfg.build::<f32>()?))
+        }
     }
 }

@@ -9,8 +9,9 @@ use crate::nn::{
 };
 use crate::norm::frozen::FrozenBatchNormConfig;
 use crate::norm::{
-    BatchChannelNorm, BatchChannelNormConfig, BatchNorm, BatchNormConfig, FrozenBatchNorm,
-    GroupNorm, GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, LayerNormConfig,
+    BatchChannelNorm, BatchChannelNormConfig, BatchNorm, BatchNormConfig, BatchRenorm,
+    BatchRenormConfig, FrozenBatchNorm, GhostBatchNorm, GhostBatchNormConfig, GroupNorm,
+    GroupNormConfig, InstanceNorm, InstanceNormConfig, LayerNorm, LayerNormConfig,
 };
 use crate::{NvError, Real, Result};
 use serde::{Deserialize, Serialize};
@@ -27,6 +28,8 @@ pub enum LayerSpec {
     LayerNorm(LayerNormConfig),
     InstanceNorm(InstanceNormConfig),
     BatchChannelNorm(BatchChannelNormConfig),
+    BatchRenorm(BatchRenormConfig),
+    GhostBatchNorm(GhostBatchNormConfig),
     Relu,
     Sigmoid,
     Flatten,
@@ -66,7 +69,8 @@ impl LayerSpec {
         }
         try_cfg!(Conv2d => Conv2d, Linear => Linear, BatchNorm => BatchNorm, FrozenBatchNorm => FrozenBatchNorm,
             GroupNorm => GroupNorm, LayerNorm => LayerNorm, InstanceNorm => InstanceNorm,
-            BatchChannelNorm => BatchChannelNorm, MaxPool2d => MaxPool2d, AvgPool2d => AvgPool2d);
+            BatchChannelNorm => BatchChannelNorm, BatchRenorm => BatchRenorm,
+            GhostBatchNorm => GhostBatchNorm, MaxPool2d => MaxPool2d, AvgPool2d => AvgPool2d);
         if any.is::<ReLU<T>>() {
             return Some(LayerSpec::Relu);
         }
@@ -131,12 +135,25 @@ impl LayerSpec {
             }
             LayerSpec::InstanceNorm(c) => 4 * u(c.num_features) + 1,
             LayerSpec::BatchChannelNorm(c) => 8 * u(c.num_features) + 1,
+            LayerSpec::BatchRenorm(c) => 4 * u(c.num_features) + 1,
+            LayerSpec::GhostBatchNorm(c) => 4 * u(c.bn.num_features) + 1,
             LayerSpec::ScaleShift { scale, shift } => [scale, shift]
                 .iter()
                 .filter_map(|s| s.as_ref())
                 .map(|s| s.iter().map(|&d| u(d)).product::<u128>())
                 .sum(),
             _ => 0,
+        }
+    }
+
+    /// The layer its eval pass is: a BatchNorm for Batch Renorm and Ghost BN (which differ from it in training
+    /// only), the spec itself otherwise.
+    pub fn eval_equivalent(&self) -> std::borrow::Cow<'_, LayerSpec> {
+        use std::borrow::Cow;
+        match self {
+            LayerSpec::BatchRenorm(c) => Cow::Owned(LayerSpec::BatchNorm(c.batch_norm_config())),
+            LayerSpec::GhostBatchNorm(c) => Cow::Owned(LayerSpec::BatchNorm(c.bn.clone())),
+            s => Cow::Borrowed(s),
         }
     }
 
@@ -151,6 +168,8 @@ impl LayerSpec {
             LayerSpec::LayerNorm(c) => Box::new(c.clone().build::<T>()?),
             LayerSpec::InstanceNorm(c) => Box::new(c.clone().build::<T>()?),
             LayerSpec::BatchChannelNorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::BatchRenorm(c) => Box::new(c.clone().build::<T>()?),
+            LayerSpec::GhostBatchNorm(c) => Box::new(c.clone().build::<T>()?),
             LayerSpec::Relu => Box::new(ReLU::<T>::new()),
             LayerSpec::Sigmoid => Box::new(Sigmoid::<T>::new()),
             LayerSpec::Flatten => Box::new(Flatten::<T>::new()),

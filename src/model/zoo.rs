@@ -2,7 +2,7 @@
 //! normalization (`--norm`), built as graphs under the state-dict names of their PyTorch twins
 //! (`tools/gen_model_fixture.py`).
 
-use super::norm_choice::{build_norm, NormKind};
+use super::norm_choice::{build_norm, NormKind, NormParams};
 use super::Graph;
 use crate::layer::Layer;
 use crate::model::ValueId;
@@ -65,6 +65,12 @@ pub struct ModelConfig {
     pub num_classes: usize,
     /// Groups for `--norm group`.
     pub groups: usize,
+    /// Virtual batch size for `--norm ghost`.
+    #[serde(default = "default_ghost_batch")]
+    pub ghost_batch: usize,
+    /// The r_max/d_max schedule for `--norm renorm`.
+    #[serde(default = "default_renorm")]
+    pub renorm: crate::norm::RenormSchedule,
     pub init: InitSpec,
     /// Dropout before the classifier (0 = none).
     pub dropout: f64,
@@ -82,6 +88,8 @@ impl ModelConfig {
             width: 28,
             num_classes: 10,
             groups: 8,
+            ghost_batch: 16,
+            renorm: crate::norm::RenormSchedule::Run,
             init: InitSpec {
                 init: Init::KaimingNormal,
                 scale: 1.0,
@@ -116,6 +124,7 @@ impl ModelConfig {
         range("width", self.width, Self::MAX_SIDE)?;
         range("num_classes", self.num_classes, Self::MAX_CLASSES)?;
         range("groups", self.groups, 1024)?;
+        range("ghost_batch", self.ghost_batch, 1 << 16)?;
         if !(self.init.scale.is_finite() && self.init.scale > 0.0) {
             return Err(NvError::Config(format!(
                 "model: the init scale must be finite and > 0, got {}",
@@ -129,6 +138,15 @@ impl ModelConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The settings of its norm.
+    pub fn norm_params(&self) -> NormParams {
+        NormParams {
+            groups: self.groups,
+            ghost_batch: self.ghost_batch,
+            renorm: self.renorm,
+        }
     }
 
     /// The graph this configuration describes, with weights drawn from its seed.
@@ -188,7 +206,7 @@ impl<R: rand::Rng> Zoo<'_, R> {
         x: ValueId,
     ) -> Result<(ValueId, bool)> {
         let mut cur = x;
-        let has_norm = match build_norm(self.cfg.norm, c, spatial, self.cfg.groups)? {
+        let has_norm = match build_norm(self.cfg.norm, c, spatial, &self.cfg.norm_params())? {
             Some(n) => {
                 cur = self.g.layer_boxed(norm_name, n, cur)?;
                 true
@@ -207,7 +225,7 @@ impl<R: rand::Rng> Zoo<'_, R> {
         x: ValueId,
     ) -> Result<ValueId> {
         let (n, r) = (idx.to_string(), (*idx + 1).to_string());
-        let has_norm = build_norm(self.cfg.norm, c, spatial, self.cfg.groups)?.is_some();
+        let has_norm = build_norm(self.cfg.norm, c, spatial, &self.cfg.norm_params())?.is_some();
         let relu_name = if has_norm { r } else { n.clone() };
         let (y, _) = self.norm_relu(&n, &relu_name, c, spatial, x)?;
         *idx += if has_norm { 2 } else { 1 };
@@ -273,7 +291,15 @@ impl<R: rand::Rng> Zoo<'_, R> {
             let l = self.linear(fin, 100, bias)?;
             cur = self.node(i.to_string(), l, cur)?;
             i += 1;
-            if let Some(n) = build_norm(cfg.norm, 100, false, cfg.groups.min(4))? {
+            if let Some(n) = build_norm(
+                cfg.norm,
+                100,
+                false,
+                &NormParams {
+                    groups: cfg.groups.min(4),
+                    ..cfg.norm_params()
+                },
+            )? {
                 cur = self.g.layer_boxed(i.to_string(), n, cur)?;
                 i += 1;
             }
@@ -323,7 +349,7 @@ impl<R: rand::Rng> Zoo<'_, R> {
         stride: usize,
         x: ValueId,
     ) -> Result<ValueId> {
-        let (norm, groups) = (self.cfg.norm, self.cfg.groups);
+        let (norm, np) = (self.cfg.norm, self.cfg.norm_params());
         let bias = norm.wants_bias_before();
         let c1 = self.conv(
             Conv2dConfig::new(cin, cout, 3)
@@ -337,13 +363,13 @@ impl<R: rand::Rng> Zoo<'_, R> {
             .norm_relu(&join(p, "bn1"), &join(p, "relu1"), cout, true, a)?
             .0;
         a = self.node(join(p, "conv2"), c2, a)?;
-        if let Some(n) = build_norm(norm, cout, true, groups)? {
+        if let Some(n) = build_norm(norm, cout, true, &np)? {
             a = self.g.layer_boxed(join(p, "bn2"), n, a)?;
         }
         let short = if stride != 1 || cin != cout {
             let sc = self.conv(Conv2dConfig::new(cin, cout, 1).stride(stride).bias(bias))?;
             let mut s = self.node(join(p, "shortcut.0"), sc, x)?;
-            if let Some(n) = build_norm(norm, cout, true, groups)? {
+            if let Some(n) = build_norm(norm, cout, true, &np)? {
                 s = self.g.layer_boxed(join(p, "shortcut.1"), n, s)?;
             }
             s
@@ -353,4 +379,12 @@ impl<R: rand::Rng> Zoo<'_, R> {
         let sum = self.g.add(join(p, "add"), &[a, short])?;
         self.node(join(p, "relu"), ReLU::new(), sum)
     }
+}
+
+fn default_ghost_batch() -> usize {
+    16
+}
+
+fn default_renorm() -> crate::norm::RenormSchedule {
+    crate::norm::RenormSchedule::Run
 }

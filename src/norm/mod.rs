@@ -9,22 +9,28 @@
 //! | [`LayerNorm`] | trailing `normalized_shape` per sample | same in both | same in both |
 //! | [`InstanceNorm`] | (*spatial) per sample and channel | instance stats | running stats if tracked |
 //! | [`BatchChannelNorm`] | BN part per channel + LN part per sample | batch stats | running stats (BN part) |
+//! | [`BatchRenorm`] | (N, *spatial) per channel, corrected by r and d toward the running stats | batch stats · r + d | running stats |
+//! | [`GhostBatchNorm`] | (virtual batch, *spatial) per channel | per virtual batch | running stats |
 
 pub mod batch;
 pub mod bcn;
 mod buffers;
 pub mod frozen;
+pub mod ghost;
 pub mod group;
 pub(crate) mod group_kernels;
 pub mod instance;
 pub mod layer;
+pub mod renorm;
 
 pub use batch::{BatchNorm, BatchNormConfig, BnFusion, Convention};
 pub use bcn::{BatchChannelNorm, BatchChannelNormConfig};
 pub use frozen::{FrozenBatchNorm, FrozenBatchNormConfig};
+pub use ghost::{GhostBatchNorm, GhostBatchNormConfig};
 pub use group::{GroupNorm, GroupNormConfig};
 pub use instance::{InstanceNorm, InstanceNormConfig};
 pub use layer::{LayerNorm, LayerNormConfig};
+pub use renorm::{BatchRenorm, BatchRenormConfig, RenormSchedule};
 
 use crate::{Ctx, NvError, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};

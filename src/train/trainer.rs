@@ -292,6 +292,18 @@ fn run(
         None => train_ds.mean_std()?,
     };
     let mut notes = vec![];
+    for node in model.graph().nodes() {
+        if let Some(g) = node.layer_as::<crate::norm::GhostBatchNorm<f32>>() {
+            if g.ghost_batch() > cfg.batch_size {
+                return Err(NvError::Config(format!(
+                    "{}: the virtual batch size {} (--ghost-batch) is larger than the batch size {} (--batch-size)",
+                    node.name(),
+                    g.ghost_batch(),
+                    cfg.batch_size
+                )));
+            }
+        }
+    }
     let drop_last = cfg.drop_last
         || {
             if let Some((node, shape)) = model.one_value_per_channel(cfg.batch_size)? {
@@ -323,6 +335,11 @@ fn run(
             ..LoaderConfig::train(cfg.batch_size, cfg.seed)
         },
     )?;
+    {
+        let per_epoch = loader.num_batches() as u64;
+        let total = per_epoch * cfg.epochs as u64;
+        model.set_run_length(cfg.max_steps.map_or(total, |m| m.min(total)));
+    }
     if loader.num_batches() == 0 {
         return Err(NvError::Config(format!(
             "no training batch: {} images at batch size {} with the last partial batch dropped",

@@ -179,6 +179,9 @@ pub struct TorchModelArgs {
     /// Groups for --norm group.
     #[arg(long, default_value_t = 8)]
     pub groups: usize,
+    /// Samples per virtual batch for --norm ghost (at most the batch size).
+    #[arg(long, default_value_t = 16)]
+    pub ghost_batch: usize,
     /// Input shape CxHxW.
     #[arg(long, default_value = "1x28x28")]
     pub input: String,
@@ -221,6 +224,7 @@ impl TorchModelArgs {
         cfg.width = w;
         cfg.num_classes = self.num_classes;
         cfg.groups = self.groups;
+        cfg.ghost_batch = self.ghost_batch;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -275,6 +279,9 @@ pub struct TrainArgs {
     /// Groups for --norm group.
     #[arg(long, default_value_t = 8)]
     pub groups: usize,
+    /// Samples per virtual batch for --norm ghost (at most the batch size).
+    #[arg(long, default_value_t = 16)]
+    pub ghost_batch: usize,
     #[arg(long, default_value_t = 5)]
     pub epochs: usize,
     /// Stop after this many optimizer steps.
@@ -351,6 +358,7 @@ impl TrainArgs {
         cfg.model.width = w;
         cfg.model.num_classes = dataset.classes.len();
         cfg.model.groups = self.groups;
+        cfg.model.ghost_batch = self.ghost_batch;
         cfg.model.init = InitSpec {
             init: self.init.into(),
             scale: self.init_scale,

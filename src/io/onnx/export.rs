@@ -174,7 +174,11 @@ impl Writer<'_> {
                 "ONNX export: node {name:?}: {what} has no ONNX form here"
             )))
         };
-        match spec {
+        let eval_spec = spec.eval_equivalent();
+        match eval_spec.as_ref() {
+            LayerSpec::BatchRenorm(_) | LayerSpec::GhostBatchNorm(_) => {
+                unreachable!("eval_equivalent maps them to BatchNorm")
+            }
             LayerSpec::Conv2d(c) => {
                 let mut ins = vec![x.to_string(), self.weight(&k("weight"), None)?];
                 if c.bias {
