@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what normvision's main job and tests need on a fresh Debian machine of this project's kind:
-# the Fashion-MNIST package (read from /usr/share/datasets/fashion-mnist). Idempotent and quiet when done.
+# the Fashion-MNIST package (read from /usr/share/datasets/fashion-mnist) and the DejaVu fonts (the text of the
+# experiments' PNG plots). Idempotent and quiet when done.
 set -euo pipefail
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need+=(fonts-dejavu-core)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "setup: installing ${need[*]} with apt-get" >&2

@@ -1,6 +1,7 @@
-//! `normvision experiment shift|finetune --quick` on Fashion-MNIST (installed by scripts/setup.sh): each
-//! writes its Markdown, JSON and SVG, and the shift experiment shows AdaBN's gain of at least 5 points on
-//! brightness and contrast at severity 3 (issue #7's requirement).
+//! `normvision experiment NAME --quick` for every experiment, on Fashion-MNIST (installed by scripts/setup.sh):
+//! each writes its Markdown, JSON, PNG and SVG, and asserts what must hold if the code is right (the plain net
+//! fails at lr 0.2 where BN trains; BN at batch 2 ends below GroupNorm at batch 2; AdaBN's gain on brightness and
+//! contrast; ...). Then `normvision report` assembles RESULTS.md from the reports and docs/claims.json.
 
 mod common;
 
@@ -26,7 +27,7 @@ fn run(name: &str, dir: &std::path::Path) -> serde_json::Value {
         .output()
         .unwrap();
     assert_ok(name, &o);
-    for ext in ["md", "json", "svg"] {
+    for ext in ["md", "json", "svg", "png"] {
         let p = dir.join(format!("{name}.{ext}"));
         assert!(p.is_file(), "{}", p.display());
     }
@@ -80,4 +81,158 @@ fn finetune_quick_writes_its_report() {
         &o,
         &["unknown experiment", "shift, finetune"],
     );
+}
+
+fn records(r: &serde_json::Value) -> &Vec<serde_json::Value> {
+    r["records"].as_array().unwrap()
+}
+
+#[test]
+fn convergence_quick_plain_net_fails_at_lr_0_2_where_bn_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("convergence", dir.path());
+    let rec = records(&r);
+    assert_eq!(rec.len(), 4); // BN and plain at lr 0.05 and 0.2
+                              // records are [norm][lr]: BN 0.05, BN 0.2, plain 0.05, plain 0.2
+    assert_eq!(rec[1]["outcome"], "trained", "BN at lr 0.2: {}", rec[1]);
+    assert_ne!(rec[3]["outcome"], "trained", "plain at lr 0.2: {}", rec[3]);
+    assert_eq!(rec[2]["outcome"], "trained", "plain at lr 0.05: {}", rec[2]);
+    assert_eq!(
+        r["verdicts"][1]["status"], "confirmed",
+        "{}",
+        r["verdicts"][1]
+    );
+    // a second invocation reads every run from the cache
+    let t = std::time::Instant::now();
+    run("convergence", dir.path());
+    assert!(
+        t.elapsed().as_secs_f64() < 5.0,
+        "the cached runs were not reused"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("runs/convergence-quick"))
+            .unwrap()
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn mlp_sigmoid_quick_records_the_percentiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("mlp-sigmoid", dir.path());
+    for rec in records(&r) {
+        let p = rec["percentiles"].as_array().unwrap();
+        assert_eq!(
+            p.len(),
+            16,
+            "a probe every 100 of 1500 steps, and one at the end"
+        );
+        for q in p {
+            let v: Vec<f64> = q[1]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert!(v[0] <= v[1] && v[1] <= v[2], "percentiles in order: {v:?}");
+        }
+        let acc = rec["accuracy"].as_array().unwrap();
+        assert!(
+            acc.last().unwrap()[1].as_f64().unwrap() > 0.5,
+            "the mlp learns: {acc:?}"
+        );
+    }
+    assert!(
+        dir.path().join("mlp-sigmoid-2.png").is_file(),
+        "the accuracy plot"
+    );
+}
+
+#[test]
+fn init_quick_confirms_the_exact_scale_invariance() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("init", dir.path());
+    assert_eq!(
+        r["verdicts"][0]["status"], "confirmed",
+        "{}",
+        r["verdicts"][0]
+    );
+    assert_eq!(records(&r).len(), 6); // 3 scales x 2 nets
+}
+
+#[test]
+fn batch_size_quick_bn_at_batch_2_ends_below_group_norm() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("batch-size", dir.path());
+    let acc = |norm: &str, b: u64| {
+        records(&r)
+            .iter()
+            .find(|x| x["key"]["norm"] == norm && x["key"]["batch"] == b)
+            .unwrap()["result"]["accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        acc("batch", 2) < acc("group", 2),
+        "BN {} vs GN {} at batch 2",
+        acc("batch", 2),
+        acc("group", 2)
+    );
+    assert!(acc("batch", 32) > acc("batch", 2));
+}
+
+#[test]
+fn regularization_quick_measures_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("regularization", dir.path());
+    assert_eq!(records(&r).len(), 4);
+    for x in records(&r) {
+        let (tr, te) = (
+            x["result"]["train_acc"].as_f64().unwrap(),
+            x["result"]["test_acc"].as_f64().unwrap(),
+        );
+        assert!(
+            (0.3..=1.0).contains(&tr) && (0.3..=1.0).contains(&te),
+            "{x}"
+        );
+    }
+}
+
+#[test]
+fn landscape_quick_probes_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("landscape", dir.path());
+    for rec in records(&r) {
+        let p = rec["probes"].as_array().unwrap();
+        assert_eq!(p.len(), 4, "a probe every 15 of 60 steps");
+        assert!(p
+            .iter()
+            .all(|q| (1..4)
+                .all(|k| q[k].as_f64().unwrap().is_finite() && q[k].as_f64().unwrap() >= 0.0)));
+    }
+    assert!(dir.path().join("landscape-3.svg").is_file(), "three plots");
+    // the report assembles RESULTS.md from whatever reports are there
+    let out = dir.path().join("RESULTS.md");
+    let claims = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/claims.json");
+    let o = nv(&[
+        "report",
+        "--claims",
+        claims,
+        "--results",
+        s(dir.path()),
+        "--out",
+        s(&out),
+    ]);
+    assert_ok("report", &o);
+    let md = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        md.contains("BN smooths the loss landscape") && md.contains("(quick run only)"),
+        "{md}"
+    );
+    assert!(
+        md.contains("Not run yet: `normvision experiment convergence"),
+        "{md}"
+    );
+    assert!(md.contains("](landscape-2.png)"), "{md}");
 }

@@ -477,3 +477,53 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(cfg(24))]
+
+    /// The property behind the BN paper's §3.3: a convolution or linear layer followed by BN gives the same
+    /// training output when its weights are scaled by a > 0, and the weights' gradient scales by 1/a (f64, eps
+    /// 1e-30 so that the variance's eps does not break the identity).
+    #[test]
+    fn bn_after_a_layer_is_invariant_to_its_weight_scale(
+        a in prop_oneof![0.01f64..0.1, 0.1f64..10.0, 10.0f64..100.0],
+        conv in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        use normvision::nn::{Conv2dConfig, LinearConfig};
+        let mut g = Pcg64::seed_from_u64(seed);
+        let (mut layer, x, bn_cfg): (Box<dyn Layer<f64>>, ArrayD<f64>, BatchNormConfig) = if conv {
+            (
+                Box::new(Conv2dConfig::new(3, 4, 3).padding(1).bias(false).build::<f64>(&mut g).unwrap()),
+                randn(seed ^ 7, &[5, 3, 6, 6]),
+                BatchNormConfig::d2(4),
+            )
+        } else {
+            (
+                Box::new(LinearConfig::new(6, 4).bias(false).build::<f64>(&mut g).unwrap()),
+                randn(seed ^ 7, &[9, 6]),
+                BatchNormConfig::d1(4),
+            )
+        };
+        let dy = |shape: &[usize]| randn(seed ^ 11, shape);
+        let run = |layer: &mut Box<dyn Layer<f64>>| {
+            let mut bn: BatchNorm<f64> = bn_cfg.clone().eps(1e-30).build().unwrap();
+            layer.zero_grad();
+            let h = layer.forward(&x, Ctx::train()).unwrap();
+            let y = bn.forward(&h, Ctx::train()).unwrap();
+            let dh = bn.backward(&h, &dy(y.shape()), Ctx::train()).unwrap();
+            layer.backward(&x, &dh, Ctx::train()).unwrap();
+            let mut gw = vec![];
+            layer.visit_params("", &mut |_, p| gw.extend(p.grad.iter().copied()));
+            (y, gw)
+        };
+        let (y1, g1) = run(&mut layer);
+        layer.visit_params("", &mut |_, p| p.value.mapv_inplace(|v| v * a));
+        let (y2, g2) = run(&mut layer);
+        prop_assert!(max_abs_diff(&y1, &y2) < 1e-10, "output changed by {:e}", max_abs_diff(&y1, &y2));
+        let scale = g1.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        for (p, q) in g1.iter().zip(&g2) {
+            prop_assert!((p - a * q).abs() <= 1e-9 * scale, "gradient {q} vs {p}/{a}");
+        }
+    }
+}

@@ -156,6 +156,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 at(2, small) * 100.0
             ),
             holds: at(1, small) >= at(0, small),
+            status: None,
+            why: String::new(),
         },
         Verdict {
             claim: "Frozen BN's lead over trained BN is larger at the smallest batch than at the largest".into(),
@@ -169,6 +171,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
             ),
             holds: at(1, small) - at(0, small)
                 >= at(1, batches.len() - 1) - at(0, batches.len() - 1),
+            status: None,
+            why: String::new(),
         },
     ];
     let plot = Plot {
@@ -212,6 +216,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         tables: vec![table],
         verdicts,
         plot: Some(plot),
+        extra_plots: vec![],
+        date: super::now_utc(),
         records,
         seconds: t0.elapsed().as_secs_f64(),
     })

@@ -4,14 +4,30 @@
 //!
 //! | experiment | claim (`experiments.md`) | file |
 //! |---|---|---|
+//! | `convergence` | BN trains in fewer steps and at higher learning rates (BN paper §4.2) | [`convergence`] |
+//! | `mlp-sigmoid` | the BN paper's MNIST network: faster training, stable sigmoid inputs (§4.1, Fig. 1) | [`mlp_sigmoid`] |
+//! | `init` | BN makes training robust to the scale of the initial weights (§3.3) | [`init`] |
+//! | `batch-size` | BN breaks at small batches; GN, LN, IN, BCN, Batch Renorm and Ghost BN compared (Wu & He 2018) | [`batch_size`] |
+//! | `regularization` | BN regularizes: a smaller train/test gap (§3.4) | [`regularization`] |
+//! | `landscape` | BN smooths the loss landscape (Santurkar et al. 2018) | [`landscape`] |
 //! | `shift` | re-estimating BN statistics on shifted test data recovers accuracy (AdaBN, Schneider et al.'s N/n mix) | [`shift`] |
 //! | `finetune` | BN fine-tuned at small batches loses to frozen BN (Wu & He 2018 §4.2) | [`finetune`] |
 //!
-//! `--quick` runs each in about a minute (CI runs them), on subsets of the data; the full runs are what the
-//! committed results in `docs/results/` come from.
+//! `--quick` runs each in well under a minute (CI runs them), on subsets of the data; the full runs are what the
+//! committed results in `docs/results/` come from. Every setting's result is cached as a small JSON under
+//! `OUT/runs/NAME/` ([`runs::RunCache`]), so an interrupted suite resumes, and [`results`] assembles
+//! `docs/RESULTS.md` from the reports and `docs/claims.json` without re-running anything.
 
+pub mod batch_size;
+pub mod convergence;
 pub mod finetune;
+pub mod init;
+pub mod landscape;
+pub mod mlp_sigmoid;
+pub mod regularization;
 pub mod report;
+pub mod results;
+pub mod runs;
 pub mod shift;
 
 use crate::data::{fashion_mnist, Dataset};
@@ -32,14 +48,31 @@ pub struct ExperimentOptions {
     pub data: Option<PathBuf>,
     /// Print progress lines on stderr.
     pub verbose: bool,
+    /// Progress of the runs (the CLI draws a bar from it).
+    pub progress: Option<runs::RunProgress>,
 }
 
-/// The experiments, by command-line name.
-pub const NAMES: [&str; 2] = ["shift", "finetune"];
+/// The experiments, by command-line name, in the suite's order.
+pub const NAMES: [&str; 8] = [
+    "convergence",
+    "mlp-sigmoid",
+    "init",
+    "batch-size",
+    "regularization",
+    "landscape",
+    "shift",
+    "finetune",
+];
 
 /// Runs experiment `name`, returning its report (also written to `opts.out`).
 pub fn run(name: &str, opts: &ExperimentOptions) -> Result<report::Report> {
     let r = match name {
+        "convergence" => convergence::run(opts)?,
+        "mlp-sigmoid" => mlp_sigmoid::run(opts)?,
+        "init" => init::run(opts)?,
+        "batch-size" => batch_size::run(opts)?,
+        "regularization" => regularization::run(opts)?,
+        "landscape" => landscape::run(opts)?,
         "shift" => shift::run(opts)?,
         "finetune" => finetune::run(opts)?,
         other => {
@@ -72,4 +105,75 @@ pub(crate) fn mean_std(v: &[f64]) -> (f64, f64) {
         0.0
     };
     (m, s)
+}
+
+/// The current UTC time as RFC 3339 (seconds).
+pub fn now_utc() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil-from-days (H. Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The command line that reproduces a run of `name` with `opts`.
+pub(crate) fn command(name: &str, opts: &ExperimentOptions) -> String {
+    format!(
+        "normvision experiment {name}{}{}",
+        if opts.quick { " --quick" } else { "" },
+        if opts.seeds > 0 {
+            format!(" --seeds {}", opts.seeds)
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// A training configuration of the reference recipe (SGD momentum 0.9, batch 128, eval batch 1000) for
+/// `kind` and `norm`, with the seed, learning rate, epochs and data limits given.
+pub(crate) fn recipe(
+    kind: crate::model::ModelKind,
+    norm: crate::model::NormKind,
+    seed: u64,
+    lr: f64,
+    epochs: usize,
+) -> crate::train::TrainConfig {
+    let mut cfg = crate::train::TrainConfig::reference(kind, norm);
+    cfg.seed = seed;
+    cfg.model.seed = seed;
+    cfg.schedule = crate::optim::LrSchedule::constant(lr);
+    cfg.epochs = epochs;
+    cfg.eval_batch_size = 1000;
+    cfg
+}
+
+/// Trains `cfg` (its zoo model) on the experiment's data with the training set's normalization.
+pub(crate) fn train_cfg(
+    cfg: &crate::train::TrainConfig,
+    train: &Arc<Dataset>,
+    test: &Arc<Dataset>,
+) -> Result<(crate::train::TrainReport, crate::model::Model)> {
+    let model = crate::model::Model::new(cfg.model.clone())?;
+    crate::train::train_model_keep(
+        model,
+        cfg,
+        train.clone(),
+        test.clone(),
+        crate::train::RunOptions::default(),
+    )
 }

@@ -54,6 +54,25 @@ impl Table {
     }
 }
 
+/// How far a claim holds here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Confirmed,
+    Partly,
+    NotReproduced,
+}
+
+impl Status {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Confirmed => "confirmed",
+            Status::Partly => "partly",
+            Status::NotReproduced => "not reproduced",
+        }
+    }
+}
+
 /// One claim checked: what the paper says, what we measured, and whether it holds here.
 #[derive(Debug, Clone, Serialize)]
 pub struct Verdict {
@@ -61,6 +80,34 @@ pub struct Verdict {
     pub paper: String,
     pub ours: String,
     pub holds: bool,
+    /// The graded verdict (`None`: confirmed when `holds`, not reproduced otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// Why: what explains a difference from the paper (scale, data set, or a real disagreement).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub why: String,
+}
+
+impl Verdict {
+    /// A graded verdict; `holds` unless not reproduced.
+    pub fn graded(claim: &str, paper: &str, ours: String, status: Status, why: &str) -> Verdict {
+        Verdict {
+            claim: claim.into(),
+            paper: paper.into(),
+            ours,
+            holds: status != Status::NotReproduced,
+            status: Some(status),
+            why: why.into(),
+        }
+    }
+    /// The graded verdict, or the one `holds` implies.
+    pub fn status(&self) -> Status {
+        self.status.unwrap_or(if self.holds {
+            Status::Confirmed
+        } else {
+            Status::NotReproduced
+        })
+    }
 }
 
 /// A line of a plot: a label and its (x, y) points.
@@ -90,6 +137,12 @@ pub struct Report {
     pub tables: Vec<Table>,
     pub verdicts: Vec<Verdict>,
     pub plot: Option<Plot>,
+    /// Further plots (written as NAME-2.svg, NAME-3.svg, …).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_plots: Vec<Plot>,
+    /// When the run finished (UTC, RFC 3339).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub date: String,
     /// Every measurement, for machines.
     pub records: Vec<serde_json::Value>,
     pub seconds: f64,
@@ -106,13 +159,14 @@ impl Report {
             self.seconds,
             self.setup
         );
-        let mut v = Table::new("Claims", &["claim", "paper", "ours", "holds here"]);
+        let mut v = Table::new("Claims", &["claim", "paper", "ours", "verdict", "why"]);
         for d in &self.verdicts {
             v.row(vec![
                 d.claim.clone(),
                 d.paper.clone(),
                 d.ours.clone(),
-                if d.holds { "yes" } else { "no" }.into(),
+                d.status().as_str().into(),
+                d.why.clone(),
             ]);
         }
         s += &v.markdown();
@@ -123,7 +177,24 @@ impl Report {
         s
     }
 
-    /// Writes `NAME.md`, `NAME.json` and (with a plot) `NAME.svg` into `dir`.
+    /// The plots with their file stems: NAME, NAME-2, NAME-3, …
+    pub fn plots(&self) -> Vec<(String, &Plot)> {
+        self.plot
+            .iter()
+            .chain(&self.extra_plots)
+            .enumerate()
+            .map(|(i, p)| {
+                let stem = if i == 0 {
+                    self.name.clone()
+                } else {
+                    format!("{}-{}", self.name, i + 1)
+                };
+                (stem, p)
+            })
+            .collect()
+    }
+
+    /// Writes `NAME.md`, `NAME.json` and each plot as SVG and PNG into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(crate::error::io_at(dir, "create directory"))?;
         let md = dir.join(format!("{}.md", self.name));
@@ -131,8 +202,9 @@ impl Report {
         let js = dir.join(format!("{}.json", self.name));
         let text = serde_json::to_string_pretty(self).expect("a report serialises");
         crate::io::write_atomic(&js, text.as_bytes())?;
-        if let Some(p) = &self.plot {
-            plot_svg(p, &dir.join(format!("{}.svg", self.name)))?;
+        for (stem, p) in self.plots() {
+            plot_svg(p, &dir.join(format!("{stem}.svg")))?;
+            plot_png(p, &dir.join(format!("{stem}.png")))?;
         }
         Ok(())
     }
@@ -140,8 +212,49 @@ impl Report {
 
 /// Draws `p` as an SVG line plot.
 pub fn plot_svg(p: &Plot, path: &Path) -> Result<()> {
+    ensure_font(path)?;
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    draw(p, root, path)
+}
+
+/// Where the PNG plots' font is (Debian's fonts-dejavu-core, which `scripts/setup.sh` installs).
+pub const PNG_FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers [`PNG_FONT`] as plotters' "sans-serif" (once): both backends lay text out with it.
+fn ensure_font(path: &Path) -> Result<()> {
+    static FONT: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    let ok = FONT.get_or_init(|| {
+        let bytes = std::fs::read(PNG_FONT).map_err(|e| {
+            format!("plots need the font {PNG_FONT} (Debian's fonts-dejavu-core; scripts/setup.sh installs it): {e}")
+        })?;
+        let leaked: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, leaked)
+            .map_err(|_| format!("{PNG_FONT}: not a usable font"))
+    });
+    if let Err(e) = ok {
+        return Err(NvError::Config(format!("plot {}: {e}", path.display())));
+    }
+    Ok(())
+}
+
+/// Draws `p` as a PNG line plot, with the text in [`PNG_FONT`] (an error naming the font when it is missing).
+pub fn plot_png(p: &Plot, path: &Path) -> Result<()> {
+    ensure_font(path)?;
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    draw(p, root, path)
+}
+
+fn draw<DB: DrawingBackend>(
+    p: &Plot,
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    path: &Path,
+) -> Result<()> {
     let err = |e: String| NvError::Config(format!("plot {}: {e}", path.display()));
-    let pts = p.series.iter().flat_map(|s| s.points.iter());
+    let pts = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .filter(|(x, y)| x.is_finite() && y.is_finite());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in pts {
         x0 = x0.min(x);
@@ -154,7 +267,6 @@ pub fn plot_svg(p: &Plot, path: &Path) -> Result<()> {
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
     let (x1, y0, y1) = (x1.max(x0 + 1e-9), y0 - pad, y1 + pad);
-    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let mut ch = ChartBuilder::on(&root)
         .caption(&p.title, ("sans-serif", 18))
@@ -170,15 +282,21 @@ pub fn plot_svg(p: &Plot, path: &Path) -> Result<()> {
         .map_err(|e| err(e.to_string()))?;
     for (i, s) in p.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
+        let finite: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
         ch.draw_series(LineSeries::new(
-            s.points.iter().copied(),
+            finite.iter().copied(),
             color.stroke_width(2),
         ))
         .map_err(|e| err(e.to_string()))?
         .label(s.label.as_str())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         ch.draw_series(
-            s.points
+            finite
                 .iter()
                 .map(|&(x, y)| Circle::new((x, y), 3, color.filled())),
         )

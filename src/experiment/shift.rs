@@ -180,6 +180,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                     .join(", ")
             ),
             holds: gain >= 0.05,
+            status: None,
+            why: String::new(),
         },
         Verdict {
             claim: "Adapting the statistics lowers the mean error over all corruptions".into(),
@@ -190,6 +192,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 100.0 * super::mean_std(&per_method_err[names.len() - 1]).0 / src_err
             ),
             holds: super::mean_std(&per_method_err[1]).0 < src_err,
+            status: None,
+            why: String::new(),
         },
         Verdict {
             claim: "Even n = 1 target image helps (the N/n mix)".into(),
@@ -200,6 +204,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 100.0 * src_err
             ),
             holds: super::mean_std(&per_method_err[2]).0 < src_err,
+            status: None,
+            why: String::new(),
         },
     ];
     let plot = Plot {
@@ -237,6 +243,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         tables: vec![summary, table],
         verdicts,
         plot: Some(plot),
+        extra_plots: vec![],
+        date: super::now_utc(),
         records,
         seconds: t0.elapsed().as_secs_f64(),
     })

@@ -195,8 +195,7 @@ impl<T: Real> BatchRenorm<T> {
     pub const NAME: &'static str = "BatchRenorm";
 
     pub fn new(cfg: BatchRenormConfig) -> Result<Self> {
-        if !(cfg.r_max >= 1.0 && cfg.r_max.is_finite())
-            || !(cfg.d_max >= 0.0 && cfg.d_max.is_finite())
+        if !(cfg.r_max >= 1.0 && cfg.r_max.is_finite() && cfg.d_max >= 0.0 && cfg.d_max.is_finite())
         {
             return Err(NvError::Config(format!(
                 "Batch Renorm: r_max must be finite and >= 1 and d_max finite and >= 0, got r_max {} and d_max {}",

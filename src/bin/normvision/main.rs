@@ -252,11 +252,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Measure a published claim about BatchNorm, with the paper's number beside ours and a verdict: shift
-    /// (AdaBN and the N/n mix under corruptions) or finetune (frozen BN at small batches). Writes NAME.md,
-    /// NAME.json and NAME.svg.
+    /// Measure a published claim about BatchNorm, with the paper's number beside ours and a verdict:
+    /// convergence, mlp-sigmoid, init, batch-size, regularization, landscape, shift, finetune, or all of them
+    /// (`all`). Writes NAME.md, NAME.json and NAME.png/.svg; each setting's result is cached under OUT/runs, so
+    /// an interrupted run resumes.
     Experiment {
-        /// shift or finetune.
+        /// convergence, mlp-sigmoid, init, batch-size, regularization, landscape, shift, finetune or all.
         name: String,
         /// The short version (about a minute, on subsets).
         #[arg(long, conflicts_with = "full")]
@@ -278,6 +279,19 @@ enum Cmd {
         json: bool,
         #[arg(long, short)]
         quiet: bool,
+    },
+    /// Assemble docs/RESULTS.md, the claim-by-claim table (the paper's number, ours, the verdict and why) with the
+    /// plots, from the experiments' committed reports and docs/claims.json, without re-running anything.
+    Report {
+        /// The papers' numbers.
+        #[arg(long, default_value = "docs/claims.json")]
+        claims: PathBuf,
+        /// The experiments' reports (NAME.json).
+        #[arg(long, default_value = "docs/results/experiments")]
+        results: PathBuf,
+        /// Where to write the Markdown.
+        #[arg(long, short, default_value = "docs/RESULTS.md")]
+        out: PathBuf,
     },
     /// Write a corrupted copy of a data set as IDX files (MNIST layout; (N, C, H, W) for colour), the images
     /// `eval --corruption` evaluates; --list prints every corruption's five severity parameters.
@@ -551,27 +565,63 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     json,
                     quiet,
                 } => {
-                    let opts = normvision::experiment::ExperimentOptions {
-                        quick,
-                        seeds,
-                        out: out.unwrap_or_else(|| PathBuf::from("runs/experiments")),
-                        data,
-                        verbose: !quiet && !json,
-                    };
-                    let r = normvision::experiment::run(&name, &opts)?;
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string(&r).expect("a report serialises")
-                        );
+                    let names: Vec<String> = if name == "all" {
+                        normvision::experiment::NAMES
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect()
                     } else {
-                        println!("{}", r.markdown());
-                        println!(
-                            "written: {}/{{{n}.md, {n}.json, {n}.svg}}",
-                            opts.out.display(),
-                            n = r.name
-                        );
+                        vec![name.clone()]
+                    };
+                    let bar = progress::RunBar::new(quiet || json);
+                    for (i, name) in names.iter().enumerate() {
+                        let opts = normvision::experiment::ExperimentOptions {
+                            quick,
+                            seeds,
+                            out: out
+                                .clone()
+                                .unwrap_or_else(|| PathBuf::from("runs/experiments")),
+                            data: data.clone(),
+                            verbose: false,
+                            progress: bar.callback(&format!("{name} ({}/{})", i + 1, names.len())),
+                        };
+                        let r = normvision::experiment::run(name, &opts)?;
+                        bar.finish();
+                        if json {
+                            println!(
+                                "{}",
+                                serde_json::to_string(&r).expect("a report serialises")
+                            );
+                        } else {
+                            println!("{}", r.markdown());
+                            let stems: Vec<String> =
+                                r.plots().into_iter().map(|(s, _)| s).collect();
+                            println!(
+                                "written: {}/{{{n}.md, {n}.json}} and plots {}",
+                                opts.out.display(),
+                                stems
+                                    .iter()
+                                    .map(|s| format!("{s}.png/.svg"))
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                n = r.name
+                            );
+                        }
                     }
+                    Ok(())
+                }
+                Cmd::Report {
+                    claims,
+                    results,
+                    out,
+                } => {
+                    let md =
+                        normvision::experiment::results::write_report(&claims, &results, &out)?;
+                    let rows = md
+                        .lines()
+                        .filter(|l| l.starts_with("| ") && !l.starts_with("| claim"))
+                        .count();
+                    println!("written: {} ({rows} claims)", out.display());
                     Ok(())
                 }
                 Cmd::Corrupt {

@@ -44,3 +44,48 @@ impl Progress for Bars {
         self.bar.finish_and_clear();
     }
 }
+
+/// One bar over an experiment's runs (on a terminal, unless quiet), fed by [`RunBar::callback`].
+pub struct RunBar {
+    bar: Option<std::sync::Arc<ProgressBar>>,
+}
+
+impl RunBar {
+    pub fn new(quiet: bool) -> RunBar {
+        use std::io::IsTerminal;
+        RunBar {
+            bar: (!quiet && std::io::stderr().is_terminal())
+                .then(|| std::sync::Arc::new(ProgressBar::hidden())),
+        }
+    }
+    /// The experiment's progress callback, labelled `label`.
+    pub fn callback(&self, label: &str) -> Option<normvision::experiment::runs::RunProgress> {
+        let bar = self.bar.clone()?;
+        bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>24} [{bar:28}] {pos}/{len} runs {elapsed} {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        bar.set_position(0);
+        Some(normvision::experiment::runs::RunProgress(
+            std::sync::Arc::new(move |done, total, what| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+                let mut w = what.to_string();
+                if w.len() > 60 {
+                    w.truncate(60);
+                }
+                bar.set_message(w);
+            }),
+        ))
+    }
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
