@@ -53,6 +53,7 @@ def main():
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--norm", choices=["batch", "none"], default="batch")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: whole epochs)")
     p.add_argument("--print-losses", type=int, default=0, metavar="N",
                    help="print the first N steps' training losses (to compare with normvision's log, step by step)")
     p.add_argument("--json", action="store_true", help="print one JSON line with the accuracy after each epoch")
@@ -101,6 +102,8 @@ def main():
             step = epoch * ((len(ytr) + 127) // 128) + i // 128 + 1
             if step <= a.print_losses:
                 print(f"step {step} loss {loss.item():.6f}", file=sys.stderr)
+            if a.max_steps and step >= a.max_steps:
+                break
         model.eval()
         correct = 0
         with torch.no_grad():

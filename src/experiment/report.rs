@@ -240,8 +240,19 @@ fn ensure_font(path: &Path) -> Result<()> {
 /// Draws `p` as a PNG line plot, with the text in [`PNG_FONT`] (an error naming the font when it is missing).
 pub fn plot_png(p: &Plot, path: &Path) -> Result<()> {
     ensure_font(path)?;
-    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
-    draw(p, root, path)
+    let (w, h) = (800u32, 500u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    draw(
+        p,
+        BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area(),
+        path,
+    )?;
+    // encoded by the crate's own `image` (plotters' encoder would pull in a second version of it)
+    let img = image::RgbImage::from_raw(w, h, buf).expect("an 800x500 RGB buffer");
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| NvError::Config(format!("plot {}: PNG encoding: {e}", path.display())))?;
+    crate::io::write_atomic(path, png.get_ref())
 }
 
 fn draw<DB: DrawingBackend>(
