@@ -383,7 +383,9 @@ proptest! {
             let (y1, y2) = (rn.forward(&x, ctx).unwrap(), bn.forward(&x, ctx).unwrap());
             prop_assert!(max_rel(&y1, &y2) < 1e-14, "y {:e}", max_rel(&y1, &y2));
             let (d1, d2) = (rn.backward(&x, &dy, ctx).unwrap(), bn.backward(&x, &dy, ctx).unwrap());
-            prop_assert!(max_rel(&d1, &d2) < 1e-12, "dx {:e}", max_rel(&d1, &d2));
+            // absolute: with two values per channel dx is ~0 (±1 outputs whatever x is), so relative is noise
+            let ddx = d1.iter().zip(d2.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            prop_assert!(ddx < 1e-11, "dx {:e}", ddx);
             let (g1, g2) = (rn.batch_norm().weight().unwrap().grads().to_vec(), bn.weight().unwrap().grads().to_vec());
             for (a, b) in g1.iter().zip(&g2) {
                 prop_assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()));

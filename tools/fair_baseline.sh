@@ -6,12 +6,13 @@
 #
 #   bash tools/fair_baseline.sh [SEED [EPOCHS [NORM]]]      (defaults: 0 5 none)
 #
+# OWN=0 skips PyTorch's run from its own initialisation and order.
 # Needs the venv of tools/torch_env.sh. Writes its files under ${OUT:-/tmp/fair_baseline}; the last lines are
 # JSON (one per engine and start).
 set -euo pipefail
 SEED="${1:-0}"; EPOCHS="${2:-5}"; NORM="${3:-none}"; LR=0.05
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${OUT:-/tmp/fair_baseline}"; mkdir -p "$OUT"
+OUT="${OUT:-/tmp/fair_baseline/seed$SEED}"; mkdir -p "$OUT"
 PY="$(bash "$ROOT/tools/torch_env.sh")"
 cd "$ROOT"
 cargo build --release --quiet --bin normvision --example epoch_order
@@ -32,4 +33,6 @@ print(json.dumps({"engine": "normvision", "norm": sys.argv[2], "seed": int(sys.a
 PYEOF
 "$PY" tools/torch_one_epoch.py --norm "$NORM" --seed "$SEED" --lr "$LR" --epochs "$EPOCHS" \
     --weights "$OUT/init.safetensors" --order "$OUT/order{epoch}.txt" --json
-"$PY" tools/torch_one_epoch.py --norm "$NORM" --seed "$SEED" --lr "$LR" --epochs "$EPOCHS" --json
+if [[ "${OWN:-1}" != 0 ]]; then
+    "$PY" tools/torch_one_epoch.py --norm "$NORM" --seed "$SEED" --lr "$LR" --epochs "$EPOCHS" --json
+fi

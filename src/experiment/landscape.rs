@@ -9,7 +9,8 @@
 //! - effective β-smoothness: max over η of ‖∇L(w − ηg) − g‖ / ‖ηg‖.
 //!
 //! Each probe restores the weights and the running statistics afterwards (it runs on a saved state dict), so
-//! training is what it would be without probes.
+//! training is what it would be without probes (for nets without dropout, as here: a probe's passes would draw
+//! new dropout masks). A step size whose pass meets non-finite values is left out of that probe and counted.
 //!
 //! Budget (full): 2 nets × 3 seeds × 2 epochs with a probe every 20 steps, about 12 minutes.
 
@@ -25,18 +26,21 @@ use std::time::Instant;
 
 const ETAS: usize = 8;
 
-/// One probe: (loss range, gradient-change range, β-smoothness) at the model's current weights on (x, y).
+/// One probe: (loss range, gradient-change range, β-smoothness, step sizes whose pass met non-finite values) at
+/// the model's current weights on (x, y); `None` when the gradient itself is not finite.
 fn probe(
     model: &mut Model,
     x: &ndarray::ArrayD<f32>,
     y: &[usize],
     lr: f64,
     step: u64,
-) -> Result<(f64, f64, f64)> {
+) -> Result<Option<(f64, f64, f64, usize)>> {
     let saved = model.state_dict();
-    let (_, g) = loss_and_grad(model, x, y, step)?;
+    let Some((_, g)) = loss_and_grad(model, x, y, step)? else {
+        return Ok(None);
+    };
     let gnorm = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
-    let (mut losses, mut changes, mut beta) = (vec![], vec![], 0.0f64);
+    let (mut losses, mut changes, mut beta, mut bad) = (vec![], vec![], 0.0f64, 0usize);
     for i in 0..ETAS {
         let eta = lr / 2.0 * 8f64.powf(i as f64 / (ETAS - 1) as f64);
         let mut k = 0;
@@ -46,22 +50,29 @@ fn probe(
                 k += 1;
             }
         });
-        let (l, g2) = loss_and_grad(model, x, y, step)?;
-        let d = g2
-            .iter()
-            .zip(&g)
-            .map(|(a, b)| ((*a - *b) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        losses.push(l);
-        changes.push(d);
-        beta = beta.max(d / (eta * gnorm).max(1e-30));
+        match loss_and_grad(model, x, y, step)? {
+            Some((l, g2)) => {
+                let d = g2
+                    .iter()
+                    .zip(&g)
+                    .map(|(a, b)| ((*a - *b) as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                losses.push(l);
+                changes.push(d);
+                beta = beta.max(d / (eta * gnorm).max(1e-30));
+            }
+            None => bad += 1,
+        }
         model.load_strict(&saved)?;
+    }
+    if losses.is_empty() {
+        return Ok(None);
     }
     let range = |v: &[f64]| {
         v.iter().cloned().fold(f64::MIN, f64::max) - v.iter().cloned().fold(f64::MAX, f64::min)
     };
-    Ok((range(&losses), range(&changes), beta))
+    Ok(Some((range(&losses), range(&changes), beta, bad)))
 }
 
 pub fn run(opts: &ExperimentOptions) -> Result<Report> {
@@ -96,6 +107,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 let cfg = recipe(ModelKind::Cnn, nk, seed, lr, 1);
                 let mut model = Model::new(cfg.model.clone())?;
                 let mut pts: Vec<(u64, f64, f64, f64)> = vec![];
+                let mut non_finite = 0usize;
                 let losses = train_with_hook(
                     &mut model,
                     &cfg,
@@ -104,13 +116,18 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                     steps,
                     &mut |s, m, x, y| {
                         if s % every == 0 {
-                            let (a, b, c) = probe(m, x, y, lr, s)?;
-                            pts.push((s, a, b, c));
+                            if let Some((a, b, c, bad)) = probe(m, x, y, lr, s)? {
+                                pts.push((s, a, b, c));
+                                non_finite += bad;
+                            }
                         }
                         Ok(())
                     },
                 )?;
-                Ok(json!({"probes": pts, "final_loss": losses.last(), "steps_done": losses.len()}))
+                Ok(
+                    json!({"probes": pts, "final_loss": losses.last(), "steps_done": losses.len(),
+                    "non_finite_probe_passes": non_finite}),
+                )
             })?;
             res[ni].push(r);
         }

@@ -54,9 +54,12 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 cfg.model.dropout = p;
                 cfg.test_limit = test_limit;
                 let (rep, mut model) = train_cfg(&cfg, &sub, &test)?;
-                let norm = sub.mean_std()?;
-                let l = DataLoader::new(sub.clone(), norm, LoaderConfig::eval(1000))?;
-                let (train_acc, train_loss) = crate::train::evaluate(&mut model, &l)?;
+                let (train_acc, train_loss) = if rep.diverged.is_some() {
+                    (f64::NAN, f64::NAN)
+                } else {
+                    let l = DataLoader::new(sub.clone(), sub.mean_std()?, LoaderConfig::eval(1000))?;
+                    crate::train::evaluate(&mut model, &l)?
+                };
                 Ok(json!({"train_acc": train_acc, "train_loss": train_loss, "test_acc": rep.final_test_acc,
                     "epoch_acc": rep.epoch_accs(), "diverged": rep.diverged}))
             })?;

@@ -111,14 +111,14 @@ impl Verdict {
 }
 
 /// A line of a plot: a label and its (x, y) points.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
 }
 
 /// A line plot.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Plot {
     pub title: String,
     pub x: String,

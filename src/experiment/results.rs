@@ -114,24 +114,33 @@ pub fn assemble(claims: &[Claim], results: &Path, link_base: &str) -> Result<Str
             r["setup"].as_str().unwrap_or("")
         );
         s += &format!("Tables: [{name}.md]({}).\n\n", link(format!("{name}.md")));
-        let plots = 1 + r["extra_plots"].as_array().map_or(0, |a| a.len());
-        for i in 0..plots {
-            if i == 0 && r["plot"].is_null() {
-                continue;
-            }
+        // the plots, numbered as Report::plots numbers them; any missing file (a report written before PNG output
+        // existed) is drawn from the plot's data in the report
+        let plots: Vec<&Value> = std::iter::once(&r["plot"])
+            .filter(|p| !p.is_null())
+            .chain(r["extra_plots"].as_array().into_iter().flatten())
+            .collect();
+        for (i, pv) in plots.into_iter().enumerate() {
             let stem = if i == 0 {
                 name.to_string()
             } else {
                 format!("{name}-{}", i + 1)
             };
-            let title = if i == 0 {
-                &r["plot"]["title"]
-            } else {
-                &r["extra_plots"][i - 1]["title"]
-            };
+            let plot: super::report::Plot = serde_json::from_value(pv.clone())
+                .map_err(|e| NvError::Config(format!("{name}.json: plot {}: {e}", i + 1)))?;
+            let (png, svg) = (
+                results.join(format!("{stem}.png")),
+                results.join(format!("{stem}.svg")),
+            );
+            if !png.is_file() {
+                super::report::plot_png(&plot, &png)?;
+            }
+            if !svg.is_file() {
+                super::report::plot_svg(&plot, &svg)?;
+            }
             s += &format!(
                 "![{}]({}) ([SVG]({}))\n\n",
-                title.as_str().unwrap_or(name),
+                plot.title,
                 link(format!("{stem}.png")),
                 link(format!("{stem}.svg"))
             );
@@ -173,10 +182,20 @@ pub fn write_report(claims: &Path, results: &Path, out: &Path) -> Result<String>
     Ok(md)
 }
 
-/// `to` relative to `from` when `to` lies under it, else `to` as given.
+/// `to` relative to `from` when `to` lies under it (empty when they are the same directory), else `to`'s
+/// absolute path (a relative one would resolve against RESULTS.md's directory, not the current one).
 fn pathdiff(to: &Path, from: &Path) -> String {
-    match to.strip_prefix(from) {
-        Ok(p) if !from.as_os_str().is_empty() => p.display().to_string(),
-        _ => to.display().to_string(),
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let (to, from) = (
+        abs(to),
+        abs(if from.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            from
+        }),
+    );
+    match to.strip_prefix(&from) {
+        Ok(p) => p.display().to_string(),
+        Err(_) => to.display().to_string(),
     }
 }

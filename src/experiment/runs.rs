@@ -202,8 +202,17 @@ pub fn train_with_hook(
             hook(step, model, &x, &y)?;
             model.zero_grad();
             let ctx = Ctx::train().with_step(step);
-            let logits = model.forward(&x, ctx)?;
-            let (loss, dl) = cross_entropy(&logits, &y, 0.0)?;
+            let (loss, dl) = match model
+                .forward(&x, ctx)
+                .and_then(|logits| cross_entropy(&logits, &y, 0.0))
+            {
+                Ok(v) => v,
+                Err(NvError::NonFinite(_)) => {
+                    losses.push(f64::NAN);
+                    break 'outer;
+                }
+                Err(e) => return Err(e),
+            };
             losses.push(loss);
             if !loss.is_finite() {
                 break 'outer;
@@ -219,21 +228,33 @@ pub fn train_with_hook(
 }
 
 /// The loss and the flattened parameter gradient of `model` on batch (x, y) in training mode, leaving the
-/// running statistics as they were (the state is saved and restored around the pass).
+/// running statistics as they were (the state is saved and restored around the pass); `None` when the pass
+/// meets non-finite values. With dropout, each call draws a new mask (the probes of `landscape` run on nets
+/// without dropout).
 pub fn loss_and_grad(
     model: &mut Model,
     x: &ArrayD<f32>,
     y: &[usize],
     step: u64,
-) -> Result<(f64, Vec<f32>)> {
+) -> Result<Option<(f64, Vec<f32>)>> {
     let saved = model.state_dict();
     model.zero_grad();
     let ctx = Ctx::train().with_step(step);
-    let logits = model.forward(x, ctx)?;
-    let (loss, dl) = cross_entropy(&logits, y, 0.0)?;
-    model.backward_params(x, &dl, ctx)?;
-    let mut g = vec![];
-    model.visit_params("", &mut |_, p| g.extend_from_slice(p.grads()));
+    let pass = model.forward(x, ctx).and_then(|logits| {
+        let (loss, dl) = cross_entropy(&logits, y, 0.0)?;
+        model.backward_params(x, &dl, ctx)?;
+        Ok(loss)
+    });
+    let out = match pass {
+        Ok(loss) if loss.is_finite() => {
+            let mut g = vec![];
+            model.visit_params("", &mut |_, p| g.extend_from_slice(p.grads()));
+            Some((loss, g))
+        }
+        Ok(_) | Err(NvError::NonFinite(_)) => None,
+        Err(e) => return Err(e),
+    };
+    model.zero_grad();
     model.load_strict(&saved)?;
-    Ok((loss, g))
+    Ok(out)
 }
