@@ -112,7 +112,11 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 cell(0),
                 cell(1),
                 cell(2),
-                format!("{:.2}%", best_acc(ni, li) * 100.0),
+                if o == Outcome::Diverged && best_acc(ni, li) == 0.0 {
+                    "-".into() // no evaluation before the NaN
+                } else {
+                    format!("{:.2}%", best_acc(ni, li) * 100.0)
+                },
             ]);
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! The reference CNN with BN, with dropout (p = 0.5 before the classifier), with both, and with neither, trained
 //! with the same budget on a 10 000-image subset (so that the nets can overfit): 10 epochs, SGD momentum 0.9, lr
-//! 0.05, batch 128. Reported: the accuracy on the training subset and on the whole test set, both in eval mode,
+//! 0.02 (the plain net's side of its divergence boundary: see [`LR`]), batch 128. Reported: the accuracy on the training subset and on the whole test set, both in eval mode,
 //! and their gap.
 //!
 //! Budget (full): 4 settings × 3 seeds of 10 epochs on 10 000 images, about 15 minutes.
@@ -17,6 +17,12 @@ use crate::Result;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Below the plain net's divergence boundary: at 0.05 the plain net died in 1 of 3 seeds (a run of this
+/// experiment at lr 0.05 on 2026-12-04: docs/results/regularization-lr0.05.md), which measures survival rather
+/// than the gap; `convergence` finds the
+/// plain net training at 0.03 and dying at 0.1.
+const LR: f64 = 0.02;
 
 const SETTINGS: [(&str, NormKind, f64); 4] = [
     ("neither", NormKind::None, 0.0),
@@ -44,13 +50,14 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
     let mut tr = vec![vec![]; SETTINGS.len()];
     let mut te = vec![vec![]; SETTINGS.len()];
     let mut curves = vec![vec![]; SETTINGS.len()];
+    let mut failed = vec![0usize; SETTINGS.len()];
     let mut records = vec![];
     for seed in 0..seeds as u64 {
         for (si, &(name, nk, p)) in SETTINGS.iter().enumerate() {
-            let key = json!({"experiment": "regularization", "setting": name, "seed": seed, "subset": subset,
+            let key = json!({"experiment": "regularization", "setting": name, "seed": seed, "subset": subset, "lr": LR,
                 "epochs": epochs, "test_limit": test_limit});
             let r = cache.get_or_run(key.clone(), || {
-                let mut cfg = recipe(ModelKind::Cnn, nk, seed, 0.05, epochs);
+                let mut cfg = recipe(ModelKind::Cnn, nk, seed, LR, epochs);
                 cfg.model.dropout = p;
                 cfg.test_limit = test_limit;
                 let (rep, mut model) = train_cfg(&cfg, &sub, &test)?;
@@ -67,9 +74,14 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 r["train_acc"].as_f64().unwrap_or(f64::NAN),
                 r["test_acc"].as_f64().unwrap_or(f64::NAN),
             );
-            tr[si].push(a);
-            te[si].push(b);
-            gap[si].push(a - b);
+            // a run that failed has no gap: it is counted, not averaged
+            if a.is_finite() && b.is_finite() && r["diverged"].is_null() {
+                tr[si].push(a);
+                te[si].push(b);
+                gap[si].push(a - b);
+            } else {
+                failed[si] += 1;
+            }
             if seed == 0 {
                 curves[si] = r["epoch_acc"].as_array().map_or(vec![], |v| {
                     v.iter()
@@ -83,7 +95,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
     }
     let mut table = Table::new(
         &format!("Accuracy (%) after {epochs} epochs on {subset} training images, eval mode; mean ± std over {seeds} seed(s)"),
-        &["setting", "train", "test", "gap (train − test)"],
+        &["setting", "train", "test", "gap (train − test)", "failed runs"],
     );
     let pm = |v: &[f64]| {
         let (m, s) = mean_std(v);
@@ -95,6 +107,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
             pm(&tr[si]),
             pm(&te[si]),
             pm(&gap[si]),
+            failed[si].to_string(),
         ]);
     }
     let g = |si: usize| mean_std(&gap[si]).0;
@@ -142,7 +155,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         command: super::command("regularization", opts),
         quick: opts.quick,
         setup: format!(
-            "Reference CNN, {epochs} epochs on the first {subset} training images, SGD momentum 0.9, lr 0.05, batch \
+            "Reference CNN, {epochs} epochs on the first {subset} training images, SGD momentum 0.9, lr {LR}, batch \
              128; dropout p = 0.5 before the classifier; train accuracy on the same {subset} images, test accuracy on \
              {} test images, both in eval mode. {seeds} seed(s).",
             if test_limit > 0 { test_limit } else { test.len() }

@@ -11,7 +11,7 @@ use super::batch::planes;
 use super::batch::stats::{BatchStats, Ncs};
 use super::batch::{BatchNorm, BatchNormConfig};
 use super::NormLayer;
-use crate::kernels::shape::{check_same_shape, contiguous};
+use crate::kernels::shape::contiguous;
 use crate::layer::Layer;
 use crate::state::{StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Real, Result};
@@ -138,17 +138,7 @@ impl<T: Real> NormLayer<T> for GhostBatchNorm<T> {
         }
         let shape = x.shape().to_vec();
         let chunks = self.virtual_batches(&shape)?;
-        let d = self.bn.dims(&shape)?;
-        if y.len() != d.numel() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "output buffer has {} elements, input {}",
-                    y.len(),
-                    d.numel()
-                ),
-            });
-        }
+        let d = self.bn.check_forward(Self::NAME, &shape, y.len())?;
         let xs = contiguous(&x);
         let per = d.c * d.s;
         let eps = self.cfg.bn.eps;
@@ -183,20 +173,15 @@ impl<T: Real> NormLayer<T> for GhostBatchNorm<T> {
         if !ctx.mode().is_train() {
             return self.bn.backward_into(x, dy, dx, ctx);
         }
-        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
-        let d = self.bn.dims(x.shape())?;
+        let d = self
+            .bn
+            .check_backward(Self::NAME, x.shape(), dy.shape(), dx.len())?;
         let Some(saved) = self.saved.as_ref().filter(|s| s.shape == x.shape()) else {
             return Err(NvError::NoSavedState {
                 layer: Self::NAME,
                 mode: ctx.mode(),
             });
         };
-        if dx.len() != d.numel() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!("dx buffer has {} elements, input {}", dx.len(), d.numel()),
-            });
-        }
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         let per = d.c * d.s;
         let (mut dw, mut db) = (vec![0.0f64; d.c], vec![0.0f64; d.c]);

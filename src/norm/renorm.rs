@@ -23,10 +23,10 @@
 //! for inference. Kernels: BatchNorm's staged ones (moments → statistics → normalize; backward sums → dx).
 
 use super::batch::planes;
-use super::batch::stats::{BackwardSums, BatchStats, Ncs};
+use super::batch::stats::{BackwardSums, BatchStats};
 use super::batch::{BatchNorm, BatchNormConfig};
 use super::NormLayer;
-use crate::kernels::shape::{check_same_shape, contiguous};
+use crate::kernels::shape::contiguous;
 use crate::layer::Layer;
 use crate::state::{StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Real, Result};
@@ -268,17 +268,7 @@ impl<T: Real> BatchRenorm<T> {
 
     fn train_forward(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx) -> Result<()> {
         let shape = x.shape().to_vec();
-        let d: Ncs = self.bn.dims(&shape)?;
-        if y.len() != d.numel() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "output buffer has {} elements, input {}",
-                    y.len(),
-                    d.numel()
-                ),
-            });
-        }
+        let d = self.bn.check_forward(Self::NAME, &shape, y.len())?;
         if d.m() <= 1 {
             return Err(NvError::OneValuePerChannel {
                 layer: Self::NAME,
@@ -340,20 +330,15 @@ impl<T: Real> NormLayer<T> for BatchRenorm<T> {
         if !ctx.mode().is_train() {
             return self.bn.backward_into(x, dy, dx, ctx);
         }
-        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
-        let d = self.bn.dims(x.shape())?;
+        let d = self
+            .bn
+            .check_backward(Self::NAME, x.shape(), dy.shape(), dx.len())?;
         let Some(s) = self.saved.as_ref().filter(|s| s.shape == x.shape()) else {
             return Err(NvError::NoSavedState {
                 layer: Self::NAME,
                 mode: ctx.mode(),
             });
         };
-        if dx.len() != d.numel() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!("dx buffer has {} elements, input {}", dx.len(), d.numel()),
-            });
-        }
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         let ko = ctx.kernels();
         // BatchNorm's backward with weight γ·r: dx = γ·r/σ_B·(dy − mean(dy) − x̂_B·mean(dy·x̂_B)), r and d fixed.

@@ -192,6 +192,43 @@ impl<T: Real> BatchNorm<T> {
         })
     }
 
+    /// The (N, C, S) of a forward's input for layer `layer` (a layer built on this BatchNorm: Batch Renorm, Ghost
+    /// BN), checking the output buffer's length.
+    pub(crate) fn check_forward(
+        &self,
+        layer: &'static str,
+        shape: &[usize],
+        out_len: usize,
+    ) -> Result<Ncs> {
+        let d = self.dims(shape)?;
+        if out_len != d.numel() {
+            return Err(NvError::Shape {
+                layer,
+                msg: format!("output buffer has {out_len} elements, input {}", d.numel()),
+            });
+        }
+        Ok(d)
+    }
+
+    /// The (N, C, S) of a backward's input for layer `layer`, checking dy's shape and dx's length.
+    pub(crate) fn check_backward(
+        &self,
+        layer: &'static str,
+        x: &[usize],
+        dy: &[usize],
+        dx_len: usize,
+    ) -> Result<Ncs> {
+        check_same_shape(layer, x, dy)?;
+        let d = self.dims(x)?;
+        if dx_len != d.numel() {
+            return Err(NvError::Shape {
+                layer,
+                msg: format!("dx buffer has {dx_len} elements, input {}", d.numel()),
+            });
+        }
+        Ok(d)
+    }
+
     /// Whether the forward in `mode` normalizes with batch statistics (training, or eval without running
     /// statistics) rather than the running ones.
     pub fn uses_batch_stats(&self, mode: Mode) -> bool {
@@ -241,17 +278,7 @@ impl<T: Real> BatchNorm<T> {
 
     fn forward_plain(&mut self, x: ArrayViewD<T>, y: &mut [T], ctx: Ctx, relu: bool) -> Result<()> {
         let shape = x.shape().to_vec();
-        let d = self.dims(&shape)?;
-        if y.len() != d.numel() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "output buffer has {} elements, input {}",
-                    y.len(),
-                    d.numel()
-                ),
-            });
-        }
+        let d = self.check_forward(Self::NAME, &shape, y.len())?;
         let xs = contiguous(&x);
         self.pooled = None;
         let mode = ctx.mode();
@@ -345,14 +372,7 @@ impl<T: Real> NormLayer<T> for BatchNorm<T> {
         dx: &mut [T],
         ctx: Ctx,
     ) -> Result<()> {
-        check_same_shape(Self::NAME, x.shape(), dy.shape())?;
-        let d = self.dims(x.shape())?;
-        if dx.len() != d.numel() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!("dx buffer has {} elements, input {}", dx.len(), d.numel()),
-            });
-        }
+        let d = self.check_backward(Self::NAME, x.shape(), dy.shape(), dx.len())?;
         let mode = ctx.mode();
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         let batch = self.uses_batch_stats(mode);
