@@ -132,15 +132,21 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
             res[ni].push(r);
         }
     }
-    // per net and quantity: the mean over probes, per seed
-    let q = |ni: usize, k: usize| -> Vec<f64> {
+    // per net and quantity, per seed: the mean over probes (dominated by the first steps, where the plain net's
+    // values are largest) and the median (the typical probe)
+    let per_seed = |ni: usize, k: usize, median: bool| -> Vec<f64> {
         res[ni]
             .iter()
             .map(|r| {
-                let v: Vec<f64> = r["probes"]
+                let mut v: Vec<f64> = r["probes"]
                     .as_array()
                     .map_or(vec![], |a| a.iter().filter_map(|p| p[k].as_f64()).collect());
-                v.iter().sum::<f64>() / v.len().max(1) as f64
+                if median {
+                    v.sort_by(f64::total_cmp);
+                    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+                } else {
+                    v.iter().sum::<f64>() / v.len().max(1) as f64
+                }
             })
             .collect()
     };
@@ -150,37 +156,45 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         "effective β-smoothness",
     ];
     let mut table = Table::new(
-        &format!("Mean over probes (every {every} steps, {steps} steps), mean ± std over {seeds} seed(s)"),
-        &["quantity", "BN", "plain", "plain / BN"],
+        &format!(
+            "Over the probes (every {every} steps, {steps} steps): mean and median per run, then mean ± std over {seeds} seed(s)"
+        ),
+        &["quantity", "BN mean", "plain mean", "ratio", "BN median", "plain median", "ratio"],
     );
-    let mut ratios = vec![];
+    let (mut ratios, mut med_ratios) = (vec![], vec![]);
     for (k, qn) in quantities.iter().enumerate() {
-        let (b, bs) = mean_std(&q(0, k + 1));
-        let (p, ps) = mean_std(&q(1, k + 1));
+        let (b, bs) = mean_std(&per_seed(0, k + 1, false));
+        let (p, ps) = mean_std(&per_seed(1, k + 1, false));
+        let (bm, bms) = mean_std(&per_seed(0, k + 1, true));
+        let (pm, pms) = mean_std(&per_seed(1, k + 1, true));
         ratios.push(p / b);
+        med_ratios.push(pm / bm);
         table.row(vec![
             qn.to_string(),
             format!("{b:.4} ± {bs:.4}"),
             format!("{p:.4} ± {ps:.4}"),
             format!("{:.2}×", p / b),
+            format!("{bm:.4} ± {bms:.4}"),
+            format!("{pm:.4} ± {pms:.4}"),
+            format!("{:.2}×", pm / bm),
         ]);
     }
-    let all_smaller = ratios.iter().all(|r| *r > 1.0);
     let v = Verdict::graded(
         "BN makes the loss and its gradient change less along the gradient (a smoother landscape)",
         "VGG on CIFAR-10: with BN the loss range and the gradient change are far smaller, about two orders of magnitude early in training (Fig. 4)",
         format!(
-            "plain / BN: loss range {:.2}×, gradient change {:.2}×, β-smoothness {:.2}×",
-            ratios[0], ratios[1], ratios[2]
+            "plain / BN, mean over probes: loss range {:.2}×, gradient change {:.2}×, β-smoothness {:.2}×; median probe: {:.2}×, {:.2}×, {:.2}×",
+            ratios[0], ratios[1], ratios[2], med_ratios[0], med_ratios[1], med_ratios[2]
         ),
-        if all_smaller && ratios.iter().all(|r| *r > 2.0) {
+        // graded on the median probe: the means are carried by the first steps
+        if med_ratios.iter().all(|r| *r > 2.0) {
             Status::Confirmed
-        } else if ratios.iter().any(|r| *r > 1.0) {
+        } else if med_ratios.iter().any(|r| *r > 1.0) {
             Status::Partly
         } else {
             Status::NotReproduced
         },
-        "a 5-layer CNN on Fashion-MNIST at lr 0.05 (where the plain net trains) rather than VGG on CIFAR-10 at 0.1",
+        "the gap is largest in the first ~100 steps (as in the paper, 'early in training'), and the means are carried by them; a 5-layer CNN on Fashion-MNIST at lr 0.05 rather than VGG on CIFAR-10 at 0.1",
     );
     let series_for = |k: usize| -> Vec<Series> {
         (0..2)
