@@ -194,15 +194,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
     };
     Ok(Report {
         name: "finetune".into(),
-        command: format!(
-            "normvision experiment finetune{}{}",
-            if opts.quick { " --quick" } else { "" },
-            if opts.seeds > 0 {
-                format!(" --seeds {}", opts.seeds)
-            } else {
-                String::new()
-            }
-        ),
+        command: super::command("finetune", opts),
         quick: opts.quick,
         setup: format!(
             "Pre-training: reference CNN with BN on classes 0-7 ({} images, {pre_epochs} epoch(s), SGD 0.9, \

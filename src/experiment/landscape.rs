@@ -36,7 +36,7 @@ fn probe(
     step: u64,
 ) -> Result<Option<(f64, f64, f64, usize)>> {
     let saved = model.state_dict();
-    let Some((_, g)) = loss_and_grad(model, x, y, step)? else {
+    let Some((_, g)) = loss_and_grad(model, x, y, step, &saved)? else {
         return Ok(None);
     };
     let gnorm = g.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
@@ -50,7 +50,8 @@ fn probe(
                 k += 1;
             }
         });
-        match loss_and_grad(model, x, y, step)? {
+        // the pass restores the unperturbed state (weights and running statistics) when it is done
+        match loss_and_grad(model, x, y, step, &saved)? {
             Some((l, g2)) => {
                 let d = g2
                     .iter()
@@ -64,7 +65,6 @@ fn probe(
             }
             None => bad += 1,
         }
-        model.load_strict(&saved)?;
     }
     if losses.is_empty() {
         return Ok(None);

@@ -227,17 +227,17 @@ pub fn train_with_hook(
     Ok(losses)
 }
 
-/// The loss and the flattened parameter gradient of `model` on batch (x, y) in training mode, leaving the
-/// running statistics as they were (the state is saved and restored around the pass); `None` when the pass
-/// meets non-finite values. With dropout, each call draws a new mask (the probes of `landscape` run on nets
-/// without dropout).
+/// The loss and the flattened parameter gradient of `model` on batch (x, y) in training mode; afterwards the
+/// model is reset to `restore` (its state before the pass, or any state the caller wants back: the pass updates
+/// the running statistics). `None` when the pass meets non-finite values. With dropout, each call draws a new
+/// mask (the probes of `landscape` run on nets without dropout).
 pub fn loss_and_grad(
     model: &mut Model,
     x: &ArrayD<f32>,
     y: &[usize],
     step: u64,
+    restore: &crate::state::StateDict,
 ) -> Result<Option<(f64, Vec<f32>)>> {
-    let saved = model.state_dict();
     model.zero_grad();
     let ctx = Ctx::train().with_step(step);
     let pass = model.forward(x, ctx).and_then(|logits| {
@@ -255,6 +255,6 @@ pub fn loss_and_grad(
         Err(e) => return Err(e),
     };
     model.zero_grad();
-    model.load_strict(&saved)?;
+    model.load_strict(restore)?;
     Ok(out)
 }
