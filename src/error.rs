@@ -60,6 +60,10 @@ pub enum NvError {
     /// Training diverged (non-finite loss, or loss stuck at chance level).
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// A collective of a [`Communicator`](crate::comm::Communicator) failed, or the ranks disagree (buffer
+    /// lengths, configuration).
+    #[error("communication: {0}")]
+    Comm(String),
     /// An I/O operation on a file or directory failed; `path` names it.
     #[error("{path}: cannot {op}: {source}")]
     Io {

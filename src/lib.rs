@@ -10,6 +10,7 @@
 // helpers go unused.
 #![cfg_attr(not(nv_x86), allow(dead_code, unused_variables, unused_imports))]
 
+pub mod comm;
 pub mod ctx;
 pub mod data;
 pub mod error;

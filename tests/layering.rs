@@ -18,7 +18,8 @@ use std::path::Path;
 /// The floors, lowest first. A module imports only from floors below its own.
 const FLOORS: &[(&str, u32)] = &[
     // the core, in four small floors: scalars, modes, the seeded RNG and process settings; errors and
-    // parameters; state dicts and the forward context; the Layer trait that every layer implements
+    // parameters; state dicts, the forward context and the communicators of a group of workers; the Layer
+    // trait that every layer implements
     ("real", 0),
     ("mode", 0),
     ("rng", 0),
@@ -27,6 +28,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("param", 1),
     ("state", 2),
     ("ctx", 2),
+    ("comm", 2),
     ("layer", 3),
     // the private SIMD and streaming kernels, the arena and the shape helpers
     ("kernels", 4),

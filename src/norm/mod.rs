@@ -11,6 +11,7 @@
 //! | [`BatchChannelNorm`] | BN part per channel + LN part per sample | batch stats | running stats (BN part) |
 //! | [`BatchRenorm`] | (N, *spatial) per channel, corrected by r and d toward the running stats | batch stats · r + d | running stats |
 //! | [`GhostBatchNorm`] | (virtual batch, *spatial) per channel | per virtual batch | running stats |
+//! | [`SyncBatchNorm`] | (N, *spatial) per channel over every rank's batch | global batch stats | running stats |
 
 pub mod batch;
 pub mod bcn;
@@ -22,6 +23,7 @@ pub(crate) mod group_kernels;
 pub mod instance;
 pub mod layer;
 pub mod renorm;
+pub mod sync;
 
 pub use batch::{BatchNorm, BatchNormConfig, BnFusion, Convention};
 pub use bcn::{BatchChannelNorm, BatchChannelNormConfig};
@@ -31,6 +33,7 @@ pub use group::{GroupNorm, GroupNormConfig};
 pub use instance::{InstanceNorm, InstanceNormConfig};
 pub use layer::{LayerNorm, LayerNormConfig};
 pub use renorm::{BatchRenorm, BatchRenormConfig, RenormSchedule};
+pub use sync::SyncBatchNorm;
 
 use crate::{Ctx, NvError, Real, Result};
 use ndarray::{ArrayD, ArrayViewD};
