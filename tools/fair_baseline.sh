@@ -6,13 +6,14 @@
 #
 #   bash tools/fair_baseline.sh [SEED [EPOCHS [NORM]]]      (defaults: 0 5 none)
 #
-# OWN=0 skips PyTorch's run from its own initialisation and order.
+# OWN=0 skips PyTorch's run from its own initialisation and order. LR (default 0.05, the main job's) sets the
+# learning rate; CONV (default winograd) normvision's 3x3 convolution (`--conv`: winograd, winograd2, direct).
 # Needs the venv of tools/torch_env.sh. Writes its files under ${OUT:-/tmp/fair_baseline}; the last lines are
 # JSON (one per engine and start).
 set -euo pipefail
-SEED="${1:-0}"; EPOCHS="${2:-5}"; NORM="${3:-none}"; LR=0.05
+SEED="${1:-0}"; EPOCHS="${2:-5}"; NORM="${3:-none}"; LR="${LR:-0.05}"; CONV="${CONV:-winograd}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT="${OUT:-/tmp/fair_baseline/seed$SEED}"; mkdir -p "$OUT"
+OUT="${OUT:-/tmp/fair_baseline/seed$SEED-lr$LR-$CONV}"; mkdir -p "$OUT"
 PY="$(bash "$ROOT/tools/torch_env.sh")"
 cd "$ROOT"
 cargo build --release --quiet --bin normvision --example epoch_order
@@ -22,14 +23,14 @@ NV="$ROOT/target/release/normvision"
 for ((e = 0; e < EPOCHS; e++)); do
     "$ROOT/target/release/examples/epoch_order" "$SEED" "$e" > "$OUT/order$e.txt"
 done
-"$NV" --threads 2 train --norm "$NORM" --seed "$SEED" --epochs "$EPOCHS" --lr "$LR" \
+"$NV" --threads 2 train --norm "$NORM" --seed "$SEED" --epochs "$EPOCHS" --lr "$LR" --conv "$CONV" \
     --out "$OUT/nv.safetensors" --log "$OUT/nv.jsonl" -q >/dev/null
-python3 - "$OUT/nv.jsonl" "$NORM" "$SEED" "$LR" <<'PYEOF'
+python3 - "$OUT/nv.jsonl" "$NORM" "$SEED" "$LR" "$CONV" <<'PYEOF'
 import json, sys
 accs = [100 * e["eval"]["test_acc"] for e in map(json.loads, open(sys.argv[1]))
         if e.get("event") == "eval" and e["eval"]["end_of_epoch"]]
 print(json.dumps({"engine": "normvision", "norm": sys.argv[2], "seed": int(sys.argv[3]), "lr": float(sys.argv[4]),
-                  "start": "normvision's own init and order", "epoch_acc": accs}))
+                  "conv": sys.argv[5], "start": "normvision's own init and order", "epoch_acc": accs}))
 PYEOF
 "$PY" tools/torch_one_epoch.py --norm "$NORM" --seed "$SEED" --lr "$LR" --epochs "$EPOCHS" \
     --weights "$OUT/init.safetensors" --order "$OUT/order{epoch}.txt" --json

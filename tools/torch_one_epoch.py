@@ -61,6 +61,9 @@ def main():
     p.add_argument("--weights", help="normvision checkpoint (safetensors) to start from")
     p.add_argument("--order", help="file of comma-separated sample indices (examples/epoch_order.rs)")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="float64 runs the same training in double precision: the answer both f32 engines round")
+    p.add_argument("--losses", metavar="FILE", help="write every step's training loss to FILE (a JSON list)")
     a = p.parse_args()
 
     import numpy as np
@@ -76,6 +79,9 @@ def main():
     if a.weights:
         n = load_parameters(a.weights, model, torch, np)
         print(f"loaded {n} parameter tensors from {a.weights}", file=sys.stderr)
+    if a.dtype == "float64":
+        model = model.double()
+        xtr, xte = xtr.double(), xte.double()
     def epoch_order(epoch):
         if not a.order:
             g = torch.Generator().manual_seed(a.seed + 1000 * epoch)
@@ -89,7 +95,7 @@ def main():
         return torch.tensor(order)
 
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
-    accs = []
+    accs, losses = [], []
     for epoch in range(a.epochs):
         order = epoch_order(epoch)
         model.train()
@@ -100,6 +106,7 @@ def main():
             loss.backward()
             opt.step()
             step = epoch * ((len(ytr) + 127) // 128) + i // 128 + 1
+            losses.append(loss.item())
             if step <= a.print_losses:
                 print(f"step {step} loss {loss.item():.6f}", file=sys.stderr)
             if a.max_steps and step >= a.max_steps:
@@ -111,10 +118,14 @@ def main():
                 correct += (model(xte[i:i + 1000]).argmax(1) == yte[i:i + 1000]).sum().item()
         accs.append(100 * correct / len(yte))
         print(f"epoch {epoch + 1}: test accuracy {accs[-1]:.2f}%", file=sys.stderr)
+        if a.max_steps and len(losses) >= a.max_steps:
+            break
+    if a.losses:
+        Path(a.losses).write_text(json.dumps(losses))
     start = "normvision's weights and order" if a.weights and a.order else "PyTorch's own init and order"
     if a.json:
         print(json.dumps({"engine": "pytorch", "norm": a.norm, "seed": a.seed, "lr": a.lr, "start": start,
-                          "epoch_acc": accs}))
+                          "dtype": a.dtype, "epoch_acc": accs}))
     else:
         print(f"seed {a.seed}, lr {a.lr:g}, norm {a.norm}, {start}: test accuracy {accs[-1]:.2f}% "
               f"after {a.epochs} epoch(s)")
