@@ -1,0 +1,158 @@
+//! [`Communicator`](crate::comm::Communicator) over MPI's world communicator (rsmpi). The MPI library is initialized once per process, with
+//! `MPI_THREAD_SERIALIZED`: the collectives are called from whichever thread runs the step, never two at a
+//! time (a lock serializes them). Any MPI error is fatal to the whole job (MPI's default error handler), and
+//! [`MpiComm::abort`] ends every rank with a message, so no rank waits forever for one that failed.
+
+use crate::comm::Communicator as NvCommunicator;
+use crate::{NvError, Result};
+use mpi::datatype::PartitionMut;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use mpi::Count;
+use std::sync::Mutex;
+
+/// The MPI world as a [`Communicator`](crate::comm::Communicator). Create one per process, before any other MPI use; dropping it
+/// finalizes MPI.
+pub struct MpiComm {
+    world: Mutex<SimpleCommunicator>,
+    rank: usize,
+    size: usize,
+    // dropped last: MPI_Finalize
+    _universe: Universe,
+}
+
+// SAFETY: MPI is initialized with MPI_THREAD_SERIALIZED (or better), and every call on the communicator goes
+// through the mutex, so no two threads are ever inside MPI at once.
+unsafe impl Send for MpiComm {}
+unsafe impl Sync for MpiComm {}
+
+impl std::fmt::Debug for MpiComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MpiComm(rank {} of {})", self.rank, self.size)
+    }
+}
+
+fn lock_err() -> NvError {
+    NvError::Comm(
+        "the MPI communicator's lock is poisoned (a thread panicked inside a collective)".into(),
+    )
+}
+
+impl MpiComm {
+    /// Initializes MPI (once per process). An error if MPI was already initialized or cannot give
+    /// serialized threading.
+    pub fn init() -> Result<MpiComm> {
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Serialized)
+            .ok_or_else(|| NvError::Comm("MPI is already initialized in this process".into()))?;
+        if threading < mpi::Threading::Serialized {
+            return Err(NvError::Comm(format!(
+                "the MPI library gives thread level {threading:?}; normvision needs Serialized"
+            )));
+        }
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        Ok(MpiComm {
+            world: Mutex::new(world),
+            rank,
+            size,
+            _universe: universe,
+        })
+    }
+
+    /// Ends every rank of the job (`MPI_Abort`) after printing `msg` on this rank's standard error.
+    pub fn abort(&self, msg: &str, code: i32) -> ! {
+        eprintln!("normvision: rank {} of {}: {msg}", self.rank, self.size);
+        match self.world.lock() {
+            Ok(w) => w.abort(code),
+            Err(p) => p.into_inner().abort(code),
+        }
+    }
+}
+
+impl NvCommunicator for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_gather_f64(&self, local: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let w = self.world.lock().map_err(|_| lock_err())?;
+        let n = Count::try_from(local.len()).map_err(|_| {
+            NvError::Comm(format!(
+                "gather of {} values: too many for MPI",
+                local.len()
+            ))
+        })?;
+        let mut counts = vec![0 as Count; self.size];
+        w.all_gather_into(&n, &mut counts[..]);
+        let mut displs = Vec::with_capacity(self.size);
+        let mut total: usize = 0;
+        for &c in &counts {
+            displs.push(
+                Count::try_from(total)
+                    .map_err(|_| NvError::Comm("gather too large for MPI".into()))?,
+            );
+            total += c as usize;
+        }
+        let mut buf = vec![0f64; total];
+        {
+            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+            w.all_gather_varcount_into(local, &mut part);
+        }
+        Ok(counts
+            .iter()
+            .zip(&displs)
+            .map(|(&c, &d)| buf[d as usize..(d + c) as usize].to_vec())
+            .collect())
+    }
+    fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(NvError::Comm(format!(
+                "broadcast from rank {root} in a group of {}",
+                self.size
+            )));
+        }
+        let w = self.world.lock().map_err(|_| lock_err())?;
+        let r = w.process_at_rank(root as i32);
+        // the lengths first, so that a mismatch is an error on every rank rather than a truncated message
+        let mut n = buf.len() as u64;
+        r.broadcast_into(&mut n);
+        if n != buf.len() as u64 {
+            return Err(NvError::Comm(format!(
+                "broadcast: rank {root} sends {n} values, rank {} expects {}",
+                self.rank,
+                buf.len()
+            )));
+        }
+        r.broadcast_into(buf);
+        Ok(())
+    }
+    fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        if root >= self.size {
+            return Err(NvError::Comm(format!(
+                "broadcast from rank {root} in a group of {}",
+                self.size
+            )));
+        }
+        let w = self.world.lock().map_err(|_| lock_err())?;
+        let r = w.process_at_rank(root as i32);
+        let mut n = buf.len() as u64;
+        r.broadcast_into(&mut n);
+        buf.resize(n as usize, 0);
+        r.broadcast_into(&mut buf[..]);
+        Ok(())
+    }
+    /// Large buffers (the gradients) go through `MPI_Allreduce`, whose result Open MPI's algorithms give
+    /// identically on every rank for a fixed job; small ones are gathered and summed in rank order.
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let w = self.world.lock().map_err(|_| lock_err())?;
+        let send = buf.to_vec();
+        w.all_reduce_into(&send[..], buf, mpi::collective::SystemOperation::sum());
+        Ok(())
+    }
+}
