@@ -95,7 +95,8 @@ impl Communicator for SingleProcess {
     }
 }
 
-fn check_root(root: usize, size: usize) -> Result<()> {
+/// An error unless `root` is a rank of a group of `size`.
+pub(crate) fn check_root(root: usize, size: usize) -> Result<()> {
     if root >= size {
         return Err(NvError::Comm(format!(
             "broadcast from rank {root} in a group of {size}"

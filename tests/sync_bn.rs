@@ -255,7 +255,7 @@ fn batchnorm1d_rows() {
 }
 
 #[test]
-fn one_rank_is_batch_norm_bit_for_bit() {
+fn one_rank_is_batch_norm() {
     let shape = [8, 3, 6, 6];
     let one = single::<f32>(&shape, 3);
     let mut l = SyncBatchNorm::from_batch_norm(

@@ -3,7 +3,7 @@
 //! time (a lock serializes them). Any MPI error is fatal to the whole job (MPI's default error handler), and
 //! [`MpiComm::abort`] ends every rank with a message, so no rank waits forever for one that failed.
 
-use crate::comm::Communicator as NvCommunicator;
+use crate::comm::{check_root, Communicator as NvCommunicator};
 use crate::{NvError, Result};
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
@@ -108,12 +108,7 @@ impl NvCommunicator for MpiComm {
             .collect())
     }
     fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(NvError::Comm(format!(
-                "broadcast from rank {root} in a group of {}",
-                self.size
-            )));
-        }
+        check_root(root, self.size)?;
         let w = self.world.lock().map_err(|_| lock_err())?;
         let r = w.process_at_rank(root as i32);
         // the lengths first, so that a mismatch is an error on every rank rather than a truncated message
@@ -130,29 +125,13 @@ impl NvCommunicator for MpiComm {
         Ok(())
     }
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(NvError::Comm(format!(
-                "broadcast from rank {root} in a group of {}",
-                self.size
-            )));
-        }
+        check_root(root, self.size)?;
         let w = self.world.lock().map_err(|_| lock_err())?;
         let r = w.process_at_rank(root as i32);
         let mut n = buf.len() as u64;
         r.broadcast_into(&mut n);
         buf.resize(n as usize, 0);
         r.broadcast_into(&mut buf[..]);
-        Ok(())
-    }
-    /// Large buffers (the gradients) go through `MPI_Allreduce`, whose result Open MPI's algorithms give
-    /// identically on every rank for a fixed job; small ones are gathered and summed in rank order.
-    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-        if self.size == 1 {
-            return Ok(());
-        }
-        let w = self.world.lock().map_err(|_| lock_err())?;
-        let send = buf.to_vec();
-        w.all_reduce_into(&send[..], buf, mpi::collective::SystemOperation::sum());
         Ok(())
     }
 }

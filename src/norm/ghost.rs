@@ -206,21 +206,7 @@ impl<T: Real> NormLayer<T> for GhostBatchNorm<T> {
                 db[c] += sums.sum_dy[c];
             }
         }
-        if let (Some(_), Some(_)) = (self.bn.weight(), self.bn.bias()) {
-            for (gr, v) in self
-                .bn
-                .weight_mut()
-                .unwrap()
-                .grads_mut()
-                .iter_mut()
-                .zip(&dw)
-            {
-                *gr = *gr + T::of_f64(*v);
-            }
-            for (gr, v) in self.bn.bias_mut().unwrap().grads_mut().iter_mut().zip(&db) {
-                *gr = *gr + T::of_f64(*v);
-            }
-        }
+        self.bn.add_affine_grads(|c| dw[c], &db);
         Ok(())
     }
     fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {

@@ -357,17 +357,10 @@ impl<T: Real> NormLayer<T> for BatchRenorm<T> {
             false,
             ko,
         );
-        let (r, dd, invstd) = (s.r.clone(), s.d.clone(), s.stats.invstd.clone());
-        if let Some(wp) = self.bn.weight_mut() {
-            for (c, g) in wp.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(r[c] * sums.dot[c] * invstd[c] + dd[c] * sums.sum_dy[c]);
-            }
-        }
-        if let Some(bp) = self.bn.bias_mut() {
-            for (c, g) in bp.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(sums.sum_dy[c]);
-            }
-        }
+        self.bn.add_affine_grads(
+            |c| s.r[c] * sums.dot[c] * s.stats.invstd[c] + s.d[c] * sums.sum_dy[c],
+            &sums.sum_dy,
+        );
         Ok(())
     }
     fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {

@@ -129,9 +129,11 @@ impl<T: Real> SyncBatchNorm<T> {
             });
         }
         let stats = BatchStats::<T>::from_moments(&global, self.bn.config().eps);
-        let w = self.bn.weight().map(|p| p.values().to_vec());
-        let b = self.bn.bias().map(|p| p.values().to_vec());
-        planes::normalize(&xs, y, d, &stats, w.as_deref(), b.as_deref(), false, ko);
+        let (w, b) = (
+            self.bn.weight().map(|p| p.values()),
+            self.bn.bias().map(|p| p.values()),
+        );
+        planes::normalize(&xs, y, d, &stats, w, b, false, ko);
         if self.bn.config().track_running_stats {
             self.bn
                 .update_running(&stats.mean, &stats.var, global.count as usize);
@@ -171,10 +173,11 @@ impl<T: Real> NormLayer<T> for SyncBatchNorm<T> {
         };
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         let ko = ctx.kernels();
-        let w = self.bn.weight().map(|p| p.values().to_vec());
-        let b = self.bn.bias().map(|p| p.values().to_vec());
-        let local: BackwardSums =
-            planes::backward_sums(&xs, &gs, d, &s.stats, w.as_deref(), b.as_deref(), false, ko);
+        let (w, b) = (
+            self.bn.weight().map(|p| p.values()),
+            self.bn.bias().map(|p| p.values()),
+        );
+        let local: BackwardSums = planes::backward_sums(&xs, &gs, d, &s.stats, w, b, false, ko);
         let c = d.c;
         let mut buf = Vec::with_capacity(2 * c);
         buf.extend_from_slice(&local.sum_dy);
@@ -192,22 +195,14 @@ impl<T: Real> NormLayer<T> for SyncBatchNorm<T> {
             &s.stats,
             &global,
             s.stats.count,
-            w.as_deref(),
-            b.as_deref(),
+            w,
+            b,
             false,
             ko,
         );
-        let invstd = s.stats.invstd.clone();
-        if let Some(wp) = self.bn.weight_mut() {
-            for (c, g) in wp.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(local.dot[c] * invstd[c]);
-            }
-        }
-        if let Some(bp) = self.bn.bias_mut() {
-            for (c, g) in bp.grads_mut().iter_mut().enumerate() {
-                *g = *g + T::of_f64(local.sum_dy[c]);
-            }
-        }
+        // this rank's share of the affine gradients (the trainer sums them over ranks)
+        self.bn
+            .add_affine_grads(|c| local.dot[c] * s.stats.invstd[c], &local.sum_dy);
         Ok(())
     }
     fn running_stats(&self) -> Option<(&ArrayD<T>, &ArrayD<T>)> {

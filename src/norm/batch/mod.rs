@@ -347,6 +347,21 @@ impl<T: Real> BatchNorm<T> {
         }
     }
 
+    /// Adds a backward's affine gradients: `dweight(c)` to the weight's and `dbias[c]` to the bias's (for the
+    /// layers built on this BatchNorm: Batch Renorm, Ghost BN, SyncBN). Nothing without an affine.
+    pub(crate) fn add_affine_grads(&mut self, dweight: impl Fn(usize) -> f64, dbias: &[f64]) {
+        if let Some(wp) = self.weight_mut() {
+            for (c, g) in wp.grads_mut().iter_mut().enumerate() {
+                *g = *g + T::of_f64(dweight(c));
+            }
+        }
+        if let Some(bp) = self.bias_mut() {
+            for (g, &v) in bp.grads_mut().iter_mut().zip(dbias) {
+                *g = *g + T::of_f64(v);
+            }
+        }
+    }
+
     /// Resets running statistics to their initial values (mean 0, var 1, count 0), as `reset_running_stats()`.
     pub fn reset_running_stats(&mut self) {
         if let Some(rm) = self.running_mean.as_mut() {
