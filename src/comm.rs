@@ -1,8 +1,10 @@
 //! Communicators: what data-parallel training and [`SyncBatchNorm`](crate::norm::SyncBatchNorm) need from a group
 //! of workers (ranks): sums over all ranks, a broadcast from one rank, and a gather of small statistics.
 //!
-//! Every collective gives **bitwise the same result on every rank**: sums are formed in rank order from the
-//! gathered contributions, never in an order that depends on timing, so replicas that start equal stay equal.
+//! Every collective gives **bitwise the same result on every rank**, never one that depends on timing, so
+//! replicas that start equal stay equal: the small f64 sums (SyncBN's) are formed in rank order from the
+//! gathered contributions; the large f32 gradient sum is either that or, over MPI, each element summed once on
+//! one rank and copied to the others.
 //!
 //! Implementations:
 //! - [`SingleProcess`]: one rank; every collective is the identity. A model that holds it trains exactly as
@@ -36,7 +38,19 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
         let all = self.all_gather_f64(buf)?;
         sum_in_rank_order(&all, buf)
     }
-    /// `buf` ← the sum of every rank's `buf` (accumulated in f64, in rank order, then rounded once).
+    /// Every rank's bytes `local` (the lengths may differ), in rank order.
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let wide: Vec<f64> = local.iter().map(|&b| b as f64).collect();
+        Ok(self
+            .all_gather_f64(&wide)?
+            .into_iter()
+            .map(|v| v.into_iter().map(|b| b as u8).collect())
+            .collect())
+    }
+    /// `buf` ← the sum of every rank's `buf` (the data-parallel trainer's gradient all-reduce), the same bits
+    /// on every rank. The default accumulates in f64 in rank order and rounds once; an implementation may sum
+    /// in another order fixed by the group (MPI: a reduce-scatter, each element summed on one rank, then an
+    /// all-gather of the sums).
     fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
         if self.size() == 1 {
             return Ok(());

@@ -4,8 +4,18 @@
 //! statistics agree to 1e-12 in f64 for even, uneven (17/15) and empty (32/0, 10/0/22) slices. A rank that fails
 //! calls `MPI_Abort`, and each `mpirun` runs under a timeout, so a fault fails the test instead of hanging it.
 //!
+//!
+//! Then the CLI: `mpirun -np 2 normvision train --distributed --sync-bn` trains as one process on the whole
+//! batch (also with 17/15 and 32/0 slices), resumes on one rank, refuses ranks given different commands, and a
+//! rank that fails alone (its data is missing) ends the job with its message instead of hanging it.
+//!
 //! `cargo test --features mpi --test mpi` (scripts/test.sh runs it; Open MPI from scripts/setup.sh).
 #![cfg(feature = "mpi")]
+
+mod common;
+use common::cli::{s, write_idx_dir};
+use normvision::state::{StateTensor, Stateful};
+use std::path::Path;
 
 use ndarray::{ArrayD, Axis, IxDyn};
 use normvision::comm::Communicator;
@@ -171,4 +181,249 @@ fn a_failing_rank_ends_the_job_instead_of_hanging_it() {
     let (ok, text) = mpirun(&[10, 10]);
     assert!(!ok, "{text}");
     assert!(text.contains("does not fit 2 ranks"), "{text}");
+}
+
+// ------------------------------------------------------------------------------------------------
+// the CLI under mpirun
+// ------------------------------------------------------------------------------------------------
+
+/// `mpirun` with these argument groups (several: MPMD, `:`-separated), under a timeout.
+fn mpirun_cli(groups: &[(usize, Vec<String>)]) -> (bool, String) {
+    let exe = env!("CARGO_BIN_EXE_normvision");
+    let mut cmd = Command::new("timeout");
+    cmd.arg("120").arg("mpirun").args([
+        "--oversubscribe",
+        "--mca",
+        "btl_vader_single_copy_mechanism",
+        "none",
+    ]);
+    for (i, (np, args)) in groups.iter().enumerate() {
+        if i > 0 {
+            cmd.arg(":");
+        }
+        cmd.args(["-np", &np.to_string(), exe, "--threads", "1"])
+            .args(args);
+    }
+    let out = cmd
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .expect("mpirun runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let steps = if extra.contains(&"--max-steps") {
+        vec![]
+    } else {
+        vec!["--max-steps", "20"]
+    };
+    let mut v: Vec<String> = [
+        "train",
+        "--data",
+        s(data),
+        "--model",
+        "mlp",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .chain(&steps)
+    .map(|x| x.to_string())
+    .collect();
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
+/// A checkpoint's tensors, flattened in key order.
+fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
+    let ck = normvision::train::checkpoint::load(path).unwrap();
+    let m = normvision::train::checkpoint::restore_model(&ck).unwrap();
+    let mut v: Vec<_> = m
+        .state_dict()
+        .tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let vals = match t {
+                StateTensor::F32(a) => a.iter().map(|&x| x as f64).collect(),
+                StateTensor::I64(a) => a.iter().map(|&x| x as f64).collect(),
+            };
+            (k, vals)
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// The step losses of a run's JSON-lines log.
+fn losses(log: &Path) -> Vec<f64> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "step")
+        .map(|e| e["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// The largest relative difference in norm over the losses and each tensor of two runs.
+fn run_diff(a: &Path, b: &Path) -> f64 {
+    let norm_rel = |x: &[f64], y: &[f64]| {
+        let num: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q) * (p - q))
+            .sum::<f64>()
+            .sqrt();
+        num / y.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-30)
+    };
+    let (la, lb) = (
+        losses(&a.with_extension("jsonl")),
+        losses(&b.with_extension("jsonl")),
+    );
+    assert_eq!(la.len(), lb.len(), "step counts");
+    let mut worst = norm_rel(&la, &lb);
+    for ((ka, va), (kb, vb)) in tensors(a).iter().zip(&tensors(b)) {
+        assert_eq!(ka, kb);
+        worst = worst.max(norm_rel(va, vb));
+    }
+    worst
+}
+
+#[test]
+fn cli_distributed_sync_bn_trains_as_one_process() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_idx_dir(&data, 640, 100);
+    let one = dir.path().join("one/model.safetensors");
+    let st = Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args(["--threads", "1"])
+        .args(train_args(&data, &one, &[]))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    for sizes in [None, Some("17,15"), Some("32,0")] {
+        let out = dir
+            .path()
+            .join(format!("two-{}/model.safetensors", sizes.unwrap_or("even")));
+        let mut extra = vec!["--distributed", "--sync-bn"];
+        if let Some(sz) = sizes {
+            extra.extend(["--shard-sizes", sz]);
+        }
+        let (ok, text) = mpirun_cli(&[(2, train_args(&data, &out, &extra))]);
+        assert!(ok, "{sizes:?}: {text}");
+        let d = run_diff(&out, &one);
+        assert!(d < 1e-5, "2 ranks {sizes:?} against 1 process: {d:e}");
+    }
+    // without SyncBN each rank's BatchNorm sees its own 16 samples
+    let out = dir.path().join("unsynced/model.safetensors");
+    let (ok, text) = mpirun_cli(&[(2, train_args(&data, &out, &["--distributed"]))]);
+    assert!(ok, "{text}");
+    assert!(run_diff(&out, &one) > 1e-3);
+    // the 2-rank checkpoint resumes in one process, to the same end as the uninterrupted run
+    let part = dir.path().join("part/model.safetensors");
+    let (ok, text) = mpirun_cli(&[(
+        2,
+        train_args(
+            &data,
+            &part,
+            &["--distributed", "--sync-bn", "--max-steps", "9"],
+        ),
+    )]);
+    assert!(ok, "{text}");
+    let st = Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args([
+            "--threads",
+            "1",
+            "train",
+            "--data",
+            s(&data),
+            "--resume",
+            s(&part),
+        ])
+        .args(["--max-steps", "20", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let (a, b) = (tensors(&part), tensors(&one));
+    for ((k, va), (_, vb)) in a.iter().zip(&b) {
+        let num: f64 = va
+            .iter()
+            .zip(vb)
+            .map(|(p, q)| (p - q) * (p - q))
+            .sum::<f64>()
+            .sqrt();
+        let den = vb.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-30);
+        assert!(num / den < 1e-5, "resumed {k}: {:e}", num / den);
+    }
+}
+
+#[test]
+fn cli_ranks_with_different_commands_are_refused_at_start_up() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_idx_dir(&data, 256, 40);
+    let out = dir.path().join("run/model.safetensors");
+    let (ok, text) = mpirun_cli(&[
+        (
+            1,
+            train_args(&data, &out, &["--distributed", "--lr", "0.05"]),
+        ),
+        (
+            1,
+            train_args(&data, &out, &["--distributed", "--lr", "0.1"]),
+        ),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("do not run the same configuration") && text.contains("lr"),
+        "{text}"
+    );
+    assert!(!out.exists(), "nothing is written");
+}
+
+#[test]
+fn cli_a_rank_that_fails_alone_ends_the_job() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_idx_dir(&data, 256, 40);
+    let missing = dir.path().join("missing");
+    let out = dir.path().join("run/model.safetensors");
+    // rank 1 cannot read its data; rank 0 would wait for it at the first collective
+    let (ok, text) = mpirun_cli(&[
+        (1, train_args(&data, &out, &["--distributed"])),
+        (1, train_args(&missing, &out, &["--distributed"])),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("rank 1 of 2") && text.contains("missing"),
+        "{text}"
+    );
 }

@@ -6,6 +6,10 @@
 //! resumed with [`DataLoader::epoch_from`] sees exactly the batches the uninterrupted run would have seen.
 //! The shuffle draws raw `u64`s (no `rand` range-sampling algorithm), so the order does not change with `rand`.
 //!
+//! Data-parallel training: with a [`Shard`], each batch is this rank's contiguous slice of the global batch
+//! (the same order and augmentation draws as one process would use), so any split of a global batch over ranks
+//! sees exactly its samples.
+//!
 //! Prefetch: each epoch iterator owns one producer thread feeding a bounded `sync_channel` of depth
 //! [`LoaderConfig::prefetch`]. Dropping the iterator mid-epoch disconnects the channel and joins the thread,
 //! which exits at its next send (or before building the next batch), so nothing hangs or leaks.
@@ -37,6 +41,70 @@ pub struct LoaderConfig {
     pub augment: Option<Augment>,
     /// Batches prepared ahead (channel depth), at least 1.
     pub prefetch: usize,
+    /// Data-parallel training: each batch is this rank's slice of the global batch of `batch_size` samples.
+    pub shard: Option<Shard>,
+}
+
+/// One rank's part of every global batch: a contiguous slice, as even as possible (the first `len % ranks`
+/// ranks take one sample more), or of fixed sizes (a test option, to produce splits such as 17/15 or 32/0).
+/// Which samples a global batch holds, and how each is augmented, does not depend on the split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shard {
+    pub rank: usize,
+    pub ranks: usize,
+    /// Fixed slice sizes, one per rank, summing to the batch size; a shorter last batch is cut from the
+    /// front (rank r takes what is left of its slice).
+    pub sizes: Option<Vec<usize>>,
+}
+
+impl Shard {
+    /// An even split over `ranks` ranks.
+    pub fn even(rank: usize, ranks: usize) -> Shard {
+        Shard {
+            rank,
+            ranks,
+            sizes: None,
+        }
+    }
+
+    /// Checks the rank and the fixed sizes against a global batch size.
+    pub fn validate(&self, batch_size: usize) -> Result<()> {
+        if self.ranks == 0 || self.rank >= self.ranks {
+            return Err(NvError::Config(format!(
+                "loader: rank {} of a group of {}",
+                self.rank, self.ranks
+            )));
+        }
+        if let Some(s) = &self.sizes {
+            if s.len() != self.ranks || s.iter().sum::<usize>() != batch_size {
+                return Err(NvError::Config(format!(
+                    "shard sizes {s:?} (--shard-sizes) must give one size per rank ({}) summing to the batch size {batch_size}",
+                    self.ranks
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// This rank's range within a global batch of `len` samples.
+    pub fn range(&self, len: usize) -> std::ops::Range<usize> {
+        self.range_of(self.rank, len)
+    }
+
+    /// Rank `r`'s range within a global batch of `len` samples.
+    pub fn range_of(&self, r: usize, len: usize) -> std::ops::Range<usize> {
+        match &self.sizes {
+            Some(s) => {
+                let start: usize = s[..r].iter().sum();
+                start.min(len)..(start + s[r]).min(len)
+            }
+            None => {
+                let (base, extra) = (len / self.ranks, len % self.ranks);
+                let start = r * base + r.min(extra);
+                start..start + base + usize::from(r < extra)
+            }
+        }
+    }
 }
 
 impl LoaderConfig {
@@ -49,6 +117,7 @@ impl LoaderConfig {
             seed,
             augment: None,
             prefetch: 2,
+            shard: None,
         }
     }
     /// Evaluation: dataset order, every sample, no augmentation.
@@ -100,6 +169,9 @@ impl DataLoader {
         }
         if let Some(a) = &cfg.augment {
             a.validate()?;
+        }
+        if let Some(sh) = &cfg.shard {
+            sh.validate(cfg.batch_size)?;
         }
         let decoders = if dataset.is_streaming() {
             let n = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -242,8 +314,12 @@ struct BatchMaker {
 impl BatchMaker {
     fn make(&self, b: usize, scratch: &mut Vec<f32>) -> Result<Batch> {
         let bs = self.cfg.batch_size;
-        let start = b * bs;
-        let end = (start + bs).min(self.order.len());
+        let mut start = b * bs;
+        let mut end = (start + bs).min(self.order.len());
+        if let Some(sh) = &self.cfg.shard {
+            let r = sh.range(end - start);
+            (start, end) = (start + r.start, start + r.end);
+        }
         let idx = &self.order[start..end];
         let mut x = self.dataset.batch_unit(idx)?;
         if let Some(aug) = self.cfg.augment.as_ref().filter(|a| !a.is_identity()) {

@@ -18,4 +18,4 @@ pub use augment::Augment;
 pub use corrupt::{Corruption, CorruptionKind};
 pub use dataset::{Dataset, Normalization};
 pub use image_folder::{load_image_folder, load_image_for_model, stream_image_folder};
-pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig};
+pub use loader::{Batch, DataLoader, EpochIter, LoaderConfig, Shard};

@@ -5,12 +5,35 @@
 
 use crate::comm::{check_root, Communicator as NvCommunicator};
 use crate::{NvError, Result};
+use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Count;
 use std::sync::Mutex;
+
+/// Each rank's offset in a gather of `counts`, and the total.
+fn displacements(counts: &[Count]) -> Result<(Vec<Count>, usize)> {
+    let mut displs = Vec::with_capacity(counts.len());
+    let mut total: usize = 0;
+    for &c in counts {
+        displs.push(
+            Count::try_from(total).map_err(|_| NvError::Comm("gather too large for MPI".into()))?,
+        );
+        total += c as usize;
+    }
+    Ok((displs, total))
+}
+
+/// A gathered buffer cut into each rank's part.
+fn split<T: Clone>(buf: &[T], counts: &[Count], displs: &[Count]) -> Vec<Vec<T>> {
+    counts
+        .iter()
+        .zip(displs)
+        .map(|(&c, &d)| buf[d as usize..(d + c) as usize].to_vec())
+        .collect()
+}
 
 /// The MPI world as a [`Communicator`](crate::comm::Communicator). Create one per process, before any other MPI use; dropping it
 /// finalizes MPI.
@@ -87,25 +110,13 @@ impl NvCommunicator for MpiComm {
         })?;
         let mut counts = vec![0 as Count; self.size];
         w.all_gather_into(&n, &mut counts[..]);
-        let mut displs = Vec::with_capacity(self.size);
-        let mut total: usize = 0;
-        for &c in &counts {
-            displs.push(
-                Count::try_from(total)
-                    .map_err(|_| NvError::Comm("gather too large for MPI".into()))?,
-            );
-            total += c as usize;
-        }
+        let (displs, total) = displacements(&counts)?;
         let mut buf = vec![0f64; total];
         {
             let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
             w.all_gather_varcount_into(local, &mut part);
         }
-        Ok(counts
-            .iter()
-            .zip(&displs)
-            .map(|(&c, &d)| buf[d as usize..(d + c) as usize].to_vec())
-            .collect())
+        Ok(split(&buf, &counts, &displs))
     }
     fn broadcast_f32(&self, buf: &mut [f32], root: usize) -> Result<()> {
         check_root(root, self.size)?;
@@ -114,14 +125,54 @@ impl NvCommunicator for MpiComm {
         // the lengths first, so that a mismatch is an error on every rank rather than a truncated message
         let mut n = buf.len() as u64;
         r.broadcast_into(&mut n);
-        if n != buf.len() as u64 {
+        // every rank learns whether any rank's length differs, so that none (the root included) goes on to a
+        // data broadcast that another rank has left
+        let mismatch = (n != buf.len() as u64) as i32;
+        let mut any = 0i32;
+        w.all_reduce_into(&mismatch, &mut any, SystemOperation::max());
+        if any != 0 {
             return Err(NvError::Comm(format!(
-                "broadcast: rank {root} sends {n} values, rank {} expects {}",
-                self.rank,
-                buf.len()
+                "broadcast: rank {root} sends {n} values; {}",
+                if mismatch != 0 {
+                    format!("rank {} expects {}", self.rank, buf.len())
+                } else {
+                    "another rank expects a different length".into()
+                }
             )));
         }
         r.broadcast_into(buf);
+        Ok(())
+    }
+    fn all_gather_bytes(&self, local: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let w = self.world.lock().map_err(|_| lock_err())?;
+        let n = Count::try_from(local.len()).map_err(|_| {
+            NvError::Comm(format!("gather of {} bytes: too many for MPI", local.len()))
+        })?;
+        let mut counts = vec![0 as Count; self.size];
+        w.all_gather_into(&n, &mut counts[..]);
+        let (displs, total) = displacements(&counts)?;
+        let mut buf = vec![0u8; total];
+        {
+            let mut part = PartitionMut::new(&mut buf[..], &counts[..], &displs[..]);
+            w.all_gather_varcount_into(local, &mut part);
+        }
+        Ok(split(&buf, &counts, &displs))
+    }
+    /// A reduce-scatter (each element summed once, on one rank, in MPI's order for this group) then an
+    /// all-gather of the sums: the same bits on every rank by construction, with the traffic of a ring
+    /// all-reduce (about 2·(P−1)/P of the buffer per rank).
+    fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+        if self.size == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let w = self.world.lock().map_err(|_| lock_err())?;
+        let block = buf.len().div_ceil(self.size);
+        let mut padded = vec![0f32; block * self.size];
+        padded[..buf.len()].copy_from_slice(buf);
+        let mut mine = vec![0f32; block];
+        w.reduce_scatter_block_into(&padded[..], &mut mine[..], SystemOperation::sum());
+        w.all_gather_into(&mine[..], &mut padded[..]);
+        buf.copy_from_slice(&padded[..buf.len()]);
         Ok(())
     }
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {

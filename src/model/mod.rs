@@ -124,9 +124,29 @@ impl Model {
     /// whose virtual batches would), or that cannot take it at all (a Ghost BN whose virtual batch is larger
     /// than `n`), with its input shape; `None` when a batch of `n` trains.
     pub fn one_value_per_channel(&self, n: usize) -> Result<Option<(String, Vec<usize>)>> {
+        self.one_value_per_channel_sharded(n, n)
+    }
+
+    /// [`Model::one_value_per_channel`] for one rank of data-parallel training that holds `local` of a global
+    /// batch of `global` images: a BatchNorm synchronized over several ranks sees the global batch, every other
+    /// layer the rank's.
+    pub fn one_value_per_channel_sharded(
+        &self,
+        local: usize,
+        global: usize,
+    ) -> Result<Option<(String, Vec<usize>)>> {
         let [c, h, w] = self.input;
-        let shapes = self.graph.value_shapes(&[&[n, c, h, w]])?;
+        let local_shapes = self.graph.value_shapes(&[&[local, c, h, w]])?;
+        let global_shapes = self.graph.value_shapes(&[&[global, c, h, w]])?;
         for node in self.graph.nodes() {
+            let synced = node
+                .layer_as::<crate::norm::BatchNorm<f32>>()
+                .is_some_and(|b| b.sync_group().is_some_and(|g| g.size() > 1));
+            let shapes = if synced {
+                &global_shapes
+            } else {
+                &local_shapes
+            };
             let shape = &shapes[node.inputs().first().map_or(0, |v| v.index())];
             if let Some(g) = node.layer_as::<crate::norm::GhostBatchNorm<f32>>() {
                 if g.virtual_batches(shape).is_err() {

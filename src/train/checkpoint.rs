@@ -222,7 +222,14 @@ pub fn restore_model(ck: &Checkpoint) -> Result<Model> {
                     )));
                 }
             }
-            Model::from_graph(Graph::from_spec(spec)?, input)?.with_recipe(ck.config.model.clone())
+            let m = Model::from_graph(Graph::from_spec(spec)?, input)?;
+            // a model built through the API has no zoo recipe (its config's model section is the default's):
+            // claiming one would make its next checkpoint unreadable
+            if ck.zoo_recipe {
+                m.with_recipe(ck.config.model.clone())
+            } else {
+                m
+            }
         }
         _ => Model::new(ck.config.model.clone())?,
     };

@@ -8,15 +8,18 @@
 
 pub mod adapt;
 pub mod checkpoint;
+pub mod distributed;
+mod evaluate;
 pub mod finetune;
 pub mod fuzz;
 pub mod log;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Position};
+pub use distributed::Distributed;
+pub use evaluate::{evaluate, evaluate_with, LogitsFn};
 pub use trainer::{
-    evaluate, evaluate_with, train, train_model, train_model_keep, EvalPoint, Progress, RunOptions,
-    TrainReport,
+    train, train_model, train_model_keep, EvalPoint, Progress, RunOptions, TrainReport,
 };
 
 use crate::data::Augment;
@@ -51,6 +54,10 @@ pub struct TrainConfig {
     /// dropped (and the log says so) when it would leave a batch-statistics norm with one value per channel.
     #[serde(default)]
     pub drop_last: bool,
+    /// Data-parallel training: every BatchNorm's statistics span the global batch (SyncBN, `--sync-bn`). No
+    /// effect in a single process.
+    #[serde(default)]
+    pub sync_bn: bool,
     /// Set when the run fine-tunes another model: where it came from and what was changed and frozen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finetune: Option<finetune::FinetuneRecord>,
@@ -80,6 +87,7 @@ impl TrainConfig {
             train_limit: 0,
             test_limit: 0,
             drop_last: false,
+            sync_bn: false,
             finetune: None,
         }
     }

@@ -1,6 +1,8 @@
 //! The training loop.
 
 use super::checkpoint::{self, Position};
+use super::distributed::{self, Distributed, GradReducer, TimedComm};
+use super::evaluate::{evaluate_checked, non_finite_param};
 use super::log::JsonLog;
 use super::TrainConfig;
 use crate::data::{DataLoader, Dataset, LoaderConfig, Normalization};
@@ -43,6 +45,9 @@ pub struct RunOptions {
     /// The input normalization of a new run (fine-tuning keeps its source model's); `None`: the training
     /// set's mean and std. A resumed run keeps its checkpoint's.
     pub normalization: Option<Normalization>,
+    /// Data-parallel training over a group of ranks ([`super::distributed`]): every rank calls [`train`] with
+    /// the same configuration, data and options; only rank 0's `checkpoint`, `log` and `progress` are used.
+    pub distributed: Option<Distributed>,
 }
 
 /// One evaluation.
@@ -71,8 +76,13 @@ pub struct TrainReport {
     pub notes: Vec<String>,
     /// The step of the first evaluation at or above `target_acc`.
     pub reached_target_at: Option<u64>,
-    /// Training throughput (images per second of training steps, evaluation excluded).
+    /// Training throughput (images per second of training steps, evaluation excluded; the global batch's
+    /// images in data-parallel training).
     pub train_img_s: f64,
+    /// Data-parallel training: the seconds this rank spent in collectives over the run (waiting for the
+    /// slowest rank included), and in the gradient all-reduces alone; zero in a single process.
+    pub comm_secs: f64,
+    pub grad_all_reduce_secs: f64,
     pub final_test_acc: Option<f64>,
 }
 
@@ -84,73 +94,6 @@ impl TrainReport {
             .filter(|e| e.end_of_epoch)
             .map(|e| e.test_acc)
             .collect()
-    }
-}
-
-/// Accuracy and mean loss of `model` in eval mode over a loader.
-pub fn evaluate(model: &mut Model, loader: &DataLoader) -> Result<(f64, f64)> {
-    evaluate_with(model, loader, &mut |m, x| m.forward_inference(x))
-}
-
-/// Computes a batch's logits for [`evaluate_with`].
-pub type LogitsFn<'a> =
-    dyn FnMut(&mut Model, &ndarray::ArrayD<f32>) -> Result<ndarray::ArrayD<f32>> + 'a;
-
-/// [`evaluate`] with the logits of each batch computed by `logits` (e.g. with online BN adaptation:
-/// [`crate::train::adapt::infer_adapted`]).
-pub fn evaluate_with(
-    model: &mut Model,
-    loader: &DataLoader,
-    logits: &mut LogitsFn<'_>,
-) -> Result<(f64, f64)> {
-    let (mut correct, mut n, mut loss_sum) = (0usize, 0usize, 0.0f64);
-    let mut batches = loader.epoch(0);
-    for (x, y) in &mut batches {
-        let logits = logits(model, &x.into_dyn())?;
-        let (loss, _) = cross_entropy(&logits, &y, 0.0)?;
-        correct += count_correct(&logits, &y)?;
-        loss_sum += loss * y.len() as f64;
-        n += y.len();
-    }
-    batches.error()?;
-    model.graph_mut().clear_saved();
-    // the eval batches' recycled activations are not reused by training batches of another shape
-    crate::kernels::arena::clear();
-    if n == 0 {
-        return Err(NvError::Config("evaluation set is empty".into()));
-    }
-    Ok((correct as f64 / n as f64, loss_sum / n as f64))
-}
-
-/// The name of the first parameter holding a NaN or an infinity, if any.
-fn non_finite_param(model: &mut Model) -> Option<String> {
-    let mut bad = None;
-    model.visit_params("", &mut |name, p| {
-        if bad.is_none() && p.value.iter().any(|v| !v.is_finite()) {
-            bad = Some(name.to_string());
-        }
-    });
-    bad
-}
-
-/// [`evaluate`] during training: non-finite parameters or outputs (a diverged model) are `Ok(Err(reason))`,
-/// so the run reports a divergence instead of failing.
-fn evaluate_checked(
-    model: &mut Model,
-    loader: &DataLoader,
-    step: u64,
-) -> Result<std::result::Result<(f64, f64), String>> {
-    if let Some(p) = non_finite_param(model) {
-        return Ok(Err(format!(
-            "non-finite values in parameter {p} after step {step}"
-        )));
-    }
-    match evaluate(model, loader) {
-        Ok(v) => Ok(Ok(v)),
-        Err(NvError::NonFinite(msg)) => Ok(Err(format!(
-            "non-finite values when evaluating after step {step} ({msg})"
-        ))),
-        Err(e) => Err(e),
     }
 }
 
@@ -282,6 +225,20 @@ fn run(
     let cfg = &run_cfg;
     cfg.validate()?;
     model.set_plan_options(opts.plan.clone())?;
+    // A group of one rank is a single process.
+    let timed = opts.distributed.take().filter(|d| d.size() > 1).map(|d| {
+        let t = Arc::new(TimedComm::new(d.comm.clone()));
+        (t.clone(), Distributed { comm: t, ..d })
+    });
+    let (timer, dist) = match timed {
+        Some((t, d)) => (Some(t), Some(d)),
+        None => (None, None),
+    };
+    if dist.as_ref().is_some_and(|d| d.rank() != 0) {
+        opts.checkpoint = None;
+        opts.log = None;
+        opts.progress = None;
+    }
     check_data(&model, &train_ds, &test_ds, opts.resume.is_some())?;
     // The run's own limits (a resumed run keeps its checkpoint's, whatever the caller's config says), so it
     // sees the same samples as the run that wrote the checkpoint.
@@ -292,6 +249,37 @@ fn run(
         None => train_ds.mean_std()?,
     };
     let mut notes = vec![];
+    match &dist {
+        Some(d) if cfg.sync_bn => {
+            model.graph_mut().set_batch_norm_sync(Some(d.comm.clone()));
+        }
+        None if cfg.sync_bn => notes.push(
+            "--sync-bn has no effect in a single process: BatchNorm already sees the whole batch"
+                .into(),
+        ),
+        _ => {}
+    }
+    let shard = dist.as_ref().map(|d| d.shard());
+    if let Some(sh) = &shard {
+        sh.validate(cfg.batch_size)?;
+    }
+    // the first rank whose slice of a global batch of `n` leaves a batch-statistics layer with one value per
+    // channel
+    let too_small = |n: usize| -> Result<Option<(String, Vec<usize>)>> {
+        match &shard {
+            None => model.one_value_per_channel(n),
+            Some(sh) => {
+                for r in 0..sh.ranks {
+                    if let Some(v) =
+                        model.one_value_per_channel_sharded(sh.range_of(r, n).len(), n)?
+                    {
+                        return Ok(Some(v));
+                    }
+                }
+                Ok(None)
+            }
+        }
+    };
     for node in model.graph().nodes() {
         if let Some(g) = node.layer_as::<crate::norm::GhostBatchNorm<f32>>() {
             if g.ghost_batch() > cfg.batch_size {
@@ -306,15 +294,17 @@ fn run(
     }
     let drop_last = cfg.drop_last
         || {
-            if let Some((node, shape)) = model.one_value_per_channel(cfg.batch_size)? {
+            if let Some((node, shape)) = too_small(cfg.batch_size)? {
                 return Err(NvError::Config(format!(
-                "batch size {} leaves {node} with one value per channel (its input would be {shape:?}); \
-                 train with a batch of at least 2",
-                cfg.batch_size
+                "batch size {} leaves {node} with one value per channel (its input would be {shape:?}{}); \
+                 train with a batch of at least 2{}",
+                cfg.batch_size,
+                if shard.is_some() { " on one rank" } else { "" },
+                if shard.is_some() { " per rank, or with --sync-bn" } else { "" }
             )));
             }
             let rem = train_ds.len() % cfg.batch_size;
-            match model.one_value_per_channel(rem)? {
+            match too_small(rem)? {
                 Some((node, _)) if rem > 0 => {
                     notes.push(format!(
                     "each epoch's last batch ({rem} of {} images) is dropped: it would leave {node} with one \
@@ -332,9 +322,21 @@ fn run(
         LoaderConfig {
             augment: cfg.augment.clone(),
             drop_last,
+            shard: shard.clone(),
             ..LoaderConfig::train(cfg.batch_size, cfg.seed)
         },
     )?;
+    if let Some(d) = &dist {
+        // every rank runs what rank 0 runs, from rank 0's weights, or none does
+        let describe = |ds: &Dataset| distributed::fingerprint(ds);
+        let description = json!({
+            "version": env!("CARGO_PKG_VERSION"), "config": cfg, "normalization": norm, "position": pos,
+            "resume": opts.resume.is_some(), "train": describe(&train_ds), "test": describe(&test_ds),
+            "ranks": d.size(), "shard_sizes": d.shard_sizes, "model": model.graph().spec()?,
+        });
+        distributed::check_agreement(d.comm.as_ref(), &description)?;
+        distributed::broadcast_state(d.comm.as_ref(), &mut model, Some(opt.as_mut()))?;
+    }
     {
         let per_epoch = loader.num_batches() as u64;
         let total = per_epoch * cfg.epochs as u64;
@@ -363,6 +365,14 @@ fn run(
         }
         None => None,
     };
+    // each rank evaluates its slice of the test set
+    let test_ds = match &dist {
+        Some(d) => {
+            let r = crate::data::Shard::even(d.rank(), d.size()).range(test_ds.len());
+            Arc::new(test_ds.slice(r.start, r.end)?)
+        }
+        None => test_ds,
+    };
     let test_loader = DataLoader::new(
         test_ds,
         norm.clone(),
@@ -374,7 +384,7 @@ fn run(
         (None, _) => JsonLog::disabled(),
     };
     log.write(&json!({"event": "start", "config": cfg, "resume_from": pos, "train_samples": train_ds.len(),
-        "threads": rayon::current_num_threads()}))?;
+        "threads": rayon::current_num_threads(), "ranks": dist.as_ref().map_or(1, |d| d.size())}))?;
     for n in &notes {
         log.write(&json!({"event": "note", "message": n}))?;
     }
@@ -388,9 +398,12 @@ fn run(
         diverged: None,
         reached_target_at: None,
         train_img_s: 0.0,
+        comm_secs: 0.0,
+        grad_all_reduce_secs: 0.0,
         final_test_acc: None,
         notes,
     };
+    let mut reducer = GradReducer::default();
     let mut window: VecDeque<f64> = VecDeque::new();
     let (mut train_secs, mut train_imgs) = (0.0f64, 0usize);
     let (mut since_eval_loss, mut since_eval_n) = (0.0f64, 0usize);
@@ -419,17 +432,20 @@ fn run(
             model.zero_grad();
             let ctx = Ctx::train().with_step(pos.step);
             let xd = x.into_dyn();
-            let step_result = (|| -> Result<(f64, usize)> {
-                let logits = model.forward(&xd, ctx)?;
-                let (loss, dlogits) = cross_entropy(&logits, &y, cfg.label_smoothing)?;
-                if !loss.is_finite() {
-                    return Err(NvError::NonFinite(format!("loss {loss}")));
-                }
-                let correct = count_correct(&logits, &y)?;
-                model.backward_params(&xd, &dlogits, ctx)?;
-                Ok((loss, correct))
-            })();
-            let (loss, correct) = match step_result {
+            let step_result = match &dist {
+                None => (|| -> Result<(f64, usize, usize)> {
+                    let logits = model.forward(&xd, ctx)?;
+                    let (loss, dlogits) = cross_entropy(&logits, &y, cfg.label_smoothing)?;
+                    if !loss.is_finite() {
+                        return Err(NvError::NonFinite(format!("loss {loss}")));
+                    }
+                    let correct = count_correct(&logits, &y)?;
+                    model.backward_params(&xd, &dlogits, ctx)?;
+                    Ok((loss, correct, y.len()))
+                })(),
+                Some(d) => distributed_step(&mut model, &xd, &y, cfg, ctx, d, &mut reducer),
+            };
+            let (loss, correct, global_n) = match step_result {
                 Ok(v) => v,
                 Err(NvError::NonFinite(msg)) => {
                     report.diverged = Some(format!(
@@ -443,17 +459,17 @@ fn run(
             opt.step(&mut model, lr)?;
             let dt = t0.elapsed().as_secs_f64();
             train_secs += dt;
-            train_imgs += y.len();
-            ep_imgs += y.len();
+            train_imgs += global_n;
+            ep_imgs += global_n;
             pos.step += 1;
             pos.batch += 1;
             report.losses.push(loss);
             ep_correct += correct;
-            ep_seen += y.len();
+            ep_seen += global_n;
             since_eval_loss += loss;
             since_eval_n += 1;
             log.write(&json!({"event": "step", "step": pos.step, "epoch": pos.epoch + 1, "loss": loss, "lr": lr,
-                "batch_acc": correct as f64 / y.len() as f64, "img_s": y.len() as f64 / dt}))?;
+                "batch_acc": correct as f64 / global_n as f64, "img_s": global_n as f64 / dt}))?;
             if let Some(p) = opts.progress.as_mut() {
                 p.step(&format!(
                     "loss {loss:.4} acc {:.3} {:.0} img/s{}",
@@ -484,13 +500,14 @@ fn run(
                 }
             }
             if cfg.eval_every_steps.is_some_and(|k| pos.step % k == 0) {
-                let (acc, tl) = match evaluate_checked(&mut model, &test_loader, pos.step)? {
-                    Ok(v) => v,
-                    Err(why) => {
-                        report.diverged = Some(why);
-                        break 'epochs;
-                    }
-                };
+                let (acc, tl) =
+                    match evaluate_checked(&mut model, &test_loader, pos.step, dist.as_ref())? {
+                        Ok(v) => v,
+                        Err(why) => {
+                            report.diverged = Some(why);
+                            break 'epochs;
+                        }
+                    };
                 last_acc = Some(acc);
                 let p = EvalPoint {
                     step: pos.step,
@@ -521,13 +538,14 @@ fn run(
         if epoch_done {
             pos.epoch += 1;
             pos.batch = 0;
-            let (acc, tl) = match evaluate_checked(&mut model, &test_loader, pos.step)? {
-                Ok(v) => v,
-                Err(why) => {
-                    report.diverged = Some(why);
-                    break 'epochs;
-                }
-            };
+            let (acc, tl) =
+                match evaluate_checked(&mut model, &test_loader, pos.step, dist.as_ref())? {
+                    Ok(v) => v,
+                    Err(why) => {
+                        report.diverged = Some(why);
+                        break 'epochs;
+                    }
+                };
             last_acc = Some(acc);
             let p = EvalPoint {
                 step: pos.step,
@@ -572,6 +590,8 @@ fn run(
         0.0
     };
     report.final_test_acc = report.evals.last().map(|e| e.test_acc);
+    report.comm_secs = timer.as_ref().map_or(0.0, |t| t.secs());
+    report.grad_all_reduce_secs = reducer.secs;
     // The last update can leave NaN/inf weights behind a finite loss: never save those as a checkpoint.
     if report.diverged.is_none() {
         if let Some(p) = non_finite_param(&mut model) {
@@ -595,7 +615,65 @@ fn run(
         }
     }
     log.write(&json!({"event": "end", "steps": pos.step, "train_img_s": report.train_img_s,
+        "comm_secs": report.comm_secs, "grad_all_reduce_secs": report.grad_all_reduce_secs,
         "final_test_acc": report.final_test_acc, "diverged": report.diverged, "reached_target_at": report.reached_target_at}))?;
     log.flush()?;
     Ok((report, model))
+}
+
+/// One data-parallel step on this rank's slice of the global batch (possibly empty): the forward, the global
+/// loss (all-reduced before the backward, so that a non-finite loss stops every rank alike), the backward of
+/// the global mean loss and the gradient all-reduce. Returns the global loss, correct count and batch size.
+fn distributed_step(
+    model: &mut Model,
+    x: &ndarray::ArrayD<f32>,
+    y: &[usize],
+    cfg: &TrainConfig,
+    ctx: Ctx,
+    d: &Distributed,
+    reducer: &mut GradReducer,
+) -> Result<(f64, usize, usize)> {
+    let logits = model.forward(x, ctx)?;
+    let k = logits.shape()[1];
+    let (mut local, dlogits, why) = if y.is_empty() {
+        (
+            [0.0; 4],
+            ndarray::ArrayD::zeros(ndarray::IxDyn(&[0, k])),
+            None,
+        )
+    } else {
+        match cross_entropy(&logits, y, cfg.label_smoothing) {
+            Ok((loss, g)) if loss.is_finite() => {
+                let c = count_correct(&logits, y)?;
+                (
+                    [loss * y.len() as f64, c as f64, y.len() as f64, 0.0],
+                    g,
+                    None,
+                )
+            }
+            Ok((loss, g)) => (
+                [0.0, 0.0, y.len() as f64, 1.0],
+                g,
+                Some(format!("loss {loss}")),
+            ),
+            Err(NvError::NonFinite(msg)) => {
+                let g = ndarray::ArrayD::zeros(logits.raw_dim());
+                ([0.0, 0.0, y.len() as f64, 1.0], g, Some(msg))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    d.comm.all_reduce_sum_f64(&mut local)?;
+    let [loss_sum, correct, n, bad] = local;
+    if bad > 0.0 {
+        model.graph_mut().clear_saved();
+        return Err(NvError::NonFinite(
+            why.unwrap_or_else(|| "a non-finite loss on another rank".into()),
+        ));
+    }
+    // the local mean's gradient, scaled to this rank's share of the global mean
+    let dlogits = dlogits * (y.len() as f32 / n as f32);
+    model.backward_params(x, &dlogits, ctx)?;
+    reducer.all_reduce(d.comm.as_ref(), model, d.bucket_len)?;
+    Ok((loss_sum / n, correct as usize, n as usize))
 }

@@ -347,6 +347,10 @@ pub struct TrainArgs {
     /// would leave a BatchNorm with one value per channel is dropped (and the log says so).
     #[arg(long)]
     pub drop_last: bool,
+    /// With --distributed: synchronize every BatchNorm's batch statistics over the ranks (SyncBN), so that
+    /// BN sees the global batch, not each rank's slice.
+    #[arg(long)]
+    pub sync_bn: bool,
 }
 
 impl TrainArgs {
@@ -418,6 +422,7 @@ impl TrainArgs {
         cfg.epochs = self.epochs;
         cfg.max_steps = self.max_steps;
         cfg.batch_size = self.batch_size;
+        cfg.sync_bn = self.sync_bn;
         cfg.eval_every_steps = self.eval_every;
         cfg.target_acc = self.target_acc;
         cfg.label_smoothing = self.label_smoothing;

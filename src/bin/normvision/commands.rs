@@ -10,7 +10,7 @@ use normvision::ndarray::{ArrayD, IxDyn};
 use normvision::nn::loss::cross_entropy;
 use normvision::state::Stateful;
 use normvision::train::adapt::infer_adapted;
-use normvision::train::{self, checkpoint, RunOptions, TrainReport};
+use normvision::train::{self, checkpoint, Distributed, RunOptions, TrainReport};
 use normvision::{Ctx, NvError, Result};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -60,6 +60,8 @@ pub fn print_report(label: &str, r: &TrainReport) {
     }
 }
 
+/// `train`; with `dist`, this process is one rank of a data-parallel run (rank 0 alone prints and writes).
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     args: &TrainArgs,
     data: &DataArgs,
@@ -68,12 +70,24 @@ pub fn train(
     json_out: bool,
     quiet: bool,
     plan: &PlanOptions,
+    dist: Option<Distributed>,
 ) -> Result<TrainReport> {
+    let root = dist.as_ref().is_none_or(|d| d.rank() == 0);
+    let (quiet, json_out) = (quiet || !root, json_out && root);
     let (train_ds, test_ds) = data.load()?;
     let cfg = args.to_config(&train_ds)?;
-    let resume = match &paths.resume {
-        Some(p) => Some((p.clone(), checkpoint::load(p)?)),
-        None => None,
+    let resume = match (&paths.resume, &dist) {
+        (Some(p), None) => Some((p.clone(), checkpoint::load(p)?)),
+        // rank 0 reads the checkpoint and hands its bytes to the others (no shared file system needed)
+        (Some(p), Some(d)) => {
+            let mut bytes = vec![];
+            if root {
+                bytes = std::fs::read(p).map_err(|e| NvError::io(p, "read", e))?;
+            }
+            d.comm.broadcast_bytes(&mut bytes, 0)?;
+            Some((p.clone(), checkpoint::from_bytes(&bytes, p)?))
+        }
+        (None, _) => None,
     };
     // A resumed run lives where its checkpoint is (not where the current flags' defaults point), unless --out
     // says otherwise; its model and norm name it.
@@ -111,12 +125,20 @@ pub fn train(
         }
     }
     if !quiet && !json_out {
+        let ranks = match &dist {
+            Some(d) => format!(
+                "{} ranks x {} threads{}",
+                d.size(),
+                rayon::current_num_threads(),
+                if run_cfg.sync_bn { ", SyncBN" } else { "" }
+            ),
+            None => format!("{} threads", rayon::current_num_threads()),
+        };
         eprintln!(
-            "training {} with --norm {} on {} images ({} threads); checkpoint {}, log {}",
+            "training {} with --norm {} on {} images ({ranks}); checkpoint {}, log {}",
             run_cfg.model.kind.as_str(),
             run_cfg.model.norm,
             train_ds.len(),
-            rayon::current_num_threads(),
             ckpt.display(),
             log.display()
         );
@@ -129,8 +151,15 @@ pub fn train(
         resume: resume.map(|(_, ck)| ck),
         plan: plan.clone(),
         normalization: None,
+        distributed: dist,
     };
     let r = train::train(&cfg, train_ds, test_ds, opts)?;
+    if !root {
+        return match &r.diverged {
+            Some(why) => Err(NvError::Diverged(why.clone())),
+            None => Ok(r),
+        };
+    }
     if json_out {
         println!("{}", serde_json::to_string(&json!({"model": run_cfg.model.kind.as_str(), "norm": run_cfg.model.norm.as_str(), "report": r})).expect("json"));
     } else {
@@ -538,6 +567,7 @@ pub fn compare(
             resume: None,
             plan: plan.clone(),
             normalization: None,
+            distributed: None,
         };
         if !quiet && !json_out {
             eprintln!(

@@ -192,6 +192,7 @@ pub fn run(
         resume: None,
         plan: plan.clone(),
         normalization: Some(norm),
+        distributed: None,
     };
     let r = train::train_model(model, &cfg, train_ds, test_ds, opts)?;
     if json_out {

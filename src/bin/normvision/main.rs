@@ -7,6 +7,7 @@ mod bench_kernels;
 mod choice;
 mod commands;
 mod corrupt;
+mod distributed;
 mod finetune;
 mod inference_bench;
 mod interop;
@@ -78,6 +79,15 @@ enum Cmd {
         /// Test-only fault hook: die (SIGKILL) halfway through the N-th checkpoint or log rewrite.
         #[arg(long, hide = true, value_name = "N")]
         fault_kill_in_write: Option<u64>,
+        /// Data-parallel training over the ranks of an MPI job (`mpirun -np N normvision train --distributed`):
+        /// each rank takes its slice of every global batch of --batch-size images, gradients are summed over
+        /// the ranks, rank 0 logs and writes checkpoints. Threads per rank default to the cores divided by the
+        /// ranks on the machine. Needs a build with `--features mpi`.
+        #[arg(long)]
+        distributed: bool,
+        /// Test-only: the size of each rank's slice of a global batch (e.g. 17,15 or 32,0).
+        #[arg(long, hide = true, value_delimiter = ',')]
+        shard_sizes: Option<Vec<usize>>,
     },
     /// Train the same network with each normalization and print a comparison table (the README's main job).
     Compare {
@@ -450,25 +460,47 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                 },
             )
         }
+        Cmd::Train {
+            train,
+            data,
+            out,
+            resume,
+            log,
+            json,
+            quiet,
+            fault_kill_in_write,
+            distributed,
+            shard_sizes,
+        } => {
+            if let Some(n) = fault_kill_in_write {
+                normvision::io::atomic::fault::kill_in_write(n);
+            }
+            let run = resume::RunPaths { out, resume, log };
+            if distributed {
+                return distributed::train(
+                    &train,
+                    &data,
+                    run,
+                    &explicit,
+                    json,
+                    quiet,
+                    &plan,
+                    cli.threads,
+                    shard_sizes,
+                );
+            }
+            if shard_sizes.is_some() {
+                return Err(normvision::NvError::Config(
+                    "--shard-sizes applies to --distributed training only".into(),
+                ));
+            }
+            set_threads(cli.threads)?;
+            commands::train(&train, &data, run, &explicit, json, quiet, &plan, None).map(|_| ())
+        }
         cmd => {
             set_threads(cli.threads)?;
             match cmd {
-                Cmd::Train {
-                    train,
-                    data,
-                    out,
-                    resume,
-                    log,
-                    json,
-                    quiet,
-                    fault_kill_in_write,
-                } => {
-                    if let Some(n) = fault_kill_in_write {
-                        normvision::io::atomic::fault::kill_in_write(n);
-                    }
-                    let run = resume::RunPaths { out, resume, log };
-                    commands::train(&train, &data, run, &explicit, json, quiet, &plan).map(|_| ())
-                }
+                Cmd::Train { .. } => unreachable!("handled above"),
                 Cmd::Compare {
                     train,
                     data,

@@ -47,6 +47,7 @@ fn flag_value(id: &str, c: &TrainConfig) -> Option<serde_json::Value> {
         "train_limit" => v(&c.train_limit),
         "test_limit" => v(&c.test_limit),
         "drop_last" => v(&c.drop_last),
+        "sync_bn" => v(&c.sync_bn),
         _ => return None,
     })
 }

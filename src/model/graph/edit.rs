@@ -1,5 +1,5 @@
 //! Editing a built graph for transfer learning: freezing nodes, replacing a layer (a new classifier head),
-//! turning BatchNorms into FrozenBatchNorms, and finding the classifier.
+//! turning BatchNorms into FrozenBatchNorms or synchronized ones, and finding the classifier.
 
 use super::{Graph, Op};
 use crate::layer::Layer;
@@ -77,6 +77,31 @@ impl<T: Real> Graph<T> {
         }
         self.engine.invalidate();
         Ok(done)
+    }
+
+    /// Makes every BatchNorm's (and SyncBatchNorm's) training statistics span the ranks of `comm` (`--sync-bn`;
+    /// PyTorch's `SyncBatchNorm.convert_sync_batchnorm`), or single-process again with `None`
+    /// ([`BatchNorm::set_sync`]). The nodes keep their type, names and state, so checkpoints and the plan's
+    /// fusions are BatchNorm's. Returns the names of the nodes set.
+    pub fn set_batch_norm_sync(
+        &mut self,
+        comm: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
+    ) -> Vec<String> {
+        let mut done = vec![];
+        for n in &mut self.nodes {
+            let bn = if n.layer_as::<BatchNorm<T>>().is_some() {
+                n.layer_as_mut::<BatchNorm<T>>()
+            } else {
+                n.layer_as_mut::<crate::norm::SyncBatchNorm<T>>()
+                    .map(|s| s.batch_norm_mut())
+            };
+            if let Some(bn) = bn {
+                bn.set_sync(comm.clone());
+                done.push(n.name.clone());
+            }
+        }
+        self.engine.invalidate();
+        done
     }
 
     /// The classifier: the last Linear layer on the path from the first output back through the layers

@@ -31,6 +31,7 @@ impl<T: Real> BatchNorm<T> {
     /// least 2×2, f32 with AVX-512F allowed.
     pub fn can_pool2x2(&self, shape: &[usize], ctx: Ctx) -> bool {
         self.uses_batch_stats(ctx.mode())
+            && !self.synced(ctx.mode())
             && ctx.isa().avx512()
             && Pool2x2::available::<T>()
             && shape.len() == 4
@@ -150,9 +151,18 @@ impl<T: Real> BatchNorm<T> {
     ) -> Result<ArrayD<T>> {
         let shape = x.shape().to_vec();
         let mode = ctx.mode();
-        self.check_train_values(d, &shape, mode)?;
-        let stats = BatchStats::<T>::from_moments(&stats::moments_from_planes(pm, d), self.cfg.eps);
+        let local = stats::moments_from_planes(pm, d);
         let xs = contiguous(x);
+        if self.synced(mode) && !pool {
+            // SAFETY: the synced forward writes every element.
+            let mut y = unsafe { arena::output_uninit(&shape) };
+            let ys = y.as_slice_mut().expect("fresh array");
+            self.forward_synced(&xs, ys, d, shape, &local, relu, ctx)?;
+            self.pooled = None;
+            return Ok(y);
+        }
+        self.check_train_values(d, &shape, mode)?;
+        let stats = BatchStats::<T>::from_moments(&local, self.cfg.eps);
         let (w, b) = (pslice(&self.weight), pslice(&self.bias));
         let (y, pooled) = if pool {
             let p = Pool2x2 {
@@ -204,6 +214,7 @@ impl<T: Real> BatchNorm<T> {
             return Err(no_state);
         };
         if self.pooled.is_some()
+            || self.synced(ctx.mode())
             || !self.uses_batch_stats(ctx.mode())
             || shape.as_slice() != x.shape()
             || d.s < 2

@@ -24,6 +24,7 @@
 //! | [`planes`] | the passes over planes of S > 1 values (train/eval forward, backward, dx handed over plane by plane) |
 //! | [`rows`] | the same for S = 1 (BatchNorm1d on (N, C)), over tiles of rows × channels |
 //! | [`maxpool`] | the training forward and backward fused with a following 2×2 max pool |
+//! | `sync` | the staged training forward and backward over the batches of several ranks (SyncBN) |
 
 mod config;
 mod fused;
@@ -35,6 +36,7 @@ pub mod planes;
 pub mod rows;
 #[doc(hidden)]
 pub mod stats;
+mod sync;
 
 pub use config::{BatchNormConfig, Convention};
 pub use planes::DxPlanes;
@@ -99,6 +101,8 @@ pub struct BatchNorm<T: Real = f32> {
     /// The argmax indices of the max pool fused into the last forward; kept across steps so that consecutive
     /// pooled forwards reuse the allocation.
     pooled: Option<(Pool2x2, Vec<u32>)>,
+    /// The group whose batches the training statistics span (SyncBN; [`BatchNorm::set_sync`]).
+    sync: Option<std::sync::Arc<dyn crate::comm::Communicator>>,
 }
 
 impl<T: Real> BatchNorm<T> {
@@ -122,6 +126,7 @@ impl<T: Real> BatchNorm<T> {
             num_batches_tracked: 0,
             saved: None,
             pooled: None,
+            sync: None,
         })
     }
 
@@ -282,7 +287,10 @@ impl<T: Real> BatchNorm<T> {
         let xs = contiguous(&x);
         self.pooled = None;
         let mode = ctx.mode();
-        if self.uses_batch_stats(mode) {
+        if self.synced(mode) {
+            let local = planes::local_moments(&xs, d, ctx.kernels());
+            self.forward_synced(&xs, y, d, shape, &local, relu, ctx)?;
+        } else if self.uses_batch_stats(mode) {
             self.check_train_values(d, &shape, mode)?;
             let stats = planes::train_forward(
                 &xs,
@@ -392,6 +400,9 @@ impl<T: Real> NormLayer<T> for BatchNorm<T> {
         let (xs, gs) = (contiguous(&x), contiguous(&dy));
         let batch = self.uses_batch_stats(mode);
         match (&self.saved, batch) {
+            (Some(Saved::Batch { .. }), true) if self.synced(mode) => {
+                self.backward_synced(&xs, &gs, dx, d, x.shape(), ctx)
+            }
             (Some(Saved::Batch { stats, shape, relu }), true)
                 if shape == x.shape() && self.pooled.is_none() =>
             {
@@ -471,8 +482,12 @@ impl<T: Real> Layer<T> for BatchNorm<T> {
             [5] => "BatchNorm3d",
             _ => "BatchNorm",
         };
+        let synced = match &self.sync {
+            Some(g) if g.size() > 1 => format!(" [synchronized over {} ranks]", g.size()),
+            _ => String::new(),
+        };
         format!(
-            "{kind}({}, eps={}, momentum={}, affine={}, track_running_stats={})",
+            "{kind}({}, eps={}, momentum={}, affine={}, track_running_stats={}){synced}",
             c.num_features,
             c.eps,
             c.momentum.map_or("None".to_string(), |m| m.to_string()),

@@ -23,7 +23,10 @@ pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
             continue;
         };
         let spatial: usize = b.in_shape(r)[2..].iter().product();
-        if bn.pool || b.in_shape(r).len() < 3 || spatial < 2 {
+        let synced = b.nodes[bn.node]
+            .layer_as::<crate::norm::BatchNorm<T>>()
+            .is_some_and(|l| l.sync_group().is_some_and(|g| g.size() > 1));
+        if bn.pool || synced || b.in_shape(r).len() < 3 || spatial < 2 {
             continue;
         }
         if let StepKind::BatchNorm(bn) = &mut b.step_mut(r).kind {

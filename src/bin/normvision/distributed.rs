@@ -1,0 +1,81 @@
+//! `train --distributed`: data-parallel training under `mpirun`, one process per rank (MPI through the cargo
+//! feature `mpi`). Any error on a rank ends the whole job with `MPI_Abort` and the message, so no rank waits
+//! for one that has stopped.
+
+use crate::args::{DataArgs, TrainArgs};
+use crate::resume::RunPaths;
+use normvision::model::PlanOptions;
+use normvision::Result;
+
+#[cfg(feature = "mpi")]
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    args: &TrainArgs,
+    data: &DataArgs,
+    paths: RunPaths,
+    explicit: &[String],
+    json_out: bool,
+    quiet: bool,
+    plan: &PlanOptions,
+    threads: Option<usize>,
+    shard_sizes: Option<Vec<usize>>,
+) -> Result<()> {
+    use normvision::comm::Communicator;
+    use normvision::dist::MpiComm;
+    use normvision::train::Distributed;
+    use std::sync::Arc;
+
+    let comm = Arc::new(MpiComm::init()?);
+    let result = (|| {
+        let bound = normvision::dist::bound_cores();
+        let t = threads.unwrap_or_else(normvision::dist::threads_per_rank);
+        crate::args::set_threads(Some(t))?;
+        if comm.rank() == 0 && !quiet && bound.is_some_and(|b| t > b) {
+            eprintln!(
+                "note: each rank is bound to {} core(s) and runs {t} threads on them; give mpirun \
+                 `--bind-to none` or `--map-by slot:PE={t}`",
+                bound.unwrap_or(1)
+            );
+        }
+        let mut dist = Distributed::new(comm.clone());
+        if let Some(s) = shard_sizes {
+            dist = dist.with_shard_sizes(s);
+        }
+        crate::commands::train(
+            args,
+            data,
+            paths,
+            explicit,
+            json_out,
+            quiet,
+            plan,
+            Some(dist),
+        )
+    })();
+    match result {
+        Ok(_) => Ok(()),
+        // every rank sees a divergence at the same step (it is decided on all-reduced values) and stops
+        Err(e @ normvision::NvError::Diverged(_)) => Err(e),
+        Err(e) => comm.abort(&format!("error: {e}"), 1),
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    _args: &TrainArgs,
+    _data: &DataArgs,
+    _paths: RunPaths,
+    _explicit: &[String],
+    _json_out: bool,
+    _quiet: bool,
+    _plan: &PlanOptions,
+    _threads: Option<usize>,
+    _shard_sizes: Option<Vec<usize>>,
+) -> Result<()> {
+    Err(normvision::NvError::Config(
+        "--distributed: this normvision was built without MPI; build it with `cargo build --release \
+         --features mpi` (scripts/setup.sh installs Open MPI and libclang) and launch it with mpirun"
+            .into(),
+    ))
+}
