@@ -352,3 +352,18 @@ fn a_distributed_checkpoint_resumes_on_another_number_of_ranks() {
         assert!(d < 1e-5, "{first} ranks then {second}: {d:e} at {key}");
     }
 }
+
+#[test]
+fn a_rank_without_samples_changes_nothing_for_per_sample_norms() {
+    // rank 1 holds none of each batch: rank 0 computes what one process computes, the gradient sum adds
+    // zeros, and the loss is scaled by 32/32, so the run is the single-process one bit for bit
+    for norm in [NormKind::Group, NormKind::None] {
+        let mut cfg = config_of(ModelKind::Mlp, 0.05, false);
+        cfg.model.norm = norm;
+        let one = single(&cfg);
+        let runs = ok(train_ranks(&cfg, 2, Some(vec![32, 0]), None, None));
+        replicas_equal(&runs);
+        assert_eq!(runs[0].report.losses, one.report.losses, "{norm}");
+        assert_eq!(runs[0].state, one.state, "{norm}");
+    }
+}

@@ -54,7 +54,11 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
     let mut cache = RunCache::new(
         opts,
         "batch-size",
-        (norms.len() * batches.len() - same_as_bn) * seeds,
+        (norms.len() * batches.len() - same_as_bn
+            + usize::from(
+                batches.contains(&2) && batches.contains(&4) && norms.contains(&NormKind::Batch),
+            ))
+            * seeds,
     )?;
     let mut acc = vec![vec![vec![]; batches.len()]; norms.len()];
     let mut lc: Vec<(usize, Vec<LayerL>)> = vec![];
@@ -118,6 +122,40 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
             }
         }
     }
+    // SyncBN: 2 ranks of 2 images each (global batch 4, at its learning rate), against BN at 2 and at 4
+    let mut sync_rows = vec![];
+    let bn_at = |b: usize| {
+        let ni = norms.iter().position(|n| *n == NormKind::Batch)?;
+        let bi = batches.iter().position(|x| *x == b)?;
+        Some(mean_std(&acc[ni][bi]))
+    };
+    if let (Some(bn2), Some(bn4)) = (bn_at(2), bn_at(4)) {
+        let mut sync = vec![];
+        for seed in 0..seeds as u64 {
+            let lr = 0.05 * 4.0 / 128.0;
+            let key = json!({"experiment": "batch-size", "norm": "batch", "sync_bn_ranks": 2, "batch": 4,
+                "seed": seed, "lr": lr, "train_limit": train_limit, "test_limit": test_limit});
+            let r = cache.get_or_run(key.clone(), || {
+                let mut cfg = recipe(ModelKind::Cnn, NormKind::Batch, seed, lr, 1);
+                cfg.batch_size = 4;
+                cfg.sync_bn = true;
+                cfg.divergence_window = 0;
+                cfg.train_limit = train_limit;
+                cfg.test_limit = test_limit;
+                let (rep, _) = super::train_cfg_ranks(&cfg, &train, &test, 2)?;
+                Ok(json!({"outcome": Outcome::of(&rep, 10), "accuracy": rep.final_test_acc,
+                    "train_img_s": rep.train_img_s, "comm_secs": rep.comm_secs, "notes": rep.notes}))
+            })?;
+            sync.push(r["accuracy"].as_f64().unwrap_or(0.1));
+            records.push(json!({"key": key, "result": r}));
+        }
+        let s = mean_std(&sync);
+        sync_rows = vec![
+            ("2 ranks x batch 2, SyncBN (global batch 4)", s),
+            ("1 rank x batch 2, BN", bn2),
+            ("1 rank x batch 4, BN", bn4),
+        ];
+    }
     let headers: Vec<String> = batches.iter().map(|b| format!("B = {b}")).collect();
     let mut table = Table::new(
         &format!(
@@ -138,6 +176,19 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         table.row(row);
     }
     let mut tables = vec![table];
+    if !sync_rows.is_empty() {
+        let mut t = Table::new(
+            "SyncBN over 2 ranks at 2 images per rank: test accuracy (%) after one epoch (lr 0.05·4/128 for the global batch of 4, 0.05·2/128 for BN at 2); the ranks are threads of one process, the trainer's code path under mpirun",
+            &["run", "test accuracy (%)"],
+        );
+        for (name, (m, sd)) in &sync_rows {
+            t.row(vec![
+                name.to_string(),
+                format!("{:.2} ± {:.2}", m * 100.0, sd * 100.0),
+            ]);
+        }
+        tables.push(t);
+    }
     if !lc.is_empty() {
         let layers: Vec<String> = lc[0].1.iter().map(|(n, ..)| n.clone()).collect();
         let mut t = Table::new(

@@ -177,3 +177,33 @@ pub(crate) fn train_cfg(
         crate::train::RunOptions::default(),
     )
 }
+
+/// [`train_cfg`] data-parallel over `ranks` ranks run as threads of this process ([`crate::comm::LocalGroup`]:
+/// the trainer's code path under `mpirun`, without a launcher); rank 0's report and model.
+pub(crate) fn train_cfg_ranks(
+    cfg: &crate::train::TrainConfig,
+    train: &Arc<Dataset>,
+    test: &Arc<Dataset>,
+    ranks: usize,
+) -> Result<(crate::train::TrainReport, crate::model::Model)> {
+    let group = crate::comm::LocalGroup::new(ranks)?;
+    let mut results: Vec<_> = std::thread::scope(|sc| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|g| {
+                sc.spawn(move || {
+                    let model = crate::model::Model::new(cfg.model.clone())?;
+                    let opts = crate::train::RunOptions {
+                        distributed: Some(crate::train::Distributed::new(Arc::new(g))),
+                        ..Default::default()
+                    };
+                    crate::train::train_model_keep(model, cfg, train.clone(), test.clone(), opts)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("a rank thread panicked"))
+            .collect()
+    });
+    results.swap_remove(0)
+}

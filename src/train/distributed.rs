@@ -18,11 +18,14 @@
 //! Rank 0 alone writes the log, the progress and the checkpoints. The global batch and its order do not depend
 //! on the number of ranks, so a checkpoint resumes on any number of them.
 
+use super::TrainConfig;
 use crate::comm::Communicator;
 use crate::data::{Dataset, Shard};
 use crate::model::Model;
+use crate::nn::loss::{count_correct, cross_entropy};
 use crate::optim::Optimizer;
 use crate::state::Stateful;
+use crate::Ctx;
 use crate::{NvError, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -202,10 +205,11 @@ pub(crate) fn check_replicas(comm: &dyn Communicator, model: &mut Model) -> Resu
 #[derive(Debug, Default)]
 pub(crate) struct GradReducer {
     flat: Vec<f32>,
-    /// Seconds spent in the all-reduces, and values sent through them, over the run.
+    /// Seconds spent in the all-reduces, values summed, buckets and steps, over the run.
     pub secs: f64,
     pub values: u64,
-    pub calls: u64,
+    pub buckets: u64,
+    pub steps: u64,
 }
 
 impl GradReducer {
@@ -221,8 +225,9 @@ impl GradReducer {
         let t = Instant::now();
         for chunk in self.flat.chunks_mut(bucket.max(1)) {
             comm.all_reduce_sum_f32(chunk)?;
-            self.calls += 1;
+            self.buckets += 1;
         }
+        self.steps += 1;
         self.secs += t.elapsed().as_secs_f64();
         self.values += self.flat.len() as u64;
         let mut off = 0;
@@ -298,4 +303,61 @@ pub(crate) fn sum_over(dist: Option<&Distributed>, vals: &mut [f64]) -> Result<(
         Some(d) => d.comm.all_reduce_sum_f64(vals),
         None => Ok(()),
     }
+}
+
+/// One data-parallel step on this rank's slice of the global batch (possibly empty): the forward, the global
+/// loss (all-reduced before the backward, so that a non-finite loss stops every rank alike), the backward of
+/// the global mean loss and the gradient all-reduce. Returns the global loss, correct count and batch size.
+pub(crate) fn step(
+    model: &mut Model,
+    x: &ndarray::ArrayD<f32>,
+    y: &[usize],
+    cfg: &TrainConfig,
+    ctx: Ctx,
+    d: &Distributed,
+    reducer: &mut GradReducer,
+) -> Result<(f64, usize, usize)> {
+    let logits = model.forward(x, ctx)?;
+    let k = logits.shape()[1];
+    let (mut local, dlogits, why) = if y.is_empty() {
+        (
+            [0.0; 4],
+            ndarray::ArrayD::zeros(ndarray::IxDyn(&[0, k])),
+            None,
+        )
+    } else {
+        match cross_entropy(&logits, y, cfg.label_smoothing) {
+            Ok((loss, g)) if loss.is_finite() => {
+                let c = count_correct(&logits, y)?;
+                (
+                    [loss * y.len() as f64, c as f64, y.len() as f64, 0.0],
+                    g,
+                    None,
+                )
+            }
+            Ok((loss, g)) => (
+                [0.0, 0.0, y.len() as f64, 1.0],
+                g,
+                Some(format!("loss {loss}")),
+            ),
+            Err(NvError::NonFinite(msg)) => {
+                let g = ndarray::ArrayD::zeros(logits.raw_dim());
+                ([0.0, 0.0, y.len() as f64, 1.0], g, Some(msg))
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    d.comm.all_reduce_sum_f64(&mut local)?;
+    let [loss_sum, correct, n, bad] = local;
+    if bad > 0.0 {
+        model.graph_mut().clear_saved();
+        return Err(NvError::NonFinite(
+            why.unwrap_or_else(|| "a non-finite loss on another rank".into()),
+        ));
+    }
+    // the local mean's gradient, scaled to this rank's share of the global mean
+    let dlogits = dlogits * (y.len() as f32 / n as f32);
+    model.backward_params(x, &dlogits, ctx)?;
+    reducer.all_reduce(d.comm.as_ref(), model, d.bucket_len)?;
+    Ok((loss_sum / n, correct as usize, n as usize))
 }

@@ -13,6 +13,7 @@ mod evaluate;
 pub mod finetune;
 pub mod fuzz;
 pub mod log;
+mod preflight;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, Position};

@@ -4,6 +4,7 @@ use super::checkpoint::{self, Position};
 use super::distributed::{self, Distributed, GradReducer, TimedComm};
 use super::evaluate::{evaluate_checked, non_finite_param};
 use super::log::JsonLog;
+use super::preflight::{self, check_data, limit};
 use super::TrainConfig;
 use crate::data::{DataLoader, Dataset, LoaderConfig, Normalization};
 use crate::model::Model;
@@ -83,6 +84,8 @@ pub struct TrainReport {
     /// slowest rank included), and in the gradient all-reduces alone; zero in a single process.
     pub comm_secs: f64,
     pub grad_all_reduce_secs: f64,
+    /// Data-parallel training: the gradient values each step sums over the ranks (f32).
+    pub grad_values_per_step: u64,
     pub final_test_acc: Option<f64>,
 }
 
@@ -94,42 +97,6 @@ impl TrainReport {
             .filter(|e| e.end_of_epoch)
             .map(|e| e.test_acc)
             .collect()
-    }
-}
-
-/// The data must fit the model before the first step: images of the model's input shape, in the training and
-/// the test set alike, and (when resuming) exactly the model's number of classes; at most that many otherwise.
-fn check_data(model: &Model, train: &Dataset, test: &Dataset, resuming: bool) -> Result<()> {
-    let want = model.input_shape();
-    for (which, ds) in [("training", train), ("test", test)] {
-        if ds.shape != want {
-            return Err(NvError::Config(format!(
-                "the {which} images are {}x{}x{} (CxHxW), the model takes {}x{}x{}",
-                ds.shape[0], ds.shape[1], ds.shape[2], want[0], want[1], want[2]
-            )));
-        }
-        let k = ds.num_classes();
-        let bad = if resuming && which == "training" {
-            k != model.num_classes()
-        } else {
-            k > model.num_classes()
-        };
-        if bad {
-            return Err(NvError::Config(format!(
-                "the {which} data has {k} classes, the model{} has {}",
-                if resuming { " being resumed" } else { "" },
-                model.num_classes()
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn limit(ds: Arc<Dataset>, k: usize) -> Result<Arc<Dataset>> {
-    if k == 0 || k >= ds.len() {
-        Ok(ds)
-    } else {
-        Ok(Arc::new(ds.slice(0, k)?))
     }
 }
 
@@ -260,62 +227,8 @@ fn run(
         _ => {}
     }
     let shard = dist.as_ref().map(|d| d.shard());
-    if let Some(sh) = &shard {
-        sh.validate(cfg.batch_size)?;
-    }
-    // the first rank whose slice of a global batch of `n` leaves a batch-statistics layer with one value per
-    // channel
-    let too_small = |n: usize| -> Result<Option<(String, Vec<usize>)>> {
-        match &shard {
-            None => model.one_value_per_channel(n),
-            Some(sh) => {
-                for r in 0..sh.ranks {
-                    if let Some(v) =
-                        model.one_value_per_channel_sharded(sh.range_of(r, n).len(), n)?
-                    {
-                        return Ok(Some(v));
-                    }
-                }
-                Ok(None)
-            }
-        }
-    };
-    for node in model.graph().nodes() {
-        if let Some(g) = node.layer_as::<crate::norm::GhostBatchNorm<f32>>() {
-            if g.ghost_batch() > cfg.batch_size {
-                return Err(NvError::Config(format!(
-                    "{}: the virtual batch size {} (--ghost-batch) is larger than the batch size {} (--batch-size)",
-                    node.name(),
-                    g.ghost_batch(),
-                    cfg.batch_size
-                )));
-            }
-        }
-    }
-    let drop_last = cfg.drop_last
-        || {
-            if let Some((node, shape)) = too_small(cfg.batch_size)? {
-                return Err(NvError::Config(format!(
-                "batch size {} leaves {node} with one value per channel (its input would be {shape:?}{}); \
-                 train with a batch of at least 2{}",
-                cfg.batch_size,
-                if shard.is_some() { " on one rank" } else { "" },
-                if shard.is_some() { " per rank, or with --sync-bn" } else { "" }
-            )));
-            }
-            let rem = train_ds.len() % cfg.batch_size;
-            match too_small(rem)? {
-                Some((node, _)) if rem > 0 => {
-                    notes.push(format!(
-                    "each epoch's last batch ({rem} of {} images) is dropped: it would leave {node} with one \
-                     value per channel (--drop-last drops every partial last batch)",
-                    train_ds.len()
-                ));
-                    true
-                }
-                _ => false,
-            }
-        };
+    let drop_last =
+        preflight::batch_checks(&model, cfg, train_ds.len(), shard.as_ref(), &mut notes)?;
     let loader = DataLoader::new(
         train_ds.clone(),
         norm.clone(),
@@ -400,6 +313,7 @@ fn run(
         train_img_s: 0.0,
         comm_secs: 0.0,
         grad_all_reduce_secs: 0.0,
+        grad_values_per_step: 0,
         final_test_acc: None,
         notes,
     };
@@ -443,7 +357,7 @@ fn run(
                     model.backward_params(&xd, &dlogits, ctx)?;
                     Ok((loss, correct, y.len()))
                 })(),
-                Some(d) => distributed_step(&mut model, &xd, &y, cfg, ctx, d, &mut reducer),
+                Some(d) => distributed::step(&mut model, &xd, &y, cfg, ctx, d, &mut reducer),
             };
             let (loss, correct, global_n) = match step_result {
                 Ok(v) => v,
@@ -592,6 +506,7 @@ fn run(
     report.final_test_acc = report.evals.last().map(|e| e.test_acc);
     report.comm_secs = timer.as_ref().map_or(0.0, |t| t.secs());
     report.grad_all_reduce_secs = reducer.secs;
+    report.grad_values_per_step = reducer.values / reducer.steps.max(1);
     // The last update can leave NaN/inf weights behind a finite loss: never save those as a checkpoint.
     if report.diverged.is_none() {
         if let Some(p) = non_finite_param(&mut model) {
@@ -616,64 +531,12 @@ fn run(
     }
     log.write(&json!({"event": "end", "steps": pos.step, "train_img_s": report.train_img_s,
         "comm_secs": report.comm_secs, "grad_all_reduce_secs": report.grad_all_reduce_secs,
+        "grad_values_per_step": report.grad_values_per_step,
         "final_test_acc": report.final_test_acc, "diverged": report.diverged, "reached_target_at": report.reached_target_at}))?;
     log.flush()?;
-    Ok((report, model))
-}
-
-/// One data-parallel step on this rank's slice of the global batch (possibly empty): the forward, the global
-/// loss (all-reduced before the backward, so that a non-finite loss stops every rank alike), the backward of
-/// the global mean loss and the gradient all-reduce. Returns the global loss, correct count and batch size.
-fn distributed_step(
-    model: &mut Model,
-    x: &ndarray::ArrayD<f32>,
-    y: &[usize],
-    cfg: &TrainConfig,
-    ctx: Ctx,
-    d: &Distributed,
-    reducer: &mut GradReducer,
-) -> Result<(f64, usize, usize)> {
-    let logits = model.forward(x, ctx)?;
-    let k = logits.shape()[1];
-    let (mut local, dlogits, why) = if y.is_empty() {
-        (
-            [0.0; 4],
-            ndarray::ArrayD::zeros(ndarray::IxDyn(&[0, k])),
-            None,
-        )
-    } else {
-        match cross_entropy(&logits, y, cfg.label_smoothing) {
-            Ok((loss, g)) if loss.is_finite() => {
-                let c = count_correct(&logits, y)?;
-                (
-                    [loss * y.len() as f64, c as f64, y.len() as f64, 0.0],
-                    g,
-                    None,
-                )
-            }
-            Ok((loss, g)) => (
-                [0.0, 0.0, y.len() as f64, 1.0],
-                g,
-                Some(format!("loss {loss}")),
-            ),
-            Err(NvError::NonFinite(msg)) => {
-                let g = ndarray::ArrayD::zeros(logits.raw_dim());
-                ([0.0, 0.0, y.len() as f64, 1.0], g, Some(msg))
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    d.comm.all_reduce_sum_f64(&mut local)?;
-    let [loss_sum, correct, n, bad] = local;
-    if bad > 0.0 {
-        model.graph_mut().clear_saved();
-        return Err(NvError::NonFinite(
-            why.unwrap_or_else(|| "a non-finite loss on another rank".into()),
-        ));
+    if dist.is_some() && cfg.sync_bn {
+        // the model handed back is a single-process one again: its BatchNorms no longer wait for the group
+        model.graph_mut().set_batch_norm_sync(None);
     }
-    // the local mean's gradient, scaled to this rank's share of the global mean
-    let dlogits = dlogits * (y.len() as f32 / n as f32);
-    model.backward_params(x, &dlogits, ctx)?;
-    reducer.all_reduce(d.comm.as_ref(), model, d.bucket_len)?;
-    Ok((loss_sum / n, correct as usize, n as usize))
+    Ok((report, model))
 }
