@@ -104,6 +104,19 @@ fn state_of(model: &Model) -> Vec<(String, Vec<f64>)> {
     v
 }
 
+/// These tests run collectives between threads: a bug that left one rank waiting would hang the binary, so a
+/// watchdog ends it with a message after 5 minutes (the whole file takes about 2 seconds).
+fn watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_secs(300));
+            eprintln!("data_parallel: still running after 300 s; a rank is waiting for another (hang)");
+            std::process::exit(101);
+        });
+    });
+}
+
 /// Trains `cfg` on `ranks` thread ranks (fixed slice sizes when given); returns every rank's run.
 fn train_ranks(
     cfg: &TrainConfig,
@@ -112,6 +125,7 @@ fn train_ranks(
     ckpt: Option<&Path>,
     resume: Option<&Path>,
 ) -> Vec<normvision::Result<Run>> {
+    watchdog();
     let (tr, te) = data();
     let group = LocalGroup::new(ranks).unwrap();
     std::thread::scope(|sc| {
@@ -285,6 +299,7 @@ fn an_empty_shard_without_sync_bn_is_refused_on_every_rank() {
 
 #[test]
 fn mismatched_configurations_are_refused_at_start_up() {
+    watchdog();
     let (tr, te) = data();
     let group = LocalGroup::new(2).unwrap();
     let errs: Vec<String> = std::thread::scope(|sc| {
