@@ -111,7 +111,9 @@ fn watchdog() {
     STARTED.call_once(|| {
         std::thread::spawn(|| {
             std::thread::sleep(std::time::Duration::from_secs(300));
-            eprintln!("data_parallel: still running after 300 s; a rank is waiting for another (hang)");
+            eprintln!(
+                "data_parallel: still running after 300 s; a rank is waiting for another (hang)"
+            );
             std::process::exit(101);
         });
     });

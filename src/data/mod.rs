@@ -13,6 +13,7 @@ pub mod fashion_mnist;
 pub mod idx;
 pub mod image_folder;
 pub mod loader;
+pub mod scenes;
 
 pub use augment::Augment;
 pub use corrupt::{Corruption, CorruptionKind};

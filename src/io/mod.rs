@@ -6,6 +6,7 @@ pub mod graph_file;
 pub mod lock;
 pub mod onnx;
 pub mod safetensors_io;
+pub mod scene_files;
 pub mod torch;
 
 pub use atomic::{remove_stale_temps, write_atomic};

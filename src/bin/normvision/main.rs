@@ -13,6 +13,7 @@ mod inference_bench;
 mod interop;
 mod progress;
 mod resume;
+mod scenes;
 
 use args::{set_threads, CorruptionArgs, DataArgs, TorchModelArgs, TrainArgs};
 use clap::parser::ValueSource;
@@ -328,6 +329,31 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Generate garment scenes for segmentation and detection: 1-4 Fashion-MNIST garments (scaled 0.75-1.5x,
+    /// random positions and z-order) over a textured background; PNG images, Pascal-VOC-palette class masks
+    /// (0 background, 1-10 garments, 255 the ignored edges) and a COCO annotations.json of the visible boxes.
+    Scenes {
+        /// The output directory (images/, masks/, annotations.json, scenes.json).
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Canvas side in pixels (at least 42).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Number of scenes.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Scene i is a function of (seed, i) only.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The Fashion-MNIST split the garments come from: train scenes from train, test scenes from test.
+        #[arg(long, value_parser = ["train", "test"], default_value = "train")]
+        split: String,
+        /// Fashion-MNIST (or any MNIST-format IDX) directory [default: /usr/share/datasets/fashion-mnist].
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
         #[arg(long, value_parser = choice::model(), default_value = "cnn")]
@@ -501,6 +527,15 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
             set_threads(cli.threads)?;
             match cmd {
                 Cmd::Train { .. } => unreachable!("handled above"),
+                Cmd::Scenes {
+                    out,
+                    size,
+                    count,
+                    seed,
+                    split,
+                    data,
+                    quiet,
+                } => scenes::run(&out, size, count, seed, &split, data.as_deref(), quiet),
                 Cmd::Compare {
                     train,
                     data,
