@@ -179,6 +179,21 @@ fn run_fixture(fx: &Fixture) {
             check_layer(fx, name, &mut cfg.build::<f32>().unwrap());
         }
         "global_avg_pool" => check_layer(fx, name, &mut GlobalAvgPool::<f32>::new()),
+        "upsample_bilinear" => {
+            let size = match (c["size"].as_array(), c["scale_factor"].as_array()) {
+                (Some(s), _) => UpsampleSize::Size(uint(&s[0]), uint(&s[1])),
+                (None, Some(f)) => {
+                    UpsampleSize::Scale(f[0].as_f64().unwrap(), f[1].as_f64().unwrap())
+                }
+                _ => panic!("{name}: size or scale_factor"),
+            };
+            let align = c["align_corners"].as_bool().unwrap();
+            check_layer(
+                fx,
+                name,
+                &mut UpsampleBilinear::<f32>::new(size, align).unwrap(),
+            )
+        }
         "relu" => check_layer(fx, name, &mut ReLU::<f32>::new()),
         "sigmoid" => check_layer(fx, name, &mut Sigmoid::<f32>::new()),
         "flatten" => check_layer(fx, name, &mut Flatten::<f32>::new()),
@@ -237,6 +252,7 @@ fn every_nn_fixture_matches_pytorch() {
         "max_pool2d",
         "avg_pool2d",
         "global_avg_pool",
+        "upsample_bilinear",
         "relu",
         "sigmoid",
         "flatten",

@@ -420,6 +420,23 @@ fn pooling_gradients() {
 }
 
 #[test]
+fn upsample_bilinear_gradients() {
+    let mut rg = rng(41);
+    let x = randn(&mut rg, &[2, 3, 4, 5]);
+    for (what, size, align) in [
+        ("x2", UpsampleSize::Size(8, 10), false),
+        ("odd, aligned", UpsampleSize::Size(7, 9), true),
+        ("scale 2.5", UpsampleSize::Scale(2.5, 2.5), false),
+        ("down", UpsampleSize::Size(3, 2), false),
+        ("down, aligned", UpsampleSize::Size(3, 3), true),
+        ("to one pixel", UpsampleSize::Size(1, 1), true),
+    ] {
+        let l = UpsampleBilinear::<f64>::new(size, align).unwrap();
+        gradcheck(&format!("upsample {what}"), &l, &x, Ctx::train(), &[], 5);
+    }
+}
+
+#[test]
 fn maxpool_backward_without_matching_forward_recomputes_argmax() {
     let mut r = rng(8);
     let x = randn(&mut r, &[2, 2, 4, 4]);

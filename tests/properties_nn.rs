@@ -1,9 +1,11 @@
 //! Property tests of the element-wise and shape layers ONNX import uses: Softmax rows are probabilities and
 //! ignore a constant shift, Clamp stays in its bounds and is idempotent, Reshape round-trips, ScaleShift with
-//! scale 1 and shift 0 is the identity and its backward is linear in dy.
+//! scale 1 and shift 0 is the identity and its backward is linear in dy. Bilinear resampling keeps constants,
+//! is the identity at the same size, keeps the corners with `align_corners`, stays within the input's range, and
+//! its backward is the adjoint of its forward (<Ax, dy> = <x, Aᵀdy>).
 
 use ndarray::{ArrayD, IxDyn};
-use normvision::nn::{Clamp, Reshape, ScaleShift, Softmax};
+use normvision::nn::{Clamp, Reshape, ScaleShift, Softmax, UpsampleBilinear, UpsampleSize};
 use normvision::{Ctx, Layer};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -72,5 +74,35 @@ proptest! {
         let g2 = s.backward(&x, &dy.mapv(|v| v * a), Ctx::eval()).unwrap();
         let d = g1.iter().zip(g2.iter()).map(|(p, q)| (p * a - q).abs()).fold(0.0, f64::max);
         prop_assert!(d < 1e-12);
+    }
+
+    #[test]
+    fn bilinear_resampling_properties(h in 1usize..7, w in 1usize..7, oh in 1usize..13, ow in 1usize..13,
+                                       align in any::<bool>(), seed in any::<u64>(), c in -5.0f64..5.0) {
+        let x = randn(seed, &[2, 3, h, w], 1.0);
+        let mut l = UpsampleBilinear::<f64>::new(UpsampleSize::Size(oh, ow), align).unwrap();
+        let y = l.forward(&x, Ctx::train()).unwrap();
+        prop_assert_eq!(y.shape(), &[2, 3, oh, ow]);
+        // within the input's range (a convex mix)
+        let (lo, hi) = x.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+        prop_assert!(y.iter().all(|&v| v >= lo - 1e-12 && v <= hi + 1e-12));
+        // constants stay constant
+        let k = l.forward(&ArrayD::from_elem(IxDyn(&[1, 1, h, w]), c), Ctx::train()).unwrap();
+        prop_assert!(k.iter().all(|&v| (v - c).abs() < 1e-12));
+        // the same size is the identity
+        let mut same = UpsampleBilinear::<f64>::new(UpsampleSize::Size(h, w), align).unwrap();
+        prop_assert_eq!(same.forward(&x, Ctx::train()).unwrap(), x.clone());
+        // with aligned corners the four corners are the input's
+        if align && oh > 1 && ow > 1 {
+            for (i, j, a, b) in [(0, 0, 0, 0), (h - 1, w - 1, oh - 1, ow - 1), (0, w - 1, 0, ow - 1), (h - 1, 0, oh - 1, 0)] {
+                prop_assert!((y[[1, 2, a, b]] - x[[1, 2, i, j]]).abs() < 1e-12);
+            }
+        }
+        // the backward is the forward's adjoint
+        let dy = randn(seed ^ 1, &[2, 3, oh, ow], 1.0);
+        let dx = l.backward(&x, &dy, Ctx::train()).unwrap();
+        let lhs: f64 = y.iter().zip(dy.iter()).map(|(a, b)| a * b).sum();
+        let rhs: f64 = x.iter().zip(dx.iter()).map(|(a, b)| a * b).sum();
+        prop_assert!((lhs - rhs).abs() < 1e-10 * (1.0 + lhs.abs()), "{} vs {}", lhs, rhs);
     }
 }

@@ -538,6 +538,14 @@ def avgpool_case(name, shape, kernel_size, **kw) -> LayerCase:
     return LayerCase(name, "avg_pool2d", cfg, lambda: nn.AvgPool2d(**cfg), tuple(shape))
 
 
+def upsample_case(name, shape, size=None, scale_factor=None, align_corners=False) -> LayerCase:
+    cfg = {"size": list(size) if size else None, "scale_factor": list(scale_factor) if scale_factor else None,
+           "align_corners": align_corners}
+    return LayerCase(name, "upsample_bilinear", cfg,
+                     lambda: nn.Upsample(size=size, scale_factor=scale_factor, mode="bilinear",
+                                         align_corners=align_corners), tuple(shape))
+
+
 def nn_cases() -> list:
     return [
         # conv2d (PyTorch default init; kernel_size/stride/padding/dilation as int or [h, w])
@@ -568,6 +576,15 @@ def nn_cases() -> list:
         avgpool_case("avgpool_k3_s2_p1_ceil", (2, 2, 6, 6), 3, stride=2, padding=1, ceil_mode=True),
         avgpool_case("avgpool_k2x3_s1_divisor4", (2, 2, 5, 6), (2, 3), stride=1, divisor_override=4),
         LayerCase("global_avg_pool", "global_avg_pool", {}, GlobalAvgPool, (2, 3, 4, 5)),
+        # bilinear resampling (segmentation: ASPP's image pooling and the decoder's up-sampling)
+        upsample_case("upsample_bilinear_size_x2", (2, 3, 4, 5), size=(8, 10)),
+        upsample_case("upsample_bilinear_size_align", (2, 3, 4, 5), size=(7, 9), align_corners=True),
+        upsample_case("upsample_bilinear_scale2.5", (2, 2, 3, 4), scale_factor=(2.5, 2.5)),
+        upsample_case("upsample_bilinear_scale3_align", (1, 2, 3, 3), scale_factor=(3.0, 3.0),
+                      align_corners=True),
+        upsample_case("upsample_bilinear_down", (2, 2, 7, 6), size=(3, 2)),
+        upsample_case("upsample_bilinear_1x1_to_8x8", (2, 4, 1, 1), size=(8, 8)),
+        upsample_case("upsample_bilinear_8x8_to_64x64", (2, 3, 8, 8), size=(64, 64)),
         # activations
         LayerCase("relu", "relu", {}, nn.ReLU, (2, 3, 4, 5)),
         LayerCase("sigmoid", "sigmoid", {}, nn.Sigmoid, (2, 3, 4, 5), input_scale=4.0),

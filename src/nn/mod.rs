@@ -14,6 +14,7 @@
 //! | [`Softmax`] | (*, K) → (*, K) | — | — |
 //! | [`Flatten`], [`Reshape`] | (N, *) → (N, prod(*)), (N, *shape) | — | — |
 //! | [`ScaleShift`] | any → same | — (buffers `scale`, `shift`) | — |
+//! | [`UpsampleBilinear`] | (N, C, H, W) → (N, C, H', W') | — | — |
 //! | [`Dropout`] | any → same | — | mask (train), RNG |
 //!
 //! [`CrossEntropyLoss`] is not a layer: it maps logits and integer targets to `(loss, dlogits)`.
@@ -28,6 +29,7 @@ pub mod linear;
 pub mod loss;
 pub mod pool;
 pub mod scale_shift;
+pub mod upsample;
 
 pub use activation::{Clamp, Flatten, ReLU, Reshape, Sigmoid, Softmax};
 pub use conv::{Conv2d, Conv2dConfig, ConvAlgo, ConvChoice, Epilogue};
@@ -37,6 +39,7 @@ pub use linear::{Linear, LinearConfig};
 pub use loss::{accuracy, argmax, cross_entropy, mse, CrossEntropyLoss, MseLoss, WeightedLosses};
 pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dConfig};
 pub use scale_shift::ScaleShift;
+pub use upsample::{UpsampleBilinear, UpsampleSize};
 
 pub use crate::layer::Layer;
 use crate::state::StateDict;
