@@ -128,6 +128,31 @@ fn check_cross_entropy(fx: &Fixture) {
     assert_eq!(accuracy(logits, &targets).unwrap(), acc);
 }
 
+fn check_pixel_cross_entropy(fx: &Fixture) {
+    let logits = fx.get("logits");
+    let targets: Vec<usize> = fx.get_i64("target").iter().map(|&t| t as usize).collect();
+    let mut loss = PixelCrossEntropy::ignoring(fx.cfg()["ignore_index"].as_u64().unwrap() as usize);
+    if fx.cfg()["weighted"].as_bool().unwrap() {
+        loss = loss
+            .with_weights(fx.get("weight").iter().map(|&w| w as f64).collect())
+            .unwrap();
+    }
+    let (l, dlogits) = loss.forward(logits, &targets).unwrap();
+    let want = fx.get("loss").iter().next().copied().unwrap() as f64;
+    assert!(
+        (l - want).abs() <= ATOL as f64 + RTOL as f64 * want.abs(),
+        "{}: loss {l} vs {want}",
+        fx.name
+    );
+    assert_close(
+        &format!("{}: dlogits", fx.name),
+        &dlogits,
+        fx.get("dlogits"),
+        RTOL,
+        ATOL,
+    );
+}
+
 fn run_fixture(fx: &Fixture) {
     let c = fx.cfg();
     let name = fx.name.as_str();
@@ -228,6 +253,7 @@ fn run_fixture(fx: &Fixture) {
             )
         }
         "cross_entropy" => check_cross_entropy(fx),
+        "pixel_cross_entropy" => check_pixel_cross_entropy(fx),
         other => panic!("{name}: unknown layer {other}"),
     }
 }
@@ -257,6 +283,7 @@ fn every_nn_fixture_matches_pytorch() {
         "sigmoid",
         "flatten",
         "cross_entropy",
+        "pixel_cross_entropy",
     ] {
         assert!(kinds.contains(k), "no fixture for {k}");
     }

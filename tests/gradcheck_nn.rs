@@ -523,6 +523,64 @@ fn dropout_gradients_and_modes() {
 }
 
 #[test]
+fn pixel_cross_entropy_gradients_and_errors() {
+    let mut r = rng(17);
+    let logits = randn(&mut r, &[2, 4, 3, 5]) * 3.0;
+    let targets: Vec<usize> = (0..30)
+        .map(|i| if i % 7 == 3 { 255 } else { (i * 5 + i / 4) % 4 })
+        .collect();
+    let plain = PixelCrossEntropy::ignoring(255);
+    let weighted = plain
+        .clone()
+        .with_weights(vec![0.5, 2.0, 1.0, 0.0])
+        .unwrap();
+    for (what, loss) in [("plain", &plain), ("weighted", &weighted)] {
+        let (_, g) = loss.forward(&logits, &targets).unwrap();
+        let mut fd = vec![0.0; logits.len()];
+        for (i, f) in fd.iter_mut().enumerate() {
+            let mut p = logits.clone();
+            p.as_slice_mut().unwrap()[i] += H;
+            let mut m = logits.clone();
+            m.as_slice_mut().unwrap()[i] -= H;
+            *f = (loss.forward(&p, &targets).unwrap().0 - loss.forward(&m, &targets).unwrap().0)
+                / (2.0 * H);
+        }
+        let e = rel_err(&fd, g.as_slice().unwrap());
+        assert!(e < TOL, "pixel cross entropy {what}: error {e:e}");
+        // ignored pixels get no gradient
+        for (p, &t) in targets.iter().enumerate() {
+            if t == 255 {
+                let (i, q) = (p / 15, p % 15);
+                assert!((0..4).all(|c| g[[i, c, q / 5, q % 5]] == 0.0));
+            }
+        }
+    }
+    // every pixel ignored: nothing to learn, a zero loss and gradient
+    let (l, g) = plain.forward(&logits, &[255; 30]).unwrap();
+    assert_eq!(l, 0.0);
+    assert!(g.iter().all(|&v| v == 0.0));
+    // a label outside the classes that is not the ignore value is an error naming it
+    let mut bad = targets.clone();
+    bad[17] = 9;
+    let e = plain.forward(&logits, &bad).unwrap_err().to_string();
+    assert!(
+        e.contains("target 9") && e.contains("image 1") && e.contains("ignore value 255"),
+        "{e}"
+    );
+    assert!(plain.forward(&logits, &targets[..29]).is_err());
+    assert!(plain
+        .clone()
+        .with_weights(vec![1.0, -1.0, 1.0, 1.0])
+        .is_err());
+    assert!(
+        weighted
+            .forward(&randn(&mut r, &[2, 3, 3, 5]), &targets)
+            .is_err(),
+        "4 weights, 3 classes"
+    );
+}
+
+#[test]
 fn cross_entropy_gradients() {
     let mut r = rng(13);
     let logits = randn(&mut r, &[5, 7]) * 3.0;

@@ -2,10 +2,14 @@
 //! ignore a constant shift, Clamp stays in its bounds and is idempotent, Reshape round-trips, ScaleShift with
 //! scale 1 and shift 0 is the identity and its backward is linear in dy. Bilinear resampling keeps constants,
 //! is the identity at the same size, keeps the corners with `align_corners`, stays within the input's range, and
-//! its backward is the adjoint of its forward (<Ax, dy> = <x, Aᵀdy>).
+//! its backward is the adjoint of its forward (<Ax, dy> = <x, Aᵀdy>). Per-pixel cross-entropy is non-negative,
+//! ignores a constant added to a pixel's logits and a common factor on the class weights, and its gradient sums
+//! to zero over the classes at every pixel.
 
 use ndarray::{ArrayD, IxDyn};
-use normvision::nn::{Clamp, Reshape, ScaleShift, Softmax, UpsampleBilinear, UpsampleSize};
+use normvision::nn::{
+    Clamp, PixelCrossEntropy, Reshape, ScaleShift, Softmax, UpsampleBilinear, UpsampleSize,
+};
 use normvision::{Ctx, Layer};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
@@ -104,5 +108,28 @@ proptest! {
         let lhs: f64 = y.iter().zip(dy.iter()).map(|(a, b)| a * b).sum();
         let rhs: f64 = x.iter().zip(dx.iter()).map(|(a, b)| a * b).sum();
         prop_assert!((lhs - rhs).abs() < 1e-10 * (1.0 + lhs.abs()), "{} vs {}", lhs, rhs);
+    }
+
+    #[test]
+    fn pixel_cross_entropy_properties(n in 1usize..3, k in 2usize..6, hw in 1usize..10, seed in any::<u64>(),
+                                      c in -20.0f64..20.0, f in 0.1f64..10.0) {
+        let logits = randn(seed, &[n, k, hw], 3.0);
+        let mut r = rand_pcg::Pcg64::seed_from_u64(seed ^ 7);
+        let targets: Vec<usize> = (0..n * hw).map(|_| if r.gen_bool(0.2) { 255 } else { r.gen_range(0..k) }).collect();
+        let w: Vec<f64> = (0..k).map(|_| r.gen_range(0.1..3.0)).collect();
+        let loss = PixelCrossEntropy::ignoring(255).with_weights(w.clone()).unwrap();
+        let (l, g) = loss.forward(&logits, &targets).unwrap();
+        prop_assert!(l >= 0.0);
+        let (l2, _) = loss.forward(&logits.mapv(|v| v + c), &targets).unwrap();
+        prop_assert!((l - l2).abs() < 1e-9 * (1.0 + l.abs()), "shift: {} vs {}", l, l2);
+        let scaled = PixelCrossEntropy::ignoring(255).with_weights(w.iter().map(|v| v * f).collect()).unwrap();
+        let (l3, _) = scaled.forward(&logits, &targets).unwrap();
+        prop_assert!((l - l3).abs() < 1e-9 * (1.0 + l.abs()), "weight scale: {} vs {}", l, l3);
+        for i in 0..n {
+            for p in 0..hw {
+                let s: f64 = (0..k).map(|c| g[[i, c, p]]).sum();
+                prop_assert!(s.abs() < 1e-12, "gradient of pixel ({}, {}) sums to {}", i, p, s);
+            }
+        }
     }
 }

@@ -513,6 +513,38 @@ class LossCase:
         return {k: to_numpy(v) for k, v in t.items()}, meta
 
 
+@dataclass
+class PixelLossCase:
+    """Per-pixel cross-entropy (segmentation): logits (N, K, H, W), target (N, H, W) int64 with a fraction of
+    `ignore_index` pixels, optional class weights; loss = F.cross_entropy(..., weight, ignore_index), mean."""
+    name: str
+    shape: Tuple[int, ...]
+    weighted: bool
+    ignore_fraction: float = 0.2
+    scale: float = 2.0
+
+    def generate(self) -> Tuple[Dict[str, np.ndarray], dict]:
+        torch.manual_seed(case_seed(self.name))
+        n, k, h, w = self.shape
+        logits = (torch.randn(n, k, h, w) * self.scale).requires_grad_()
+        target = torch.randint(0, k, (n, h, w))
+        target[torch.rand(n, h, w) < self.ignore_fraction] = 255
+        weight = torch.rand(k) * 2 + 0.1 if self.weighted else None
+        loss = F.cross_entropy(logits, target, weight=weight, ignore_index=255)
+        loss.backward()
+        t = {"logits": logits.detach(), "target": target, "loss": loss.detach(), "dlogits": logits.grad}
+        if weight is not None:
+            t["weight"] = weight
+        meta = {
+            "layer": "pixel_cross_entropy",
+            "config": {"ignore_index": 255, "weighted": self.weighted, "reduction": "mean"},
+            "input_shape": list(self.shape),
+            "torch_module": "CrossEntropyLoss",
+            "torch_version": torch.__version__,
+        }
+        return {k: to_numpy(v) for k, v in t.items()}, meta
+
+
 def conv_case(name, shape, in_channels, out_channels, kernel_size, **kw) -> LayerCase:
     cfg = {"in_channels": in_channels, "out_channels": out_channels, "kernel_size": kernel_size,
            "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": True}
@@ -585,6 +617,11 @@ def nn_cases() -> list:
         upsample_case("upsample_bilinear_down", (2, 2, 7, 6), size=(3, 2)),
         upsample_case("upsample_bilinear_1x1_to_8x8", (2, 4, 1, 1), size=(8, 8)),
         upsample_case("upsample_bilinear_8x8_to_64x64", (2, 3, 8, 8), size=(64, 64)),
+        # per-pixel cross-entropy with ignored pixels and class weights (segmentation)
+        PixelLossCase("pixel_cross_entropy_2x11x5x6", (2, 11, 5, 6), weighted=False),
+        PixelLossCase("pixel_cross_entropy_weighted_3x4x7x5", (3, 4, 7, 5), weighted=True),
+        PixelLossCase("pixel_cross_entropy_weighted_large_2x11x16x16", (2, 11, 16, 16), weighted=True,
+                      ignore_fraction=0.5, scale=8.0),
         # activations
         LayerCase("relu", "relu", {}, nn.ReLU, (2, 3, 4, 5)),
         LayerCase("sigmoid", "sigmoid", {}, nn.Sigmoid, (2, 3, 4, 5), input_scale=4.0),

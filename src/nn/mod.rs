@@ -36,7 +36,10 @@ pub use conv::{Conv2d, Conv2dConfig, ConvAlgo, ConvChoice, Epilogue};
 pub use dropout::Dropout;
 pub use init::{Init, InitSpec};
 pub use linear::{Linear, LinearConfig};
-pub use loss::{accuracy, argmax, cross_entropy, mse, CrossEntropyLoss, MseLoss, WeightedLosses};
+pub use loss::{
+    accuracy, argmax, cross_entropy, mse, CrossEntropyLoss, MseLoss, PixelCrossEntropy,
+    WeightedLosses,
+};
 pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dConfig};
 pub use scale_shift::ScaleShift;
 pub use upsample::{UpsampleBilinear, UpsampleSize};

@@ -13,12 +13,14 @@
 //! | gradient | — (autograd) | dlogits = (softmax − q)/N, returned with the loss |
 //! | target out of range | "Target 7 is out of bounds." | [`NvError::Shape`] |
 //! | NaN / ±inf logits | propagates NaN | [`NvError::NonFinite`] |
-//! | class weights, `ignore_index` | supported | not supported |
+//! | class weights, `ignore_index` | supported | not here; per-pixel (segmentation): [`PixelCrossEntropy`] |
 
 mod mse;
+mod pixel;
 mod weighted;
 
 pub use mse::{mse, MseLoss};
+pub use pixel::PixelCrossEntropy;
 pub use weighted::{Combined, WeightedLosses};
 
 use crate::kernels::shape::contiguous as cont;
