@@ -489,3 +489,96 @@ fn a_graph_file_rebuilds_the_model() {
         "{e}"
     );
 }
+
+#[test]
+fn an_aspp_style_graph_with_image_pooling_trains_and_round_trips() {
+    // DeepLabV3's ASPP shape: a 1x1 branch, a dilated 3x3 branch and image pooling (global average, 1x1 conv,
+    // bilinear back to the map), concatenated, projected, then up-sampled to the input
+    use normvision::nn::{AvgPool2dConfig, UpsampleBilinear, UpsampleSize};
+    let mut rng = Pcg64::seed_from_u64(5);
+    let mut g = Graph::<f32>::new();
+    let x = g.input("x");
+    let stem = g
+        .layer(
+            "stem",
+            Conv2dConfig::new(2, 4, 3)
+                .padding(1)
+                .stride(2)
+                .build::<f32>(&mut rng)
+                .unwrap(),
+            x,
+        )
+        .unwrap();
+    let b1 = g
+        .layer(
+            "b1",
+            Conv2dConfig::new(4, 3, 1).build::<f32>(&mut rng).unwrap(),
+            stem,
+        )
+        .unwrap();
+    let b2 = g
+        .layer(
+            "b2",
+            Conv2dConfig::new(4, 3, 3)
+                .padding(2)
+                .dilation(2)
+                .build::<f32>(&mut rng)
+                .unwrap(),
+            stem,
+        )
+        .unwrap();
+    let p = g
+        .layer(
+            "pool",
+            AvgPool2dConfig::new(4).build::<f32>().unwrap(),
+            stem,
+        )
+        .unwrap();
+    let p = g
+        .layer(
+            "pool_conv",
+            Conv2dConfig::new(4, 3, 1).build::<f32>(&mut rng).unwrap(),
+            p,
+        )
+        .unwrap();
+    let p = g
+        .layer(
+            "pool_up",
+            UpsampleBilinear::<f32>::new(UpsampleSize::Size(4, 4), false).unwrap(),
+            p,
+        )
+        .unwrap();
+    let cat = g.concat("cat", &[b1, b2, p], 1).unwrap();
+    let proj = g
+        .layer(
+            "proj",
+            Conv2dConfig::new(9, 5, 1).build::<f32>(&mut rng).unwrap(),
+            cat,
+        )
+        .unwrap();
+    let up = g
+        .layer(
+            "up",
+            UpsampleBilinear::<f32>::new(UpsampleSize::Scale(2.0, 2.0), true).unwrap(),
+            proj,
+        )
+        .unwrap();
+    g.set_outputs(&[up]).unwrap();
+    let input = ArrayD::from_shape_fn(IxDyn(&[2, 2, 8, 8]), |i| {
+        ((i[1] * 7 + i[2] * 3 + i[3]) % 5) as f32 - 2.0
+    });
+    let y = g.forward(&[&input], Ctx::train()).unwrap().remove(0);
+    assert_eq!(y.shape(), &[2, 5, 8, 8]);
+    let grads = g
+        .backward(&[&input], &[&ArrayD::ones(y.raw_dim())], Ctx::train(), true)
+        .unwrap();
+    assert_eq!(grads[0].as_ref().unwrap().shape(), input.shape());
+    // the architecture, upsampling layers included, survives a graph file
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aspp.safetensors");
+    save_graph(&path, &g).unwrap();
+    let mut back = load_graph(&path).unwrap();
+    let y2 = back.forward(&[&input], Ctx::eval()).unwrap().remove(0);
+    let y1 = g.forward(&[&input], Ctx::eval()).unwrap().remove(0);
+    assert_eq!(y1, y2);
+}

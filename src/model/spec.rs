@@ -6,6 +6,7 @@ use crate::layer::Layer;
 use crate::nn::{
     AvgPool2d, AvgPool2dConfig, Clamp, Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool,
     Linear, LinearConfig, MaxPool2d, MaxPool2dConfig, ReLU, Reshape, ScaleShift, Sigmoid, Softmax,
+    UpsampleBilinear, UpsampleSize,
 };
 use crate::norm::frozen::FrozenBatchNormConfig;
 use crate::norm::{
@@ -48,6 +49,11 @@ pub enum LayerSpec {
     Softmax,
     Reshape {
         shape: Vec<usize>,
+    },
+    /// `nn.Upsample(size or scale_factor, mode="bilinear", align_corners)`.
+    UpsampleBilinear {
+        size: UpsampleSize,
+        align_corners: bool,
     },
     /// The shapes of the constant `scale` and `shift` buffers (loaded from the state dict).
     ScaleShift {
@@ -92,6 +98,12 @@ impl LayerSpec {
         }
         if any.is::<Softmax<T>>() {
             return Some(LayerSpec::Softmax);
+        }
+        if let Some(u) = any.downcast_ref::<UpsampleBilinear<T>>() {
+            return Some(LayerSpec::UpsampleBilinear {
+                size: u.size(),
+                align_corners: u.align_corners(),
+            });
         }
         if let Some(r) = any.downcast_ref::<Reshape<T>>() {
             return Some(LayerSpec::Reshape {
@@ -182,6 +194,10 @@ impl LayerSpec {
                 hi.unwrap_or(f64::INFINITY),
             )?),
             LayerSpec::Softmax => Box::new(Softmax::<T>::new()),
+            LayerSpec::UpsampleBilinear {
+                size,
+                align_corners,
+            } => Box::new(UpsampleBilinear::<T>::new(*size, *align_corners)?),
             LayerSpec::Reshape { shape } => Box::new(Reshape::<T>::new(shape.clone())),
             LayerSpec::ScaleShift { scale, shift } => {
                 let zeros = |s: &Option<Vec<usize>>| {

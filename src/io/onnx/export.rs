@@ -318,6 +318,9 @@ impl Writer<'_> {
                 );
             }
             LayerSpec::BatchChannelNorm(_) => return unsupported("Batch-Channel Norm"),
+            LayerSpec::UpsampleBilinear { .. } => {
+                return unsupported("bilinear up-sampling (ONNX Resize)")
+            }
             LayerSpec::Relu => self.node("Relu", name, &[x], out, vec![]),
             LayerSpec::Sigmoid => self.node("Sigmoid", name, &[x], out, vec![]),
             LayerSpec::Softmax => self.node("Softmax", name, &[x], out, vec![attr_int("axis", -1)]),
