@@ -192,16 +192,7 @@ fn single(cfg: &TrainConfig) -> Run {
 
 /// Largest relative difference in norm over the losses and over each state-dict tensor.
 fn rel_diff(a: &Run, b: &Run) -> (f64, String) {
-    let rel = |x: &[f64], y: &[f64]| {
-        let num: f64 = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q) * (p - q))
-            .sum::<f64>()
-            .sqrt();
-        let den: f64 = y.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-30);
-        num / den
-    };
+    let rel = common::rel_norm;
     assert_eq!(a.report.losses.len(), b.report.losses.len(), "step counts");
     let mut worst = (
         rel(&a.report.losses, &b.report.losses),

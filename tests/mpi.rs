@@ -278,15 +278,7 @@ fn losses(log: &Path) -> Vec<f64> {
 
 /// The largest relative difference in norm over the losses and each tensor of two runs.
 fn run_diff(a: &Path, b: &Path) -> f64 {
-    let norm_rel = |x: &[f64], y: &[f64]| {
-        let num: f64 = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q) * (p - q))
-            .sum::<f64>()
-            .sqrt();
-        num / y.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-30)
-    };
+    let norm_rel = common::rel_norm;
     let (la, lb) = (
         losses(&a.with_extension("jsonl")),
         losses(&b.with_extension("jsonl")),
@@ -368,14 +360,8 @@ fn cli_distributed_sync_bn_trains_as_one_process() {
     );
     let (a, b) = (tensors(&part), tensors(&one));
     for ((k, va), (_, vb)) in a.iter().zip(&b) {
-        let num: f64 = va
-            .iter()
-            .zip(vb)
-            .map(|(p, q)| (p - q) * (p - q))
-            .sum::<f64>()
-            .sqrt();
-        let den = vb.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-30);
-        assert!(num / den < 1e-5, "resumed {k}: {:e}", num / den);
+        let d = common::rel_norm(va, vb);
+        assert!(d < 1e-5, "resumed {k}: {d:e}");
     }
 }
 

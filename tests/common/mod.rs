@@ -301,3 +301,14 @@ pub fn isas() -> Vec<normvision::Isa> {
         .filter(|&i| i <= Isa::detect())
         .collect()
 }
+
+/// ‖a − b‖ / ‖b‖ (Euclidean norms; the denominator at least 1e-30).
+pub fn rel_norm(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(p, q)| (p - q) * (p - q))
+        .sum::<f64>()
+        .sqrt();
+    num / b.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-30)
+}
