@@ -375,3 +375,69 @@ fn a_rank_without_samples_changes_nothing_for_per_sample_norms() {
         assert_eq!(runs[0].state, one.state, "{norm}");
     }
 }
+
+#[test]
+fn sync_bn_keeps_the_fused_pool_and_one_step_of_the_zoo_cnn_matches() {
+    // the zoo CNN's BatchNorms fuse their ReLU and 2x2 max pool; synchronized, they keep both
+    let group = LocalGroup::new(2).unwrap();
+    let mut m = Model::new(config_of(ModelKind::Cnn, 0.001, true).model).unwrap();
+    m.graph_mut()
+        .set_batch_norm_sync(Some(Arc::new(group[0].clone())));
+    let plan = m
+        .graph_mut()
+        .describe_plan(&[&[16, 1, 28, 28]], normvision::Ctx::train(), false)
+        .unwrap();
+    if normvision::Isa::detect().avx512() {
+        assert_eq!(plan.matches("+ 2x2 max pool").count(), 2, "{plan}");
+        assert!(plan.contains("synchronized over 2 ranks"), "{plan}");
+    }
+    // one step, 2 x 16 against 1 x 32 (after one step rounding is all that separates them; later steps of
+    // this CNN amplify it, see config_of)
+    let mut cfg = config_of(ModelKind::Cnn, 0.001, true);
+    cfg.max_steps = Some(1);
+    let (tr, te) = data();
+    let (report, model) = train::train_model_keep(
+        Model::new(cfg.model.clone()).unwrap(),
+        &cfg,
+        tr,
+        te,
+        RunOptions::default(),
+    )
+    .unwrap();
+    let one = Run {
+        report,
+        state: state_of(&model),
+    };
+    let group = LocalGroup::new(2).unwrap();
+    let (tr, te) = data();
+    let two: Vec<Run> = std::thread::scope(|sc| {
+        let hs: Vec<_> = group
+            .into_iter()
+            .map(|g| {
+                let (tr, te, cfg) = (tr.clone(), te.clone(), cfg.clone());
+                sc.spawn(move || {
+                    let opts = RunOptions {
+                        distributed: Some(Distributed::new(Arc::new(g))),
+                        ..RunOptions::default()
+                    };
+                    let (report, model) = train::train_model_keep(
+                        Model::new(cfg.model.clone()).unwrap(),
+                        &cfg,
+                        tr,
+                        te,
+                        opts,
+                    )
+                    .unwrap();
+                    Run {
+                        report,
+                        state: state_of(&model),
+                    }
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    replicas_equal(&two);
+    let (d, key) = rel_diff(&two[0], &one);
+    assert!(d < 1e-5, "zoo CNN, one step: {d:e} at {key}");
+}

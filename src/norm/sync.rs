@@ -23,8 +23,9 @@
 //! - State-dict names are BatchNorm's, so a checkpoint moves between SyncBN and BN freely.
 //!
 //! In a model, `--sync-bn` ([`crate::model::Graph::set_batch_norm_sync`]) sets the group on every BatchNorm node
-//! instead of changing its type, so the plan still fuses the ReLU after it and the convolution's plane moments
-//! into it.
+//! instead of changing its type, so the plan still fuses the ReLU and the 2×2 max pool after it and the
+//! convolution's plane moments into it (only the dx handed plane by plane to a first convolution is off: its
+//! kernel needs the global sums before the first plane).
 
 use super::batch::{BatchNorm, BatchNormConfig, BnFusion};
 use super::NormLayer;

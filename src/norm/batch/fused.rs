@@ -31,7 +31,6 @@ impl<T: Real> BatchNorm<T> {
     /// least 2×2, f32 with AVX-512F allowed.
     pub fn can_pool2x2(&self, shape: &[usize], ctx: Ctx) -> bool {
         self.uses_batch_stats(ctx.mode())
-            && !self.synced(ctx.mode())
             && ctx.isa().avx512()
             && Pool2x2::available::<T>()
             && shape.len() == 4
@@ -95,6 +94,10 @@ impl<T: Real> BatchNorm<T> {
     ) -> Result<ArrayD<T>> {
         let shape = x.shape().to_vec();
         let mode = ctx.mode();
+        if self.synced(mode) {
+            let local = super::planes::local_moments(&contiguous(x), d, ctx.kernels());
+            return self.forward_synced_maxpool(x, &local, d, ctx, relu);
+        }
         self.check_train_values(d, &shape, mode)?;
         let p = Pool2x2 {
             h: shape[2],
@@ -152,8 +155,11 @@ impl<T: Real> BatchNorm<T> {
         let shape = x.shape().to_vec();
         let mode = ctx.mode();
         let local = stats::moments_from_planes(pm, d);
+        if self.synced(mode) && pool {
+            return self.forward_synced_maxpool(x, &local, d, ctx, relu);
+        }
         let xs = contiguous(x);
-        if self.synced(mode) && !pool {
+        if self.synced(mode) {
             // SAFETY: the synced forward writes every element.
             let mut y = unsafe { arena::output_uninit(&shape) };
             let ys = y.as_slice_mut().expect("fresh array");
@@ -270,6 +276,7 @@ impl<T: Real> BatchNorm<T> {
         // SAFETY: the pooled backward writes every element of dx.
         let mut dx = unsafe { arena::output_uninit(x.shape()) };
         let (xs, gs) = (contiguous(x), contiguous(dy));
+        let group = self.sync_for(mode);
         let sums = maxpool::train_backward_maxpool(
             &xs,
             &gs,
@@ -282,8 +289,37 @@ impl<T: Real> BatchNorm<T> {
             pslice(&self.bias),
             *relu,
             ctx.kernels(),
-        );
+            &mut |s| super::sync::sum_over_ranks(group.as_deref(), s),
+        )?;
         add_sums_grads(&mut self.weight, &mut self.bias, &sums, stats);
         Ok(dx)
+    }
+
+    /// The synchronized (SyncBN) training forward fused with a 2×2 max pool, from this rank's moments `local`.
+    fn forward_synced_maxpool(
+        &mut self,
+        x: &ArrayD<T>,
+        local: &stats::Moments,
+        d: Ncs,
+        ctx: Ctx,
+        relu: bool,
+    ) -> Result<ArrayD<T>> {
+        let shape = x.shape().to_vec();
+        let (stats, count) = self.synced_stats(local, &shape)?;
+        let p = Pool2x2 {
+            h: shape[2],
+            w: shape[3],
+        };
+        let (mut y, mut ix) = Self::pooled_buffers(&mut self.pooled, d, p);
+        let xs = contiguous(x);
+        let ys = y.as_slice_mut().expect("fresh array");
+        let (w, b) = (pslice(&self.weight), pslice(&self.bias));
+        maxpool::normalize_maxpool(&xs, ys, &mut ix, d, p, &stats, w, b, relu, ctx.kernels());
+        if self.cfg.track_running_stats {
+            self.update_running(&stats.mean, &stats.var, count);
+        }
+        self.saved = Some(Saved::Batch { stats, shape, relu });
+        self.pooled = Some((p, ix));
+        Ok(y)
     }
 }

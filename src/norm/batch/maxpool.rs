@@ -186,7 +186,9 @@ isa_fn! {
     /// `dy` is the pooled gradient (N, C, H/2, W/2) and `ix` the pool's argmax indices. In both passes each plane's
     /// unpooled dy is rebuilt into a per-thread L1 buffer by the pool's own backward kernel and used from there,
     /// so the full-size dy is never written to memory. Bitwise the result of [`crate::nn::MaxPool2d`]'s backward
-    /// followed by `train_backward` (the same kernels on the same values, in the same order).
+    /// followed by `train_backward` (the same kernels on the same values, in the same order). `global` maps this
+    /// process's sums to those dx is computed from: the identity, or SyncBN's all-reduce over the ranks (between
+    /// the two passes, so a synchronized BatchNorm keeps the fusion). Returns this process's sums.
     pub fn train_backward_maxpool<T: Real, const X2: bool, const X512: bool>(
         x: &[T],
         dy: &[T],
@@ -199,7 +201,8 @@ isa_fn! {
         bias: Option<&[T]>,
         relu: bool,
         ko: KernelOptions,
-    ) -> BackwardSums {
+        global: &mut dyn FnMut(&BackwardSums) -> crate::Result<BackwardSums>,
+    ) -> crate::Result<BackwardSums> {
         assert!(
             Pool2x2::available::<T>(),
             "fused max pool needs f32 and AVX-512F"
@@ -242,7 +245,9 @@ isa_fn! {
             })
             .collect();
         let sums = combine_plane_sums(&per, d, st);
-        let ks = all_dx_coefficients(st, &sums, d, st.count as f64, weight);
+        // the sums dx is made of: this process's, or (SyncBN) every rank's
+        let total = global(&sums)?;
+        let ks = all_dx_coefficients(st, &total, d, st.count as f64, weight);
         let stream = streams::<T>(d, 3, ko);
         dx.par_chunks_mut(d.s)
             .zip(x.par_chunks(d.s))
@@ -257,6 +262,6 @@ isa_fn! {
                     lanes::stream_fence();
                 }
             });
-        sums
+        Ok(sums)
     }
 }

@@ -4,7 +4,9 @@
 //! ```text
 //! forward : local moments (planes::local_moments, or the convolution's plane moments) ──► gather every rank's
 //!           (count, mean, M2) ──► Moments::merge in rank order (exact; Chan et al.) ──► normalize (+ ReLU)
-//! backward: planes::backward_sums (Σdy, Σdy·(x−mean)) ──► all-reduce ──► planes::backward_dx
+//!           (+ the fused 2×2 max pool: maxpool::normalize_maxpool)
+//! backward: planes::backward_sums (Σdy, Σdy·(x−mean)) ──► all-reduce ──► planes::backward_dx (after a pooled
+//!           forward, maxpool::train_backward_maxpool does the same with the all-reduce between its passes)
 //! ```
 //!
 //! Only training forwards exchange anything; a group of one rank runs the single-process kernels. The merged
@@ -82,15 +84,7 @@ impl<T: Real> BatchNorm<T> {
         relu: bool,
         ctx: Ctx,
     ) -> Result<()> {
-        let comm = self.sync.clone().expect("a synced forward has a group");
-        let global = self.global_moments(comm.as_ref(), local)?;
-        if global.count <= 1 {
-            return Err(NvError::OneValuePerChannel {
-                layer: Self::NAME,
-                shape,
-            });
-        }
-        let stats = BatchStats::<T>::from_moments(&global, self.cfg.eps);
+        let (stats, count) = self.synced_stats(local, &shape)?;
         planes::normalize(
             xs,
             y,
@@ -102,12 +96,60 @@ impl<T: Real> BatchNorm<T> {
             ctx.kernels(),
         );
         if self.cfg.track_running_stats {
-            self.update_running(&stats.mean, &stats.var, global.count as usize);
+            self.update_running(&stats.mean, &stats.var, count);
         }
         self.saved = Some(Saved::Batch { stats, shape, relu });
         Ok(())
     }
 
+    /// The statistics of the global batch from this rank's moments `local` of an input of `shape`, and the
+    /// global count per channel (an error when that is at most 1).
+    pub(super) fn synced_stats(
+        &self,
+        local: &Moments,
+        shape: &[usize],
+    ) -> Result<(BatchStats<T>, usize)> {
+        let comm = self.sync.clone().expect("a synced forward has a group");
+        let global = self.global_moments(comm.as_ref(), local)?;
+        if global.count <= 1 {
+            return Err(NvError::OneValuePerChannel {
+                layer: Self::NAME,
+                shape: shape.to_vec(),
+            });
+        }
+        Ok((
+            BatchStats::<T>::from_moments(&global, self.cfg.eps),
+            global.count as usize,
+        ))
+    }
+
+    /// The group a backward in `mode` sums its statistics over (`None`: this process alone).
+    pub(super) fn sync_for(&self, mode: Mode) -> Option<Arc<dyn Communicator>> {
+        self.synced(mode).then(|| self.sync.clone()).flatten()
+    }
+}
+
+/// `local` summed over `comm`'s ranks (Σdy, then Σdy·(x−mean), in one all-reduce); `local` itself without a
+/// group.
+pub(super) fn sum_over_ranks(
+    comm: Option<&dyn Communicator>,
+    local: &BackwardSums,
+) -> Result<BackwardSums> {
+    let Some(comm) = comm else {
+        return Ok(local.clone());
+    };
+    let c = local.sum_dy.len();
+    let mut buf = Vec::with_capacity(2 * c);
+    buf.extend_from_slice(&local.sum_dy);
+    buf.extend_from_slice(&local.dot);
+    comm.all_reduce_sum_f64(&mut buf)?;
+    Ok(BackwardSums {
+        sum_dy: buf[..c].to_vec(),
+        dot: buf[c..].to_vec(),
+    })
+}
+
+impl<T: Real> BatchNorm<T> {
     /// The training backward of a synced forward: the sums all-reduced over the group, dx of the global loss,
     /// this rank's share of the affine gradients.
     #[allow(clippy::too_many_arguments)]
@@ -136,15 +178,7 @@ impl<T: Real> BatchNorm<T> {
         let (w, b) = (pslice(&self.weight), pslice(&self.bias));
         let ko = ctx.kernels();
         let local = planes::backward_sums(xs, gs, d, stats, w, b, *relu, ko);
-        let c = d.c;
-        let mut buf = Vec::with_capacity(2 * c);
-        buf.extend_from_slice(&local.sum_dy);
-        buf.extend_from_slice(&local.dot);
-        comm.all_reduce_sum_f64(&mut buf)?;
-        let global = BackwardSums {
-            sum_dy: buf[..c].to_vec(),
-            dot: buf[c..].to_vec(),
-        };
+        let global = sum_over_ranks(Some(comm.as_ref()), &local)?;
         planes::backward_dx(xs, gs, dx, d, stats, &global, stats.count, w, b, *relu, ko);
         add_sums_grads(&mut self.weight, &mut self.bias, &local, stats);
         Ok(())
