@@ -4,6 +4,14 @@
 
 use rand_pcg::Pcg64Mcg;
 
+/// FNV-1a (64-bit) of a byte stream: a stable, seedless fingerprint (cache file names, data and replica
+/// checks).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// SplitMix64: a bijective mix of 64 bits.
 pub fn mix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);

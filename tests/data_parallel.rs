@@ -127,6 +127,18 @@ fn train_ranks(
     ckpt: Option<&Path>,
     resume: Option<&Path>,
 ) -> Vec<normvision::Result<Run>> {
+    train_ranks_with(build, cfg, ranks, sizes, ckpt, resume)
+}
+
+/// [`train_ranks`] of the model `make` builds.
+fn train_ranks_with(
+    make: fn(&TrainConfig) -> Model,
+    cfg: &TrainConfig,
+    ranks: usize,
+    sizes: Option<Vec<usize>>,
+    ckpt: Option<&Path>,
+    resume: Option<&Path>,
+) -> Vec<normvision::Result<Run>> {
     watchdog();
     let (tr, te) = data();
     let group = LocalGroup::new(ranks).unwrap();
@@ -148,7 +160,7 @@ fn train_ranks(
                     };
                     let model = match &opts.resume {
                         Some(_) => None,
-                        None => Some(build(cfg)),
+                        None => Some(make(cfg)),
                     };
                     let (report, model) = match model {
                         Some(m) => train::train_model_keep(m, cfg, tr, te, opts)?,
@@ -181,9 +193,13 @@ fn build(cfg: &TrainConfig) -> Model {
 }
 
 fn single(cfg: &TrainConfig) -> Run {
+    single_with(build, cfg)
+}
+
+fn single_with(make: fn(&TrainConfig) -> Model, cfg: &TrainConfig) -> Run {
     let (tr, te) = data();
     let (report, model) =
-        train::train_model_keep(build(cfg), cfg, tr, te, RunOptions::default()).unwrap();
+        train::train_model_keep(make(cfg), cfg, tr, te, RunOptions::default()).unwrap();
     Run {
         report,
         state: state_of(&model),
@@ -395,48 +411,9 @@ fn sync_bn_keeps_the_fused_pool_and_one_step_of_the_zoo_cnn_matches() {
     // this CNN amplify it, see config_of)
     let mut cfg = config_of(ModelKind::Cnn, 0.001, true);
     cfg.max_steps = Some(1);
-    let (tr, te) = data();
-    let (report, model) = train::train_model_keep(
-        Model::new(cfg.model.clone()).unwrap(),
-        &cfg,
-        tr,
-        te,
-        RunOptions::default(),
-    )
-    .unwrap();
-    let one = Run {
-        report,
-        state: state_of(&model),
-    };
-    let group = LocalGroup::new(2).unwrap();
-    let (tr, te) = data();
-    let two: Vec<Run> = std::thread::scope(|sc| {
-        let hs: Vec<_> = group
-            .into_iter()
-            .map(|g| {
-                let (tr, te, cfg) = (tr.clone(), te.clone(), cfg.clone());
-                sc.spawn(move || {
-                    let opts = RunOptions {
-                        distributed: Some(Distributed::new(Arc::new(g))),
-                        ..RunOptions::default()
-                    };
-                    let (report, model) = train::train_model_keep(
-                        Model::new(cfg.model.clone()).unwrap(),
-                        &cfg,
-                        tr,
-                        te,
-                        opts,
-                    )
-                    .unwrap();
-                    Run {
-                        report,
-                        state: state_of(&model),
-                    }
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let zoo = |c: &TrainConfig| Model::new(c.model.clone()).unwrap();
+    let one = single_with(zoo, &cfg);
+    let two = ok(train_ranks_with(zoo, &cfg, 2, None, None, None));
     replicas_equal(&two);
     let (d, key) = rel_diff(&two[0], &one);
     assert!(d < 1e-5, "zoo CNN, one step: {d:e} at {key}");

@@ -102,12 +102,8 @@ fn check_layer_with(fx: &Fixture, what: &str, layer: &mut dyn Layer<f32>, weight
     }
 }
 
-fn check_cross_entropy(fx: &Fixture) {
-    let logits = fx.get("logits");
-    let targets: Vec<usize> = fx.get_i64("target").iter().map(|&t| t as usize).collect();
-    let eps = fx.cfg()["label_smoothing"].as_f64().unwrap();
-    let loss = CrossEntropyLoss::label_smoothing(eps).unwrap();
-    let (l, dlogits) = loss.forward(logits, &targets).unwrap();
+/// A loss fixture's `loss` and `dlogits` against ours.
+fn check_loss_and_grad(fx: &Fixture, l: f64, dlogits: &ArrayD<f32>) {
     let want = fx.get("loss").iter().next().copied().unwrap() as f64;
     assert!(
         (l - want).abs() <= ATOL as f64 + RTOL as f64 * want.abs(),
@@ -116,11 +112,20 @@ fn check_cross_entropy(fx: &Fixture) {
     );
     assert_close(
         &format!("{}: dlogits", fx.name),
-        &dlogits,
+        dlogits,
         fx.get("dlogits"),
         RTOL,
         ATOL,
     );
+}
+
+fn check_cross_entropy(fx: &Fixture) {
+    let logits = fx.get("logits");
+    let targets: Vec<usize> = fx.get_i64("target").iter().map(|&t| t as usize).collect();
+    let eps = fx.cfg()["label_smoothing"].as_f64().unwrap();
+    let loss = CrossEntropyLoss::label_smoothing(eps).unwrap();
+    let (l, dlogits) = loss.forward(logits, &targets).unwrap();
+    check_loss_and_grad(fx, l, &dlogits);
     let pred: Vec<usize> = fx.get_i64("pred").iter().map(|&t| t as usize).collect();
     assert_eq!(argmax(logits).unwrap(), pred, "{}: argmax", fx.name);
     let acc =
@@ -138,19 +143,7 @@ fn check_pixel_cross_entropy(fx: &Fixture) {
             .unwrap();
     }
     let (l, dlogits) = loss.forward(logits, &targets).unwrap();
-    let want = fx.get("loss").iter().next().copied().unwrap() as f64;
-    assert!(
-        (l - want).abs() <= ATOL as f64 + RTOL as f64 * want.abs(),
-        "{}: loss {l} vs {want}",
-        fx.name
-    );
-    assert_close(
-        &format!("{}: dlogits", fx.name),
-        &dlogits,
-        fx.get("dlogits"),
-        RTOL,
-        ATOL,
-    );
+    check_loss_and_grad(fx, l, &dlogits);
 }
 
 fn run_fixture(fx: &Fixture) {

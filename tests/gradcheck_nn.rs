@@ -522,6 +522,18 @@ fn dropout_gradients_and_modes() {
     assert_eq!(dx, y, "dx is dy times the mask");
 }
 
+/// d loss / d x by central differences of step `H`, one element at a time.
+fn central_differences(x: &ArrayD<f64>, loss: impl Fn(&ArrayD<f64>) -> f64) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| {
+            let (mut p, mut m) = (x.clone(), x.clone());
+            p.as_slice_mut().unwrap()[i] += H;
+            m.as_slice_mut().unwrap()[i] -= H;
+            (loss(&p) - loss(&m)) / (2.0 * H)
+        })
+        .collect()
+}
+
 #[test]
 fn pixel_cross_entropy_gradients_and_errors() {
     let mut r = rng(17);
@@ -536,15 +548,7 @@ fn pixel_cross_entropy_gradients_and_errors() {
         .unwrap();
     for (what, loss) in [("plain", &plain), ("weighted", &weighted)] {
         let (_, g) = loss.forward(&logits, &targets).unwrap();
-        let mut fd = vec![0.0; logits.len()];
-        for (i, f) in fd.iter_mut().enumerate() {
-            let mut p = logits.clone();
-            p.as_slice_mut().unwrap()[i] += H;
-            let mut m = logits.clone();
-            m.as_slice_mut().unwrap()[i] -= H;
-            *f = (loss.forward(&p, &targets).unwrap().0 - loss.forward(&m, &targets).unwrap().0)
-                / (2.0 * H);
-        }
+        let fd = central_differences(&logits, |x| loss.forward(x, &targets).unwrap().0);
         let e = rel_err(&fd, g.as_slice().unwrap());
         assert!(e < TOL, "pixel cross entropy {what}: error {e:e}");
         // ignored pixels get no gradient
@@ -588,16 +592,7 @@ fn cross_entropy_gradients() {
     for eps in [0.0, 0.1, 1.0] {
         let (l0, g) = cross_entropy(&logits, &targets, eps).unwrap();
         assert!(l0 > 0.0);
-        let mut fd = vec![0.0; logits.len()];
-        for (i, f) in fd.iter_mut().enumerate() {
-            let mut p = logits.clone();
-            p.as_slice_mut().unwrap()[i] += H;
-            let mut m = logits.clone();
-            m.as_slice_mut().unwrap()[i] -= H;
-            *f = (cross_entropy(&p, &targets, eps).unwrap().0
-                - cross_entropy(&m, &targets, eps).unwrap().0)
-                / (2.0 * H);
-        }
+        let fd = central_differences(&logits, |x| cross_entropy(x, &targets, eps).unwrap().0);
         let e = rel_err(&fd, g.as_slice().unwrap());
         assert!(e < TOL, "cross entropy eps {eps}: error {e:e}");
         // each row of the gradient sums to zero

@@ -118,34 +118,20 @@ fn child() {
     }
 }
 
-/// Runs this test binary's `sync_bn_matches_batch_norm_on_the_whole_batch` on `split.len()` ranks.
-fn mpirun(split: &[usize]) -> (bool, String) {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("timeout")
-        .arg("120")
-        .arg("mpirun")
-        .args(["-np", &split.len().to_string(), "--oversubscribe"])
+/// `timeout 120 mpirun --oversubscribe` without the shared-memory single copy (containers), allowed as root;
+/// the caller adds `-np N` and the program.
+fn mpirun_command() -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["120", "mpirun", "--oversubscribe"])
         .args(["--mca", "btl_vader_single_copy_mechanism", "none"])
-        .arg(exe)
-        .args([
-            "--exact",
-            "sync_bn_matches_batch_norm_on_the_whole_batch",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(CHILD, "1")
-        .env(
-            "NV_MPI_SPLIT",
-            split
-                .iter()
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        )
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("RAYON_NUM_THREADS", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd
+}
+
+/// Runs `cmd`: whether it succeeded, and its stdout then stderr.
+fn run_mpirun(cmd: &mut Command) -> (bool, String) {
+    let out = cmd
         .output()
         .expect("mpirun runs (Open MPI is installed by scripts/setup.sh)");
     let text = format!(
@@ -154,6 +140,25 @@ fn mpirun(split: &[usize]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// Runs this test binary's `sync_bn_matches_batch_norm_on_the_whole_batch` on `split.len()` ranks.
+fn mpirun(split: &[usize]) -> (bool, String) {
+    let split_text: Vec<String> = split.iter().map(|v| v.to_string()).collect();
+    let mut cmd = mpirun_command();
+    cmd.args(["-np", &split.len().to_string()])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "sync_bn_matches_batch_norm_on_the_whole_batch",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD, "1")
+        .env("NV_MPI_SPLIT", split_text.join(","))
+        .env("RAYON_NUM_THREADS", "1");
+    run_mpirun(&mut cmd)
 }
 
 #[test]
@@ -190,13 +195,7 @@ fn a_failing_rank_ends_the_job_instead_of_hanging_it() {
 /// `mpirun` with these argument groups (several: MPMD, `:`-separated), under a timeout.
 fn mpirun_cli(groups: &[(usize, Vec<String>)]) -> (bool, String) {
     let exe = env!("CARGO_BIN_EXE_normvision");
-    let mut cmd = Command::new("timeout");
-    cmd.arg("120").arg("mpirun").args([
-        "--oversubscribe",
-        "--mca",
-        "btl_vader_single_copy_mechanism",
-        "none",
-    ]);
+    let mut cmd = mpirun_command();
     for (i, (np, args)) in groups.iter().enumerate() {
         if i > 0 {
             cmd.arg(":");
@@ -204,17 +203,7 @@ fn mpirun_cli(groups: &[(usize, Vec<String>)]) -> (bool, String) {
         cmd.args(["-np", &np.to_string(), exe, "--threads", "1"])
             .args(args);
     }
-    let out = cmd
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .output()
-        .expect("mpirun runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_mpirun(&mut cmd)
 }
 
 fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {

@@ -64,11 +64,7 @@ impl RunCache {
 
     fn path(&self, key: &Value) -> PathBuf {
         // FNV-1a of the key's canonical text
-        let text = key.to_string();
-        let mut h: u64 = 0xcbf29ce484222325;
-        for b in text.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-        }
+        let h = crate::rng::fnv1a(key.to_string().bytes());
         self.dir.join(format!("{h:016x}.json"))
     }
 

@@ -52,6 +52,17 @@ pub fn check_same_shape(layer: &'static str, x: &[usize], dy: &[usize]) -> Resul
     Ok(())
 }
 
+/// Errors unless dy has the layer's output shape `out`.
+pub fn check_output_grad(layer: &'static str, dy: &[usize], out: &[usize]) -> Result<()> {
+    if dy != out {
+        return Err(NvError::Shape {
+            layer,
+            msg: format!("dy has shape {dy:?}, the output has shape {out:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// The caller-owned dx buffer of a `backward_into` must have x's number of elements.
 pub fn check_dx_len(layer: &'static str, dx_len: usize, x_shape: &[usize]) -> Result<()> {
     let numel: usize = x_shape.iter().product();

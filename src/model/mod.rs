@@ -137,7 +137,11 @@ impl Model {
     ) -> Result<Option<(String, Vec<usize>)>> {
         let [c, h, w] = self.input;
         let local_shapes = self.graph.value_shapes(&[&[local, c, h, w]])?;
-        let global_shapes = self.graph.value_shapes(&[&[global, c, h, w]])?;
+        let global_shapes = if global == local {
+            local_shapes.clone()
+        } else {
+            self.graph.value_shapes(&[&[global, c, h, w]])?
+        };
         for node in self.graph.nodes() {
             let synced = node
                 .layer_as::<crate::norm::BatchNorm<f32>>()

@@ -13,6 +13,7 @@
 use super::{stateless, Layer};
 use crate::kernels::arena;
 use crate::kernels::elementwise::{map_into, zip_map_into};
+use crate::kernels::shape::check_output_grad;
 use crate::kernels::shape::contiguous as cont;
 use crate::{Ctx, NvError, Real, Result};
 use ndarray::ArrayD;
@@ -148,13 +149,7 @@ impl<T: Real> Layer<T> for Flatten<T> {
         Ok(reshaped(x, &s))
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
-        let s = self.output_shape(x.shape())?;
-        if dy.shape() != s.as_slice() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!("dy has shape {:?}, the output has shape {s:?}", dy.shape()),
-            });
-        }
+        check_output_grad(Self::NAME, dy.shape(), &self.output_shape(x.shape())?)?;
         Ok(reshaped(dy, x.shape()))
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
@@ -346,13 +341,7 @@ impl<T: Real> Layer<T> for Reshape<T> {
         Ok(reshaped(x, &s))
     }
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
-        let s = self.output_shape(x.shape())?;
-        if dy.shape() != s.as_slice() {
-            return Err(NvError::Shape {
-                layer: "Reshape",
-                msg: format!("dy has shape {:?}, the output has shape {s:?}", dy.shape()),
-            });
-        }
+        check_output_grad("Reshape", dy.shape(), &self.output_shape(x.shape())?)?;
         Ok(reshaped(dy, x.shape()))
     }
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {

@@ -11,6 +11,7 @@
 use super::init::Init;
 use super::Layer;
 use crate::kernels::gemm::{matmul, Op, Par};
+use crate::kernels::shape::check_output_grad;
 use crate::kernels::shape::contiguous;
 use crate::param::ParamRole;
 use crate::state::{join, StateDict, Stateful};
@@ -203,16 +204,7 @@ impl<T: Real> Linear<T> {
         dy: ArrayViewD<T>,
         dx: Option<&mut [T]>,
     ) -> Result<()> {
-        let want = self.output_shape(x.shape())?;
-        if dy.shape() != want.as_slice() {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "dy has shape {:?}, the output has shape {want:?}",
-                    dy.shape()
-                ),
-            });
-        }
+        check_output_grad(Self::NAME, dy.shape(), &self.output_shape(x.shape())?)?;
         let m = self.rows(x.shape())?;
         let (k, n) = (self.cfg.in_features, self.cfg.out_features);
         if let Some(d) = &dx {

@@ -10,6 +10,7 @@
 //! (1 − λ, λ), λ = s − i0, per axis, computed as PyTorch does (the row mix of the column mixes). The backward
 //! scatters dy back with the same weights; its sums run over each plane in order (deterministic).
 
+use crate::kernels::shape::check_output_grad;
 use crate::kernels::shape::contiguous as cont;
 use crate::kernels::shape::{check_nonempty, check_rank};
 use crate::layer::Layer;
@@ -165,16 +166,11 @@ impl<T: Real> Layer<T> for UpsampleBilinear<T> {
 
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
         let (planes, h, w, oh, ow) = self.dims(x.shape())?;
-        let want = [x.shape()[0], x.shape()[1], oh, ow];
-        if dy.shape() != want {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "dy has shape {:?}, the output has shape {want:?}",
-                    dy.shape()
-                ),
-            });
-        }
+        check_output_grad(
+            Self::NAME,
+            dy.shape(),
+            &[x.shape()[0], x.shape()[1], oh, ow],
+        )?;
         let (rows, cols) = self.tables(h, w, oh, ow);
         let gs = cont(dy);
         let mut dx = ArrayD::<T>::zeros(x.raw_dim());

@@ -24,6 +24,7 @@ use crate::data::{Dataset, Shard};
 use crate::model::Model;
 use crate::nn::loss::{count_correct, cross_entropy};
 use crate::optim::Optimizer;
+use crate::rng::fnv1a;
 use crate::state::Stateful;
 use crate::Ctx;
 use crate::{NvError, Result};
@@ -75,12 +76,7 @@ impl Distributed {
 /// A short fingerprint of a dataset: its size, image shape and labels (FNV-1a), so that ranks reading
 /// different files are caught at start-up.
 pub(crate) fn fingerprint(ds: &Dataset) -> serde_json::Value {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &l in &ds.labels {
-        for b in (l as u64).to_le_bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    let h = fnv1a(ds.labels.iter().flat_map(|&l| (l as u64).to_le_bytes()));
     serde_json::json!({"samples": ds.len(), "shape": ds.shape, "labels_fnv1a": format!("{h:016x}")})
 }
 
@@ -185,12 +181,11 @@ pub(crate) fn broadcast_state(
 /// An error on every rank unless every replica holds the same parameters, bit for bit (they must: each step
 /// applies the same all-reduced gradients).
 pub(crate) fn check_replicas(comm: &dyn Communicator, model: &mut Model) -> Result<()> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut bits = vec![];
     model.visit_params("", &mut |_, p| {
-        for v in p.values() {
-            h = (h ^ v.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
-        }
+        bits.extend(p.values().iter().map(|v| v.to_bits()))
     });
+    let h = fnv1a(bits.iter().flat_map(|b| b.to_le_bytes()));
     let all = comm.all_gather_f64(&[(h >> 32) as f64, (h & 0xffff_ffff) as f64])?;
     let bad: Vec<usize> = (1..all.len()).filter(|&r| all[r] != all[0]).collect();
     if bad.is_empty() {
@@ -319,7 +314,7 @@ pub(crate) fn step(
 ) -> Result<(f64, usize, usize)> {
     let logits = model.forward(x, ctx)?;
     let k = logits.shape()[1];
-    let (mut local, dlogits, why) = if y.is_empty() {
+    let (mut local, mut dlogits, why) = if y.is_empty() {
         (
             [0.0; 4],
             ndarray::ArrayD::zeros(ndarray::IxDyn(&[0, k])),
@@ -356,7 +351,7 @@ pub(crate) fn step(
         ));
     }
     // the local mean's gradient, scaled to this rank's share of the global mean
-    let dlogits = dlogits * (y.len() as f32 / n as f32);
+    dlogits *= y.len() as f32 / n as f32;
     model.backward_params(x, &dlogits, ctx)?;
     reducer.all_reduce(d.comm.as_ref(), model, d.bucket_len)?;
     Ok((loss_sum / n, correct as usize, n as usize))

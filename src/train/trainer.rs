@@ -193,13 +193,16 @@ fn run(
     cfg.validate()?;
     model.set_plan_options(opts.plan.clone())?;
     // A group of one rank is a single process.
-    let timed = opts.distributed.take().filter(|d| d.size() > 1).map(|d| {
-        let t = Arc::new(TimedComm::new(d.comm.clone()));
-        (t.clone(), Distributed { comm: t, ..d })
-    });
-    let (timer, dist) = match timed {
-        Some((t, d)) => (Some(t), Some(d)),
-        None => (None, None),
+    // its collectives timed for the report
+    let timer = (opts.distributed.as_ref())
+        .filter(|d| d.size() > 1)
+        .map(|d| Arc::new(TimedComm::new(d.comm.clone())));
+    let dist = match (&timer, opts.distributed.take()) {
+        (Some(t), Some(d)) => Some(Distributed {
+            comm: t.clone(),
+            ..d
+        }),
+        _ => None,
     };
     if dist.as_ref().is_some_and(|d| d.rank() != 0) {
         opts.checkpoint = None;
@@ -241,10 +244,10 @@ fn run(
     )?;
     if let Some(d) = &dist {
         // every rank runs what rank 0 runs, from rank 0's weights, or none does
-        let describe = |ds: &Dataset| distributed::fingerprint(ds);
         let description = json!({
             "version": env!("CARGO_PKG_VERSION"), "config": cfg, "normalization": norm, "position": pos,
-            "resume": opts.resume.is_some(), "train": describe(&train_ds), "test": describe(&test_ds),
+            "resume": opts.resume.is_some(), "train": distributed::fingerprint(&train_ds),
+            "test": distributed::fingerprint(&test_ds),
             "ranks": d.size(), "shard_sizes": d.shard_sizes, "model": model.graph().spec()?,
         });
         distributed::check_agreement(d.comm.as_ref(), &description)?;

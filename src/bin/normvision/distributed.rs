@@ -7,7 +7,8 @@ use crate::resume::RunPaths;
 use normvision::model::PlanOptions;
 use normvision::Result;
 
-#[cfg(feature = "mpi")]
+/// `train --distributed`: this process is one rank of an MPI job; without the `mpi` feature, an error saying
+/// how to build with it.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     args: &TrainArgs,
@@ -20,28 +21,50 @@ pub fn train(
     threads: Option<usize>,
     shard_sizes: Option<Vec<usize>>,
 ) -> Result<()> {
-    use normvision::comm::Communicator;
-    use normvision::dist::MpiComm;
-    use normvision::train::Distributed;
-    use std::sync::Arc;
+    #[cfg(feature = "mpi")]
+    {
+        use normvision::comm::Communicator;
+        use normvision::dist::MpiComm;
+        use normvision::train::Distributed;
+        use std::sync::Arc;
 
-    let comm = Arc::new(MpiComm::init()?);
-    let result = (|| {
-        let bound = normvision::dist::bound_cores();
-        let t = threads.unwrap_or_else(normvision::dist::threads_per_rank);
-        crate::args::set_threads(Some(t))?;
-        if comm.rank() == 0 && !quiet && bound.is_some_and(|b| t > b) {
-            eprintln!(
-                "note: each rank is bound to {} core(s) and runs {t} threads on them; give mpirun \
-                 `--bind-to none` or `--map-by slot:PE={t}`",
-                bound.unwrap_or(1)
-            );
+        let comm = Arc::new(MpiComm::init()?);
+        let result = (|| {
+            let bound = normvision::dist::bound_cores();
+            let t = threads.unwrap_or_else(normvision::dist::threads_per_rank);
+            crate::args::set_threads(Some(t))?;
+            if comm.rank() == 0 && !quiet && bound.is_some_and(|b| t > b) {
+                eprintln!(
+                    "note: each rank is bound to {} core(s) and runs {t} threads on them; give mpirun \
+                     `--bind-to none` or `--map-by slot:PE={t}`",
+                    bound.unwrap_or(1)
+                );
+            }
+            let mut dist = Distributed::new(comm.clone());
+            if let Some(s) = shard_sizes {
+                dist = dist.with_shard_sizes(s);
+            }
+            crate::commands::train(
+                args,
+                data,
+                paths,
+                explicit,
+                json_out,
+                quiet,
+                plan,
+                Some(dist),
+            )
+        })();
+        match result {
+            Ok(_) => Ok(()),
+            // every rank sees a divergence at the same step (it is decided on all-reduced values) and stops
+            Err(e @ normvision::NvError::Diverged(_)) => Err(e),
+            Err(e) => comm.abort(&format!("error: {e}"), 1),
         }
-        let mut dist = Distributed::new(comm.clone());
-        if let Some(s) = shard_sizes {
-            dist = dist.with_shard_sizes(s);
-        }
-        crate::commands::train(
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = (
             args,
             data,
             paths,
@@ -49,33 +72,13 @@ pub fn train(
             json_out,
             quiet,
             plan,
-            Some(dist),
-        )
-    })();
-    match result {
-        Ok(_) => Ok(()),
-        // every rank sees a divergence at the same step (it is decided on all-reduced values) and stops
-        Err(e @ normvision::NvError::Diverged(_)) => Err(e),
-        Err(e) => comm.abort(&format!("error: {e}"), 1),
+            threads,
+            shard_sizes,
+        );
+        Err(normvision::NvError::Config(
+            "--distributed: this normvision was built without MPI; build it with `cargo build --release \
+             --features mpi` (scripts/setup.sh installs Open MPI and libclang) and launch it with mpirun"
+                .into(),
+        ))
     }
-}
-
-#[cfg(not(feature = "mpi"))]
-#[allow(clippy::too_many_arguments)]
-pub fn train(
-    _args: &TrainArgs,
-    _data: &DataArgs,
-    _paths: RunPaths,
-    _explicit: &[String],
-    _json_out: bool,
-    _quiet: bool,
-    _plan: &PlanOptions,
-    _threads: Option<usize>,
-    _shard_sizes: Option<Vec<usize>>,
-) -> Result<()> {
-    Err(normvision::NvError::Config(
-        "--distributed: this normvision was built without MPI; build it with `cargo build --release \
-         --features mpi` (scripts/setup.sh installs Open MPI and libclang) and launch it with mpirun"
-            .into(),
-    ))
 }

@@ -5,6 +5,7 @@ use super::geom::{ensure_padded, Geom, Workspace};
 use super::implicit::WGRAD_GROUP;
 use super::{algo, direct, implicit, one_channel, winograd};
 use super::{f32s, f32s_mut, Conv2d, ConvAlgo, Pack};
+use crate::kernels::shape::check_output_grad;
 use crate::kernels::shape::contiguous;
 use crate::{NvError, Param, Real, Result};
 use ndarray::ArrayD;
@@ -31,16 +32,7 @@ impl<T: Real> Conv2d<T> {
     ) -> Result<()> {
         let g = self.geom(x.shape())?;
         self.check_algo(&g, algo)?;
-        let want = [g.n, g.o, g.oh, g.ow];
-        if dy.shape() != want {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "dy has shape {:?}, the output has shape {want:?}",
-                    dy.shape()
-                ),
-            });
-        }
+        check_output_grad(Self::NAME, dy.shape(), &[g.n, g.o, g.oh, g.ow])?;
         if let Some(d) = &dx {
             if d.len() != x.len() {
                 return Err(NvError::Shape {

@@ -2,6 +2,7 @@
 
 use super::{check_cfg, for_planes, geom, Geom};
 use crate::kernels::elementwise::PAR_MIN;
+use crate::kernels::shape::check_output_grad;
 use crate::kernels::shape::contiguous as cont;
 use crate::layer::Layer;
 use crate::nn::{stateless, IntoPair};
@@ -171,16 +172,7 @@ impl<T: Real> AvgPool2d<T> {
     fn backward_impl(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
         let g = self.geom(x.shape())?;
         let s = x.shape();
-        let want = [s[0], s[1], g.oh, g.ow];
-        if dy.shape() != want {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "dy has shape {:?}, the output has shape {want:?}",
-                    dy.shape()
-                ),
-            });
-        }
+        check_output_grad(Self::NAME, dy.shape(), &[s[0], s[1], g.oh, g.ow])?;
         let gs = cont(dy);
         let mut dx = ArrayD::zeros(x.raw_dim());
         let big = g.planes * g.hw() >= PAR_MIN;

@@ -1,11 +1,12 @@
 //! Global average pooling: (N, C, H, W) → (N, C), as `adaptive_avg_pool2d(x, 1).flatten(1)`.
 
 use crate::kernels::elementwise::{sum_f64, PAR_MIN};
+use crate::kernels::shape::check_output_grad;
 use crate::kernels::shape::contiguous as cont;
 use crate::kernels::shape::{check_nonempty, check_rank};
 use crate::layer::Layer;
 use crate::nn::stateless;
-use crate::{Ctx, NvError, Real, Result};
+use crate::{Ctx, Real, Result};
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
@@ -48,16 +49,7 @@ impl<T: Real> GlobalAvgPool<T> {
 
     fn backward_impl(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>) -> Result<ArrayD<T>> {
         let (planes, hw) = Self::check(x.shape())?;
-        if dy.shape() != &x.shape()[..2] {
-            return Err(NvError::Shape {
-                layer: Self::NAME,
-                msg: format!(
-                    "dy has shape {:?}, the output has shape {:?}",
-                    dy.shape(),
-                    &x.shape()[..2]
-                ),
-            });
-        }
+        check_output_grad(Self::NAME, dy.shape(), &x.shape()[..2])?;
         let gs = cont(dy);
         let mut dx = ArrayD::zeros(x.raw_dim());
         let dxs = dx.as_slice_mut().expect("fresh");
