@@ -582,3 +582,93 @@ fn an_aspp_style_graph_with_image_pooling_trains_and_round_trips() {
     let y1 = g.forward(&[&input], Ctx::eval()).unwrap().remove(0);
     assert_eq!(y1, y2);
 }
+
+#[test]
+fn resize_as_follows_any_input_size_with_the_layers_numbers_and_gradients() {
+    // image pooling broadcast back to the map and the final up-sampling to the input, for inputs of any size:
+    // x -> conv(stride 2) -> [global average -> 1x1 conv -> resize as the map] ++ map -> 1x1 conv -> resize
+    // as x
+    use normvision::model::Op;
+    use normvision::nn::{UpsampleBilinear, UpsampleSize};
+    use normvision::Layer;
+    let build = |align: bool| {
+        let mut rng = Pcg64::seed_from_u64(11);
+        let mut g = Graph::<f64>::new();
+        let x = g.input("x");
+        let stem = g
+            .layer(
+                "stem",
+                Conv2dConfig::new(2, 4, 3)
+                    .padding(1)
+                    .stride(2)
+                    .build::<f64>(&mut rng)
+                    .unwrap(),
+                x,
+            )
+            .unwrap();
+        let p = g.layer("pool", GlobalAvgPool::new(), stem).unwrap();
+        let p = g
+            .layer("pool_conv", normvision::nn::Reshape::new(vec![4, 1, 1]), p)
+            .unwrap();
+        let p = g.resize_as("pool_up", p, stem, align).unwrap();
+        let cat = g.concat("cat", &[stem, p], 1).unwrap();
+        let proj = g
+            .layer(
+                "proj",
+                Conv2dConfig::new(8, 3, 1).build::<f64>(&mut rng).unwrap(),
+                cat,
+            )
+            .unwrap();
+        let up = g.resize_as("up", proj, x, align).unwrap();
+        g.set_outputs(&[up]).unwrap();
+        g
+    };
+    for align in [false, true] {
+        let mut g = build(align);
+        assert!(matches!(
+            g.node("up").unwrap().op(),
+            Op::ResizeAs { align_corners } if *align_corners == align
+        ));
+        for (h, w) in [(8usize, 8usize), (13, 10)] {
+            let mut rng = Pcg64::seed_from_u64((h * 100 + w) as u64);
+            let x = randn(&mut rng, &[2, 2, h, w]);
+            let y = g.forward(&[&x], Ctx::train()).unwrap().remove(0);
+            assert_eq!(y.shape(), &[2, 3, h, w]);
+            // the same numbers as the layer at that size: the projection's output, resampled
+            let mut proj_only = build(align);
+            let proj_v = proj_only.node("proj").unwrap().output();
+            proj_only.set_outputs(&[proj_v]).unwrap();
+            let p = proj_only.forward(&[&x], Ctx::train()).unwrap().remove(0);
+            let mut layer = UpsampleBilinear::<f64>::new(UpsampleSize::Size(h, w), align).unwrap();
+            assert_eq!(y, layer.forward(&p, Ctx::train()).unwrap());
+            // finite differences through both resizes, on the input
+            let dy = randn(&mut rng, y.shape());
+            let dx = g
+                .backward(&[&x], &[&dy], Ctx::train(), true)
+                .unwrap()
+                .remove(0)
+                .unwrap();
+            let mut g2 = build(align);
+            let f = |x: &ArrayD<f64>, g2: &mut Graph<f64>| -> f64 {
+                let y = g2.forward(&[x], Ctx::train()).unwrap().remove(0);
+                y.iter().zip(dy.iter()).map(|(a, b)| a * b).sum()
+            };
+            let hh = 1e-6;
+            for i in (0..x.len()).step_by(7) {
+                let (mut a, mut b) = (x.clone(), x.clone());
+                a.as_slice_mut().unwrap()[i] += hh;
+                b.as_slice_mut().unwrap()[i] -= hh;
+                let fd = (f(&a, &mut g2) - f(&b, &mut g2)) / (2.0 * hh);
+                let an = dx.as_slice().unwrap()[i];
+                assert!(
+                    (fd - an).abs() < 1e-6 * an.abs().max(1.0),
+                    "align {align} {h}x{w} dx[{i}]: {an} vs finite differences {fd}"
+                );
+            }
+        }
+        // the architecture survives a spec round trip
+        let spec = g.spec().unwrap();
+        let back = Graph::<f64>::from_spec(&spec).unwrap();
+        assert_eq!(back.spec().unwrap(), spec);
+    }
+}

@@ -216,7 +216,13 @@ impl LayerSpec {
 pub enum OpSpec {
     Layer(LayerSpec),
     Add,
-    Concat { axis: usize },
+    Concat {
+        axis: usize,
+    },
+    /// [`Op::ResizeAs`]: the first input resampled to the second's spatial size.
+    ResizeAs {
+        align_corners: bool,
+    },
 }
 
 /// A node: its name, what it computes, the names of the values it reads.
@@ -269,6 +275,9 @@ impl<T: Real> Graph<T> {
                     })?),
                     Op::Add => OpSpec::Add,
                     Op::Concat { axis } => OpSpec::Concat { axis: *axis },
+                    Op::ResizeAs { align_corners } => OpSpec::ResizeAs {
+                        align_corners: *align_corners,
+                    },
                 };
                 Ok(NodeSpec {
                     name: n.name().to_string(),
@@ -319,6 +328,16 @@ impl<T: Real> Graph<T> {
                 }
                 OpSpec::Add => g.add(n.name.clone(), &ins)?,
                 OpSpec::Concat { axis } => g.concat(n.name.clone(), &ins, *axis)?,
+                OpSpec::ResizeAs { align_corners } => {
+                    if ins.len() != 2 {
+                        return Err(NvError::Config(format!(
+                            "architecture: node {:?} (ResizeAs) reads {} values, not two",
+                            n.name,
+                            ins.len()
+                        )));
+                    }
+                    g.resize_as(n.name.clone(), ins[0], ins[1], *align_corners)?
+                }
             };
             if n.frozen {
                 g.set_frozen(&n.name, true)?;

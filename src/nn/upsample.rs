@@ -124,6 +124,41 @@ impl<T: Real> UpsampleBilinear<T> {
         Ok((shape[0] * shape[1], h, w, oh, ow))
     }
 
+    /// The backward for an input of `x_shape`: it reads only the input's shape (a graph keeps no input for it).
+    pub fn backward_for_shape(&self, x_shape: &[usize], dy: &ArrayD<T>) -> Result<ArrayD<T>> {
+        let (planes, h, w, oh, ow) = self.dims(x_shape)?;
+        check_output_grad(Self::NAME, dy.shape(), &[x_shape[0], x_shape[1], oh, ow])?;
+        let (rows, cols) = self.tables(h, w, oh, ow);
+        let gs = cont(dy);
+        let mut dx = ArrayD::<T>::zeros(IxDyn(x_shape));
+        let dxs = dx.as_slice_mut().expect("fresh array");
+        let plane = |(dp, gp): (&mut [T], &[T])| {
+            let mut acc = vec![0f64; h * w];
+            for (oy, &(y0, y1, ly)) in rows.iter().enumerate() {
+                for (ox, &(x0, x1, lx)) in cols.iter().enumerate() {
+                    let g = gp[oy * ow + ox].as_f64();
+                    acc[y0 * w + x0] += (1.0 - ly) * (1.0 - lx) * g;
+                    acc[y0 * w + x1] += (1.0 - ly) * lx * g;
+                    acc[y1 * w + x0] += ly * (1.0 - lx) * g;
+                    acc[y1 * w + x1] += ly * lx * g;
+                }
+            }
+            for (d, a) in dp.iter_mut().zip(acc) {
+                *d = T::of_f64(a);
+            }
+        };
+        if planes > 1 && planes * oh * ow >= 1 << 14 {
+            dxs.par_chunks_mut(h * w)
+                .zip(gs.par_chunks(oh * ow))
+                .for_each(plane);
+        } else {
+            dxs.chunks_mut(h * w)
+                .zip(gs.chunks(oh * ow))
+                .for_each(plane);
+        }
+        Ok(dx)
+    }
+
     fn tables(&self, h: usize, w: usize, oh: usize, ow: usize) -> (AxisTable, AxisTable) {
         let (sh, sw) = match self.size {
             UpsampleSize::Scale(a, b) => (Some(a), Some(b)),
@@ -165,41 +200,7 @@ impl<T: Real> Layer<T> for UpsampleBilinear<T> {
     }
 
     fn backward(&mut self, x: &ArrayD<T>, dy: &ArrayD<T>, _ctx: Ctx) -> Result<ArrayD<T>> {
-        let (planes, h, w, oh, ow) = self.dims(x.shape())?;
-        check_output_grad(
-            Self::NAME,
-            dy.shape(),
-            &[x.shape()[0], x.shape()[1], oh, ow],
-        )?;
-        let (rows, cols) = self.tables(h, w, oh, ow);
-        let gs = cont(dy);
-        let mut dx = ArrayD::<T>::zeros(x.raw_dim());
-        let dxs = dx.as_slice_mut().expect("fresh array");
-        let plane = |(dp, gp): (&mut [T], &[T])| {
-            let mut acc = vec![0f64; h * w];
-            for (oy, &(y0, y1, ly)) in rows.iter().enumerate() {
-                for (ox, &(x0, x1, lx)) in cols.iter().enumerate() {
-                    let g = gp[oy * ow + ox].as_f64();
-                    acc[y0 * w + x0] += (1.0 - ly) * (1.0 - lx) * g;
-                    acc[y0 * w + x1] += (1.0 - ly) * lx * g;
-                    acc[y1 * w + x0] += ly * (1.0 - lx) * g;
-                    acc[y1 * w + x1] += ly * lx * g;
-                }
-            }
-            for (d, a) in dp.iter_mut().zip(acc) {
-                *d = T::of_f64(a);
-            }
-        };
-        if planes > 1 && planes * oh * ow >= 1 << 14 {
-            dxs.par_chunks_mut(h * w)
-                .zip(gs.par_chunks(oh * ow))
-                .for_each(plane);
-        } else {
-            dxs.chunks_mut(h * w)
-                .zip(gs.chunks(oh * ow))
-                .for_each(plane);
-        }
-        Ok(dx)
+        self.backward_for_shape(x.shape(), dy)
     }
 
     fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {

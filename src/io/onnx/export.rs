@@ -474,6 +474,13 @@ pub fn to_onnx_bytes(
                     vec![attr_int("axis", *axis as i64)],
                 );
             }
+            OpSpec::ResizeAs { .. } => {
+                return Err(NvError::Config(format!(
+                    "ONNX export: node {:?}: bilinear resizing to another value's size (ONNX Resize) has \
+                     no ONNX form here",
+                    n.name
+                )))
+            }
         }
     }
     let graph_proto = GraphProto {

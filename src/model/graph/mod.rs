@@ -59,6 +59,11 @@ pub enum Op<T: Real = f32> {
     Add,
     /// Its inputs concatenated along `axis` (1: channels).
     Concat { axis: usize },
+    /// Its first input, (N, C, H, W), resampled bilinearly to the spatial size of its second (whose last two
+    /// dims give (H', W')): PyTorch's `F.interpolate(x, size=like.shape[-2:], mode="bilinear",
+    /// align_corners=...)`. A segmentation network's final up-sampling to its input and its image-level
+    /// pooling broadcast back to the feature map, for any image size. The second input gets no gradient.
+    ResizeAs { align_corners: bool },
 }
 
 impl<T: Real> Op<T> {
@@ -80,6 +85,7 @@ impl<T: Real> Op<T> {
             Op::Layer(l) => l.name(),
             Op::Add => "Add".into(),
             Op::Concat { axis } => format!("Concat(dim={axis})"),
+            Op::ResizeAs { align_corners } => resize_as_name(*align_corners),
         }
     }
 }
@@ -296,6 +302,17 @@ impl<T: Real> Graph<T> {
             )));
         }
         self.push(name, Op::Concat { axis }, xs.to_vec())
+    }
+
+    /// Adds `x` resampled bilinearly to the spatial size of `like` ([`Op::ResizeAs`]).
+    pub fn resize_as(
+        &mut self,
+        name: impl Into<String>,
+        x: ValueId,
+        like: ValueId,
+        align_corners: bool,
+    ) -> Result<ValueId> {
+        self.push(name.into(), Op::ResizeAs { align_corners }, vec![x, like])
     }
 
     /// Sets the graph's outputs, in the order [`Graph::forward`] returns them.
@@ -549,7 +566,33 @@ pub(crate) fn op_output_shape<T: Real>(op: &Op<T>, ins: &[&[usize]]) -> Result<V
             }
             Ok(out)
         }
+        Op::ResizeAs { align_corners } => {
+            resize_as_layer::<T>(ins[1], *align_corners)?.output_shape(ins[0])
+        }
     }
+}
+
+/// How plans and errors name an [`Op::ResizeAs`].
+pub(crate) fn resize_as_name(align_corners: bool) -> String {
+    format!(
+        "Interpolate(size=like, mode='bilinear', align_corners={})",
+        if align_corners { "True" } else { "False" }
+    )
+}
+
+/// The bilinear resampling an [`Op::ResizeAs`] applies to an input for a `like` value of shape `like`.
+pub(crate) fn resize_as_layer<T: Real>(
+    like: &[usize],
+    align_corners: bool,
+) -> Result<crate::nn::UpsampleBilinear<T>> {
+    if like.len() < 3 {
+        return Err(NvError::Shape {
+            layer: "ResizeAs",
+            msg: format!("the size comes from the last two dims of a value of shape {like:?}"),
+        });
+    }
+    let (h, w) = (like[like.len() - 2], like[like.len() - 1]);
+    crate::nn::UpsampleBilinear::new(crate::nn::UpsampleSize::Size(h, w), align_corners)
 }
 
 /// An error annotated with the node it came from.

@@ -58,6 +58,9 @@ fn base_step<T: Real>(
     let kind = match node.op() {
         Op::Add => StepKind::Add { relu: false },
         Op::Concat { axis } => StepKind::Concat { axis: *axis },
+        Op::ResizeAs { align_corners } => StepKind::ResizeAs {
+            align_corners: *align_corners,
+        },
         Op::Layer(_) => {
             if let Some(conv) = node.layer_as::<Conv2d<T>>() {
                 let algo = conv

@@ -7,7 +7,7 @@ use super::step::{BnStep, ConvStep, Step, StepKind};
 use super::PlanKind;
 use crate::kernels::arena;
 use crate::kernels::moments::PlaneMoments;
-use crate::model::graph::{in_node, Node, Op, ValueId};
+use crate::model::graph::{in_node, resize_as_layer, Node, Op, ValueId};
 use crate::nn::{Conv2d, Epilogue};
 use crate::norm::{BatchNorm, BnFusion, FrozenBatchNorm};
 use crate::{Ctx, NvError, Real, Result};
@@ -125,6 +125,11 @@ fn forward_kind<T: Real>(
                 .map(|&u| v.get(u))
                 .collect::<Result<Vec<_>>>()?;
             concat(&xs, *axis)
+        }
+        StepKind::ResizeAs { align_corners } => {
+            let up = resize_as_layer::<T>(&plan.shapes[step.inputs[1].0], *align_corners)?;
+            let x = v.get(step.inputs[0])?;
+            Layer::forward(&mut { up }, x, ctx)
         }
         StepKind::Reshape { node, moved } => {
             let out_shape = plan.shapes[step.output.0].clone();
@@ -369,6 +374,14 @@ fn backward_kind<T: Real>(
                 start += len;
             }
             Ok(out)
+        }
+        StepKind::ResizeAs { align_corners } => {
+            if !need {
+                return Ok(vec![None, None]);
+            }
+            let up = resize_as_layer::<T>(&plan.shapes[step.inputs[1].0], *align_corners)?;
+            let dx = up.backward_for_shape(&plan.shapes[step.inputs[0].0], &dy)?;
+            Ok(vec![Some(Arc::new(dx)), None])
         }
         StepKind::Reshape { node, moved } => {
             if !need {

@@ -52,6 +52,10 @@ pub(crate) enum StepKind {
     Concat {
         axis: usize,
     },
+    /// Bilinear resampling of the first input to the second's spatial size (the backward reads only shapes).
+    ResizeAs {
+        align_corners: bool,
+    },
     /// A flatten; `moved`: its input's buffer becomes its output (no copy), which needs an input read by
     /// nothing else and kept for no backward.
     Reshape {
@@ -75,7 +79,7 @@ impl Step {
     /// Whether the step's backward reads its inputs.
     pub fn backward_reads_inputs(&self) -> bool {
         match &self.kind {
-            StepKind::Add { .. } | StepKind::Concat { .. } => false,
+            StepKind::Add { .. } | StepKind::Concat { .. } | StepKind::ResizeAs { .. } => false,
             StepKind::Reshape { moved, .. } => !moved,
             _ => true,
         }
@@ -143,6 +147,9 @@ impl Step {
                 }
             }
             StepKind::Concat { axis } => format!("Concat(dim={axis})"),
+            StepKind::ResizeAs { align_corners } => {
+                crate::model::graph::resize_as_name(*align_corners)
+            }
             StepKind::Reshape { node, moved } => {
                 let desc = nodes[*node].op().describe();
                 if *moved {
