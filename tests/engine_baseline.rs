@@ -17,7 +17,9 @@
 //!
 //! `baseline-avx2.json` was written by the engine before the graph redesign (issue #4), on an AVX2 machine, with a
 //! `-C target-cpu=native` build; the run-time-dispatched kernels of issue #5 reproduce it bit for bit.
-//! `baseline-portable.json` was written by those portable kernels (issue #5). Bless with
+//! `baseline-portable.json` was written by those portable kernels (issue #5). The resnet cases of
+//! `baseline-avx512-gemm512.json` were re-blessed by issue #10 (segmentation), whose algorithm choice sends
+//! training convolutions on planes of at most 64 pixels (ResNet-20's 7×7 stage) to the gemm path. Bless with
 //! `NORMVISION_BLESS=1 cargo test --release --test engine_baseline`; an instruction set without a fixture is
 //! reported and compared with nothing.
 

@@ -227,13 +227,31 @@ fn add_forward<T: Real>(
     Ok(y)
 }
 
-/// `xs` concatenated along `axis`.
+/// `xs` concatenated along `axis`, in standard layout (a layer after it reads one contiguous buffer): for each
+/// index of the dims before `axis`, each input's block is copied whole.
 fn concat<T: Real>(xs: &[&ArrayD<T>], axis: usize) -> Result<ArrayD<T>> {
-    let views: Vec<_> = xs.iter().map(|x| x.view()).collect();
-    ndarray::concatenate(Axis(axis), &views).map_err(|e| NvError::Shape {
-        layer: "Concat",
-        msg: e.to_string(),
-    })
+    let first = xs[0].shape();
+    let mut shape = first.to_vec();
+    shape[axis] = xs.iter().map(|x| x.shape()[axis]).sum();
+    let outer: usize = first[..axis].iter().product();
+    let inner: usize = first[axis + 1..].iter().product();
+    let srcs: Vec<std::borrow::Cow<'_, [T]>> = xs
+        .iter()
+        .map(|x| crate::kernels::shape::contiguous(x))
+        .collect();
+    // SAFETY: every element is written below (the blocks tile each outer index's row).
+    let mut y = unsafe { arena::output_uninit(&shape) };
+    let ys = y.as_slice_mut().expect("fresh array");
+    let row = shape[axis] * inner;
+    for o in 0..outer {
+        let mut at = o * row;
+        for (x, src) in xs.iter().zip(&srcs) {
+            let block = x.shape()[axis] * inner;
+            ys[at..at + block].copy_from_slice(&src[o * block..(o + 1) * block]);
+            at += block;
+        }
+    }
+    Ok(y)
 }
 
 /// `a` with `shape` (the same number of elements, row-major): its buffer moved when `a` is in standard layout,
@@ -367,7 +385,10 @@ fn backward_kind<T: Real>(
                 let len = plan.shapes[u.0][*axis];
                 if needs[k] {
                     let part = dy.slice_axis(Axis(*axis), Slice::from(start..start + len));
-                    out.push(Some(Arc::new(part.to_owned())));
+                    // SAFETY: assigned in full right away.
+                    let mut g = unsafe { arena::output_uninit(part.shape()) };
+                    g.assign(&part);
+                    out.push(Some(Arc::new(g)));
                 } else {
                     out.push(None);
                 }
