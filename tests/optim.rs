@@ -44,6 +44,8 @@
 //! print("cosine", [lrs[i] for i in (0, 25, 50, 99, 100)])
 //! lrs, _ = sched_vals(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=30, gamma=0.1), 91, 0.1)
 //! print("step", [lrs[i] for i in (0, 29, 30, 59, 60, 90)])
+//! lrs, _ = sched_vals(lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=100, power=0.9), 102, 0.02)
+//! print("poly", [lrs[i] for i in (0, 1, 37, 50, 99, 100, 101)])
 //! ```
 
 use ndarray::{ArrayD, IxDyn};
@@ -453,6 +455,32 @@ fn one_cycle_matches_torch() {
         assert!(
             close(s.momentum_at(t).unwrap(), w, 1e-12),
             "momentum at {t}"
+        );
+    }
+}
+
+#[test]
+fn poly_matches_torch() {
+    // torch's recursive PolynomialLR drifts from the closed form by ~1e-17
+    let s = LrSchedule::new(Schedule::Poly {
+        lr: 0.02,
+        total_steps: 100,
+        power: 0.9,
+    })
+    .unwrap();
+    for (t, w) in [
+        (0, 0.02),
+        (1, 0.019819909668256683),
+        (37, 0.013195823261227311),
+        (50, 0.010717734625362928),
+        (99, 0.000316978638492223),
+        (100, 0.0),
+        (101, 0.0),
+    ] {
+        assert!(
+            close(s.lr_at(t), w, 1e-10),
+            "poly step {t}: {} vs {w}",
+            s.lr_at(t)
         );
     }
 }

@@ -11,6 +11,7 @@
 //! | `constant` | `lr` |
 //! | `step` | `lr * gamma^floor(t / step_size)` (PyTorch `StepLR`) |
 //! | `cosine` | `min_lr + (lr - min_lr) * (1 + cos(pi * min(t, D) / D)) / 2` (PyTorch `CosineAnnealingLR`, `T_max = D`) |
+//! | `poly` | `lr * (1 - min(t, D) / D)^power` (PyTorch `PolynomialLR`, `total_iters = D`; torchvision's segmentation recipe, power 0.9) |
 //! | `one_cycle` | PyTorch `OneCycleLR` (two phases, cosine anneal): from `max_lr / div_factor` up to `max_lr` at `t = pct_start * D - 1`, then down to `max_lr / div_factor / final_div_factor` at `t = D - 1`; held there after |
 
 use crate::{NvError, Result};
@@ -28,6 +29,9 @@ fn d_final_div_factor() -> f64 {
 }
 fn d_true() -> bool {
     true
+}
+fn d_power() -> f64 {
+    0.9
 }
 fn d_base_momentum() -> f64 {
     0.85
@@ -53,6 +57,13 @@ pub enum Schedule {
         #[serde(default)]
         min_lr: f64,
         total_steps: u64,
+    },
+    /// PyTorch `PolynomialLR`: decays to 0 at `total_steps`.
+    Poly {
+        lr: f64,
+        total_steps: u64,
+        #[serde(default = "d_power")]
+        power: f64,
     },
     /// PyTorch `OneCycleLR` defaults (`three_phase=False`, `anneal_strategy="cos"`), including momentum cycling
     /// between `max_momentum` and `base_momentum` (apply it with [`super::Optimizer::set_momentum`]).
@@ -91,9 +102,9 @@ impl Schedule {
     /// The run length for schedules that have one.
     pub fn total_steps(&self) -> Option<u64> {
         match *self {
-            Schedule::Cosine { total_steps, .. } | Schedule::OneCycle { total_steps, .. } => {
-                Some(total_steps)
-            }
+            Schedule::Cosine { total_steps, .. }
+            | Schedule::Poly { total_steps, .. }
+            | Schedule::OneCycle { total_steps, .. } => Some(total_steps),
             _ => None,
         }
     }
@@ -195,6 +206,15 @@ impl LrSchedule {
                 }
                 check_total(total_steps)
             }
+            Schedule::Poly {
+                lr,
+                total_steps,
+                power,
+            } => {
+                pos("lr", lr)?;
+                pos("power", power)?;
+                check_total(total_steps)
+            }
             Schedule::OneCycle {
                 max_lr,
                 total_steps,
@@ -257,6 +277,10 @@ impl LrSchedule {
             Schedule::Cosine { lr, min_lr, .. } => {
                 let d = self.duration();
                 min_lr + (lr - min_lr) * (1.0 + (PI * tf.min(d) / d).cos()) / 2.0
+            }
+            Schedule::Poly { lr, power, .. } => {
+                let d = self.duration();
+                lr * (1.0 - tf.min(d) / d).powf(power)
             }
             Schedule::OneCycle {
                 max_lr,
