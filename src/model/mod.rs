@@ -6,6 +6,8 @@
 //! images (N, C, H, W) ──► Model::forward(ctx) ──► logits (N, K) ──► loss ──► Model::backward ──► optimizer
 //! ```
 
+mod backbone;
+pub mod deeplab;
 pub mod graph;
 mod norm_choice;
 mod sequential;

@@ -2,6 +2,7 @@
 //! normalization (`--norm`), built as graphs under the state-dict names of their PyTorch twins
 //! (`tools/gen_model_fixture.py`).
 
+use super::backbone::{Builder, RESNET14_WIDTHS};
 use super::norm_choice::{build_norm, NormKind, NormParams};
 use super::Graph;
 use crate::layer::Layer;
@@ -10,7 +11,6 @@ use crate::nn::{
     Conv2d, Conv2dConfig, Dropout, Flatten, GlobalAvgPool, Init, InitSpec, Linear, LinearConfig,
     MaxPool2dConfig, ReLU, Sigmoid,
 };
-use crate::state::join;
 use crate::{NvError, Result};
 use rand::SeedableRng;
 
@@ -21,15 +21,27 @@ pub enum ModelKind {
     Cnn,
     Mlp,
     Resnet,
+    /// The `deeplabv3` backbone as a classifier, to pre-train it (`--backbone-from`).
+    Resnet14,
+    /// DeepLabV3 ([`crate::model::deeplab`]): a segmentation network (`--task segment`), not a classifier.
+    Deeplabv3,
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 3] = [ModelKind::Cnn, ModelKind::Mlp, ModelKind::Resnet];
+    pub const ALL: [ModelKind; 5] = [
+        ModelKind::Cnn,
+        ModelKind::Mlp,
+        ModelKind::Resnet,
+        ModelKind::Resnet14,
+        ModelKind::Deeplabv3,
+    ];
     pub fn as_str(&self) -> &'static str {
         match self {
             ModelKind::Cnn => "cnn",
             ModelKind::Mlp => "mlp",
             ModelKind::Resnet => "resnet",
+            ModelKind::Resnet14 => "resnet14",
+            ModelKind::Deeplabv3 => "deeplabv3",
         }
     }
     /// What the CLI's `--help` says of it.
@@ -38,6 +50,8 @@ impl ModelKind {
             ModelKind::Cnn => "the reference CNN: 4 conv3x3 + norm + ReLU (2 max-pools), linear(->128) + norm + ReLU, linear(->classes)",
             ModelKind::Mlp => "784-100-100-100-10 with sigmoid, the BN paper's MNIST network (norm before each sigmoid)",
             ModelKind::Resnet => "ResNet-20 style for 28x28: conv stem (16), 3 stages x 3 basic blocks (16, 32, 64; stride 2 between stages with projection shortcuts), global average pool, linear",
+            ModelKind::Resnet14 => "ResNet-14, the deeplabv3 backbone as a classifier (pre-train it for --backbone-from): conv3x3 stride 2 (32), 3 stages x 2 basic blocks (32, 64, 128; stride 2 each), global average pool, linear",
+            ModelKind::Deeplabv3 => "DeepLabV3 for --task segment: the resnet14 backbone at output stride 8 (last stage dilated), ASPP (1x1, three dilated 3x3, image pooling; 64 channels), 3x3 head, classifier, bilinear up-sampling to the input",
         }
     }
 }
@@ -49,7 +63,9 @@ impl std::str::FromStr for ModelKind {
             .into_iter()
             .find(|k| k.as_str() == s)
             .ok_or_else(|| {
-                NvError::Config(format!("unknown model {s:?} (expected cnn, mlp or resnet)"))
+                NvError::Config(format!(
+                    "unknown model {s:?} (expected cnn, mlp, resnet, resnet14 or deeplabv3)"
+                ))
             })
     }
 }
@@ -163,6 +179,12 @@ impl ModelConfig {
             ModelKind::Cnn => z.cnn(x)?,
             ModelKind::Mlp => z.mlp(x)?,
             ModelKind::Resnet => z.resnet(x)?,
+            ModelKind::Resnet14 => z.resnet14(x)?,
+            ModelKind::Deeplabv3 => {
+                return Err(NvError::Config(
+                    "--model deeplabv3 segments images: train it with --task segment".into(),
+                ))
+            }
         };
         z.g.set_outputs(&[y])?;
         Ok(z.g)
@@ -338,9 +360,16 @@ impl<R: rand::Rng> Zoo<'_, R> {
         self.node("fc", fc, cur)
     }
 
-    /// out = relu(norm2(conv2(relu(norm1(conv1(x))))) + shortcut(x)), with a projection shortcut (1×1 conv,
-    /// stride s, + norm) when the shape changes and the identity otherwise; names as in the usual PyTorch CIFAR
-    /// ResNet (`conv1`, `bn1`, `conv2`, `bn2`, `shortcut.0`, `shortcut.1`).
+    fn builder(&mut self) -> Builder<'_, R> {
+        Builder {
+            g: &mut self.g,
+            rng: self.rng,
+            init: self.cfg.init,
+            params: self.cfg.norm_params(),
+        }
+    }
+
+    /// The basic block of [`Builder::basic_block`] without dilation.
     fn basic_block(
         &mut self,
         p: &str,
@@ -349,35 +378,21 @@ impl<R: rand::Rng> Zoo<'_, R> {
         stride: usize,
         x: ValueId,
     ) -> Result<ValueId> {
-        let (norm, np) = (self.cfg.norm, self.cfg.norm_params());
-        let bias = norm.wants_bias_before();
-        let c1 = self.conv(
-            Conv2dConfig::new(cin, cout, 3)
-                .stride(stride)
-                .padding(1)
-                .bias(bias),
-        )?;
-        let c2 = self.conv(Conv2dConfig::new(cout, cout, 3).padding(1).bias(bias))?;
-        let mut a = self.node(join(p, "conv1"), c1, x)?;
-        a = self
-            .norm_relu(&join(p, "bn1"), &join(p, "relu1"), cout, true, a)?
-            .0;
-        a = self.node(join(p, "conv2"), c2, a)?;
-        if let Some(n) = build_norm(norm, cout, true, &np)? {
-            a = self.g.layer_boxed(join(p, "bn2"), n, a)?;
+        let norm = self.cfg.norm;
+        self.builder().basic_block(norm, p, cin, cout, stride, 1, x)
+    }
+
+    /// [`Builder::resnet14`] (output stride 16), global average pool, linear.
+    fn resnet14(&mut self, x: ValueId) -> Result<ValueId> {
+        let (norm, c) = (self.cfg.norm, self.cfg.in_channels);
+        let widths = RESNET14_WIDTHS;
+        let mut cur = self.builder().resnet14(norm, "", c, widths, false, x)?;
+        cur = self.node("avgpool", GlobalAvgPool::new(), cur)?;
+        if let Some(d) = self.dropout()? {
+            cur = self.node("dropout", d, cur)?;
         }
-        let short = if stride != 1 || cin != cout {
-            let sc = self.conv(Conv2dConfig::new(cin, cout, 1).stride(stride).bias(bias))?;
-            let mut s = self.node(join(p, "shortcut.0"), sc, x)?;
-            if let Some(n) = build_norm(norm, cout, true, &np)? {
-                s = self.g.layer_boxed(join(p, "shortcut.1"), n, s)?;
-            }
-            s
-        } else {
-            x
-        };
-        let sum = self.g.add(join(p, "add"), &[a, short])?;
-        self.node(join(p, "relu"), ReLU::new(), sum)
+        let fc = self.linear(widths[2], self.cfg.num_classes, true)?;
+        self.node("fc", fc, cur)
     }
 }
 
