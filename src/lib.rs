@@ -30,6 +30,7 @@ pub mod param;
 pub mod real;
 pub mod rng;
 pub mod runtime;
+pub mod segment;
 pub mod state;
 pub mod train;
 

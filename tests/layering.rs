@@ -43,9 +43,11 @@ const FLOORS: &[(&str, u32)] = &[
     ("io", 7),
     // training, then what is built on training
     ("train", 8),
-    ("experiment", 9),
     ("dist", 9),
+    // the tasks (segmentation; detection to come), then the evidence, which runs them
+    ("segment", 9),
     ("tasks", 9),
+    ("experiment", 10),
 ];
 
 /// Modules above every floor: the crate root's re-exports and the hidden module for benchmarks and tests.

@@ -1,6 +1,7 @@
 //! The command line: the global options and every subcommand with its flags (clap derive); `main.rs` runs them.
 
 use crate::args::{CorruptionArgs, DataArgs, TorchModelArgs, TrainArgs};
+use crate::segment::{SegTestArgs, SegTrainArgs, TaskArg};
 use crate::{bench_kernels, choice, finetune};
 use clap::{Parser, Subcommand};
 use normvision::model::{ModelKind, NormKind};
@@ -43,9 +44,13 @@ pub enum Cmd {
     /// Train a model (defaults: reference CNN with BatchNorm on Fashion-MNIST, SGD momentum 0.9, lr 0.05, 5 epochs).
     Train {
         #[command(flatten)]
+        task: TaskArg,
+        #[command(flatten)]
         train: TrainArgs,
         #[command(flatten)]
         data: DataArgs,
+        #[command(flatten)]
+        seg: SegTrainArgs,
         /// Checkpoint path [default: runs/<model>-<norm>/model.safetensors].
         #[arg(long, short)]
         out: Option<PathBuf>,
@@ -111,6 +116,10 @@ pub enum Cmd {
         torch: TorchModelArgs,
         #[command(flatten)]
         data: DataArgs,
+        #[command(flatten)]
+        task: TaskArg,
+        #[command(flatten)]
+        seg: SegTestArgs,
         #[arg(long, default_value_t = 500)]
         batch_size: usize,
         /// Fold each BatchNorm that follows a convolution or linear layer into it before evaluating (inference-only; the same
@@ -145,9 +154,13 @@ pub enum Cmd {
         onnx: Option<PathBuf>,
         #[command(flatten)]
         torch: TorchModelArgs,
-        /// Image files; they are converted to the model's channels and resized to its input size.
+        /// Image files; they are converted to the model's channels and resized to its input size (--task
+        /// segment: taken whole, and a colour mask NAME.mask.png and an overlay NAME.overlay.png are written
+        /// beside each).
         #[arg(required = true)]
         images: Vec<PathBuf>,
+        #[command(flatten)]
+        task: TaskArg,
         #[arg(long, default_value_t = 3)]
         top_k: usize,
         /// Class names, comma-separated (default: Fashion-MNIST's for 10-class grayscale models).
@@ -340,6 +353,12 @@ pub enum Cmd {
     },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
+        #[command(flatten)]
+        task: TaskArg,
+        /// --task segment: image side (the default deeplabv3 on batch x 1 x side x side; --batch-size defaults
+        /// to 8 there).
+        #[arg(long, default_value_t = 64)]
+        side: usize,
         #[arg(long, value_parser = choice::model(), default_value = "cnn")]
         model: ModelKind,
         #[arg(long, value_parser = choice::norm(), default_value = "batch")]

@@ -15,6 +15,7 @@ mod interop;
 mod progress;
 mod resume;
 mod scenes;
+mod segment;
 
 use args::set_threads;
 use clap::parser::ValueSource;
@@ -87,8 +88,10 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
             )
         }
         Cmd::Train {
+            task,
             train,
             data,
+            seg,
             out,
             resume,
             log,
@@ -100,6 +103,19 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
         } => {
             if let Some(n) = fault_kill_in_write {
                 normvision::io::atomic::fault::kill_in_write(n);
+            }
+            if task.task == segment::Task::Segment {
+                if distributed || resume.is_some() || shard_sizes.is_some() {
+                    return Err(normvision::NvError::Config(
+                        "--task segment trains in one process from the start (--distributed and --resume are \
+                         classification-only for now)"
+                            .into(),
+                    ));
+                }
+                set_threads(cli.threads)?;
+                return segment::train(
+                    &train, &data, &seg, out, log, &explicit, json, quiet, &plan,
+                );
             }
             let run = resume::RunPaths { out, resume, log };
             if distributed {
@@ -151,6 +167,8 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     onnx,
                     torch,
                     data,
+                    task,
+                    seg,
                     batch_size,
                     fold_bn,
                     corruption,
@@ -158,6 +176,19 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     prior,
                     json,
                 } => {
+                    if task.task == segment::Task::Segment {
+                        let ck = checkpoint.as_deref().ok_or_else(|| {
+                            normvision::NvError::Config(
+                                "eval --task segment needs --checkpoint (a segmentation checkpoint)".into(),
+                            )
+                        })?;
+                        let bs = if explicit.iter().any(|e| e == "batch_size") {
+                            batch_size
+                        } else {
+                            32
+                        };
+                        return segment::eval(ck, &data, &seg, bs, json, &plan);
+                    }
                     let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
                     let src =
                         interop::Source::of(&checkpoint, &weights, &onnx, &torch, norm_given)?;
@@ -173,11 +204,21 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     onnx,
                     torch,
                     images,
+                    task,
                     top_k,
                     classes,
                     fold_bn,
                     json,
                 } => {
+                    if task.task == segment::Task::Segment {
+                        let ck = checkpoint.as_deref().ok_or_else(|| {
+                            normvision::NvError::Config(
+                                "predict --task segment needs --checkpoint (a segmentation checkpoint)"
+                                    .into(),
+                            )
+                        })?;
+                        return segment::predict(ck, &images, json, &plan);
+                    }
                     let norm_given = explicit.iter().any(|f| f == "mean" || f == "std");
                     let src =
                         interop::Source::of(&checkpoint, &weights, &onnx, &torch, norm_given)?;
@@ -327,6 +368,8 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     }
                 }
                 Cmd::Bench {
+                    task,
+                    side,
                     model,
                     norm,
                     batch_size,
@@ -339,6 +382,19 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     onnx,
                     json,
                 } => {
+                    if task.task == segment::Task::Segment {
+                        let b = if explicit.iter().any(|e| e == "batch_size") {
+                            batch_size
+                        } else {
+                            8
+                        };
+                        if steps == 0 || b == 0 || !(8..=1024).contains(&side) {
+                            return Err(normvision::NvError::Config(format!(
+                                "--steps and --batch-size must be at least 1 and --side in 8..=1024, got {steps}, {b} and {side}"
+                            )));
+                        }
+                        return segment::bench(norm, b, side, steps, warmup, json, &plan);
+                    }
                     if inference || onnx.is_some() {
                         if steps == 0 || batch_size == 0 {
                             return Err(normvision::NvError::Config(format!(
