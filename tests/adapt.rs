@@ -236,7 +236,7 @@ fn a_model_without_batch_norm_is_refused() {
     assert!(e.to_string().contains("no target images"), "{e}");
 }
 
-mod common;
+use crate::common;
 
 #[test]
 fn cli_adapt_writes_a_checkpoint_eval_reads() {

@@ -24,7 +24,7 @@ use normvision::{Ctx, Isa, Real};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_pcg::Pcg64;
-mod common;
+use crate::common;
 
 const WEIGHTS: [f64; 2] = [1.0, 0.5];
 

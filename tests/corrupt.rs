@@ -1,7 +1,7 @@
 //! Corrupted test sets: the corruptions' definitions against hand-computed values, determinism, and the CLI
 //! (`eval --corruption`, `eval --adapt-bn`, `corrupt`, `adapt --corruption`) with its errors.
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use normvision::data::corrupt::{split_seed, SEVERITIES};

@@ -4,7 +4,7 @@
 //! resumed run completes, its final parameters are bitwise those of an uninterrupted run, and the JSON-lines
 //! log holds every step once, with no cut line.
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use normvision::state::StateTensor;

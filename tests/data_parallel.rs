@@ -15,7 +15,7 @@ use normvision::train::{self, checkpoint, Distributed, RunOptions, TrainConfig, 
 use std::path::Path;
 use std::sync::Arc;
 
-mod common;
+use crate::common;
 use common::cli::synthetic;
 
 fn data() -> (Arc<Dataset>, Arc<Dataset>) {

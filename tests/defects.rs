@@ -2,7 +2,7 @@
 //! binary: every one ends in a clear error (exit 1, an `error:` line naming the flag, file or key) or in the
 //! documented behaviour, never in a panic, an abort or a silently wrong result.
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use normvision::io::{load_state_dict, save_state_dict};

@@ -20,7 +20,7 @@
 //! `baseline-portable.json` was written by those portable kernels (issue #5). The resnet cases of
 //! `baseline-avx512-gemm512.json` were re-blessed by issue #10 (segmentation), whose algorithm choice sends
 //! training convolutions on planes of at most 64 pixels (ResNet-20's 7×7 stage) to the gemm path. Bless with
-//! `NORMVISION_BLESS=1 cargo test --release --test engine_baseline`; an instruction set without a fixture is
+//! `NORMVISION_BLESS=1 cargo test --release --test suite engine_baseline::`; an instruction set without a fixture is
 //! reported and compared with nothing.
 
 use ndarray::{ArrayD, IxDyn};

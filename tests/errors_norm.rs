@@ -6,7 +6,7 @@ use ndarray::{ArrayD, Dimension, IxDyn};
 use normvision::norm::*;
 use normvision::state::{StateDict, StateTensor, Stateful};
 use normvision::{Ctx, Layer, NvError};
-mod common;
+use crate::common;
 use common::Relu;
 
 fn data(shape: &[usize]) -> ArrayD<f32> {

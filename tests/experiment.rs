@@ -3,7 +3,7 @@
 //! fails at lr 0.2 where BN trains; BN at batch 2 ends below GroupNorm at batch 2; AdaBN's gain on brightness and
 //! contrast; ...). Then `normvision report` assembles RESULTS.md from the reports and docs/claims.json.
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 

@@ -2,7 +2,7 @@
 //! tensors bitwise unchanged, `--bn train` changes them, eval-stats trains the affine only; the checkpoint
 //! records what was frozen and `eval`/`predict` load it; bad input gets an error that names it.
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use ndarray::{ArrayD, IxDyn};

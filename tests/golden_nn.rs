@@ -5,7 +5,7 @@
 //! Conv2d is checked on every code path: the AVX-512 kernels (when the CPU has them) and the `gemm`-crate path,
 //! under both thread strategies.
 
-mod common;
+use crate::common;
 use common::*;
 use ndarray::ArrayD;
 use normvision::nn::*;

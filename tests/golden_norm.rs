@@ -2,7 +2,7 @@
 //! running statistics). Fixtures: `tests/fixtures/norm/*.safetensors`, written by `tools/gen_fixtures.py`
 //! (`bash tools/gen_fixtures.sh`), which holds the PyTorch code that produced every number.
 
-mod common;
+use crate::common;
 use common::*;
 use ndarray::ArrayD;
 use normvision::norm::*;

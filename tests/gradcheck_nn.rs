@@ -12,7 +12,7 @@ use ndarray::{ArrayD, IxDyn};
 use normvision::nn::*;
 use normvision::state::Stateful;
 use normvision::{Ctx, Isa, KernelOptions, Layer, NvError};
-mod common;
+use crate::common;
 use common::ConvWith;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;

@@ -8,9 +8,9 @@
 //!
 //! Error measure: max_i |fd_i - analytic_i| / max(1, max_i |analytic_i|) per gradient tensor, which must stay below
 //! [`TOL`]. With h = 1e-6 the truncation error is O(h²) ≈ 1e-12 and the round-off ≈ |L|·1e-16/h ≈ 1e-9; the worst
-//! error measured over all cases is ~1e-9 (printed by `cargo test --test gradcheck_norm -- --nocapture`).
+//! error measured over all cases is ~1e-9 (printed by `cargo test --test suite gradcheck_norm:: -- --nocapture`).
 
-mod common;
+use crate::common;
 use common::Relu;
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::*;

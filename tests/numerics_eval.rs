@@ -10,7 +10,7 @@
 //! relative error of ~3e-3 in dweight. normvision computes (x − mean)·a + bias and Σdy·(x − mean). The test
 //! that PyTorch's formula fails the bound (so that the bound has teeth) is at the end.
 
-mod common;
+use crate::common;
 
 use ndarray::{ArrayD, IxDyn};
 use normvision::norm::*;

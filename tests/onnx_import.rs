@@ -4,7 +4,7 @@
 //! logits; corrupt and unsupported files are errors that name the
 //! file, the node and the op, never a panic.
 
-mod common;
+use crate::common;
 
 use ndarray::ArrayD;
 use normvision::io::load_state_dict;

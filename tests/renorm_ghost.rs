@@ -4,7 +4,7 @@
 //! is BatchNorm; Ghost BN with one virtual batch is BatchNorm), the schedule, their errors, and `--norm renorm`
 //! and `--norm ghost` through the zoo and the CLI. Gradient checks are in tests/gradcheck_norm.rs.
 
-mod common;
+use crate::common;
 use common::cli::{assert_fails, assert_ok, nv, s, write_idx_dir};
 use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind};

@@ -7,7 +7,7 @@ use normvision::io::scene_files::{voc_palette, write_scenes};
 use std::path::Path;
 use std::sync::Arc;
 
-mod common;
+use crate::common;
 use common::cli::synthetic;
 
 fn generator(seed: u64) -> SceneGenerator {

@@ -23,7 +23,7 @@ use normvision::state::Stateful;
 use normvision::Ctx;
 use std::sync::Arc;
 
-mod common;
+use crate::common;
 use common::cli::{assert_fails, nv, s};
 use common::{load_fixture, rel_norm};
 

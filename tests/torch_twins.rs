@@ -3,7 +3,7 @@
 //! `safetensors.torch.save_file`) load strictly and give PyTorch's eval logits; strict loading names what is
 //! wrong; `import --torch`, `export --torch` and `--weights` work from the CLI.
 
-mod common;
+use crate::common;
 
 use common::cli::*;
 use ndarray::ArrayD;

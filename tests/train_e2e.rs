@@ -21,7 +21,7 @@ use std::process::Output;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-mod common;
+use crate::common;
 use common::cli::*;
 
 // ------------------------------------------------------------------------------------------------
