@@ -11,6 +11,7 @@
 //! - it trains; the plan fuses across the branches (and without fusions gives the same numbers to rounding); a
 //!   graph file rebuilds it.
 
+use crate::common;
 use ndarray::{ArrayD, IxDyn};
 use normvision::io::{load_graph, save_graph};
 use normvision::model::{Graph, PlanOptions, Sequential};
@@ -24,7 +25,6 @@ use normvision::{Ctx, Isa, Real};
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_pcg::Pcg64;
-use crate::common;
 
 const WEIGHTS: [f64; 2] = [1.0, 0.5];
 

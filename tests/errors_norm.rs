@@ -2,12 +2,12 @@
 //! invalid configuration, a single value per channel in training, backward without (or mismatched with) forward,
 //! dy / buffer size mismatches, and state dicts with missing keys or wrong shapes.
 
+use crate::common;
+use common::Relu;
 use ndarray::{ArrayD, Dimension, IxDyn};
 use normvision::norm::*;
 use normvision::state::{StateDict, StateTensor, Stateful};
 use normvision::{Ctx, Layer, NvError};
-use crate::common;
-use common::Relu;
 
 fn data(shape: &[usize]) -> ArrayD<f32> {
     ArrayD::from_shape_fn(IxDyn(shape), |i| {

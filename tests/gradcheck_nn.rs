@@ -8,12 +8,12 @@
 
 #![allow(clippy::needless_range_loop)]
 
+use crate::common;
+use common::ConvWith;
 use ndarray::{ArrayD, IxDyn};
 use normvision::nn::*;
 use normvision::state::Stateful;
 use normvision::{Ctx, Isa, KernelOptions, Layer, NvError};
-use crate::common;
-use common::ConvWith;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 use rand_pcg::Pcg64;

@@ -526,3 +526,45 @@ fn a_resnet14_classifier_initializes_the_backbone() {
         &["cls.safetensors", "running_mean"],
     );
 }
+
+#[test]
+fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
+    let train = scenes(Split::Train, 1, 24);
+    let test = scenes(Split::Test, 2, 8);
+    let norm = normalization(&train, 24).unwrap();
+    let mut model = DeepLabConfig::new(1, 11, NormKind::Batch);
+    model.aspp_channels = 16;
+    let mut cfg = SegTrainConfig::reference(model.clone());
+    cfg.epochs = 2;
+    cfg.batch_size = 4;
+    let data = SegData {
+        train,
+        test,
+        norm,
+        classes: (0..11).map(|k| format!("c{k}")).collect(),
+    };
+    let t = tempfile::tempdir().unwrap();
+    let mut whole = model.build_graph().unwrap();
+    train_segmentation(&cfg, &mut whole, &data, SegRunOptions::default()).unwrap();
+    // one epoch, checkpointed; then a new process's view: the checkpoint read back and continued
+    let ck = t.path().join("m.safetensors");
+    let mut first = model.build_graph().unwrap();
+    let mut one = cfg.clone();
+    one.max_steps = Some(6);
+    let opts = SegRunOptions {
+        checkpoint: Some(ck.clone()),
+        ..Default::default()
+    };
+    train_segmentation(&one, &mut first, &data, opts).unwrap();
+    let mut back = normvision::segment::load_checkpoint(&ck).unwrap();
+    assert_eq!(back.position.step, 6);
+    assert_eq!(back.position.epoch, 1);
+    let opts = SegRunOptions {
+        resume: Some((back.position, back.optim_state.clone())),
+        ..Default::default()
+    };
+    assert_eq!(back.config.max_steps, Some(6));
+    let r = train_segmentation(&cfg, &mut back.graph, &data, opts).unwrap();
+    assert_eq!(r.steps, 12);
+    assert_eq!(back.graph.state_dict(), whole.state_dict());
+}

@@ -113,6 +113,14 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Checkpoint> {
             )
         })
     };
+    if let Some(f) = md.get("format").filter(|f| f.starts_with("normvision-seg")) {
+        return Err(meta_err(
+            path,
+            format!(
+                "a segmentation checkpoint ({f}), not a classifier's: give the command --task segment"
+            ),
+        ));
+    }
     let config: TrainConfig =
         serde_json::from_str(get("config")?).map_err(|e| meta_err(path, format!("config: {e}")))?;
     let norm: Normalization = serde_json::from_str(get("normalization")?)
