@@ -104,19 +104,32 @@ fn state_of(model: &Model) -> Vec<(String, Vec<f64>)> {
     v
 }
 
-/// These tests run collectives between threads: a bug that left one rank waiting would hang the binary, so a
-/// watchdog ends it with a message after 5 minutes (the whole file takes about 2 seconds).
-fn watchdog() {
-    static STARTED: std::sync::Once = std::sync::Once::new();
-    STARTED.call_once(|| {
-        std::thread::spawn(|| {
-            std::thread::sleep(std::time::Duration::from_secs(300));
-            eprintln!(
-                "data_parallel: still running after 300 s; a rank is waiting for another (hang)"
-            );
-            std::process::exit(101);
-        });
+/// These tests run collectives between threads: a bug that left one rank waiting would hang the test binary, so a
+/// watchdog ends it with a message when the collectives of one call have run for 5 minutes (the whole file takes
+/// about 2 seconds). It watches only while its guard lives: the other tests of the binary go on after it.
+struct Watchdog(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn watchdog() -> Watchdog {
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(300) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if seen.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+        }
+        eprintln!("data_parallel: still running after 300 s; a rank is waiting for another (hang)");
+        std::process::exit(101);
     });
+    Watchdog(done)
 }
 
 /// Trains `cfg` on `ranks` thread ranks (fixed slice sizes when given); returns every rank's run.
@@ -139,7 +152,7 @@ fn train_ranks_with(
     ckpt: Option<&Path>,
     resume: Option<&Path>,
 ) -> Vec<normvision::Result<Run>> {
-    watchdog();
+    let _watch = watchdog();
     let (tr, te) = data();
     let group = LocalGroup::new(ranks).unwrap();
     std::thread::scope(|sc| {
@@ -308,7 +321,7 @@ fn an_empty_shard_without_sync_bn_is_refused_on_every_rank() {
 
 #[test]
 fn mismatched_configurations_are_refused_at_start_up() {
-    watchdog();
+    let _watch = watchdog();
     let (tr, te) = data();
     let group = LocalGroup::new(2).unwrap();
     let errs: Vec<String> = std::thread::scope(|sc| {
