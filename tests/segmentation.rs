@@ -568,3 +568,42 @@ fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
     assert_eq!(r.steps, 12);
     assert_eq!(back.graph.state_dict(), whole.state_dict());
 }
+
+#[test]
+fn a_frozen_backbone_keeps_its_weights_while_the_head_trains() {
+    let train = scenes(Split::Train, 1, 8);
+    let test = scenes(Split::Test, 2, 4);
+    let norm = normalization(&train, 8).unwrap();
+    let mut model = DeepLabConfig::new(1, 11, NormKind::Frozen);
+    model.head_norm = NormKind::Batch;
+    model.aspp_channels = 16;
+    let mut cfg = SegTrainConfig::reference(model.clone());
+    cfg.epochs = 1;
+    cfg.batch_size = 4;
+    cfg.freeze_backbone = true;
+    let data = SegData {
+        train,
+        test,
+        norm,
+        classes: (0..11).map(|k| format!("c{k}")).collect(),
+    };
+    let mut g = model.build_graph().unwrap();
+    let before = g.state_dict();
+    let r = train_segmentation(&cfg, &mut g, &data, SegRunOptions::default()).unwrap();
+    assert_eq!(r.steps, 2);
+    let after = g.state_dict();
+    let (mut same, mut changed) = (0, 0);
+    for (k, v) in &before.tensors {
+        let moved = after.get(k) != Some(v);
+        if k.starts_with("backbone.") {
+            assert!(!moved, "{k} changed in a frozen backbone");
+            same += 1;
+        } else if k.ends_with(".weight") {
+            changed += moved as usize;
+        }
+    }
+    assert!(
+        same > 40 && changed > 10,
+        "{same} backbone tensors kept, {changed} head weights trained"
+    );
+}
