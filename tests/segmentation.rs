@@ -169,6 +169,17 @@ fn metrics_follow_the_confusion_matrix() {
         .is_err());
 }
 
+/// `n_train` training and `n_test` test scenes, normalized by the training scenes.
+fn small_data(n_train: usize, n_test: usize) -> SegData {
+    let train = scenes(Split::Train, 1, n_train);
+    SegData {
+        norm: normalization(&train, n_train).unwrap(),
+        train,
+        test: scenes(Split::Test, 2, n_test),
+        classes: (0..11).map(|k| format!("c{k}")).collect(),
+    }
+}
+
 fn scenes(split: Split, seed: u64, n: usize) -> SegSource {
     let src = Arc::new(fashion_mnist::load(None, split).unwrap());
     SegSource::scenes(SceneGenerator::new(src, 64, seed).unwrap(), 0, n).unwrap()
@@ -529,20 +540,12 @@ fn a_resnet14_classifier_initializes_the_backbone() {
 
 #[test]
 fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
-    let train = scenes(Split::Train, 1, 24);
-    let test = scenes(Split::Test, 2, 8);
-    let norm = normalization(&train, 24).unwrap();
+    let data = small_data(24, 8);
     let mut model = DeepLabConfig::new(1, 11, NormKind::Batch);
     model.aspp_channels = 16;
     let mut cfg = SegTrainConfig::reference(model.clone());
     cfg.epochs = 2;
     cfg.batch_size = 4;
-    let data = SegData {
-        train,
-        test,
-        norm,
-        classes: (0..11).map(|k| format!("c{k}")).collect(),
-    };
     let t = tempfile::tempdir().unwrap();
     let mut whole = model.build_graph().unwrap();
     train_segmentation(&cfg, &mut whole, &data, SegRunOptions::default()).unwrap();
@@ -571,9 +574,7 @@ fn a_resumed_run_ends_where_the_uninterrupted_one_does() {
 
 #[test]
 fn a_frozen_backbone_keeps_its_weights_while_the_head_trains() {
-    let train = scenes(Split::Train, 1, 8);
-    let test = scenes(Split::Test, 2, 4);
-    let norm = normalization(&train, 8).unwrap();
+    let data = small_data(8, 4);
     let mut model = DeepLabConfig::new(1, 11, NormKind::Frozen);
     model.head_norm = NormKind::Batch;
     model.aspp_channels = 16;
@@ -581,12 +582,6 @@ fn a_frozen_backbone_keeps_its_weights_while_the_head_trains() {
     cfg.epochs = 1;
     cfg.batch_size = 4;
     cfg.freeze_backbone = true;
-    let data = SegData {
-        train,
-        test,
-        norm,
-        classes: (0..11).map(|k| format!("c{k}")).collect(),
-    };
     let mut g = model.build_graph().unwrap();
     let before = g.state_dict();
     let r = train_segmentation(&cfg, &mut g, &data, SegRunOptions::default()).unwrap();

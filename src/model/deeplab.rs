@@ -21,7 +21,7 @@
 
 use super::backbone::{Builder, RESNET14_WIDTHS};
 use super::norm_choice::{NormKind, NormParams};
-use super::{Graph, ValueId};
+use super::{in_range, Graph, ValueId};
 use crate::nn::{Conv2dConfig, Dropout, GlobalAvgPool, Init, InitSpec, Reshape};
 use crate::{NvError, Result};
 use rand::SeedableRng;
@@ -73,15 +73,7 @@ impl DeepLabConfig {
 
     /// Checks every field, so that a configuration read from a file is refused before anything is built.
     pub fn validate(&self) -> Result<()> {
-        let range = |name: &str, v: usize, max: usize| -> Result<()> {
-            if (1..=max).contains(&v) {
-                Ok(())
-            } else {
-                Err(NvError::Config(format!(
-                    "deeplabv3: {name} must be in 1..={max}, got {v}"
-                )))
-            }
-        };
+        let range = |name: &str, v: usize, max: usize| in_range("deeplabv3", name, v, max);
         range("in_channels", self.in_channels, 64)?;
         range("num_classes", self.num_classes, 1024)?;
         range("groups", self.groups, 1024)?;

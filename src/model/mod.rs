@@ -26,6 +26,17 @@ use crate::state::{StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Result};
 use ndarray::ArrayD;
 
+/// `Ok` when `v` is in `1..=max`, else a configuration error "`what`: `name` must be in 1..=max".
+pub(crate) fn in_range(what: &str, name: &str, v: usize, max: usize) -> Result<()> {
+    if (1..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(NvError::Config(format!(
+            "{what}: {name} must be in 1..={max}, got {v}"
+        )))
+    }
+}
+
 /// A classifier: a graph of one input, images (N, C, H, W), and one output, logits (N, classes), with the input
 /// shape and class count it was built for, and the zoo recipe when it came from the zoo.
 ///

@@ -126,15 +126,7 @@ impl ModelConfig {
     /// Checks every field against the bounds above, so that a configuration read from a file (a checkpoint
     /// that claims huge dimensions) is refused before anything is allocated.
     pub fn validate(&self) -> Result<()> {
-        let range = |name: &str, v: usize, max: usize| -> Result<()> {
-            if (1..=max).contains(&v) {
-                Ok(())
-            } else {
-                Err(NvError::Config(format!(
-                    "model: {name} must be in 1..={max}, got {v}"
-                )))
-            }
-        };
+        let range = |name: &str, v: usize, max: usize| super::in_range("model", name, v, max);
         range("in_channels", self.in_channels, Self::MAX_CHANNELS)?;
         range("height", self.height, Self::MAX_SIDE)?;
         range("width", self.width, Self::MAX_SIDE)?;

@@ -168,7 +168,7 @@ pub fn train_batch(
 ) -> Result<SegBatch> {
     let parts: Vec<(Vec<f32>, Vec<usize>)> = indices
         .par_iter()
-        .map(|&i| augmented(&src.sample(i)?, aug, norm, seed, epoch, i as u64))
+        .map(|&i| augmented(&*src.sample(i)?, aug, norm, seed, epoch, i as u64))
         .collect::<Result<_>>()?;
     let (n, c, k) = (indices.len(), src.channels(), aug.crop);
     let mut x = Vec::with_capacity(n * c * k * k);
@@ -185,7 +185,7 @@ pub fn train_batch(
 
 /// Whole, normalized images `indices` (all of one size) with their targets, for evaluation.
 pub fn eval_batch(src: &SegSource, indices: &[usize], norm: &Normalization) -> Result<SegBatch> {
-    let samples: Vec<SegSample> = indices
+    let samples: Vec<std::borrow::Cow<'_, SegSample>> = indices
         .par_iter()
         .map(|&i| src.sample(i))
         .collect::<Result<_>>()?;

@@ -12,6 +12,7 @@ use crate::data::decode::{decode_bytes, to_chw};
 use crate::data::scenes::{SceneGenerator, IGNORE};
 use crate::{NvError, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// One image (`channels × height × width` bytes, channel-major) and its mask (`height × width` class ids, 255
@@ -253,20 +254,28 @@ impl SegSource {
         }
     }
 
-    /// Sample `i`.
-    pub fn sample(&self, i: usize) -> Result<SegSample> {
+    /// Sample `i`: drawn (scenes) or borrowed (folders; no copy per batch).
+    pub fn sample(&self, i: usize) -> Result<Cow<'_, SegSample>> {
         match self {
             SegSource::Scenes { gen, first, .. } => {
                 let s = gen.scene(first + i as u64)?;
-                Ok(SegSample {
+                Ok(Cow::Owned(SegSample {
                     channels: 1,
                     height: s.size,
                     width: s.size,
                     image: s.image,
                     mask: s.mask,
-                })
+                }))
             }
-            SegSource::Folder { samples, .. } => Ok(samples[i].clone()),
+            SegSource::Folder { samples, .. } => Ok(Cow::Borrowed(&samples[i])),
+        }
+    }
+
+    /// (height, width) of sample `i`, without drawing it.
+    pub fn size(&self, i: usize) -> (usize, usize) {
+        match self {
+            SegSource::Scenes { gen, .. } => (gen.size(), gen.size()),
+            SegSource::Folder { samples, .. } => (samples[i].height, samples[i].width),
         }
     }
 

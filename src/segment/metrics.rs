@@ -6,6 +6,21 @@
 use crate::data::scenes::IGNORE;
 use crate::{NvError, Result};
 
+/// The predicted class of pixel `p` of one image's logits (K planes of `hw`): the first maximum, as argmax; NaN
+/// never wins.
+pub fn pixel_argmax(img: &[f32], k: usize, hw: usize, p: usize) -> usize {
+    let mut best = 0;
+    let mut bv = img[p];
+    for c in 1..k {
+        let v = img[c * hw + p];
+        if v > bv || (bv.is_nan() && !v.is_nan()) {
+            best = c;
+            bv = v;
+        }
+    }
+    best
+}
+
 /// Counts of (label, prediction) pairs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfusionMatrix {
@@ -58,17 +73,7 @@ impl ConfusionMatrix {
                         "label {t} outside the {k} classes (and not the ignore value {IGNORE})"
                     )));
                 }
-                let mut best = 0;
-                let mut bv = img[p];
-                for c in 1..k {
-                    let v = img[c * hw + p];
-                    // the first maximum, as argmax; NaN never wins
-                    if v > bv || (bv.is_nan() && !v.is_nan()) {
-                        best = c;
-                        bv = v;
-                    }
-                }
-                self.counts[t * k + best] += 1;
+                self.counts[t * k + pixel_argmax(img, k, hw, p)] += 1;
             }
         }
         Ok(())

@@ -3,6 +3,7 @@
 //! file is itself a valid mask) and an overlay (`NAME.overlay.png`: the image with each non-background class
 //! blended in at half opacity).
 
+use super::metrics::pixel_argmax;
 use crate::data::decode::{decode_bytes, to_chw};
 use crate::data::Normalization;
 use crate::io::scene_files::{encode_png, voc_palette};
@@ -11,22 +12,12 @@ use crate::{NvError, Result};
 use ndarray::{ArrayD, IxDyn};
 use std::path::{Path, PathBuf};
 
-/// The class of each pixel (argmax over the classes; the first maximum) of logits (1, K, H, W).
+/// The class of each pixel of logits (1, K, H, W), as the metrics count it ([`pixel_argmax`]).
 pub fn argmax_mask(logits: &ArrayD<f32>) -> Vec<u8> {
     let s = logits.shape();
     let (k, hw) = (s[1], s[2] * s[3]);
     let l = logits.as_slice().expect("standard layout");
-    (0..hw)
-        .map(|p| {
-            let mut best = 0;
-            for c in 1..k {
-                if l[c * hw + p] > l[best * hw + p] {
-                    best = c;
-                }
-            }
-            best as u8
-        })
-        .collect()
+    (0..hw).map(|p| pixel_argmax(l, k, hw, p) as u8).collect()
 }
 
 /// What [`predict_file`] wrote.

@@ -77,16 +77,10 @@ pub fn evaluate(
     let (mut loss_sum, mut weight) = (0.0, 0usize);
     let mut i = 0;
     while i < src.len() {
-        let first = src.sample(i)?;
+        let size = src.size(i);
         let mut idx = vec![i];
-        while idx.len() < batch && i + idx.len() < src.len() {
-            let j = i + idx.len();
-            if let SegSource::Folder { samples, .. } = src {
-                if (samples[j].height, samples[j].width) != (first.height, first.width) {
-                    break;
-                }
-            }
-            idx.push(j);
+        while idx.len() < batch && i + idx.len() < src.len() && src.size(i + idx.len()) == size {
+            idx.push(i + idx.len());
         }
         i += idx.len();
         let b = eval_batch(src, &idx, norm)?;

@@ -210,7 +210,6 @@ pub fn train(
         scale: (s.scale[0], s.scale[1]),
         flip: true,
     };
-    cfg.loss = PixelCrossEntropy::ignoring(255);
     cfg.freeze_backbone = s.freeze_backbone;
     cfg.backbone_from = s.backbone_from.as_ref().map(|p| p.display().to_string());
     cfg.validate()?;
