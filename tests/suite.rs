@@ -102,6 +102,9 @@ mod scenes;
 #[path = "segmentation.rs"]
 mod segmentation;
 
+#[path = "segmentation_ranks.rs"]
+mod segmentation_ranks;
+
 #[path = "sync_bn.rs"]
 mod sync_bn;
 

@@ -33,6 +33,9 @@ pub struct SegTrainConfig {
     /// The classification checkpoint the backbone started from, if any.
     #[serde(default)]
     pub backbone_from: Option<String>,
+    /// In data-parallel training, every BatchNorm's statistics span the ranks (SyncBN).
+    #[serde(default)]
+    pub sync_bn: bool,
 }
 
 impl SegTrainConfig {
@@ -60,6 +63,7 @@ impl SegTrainConfig {
             loss: PixelCrossEntropy::ignoring(IGNORE as usize),
             freeze_backbone: false,
             backbone_from: None,
+            sync_bn: false,
         }
     }
 

@@ -279,6 +279,23 @@ impl SegSource {
         }
     }
 
+    /// A short fingerprint of the samples (data-parallel ranks must agree on it): the count, and the
+    /// generator's seed and size, or FNV-1a of the folder's pixels and masks.
+    pub fn describe(&self) -> serde_json::Value {
+        match self {
+            SegSource::Scenes { gen, first, count } => serde_json::json!({"scenes": count,
+                "first": first, "seed": gen.seed(), "size": gen.size()}),
+            SegSource::Folder { samples, .. } => {
+                let h = crate::rng::fnv1a(
+                    samples
+                        .iter()
+                        .flat_map(|s| s.image.iter().chain(&s.mask).copied()),
+                );
+                serde_json::json!({"images": samples.len(), "fnv1a": format!("{h:016x}")})
+            }
+        }
+    }
+
     /// What sample `i` is called in messages.
     pub fn name(&self, i: usize) -> String {
         match self {

@@ -154,9 +154,9 @@ pub(crate) fn check_agreement(
 }
 
 /// Replaces every rank's model state (parameters and buffers) and, with `optim`, optimizer state by rank 0's.
-pub(crate) fn broadcast_state(
+pub(crate) fn broadcast_state<S: Stateful<f32> + ?Sized>(
     comm: &dyn Communicator,
-    model: &mut Model,
+    model: &mut S,
     optim: Option<&mut dyn Optimizer>,
 ) -> Result<()> {
     let mut bytes = vec![];
@@ -180,7 +180,10 @@ pub(crate) fn broadcast_state(
 
 /// An error on every rank unless every replica holds the same parameters, bit for bit (they must: each step
 /// applies the same all-reduced gradients).
-pub(crate) fn check_replicas(comm: &dyn Communicator, model: &mut Model) -> Result<()> {
+pub(crate) fn check_replicas<S: Stateful<f32> + ?Sized>(
+    comm: &dyn Communicator,
+    model: &mut S,
+) -> Result<()> {
     let mut bits = vec![];
     model.visit_params("", &mut |_, p| {
         bits.extend(p.values().iter().map(|v| v.to_bits()))
@@ -208,10 +211,10 @@ pub(crate) struct GradReducer {
 }
 
 impl GradReducer {
-    pub fn all_reduce(
+    pub fn all_reduce<S: Stateful<f32> + ?Sized>(
         &mut self,
         comm: &dyn Communicator,
-        model: &mut Model,
+        model: &mut S,
         bucket: usize,
     ) -> Result<()> {
         self.flat.clear();

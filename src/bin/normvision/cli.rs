@@ -72,7 +72,7 @@ pub enum Cmd {
         /// Data-parallel training over the ranks of an MPI job (`mpirun -np N normvision train --distributed`):
         /// each rank takes its slice of every global batch of --batch-size images, gradients are summed over
         /// the ranks, rank 0 logs and writes checkpoints. Threads per rank default to the cores divided by the
-        /// ranks on the machine. Needs a build with `--features mpi`.
+        /// ranks on the machine. Needs a build with `--features mpi`. Classification and --task segment.
         #[arg(long)]
         distributed: bool,
         /// Test-only: the size of each rank's slice of a global batch (e.g. 17,15 or 32,0).

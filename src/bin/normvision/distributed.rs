@@ -5,10 +5,10 @@
 use crate::args::{DataArgs, TrainArgs};
 use crate::resume::RunPaths;
 use normvision::model::PlanOptions;
+use normvision::train::Distributed;
 use normvision::Result;
 
-/// `train --distributed`: this process is one rank of an MPI job; without the `mpi` feature, an error saying
-/// how to build with it.
+/// `train --distributed` (classification): this process is one rank of an MPI job.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     args: &TrainArgs,
@@ -21,11 +21,33 @@ pub fn train(
     threads: Option<usize>,
     shard_sizes: Option<Vec<usize>>,
 ) -> Result<()> {
+    as_rank(threads, quiet, shard_sizes, |dist| {
+        crate::commands::train(
+            args,
+            data,
+            paths,
+            explicit,
+            json_out,
+            quiet,
+            plan,
+            Some(dist),
+        )
+        .map(|_| ())
+    })
+}
+
+/// Runs `f` as one rank of an MPI job, with this rank's compute threads set; without the `mpi` feature, an
+/// error saying how to build with it.
+pub fn as_rank(
+    threads: Option<usize>,
+    quiet: bool,
+    shard_sizes: Option<Vec<usize>>,
+    f: impl FnOnce(Distributed) -> Result<()>,
+) -> Result<()> {
     #[cfg(feature = "mpi")]
     {
         use normvision::comm::Communicator;
         use normvision::dist::MpiComm;
-        use normvision::train::Distributed;
         use std::sync::Arc;
 
         let comm = Arc::new(MpiComm::init()?);
@@ -44,19 +66,10 @@ pub fn train(
             if let Some(s) = shard_sizes {
                 dist = dist.with_shard_sizes(s);
             }
-            crate::commands::train(
-                args,
-                data,
-                paths,
-                explicit,
-                json_out,
-                quiet,
-                plan,
-                Some(dist),
-            )
+            f(dist)
         })();
         match result {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             // every rank sees a divergence at the same step (it is decided on all-reduced values) and stops
             Err(e @ normvision::NvError::Diverged(_)) => Err(e),
             Err(e) => comm.abort(&format!("error: {e}"), 1),
@@ -64,17 +77,7 @@ pub fn train(
     }
     #[cfg(not(feature = "mpi"))]
     {
-        let _ = (
-            args,
-            data,
-            paths,
-            explicit,
-            json_out,
-            quiet,
-            plan,
-            threads,
-            shard_sizes,
-        );
+        let _ = (threads, quiet, shard_sizes, f);
         Err(normvision::NvError::Config(
             "--distributed: this normvision was built without MPI; build it with `cargo build --release \
              --features mpi` (scripts/setup.sh installs Open MPI and libclang) and launch it with mpirun"

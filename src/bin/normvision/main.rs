@@ -105,16 +105,37 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                 normvision::io::atomic::fault::kill_in_write(n);
             }
             if task.task == segment::Task::Segment {
-                if distributed || resume.is_some() || shard_sizes.is_some() {
+                if resume.is_some() {
                     return Err(normvision::NvError::Config(
-                        "--task segment trains in one process from the start (--distributed and --resume are \
-                         classification-only for now)"
+                        "--task segment: --resume is classification-only for now (a segmentation run \
+                         restarts from its start)"
                             .into(),
+                    ));
+                }
+                if distributed {
+                    return distributed::as_rank(cli.threads, quiet, shard_sizes, |d| {
+                        segment::train(
+                            &train,
+                            &data,
+                            &seg,
+                            out,
+                            log,
+                            &explicit,
+                            json,
+                            quiet,
+                            &plan,
+                            Some(d),
+                        )
+                    });
+                }
+                if shard_sizes.is_some() {
+                    return Err(normvision::NvError::Config(
+                        "--shard-sizes applies to --distributed training only".into(),
                     ));
                 }
                 set_threads(cli.threads)?;
                 return segment::train(
-                    &train, &data, &seg, out, log, &explicit, json, quiet, &plan,
+                    &train, &data, &seg, out, log, &explicit, json, quiet, &plan, None,
                 );
             }
             let run = resume::RunPaths { out, resume, log };

@@ -18,6 +18,7 @@ use normvision::segment::{
     SegRunOptions, SegSource, SegTrainConfig,
 };
 use normvision::state::Stateful;
+use normvision::train::Distributed;
 use normvision::{Ctx, NvError, Result};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -140,7 +141,12 @@ pub fn train(
     json_out: bool,
     quiet: bool,
     plan: &PlanOptions,
+    dist: Option<Distributed>,
 ) -> Result<()> {
+    // under mpirun, rank 0 alone speaks and writes
+    let rank = dist.as_ref().map_or(0, |d| d.rank());
+    let quiet = quiet || rank != 0;
+    let json_out = json_out && rank == 0;
     if !matches!(t.model, ModelKind::Deeplabv3 | ModelKind::Cnn) {
         return Err(NvError::Config(format!(
             "--task segment trains deeplabv3, not --model {}",
@@ -211,6 +217,7 @@ pub fn train(
         flip: true,
     };
     cfg.freeze_backbone = s.freeze_backbone;
+    cfg.sync_bn = t.sync_bn;
     cfg.backbone_from = s.backbone_from.as_ref().map(|p| p.display().to_string());
     cfg.validate()?;
     let mut graph = cfg.model.build_graph()?;
@@ -221,7 +228,7 @@ pub fn train(
             println!("backbone: {n} tensors from {}", p.display());
         }
     }
-    if let Some(p) = &s.save_init {
+    if let Some(p) = s.save_init.as_ref().filter(|_| rank == 0) {
         let mut md = std::collections::HashMap::new();
         md.insert(
             "model".to_string(),
@@ -250,16 +257,18 @@ pub fn train(
     };
     if !quiet && !json_out {
         println!(
-            "deeplabv3 (backbone {}, head {}) on {} training / {} test images, batch {}, lr {} (poly 0.9), {} epochs, crop {} ({} threads)",
+            "deeplabv3 (backbone {}, head {}) on {} training / {} test images, batch {}{}, lr {} (poly 0.9), {} epochs, crop {} ({} threads{})",
             cfg.model.backbone_norm,
             cfg.model.head_norm,
             data.train.len(),
             data.test.len(),
             cfg.batch_size,
+            if cfg.sync_bn && dist.is_some() { ", SyncBN" } else { "" },
             cfg.lr,
             cfg.epochs,
             cfg.augment.crop,
-            rayon::current_num_threads()
+            rayon::current_num_threads(),
+            dist.as_ref().map_or(String::new(), |d| format!(" x {} ranks", d.size()))
         );
     }
     let opts = SegRunOptions {
@@ -267,8 +276,12 @@ pub fn train(
         log: Some(log.clone()),
         progress: Bars::boxed("deeplabv3", quiet || json_out),
         resume: None,
+        distributed: dist,
     };
     let report = train_segmentation(&cfg, &mut graph, &data, opts)?;
+    if rank != 0 {
+        return Ok(());
+    }
     if json_out {
         println!(
             "{}",
@@ -276,6 +289,9 @@ pub fn train(
             "diverged": report.diverged, "evals": report.evals, "checkpoint": out, "log": log})
         );
         return Ok(());
+    }
+    for n in &report.notes {
+        println!("note: {n}");
     }
     if let Some(d) = &report.diverged {
         println!("diverged: {d}");

@@ -47,6 +47,22 @@ impl PixelCrossEntropy {
         Ok(self)
     }
 
+    /// The mean's denominator Σ_p w[t_p] over the targets that are not ignored (a target outside the
+    /// weights counts 1 here; [`PixelCrossEntropy::forward`] rejects it). Data-parallel training weighs each
+    /// rank's mean loss by it to form the mean over the global batch.
+    pub fn total_weight(&self, targets: &[usize]) -> f64 {
+        targets
+            .iter()
+            .filter(|&&t| self.ignore_index != Some(t))
+            .map(|&t| {
+                self.weights
+                    .as_ref()
+                    .and_then(|w| w.get(t).copied())
+                    .unwrap_or(1.0)
+            })
+            .sum()
+    }
+
     /// (mean loss, dloss/dlogits) for logits (N, K, *spatial) and targets (N · spatial values, image-major).
     pub fn forward<T: Real>(
         &self,
