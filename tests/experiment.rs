@@ -236,3 +236,50 @@ fn landscape_quick_probes_and_restores() {
     );
     assert!(md.contains("](landscape-2.png)"), "{md}");
 }
+
+#[test]
+fn seg_norm_quick_compares_the_norms_and_syncbn_matches_bn() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("seg-norm", dir.path());
+    // 4 variants x 2 batches x 1 seed, each a trained run with its mIoU curve
+    let recs = records(&r);
+    assert_eq!(recs.len(), 8);
+    for rec in recs {
+        let res = &rec["result"];
+        assert!(res["diverged"].is_null(), "{rec}");
+        assert!(
+            (0.0..=1.0).contains(&res["miou"].as_f64().unwrap()),
+            "{rec}"
+        );
+        assert_eq!(res["miou_per_epoch"].as_array().unwrap().len(), 1);
+    }
+    let variants: std::collections::BTreeSet<&str> = recs
+        .iter()
+        .map(|x| x["key"]["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        variants.into_iter().collect::<Vec<_>>(),
+        ["batch", "frozen", "group", "sync"]
+    );
+    // SyncBN over 2 ranks of B/2 computes BN's statistics at B: the same global batch, the same mIoU to rounding
+    let miou = |v: &str, b: u64| {
+        recs.iter()
+            .find(|x| x["key"]["variant"] == v && x["key"]["batch"] == b)
+            .unwrap()["result"]["miou"]
+            .as_f64()
+            .unwrap()
+    };
+    for b in [2, 4] {
+        assert!(
+            (miou("sync", b) - miou("batch", b)).abs() < 0.02,
+            "B = {b}: SyncBN {} against BN {}",
+            miou("sync", b),
+            miou("batch", b)
+        );
+    }
+    assert_eq!(r["verdicts"].as_array().unwrap().len(), 3);
+    assert!(
+        dir.path().join("seg-norm-2.svg").is_file(),
+        "the per-epoch plot"
+    );
+}

@@ -7,7 +7,8 @@
 //!
 //! Then the CLI: `mpirun -np 2 normvision train --distributed --sync-bn` trains as one process on the whole
 //! batch (also with 17/15 and 32/0 slices), resumes on one rank, refuses ranks given different commands, and a
-//! rank that fails alone (its data is missing) ends the job with its message instead of hanging it.
+//! rank that fails alone (its data is missing) ends the job with its message instead of hanging it. And
+//! `train --task segment --distributed --sync-bn` (DeepLabV3 on garment scenes) trains as one process.
 //!
 //! `cargo test --features mpi --test mpi` (scripts/test.sh runs it; Open MPI from scripts/setup.sh).
 #![cfg(feature = "mpi")]
@@ -401,4 +402,74 @@ fn cli_a_rank_that_fails_alone_ends_the_job() {
         text.contains("rank 1 of 2") && text.contains("missing"),
         "{text}"
     );
+}
+
+#[test]
+fn cli_segment_distributed_sync_bn_trains_as_one_process() {
+    if std::env::var_os(CHILD).is_some() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // scales >= 1: crops never padded with a constant (see tests/segmentation_ranks.rs for why)
+    let args = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "train",
+            "--task",
+            "segment",
+            "--scenes",
+            "16",
+            "--test-scenes",
+            "6",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--aspp-channels",
+            "16",
+            "--scale",
+            "1.0,1.5",
+            "--quiet",
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let one = dir.path().join("one/model.safetensors");
+    let st = Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args(["--threads", "1"])
+        .args(args(&one, &[]))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let two = dir.path().join("two/model.safetensors");
+    let (ok, text) = mpirun_cli(&[(2, args(&two, &["--distributed", "--sync-bn"]))]);
+    assert!(ok, "{text}");
+    let (la, lb) = (
+        losses(&one.with_extension("jsonl")),
+        losses(&two.with_extension("jsonl")),
+    );
+    assert_eq!(la.len(), 8);
+    let d = common::rel_norm(&lb, &la);
+    assert!(
+        d < 1e-5,
+        "2 ranks against 1 process, step losses: {d:e}\n{la:?}\n{lb:?}"
+    );
+    let (a, _) = normvision::io::load_state_dict(&one).unwrap();
+    let (b, _) = normvision::io::load_state_dict(&two).unwrap();
+    for (k, va) in &a.tensors {
+        if let (StateTensor::F32(x), Some(StateTensor::F32(y))) = (va, b.get(k)) {
+            let x: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let y: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+            let d = common::rel_norm(&y, &x);
+            assert!(d < 1e-4, "{k}: {d:e}");
+        }
+    }
 }

@@ -42,6 +42,13 @@ pub const MIN_SIZE: usize = 42;
 /// The most garments in a scene.
 pub const MAX_GARMENTS: usize = 4;
 
+/// The garment scenes' class names: background, then the source data set's (Fashion-MNIST's ten).
+pub fn scene_classes(names: &[String]) -> Vec<String> {
+    std::iter::once("background".to_string())
+        .chain(names.iter().cloned())
+        .collect()
+}
+
 /// A garment of a scene that stays visible enough to be an object.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SceneObject {

@@ -114,3 +114,32 @@ pub struct SegData {
     pub norm: Normalization,
     pub classes: Vec<String>,
 }
+
+impl SegData {
+    /// Garment scenes of `size`² pixels drawn on the fly, as `train --task segment` makes them: `n_train`
+    /// scenes of `train`'s garments (generator seed `seed`), `n_test` of `test`'s (seed `seed + 1`),
+    /// normalized by the first 512 training scenes.
+    pub fn garment_scenes(
+        train: std::sync::Arc<crate::data::Dataset>,
+        test: std::sync::Arc<crate::data::Dataset>,
+        size: usize,
+        seed: u64,
+        n_train: usize,
+        n_test: usize,
+    ) -> Result<SegData> {
+        use crate::data::scenes::{scene_classes, SceneGenerator};
+        let classes = scene_classes(&train.classes);
+        let train = SegSource::scenes(SceneGenerator::new(train, size, seed)?, 0, n_train)?;
+        let test = SegSource::scenes(
+            SceneGenerator::new(test, size, seed.wrapping_add(1))?,
+            0,
+            n_test,
+        )?;
+        Ok(SegData {
+            norm: super::batches::normalization(&train, 512)?,
+            train,
+            test,
+            classes,
+        })
+    }
+}

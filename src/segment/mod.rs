@@ -19,7 +19,7 @@ pub use batches::{SegAugment, SegBatch};
 pub use checkpoint::{load_checkpoint, SegCheckpoint, SegPosition};
 pub use data::{SegSample, SegSource};
 pub use metrics::{ConfusionMatrix, SegMetrics};
-pub use pretrained::load_backbone;
+pub use pretrained::{load_backbone, load_backbone_state};
 pub use train::{
     evaluate, train_segmentation, SegData, SegEval, SegReport, SegRunOptions, SegTrainConfig,
 };

@@ -16,11 +16,16 @@ use std::path::Path;
 /// tensors were loaded.
 pub fn load_backbone(graph: &mut Graph, path: &Path) -> Result<usize> {
     let ck = checkpoint::load(path)?;
+    load_backbone_state(graph, &ck.model_state, &path.display().to_string())
+}
+
+/// [`load_backbone`] from a classifier's state dict in memory (`source` names it in errors).
+pub fn load_backbone_state(graph: &mut Graph, sd: &StateDict, source: &str) -> Result<usize> {
     let own = graph.state_dict();
     let backbone: Vec<&String> = own.keys().filter(|k| k.starts_with("backbone.")).collect();
     let mut mapped = StateDict::new();
     let mut unexpected = vec![];
-    for (k, v) in &ck.model_state.tensors {
+    for (k, v) in &sd.tensors {
         if k.starts_with("fc.") {
             continue;
         }
@@ -37,10 +42,9 @@ pub fn load_backbone(graph: &mut Graph, path: &Path) -> Result<usize> {
         .collect();
     if !missing.is_empty() || !unexpected.is_empty() {
         return Err(NvError::State(format!(
-            "{}: not a classifier of this backbone (train one with `normvision train --model resnet14 \
+            "{source}: not a classifier of this backbone (train one with `normvision train --model resnet14 \
              --norm` matching --backbone-norm): {} backbone tensors missing from the file{}; {} tensors of \
              the file have no place in the backbone{}",
-            path.display(),
             missing.len(),
             list(missing.iter().map(|k| k.as_str())),
             unexpected.len(),
@@ -51,9 +55,8 @@ pub fn load_backbone(graph: &mut Graph, path: &Path) -> Result<usize> {
         let want = own.get(k).expect("mapped keys exist").shape();
         if v.shape() != want {
             return Err(NvError::State(format!(
-                "{}: {k} has shape {:?} in the file, the backbone's is {want:?} (a classifier with other \
-                 widths or input channels?)",
-                path.display(),
+                "{source}: {k} has shape {:?} in the file, the backbone's is {want:?} (a classifier with \
+                 other widths or input channels?)",
                 v.shape()
             )));
         }

@@ -474,7 +474,7 @@ pub fn bench(
                 kind.as_str(), norm, rayon::current_num_threads());
         }
         if profile {
-            print_layer_profile(&model, m, steps, med, &extra, json_out);
+            print_layer_profile(model.graph(), m, steps, med, &extra, json_out);
         }
         out.push((m.to_string(), img_s));
     }
@@ -482,16 +482,15 @@ pub fn bench(
 }
 
 /// The `bench --profile` table: each top-level layer's forward and backward milliseconds per step.
-fn print_layer_profile(
-    model: &Model,
+pub fn print_layer_profile(
+    graph: &normvision::model::Graph,
     mode: &str,
     steps: usize,
     median_step: f64,
     outside: &[f64; 3],
     json_out: bool,
 ) {
-    let mut rows: Vec<(String, String, f64, f64)> = model
-        .graph()
+    let mut rows: Vec<(String, String, f64, f64)> = graph
         .step_times()
         .into_iter()
         .map(|s| (s.nodes, s.what, s.forward_s, s.backward_s))

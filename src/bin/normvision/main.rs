@@ -414,7 +414,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                                 "--steps and --batch-size must be at least 1 and --side in 8..=1024, got {steps}, {b} and {side}"
                             )));
                         }
-                        return segment::bench(norm, b, side, steps, warmup, json, &plan);
+                        return segment::bench(norm, b, side, steps, warmup, json, &plan, profile);
                     }
                     if inference || onnx.is_some() {
                         if steps == 0 || batch_size == 0 {

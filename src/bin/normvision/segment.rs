@@ -6,7 +6,7 @@ use crate::choice;
 use crate::progress::Bars;
 use clap::{Args, ValueEnum};
 use normvision::data::fashion_mnist::{self, Split};
-use normvision::data::scenes::SceneGenerator;
+use normvision::data::scenes::{scene_classes, SceneGenerator};
 use normvision::model::deeplab::DeepLabConfig;
 use normvision::model::{Graph, ModelKind, NormKind, PlanOptions};
 use normvision::nn::loss::PixelCrossEntropy;
@@ -103,13 +103,6 @@ pub struct SegTrainArgs {
     pub aspp_channels: usize,
     #[command(flatten)]
     pub test: SegTestArgs,
-}
-
-/// The garment-scene classes: background, then Fashion-MNIST's ten.
-fn scene_classes(names: &[String]) -> Vec<String> {
-    std::iter::once("background".to_string())
-        .chain(names.iter().cloned())
-        .collect()
 }
 
 /// The test data these flags name (`fm_dir`: Fashion-MNIST's directory, for scenes).
@@ -416,6 +409,7 @@ pub fn bench(
     warmup: usize,
     json_out: bool,
     plan: &PlanOptions,
+    profile: bool,
 ) -> Result<()> {
     let cfg = DeepLabConfig::new(1, 11, norm);
     let mut g: Graph = cfg.build_graph()?;
@@ -425,13 +419,17 @@ pub fn bench(
     });
     let targets: Vec<usize> = (0..batch * side * side).map(|i| (i / 61) % 11).collect();
     let loss = PixelCrossEntropy::ignoring(255);
-    let time = |g: &mut Graph, train: bool, k: u64| -> Result<f64> {
+    // the wall clock of the step's parts outside the layers (zero_grad, loss; no optimizer here)
+    let time = |g: &mut Graph, train: bool, k: u64, outside: &mut [f64; 3]| -> Result<f64> {
         let t0 = std::time::Instant::now();
         if train {
             g.zero_grad();
+            outside[0] += t0.elapsed().as_secs_f64();
             let ctx = Ctx::train().with_step(k);
             let y = g.forward(&[&x], ctx)?.remove(0);
+            let t1 = std::time::Instant::now();
             let (_, d) = loss.forward(&y, &targets)?;
+            outside[1] += t1.elapsed().as_secs_f64();
             g.backward(&[&x], &[&d], ctx, false)?;
         } else {
             g.infer(&[&x])?;
@@ -439,11 +437,16 @@ pub fn bench(
         Ok(t0.elapsed().as_secs_f64())
     };
     for (mode, train) in [("train", true), ("inference", false)] {
+        let mut outside = [0.0f64; 3];
         for k in 0..warmup {
-            time(&mut g, train, k as u64)?;
+            time(&mut g, train, k as u64, &mut outside)?;
         }
+        if profile {
+            g.enable_timing();
+        }
+        outside = [0.0; 3];
         let mut ts: Vec<f64> = (0..steps.max(1))
-            .map(|k| time(&mut g, train, k as u64))
+            .map(|k| time(&mut g, train, k as u64, &mut outside))
             .collect::<Result<_>>()?;
         ts.sort_by(f64::total_cmp);
         let med = ts[ts.len() / 2];
@@ -459,6 +462,9 @@ pub fn bench(
                 ts[0] * 1e3,
                 batch as f64 / med
             );
+        }
+        if profile {
+            crate::commands::print_layer_profile(&g, mode, steps.max(1), med, &outside, json_out);
         }
     }
     Ok(())

@@ -148,12 +148,18 @@ impl PixelCrossEntropy {
                         "{NAME}: logits of image {i}, pixel {p} are not finite"
                     )));
                 }
-                let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+                // one exp per class: e_c = exp(x_c - m), softmax_c = e_c / Σe, lse = m + ln Σe
+                let mut sum = 0.0f64;
+                for r in row.iter_mut() {
+                    *r = (*r - m).exp();
+                    sum += *r;
+                }
                 let w = weight(t);
-                loss += w * (lse - row[t]);
-                for (c, &v) in row.iter().enumerate() {
+                loss += w * (sum.ln() - (xi[t * hw + p].as_f64() - m));
+                let (scale, inv_sum) = (w * inv, 1.0 / sum);
+                for (c, &e) in row.iter().enumerate() {
                     let q = if c == t { 1.0 } else { 0.0 };
-                    gi[c * hw + p] = T::of_f64(w * ((v - lse).exp() - q) * inv);
+                    gi[c * hw + p] = T::of_f64(scale * (e * inv_sum - q));
                 }
             }
             Ok(loss)
