@@ -309,22 +309,30 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         &format!("BN falls below GroupNorm at batch {bs} in segmentation"),
         "Wu & He 2018: BN's error grows as the batch shrinks, GN's does not (ResNet-50 ImageNet, 32 → 2 images per GPU: BN +11.1 points of error, GN +0.0); detection and segmentation train at 1-2 images per GPU",
         format!(
-            "mIoU at B = {bs}: BN {:.2}%, GN {:.2}%; from B = {bl} to {bs}: BN {:+.2} points, GN {:+.2}",
+            "mIoU at B = {bs}: BN {:.2} ± {:.2}%, GN {:.2} ± {:.2}%; at B = {bl}: BN {:.2}%, GN {:.2}%; from B = {bl} to {bs}: BN {:+.2} points, GN {:+.2}",
             pts(at("batch", small).0),
+            pts(at("batch", small).1),
             pts(at("group", small).0),
+            pts(at("group", small).1),
+            pts(at("batch", large).0),
+            pts(at("group", large).0),
             -pts(drop("batch")),
             -pts(drop("group"))
         ),
-        if at("batch", small).0 < at("group", small).0 && drop("batch") > drop("group") {
-            Status::Confirmed
-        } else if at("batch", small).0 < at("group", small).0 || drop("batch") > drop("group") {
-            Status::Partly
-        } else {
-            Status::NotReproduced
+        {
+            let spread = at("batch", small).1.max(at("group", small).1);
+            if at("batch", small).0 + spread < at("group", small).0 && drop("batch") > drop("group") {
+                Status::Confirmed
+            } else if drop("batch") > drop("group") {
+                Status::Partly
+            } else {
+                Status::NotReproduced
+            }
         },
         &format!(
-            "a 0.07-GMAC DeepLabV3 on 64×64 garment scenes for {} epochs, not ResNet-50 on ImageNet or COCO: the direction is the claim",
-            s.epochs
+            "confirmed needs BN below GN at B = {bs} by more than the seeds' spread, partly that the gap closes as the batch shrinks. Every run sees the same images ({} epochs), so B = {bs} takes {}× the steps of B = {bl}: GN gains from the extra steps, BN loses from its noisy statistics. A 0.07-GMAC DeepLabV3 on 64×64 garment scenes, not ResNet-50 on ImageNet or COCO",
+            s.epochs,
+            bl / bs
         ),
     );
     // SyncBN at global batch B computes BN's statistics at B: within the seeds' spread of BN at B
@@ -369,7 +377,11 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         } else {
             Status::NotReproduced
         },
-        "the backbone is pre-trained on 28×28 single garments, not ImageNet, and stays frozen; only the head (with BN) trains",
+        &format!(
+            "the claim is the batch insensitivity; the level is another matter: at every batch the frozen backbone ends far below BN trained end to end ({:.2}% against {:.2}% at B = {bl}), because it was pre-trained on 28×28 single garments on black, not on textured scenes, and stays frozen (only the head, with BN, trains)",
+            pts(at("frozen", large).0),
+            pts(at("batch", large).0)
+        ),
     );
     let plot = Plot {
         title: format!("Test mIoU after {} epochs against batch size", s.epochs),
