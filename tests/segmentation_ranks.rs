@@ -150,8 +150,7 @@ fn a_batch_smaller_than_the_ranks_is_an_error() {
     let mut cfg = config(true);
     cfg.batch_size = 1;
     let e = over_ranks(&cfg, &data, 2)
-        .err()
-        .expect("an error")
+        .expect_err("an error")
         .to_string();
     assert!(e.contains("--batch-size of 1"), "{e}");
 }

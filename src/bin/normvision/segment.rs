@@ -401,6 +401,7 @@ pub fn predict(
 
 /// `bench --task segment`: a training step and inference of the default deeplabv3 at `batch` × 1 × `side`²,
 /// median of `steps` after `warmup`.
+#[allow(clippy::too_many_arguments)]
 pub fn bench(
     norm: NormKind,
     batch: usize,

@@ -47,7 +47,7 @@ impl PixelCrossEntropy {
         Ok(self)
     }
 
-    /// The mean's denominator Σ_p w[t_p] over the targets that are not ignored (a target outside the
+    /// The mean's denominator Σ_p w(t_p) over the targets that are not ignored (a target outside the
     /// weights counts 1 here; [`PixelCrossEntropy::forward`] rejects it). Data-parallel training weighs each
     /// rank's mean loss by it to form the mean over the global batch.
     pub fn total_weight(&self, targets: &[usize]) -> f64 {
