@@ -2,7 +2,7 @@
 //! path under `mpirun`, which tests/mpi.rs runs over Open MPI):
 //!
 //! - SyncBN over 2 ranks of 2 images trains what one process trains at batch 4: the same losses step by step
-//!   and the same weights at the end, up to the order of float sums;
+//!   and the same weight updates, up to the order of float sums (at a small learning rate; see `config`);
 //! - without SyncBN each rank's BatchNorm sees its own 2 images, and the first loss already differs;
 //! - a global batch that leaves a rank without images is an error naming --batch-size.
 
@@ -41,12 +41,13 @@ fn config(sync_bn: bool) -> SegTrainConfig {
     cfg.batch_size = 4;
     cfg.eval_batch_size = 4;
     cfg.sync_bn = sync_bn;
-    // Crops that are never padded. A crop padded with a constant is a plane of equal values: every pixel of
-    // it sits on the same side of each ReLU, so a rounding difference in a BatchNorm's statistics (plane
-    // moments merged in one run, a SyncBN all-reduce in the other) can move hundreds of pixels across a ReLU
-    // at once. Measured here: with scales 0.75-1.5 the two runs agree to 3e-8 in the first two losses and drift
-    // to 2e-3 by the fourth, and two single-process runs differing only in --conv (winograd, direct) drift
-    // the same way; with scales >= 1 they agree to 2e-7 over all 8 steps.
+    // Crops that are never padded, and a small learning rate. A crop padded with a constant, and the scenes'
+    // plateaus of equal pixels, put many pixels on the same side of a ReLU at once, so a rounding difference in
+    // a BatchNorm's statistics (plane moments merged in one run, a SyncBN all-reduce in the other) can move
+    // them across together. Measured at the recipe's lr with scales 0.75-1.5: the two runs agree to 3e-8 in
+    // the first two losses and drift to 2e-3 by the fourth, and two single-process runs differing only in
+    // --conv (winograd, direct) drift the same way. At lr 1e-4 the updates stay in the linear regime.
+    cfg.lr = 1e-4;
     cfg.augment.scale = (1.0, 1.5);
     cfg
 }
@@ -100,25 +101,50 @@ fn max_diff(a: &normvision::state::StateDict, b: &normvision::state::StateDict) 
     worst
 }
 
+/// ‖(b − init) − (a − init)‖ / ‖a − init‖ over the parameters (running statistics left out).
+fn update_diff(
+    init: &normvision::state::StateDict,
+    a: &normvision::state::StateDict,
+    b: &normvision::state::StateDict,
+) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (k, w0) in &init.tensors {
+        if k.contains("running_") {
+            continue;
+        }
+        if let (StateTensor::F32(w0), Some(StateTensor::F32(x)), Some(StateTensor::F32(y))) =
+            (w0, a.get(k), b.get(k))
+        {
+            for ((p, q), r) in x.iter().zip(y.iter()).zip(w0.iter()) {
+                let (ua, ub) = ((*p - *r) as f64, (*q - *r) as f64);
+                num += (ub - ua) * (ub - ua);
+                den += ua * ua;
+            }
+        }
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
 #[test]
 fn syncbn_over_two_ranks_trains_what_one_process_trains() {
     let data = data();
     let cfg = config(true);
     let mut one = cfg.model.build_graph().unwrap();
+    let init = one.state_dict();
     let single = train_segmentation(&cfg, &mut one, &data, SegRunOptions::default()).unwrap();
     let (synced, states) = over_ranks(&cfg, &data, 2).unwrap();
     assert_eq!(synced.losses.len(), 8);
     for (s, (a, b)) in single.losses.iter().zip(&synced.losses).enumerate() {
         assert!(
-            (a - b).abs() <= 1e-4 * a.abs(),
+            (a - b).abs() <= 1e-5 * a.abs(),
             "step {}: one process {a}, 2 ranks {b}",
             s + 1
         );
     }
-    // the replicas are equal bit for bit, and equal to the single process's weights up to rounding
+    // the replicas are equal bit for bit, and their updates are the single process's up to rounding
     assert_eq!(max_diff(&states[0], &states[1]), 0.0);
-    let d = max_diff(&states[0], &one.state_dict());
-    assert!(d < 1e-4, "weights differ by {d}");
+    let d = update_diff(&init, &states[0], &one.state_dict());
+    assert!(d < 1e-3, "the weights' updates differ by {d:e} (relative)");
     let (m1, m2) = (single.last().unwrap(), synced.last().unwrap());
     assert_eq!(m1.pixels, m2.pixels, "every test pixel evaluated once");
     assert!(
