@@ -235,6 +235,20 @@ fn train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// `normvision --threads 1 ARGS` in one process, which must succeed.
+fn one_process(args: &[String]) {
+    let st = Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
 /// A checkpoint's tensors, flattened in key order.
 fn tensors(path: &Path) -> Vec<(String, Vec<f64>)> {
     let ck = normvision::train::checkpoint::load(path).unwrap();
@@ -291,16 +305,7 @@ fn cli_distributed_sync_bn_trains_as_one_process() {
     let data = dir.path().join("data");
     write_idx_dir(&data, 640, 100);
     let one = dir.path().join("one/model.safetensors");
-    let st = Command::new(env!("CARGO_BIN_EXE_normvision"))
-        .args(["--threads", "1"])
-        .args(train_args(&data, &one, &[]))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    one_process(&train_args(&data, &one, &[]));
     for sizes in [None, Some("17,15"), Some("32,0")] {
         let out = dir
             .path()
@@ -459,16 +464,7 @@ fn cli_segment_distributed_sync_bn_trains_as_one_process() {
         v
     };
     let one = dir.path().join("one/model.safetensors");
-    let st = Command::new(env!("CARGO_BIN_EXE_normvision"))
-        .args(["--threads", "1"])
-        .args(args(&one, &[]))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    one_process(&args(&one, &[]));
     let two = dir.path().join("two/model.safetensors");
     let (ok, text) = mpirun_cli(&[(2, args(&two, &["--distributed", "--sync-bn"]))]);
     assert!(ok, "{text}");

@@ -249,54 +249,41 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
         format!("{:.2} ± {:.2}", m * 100.0, sd * 100.0)
     };
     let headers: Vec<String> = s.batches.iter().map(|b| format!("B = {b}")).collect();
-    let cols = |first: &str| -> Vec<String> {
-        std::iter::once(first.to_string())
-            .chain(headers.iter().cloned())
-            .collect()
-    };
     let label = |v: &str| match v {
         "batch" => "BN".to_string(),
         "group" => "GroupNorm (8 groups)".to_string(),
         "frozen" => "BN head, frozen pre-trained backbone (FrozenBN)".to_string(),
         _ => "SyncBN, 2 ranks x B/2".to_string(),
     };
-    let mut t_miou = Table::new(
+    let columns: Vec<&str> = std::iter::once("normalization")
+        .chain(headers.iter().map(String::as_str))
+        .collect();
+    // one row per variant, one cell per batch
+    let table = |title: &str, cell: &dyn Fn(usize, usize) -> String| {
+        let mut t = Table::new(title, &columns);
+        for (vi, v) in VARIANTS.iter().enumerate() {
+            let row = std::iter::once(label(v))
+                .chain((0..s.batches.len()).map(|bi| cell(vi, bi)))
+                .collect();
+            t.row(row);
+        }
+        t
+    };
+    let t_miou = table(
         &format!(
             "Test mIoU (%) after {} epochs at lr 0.02·B/8, mean ± std over {} seed(s)",
             s.epochs, s.seeds
         ),
-        &cols("normalization")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &|vi, bi| cell(&miou[vi][bi]),
     );
-    let mut t_pix = Table::new(
+    let t_pix = table(
         "Test pixel accuracy (%), mean ± std over the seeds",
-        &cols("normalization")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &|vi, bi| cell(&pix[vi][bi]),
     );
-    let mut t_speed = Table::new(
+    let t_speed = table(
         "Training throughput (img/s, 2 threads; SyncBN's 2 ranks share them), mean over the seeds",
-        &cols("normalization")
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
+        &|vi, bi| format!("{:.0}", mean_std(&speed[vi][bi]).0),
     );
-    for (vi, v) in VARIANTS.iter().enumerate() {
-        let mut r1 = vec![label(v)];
-        let mut r2 = vec![label(v)];
-        let mut r3 = vec![label(v)];
-        for bi in 0..s.batches.len() {
-            r1.push(cell(&miou[vi][bi]));
-            r2.push(cell(&pix[vi][bi]));
-            r3.push(format!("{:.0}", mean_std(&speed[vi][bi]).0));
-        }
-        t_miou.row(r1);
-        t_pix.row(r2);
-        t_speed.row(r3);
-    }
     let at = |v: &str, bi: usize| {
         let vi = VARIANTS.iter().position(|x| *x == v).expect("a variant");
         mean_std(&miou[vi][bi])
