@@ -13,6 +13,7 @@
 pub mod comm;
 pub mod ctx;
 pub mod data;
+pub mod detect;
 pub mod dist;
 pub mod error;
 pub mod experiment;

@@ -44,8 +44,9 @@ const FLOORS: &[(&str, u32)] = &[
     // training, then what is built on training
     ("train", 8),
     ("dist", 9),
-    // the tasks (segmentation; detection to come), then the evidence, which runs them
+    // the tasks (segmentation, detection), then the evidence, which runs them
     ("segment", 9),
+    ("detect", 9),
     ("tasks", 9),
     ("experiment", 10),
 ];

@@ -18,6 +18,9 @@ mod branching;
 #[path = "cli.rs"]
 mod cli;
 
+#[path = "coco_eval.rs"]
+mod coco_eval;
+
 #[path = "corrupt.rs"]
 mod corrupt;
 

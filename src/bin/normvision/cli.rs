@@ -351,6 +351,19 @@ pub enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Evaluate box detections as COCO does (pycocotools' COCOeval, iouType bbox): AP@[.5:.95], AP50, AP75,
+    /// AP small/medium/large, AR@1/10/100 and AR small/medium/large, printed in pycocotools' order.
+    CocoEval {
+        /// Ground truth: a COCO annotations.json (images, categories, annotations).
+        #[arg(long)]
+        gt: PathBuf,
+        /// Detections in COCO's result format: a JSON list of {image_id, category_id, bbox [x,y,w,h], score}.
+        #[arg(long)]
+        dets: PathBuf,
+        /// One JSON object (the twelve numbers by name, and AP per category) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Training and inference throughput (images/s) on synthetic 28x28 batches.
     Bench {
         #[command(flatten)]

@@ -6,6 +6,7 @@ mod args;
 mod bench_kernels;
 mod choice;
 mod cli;
+mod coco_eval;
 mod commands;
 mod corrupt;
 mod distributed;
@@ -173,6 +174,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     data,
                     quiet,
                 } => scenes::run(&out, size, count, seed, &split, data.as_deref(), quiet),
+                Cmd::CocoEval { gt, dets, json } => coco_eval::run(&gt, &dets, json),
                 Cmd::Compare {
                     train,
                     data,
