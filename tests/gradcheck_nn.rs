@@ -947,3 +947,79 @@ fn onnx_layer_gradients() {
         .is_err());
     assert!(Clamp::<f64>::new(1.0, -1.0).is_err());
 }
+
+#[test]
+fn roi_align_gradients() {
+    // RoIAlign is linear in the features, so central differences are exact up to round-off; regions inside,
+    // across the border, degenerate and tiny, aligned or not, fixed and adaptive sampling
+    let mut r = rng(91);
+    let x = randn(&mut r, &[2, 3, 9, 11]);
+    let rois = ndarray::arr2(&[
+        [0.0, 1.3, 2.2, 15.1, 12.7],
+        [1.0, -6.0, -3.0, 8.0, 9.0],
+        [1.0, 14.0, 10.0, 30.0, 26.0],
+        [0.0, 5.0, 5.0, 5.0, 5.0],
+        [0.0, 3.1, 4.2, 3.6, 4.4],
+        [1.0, 0.0, 0.0, 22.0, 18.0],
+    ]);
+    for (aligned, sampling) in [(false, 2), (true, 2), (false, 0), (true, -1)] {
+        let l = RoiAlign::new((3, 4), 0.5, sampling, aligned).unwrap();
+        let y = l.forward(&x.view(), &rois.view()).unwrap();
+        let dy = randn(&mut r, y.shape());
+        let dx = l.backward(&dy.view(), &rois.view(), x.shape()).unwrap();
+        let loss = |x: &ArrayD<f64>| (&l.forward(&x.view(), &rois.view()).unwrap() * &dy).sum();
+        let mut worst: f64 = 0.0;
+        let scale = dx.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+        for i in 0..x.len() {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp.as_slice_mut().unwrap()[i] += H;
+            xm.as_slice_mut().unwrap()[i] -= H;
+            let fd = (loss(&xp) - loss(&xm)) / (2.0 * H);
+            worst = worst.max((fd - dx.as_slice().unwrap()[i]).abs() / scale);
+        }
+        assert!(
+            worst < TOL,
+            "aligned {aligned}, sampling {sampling}: error {worst:e}"
+        );
+    }
+}
+
+#[test]
+fn roi_align_rejects_bad_input() {
+    let l = RoiAlign::new((7, 7), 0.125, 2, false).unwrap();
+    let x = ArrayD::<f32>::zeros(IxDyn(&[2, 3, 8, 8]));
+    let err = |rois: ndarray::Array2<f32>, x: &ArrayD<f32>| {
+        l.forward(&x.view(), &rois.view()).unwrap_err().to_string()
+    };
+    let e = err(ndarray::arr2(&[[2.0, 0.0, 0.0, 4.0, 4.0]]), &x);
+    assert!(e.contains("RoIAlign") && e.contains("batch index 2"), "{e}");
+    let e = err(ndarray::arr2(&[[0.5, 0.0, 0.0, 4.0, 4.0]]), &x);
+    assert!(e.contains("batch index 0.5"), "{e}");
+    let e = err(ndarray::arr2(&[[0.0, f32::NAN, 0.0, 4.0, 4.0]]), &x);
+    assert!(e.contains("non-finite"), "{e}");
+    let e = err(ndarray::arr2(&[[0.0, 0.0, 4.0, 4.0]]), &x);
+    assert!(e.contains("(K, 5)"), "{e}");
+    let e = err(
+        ndarray::arr2(&[[0.0, 0.0, 0.0, 4.0, 4.0]]),
+        &ArrayD::zeros(IxDyn(&[3, 8, 8])),
+    );
+    assert!(e.contains("4-D"), "{e}");
+    let rois = ndarray::arr2(&[[0.0f32, 0.0, 0.0, 4.0, 4.0]]);
+    let e = l
+        .backward(
+            &ArrayD::zeros(IxDyn(&[1, 3, 6, 7])).view(),
+            &rois.view(),
+            x.shape(),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("output gradient"), "{e}");
+    assert!(RoiAlign::new((0, 7), 1.0, 2, false).is_err());
+    assert!(RoiAlign::new((7, 7), 0.0, 2, false).is_err());
+    // no regions: an empty output, and a zero gradient
+    let none = ndarray::Array2::<f32>::zeros((0, 5));
+    assert_eq!(
+        l.forward(&x.view(), &none.view()).unwrap().shape(),
+        &[0, 3, 7, 7]
+    );
+}

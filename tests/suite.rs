@@ -54,6 +54,9 @@ mod fold;
 #[path = "fused_layers.rs"]
 mod fused_layers;
 
+#[path = "golden_detect.rs"]
+mod golden_detect;
+
 #[path = "golden_model.rs"]
 mod golden_model;
 
@@ -92,6 +95,9 @@ mod optim;
 
 #[path = "properties_nn.rs"]
 mod properties_nn;
+
+#[path = "properties_detect.rs"]
+mod properties_detect;
 
 #[path = "properties_norm.rs"]
 mod properties_norm;

@@ -28,6 +28,7 @@ pub mod init;
 pub mod linear;
 pub mod loss;
 pub mod pool;
+pub mod roi_align;
 pub mod scale_shift;
 pub mod upsample;
 
@@ -41,6 +42,7 @@ pub use loss::{
     WeightedLosses,
 };
 pub use pool::{AvgPool2d, AvgPool2dConfig, GlobalAvgPool, MaxPool2d, MaxPool2dConfig};
+pub use roi_align::RoiAlign;
 pub use scale_shift::ScaleShift;
 pub use upsample::{UpsampleBilinear, UpsampleSize};
 

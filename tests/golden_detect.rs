@@ -1,0 +1,194 @@
+//! Detection parts against torchvision (fixtures of `tools/gen_detect_fixtures.py`): anchors, the box coder,
+//! IoU, NMS with ties, per-class NMS, the matchers and RoIAlign forward and backward. Everything that
+//! torchvision computes with + − × ÷ in f32 is compared bit for bit; what goes through `log`/`exp` (whose last
+//! bit differs between libms) to 2 ulps.
+
+use crate::common::load_fixture;
+use ndarray::{ArrayD, Ix2};
+use normvision::detect::{
+    batched_nms, box_iou, nms, AnchorGenerator, BoxCoder, BoxF, Match, Matcher,
+};
+use normvision::nn::RoiAlign;
+
+fn boxes(a: &ArrayD<f32>) -> Vec<BoxF> {
+    a.rows()
+        .into_iter()
+        .map(|r| [r[0], r[1], r[2], r[3]])
+        .collect()
+}
+
+fn flat(b: &[BoxF]) -> Vec<f32> {
+    b.iter().flat_map(|x| x.iter().copied()).collect()
+}
+
+fn bitwise(what: &str, got: &[f32], want: &ArrayD<f32>) {
+    let want: Vec<f32> = want.iter().copied().collect();
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits(),
+            "{what}[{i}]: normvision {g:e}, torchvision {w:e}"
+        );
+    }
+}
+
+fn ulps(what: &str, got: &[f32], want: &ArrayD<f32>, max_ulps: u32) {
+    let want: Vec<f32> = want.iter().copied().collect();
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let d = (g.to_bits() as i64 - w.to_bits() as i64).unsigned_abs();
+        let close = d <= max_ulps as u64 || (g - w).abs() <= 1e-6 * w.abs().max(1e-30);
+        assert!(
+            close,
+            "{what}[{i}]: normvision {g:e}, torchvision {w:e} ({d} ulps)"
+        );
+    }
+}
+
+fn indices(a: &ArrayD<i64>) -> Vec<usize> {
+    a.iter().map(|&v| v as usize).collect()
+}
+
+#[test]
+fn anchors_match_torchvision() {
+    for case in ["anchors_garment", "anchors_odd"] {
+        let f = load_fixture("detect", case);
+        let sizes: Vec<f32> = serde_json::from_value(f.meta["sizes"].clone()).unwrap();
+        let ratios: Vec<f32> = serde_json::from_value(f.meta["aspect_ratios"].clone()).unwrap();
+        let map: Vec<usize> = serde_json::from_value(f.meta["map"].clone()).unwrap();
+        let image: Vec<usize> = serde_json::from_value(f.meta["image"].clone()).unwrap();
+        let g = AnchorGenerator::new(sizes, ratios).unwrap();
+        bitwise(
+            &format!("{case} cell"),
+            &flat(&g.cell_anchors()),
+            f.get("cell"),
+        );
+        let a = g.grid(map[0], map[1], image[0], image[1]);
+        bitwise(&format!("{case} grid"), &flat(&a), f.get("anchors"));
+    }
+}
+
+#[test]
+fn box_coder_matches_torchvision() {
+    let f = load_fixture("detect", "box_coder");
+    let (p, gt) = (boxes(f.get("proposals")), boxes(f.get("gt")));
+    let d = boxes(f.get("deltas"));
+    for (tag, w) in [
+        ("rpn", [1.0, 1.0, 1.0, 1.0]),
+        ("head", [10.0, 10.0, 5.0, 5.0]),
+    ] {
+        let c = BoxCoder::new(w);
+        let enc: Vec<BoxF> = gt.iter().zip(&p).map(|(g, q)| c.encode(g, q)).collect();
+        ulps(
+            &format!("encode {tag}"),
+            &flat(&enc),
+            f.get(&format!("enc_{tag}")),
+            2,
+        );
+        let dec = c.decode_all(&d, &p);
+        ulps(
+            &format!("decode {tag}"),
+            &flat(&dec),
+            f.get(&format!("dec_{tag}")),
+            2,
+        );
+        // the clamped rows decode to the widest box the clamp allows, not to infinity
+        assert!(flat(&dec[..20]).iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn box_iou_matches_torchvision() {
+    let f = load_fixture("detect", "box_iou");
+    let iou = box_iou(&boxes(f.get("a")), &boxes(f.get("b")));
+    bitwise("box_iou", &iou, f.get("iou"));
+    assert_eq!(iou[0], 1.0, "a box with itself");
+}
+
+#[test]
+fn nms_matches_torchvision_including_ties() {
+    let f = load_fixture("detect", "nms");
+    let b = boxes(f.get("boxes"));
+    let s: Vec<f32> = f.get("scores").iter().copied().collect();
+    assert_eq!(nms(&b, &s, 0.5), indices(f.get_i64("keep_05")));
+    assert_eq!(nms(&b, &s, 0.7), indices(f.get_i64("keep_07")));
+    let c: Vec<usize> = indices(f.get_i64("classes"));
+    assert_eq!(
+        batched_nms(&b, &s, &c, 0.5),
+        indices(f.get_i64("batched_05"))
+    );
+    let bb = boxes(f.get("big_boxes"));
+    let bs: Vec<f32> = f.get("big_scores").iter().copied().collect();
+    let bc = indices(f.get_i64("big_classes"));
+    assert_eq!(
+        batched_nms(&bb, &bs, &bc, 0.5),
+        indices(f.get_i64("big_batched_05"))
+    );
+}
+
+#[test]
+fn matchers_match_torchvision() {
+    let f = load_fixture("detect", "matcher");
+    let (gt, anchors) = (boxes(f.get("gt")), boxes(f.get("anchors")));
+    let iou = box_iou(&gt, &anchors);
+    bitwise("iou", &iou, f.get("iou"));
+    let code = |m: &Match| match m {
+        Match::Gt(g) => *g as i64,
+        Match::Below => -1,
+        Match::Between => -2,
+    };
+    for (name, m) in [
+        (
+            "rpn",
+            Matcher {
+                high: 0.7,
+                low: 0.3,
+                allow_low_quality: true,
+            },
+        ),
+        (
+            "head",
+            Matcher {
+                high: 0.5,
+                low: 0.5,
+                allow_low_quality: false,
+            },
+        ),
+    ] {
+        let got: Vec<i64> = m
+            .matches(&iou, gt.len(), anchors.len())
+            .iter()
+            .map(code)
+            .collect();
+        let want: Vec<i64> = f.get_i64(name).iter().copied().collect();
+        assert_eq!(got, want, "{name} matcher");
+    }
+}
+
+#[test]
+fn roi_align_matches_torchvision_forward_and_backward() {
+    for case in [
+        "roi_align_plain",
+        "roi_align_aligned",
+        "roi_align_adaptive",
+        "roi_align_adaptive_aligned",
+    ] {
+        let f = load_fixture("detect", case);
+        let m = &f.meta;
+        let r = RoiAlign::new(
+            (7, 7),
+            m["spatial_scale"].as_f64().unwrap(),
+            m["sampling_ratio"].as_i64().unwrap() as i32,
+            m["aligned"].as_bool().unwrap(),
+        )
+        .unwrap();
+        let x = f.get("x");
+        let rois = f.get("rois").clone().into_dimensionality::<Ix2>().unwrap();
+        let y = r.forward(&x.view(), &rois.view()).unwrap();
+        bitwise(&format!("{case} y"), y.as_slice().unwrap(), f.get("y"));
+        let dx = r
+            .backward(&f.get("dy").view(), &rois.view(), x.shape())
+            .unwrap();
+        bitwise(&format!("{case} dx"), dx.as_slice().unwrap(), f.get("dx"));
+    }
+}
