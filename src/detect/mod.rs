@@ -9,14 +9,25 @@
 
 pub mod anchors;
 pub mod boxes;
+pub mod checkpoint;
 pub mod coco;
 pub mod coco_eval;
+pub mod data;
+pub mod detector;
 pub mod matcher;
+pub mod render;
+pub mod train;
 
 pub use anchors::AnchorGenerator;
 pub use boxes::{batched_nms, box_area, box_iou, clip_boxes, keep_large, nms, BoxCoder, BoxF};
+pub use checkpoint::{load_checkpoint, save_checkpoint, DetCheckpoint};
 pub use coco::{
     load_detections, CocoAnnotation, CocoCategory, CocoDataset, CocoDetection, CocoImage,
 };
 pub use coco_eval::{evaluate, evaluate_with, CocoEvaluation, CocoParams, STAT_NAMES};
+pub use data::{DetSample, DetSource};
+pub use detector::{DetLosses, Detection, Detector, DetectorConfig, Target};
 pub use matcher::{Match, Matcher, Sampler};
+pub use train::{
+    evaluate as evaluate_detector, train_detector, DetEval, DetEvent, DetReport, DetTrainConfig,
+};

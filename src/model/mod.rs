@@ -8,6 +8,7 @@
 
 mod backbone;
 pub mod deeplab;
+pub mod faster_rcnn;
 pub mod graph;
 mod norm_choice;
 mod sequential;

@@ -1,6 +1,7 @@
 //! The command line: the global options and every subcommand with its flags (clap derive); `main.rs` runs them.
 
 use crate::args::{CorruptionArgs, DataArgs, TorchModelArgs, TrainArgs};
+use crate::detect::DetArgs;
 use crate::segment::{SegTestArgs, SegTrainArgs, TaskArg};
 use crate::{bench_kernels, choice, finetune};
 use clap::{Parser, Subcommand};
@@ -39,6 +40,8 @@ pub struct Cli {
     pub cmd: Cmd,
 }
 
+// parsed once per process: boxing the big variants would buy nothing
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Train a model (defaults: reference CNN with BatchNorm on Fashion-MNIST, SGD momentum 0.9, lr 0.05, 5 epochs).
@@ -51,6 +54,8 @@ pub enum Cmd {
         data: DataArgs,
         #[command(flatten)]
         seg: SegTrainArgs,
+        #[command(flatten)]
+        det: DetArgs,
         /// Checkpoint path [default: runs/<model>-<norm>/model.safetensors].
         #[arg(long, short)]
         out: Option<PathBuf>,
@@ -120,6 +125,8 @@ pub enum Cmd {
         task: TaskArg,
         #[command(flatten)]
         seg: SegTestArgs,
+        #[command(flatten)]
+        det: DetArgs,
         #[arg(long, default_value_t = 500)]
         batch_size: usize,
         /// Fold each BatchNorm that follows a convolution or linear layer into it before evaluating (inference-only; the same

@@ -9,6 +9,7 @@ mod cli;
 mod coco_eval;
 mod commands;
 mod corrupt;
+mod detect;
 mod distributed;
 mod finetune;
 mod inference_bench;
@@ -93,6 +94,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
             train,
             data,
             seg,
+            det,
             out,
             resume,
             log,
@@ -104,6 +106,16 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
         } => {
             if let Some(n) = fault_kill_in_write {
                 normvision::io::atomic::fault::kill_in_write(n);
+            }
+            if task.task == segment::Task::Detect {
+                if resume.is_some() || distributed {
+                    return Err(normvision::NvError::Config(
+                        "--task detect: --resume and --distributed are not available for detection yet".into(),
+                    ));
+                }
+                return detect::train(
+                    &train, &data, &seg, &det, out, log, &explicit, json, quiet, &plan,
+                );
             }
             if task.task == segment::Task::Segment {
                 if resume.is_some() {
@@ -192,6 +204,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     data,
                     task,
                     seg,
+                    det,
                     batch_size,
                     fold_bn,
                     corruption,
@@ -199,6 +212,20 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     prior,
                     json,
                 } => {
+                    if task.task == segment::Task::Detect {
+                        let ck = checkpoint.as_deref().ok_or_else(|| {
+                            normvision::NvError::Config(
+                                "eval --task detect needs --checkpoint (a detection checkpoint)"
+                                    .into(),
+                            )
+                        })?;
+                        let bs = if explicit.iter().any(|e| e == "batch_size") {
+                            batch_size
+                        } else {
+                            8
+                        };
+                        return detect::eval(ck, &data, &seg, &det, &explicit, bs, json, &plan);
+                    }
                     if task.task == segment::Task::Segment {
                         let ck = checkpoint.as_deref().ok_or_else(|| {
                             normvision::NvError::Config(
@@ -233,6 +260,15 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     fold_bn,
                     json,
                 } => {
+                    if task.task == segment::Task::Detect {
+                        let ck = checkpoint.as_deref().ok_or_else(|| {
+                            normvision::NvError::Config(
+                                "predict --task detect needs --checkpoint (a detection checkpoint)"
+                                    .into(),
+                            )
+                        })?;
+                        return detect::predict(ck, &images, json, &plan);
+                    }
                     if task.task == segment::Task::Segment {
                         let ck = checkpoint.as_deref().ok_or_else(|| {
                             normvision::NvError::Config(
@@ -405,6 +441,19 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     onnx,
                     json,
                 } => {
+                    if task.task == segment::Task::Detect {
+                        let b = if explicit.iter().any(|e| e == "batch_size") {
+                            batch_size
+                        } else {
+                            2
+                        };
+                        let side = if explicit.iter().any(|e| e == "side") {
+                            side
+                        } else {
+                            128
+                        };
+                        return detect::bench(b, side, steps, warmup, json, &plan);
+                    }
                     if task.task == segment::Task::Segment {
                         let b = if explicit.iter().any(|e| e == "batch_size") {
                             batch_size

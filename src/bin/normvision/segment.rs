@@ -32,12 +32,15 @@ pub enum Task {
     Classify,
     /// Semantic segmentation (DeepLabV3; mIoU, pixel accuracy, per-class IoU).
     Segment,
+    /// Object detection (Faster R-CNN; COCO's AP table).
+    Detect,
 }
 
 /// `--task`.
 #[derive(Debug, Clone, Args)]
 pub struct TaskArg {
-    /// classify, or segment (DeepLabV3 on garment scenes or --images/--masks).
+    /// classify, segment (DeepLabV3 on garment scenes or --images/--masks) or detect (Faster R-CNN on
+    /// garment scenes or a COCO data set).
     #[arg(long, value_enum, default_value_t = Task::Classify)]
     pub task: Task,
 }

@@ -1,0 +1,331 @@
+//! Detection data: garment scenes drawn on the fly ([`SceneGenerator`]), or a COCO `annotations.json` with its
+//! image directory. Batches are normalized per channel, zero-padded (after normalization, as torchvision's
+//! `GeneralizedRCNNTransform` pads) to the batch's largest size rounded up to the stride, and optionally
+//! flipped left-right with their boxes (each flip a function of (seed, epoch, sample)).
+
+use super::boxes::BoxF;
+use super::coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage};
+use super::detector::Target;
+use crate::data::scenes::SceneGenerator;
+use crate::data::Normalization;
+use crate::rng::derive_rng;
+use crate::{NvError, Result};
+use ndarray::{ArrayD, IxDyn};
+use rand::Rng;
+use std::path::{Path, PathBuf};
+
+/// One image and its ground truth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetSample {
+    /// C×H×W bytes.
+    pub pixels: Vec<u8>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub target: Target,
+    /// Its id in [`DetSource::ground_truth`].
+    pub image_id: i64,
+}
+
+/// Where detection images come from.
+pub enum DetSource {
+    /// Scenes `0..count` of a generator (grayscale).
+    Scenes { gen: SceneGenerator, count: usize },
+    /// A COCO data set: `annotations.json` and the directory its `file_name`s are relative to. Crowd
+    /// annotations are not training targets (torchvision's references drop them too) but stay in the ground
+    /// truth for evaluation.
+    Coco {
+        data: CocoDataset,
+        images: PathBuf,
+        channels: usize,
+    },
+}
+
+impl DetSource {
+    /// Scenes of `gen`, `count` of them.
+    pub fn scenes(gen: SceneGenerator, count: usize) -> Result<DetSource> {
+        if count == 0 {
+            return Err(NvError::Config(
+                "detection: the scene count must be at least 1".into(),
+            ));
+        }
+        Ok(DetSource::Scenes { gen, count })
+    }
+
+    /// A COCO data set; `channels` 1 reads images as grayscale, 3 as RGB.
+    pub fn coco(annotations: &Path, images: &Path, channels: usize) -> Result<DetSource> {
+        if channels != 1 && channels != 3 {
+            return Err(NvError::Config(format!(
+                "detection: images have 1 or 3 channels, not {channels}"
+            )));
+        }
+        let data = CocoDataset::load(annotations)?;
+        if data.images.is_empty() || data.categories.is_empty() {
+            return Err(NvError::Format {
+                path: annotations.display().to_string(),
+                msg: "no images or no categories".into(),
+            });
+        }
+        for im in &data.images {
+            if im.file_name.is_empty() {
+                return Err(NvError::Format {
+                    path: annotations.display().to_string(),
+                    msg: format!("image {} has no file_name", im.id),
+                });
+            }
+        }
+        Ok(DetSource::Coco {
+            data,
+            images: images.to_path_buf(),
+            channels,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            DetSource::Scenes { count, .. } => *count,
+            DetSource::Coco { data, .. } => data.images.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn channels(&self) -> usize {
+        match self {
+            DetSource::Scenes { .. } => 1,
+            DetSource::Coco { channels, .. } => *channels,
+        }
+    }
+
+    /// Category names in label order (label k + 1 is the k-th; 0 is background).
+    pub fn class_names(&self) -> Vec<String> {
+        match self {
+            DetSource::Scenes { gen, .. } => gen.classes().to_vec(),
+            DetSource::Coco { data, .. } => sorted_categories(data)
+                .iter()
+                .map(|c| c.name.clone())
+                .collect(),
+        }
+    }
+
+    /// The COCO category id of each label (index = label − 1).
+    pub fn category_ids(&self) -> Vec<i64> {
+        match self {
+            DetSource::Scenes { gen, .. } => (1..=gen.classes().len() as i64).collect(),
+            DetSource::Coco { data, .. } => sorted_categories(data).iter().map(|c| c.id).collect(),
+        }
+    }
+
+    /// Sample `i`.
+    pub fn sample(&self, i: usize) -> Result<DetSample> {
+        match self {
+            DetSource::Scenes { gen, .. } => {
+                let s = gen.scene(i as u64)?;
+                let n = s.size;
+                let target = Target {
+                    boxes: s
+                        .objects
+                        .iter()
+                        .map(|o| {
+                            let [x, y, w, h] = o.bbox.map(|v| v as f32);
+                            [x, y, x + w, y + h]
+                        })
+                        .collect(),
+                    labels: s.objects.iter().map(|o| o.class + 1).collect(),
+                };
+                Ok(DetSample {
+                    pixels: s.image,
+                    channels: 1,
+                    height: n,
+                    width: n,
+                    target,
+                    image_id: i as i64,
+                })
+            }
+            DetSource::Coco {
+                data,
+                images,
+                channels,
+            } => {
+                let im = &data.images[i];
+                let path = images.join(&im.file_name);
+                let img = image::open(&path).map_err(|e| NvError::Format {
+                    path: path.display().to_string(),
+                    msg: format!("cannot decode image: {e}"),
+                })?;
+                let (w, h) = (img.width() as usize, img.height() as usize);
+                let pixels = if *channels == 1 {
+                    img.to_luma8().into_raw()
+                } else {
+                    // HWC to CHW
+                    let rgb = img.to_rgb8().into_raw();
+                    let mut p = vec![0u8; 3 * h * w];
+                    for (k, px) in rgb.chunks_exact(3).enumerate() {
+                        for c in 0..3 {
+                            p[c * h * w + k] = px[c];
+                        }
+                    }
+                    p
+                };
+                let labels = label_map(data);
+                let mut target = Target::default();
+                for a in data
+                    .annotations
+                    .iter()
+                    .filter(|a| a.image_id == im.id && !a.iscrowd)
+                {
+                    let [x, y, bw, bh] = a.bbox.map(|v| v as f32);
+                    if bw < 1e-3 || bh < 1e-3 {
+                        continue;
+                    }
+                    target.boxes.push([x, y, x + bw, y + bh]);
+                    target.labels.push(labels[&a.category_id]);
+                }
+                Ok(DetSample {
+                    pixels,
+                    channels: *channels,
+                    height: h,
+                    width: w,
+                    target,
+                    image_id: im.id,
+                })
+            }
+        }
+    }
+
+    /// The ground truth in COCO form, for [`super::coco_eval::evaluate`].
+    pub fn ground_truth(&self) -> Result<CocoDataset> {
+        match self {
+            DetSource::Coco { data, .. } => Ok(data.clone()),
+            DetSource::Scenes { gen, count } => {
+                let mut ds = CocoDataset {
+                    categories: gen
+                        .classes()
+                        .iter()
+                        .enumerate()
+                        .map(|(k, n)| CocoCategory {
+                            id: k as i64 + 1,
+                            name: n.clone(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                };
+                let mut next = 1;
+                for i in 0..*count {
+                    let s = gen.scene(i as u64)?;
+                    ds.images.push(CocoImage {
+                        id: i as i64,
+                        file_name: format!("{i:06}.png"),
+                        width: s.size,
+                        height: s.size,
+                    });
+                    for o in &s.objects {
+                        ds.annotations.push(CocoAnnotation {
+                            id: next,
+                            image_id: i as i64,
+                            category_id: o.class as i64 + 1,
+                            bbox: o.bbox.map(|v| v as f64),
+                            area: o.area as f64,
+                            iscrowd: false,
+                        });
+                        next += 1;
+                    }
+                }
+                Ok(ds)
+            }
+        }
+    }
+}
+
+fn sorted_categories(data: &CocoDataset) -> Vec<CocoCategory> {
+    let mut c = data.categories.clone();
+    c.sort_by_key(|c| c.id);
+    c
+}
+
+fn label_map(data: &CocoDataset) -> std::collections::HashMap<i64, usize> {
+    sorted_categories(data)
+        .iter()
+        .enumerate()
+        .map(|(k, c)| (c.id, k + 1))
+        .collect()
+}
+
+/// Per-channel mean and std of pixel / 255 over the first `limit` samples.
+pub fn normalization(src: &DetSource, limit: usize) -> Result<Normalization> {
+    let c = src.channels();
+    let (mut s, mut s2, mut n) = (vec![0f64; c], vec![0f64; c], vec![0f64; c]);
+    for i in 0..src.len().min(limit.max(1)) {
+        let smp = src.sample(i)?;
+        let plane = smp.height * smp.width;
+        for ch in 0..c {
+            for &v in &smp.pixels[ch * plane..(ch + 1) * plane] {
+                let x = v as f64 / 255.0;
+                s[ch] += x;
+                s2[ch] += x * x;
+            }
+            n[ch] += plane as f64;
+        }
+    }
+    let mean: Vec<f32> = (0..c).map(|k| (s[k] / n[k]) as f32).collect();
+    let std: Vec<f32> = (0..c)
+        .map(|k| {
+            let m = s[k] / n[k];
+            ((s2[k] / n[k] - m * m).max(1e-12).sqrt()) as f32
+        })
+        .collect();
+    Normalization::new(mean, std)
+}
+
+/// A batch of samples as normalized, zero-padded (N, C, H, W) images and their targets; with `flip`, each
+/// sample is mirrored left-right with probability ½ from `(seed, epoch, sample index)`.
+pub fn batch(
+    samples: &[(usize, DetSample)],
+    norm: &Normalization,
+    stride: usize,
+    flip: Option<(u64, u64)>,
+) -> (ArrayD<f32>, Vec<Target>) {
+    let c = samples.first().map_or(1, |s| s.1.channels);
+    let round = |v: usize| v.div_ceil(stride) * stride;
+    let h = round(samples.iter().map(|s| s.1.height).max().unwrap_or(stride));
+    let w = round(samples.iter().map(|s| s.1.width).max().unwrap_or(stride));
+    let mut x = ArrayD::<f32>::zeros(IxDyn(&[samples.len(), c, h, w]));
+    let mut targets = Vec::with_capacity(samples.len());
+    let xs = x.as_slice_mut().expect("contiguous");
+    for (n, (idx, s)) in samples.iter().enumerate() {
+        let mirrored = flip.is_some_and(|(seed, epoch)| {
+            derive_rng(seed, epoch, *idx as u64 ^ (3 << 40)).gen_bool(0.5)
+        });
+        for ch in 0..c {
+            let (m, sd) = (norm.mean[ch], norm.std[ch]);
+            for y in 0..s.height {
+                for xx in 0..s.width {
+                    let src = s.pixels[(ch * s.height + y) * s.width + xx] as f32 / 255.0;
+                    let dx = if mirrored { s.width - 1 - xx } else { xx };
+                    xs[((n * c + ch) * h + y) * w + dx] = (src - m) / sd;
+                }
+            }
+        }
+        let mut t = s.target.clone();
+        if mirrored {
+            let wf = s.width as f32;
+            for b in &mut t.boxes {
+                *b = [wf - b[2], b[1], wf - b[0], b[3]];
+            }
+        }
+        targets.push(t);
+    }
+    (x, targets)
+}
+
+/// The boxes of `t` as COCO's `[x, y, w, h]`.
+pub fn to_xywh(b: &BoxF) -> [f64; 4] {
+    [
+        b[0] as f64,
+        b[1] as f64,
+        (b[2] - b[0]) as f64,
+        (b[3] - b[1]) as f64,
+    ]
+}
