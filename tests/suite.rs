@@ -36,6 +36,9 @@ mod data_parallel;
 #[path = "defects.rs"]
 mod defects;
 
+#[path = "detection.rs"]
+mod detection;
+
 #[path = "engine_baseline.rs"]
 mod engine_baseline;
 
