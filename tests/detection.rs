@@ -30,7 +30,7 @@ fn sources(train: usize, test: usize, size: usize) -> (DetSource, DetSource) {
 /// AP50 of the trivial baseline on `test`, from the statistics of `train`.
 fn baseline_ap50(train: &DetSource, test: &DetSource) -> f64 {
     let (mut w, mut h, mut n) = (0.0, 0.0, 0.0);
-    let mut counts = vec![0usize; 16];
+    let mut counts = [0usize; 16];
     for i in 0..train.len() {
         let t = train.sample(i).unwrap().target;
         for (b, &l) in t.boxes.iter().zip(&t.labels) {

@@ -2,8 +2,8 @@
 //! `FasterRCNN` names, and metadata: the run configuration (which rebuilds the networks), the input
 //! normalization, the class names and the epochs done. Written atomically.
 
+use super::config::DetTrainConfig;
 use super::detector::Detector;
-use super::train::DetTrainConfig;
 use crate::data::Normalization;
 use crate::io::{save_state_dict, state_dict_from_bytes};
 use crate::state::{StateDict, Stateful};

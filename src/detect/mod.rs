@@ -12,6 +12,7 @@ pub mod boxes;
 pub mod checkpoint;
 pub mod coco;
 pub mod coco_eval;
+pub mod config;
 pub mod data;
 pub mod detector;
 pub mod matcher;
@@ -25,9 +26,8 @@ pub use coco::{
     load_detections, CocoAnnotation, CocoCategory, CocoDataset, CocoDetection, CocoImage,
 };
 pub use coco_eval::{evaluate, evaluate_with, CocoEvaluation, CocoParams, STAT_NAMES};
+pub use config::DetTrainConfig;
 pub use data::{DetSample, DetSource};
 pub use detector::{DetLosses, Detection, Detector, DetectorConfig, Target};
 pub use matcher::{Match, Matcher, Sampler};
-pub use train::{
-    evaluate as evaluate_detector, train_detector, DetEval, DetEvent, DetReport, DetTrainConfig,
-};
+pub use train::{evaluate as evaluate_detector, train_detector, DetEval, DetEvent, DetReport};

@@ -6,8 +6,9 @@
 use super::checkpoint::save_checkpoint;
 use super::coco::CocoDetection;
 use super::coco_eval::{self, CocoEvaluation};
+use super::config::DetTrainConfig;
 use super::data::{batch, normalization, to_xywh, DetSource};
-use super::detector::{DetLosses, Detector, DetectorConfig};
+use super::detector::{DetLosses, Detector};
 use crate::data::Normalization;
 use crate::optim::sgd::SgdConfig;
 use crate::optim::{Optimizer, Sgd};
@@ -16,79 +17,6 @@ use crate::state::Stateful;
 use crate::{Ctx, NvError, Result};
 use rand::seq::SliceRandom;
 use std::path::Path;
-
-/// A detection run's settings (saved in its checkpoint).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DetTrainConfig {
-    pub detector: DetectorConfig,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    /// Linear warm-up from `lr · warmup_factor` over this many steps (torchvision: 1000 at factor 1e-3).
-    pub warmup_steps: u64,
-    pub warmup_factor: f64,
-    /// Fractions of the run at which the learning rate is multiplied by `gamma`.
-    pub lr_steps: Vec<f64>,
-    pub gamma: f64,
-    pub flip: bool,
-    /// Shuffling, flips and the samplers' draws.
-    pub seed: u64,
-    /// Do not train the backbone (`backbone.*`).
-    pub freeze_backbone: bool,
-}
-
-impl DetTrainConfig {
-    pub fn new(detector: DetectorConfig) -> DetTrainConfig {
-        DetTrainConfig {
-            detector,
-            epochs: 12,
-            batch_size: 2,
-            lr: 0.01,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            warmup_steps: 200,
-            warmup_factor: 1e-3,
-            lr_steps: vec![2.0 / 3.0, 8.0 / 9.0],
-            gamma: 0.1,
-            flip: true,
-            seed: 0,
-            freeze_backbone: false,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        self.detector.validate()?;
-        if self.epochs == 0 || self.batch_size == 0 {
-            return Err(NvError::Config(
-                "detection: --epochs and --batch-size must be at least 1".into(),
-            ));
-        }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            return Err(NvError::Config(format!(
-                "detection: --lr must be positive, got {}",
-                self.lr
-            )));
-        }
-        Ok(())
-    }
-
-    /// The learning rate at `step` of `total`.
-    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        let mut lr = self.lr;
-        for &f in &self.lr_steps {
-            if step as f64 >= f * total as f64 {
-                lr *= self.gamma;
-            }
-        }
-        if step < self.warmup_steps {
-            let alpha = step as f64 / self.warmup_steps as f64;
-            lr *= self.warmup_factor * (1.0 - alpha) + alpha;
-        }
-        lr
-    }
-}
 
 /// One evaluation: COCO's twelve numbers and AP per class.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
