@@ -38,6 +38,8 @@ pub enum DetSource {
         data: CocoDataset,
         images: PathBuf,
         channels: usize,
+        /// What was mended at load (boxes sticking out of their image, clipped), for the caller to show.
+        warnings: Vec<String>,
     },
 }
 
@@ -52,33 +54,89 @@ impl DetSource {
         Ok(DetSource::Scenes { gen, count })
     }
 
-    /// A COCO data set; `channels` 1 reads images as grayscale, 3 as RGB.
+    /// A COCO data set; `channels` 1 reads images as grayscale, 3 as RGB. Checked at load, with errors that
+    /// name the file and the annotation: every image file must exist; a box of zero area, or wholly outside its
+    /// image (when the image's size is given), is an error; a box that sticks out of its image is clipped to
+    /// it, with a warning ([`DetSource::warnings`]), as real COCO files need. Crowd annotations are kept for
+    /// evaluation only and are not checked.
     pub fn coco(annotations: &Path, images: &Path, channels: usize) -> Result<DetSource> {
         if channels != 1 && channels != 3 {
             return Err(NvError::Config(format!(
                 "detection: images have 1 or 3 channels, not {channels}"
             )));
         }
-        let data = CocoDataset::load(annotations)?;
+        let mut data = CocoDataset::load(annotations)?;
+        let bad = |msg: String| NvError::Format {
+            path: annotations.display().to_string(),
+            msg,
+        };
         if data.images.is_empty() || data.categories.is_empty() {
-            return Err(NvError::Format {
-                path: annotations.display().to_string(),
-                msg: "no images or no categories".into(),
-            });
+            return Err(bad("no images or no categories".into()));
         }
         for im in &data.images {
             if im.file_name.is_empty() {
-                return Err(NvError::Format {
-                    path: annotations.display().to_string(),
-                    msg: format!("image {} has no file_name", im.id),
-                });
+                return Err(bad(format!("image {} has no file_name", im.id)));
+            }
+            let p = images.join(&im.file_name);
+            if !p.is_file() {
+                return Err(bad(format!(
+                    "image {} names {}, which does not exist",
+                    im.id,
+                    p.display()
+                )));
+            }
+        }
+        let sizes: std::collections::HashMap<i64, (f64, f64)> = data
+            .images
+            .iter()
+            .map(|im| (im.id, (im.width as f64, im.height as f64)))
+            .collect();
+        let mut warnings = vec![];
+        for (k, a) in data.annotations.iter_mut().enumerate() {
+            if a.iscrowd {
+                continue;
+            }
+            let [x, y, w, h] = a.bbox;
+            if w <= 0.0 || h <= 0.0 {
+                return Err(bad(format!(
+                    "annotations[{k}] (id {}): the box {:?} has zero area",
+                    a.id, a.bbox
+                )));
+            }
+            let (iw, ih) = sizes[&a.image_id];
+            if iw <= 0.0 || ih <= 0.0 {
+                continue; // no size given: clipped to the decoded image when read
+            }
+            if x >= iw || y >= ih || x + w <= 0.0 || y + h <= 0.0 {
+                return Err(bad(format!(
+                    "annotations[{k}] (id {}): the box {:?} lies wholly outside its {iw}x{ih} image {}",
+                    a.id, a.bbox, a.image_id
+                )));
+            }
+            let (x1, y1) = (x.max(0.0), y.max(0.0));
+            let (x2, y2) = ((x + w).min(iw), (y + h).min(ih));
+            if (x1, y1, x2, y2) != (x, y, x + w, y + h) {
+                warnings.push(format!(
+                    "annotations[{k}] (id {}): the box {:?} sticks out of its {iw}x{ih} image; clipped",
+                    a.id, a.bbox
+                ));
+                a.bbox = [x1, y1, x2 - x1, y2 - y1];
             }
         }
         Ok(DetSource::Coco {
             data,
             images: images.to_path_buf(),
             channels,
+            warnings,
         })
+    }
+
+    /// What was mended at load (see [`DetSource::coco`]).
+    pub fn warnings(&self) -> &[String] {
+        match self {
+            DetSource::Coco { warnings, .. } => warnings,
+            DetSource::Scenes { .. } => &[],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -148,6 +206,7 @@ impl DetSource {
                 data,
                 images,
                 channels,
+                ..
             } => {
                 let im = &data.images[i];
                 let path = images.join(&im.file_name);
@@ -171,16 +230,19 @@ impl DetSource {
                 };
                 let labels = label_map(data);
                 let mut target = Target::default();
+                let (wf, hf) = (w as f32, h as f32);
                 for a in data
                     .annotations
                     .iter()
                     .filter(|a| a.image_id == im.id && !a.iscrowd)
                 {
                     let [x, y, bw, bh] = a.bbox.map(|v| v as f32);
-                    if bw < 1e-3 || bh < 1e-3 {
+                    // clipped to the decoded image (its size may be missing from the annotations)
+                    let b = [x.max(0.0), y.max(0.0), (x + bw).min(wf), (y + bh).min(hf)];
+                    if b[2] - b[0] < 1e-3 || b[3] - b[1] < 1e-3 {
                         continue;
                     }
-                    target.boxes.push([x, y, x + bw, y + bh]);
+                    target.boxes.push(b);
                     target.labels.push(labels[&a.category_id]);
                 }
                 Ok(DetSample {

@@ -87,6 +87,17 @@ fn test_source(
     }
 }
 
+/// Prints what loading mended (boxes clipped to their image): the first 5, then a count.
+fn show_warnings(src: &DetSource) {
+    let w = src.warnings();
+    for m in w.iter().take(5) {
+        eprintln!("warning: {m}");
+    }
+    if w.len() > 5 {
+        eprintln!("warning: ... and {} more boxes clipped", w.len() - 5);
+    }
+}
+
 /// The COCO table, then AP per class.
 pub fn print_table(ev: &CocoEvaluation, classes: &[String]) {
     print!("{}", ev.summary());
@@ -143,6 +154,8 @@ pub fn train(
         }
     };
     let test_src = test_source(d, data, &s.test, explicit, train_src.channels())?;
+    show_warnings(&train_src);
+    show_warnings(&test_src);
     let classes = train_src.class_names();
     if test_src.class_names() != classes {
         return Err(NvError::Config(format!(
@@ -346,6 +359,7 @@ pub fn eval(
     ck.detector.trunk.set_plan_options(plan.clone())?;
     ck.detector.head.set_plan_options(plan.clone())?;
     let src = test_source(d, data, t, explicit, ck.config.detector.net.in_channels)?;
+    show_warnings(&src);
     if src.class_names().len() != ck.classes.len() {
         return Err(NvError::Config(format!(
             "eval --task detect: the checkpoint has {} classes, the test data {}",
