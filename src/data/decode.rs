@@ -37,7 +37,8 @@ pub const MAX_DECODE_SIDE: u32 = 8192;
 pub const MAX_DECODE_BYTES: u64 = 256 << 20;
 
 /// Decodes one PNG/JPEG file (format from content).
-fn decode(path: &Path) -> Result<DynamicImage> {
+/// Reads and decodes one PNG/JPEG file ([`decode_bytes`]: size limits, decoder panics contained).
+pub fn decode_file(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(crate::error::io_at(path, "read"))?;
     decode_bytes(&bytes, path)
 }
@@ -134,7 +135,7 @@ pub fn to_chw(img: &DynamicImage, channels: usize, h: usize, w: usize) -> Result
 /// Loads one image file as `C * H * W` bytes (see the module docs for conversion and resizing).
 pub fn load_image(path: &Path, channels: usize, h: usize, w: usize) -> Result<Vec<u8>> {
     check_target(channels, h, w)?;
-    to_chw(&decode(path)?, channels, h, w)
+    to_chw(&decode_file(path)?, channels, h, w)
 }
 
 /// Loads one image for `predict`: a `(1, C, H, W)` batch of `x / 255` in `[0, 1]`.

@@ -6,6 +6,7 @@
 use super::boxes::BoxF;
 use super::coco::{CocoAnnotation, CocoCategory, CocoDataset, CocoImage};
 use super::detector::Target;
+use crate::data::decode::{decode_file, to_chw};
 use crate::data::scenes::SceneGenerator;
 use crate::data::Normalization;
 use crate::rng::derive_rng;
@@ -209,25 +210,9 @@ impl DetSource {
                 ..
             } => {
                 let im = &data.images[i];
-                let path = images.join(&im.file_name);
-                let img = image::open(&path).map_err(|e| NvError::Format {
-                    path: path.display().to_string(),
-                    msg: format!("cannot decode image: {e}"),
-                })?;
+                let img = decode_file(&images.join(&im.file_name))?;
                 let (w, h) = (img.width() as usize, img.height() as usize);
-                let pixels = if *channels == 1 {
-                    img.to_luma8().into_raw()
-                } else {
-                    // HWC to CHW
-                    let rgb = img.to_rgb8().into_raw();
-                    let mut p = vec![0u8; 3 * h * w];
-                    for (k, px) in rgb.chunks_exact(3).enumerate() {
-                        for c in 0..3 {
-                            p[c * h * w + k] = px[c];
-                        }
-                    }
-                    p
-                };
+                let pixels = to_chw(&img, *channels, h, w)?;
                 let labels = label_map(data);
                 let mut target = Target::default();
                 let (wf, hf) = (w as f32, h as f32);

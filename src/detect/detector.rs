@@ -499,8 +499,6 @@ impl Detector {
                 .roi
                 .backward(&dpooled.view(), &rois.view(), features.shape())?;
         }
-        let features_shape = features.raw_dim();
-        debug_assert_eq!(dfeatures.raw_dim(), features_shape);
         self.trunk
             .backward(&[images], &[&dfeatures, &dobj, &ddel], ctx, false)?;
         if !losses.total().is_finite() {
@@ -564,15 +562,9 @@ impl Detector {
         }
         for (i, (b, s, c)) in per_image.into_iter().enumerate() {
             let big = keep_large(&b, 1e-2);
-            let (b, s, c): (Vec<BoxF>, Vec<f32>, Vec<usize>) = big
-                .iter()
-                .map(|&j| (b[j], s[j], c[j]))
-                .fold((vec![], vec![], vec![]), |mut acc, x| {
-                    acc.0.push(x.0);
-                    acc.1.push(x.1);
-                    acc.2.push(x.2);
-                    acc
-                });
+            let b: Vec<BoxF> = big.iter().map(|&j| b[j]).collect();
+            let s: Vec<f32> = big.iter().map(|&j| s[j]).collect();
+            let c: Vec<usize> = big.iter().map(|&j| c[j]).collect();
             let mut keep = batched_nms(&b, &s, &c, self.cfg.box_nms_thresh);
             keep.truncate(self.cfg.detections_per_image);
             out[i] = keep

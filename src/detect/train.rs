@@ -4,7 +4,7 @@
 //! after every epoch.
 
 use super::checkpoint::save_checkpoint;
-use super::coco::CocoDetection;
+use super::coco::{CocoDataset, CocoDetection};
 use super::coco_eval::{self, CocoEvaluation};
 use super::config::DetTrainConfig;
 use super::data::{batch, normalization, to_xywh, DetSource};
@@ -62,6 +62,17 @@ pub fn evaluate(
     norm: &Normalization,
     batch_size: usize,
 ) -> Result<(CocoEvaluation, Vec<CocoDetection>)> {
+    evaluate_against(det, src, &src.ground_truth()?, norm, batch_size)
+}
+
+/// [`evaluate`] against `gt`, `src`'s ground truth already built (a run evaluates every epoch).
+fn evaluate_against(
+    det: &mut Detector,
+    src: &DetSource,
+    gt: &CocoDataset,
+    norm: &Normalization,
+    batch_size: usize,
+) -> Result<(CocoEvaluation, Vec<CocoDetection>)> {
     let cats = src.category_ids();
     let mut out = vec![];
     let idx: Vec<usize> = (0..src.len()).collect();
@@ -82,8 +93,7 @@ pub fn evaluate(
             }
         }
     }
-    let gt = src.ground_truth()?;
-    Ok((coco_eval::evaluate(&gt, &out), out))
+    Ok((coco_eval::evaluate(gt, &out), out))
 }
 
 fn sgd(cfg: &DetTrainConfig) -> Result<Sgd> {
@@ -131,6 +141,7 @@ pub fn train_detector(
         }
     }
     let (mut opt_trunk, mut opt_head) = (sgd(cfg)?, sgd(cfg)?);
+    let test_gt = test.ground_truth()?;
     let per_epoch = train.len().div_ceil(cfg.batch_size) as u64;
     let total = per_epoch * cfg.epochs as u64;
     let mut step = 0u64;
@@ -192,7 +203,7 @@ pub fn train_detector(
             classifier: sum.classifier / k,
             box_reg: sum.box_reg / k,
         };
-        let (ev, _) = evaluate(det, test, &norm, 8)?;
+        let (ev, _) = evaluate_against(det, test, &test_gt, &norm, 8)?;
         let e = DetEval {
             epoch: epoch + 1,
             stats: ev.stats,

@@ -166,6 +166,14 @@ impl RoiAlign {
         }
     }
 
+    /// The samples of every region.
+    fn plans<T: Real>(&self, rois: &ArrayView2<'_, T>, h: usize, w: usize) -> Vec<RegionPlan<T>> {
+        rois.rows()
+            .into_iter()
+            .map(|r| self.plan(&r.to_vec(), h, w))
+            .collect()
+    }
+
     /// The pooled features of each region: `x` is (N, C, H, W), `rois` is (K, 5); the output is
     /// (K, C, out_h, out_w).
     pub fn forward<T: Real>(
@@ -179,11 +187,7 @@ impl RoiAlign {
         let k_n = rois.nrows();
         let x = x.as_standard_layout();
         let xs = x.as_slice().expect("standard layout");
-        let plans: Vec<RegionPlan<T>> = rois
-            .rows()
-            .into_iter()
-            .map(|r| self.plan(&r.to_vec(), h, w))
-            .collect();
+        let plans = self.plans(rois, h, w);
         let bins = ph_n * pw_n;
         let mut out = vec![T::zero(); k_n * c * bins];
         if !out.is_empty() {
@@ -234,11 +238,7 @@ impl RoiAlign {
         }
         let dy = dy.as_standard_layout();
         let g = dy.as_slice().expect("standard layout");
-        let plans: Vec<RegionPlan<T>> = rois
-            .rows()
-            .into_iter()
-            .map(|r| self.plan(&r.to_vec(), h, w))
-            .collect();
+        let plans = self.plans(rois, h, w);
         let bins = ph_n * pw_n;
         let mut dx = vec![T::zero(); n * c * h * w];
         if !dx.is_empty() {

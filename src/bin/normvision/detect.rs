@@ -404,23 +404,10 @@ pub fn predict(
     let c = ck.config.detector.net.in_channels;
     let palette = normvision::io::scene_files::voc_palette();
     for path in images {
-        let img = image::open(path).map_err(|e| NvError::Format {
-            path: path.display().to_string(),
-            msg: format!("cannot decode image: {e}"),
-        })?;
+        let img = normvision::data::decode::decode_file(path)?;
         let (w, h) = (img.width() as usize, img.height() as usize);
         let rgb = img.to_rgb8().into_raw();
-        let pixels = if c == 1 {
-            img.to_luma8().into_raw()
-        } else {
-            let mut p = vec![0u8; 3 * h * w];
-            for (k, px) in rgb.chunks_exact(3).enumerate() {
-                for ch in 0..3 {
-                    p[ch * h * w + k] = px[ch];
-                }
-            }
-            p
-        };
+        let pixels = normvision::data::decode::to_chw(&img, c, h, w)?;
         let sample = normvision::detect::DetSample {
             pixels,
             channels: c,
