@@ -85,7 +85,15 @@ impl MpiComm {
 
     /// Ends every rank of the job (`MPI_Abort`) after printing `msg` on this rank's standard error.
     pub fn abort(&self, msg: &str, code: i32) -> ! {
-        eprintln!("normvision: rank {} of {}: {msg}", self.rank, self.size);
+        // One write: `eprintln!` writes the pieces of its format one by one to the
+        // unbuffered stderr, and mpirun's own abort banner can land between them.
+        let line = format!("normvision: rank {} of {}: {msg}\n", self.rank, self.size);
+        {
+            use std::io::Write;
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(line.as_bytes());
+            let _ = err.flush();
+        }
         match self.world.lock() {
             Ok(w) => w.abort(code),
             Err(p) => p.into_inner().abort(code),
