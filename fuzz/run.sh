@@ -3,13 +3,13 @@
 # in-process (persistent mode), under a 2 GB address-space limit (afl-fuzz -m 2048 sets RLIMIT_AS), for at least
 # EXECS executions each. Prints each target's executions, edge coverage and crashes; copies crash inputs to
 # fuzz/crashes/<target>/ (replayed by tests/fuzz_replay.rs) and the minimised queue to fuzz/corpus/<target>/.
-#   bash fuzz/run.sh [EXECS] [TARGETS...]      e.g. bash fuzz/run.sh 1000000 idx checkpoint image onnx
+#   bash fuzz/run.sh [EXECS] [TARGETS...]      e.g. bash fuzz/run.sh 1000000 idx checkpoint image onnx coco
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 EXECS=${1:-1000000}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(idx checkpoint image onnx)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(idx checkpoint image onnx coco)
 if ! command -v afl-fuzz >/dev/null; then apt-get update && apt-get install -y afl++; fi
 if ! cargo afl --version >/dev/null 2>&1; then cargo install cargo-afl; fi
 cargo afl build --release --quiet

@@ -5,3 +5,6 @@
 pub use crate::kernels::{arena, lanes, moments};
 pub use crate::nn::conv::{one_channel, winograd};
 pub use crate::norm::batch::{maxpool, planes, rows, stats};
+
+/// The parsers' fuzz targets (here, above every floor, because they span `train`, `io` and `detect`).
+pub mod fuzz;

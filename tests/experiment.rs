@@ -283,3 +283,47 @@ fn seg_norm_quick_compares_the_norms_and_syncbn_matches_bn() {
         "the per-epoch plot"
     );
 }
+
+#[test]
+fn det_norm_quick_trains_the_four_detectors_from_their_pretrained_backbones() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run("det-norm", dir.path());
+    // 4 variants x 1 seed, each a trained and COCO-evaluated run
+    let recs = records(&r);
+    assert_eq!(recs.len(), 4);
+    let variants: std::collections::BTreeSet<&str> = recs
+        .iter()
+        .map(|x| x["key"]["variant"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        variants.into_iter().collect::<Vec<_>>(),
+        ["bn-2fc", "frozen-2fc", "frozen-gn", "gn-gn"]
+    );
+    for rec in recs {
+        let res = &rec["result"];
+        let stats = res["stats"].as_array().unwrap();
+        assert_eq!(stats.len(), 12, "{rec}");
+        // AP and AP50 are defined (the test scenes have objects) and within [0, 1]
+        for s in &stats[..2] {
+            assert!((0.0..=1.0).contains(&s.as_f64().unwrap()), "{rec}");
+        }
+        assert_eq!(res["ap_per_epoch"].as_array().unwrap().len(), 1);
+        assert!(res["train_img_s"].as_f64().unwrap() > 0.0);
+        // every backbone starts from a classifier that learned something (10 classes: chance is 10%)
+        assert!(
+            res["pretrained_test_accuracy"].as_f64().unwrap() > 0.3,
+            "{rec}"
+        );
+        let norm = rec["key"]["config"]["detector"]["net"]["backbone_norm"]
+            .as_str()
+            .unwrap();
+        let want = match rec["key"]["variant"].as_str().unwrap() {
+            "gn-gn" => "group",
+            "bn-2fc" => "batch",
+            _ => "frozen",
+        };
+        assert_eq!(norm, want, "{rec}");
+    }
+    assert_eq!(r["verdicts"].as_array().unwrap().len(), 3);
+    assert!(dir.path().join("det-norm.svg").is_file());
+}

@@ -1,5 +1,5 @@
 //! Replays the fuzz corpora and every crash the fuzzer found (`fuzz/corpus/<target>/`, `fuzz/crashes/<target>/`)
-//! through the same targets AFL++ ran (`normvision::train::fuzz`), as plain tests, under an address-space limit
+//! through the same targets AFL++ ran (`normvision::internals::fuzz`), as plain tests, under an address-space limit
 //! (RLIMIT_AS, as in the fuzz runs): an input that claims a huge tensor or image must be refused, not
 //! allocated. The long fuzz runs are documented in docs/RELIABILITY.md; `bash fuzz/run.sh` reproduces them.
 
@@ -50,7 +50,7 @@ fn replay(target: &str, f: fn(&[u8])) -> usize {
 #[test]
 fn fuzz_corpora_and_crashes_replay_without_a_panic_or_an_abort() {
     limit_address_space();
-    for (name, f) in normvision::train::fuzz::TARGETS {
+    for (name, f) in normvision::internals::fuzz::TARGETS {
         let n = replay(name, f);
         assert!(n > 0, "{name}: empty corpus");
         eprintln!("{name}: {n} inputs replayed");

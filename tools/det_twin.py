@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The torchvision twin of normvision's Faster R-CNN (src/model/faster_rcnn.rs, src/detect/detector.rs): golden
-fixtures and a side-by-side speed run.
+fixtures, a side-by-side speed run, and the training recipe side by side.
 
     tools/.venv/bin/python tools/det_twin.py golden             # tests/fixtures/detect/faster_rcnn_*.safetensors
     tools/.venv/bin/python tools/det_twin.py bench [--threads 2] [--batch 2] [--side 128] [--json]
+    tools/.venv/bin/python tools/det_twin.py compare [--seeds 0 1 2] [--scenes 800] [--epochs 4]
+    tools/.venv/bin/python tools/det_twin.py train --init INIT --train DIR --test DIR
 
 The twin is torchvision's own `FasterRCNN` with normvision's parts: the backbone is seg_twin.py's ResNet-14
 (last stage dilated, output stride 8) with `out_channels`, the RPN head torchvision's `RPNHead`, the anchors
@@ -17,6 +19,16 @@ golden   one training step (the four losses, then the backward of their sum) of 
          samplers set to take every anchor and every proposal (batch per image 10^5, positive fraction 1), so
          that the step is deterministic: `init.<key>`, `x`, `boxes.<i>`, `labels.<i>`, `loss.<name>`,
          `grad.<param>`. Metadata `meta`: the FasterRcnnConfig/DetectorConfig normvision builds.
+train    `train --task detect`'s recipe in torchvision from normvision's initial weights (`--save-init`, whose
+         metadata holds the configuration, the input normalization and the seed) on scenes on disk: SGD with
+         momentum and weight decay over the trainable parameters, the linear warm-up and the two ÷10 steps of
+         DetTrainConfig::lr_at, flips with probability ½; pycocotools' twelve numbers on the test scenes after
+         every epoch. Its own data order and samplers' draws (torch.randperm cannot be reproduced).
+eval     a normvision checkpoint through torchvision's inference and pycocotools (same weights, both engines).
+compare  the twin comparison of docs/results/detection-vs-torch.md: writes the scenes (`normvision scenes`),
+         pre-trains the resnet14 BN classifier, then for each seed trains normvision (frozen BN backbone from
+         the classifier, two-FC head) and the twin from the same initial weights; appends one JSON line per run
+         to --results (seeds already there are skipped) and prints mean, std and spread of AP50 and AP.
 bench    a training step (zero_grad, forward with losses, backward) and inference of the default detector
          (frozen BN, two-FC head, 11 classes, 1 x side x side scenes with three boxes each) against
          `normvision bench --task detect --json` in the same run. Prints a table, or --json lines with the keys
@@ -214,6 +226,224 @@ def bench(args) -> None:
             print(f"{mode:>9}: torchvision {t:8.1f} img/s, normvision {n:8.1f} img/s, speedup {n / t:.2f}x")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# the reference recipe: train --task detect in torchvision
+# --------------------------------------------------------------------------------------------------------------
+
+def read_coco(d: Path):
+    """A scenes directory (`normvision scenes`): grayscale images as uint8 arrays, training targets (crowds
+    dropped, as torchvision's references do; labels 1..K over the sorted category ids, as normvision numbers
+    them), the category ids, and the pycocotools ground truth."""
+    import contextlib
+    import io
+    import numpy as np
+    from PIL import Image
+    from pycocotools.coco import COCO
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(d / "annotations.json"))
+    cats = sorted(gt.getCatIds())
+    label = {c: k + 1 for k, c in enumerate(cats)}
+    ids = sorted(gt.getImgIds())
+    imgs, targets = [], []
+    for i in ids:
+        info = gt.loadImgs(i)[0]
+        imgs.append(np.array(Image.open(d / "images" / info["file_name"]).convert("L")))
+        anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=i)) if not a.get("iscrowd", 0)]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        targets.append({"boxes": boxes, "labels": torch.tensor([label[a["category_id"]] for a in anns],
+                                                                  dtype=torch.int64)})
+    return ids, imgs, targets, cats, gt
+
+
+def coco_stats(model, ids, imgs, cats, gt, mean, std, batch=8):
+    """pycocotools' twelve numbers for the model's detections of `imgs`."""
+    import contextlib
+    import io
+    from pycocotools.cocoeval import COCOeval
+    model.eval()
+    dets = []
+    with torch.inference_mode():
+        for s0 in range(0, len(imgs), batch):
+            xs = [(torch.from_numpy(im).float()[None] / 255.0 - mean) / std for im in imgs[s0:s0 + batch]]
+            for i, out in zip(ids[s0:s0 + batch], model(xs)):
+                for b, l, sc in zip(out["boxes"].tolist(), out["labels"].tolist(), out["scores"].tolist()):
+                    dets.append({"image_id": i, "category_id": cats[l - 1], "bbox": [b[0], b[1], b[2] - b[0],
+                                 b[3] - b[1]], "score": sc})
+    if not dets:
+        return [0.0] * 12
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(v) for v in ev.stats]
+
+
+def lr_at(step, total, lr, warmup, factor=1e-3, fractions=(2 / 3, 8 / 9), gamma=0.1):
+    """DetTrainConfig::lr_at."""
+    for f in fractions:
+        if step >= f * total:
+            lr *= gamma
+    if step < warmup:
+        a = step / warmup
+        lr *= factor * (1 - a) + a
+    return lr
+
+
+def train(args) -> list:
+    """Trains torchvision's twin from `args.init` (`normvision train --task detect --save-init`) with the
+    recipe in its metadata; prints one line per epoch and returns the per-epoch records."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    torch.set_num_threads(args.threads)
+    with safe_open(args.init, "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    norm = json.loads(meta["normalization"])
+    seed = int(meta["seed"])
+    mean, std = norm["mean"][0], norm["std"][0]
+    ids, imgs, targets, cats, _ = read_coco(Path(args.train))
+    tids, timgs, _, tcats, tgt = read_coco(Path(args.test))
+    side = imgs[0].shape[0]
+    model = build(cfg["detector"], side)
+    model.load_state_dict(load_file(args.init), strict=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    g = torch.Generator().manual_seed(seed)
+    n, bsz = len(imgs), cfg["batch_size"]
+    per_epoch = (n + bsz - 1) // bsz
+    total = per_epoch * cfg["epochs"]
+    step, out = 0, []
+    for e in range(cfg["epochs"]):
+        model.train()
+        order = torch.randperm(n, generator=g).tolist()
+        t0 = time.perf_counter()
+        sums = {}
+        for b in range(per_epoch):
+            idx = order[b * bsz:(b + 1) * bsz]
+            xs, ts = [], []
+            for i in idx:
+                x = (torch.from_numpy(imgs[i]).float()[None] / 255.0 - mean) / std
+                t = {k: v.clone() for k, v in targets[i].items()}
+                if cfg["flip"] and torch.rand(1, generator=g).item() < 0.5:
+                    x = x.flip(-1)
+                    bx = t["boxes"]
+                    t["boxes"] = torch.stack([side - bx[:, 2], bx[:, 1], side - bx[:, 0], bx[:, 3]], 1)
+                xs.append(x)
+                ts.append(t)
+            lr = lr_at(step, total, cfg["lr"], cfg["warmup_steps"], cfg["warmup_factor"], cfg["lr_steps"],
+                       cfg["gamma"])
+            for grp in opt.param_groups:
+                grp["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            losses = model(xs, ts)
+            sum(losses.values()).backward()
+            opt.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            step += 1
+        secs = time.perf_counter() - t0
+        stats = coco_stats(model, tids, timgs, tcats, tgt, mean, std)
+        r = {"epoch": e + 1, "step": step, "losses": {k: v / per_epoch for k, v in sums.items()},
+             "stats": stats, "train_img_s": n / secs, "secs": secs}
+        out.append(r)
+        print(json.dumps(r) if args.json else
+              f"epoch {e + 1}: AP {stats[0]:.3f} AP50 {stats[1]:.3f} AP75 {stats[2]:.3f} ({secs:.0f} s, "
+              f"{n / secs:.1f} img/s)", flush=True)
+    return out
+
+
+def evaluate_weights(args) -> None:
+    """Evaluates a normvision detection checkpoint (or --save-init file) in torchvision on test scenes: the
+    same weights through torchvision's inference and pycocotools, against normvision's own evaluation."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    torch.set_num_threads(args.threads)
+    with safe_open(args.weights, "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    norm = json.loads(meta["normalization"])
+    tids, timgs, _, tcats, tgt = read_coco(Path(args.test))
+    model = build(cfg["detector"], timgs[0].shape[0])
+    model.load_state_dict(load_file(args.weights), strict=True)
+    stats = coco_stats(model, tids, timgs, tcats, tgt, norm["mean"][0], norm["std"][0])
+    print(json.dumps({"weights": args.weights, "stats": dict(zip(STAT_KEYS, stats))}))
+
+
+def compare(args) -> None:
+    """For each seed: normvision trains (`train --task detect` from the pre-trained backbone, on the scenes on
+    disk, writing its initial weights), then the twin trains from those weights. One JSON line per run is
+    appended to --results; seeds already there are skipped, so that the comparison resumes."""
+    nv = str(ROOT / "target/release/normvision")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    th = ["--threads", str(args.threads)]
+    for split, seed, count in [("train", 0, args.scenes), ("test", 1, args.test_scenes)]:
+        d = work / f"scenes-{split}"
+        if not (d / "annotations.json").is_file():
+            subprocess.run([nv, *th, "scenes", "--out", str(d), "--size", str(args.side), "--count", str(count),
+                            "--seed", str(seed), "--split", split], check=True)
+    pre = work / "resnet14-bn.safetensors"
+    if not pre.is_file():
+        subprocess.run([nv, *th, "train", "--model", "resnet14", "--norm", "batch", "--epochs",
+                        str(args.pre_epochs), "--out", str(pre), "--quiet"], check=True)
+    results = Path(args.results)
+    done = set()
+    if results.is_file():
+        done = {(r["impl"], r["seed"]) for r in map(json.loads, results.read_text().splitlines()) if r.strip()}
+    for seed in args.seeds:
+        init = work / f"init-{seed}.safetensors"
+        if ("normvision", seed) not in done:
+            t0 = time.perf_counter()
+            p = subprocess.run([nv, *th, "train", "--task", "detect", "--coco",
+                                str(work / "scenes-train/annotations.json"), "--coco-images",
+                                str(work / "scenes-train/images"), "--test-coco",
+                                str(work / "scenes-test/annotations.json"), "--test-coco-images",
+                                str(work / "scenes-test/images"), "--channels", "1", "--epochs", str(args.epochs),
+                                "--seed", str(seed), "--backbone-from", str(pre), "--save-init", str(init),
+                                "--out", str(work / f"nv-{seed}.safetensors"), "--json", "--quiet"],
+                               check=True, capture_output=True, text=True)
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            rec = {"impl": "normvision", "seed": seed, "stats": [r["stats"][k] for k in STAT_KEYS],
+                   "ap50_per_epoch": [e["stats"][1] for e in r["evals"]], "train_img_s": r["train_img_s"],
+                   "seconds": time.perf_counter() - t0}
+            with results.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(rec, flush=True)
+        if ("torchvision", seed) not in done:
+            t0 = time.perf_counter()
+            targs = argparse.Namespace(init=str(init), train=str(work / "scenes-train"),
+                                       test=str(work / "scenes-test"), threads=args.threads, json=True)
+            eps = train(targs)
+            rec = {"impl": "torchvision", "seed": seed, "stats": eps[-1]["stats"],
+                   "ap50_per_epoch": [e["stats"][1] for e in eps],
+                   "train_img_s": sum(e["train_img_s"] for e in eps) / len(eps),
+                   "torch": torch.__version__, "seconds": time.perf_counter() - t0}
+            with results.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(rec, flush=True)
+    summarize(results)
+
+
+STAT_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+
+
+def summarize(results: Path) -> None:
+    import statistics as st
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    print(f"{'':>12} {'seeds':>5} {'AP50 mean':>9} {'std':>6} {'spread':>6} {'AP mean':>8} {'std':>6} {'img/s':>6}")
+    for impl in ["normvision", "torchvision"]:
+        rs = [r for r in rows if r["impl"] == impl]
+        if not rs:
+            continue
+        a50 = [100 * r["stats"][1] for r in rs]
+        ap = [100 * r["stats"][0] for r in rs]
+        sd = (lambda v: st.stdev(v) if len(v) > 1 else 0.0)
+        print(f"{impl:>12} {len(rs):>5} {st.mean(a50):>9.2f} {sd(a50):>6.2f} {max(a50) - min(a50):>6.2f} "
+              f"{st.mean(ap):>8.2f} {sd(ap):>6.2f} {st.mean(r['train_img_s'] for r in rs):>6.1f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -226,11 +456,37 @@ def main() -> int:
     b.add_argument("--steps", type=int, default=10)
     b.add_argument("--warmup", type=int, default=3)
     b.add_argument("--json", action="store_true")
+    t = sub.add_parser("train")
+    t.add_argument("--init", required=True)
+    t.add_argument("--train", required=True, help="a scenes directory (annotations.json, images/)")
+    t.add_argument("--test", required=True)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--json", action="store_true")
+    e = sub.add_parser("eval")
+    e.add_argument("--weights", required=True, help="a detection checkpoint or --save-init file of normvision")
+    e.add_argument("--test", required=True, help="a scenes directory (annotations.json, images/)")
+    e.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("compare")
+    c.add_argument("--work", default="runs/det-twin")
+    c.add_argument("--results", default=str(ROOT / "docs/results/detection-vs-torch.jsonl"))
+    c.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    c.add_argument("--scenes", type=int, default=800)
+    c.add_argument("--test-scenes", type=int, default=200)
+    c.add_argument("--side", type=int, default=128)
+    c.add_argument("--epochs", type=int, default=4)
+    c.add_argument("--pre-epochs", type=int, default=2)
+    c.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.cmd == "golden":
         golden(Path(args.out))
-    else:
+    elif args.cmd == "bench":
         bench(args)
+    elif args.cmd == "train":
+        train(args)
+    elif args.cmd == "eval":
+        evaluate_weights(args)
+    else:
+        compare(args)
     return 0
 
 

@@ -226,7 +226,15 @@ impl CocoDataset {
 /// be an image of `gt`; a detection of a category that `gt` does not have is kept here and skipped by the
 /// evaluation, as pycocotools skips it.
 pub fn load_detections(path: &Path, gt: &CocoDataset) -> Result<Vec<CocoDetection>> {
-    let root = read_json(path)?;
+    detections_from_json(&read_json(path)?, path, gt)
+}
+
+/// [`load_detections`] from parsed JSON; `path` only names the source in errors.
+pub fn detections_from_json(
+    root: &Value,
+    path: &Path,
+    gt: &CocoDataset,
+) -> Result<Vec<CocoDetection>> {
     let arr = root.as_array().ok_or_else(|| {
         bad(
             path,

@@ -23,6 +23,11 @@ pub struct DetTrainConfig {
     pub seed: u64,
     /// Do not train the backbone (`backbone.*`).
     pub freeze_backbone: bool,
+    /// In data-parallel training, the backbone's BatchNorms take their statistics over every rank's images
+    /// (SyncBN, `--backbone-norm sync`). Written only when set, so that configurations (and the experiments'
+    /// cache keys) from before it read and compare as they were.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sync_bn: bool,
 }
 
 impl DetTrainConfig {
@@ -41,6 +46,7 @@ impl DetTrainConfig {
             flip: true,
             seed: 0,
             freeze_backbone: false,
+            sync_bn: false,
         }
     }
 
@@ -50,6 +56,12 @@ impl DetTrainConfig {
             return Err(NvError::Config(
                 "detection: --epochs and --batch-size must be at least 1".into(),
             ));
+        }
+        if self.sync_bn && self.detector.net.backbone_norm != crate::model::NormKind::Batch {
+            return Err(NvError::Config(format!(
+                "detection: SyncBN synchronizes a BatchNorm backbone, not a {} one",
+                self.detector.net.backbone_norm.as_str()
+            )));
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(NvError::Config(format!(

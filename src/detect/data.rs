@@ -87,43 +87,7 @@ impl DetSource {
                 )));
             }
         }
-        let sizes: std::collections::HashMap<i64, (f64, f64)> = data
-            .images
-            .iter()
-            .map(|im| (im.id, (im.width as f64, im.height as f64)))
-            .collect();
-        let mut warnings = vec![];
-        for (k, a) in data.annotations.iter_mut().enumerate() {
-            if a.iscrowd {
-                continue;
-            }
-            let [x, y, w, h] = a.bbox;
-            if w <= 0.0 || h <= 0.0 {
-                return Err(bad(format!(
-                    "annotations[{k}] (id {}): the box {:?} has zero area",
-                    a.id, a.bbox
-                )));
-            }
-            let (iw, ih) = sizes[&a.image_id];
-            if iw <= 0.0 || ih <= 0.0 {
-                continue; // no size given: clipped to the decoded image when read
-            }
-            if x >= iw || y >= ih || x + w <= 0.0 || y + h <= 0.0 {
-                return Err(bad(format!(
-                    "annotations[{k}] (id {}): the box {:?} lies wholly outside its {iw}x{ih} image {}",
-                    a.id, a.bbox, a.image_id
-                )));
-            }
-            let (x1, y1) = (x.max(0.0), y.max(0.0));
-            let (x2, y2) = ((x + w).min(iw), (y + h).min(ih));
-            if (x1, y1, x2, y2) != (x, y, x + w, y + h) {
-                warnings.push(format!(
-                    "annotations[{k}] (id {}): the box {:?} sticks out of its {iw}x{ih} image; clipped",
-                    a.id, a.bbox
-                ));
-                a.bbox = [x1, y1, x2 - x1, y2 - y1];
-            }
-        }
+        let warnings = check_annotations(&mut data, annotations)?;
         Ok(DetSource::Coco {
             data,
             images: images.to_path_buf(),
@@ -298,6 +262,59 @@ fn label_map(data: &CocoDataset) -> std::collections::HashMap<i64, usize> {
         .enumerate()
         .map(|(k, c)| (c.id, k + 1))
         .collect()
+}
+
+/// The checks [`DetSource::coco`] makes of a COCO data set's boxes, `path` naming it in errors: a non-crowd box
+/// of zero area, or wholly outside its image (when the image's size is given), is an error naming the
+/// annotation; a box that sticks out of its image is clipped to it, and the returned warnings name each one.
+pub fn check_annotations(data: &mut CocoDataset, path: &Path) -> Result<Vec<String>> {
+    let bad = |msg: String| NvError::Format {
+        path: path.display().to_string(),
+        msg,
+    };
+    let sizes: std::collections::HashMap<i64, (f64, f64)> = data
+        .images
+        .iter()
+        .map(|im| (im.id, (im.width as f64, im.height as f64)))
+        .collect();
+    let mut warnings = vec![];
+    for (k, a) in data.annotations.iter_mut().enumerate() {
+        if a.iscrowd {
+            continue;
+        }
+        let [x, y, w, h] = a.bbox;
+        if w <= 0.0 || h <= 0.0 {
+            return Err(bad(format!(
+                "annotations[{k}] (id {}): the box {:?} has zero area",
+                a.id, a.bbox
+            )));
+        }
+        let Some(&(iw, ih)) = sizes.get(&a.image_id) else {
+            return Err(bad(format!(
+                "annotations[{k}] (id {}): image_id {} is not in \"images\"",
+                a.id, a.image_id
+            )));
+        };
+        if iw <= 0.0 || ih <= 0.0 {
+            continue; // no size given: clipped to the decoded image when read
+        }
+        if x >= iw || y >= ih || x + w <= 0.0 || y + h <= 0.0 {
+            return Err(bad(format!(
+                "annotations[{k}] (id {}): the box {:?} lies wholly outside its {iw}x{ih} image {}",
+                a.id, a.bbox, a.image_id
+            )));
+        }
+        let (x1, y1) = (x.max(0.0), y.max(0.0));
+        let (x2, y2) = ((x + w).min(iw), (y + h).min(ih));
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h) {
+            warnings.push(format!(
+                "annotations[{k}] (id {}): the box {:?} sticks out of its {iw}x{ih} image; clipped",
+                a.id, a.bbox
+            ));
+            a.bbox = [x1, y1, x2 - x1, y2 - y1];
+        }
+    }
+    Ok(warnings)
 }
 
 /// Per-channel mean and std of pixel / 255 over the first `limit` samples.

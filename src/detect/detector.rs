@@ -330,6 +330,21 @@ impl Detector {
         seed: u64,
         step: u64,
     ) -> Result<DetLosses> {
+        self.train_step_at(images, targets, ctx, seed, step, 0)
+    }
+
+    /// [`Detector::train_step`] of the images at positions `first..` of a global batch (a rank's slice in
+    /// data-parallel training): each image's samplers draw from its global position, so that the ranks
+    /// sample what one process sampling the whole batch would.
+    pub fn train_step_at(
+        &mut self,
+        images: &ArrayD<f32>,
+        targets: &[Target],
+        ctx: Ctx,
+        seed: u64,
+        step: u64,
+        first: usize,
+    ) -> Result<DetLosses> {
         self.check_images(images)?;
         let n = images.shape()[0];
         if targets.len() != n {
@@ -368,7 +383,8 @@ impl Detector {
         for (i, t) in targets.iter().enumerate() {
             let iou = box_iou(&t.boxes, &anchors);
             let m = matcher.matches(&iou, t.boxes.len(), anchors.len());
-            let (pos, neg) = sampler.sample(&m, seed, step.wrapping_mul(1 << 20) ^ i as u64);
+            let (pos, neg) =
+                sampler.sample(&m, seed, step.wrapping_mul(1 << 20) ^ (first + i) as u64);
             n_sampled += pos.len() + neg.len();
             sampled_rpn.push((i, pos, neg, m));
         }
@@ -430,7 +446,7 @@ impl Detector {
             let (pos, neg) = head_sampler.sample(
                 &m,
                 seed,
-                (step.wrapping_mul(1 << 20) ^ i as u64) ^ (1 << 60),
+                (step.wrapping_mul(1 << 20) ^ (first + i) as u64) ^ (1 << 60),
             );
             let mut chosen: Vec<usize> = pos.iter().chain(&neg).copied().collect();
             chosen.sort_unstable();

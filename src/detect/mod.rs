@@ -30,4 +30,7 @@ pub use config::DetTrainConfig;
 pub use data::{DetSample, DetSource};
 pub use detector::{DetLosses, Detection, Detector, DetectorConfig, Target};
 pub use matcher::{Match, Matcher, Sampler};
-pub use train::{evaluate as evaluate_detector, train_detector, DetEval, DetEvent, DetReport};
+pub use train::{
+    evaluate as evaluate_detector, train_detector, train_detector_distributed, DetEval, DetEvent,
+    DetReport,
+};

@@ -13,6 +13,7 @@
 //! | `shift` | re-estimating BN statistics on shifted test data recovers accuracy (AdaBN, Schneider et al.'s N/n mix) | [`shift`] |
 //! | `finetune` | BN fine-tuned at small batches loses to frozen BN (Wu & He 2018 §4.2) | [`finetune`] |
 //! | `seg-norm` | in segmentation (DeepLabV3 on garment scenes) BN breaks at small batches; GN, a frozen BN backbone and SyncBN do not | [`seg_norm`] |
+//! | `det-norm` | in detection (Faster R-CNN at batch 2) a GN head beats a head without norm, a GN backbone adds to it, fine-tuning BN loses to frozen BN (Wu & He 2018 §6) | [`det_norm`] |
 //!
 //! `--quick` runs each in well under a minute (CI runs them), on subsets of the data; the full runs are what the
 //! committed results in `docs/results/` come from. Every setting's result is cached as a small JSON under
@@ -21,6 +22,7 @@
 
 pub mod batch_size;
 pub mod convergence;
+pub mod det_norm;
 pub mod finetune;
 pub mod init;
 pub mod landscape;
@@ -55,7 +57,7 @@ pub struct ExperimentOptions {
 }
 
 /// The experiments, by command-line name, in the suite's order.
-pub const NAMES: [&str; 9] = [
+pub const NAMES: [&str; 10] = [
     "convergence",
     "mlp-sigmoid",
     "init",
@@ -65,6 +67,7 @@ pub const NAMES: [&str; 9] = [
     "shift",
     "finetune",
     "seg-norm",
+    "det-norm",
 ];
 
 /// Runs experiment `name`, returning its report (also written to `opts.out`).
@@ -79,6 +82,7 @@ pub fn run(name: &str, opts: &ExperimentOptions) -> Result<report::Report> {
         "shift" => shift::run(opts)?,
         "finetune" => finetune::run(opts)?,
         "seg-norm" => seg_norm::run(opts)?,
+        "det-norm" => det_norm::run(opts)?,
         other => {
             return Err(crate::NvError::Config(format!(
                 "unknown experiment {other:?}; the experiments are: {}",
@@ -97,6 +101,39 @@ pub(crate) fn fashion(opts: &ExperimentOptions) -> Result<(Arc<Dataset>, Arc<Dat
         Arc::new(fashion_mnist::load(d, fashion_mnist::Split::Train)?),
         Arc::new(fashion_mnist::load(d, fashion_mnist::Split::Test)?),
     ))
+}
+
+/// A ResNet-14 classifier with `norm`, trained on Fashion-MNIST at the classification reference recipe for
+/// `epochs` (on the first `limit` training images, all when 0; tested on 2000): the backbone the dense-task
+/// experiments start from, as its state dict and test accuracy. `who` names the experiment in progress lines.
+pub(crate) fn pretrain_resnet14(
+    norm: crate::model::NormKind,
+    epochs: usize,
+    limit: usize,
+    train: &Arc<Dataset>,
+    test: &Arc<Dataset>,
+    verbose: bool,
+    who: &str,
+) -> Result<(crate::state::StateDict, f64)> {
+    use crate::state::Stateful;
+    let mut cfg = crate::train::TrainConfig::reference(crate::model::ModelKind::Resnet14, norm);
+    cfg.epochs = epochs;
+    cfg.train_limit = limit;
+    cfg.test_limit = 2_000;
+    if verbose {
+        eprintln!(
+            "{who}: pre-training the resnet14 classifier with {} ({epochs} epochs)",
+            norm.as_str()
+        );
+    }
+    let (rep, model) = crate::train::train_model_keep(
+        crate::model::Model::new(cfg.model.clone())?,
+        &cfg,
+        train.clone(),
+        test.clone(),
+        crate::train::RunOptions::default(),
+    )?;
+    Ok((model.state_dict(), rep.final_test_acc.unwrap_or(f64::NAN)))
 }
 
 /// Mean and sample standard deviation.

@@ -21,15 +21,14 @@
 
 use super::report::{Plot, Report, Series, Status, Table, Verdict};
 use super::runs::RunCache;
-use super::{fashion, mean_std, ExperimentOptions};
-use crate::data::Dataset;
+use super::{fashion, mean_std, pretrain_resnet14, ExperimentOptions};
 use crate::model::deeplab::DeepLabConfig;
-use crate::model::{Model, ModelKind, NormKind};
+use crate::model::NormKind;
 use crate::segment::{
     load_backbone_state, train_segmentation, SegData, SegReport, SegRunOptions, SegTrainConfig,
 };
-use crate::state::{StateDict, Stateful};
-use crate::train::{self, Distributed, RunOptions, TrainConfig};
+use crate::state::StateDict;
+use crate::train::Distributed;
 use crate::Result;
 use serde_json::json;
 use std::sync::Arc;
@@ -90,34 +89,6 @@ fn model(variant: &str, seed: u64) -> DeepLabConfig {
     }
     m.seed = seed;
     m
-}
-
-/// The ResNet-14 classifier whose backbone the `frozen` runs start from: BatchNorm, trained on Fashion-MNIST
-/// (the whole training set unless limited), at the classification reference recipe.
-fn pretrain(
-    s: &Scale,
-    train: &Arc<Dataset>,
-    test: &Arc<Dataset>,
-    verbose: bool,
-) -> Result<(StateDict, f64)> {
-    let mut cfg = TrainConfig::reference(ModelKind::Resnet14, NormKind::Batch);
-    cfg.epochs = s.pre_epochs;
-    cfg.train_limit = s.pre_limit;
-    cfg.test_limit = 2_000;
-    if verbose {
-        eprintln!(
-            "seg-norm: pre-training the resnet14 classifier ({} epochs)",
-            s.pre_epochs
-        );
-    }
-    let (rep, model) = train::train_model_keep(
-        Model::new(cfg.model.clone())?,
-        &cfg,
-        train.clone(),
-        test.clone(),
-        RunOptions::default(),
-    )?;
-    Ok((model.state_dict(), rep.final_test_acc.unwrap_or(f64::NAN)))
 }
 
 /// Trains `cfg` on `data`, over 2 ranks with SyncBN when `ranks` is 2 (rank 0's report).
@@ -200,7 +171,15 @@ pub fn run(opts: &ExperimentOptions) -> Result<Report> {
                 let r = cache.get_or_run(key.clone(), || {
                     let bb = if variant == "frozen" {
                         if backbone.is_none() {
-                            backbone = Some(pretrain(&s, &fm_train, &fm_test, opts.verbose)?);
+                            backbone = Some(pretrain_resnet14(
+                                NormKind::Batch,
+                                s.pre_epochs,
+                                s.pre_limit,
+                                &fm_train,
+                                &fm_test,
+                                opts.verbose,
+                                "seg-norm",
+                            )?);
                         }
                         backbone.as_ref().map(|(sd, _)| sd)
                     } else {

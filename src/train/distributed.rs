@@ -217,6 +217,18 @@ impl GradReducer {
         model: &mut S,
         bucket: usize,
     ) -> Result<()> {
+        self.all_reduce_scaled(comm, model, bucket, 1.0)
+    }
+
+    /// [`GradReducer::all_reduce`], each sum multiplied by `scale` as it is copied back (1/ranks: the mean
+    /// over the ranks, as DDP averages).
+    pub fn all_reduce_scaled<S: Stateful<f32> + ?Sized>(
+        &mut self,
+        comm: &dyn Communicator,
+        model: &mut S,
+        bucket: usize,
+        scale: f32,
+    ) -> Result<()> {
         self.flat.clear();
         let flat = &mut self.flat;
         model.visit_params("", &mut |_, p| flat.extend_from_slice(p.grads()));
@@ -232,7 +244,12 @@ impl GradReducer {
         let flat = &self.flat;
         model.visit_params("", &mut |_, p| {
             let g = p.grads_mut();
-            g.copy_from_slice(&flat[off..off + g.len()]);
+            let src = &flat[off..off + g.len()];
+            if scale == 1.0 {
+                g.copy_from_slice(src);
+            } else {
+                g.iter_mut().zip(src).for_each(|(d, &v)| *d = v * scale);
+            }
             off += g.len();
         });
         Ok(())

@@ -11,7 +11,6 @@ pub mod checkpoint;
 pub mod distributed;
 mod evaluate;
 pub mod finetune;
-pub mod fuzz;
 pub mod log;
 mod preflight;
 pub mod trainer;

@@ -1,4 +1,4 @@
-//! AFL++ target: normvision's checkpoint parser (see `normvision::train::fuzz::checkpoint`).
+//! AFL++ target: normvision's checkpoint parser (see `normvision::internals::fuzz::checkpoint`).
 fn main() {
     // Any panic is a crash for AFL++ (abort), except the image decoders' panics, which the library turns into
     // errors (normvision::data::decode::decode_bytes) and which are therefore not crashes of normvision.
@@ -7,5 +7,5 @@ fn main() {
             std::process::abort();
         }
     }));
-    afl::fuzz_nohook!(|data: &[u8]| normvision::train::fuzz::checkpoint(data));
+    afl::fuzz_nohook!(|data: &[u8]| normvision::internals::fuzz::checkpoint(data));
 }

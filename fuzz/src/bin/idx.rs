@@ -1,4 +1,4 @@
-//! AFL++ target: normvision's idx parser (see `normvision::train::fuzz::idx`).
+//! AFL++ target: normvision's idx parser (see `normvision::internals::fuzz::idx`).
 fn main() {
     // Any panic is a crash for AFL++ (abort), except the image decoders' panics, which the library turns into
     // errors (normvision::data::decode::decode_bytes) and which are therefore not crashes of normvision.
@@ -7,5 +7,5 @@ fn main() {
             std::process::abort();
         }
     }));
-    afl::fuzz_nohook!(|data: &[u8]| normvision::train::fuzz::idx(data));
+    afl::fuzz_nohook!(|data: &[u8]| normvision::internals::fuzz::idx(data));
 }

@@ -1,4 +1,4 @@
-//! AFL++ target: normvision's ONNX importer (see `normvision::train::fuzz::onnx`).
+//! AFL++ target: normvision's ONNX importer (see `normvision::internals::fuzz::onnx`).
 fn main() {
     // Any panic is a crash for AFL++ (abort), except the image decoders' panics, which the library turns into
     // errors (normvision::data::decode::decode_bytes) and which are therefore not crashes of normvision.
@@ -7,5 +7,5 @@ fn main() {
             std::process::abort();
         }
     }));
-    afl::fuzz_nohook!(|data: &[u8]| normvision::train::fuzz::onnx(data));
+    afl::fuzz_nohook!(|data: &[u8]| normvision::internals::fuzz::onnx(data));
 }

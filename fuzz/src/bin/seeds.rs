@@ -2,7 +2,7 @@
 //!   cargo run --manifest-path fuzz/Cargo.toml --bin seeds
 //! IDX files (raw and gzipped, images and labels), a tiny checkpoint (a 2x2-image classifier with a Linear,
 //! a BatchNorm1d and a GroupNorm-free head, trained for one step so that the optimizer state is there), and small
-//! PNG (gray, RGB, RGBA, palette) and JPEG images.
+//! PNG (gray, RGB, RGBA, palette) and JPEG images, ONNX models, and COCO ground truth and detections.
 use normvision::data::idx::{encode_idx, IdxArray, IdxData};
 use normvision::data::Normalization;
 use normvision::io::onnx;
@@ -102,14 +102,26 @@ fn main() {
         let mut rng = rand::thread_rng();
         let mut seq = normvision::model::Sequential::new();
         seq.push("conv", normvision::nn::Conv2dConfig::new(1, 2, 3).padding(1).build::<f32>(&mut rng).unwrap());
-        if let Some(n) = normvision::model::build_norm(norm, 2, true, 2).unwrap() {
+        if let Some(n) = normvision::model::build_norm(
+            norm,
+            2,
+            true,
+            &normvision::model::NormParams { groups: 2, ..Default::default() },
+        )
+        .unwrap() {
             seq.push_boxed("norm", n);
         }
         seq.push("relu", ReLU::new())
             .push("pool", normvision::nn::MaxPool2dConfig::new(2).build::<f32>().unwrap())
             .push("flatten", Flatten::new())
             .push("fc", LinearConfig::new(8, 3).build::<f32>(&mut rng).unwrap());
-        if let Some(n) = normvision::model::build_norm(norm, 3, false, 1).unwrap() {
+        if let Some(n) = normvision::model::build_norm(
+            norm,
+            3,
+            false,
+            &normvision::model::NormParams { groups: 1, ..Default::default() },
+        )
+        .unwrap() {
             seq.push_boxed("fc_norm", n);
         }
         seq.into_graph().unwrap()
@@ -126,6 +138,35 @@ fn main() {
         std::fs::write(d.join(format!("{name}.onnx")), bytes).unwrap();
     }
     std::fs::write(d.join("shape-subgraph.onnx"), shape_subgraph()).unwrap();
+    // COCO JSON: the pycocotools fixtures (ground truth and detections), detections of the target's fixed
+    // ground truth, and ground truth with crowds, boxes sticking out of or outside their image and no sizes
+    let d = dir("coco");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/coco");
+    for case in ["dense", "mixed", "perfect", "sparse"] {
+        for kind in ["gt", "dets"] {
+            let name = format!("{case}.{kind}.json");
+            std::fs::copy(fixtures.join(&name), d.join(&name)).unwrap();
+        }
+    }
+    std::fs::write(
+        d.join("fixed-gt.dets.json"),
+        r#"[{"image_id": 1, "category_id": 1, "bbox": [2, 3, 20, 10], "score": 0.9},
+ {"image_id": 1, "category_id": 3, "bbox": [29, 6, 8, 38.5], "score": 0.9},
+ {"image_id": 2, "category_id": 1, "bbox": [0, 0, 4, 4], "score": 0.5},
+ {"image_id": 0, "category_id": 5, "bbox": [1, 1, 2, 2], "score": 0.1}]"#,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("edges.gt.json"),
+        r#"{"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}, {"id": 2, "file_name": "b.png"}],
+ "categories": [{"id": 7, "name": "shirt"}, {"id": 2, "name": "bag"}],
+ "annotations": [
+  {"id": 1, "image_id": 1, "category_id": 7, "bbox": [-3, 4, 10, 40], "area": 120},
+  {"id": 2, "image_id": 1, "category_id": 2, "bbox": [5, 5, 0, 3], "iscrowd": 1},
+  {"id": 3, "image_id": 2, "category_id": 2, "bbox": [1.5, 2.25, 3, 4], "iscrowd": false},
+  {"id": 4, "image_id": 1, "category_id": 2, "bbox": [40, 1, 3, 3]}]}"#,
+    )
+    .unwrap();
     println!("seed corpora written under {}", root.display());
 }
 

@@ -27,6 +27,31 @@ pub fn norm() -> impl TypedValueParser<Value = normvision::model::NormKind> {
     parser(&NormKind::ALL, |k| k.as_str(), |k| k.help())
 }
 
+/// `--backbone-norm`: a norm, or `sync` (BatchNorm whose statistics span the ranks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BackboneNorm {
+    Norm(normvision::model::NormKind),
+    Sync,
+}
+
+pub fn backbone_norm() -> impl TypedValueParser<Value = BackboneNorm> {
+    use normvision::model::NormKind;
+    let mut values: Vec<PossibleValue> = NormKind::ALL
+        .iter()
+        .map(|k| PossibleValue::new(k.as_str()).help(k.help()))
+        .collect();
+    values.push(PossibleValue::new("sync").help(
+        "--task detect: BatchNorm with SyncBN, its statistics over every rank's images (`mpirun -np N \
+         normvision train --task detect --distributed --backbone-norm sync`)",
+    ));
+    PossibleValuesParser::new(values).map(|s| {
+        NormKind::ALL
+            .iter()
+            .find(|k| k.as_str() == s)
+            .map_or(BackboneNorm::Sync, |k| BackboneNorm::Norm(*k))
+    })
+}
+
 pub fn model() -> impl TypedValueParser<Value = normvision::model::ModelKind> {
     use normvision::model::ModelKind;
     parser(&ModelKind::ALL, |k| k.as_str(), |k| k.help())

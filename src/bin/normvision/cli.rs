@@ -77,7 +77,8 @@ pub enum Cmd {
         /// Data-parallel training over the ranks of an MPI job (`mpirun -np N normvision train --distributed`):
         /// each rank takes its slice of every global batch of --batch-size images, gradients are summed over
         /// the ranks, rank 0 logs and writes checkpoints. Threads per rank default to the cores divided by the
-        /// ranks on the machine. Needs a build with `--features mpi`. Classification and --task segment.
+        /// ranks on the machine. Needs a build with `--features mpi`. Classification, --task segment and --task
+        /// detect (whose ranks average their gradients, as DDP does).
         #[arg(long)]
         distributed: bool,
         /// Test-only: the size of each rank's slice of a global batch (e.g. 17,15 or 32,0).
@@ -268,11 +269,12 @@ pub enum Cmd {
         json: bool,
     },
     /// Measure a published claim about BatchNorm, with the paper's number beside ours and a verdict:
-    /// convergence, mlp-sigmoid, init, batch-size, regularization, landscape, shift, finetune, or all of them
-    /// (`all`). Writes NAME.md, NAME.json and NAME.png/.svg; each setting's result is cached under OUT/runs, so
+    /// convergence, mlp-sigmoid, init, batch-size, regularization, landscape, shift, finetune, seg-norm,
+    /// det-norm, or all of them (`all`). Writes NAME.md, NAME.json and NAME.png/.svg; each setting's result is cached under OUT/runs, so
     /// an interrupted run resumes.
     Experiment {
-        /// convergence, mlp-sigmoid, init, batch-size, regularization, landscape, shift, finetune or all.
+        /// convergence, mlp-sigmoid, init, batch-size, regularization, landscape, shift, finetune, seg-norm,
+        /// det-norm or all.
         name: String,
         /// The short version (about a minute, on subsets).
         #[arg(long, conflicts_with = "full")]

@@ -2,6 +2,7 @@
 //! and print COCO's table.
 
 use crate::args::{DataArgs, TrainArgs};
+use crate::choice::BackboneNorm;
 use crate::segment::{SegTestArgs, SegTrainArgs};
 use clap::Args;
 use image::ImageEncoder;
@@ -9,12 +10,13 @@ use normvision::data::fashion_mnist::{self, Split};
 use normvision::data::scenes::SceneGenerator;
 use normvision::detect::coco_eval::{CocoEvaluation, STAT_NAMES};
 use normvision::detect::{
-    evaluate_detector, load_checkpoint, train_detector, DetEvent, DetSource, DetTrainConfig,
-    Detector, DetectorConfig,
+    evaluate_detector, load_checkpoint, train_detector_distributed, DetEvent, DetSource,
+    DetTrainConfig, Detector, DetectorConfig,
 };
 use normvision::model::faster_rcnn::{BoxHeadKind, FasterRcnnConfig};
 use normvision::model::{NormKind, PlanOptions};
 use normvision::state::Stateful;
+use normvision::train::Distributed;
 use normvision::{NvError, Result};
 use serde_json::json;
 use std::io::Write;
@@ -130,6 +132,7 @@ pub fn train(
     json_out: bool,
     quiet: bool,
     plan: &PlanOptions,
+    dist: Option<Distributed>,
 ) -> Result<()> {
     let given = |id: &str| explicit.iter().any(|e| e == id);
     // COCO images are read as RGB unless --channels 1 is given; scenes are grayscale
@@ -164,11 +167,21 @@ pub fn train(
             test_src.class_names()
         )));
     }
-    let backbone_norm = match s.backbone_norm {
-        Some(n) => n,
-        None if given("norm") => t.norm,
-        None => NormKind::Frozen,
+    let (backbone_norm, sync) = match s.backbone_norm {
+        Some(BackboneNorm::Norm(n)) => (n, false),
+        Some(BackboneNorm::Sync) => (NormKind::Batch, true),
+        None if given("norm") => (t.norm, false),
+        None => (NormKind::Frozen, false),
     };
+    let rank = dist.as_ref().map_or(0, |d| d.rank());
+    // only rank 0 talks, logs and writes
+    let quiet = quiet || rank != 0;
+    if sync && dist.as_ref().is_none_or(|d| d.size() < 2) && !quiet {
+        eprintln!(
+            "note: --backbone-norm sync in a single process is BatchNorm over the batch; SyncBN spans the ranks \
+             of `mpirun -np N normvision train --task detect --distributed`"
+        );
+    }
     let head = match s.head_norm {
         None | Some(NormKind::None) => BoxHeadKind::TwoFc,
         Some(NormKind::Group) => BoxHeadKind::FourConvGn,
@@ -203,6 +216,7 @@ pub fn train(
     cfg.momentum = t.momentum;
     cfg.seed = t.seed;
     cfg.freeze_backbone = s.freeze_backbone;
+    cfg.sync_bn = sync;
     cfg.validate()?;
     let mut det = Detector::new(cfg.detector.clone())?;
     det.trunk.set_plan_options(plan.clone())?;
@@ -212,6 +226,29 @@ pub fn train(
         if !quiet {
             eprintln!("backbone: {n} tensors from {}", p.display());
         }
+    }
+    // the statistics of the first 256 training images, as train_detector would take them
+    let norm = normvision::detect::data::normalization(&train_src, 256)?;
+    if let Some(p) = s.save_init.as_ref().filter(|_| rank == 0) {
+        let mut md = std::collections::HashMap::new();
+        md.insert(
+            "config".to_string(),
+            serde_json::to_string(&cfg).expect("serialises"),
+        );
+        md.insert(
+            "normalization".to_string(),
+            serde_json::to_string(&norm).expect("serialises"),
+        );
+        md.insert(
+            "classes".to_string(),
+            serde_json::to_string(&classes).expect("serialises"),
+        );
+        md.insert("seed".to_string(), cfg.seed.to_string());
+        normvision::io::save_state_dict(
+            p,
+            &normvision::detect::checkpoint::detector_state(&det),
+            &md,
+        )?;
     }
     let out = out.unwrap_or_else(|| {
         PathBuf::from(format!(
@@ -227,8 +264,11 @@ pub fn train(
         std::fs::create_dir_all(dir).map_err(|e| NvError::io(dir, "create directory", e))?;
     }
     let log_path = log.unwrap_or_else(|| out.with_extension("jsonl"));
-    let mut log_file =
-        std::fs::File::create(&log_path).map_err(|e| NvError::io(&log_path, "create", e))?;
+    let mut log_file = if rank == 0 {
+        Some(std::fs::File::create(&log_path).map_err(|e| NvError::io(&log_path, "create", e))?)
+    } else {
+        None
+    };
     if !quiet {
         eprintln!(
             "faster-rcnn: backbone {} · head {} · {} training and {} test images · {} epochs of batch {} · lr {}",
@@ -269,8 +309,10 @@ pub fn train(
             bar.set_prefix(format!("detect e{}", epoch + 1));
             bar.set_message(format!("loss {:.3}", losses.total()));
             let line = json!({"event": "step", "epoch": epoch + 1, "step": step, "lr": lr, "losses": losses});
-            if let Err(err) = writeln!(log_file, "{line}").and_then(|_| log_file.flush()) {
-                io_err.get_or_insert(NvError::io(&log_path, "write", err));
+            if let Some(f) = log_file.as_mut() {
+                if let Err(err) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                    io_err.get_or_insert(NvError::io(&log_path, "write", err));
+                }
             }
         }
         DetEvent::Epoch {
@@ -295,25 +337,34 @@ pub fn train(
             }
             let line = json!({"event": "epoch", "epoch": epoch, "losses": losses, "stats": stats_json(&eval.stats),
                 "per_class_ap": eval.per_class_ap});
-            if let Err(err) = writeln!(log_file, "{line}").and_then(|_| log_file.flush()) {
-                io_err.get_or_insert(NvError::io(&log_path, "write", err));
+            if let Some(f) = log_file.as_mut() {
+                if let Err(err) = writeln!(f, "{line}").and_then(|_| f.flush()) {
+                    io_err.get_or_insert(NvError::io(&log_path, "write", err));
+                }
             }
         }
     };
-    let (report, norm) = train_detector(
+    let (mut report, norm) = train_detector_distributed(
         &mut det,
         &cfg,
         &train_src,
         &test_src,
-        None,
+        Some(norm),
         Some(&out),
+        dist.as_ref(),
         &mut on_event,
     )?;
     bar.finish_and_clear();
     if let Some(e) = io_err {
         return Err(e);
     }
-    let (ev, dets) = evaluate_detector(&mut det, &test_src, &norm, 8)?;
+    if rank != 0 {
+        return Ok(());
+    }
+    let (ev, dets) = match report.last.take() {
+        Some(last) => last,
+        None => evaluate_detector(&mut det, &test_src, &norm, 8)?,
+    };
     if let Some(p) = &d.dets_out {
         write_dets(p, &dets)?;
     }

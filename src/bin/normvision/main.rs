@@ -108,13 +108,39 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                 normvision::io::atomic::fault::kill_in_write(n);
             }
             if task.task == segment::Task::Detect {
-                if resume.is_some() || distributed {
+                if resume.is_some() {
                     return Err(normvision::NvError::Config(
-                        "--task detect: --resume and --distributed are not available for detection yet".into(),
+                        "--task detect: --resume is not available for detection (a detection run restarts \
+                         from its start)"
+                            .into(),
                     ));
                 }
+                if shard_sizes.is_some() {
+                    return Err(normvision::NvError::Config(
+                        "--shard-sizes applies to classification and segmentation; detection splits each \
+                         global batch evenly over the ranks"
+                            .into(),
+                    ));
+                }
+                if distributed {
+                    return distributed::as_rank(cli.threads, quiet, None, |d| {
+                        detect::train(
+                            &train,
+                            &data,
+                            &seg,
+                            &det,
+                            out,
+                            log,
+                            &explicit,
+                            json,
+                            quiet,
+                            &plan,
+                            Some(d),
+                        )
+                    });
+                }
                 return detect::train(
-                    &train, &data, &seg, &det, out, log, &explicit, json, quiet, &plan,
+                    &train, &data, &seg, &det, out, log, &explicit, json, quiet, &plan, None,
                 );
             }
             if task.task == segment::Task::Segment {

@@ -69,10 +69,12 @@ pub struct SegTestArgs {
 /// Segmentation training options.
 #[derive(Debug, Clone, Args)]
 pub struct SegTrainArgs {
-    /// --task segment: the backbone's norm [default: --norm].
-    #[arg(long, value_parser = choice::norm())]
-    pub backbone_norm: Option<NormKind>,
-    /// --task segment: ASPP's and the head's norm [default: --norm].
+    /// --task segment|detect: the backbone's norm [default: --norm for segment, frozen for detect]; `sync`
+    /// (detect, with --distributed) is BatchNorm with SyncBN.
+    #[arg(long, value_parser = choice::backbone_norm())]
+    pub backbone_norm: Option<choice::BackboneNorm>,
+    /// --task segment: ASPP's and the head's norm [default: --norm]; --task detect: the box head's, group
+    /// (4conv1fc with GroupNorm) or none (two FC layers, the default).
     #[arg(long, value_parser = choice::norm())]
     pub head_norm: Option<NormKind>,
     /// --task segment: initialize the backbone from a classification checkpoint of `train --model resnet14`
@@ -97,8 +99,9 @@ pub struct SegTrainArgs {
     /// --task segment: range of the random scale before the crop.
     #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.75, 1.5])]
     pub scale: Vec<f64>,
-    /// --task segment: also write the initial weights (after --backbone-from) as a PyTorch state dict, with
-    /// the network, the input normalization and the data seed in its metadata (for tools/seg_twin.py train).
+    /// --task segment|detect: also write the initial weights (after --backbone-from) as a PyTorch state dict,
+    /// with the network, the input normalization and the seed in its metadata (for tools/seg_twin.py and
+    /// tools/det_twin.py train).
     #[arg(long, value_name = "PATH")]
     pub save_init: Option<PathBuf>,
     /// --task segment: channels of ASPP, the projection and the head.
@@ -168,7 +171,17 @@ pub fn train(
         }
     };
     let norm = batches::normalization(&train_src, 512)?;
-    let backbone_norm = s.backbone_norm.unwrap_or(t.norm);
+    let backbone_norm = match s.backbone_norm {
+        None => t.norm,
+        Some(choice::BackboneNorm::Norm(k)) => k,
+        Some(choice::BackboneNorm::Sync) => {
+            return Err(NvError::Config(
+                "--task segment: --backbone-norm sync is for detection; segmentation synchronizes every \
+                 BatchNorm with --sync-bn (and --distributed)"
+                    .into(),
+            ))
+        }
+    };
     let mut model = DeepLabConfig::new(train_src.channels(), classes.len(), backbone_norm);
     model.head_norm = s.head_norm.unwrap_or(t.norm);
     model.groups = t.groups;
