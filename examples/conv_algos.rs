@@ -1,7 +1,8 @@
 //! Times every convolution algorithm that applies on this CPU ([`ConvAlgo`]: Winograd F(4×4, 3×3) and F(2×2, 3×3),
 //! the implicit and explicit AVX-512 im2col paths, the `gemm` crate), forward and backward (data and weight
 //! gradients), on the reference CNN's 3×3 layers at batch 128 (median of 12):
-//! `cargo run --release --example conv_algos -- [threads] [algorithm]`.
+//! `cargo run --release --example conv_algos -- [threads] [algorithm] [seg]`. With `seg`, on DeepLabV3's 3×3
+//! layers instead: the 8×8 maps of its dilated last stage and ASPP at batch 8 (64×64 images, output stride 8).
 //! "GFLOP/s direct-equiv" counts the direct convolution's 2·N·K·C·9·H·W flops for every algorithm.
 
 use normvision::ndarray::{ArrayD, IxDyn};
@@ -10,7 +11,8 @@ use normvision::NvError;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
-const ALGOS: [ConvAlgo; 6] = [
+const ALGOS: [ConvAlgo; 7] = [
+    ConvAlgo::Winograd2Batch,
     ConvAlgo::Winograd4,
     ConvAlgo::Winograd2,
     ConvAlgo::Implicit,
@@ -29,20 +31,52 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
-    let pick = std::env::args().nth(2);
+    let pick = std::env::args().nth(2).filter(|p| p != "all");
+    let seg = std::env::args().nth(3).is_some_and(|s| s == "seg");
+    // (input channels, output channels, input side, dilation, batch, stride[, kernel 1×1 when 1])
+    let one_by_one = std::env::args().nth(4).is_some_and(|s| s == "1x1");
+    let shapes: Vec<(usize, usize, usize, usize, usize, usize)> = if one_by_one {
+        vec![
+            (320, 64, 8, 1, 8, 1),
+            (128, 64, 8, 1, 8, 1),
+            (64, 128, 8, 1, 8, 1),
+        ]
+    } else if seg {
+        vec![
+            (32, 32, 32, 1, 8, 2),
+            (32, 32, 16, 1, 8, 1),
+            (32, 64, 16, 1, 8, 2),
+            (64, 64, 8, 1, 8, 1),
+            (64, 128, 8, 1, 8, 1),
+            (128, 128, 8, 1, 8, 1),
+            (128, 128, 8, 2, 8, 1),
+            (128, 64, 8, 3, 8, 1),
+            (128, 64, 8, 4, 8, 1),
+        ]
+    } else {
+        vec![
+            (32, 32, 28, 1, 128, 1),
+            (32, 64, 14, 1, 128, 1),
+            (64, 64, 14, 1, 128, 1),
+        ]
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
         .unwrap();
     pool.install(|| {
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(1);
-        for &(c, k, hw) in &[(32usize, 32usize, 28usize), (32, 64, 14), (64, 64, 14)] {
-            let n = 128;
+        for &(c, k, hw, d, n, st) in &shapes {
+            let ks = if one_by_one { 1 } else { 3 };
+            let pad = if one_by_one { 0 } else { d };
+            let ohw = (hw + 2 * pad - d * (ks - 1) - 1) / st + 1;
             let x = ArrayD::from_shape_fn(IxDyn(&[n, c, hw, hw]), |_| rng.gen::<f32>() - 0.5);
-            let dy = ArrayD::from_shape_fn(IxDyn(&[n, k, hw, hw]), |_| rng.gen::<f32>() - 0.5);
-            let flop = 2.0 * (n * k * c * 9 * hw * hw) as f64;
-            let mut conv = Conv2dConfig::new(c, k, 3)
-                .padding(1)
+            let dy = ArrayD::from_shape_fn(IxDyn(&[n, k, ohw, ohw]), |_| rng.gen::<f32>() - 0.5);
+            let flop = 2.0 * (n * k * c * ks * ks * ohw * ohw) as f64;
+            let mut conv = Conv2dConfig::new(c, k, ks)
+                .padding(pad)
+                .dilation(d)
+                .stride(st)
                 .bias(false)
                 .build::<f32>(&mut rng)
                 .unwrap();
@@ -66,7 +100,7 @@ fn main() {
                 }
                 let (f, b) = (median(tf), median(tb));
                 println!(
-                    "{c:>3}->{k:<3} {hw}x{hw} {:<12} fwd {:7.2} ms ({:5.0} GFLOP/s direct-equiv)  bwd {:7.2} ms ({:5.0})",
+                    "{c:>3}->{k:<3} {hw}x{hw} s{st} d{d} n{n} {:<12} fwd {:7.2} ms ({:5.0} GFLOP/s direct-equiv)  bwd {:7.2} ms ({:5.0})",
                     algo.name(),
                     f * 1e3,
                     flop / f / 1e9,

@@ -19,7 +19,12 @@
 //! `-C target-cpu=native` build; the run-time-dispatched kernels of issue #5 reproduce it bit for bit.
 //! `baseline-portable.json` was written by those portable kernels (issue #5). The resnet cases of
 //! `baseline-avx512-gemm512.json` were re-blessed by issue #10 (segmentation), whose algorithm choice sends
-//! training convolutions on planes of at most 64 pixels (ResNet-20's 7×7 stage) to the gemm path. Bless with
+//! training convolutions on planes of at most 64 pixels (ResNet-20's 7×7 stage) to the gemm path, and again by
+//! its speed work, which sends that stage's 3×3 layers to the whole-batch Winograd (`winograd2-batch`) under the
+//! Winograd choices (only `resnet-batch-winograd` and `resnet-batch-winograd2` changed: their 60th loss went from
+//! 2.3901 and 2.3965 to 2.3365 and 2.3623), and the stage's 1×1 shortcut to the gemm path in training under
+//! every choice (the three resnet cases' 60th losses: direct 2.3344 → 2.3425, winograd 2.3365 → 2.2951,
+//! winograd2 2.3623 → 2.3447). Bless with
 //! `NORMVISION_BLESS=1 cargo test --release --test suite engine_baseline::`; an instruction set without a fixture is
 //! reported and compared with nothing.
 

@@ -51,9 +51,10 @@ fn conv_cfg(c: &Value) -> Conv2dConfig {
     .bias(c["bias"].as_bool().unwrap())
 }
 
-const ALGOS: [ConvAlgo; 7] = [
+const ALGOS: [ConvAlgo; 8] = [
     ConvAlgo::Winograd4,
     ConvAlgo::Winograd2,
+    ConvAlgo::Winograd2Batch,
     ConvAlgo::OneChannel,
     ConvAlgo::Implicit,
     ConvAlgo::Explicit,

@@ -38,11 +38,33 @@ fn f64s(a: &ArrayD<f32>) -> Vec<f64> {
 fn golden(name: &str) {
     let fx = load_fixture("model", name);
     let cfg: DeepLabConfig = serde_json::from_value(fx.cfg().clone()).unwrap();
-    let mut g = cfg.build_graph().unwrap();
-    g.load_strict(&fx.state("init")).unwrap();
     let x = fx.get("x");
     let t: Vec<usize> = fx.get_i64("targets").iter().map(|&v| v as usize).collect();
     let ctx = Ctx::train();
+    // The default plan (Winograd on the small maps) computes the same logits...
+    let mut g = cfg.build_graph().unwrap();
+    g.load_strict(&fx.state("init")).unwrap();
+    let y = g.forward(&[x], ctx).unwrap().remove(0);
+    let want = fx.get_f64("logits64").as_slice().unwrap().to_vec();
+    let (ours, torch) = (
+        rel_norm(&f64s(&y), &want),
+        rel_norm(&f64s(fx.get("logits")), &want),
+    );
+    assert!(
+        ours <= (2.0 * torch).max(1e-6),
+        "{name} logits (Winograd): {ours:e} vs PyTorch's {torch:e}"
+    );
+    // ...but the gradients are compared under the direct convolution, whose rounding is PyTorch's: this
+    // fixture has a pre-activation within f32 rounding of 0 (deeplab_bn: layer3.0.bn1, channel 6), and
+    // Winograd's rounding, as exact but different, sends it to the other side of the ReLU: the gradient of
+    // one pixel then goes missing from that channel (a 13% error in its bias gradient), where the f64 truth
+    // keeps it. Winograd's gradients are checked against an f64 reference on their own
+    // (`nn::conv::winograd`'s tests) and against PyTorch layer by layer (`golden_nn`).
+    let mut g = cfg.build_graph().unwrap();
+    let mut opts = g.plan_options().clone();
+    opts.conv = normvision::nn::ConvChoice::Direct;
+    g.set_plan_options(opts).unwrap();
+    g.load_strict(&fx.state("init")).unwrap();
     let y = g.forward(&[x], ctx).unwrap().remove(0);
     let (loss, d) = PixelCrossEntropy::ignoring(255).forward(&y, &t).unwrap();
     g.zero_grad();

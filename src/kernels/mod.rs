@@ -7,6 +7,7 @@
 //! | [`arena`] | recycled activation buffers |
 //! | [`cast`] | `T` slices as `f32` when `T` is `f32` |
 //! | [`elementwise`] | parallel elementwise loops, `SyncPtr` |
+//! | [`exp`] | a branch-free f64 `exp` on lanes of 8, for loops that vectorise |
 //! | [`gemm`] | the `gemm` crate behind a bounds-checked front end |
 //! | [`gemm_avx512`] | AVX-512 GEMM microkernels for the convolution shapes, lane masks |
 //! | [`isa`] | kernels compiled per instruction set and chosen at run time ([`isa::isa_fn`]) |
@@ -19,6 +20,7 @@
 pub mod arena;
 pub mod cast;
 pub mod elementwise;
+pub mod exp;
 pub mod gemm;
 pub mod gemm_avx512;
 pub mod isa;

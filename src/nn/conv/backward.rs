@@ -46,24 +46,28 @@ impl<T: Real> Conv2d<T> {
         }
         let (xs, gs) = (contiguous(x), contiguous(dy));
         match algo {
-            ConvAlgo::Winograd4 | ConvAlgo::Winograd2 => {
-                let ws = algo::winograd_shape(&g).expect("checked");
-                let backward = if algo == ConvAlgo::Winograd4 {
-                    winograd::f4::backward
-                } else {
-                    winograd::backward
-                };
+            ConvAlgo::Winograd4 | ConvAlgo::Winograd2 | ConvAlgo::Winograd2Batch => {
                 let mut db = self.bias.as_ref().map(|_| vec![0f64; g.o]);
                 let Param { value, grad, .. } = &mut self.weight;
-                backward(
-                    ws,
-                    f32s(&xs),
-                    f32s(&gs),
-                    f32s(value.as_slice().expect("contiguous weights")),
-                    dx.map(f32s_mut),
-                    f32s_mut(grad.as_slice_mut().expect("contiguous gradients")),
-                    db.as_deref_mut(),
-                );
+                let (xf, gf) = (f32s(&xs), f32s(&gs));
+                let w = f32s(value.as_slice().expect("contiguous weights"));
+                let dw = f32s_mut(grad.as_slice_mut().expect("contiguous gradients"));
+                let (dx, db_) = (dx.map(f32s_mut), db.as_deref_mut());
+                match algo {
+                    ConvAlgo::Winograd4 => {
+                        let ws = algo::winograd_shape(&g).expect("checked");
+                        winograd::f4::backward(ws, xf, gf, w, dx, dw, db_)
+                    }
+                    ConvAlgo::Winograd2 => {
+                        let ws = algo::winograd_shape(&g).expect("checked");
+                        winograd::backward(ws, xf, gf, w, dx, dw, db_)
+                    }
+                    _ => {
+                        let bs = algo::batch_shape(&g).expect("checked");
+                        let u = dx.is_some().then(|| self.wino.get(w, bs.k, bs.c));
+                        winograd::batch::backward(bs, xf, gf, u, dx, dw, db_)
+                    }
+                }
                 self.add_bias_grad(db);
             }
             ConvAlgo::OneChannel => {

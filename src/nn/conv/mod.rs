@@ -112,6 +112,8 @@ pub struct Conv2d<T: Real = f32> {
     ws: Vec<Workspace<T>>,
     /// Packed weights (forward) or transposed weights (backward) for the AVX-512 kernels.
     packed: Vec<f32>,
+    /// Winograd-transformed weights of [`ConvAlgo::Winograd2Batch`], reused from forward to backward.
+    wino: winograd::Transformed,
 }
 
 impl<T: Real> Conv2d<T> {
@@ -135,6 +137,7 @@ impl<T: Real> Conv2d<T> {
             bias,
             ws: Vec::new(),
             packed: Vec::new(),
+            wino: Default::default(),
         })
     }
 
@@ -229,6 +232,7 @@ impl<T: Real> Conv2d<T> {
             ConvAlgo::Explicit => fast,
             ConvAlgo::Implicit => fast && g.implicit(),
             ConvAlgo::Winograd2 => fast && algo::winograd_shape(g).is_some(),
+            ConvAlgo::Winograd2Batch => fast && algo::batch_shape(g).is_some(),
             ConvAlgo::Winograd4 => {
                 fast && algo::winograd_shape(g).is_some_and(|ws| winograd::f4::applies(&ws))
             }
@@ -379,6 +383,17 @@ impl<T: Real> Conv2d<T> {
                     let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
                     winograd::forward_affine(ws, xf, wf, bias, affine, epi.relu, yf)
                 }))
+            }
+            ConvAlgo::Winograd2Batch => {
+                let bs = algo::batch_shape(&g).expect("checked");
+                let mut wino = std::mem::take(&mut self.wino);
+                let y = self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                    let u = wino.get(wf, bs.k, bs.c);
+                    let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
+                    winograd::batch::forward(bs, xf, u, bias, affine, epi.relu, yf)
+                });
+                self.wino = wino;
+                Ok(y)
             }
             ConvAlgo::OneChannel => {
                 let os = algo::one_channel_shape(&g).expect("checked");

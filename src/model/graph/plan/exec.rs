@@ -367,11 +367,13 @@ fn backward_kind<T: Real>(
             let g = if *relu {
                 let out = v.get(step.output)?;
                 let mut g = Arc::unwrap_or_clone(dy);
-                ndarray::Zip::from(&mut g).and(out).for_each(|g, &o| {
-                    if o <= T::zero() {
-                        *g = T::zero()
-                    }
-                });
+                // a select, not a branch: the loop vectorises (a conditional store does not); a NaN output
+                // lets dy through, as PyTorch's threshold_backward does
+                let mask = |g: &mut T, o: &T| *g = if *o <= T::zero() { T::zero() } else { *g };
+                match (g.as_slice_mut(), out.as_slice()) {
+                    (Some(gs), Some(os)) => gs.iter_mut().zip(os).for_each(|(g, o)| mask(g, o)),
+                    _ => ndarray::Zip::from(&mut g).and(out).for_each(mask),
+                }
                 Arc::new(g)
             } else {
                 dy

@@ -1,4 +1,4 @@
-//! Winograd convolution: F(2×2, 3×3) here and F(4×4, 3×3) in [`f4`], with the chunk drivers both share, for 3×3 kernels with stride 1, padding 1, dilation 1 and one group (every
+//! Winograd convolution: F(2×2, 3×3) here, F(4×4, 3×3) in [`f4`], and F(2×2, 3×3) over a whole batch with any dilation in [`batch`] (the small dilated maps of DeepLab), with the chunk drivers the first two share, for 3×3 kernels with stride 1, padding 1, dilation 1 and one group (every
 //! large convolution of the reference CNN and of the ResNet), forward and backward, f32 on AVX-512.
 //!
 //! Each 2×2 output tile is computed from a 4×4 input tile as `Y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A` (Lavin & Gray 2015,
@@ -64,34 +64,6 @@ impl WinoShape {
 /// Whether the Winograd kernels can run here (AVX-512F).
 pub fn available() -> bool {
     simd::available()
-}
-
-/// `U[p][k][c] = (G g Gᵀ)[p]` for every (k, c), computed in f64 and rounded once.
-/// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
-fn transform_weights(w: &[f32], k: usize, c: usize) -> Vec<f32> {
-    assert_eq!(w.len(), k * c * 9, "weights of shape (K, C, 3, 3)");
-    let mut u = vec![0f32; 16 * k * c];
-    for kk in 0..k {
-        for cc in 0..c {
-            let g = &w[(kk * c + cc) * 9..(kk * c + cc + 1) * 9];
-            let mut t = [[0f64; 3]; 4];
-            for s in 0..3 {
-                let (a, b, e) = (g[s] as f64, g[3 + s] as f64, g[6 + s] as f64);
-                t[0][s] = a;
-                t[1][s] = (a + b + e) * 0.5;
-                t[2][s] = (a - b + e) * 0.5;
-                t[3][s] = e;
-            }
-            for (r, tr) in t.iter().enumerate() {
-                let (a, b, e) = (tr[0], tr[1], tr[2]);
-                let row = [a, (a + b + e) * 0.5, (a - b + e) * 0.5, e];
-                for (q, v) in row.iter().enumerate() {
-                    u[((r * 4 + q) * k + kk) * c + cc] = *v as f32;
-                }
-            }
-        }
-    }
-    u
 }
 
 /// Packs the matrices U[p] (K×C; 16 for F(2×2), 36 for F(4×4)) for [`simd::gemm_nn`], transposed (C×K) when
@@ -253,7 +225,7 @@ fn forward_impl(
         }
         return;
     }
-    let u = transform_weights(w, s.k, s.c);
+    let u = weights::transform(w, s.k, s.c);
     let tf = Transforms {
         points: 16,
         tiles: s.tiles(),
@@ -478,7 +450,7 @@ pub fn backward(
         return;
     }
     let packed_t = dx.is_some().then(|| {
-        let u = transform_weights(w, s.k, s.c);
+        let u = weights::transform(w, s.k, s.c);
         pack_weights(&u, s.k, s.c, true)
     });
     let tf = Transforms {
@@ -497,27 +469,7 @@ pub fn backward(
         &|imgs, gc, dm, rows| dy_transform(&s, gc, imgs, dm, rows),
         &|imgs, dv, dxc, rows| input_adjoint(&s, dv, imgs, dxc, rows),
     );
-    // dg = Gᵀ dU G, in f64
-    for kk in 0..s.k {
-        for cc in 0..s.c {
-            let d = |r: usize, q: usize| du[((r * 4 + q) * s.k + kk) * s.c + cc] as f64;
-            let mut t = [[0f64; 4]; 3];
-            #[allow(clippy::needless_range_loop)] // t is filled column by column
-            for q in 0..4 {
-                let (a0, a1, a2, a3) = (d(0, q), d(1, q), d(2, q), d(3, q));
-                t[0][q] = a0 + 0.5 * (a1 + a2);
-                t[1][q] = 0.5 * (a1 - a2);
-                t[2][q] = 0.5 * (a1 + a2) + a3;
-            }
-            let out = &mut dw[(kk * s.c + cc) * 9..(kk * s.c + cc + 1) * 9];
-            for r in 0..3 {
-                let (a0, a1, a2, a3) = (t[r][0], t[r][1], t[r][2], t[r][3]);
-                out[r * 3] += (a0 + 0.5 * (a1 + a2)) as f32;
-                out[r * 3 + 1] += (0.5 * (a1 - a2)) as f32;
-                out[r * 3 + 2] += (0.5 * (a1 + a2) + a3) as f32;
-            }
-        }
-    }
+    weights::adjoint_add(&du, s.k, s.c, dw); // dg = Gᵀ dU G, in f64
     if let Some(db) = db {
         for (d, v) in db.iter_mut().zip(&dbs) {
             *d += *v;
@@ -621,9 +573,12 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &
     }
 }
 
+pub mod batch;
 mod f2_x86;
 pub mod f4;
+mod weights;
 use f2_x86::x86;
+pub use weights::Transformed;
 
 #[cfg(test)]
 pub(super) mod tests;

@@ -1,8 +1,6 @@
 use super::*;
 use rand::{Rng, SeedableRng};
 
-/// f64 direct 3×3 convolution, stride 1, padding 1: y, and for a given dy: dx, dw, db.
-#[allow(clippy::needless_range_loop)]
 /// f64 direct convolution (padding 1, no bias): y, dx, dw and db (Σ dy per output channel) for upstream
 /// gradient dy (also [`super::f4`]'s reference).
 pub(in crate::nn) fn reference(
@@ -11,7 +9,19 @@ pub(in crate::nn) fn reference(
     w: &[f32],
     dy: &[f32],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (n, c, k, h, wd) = (s.n, s.c, s.k, s.h, s.w);
+    reference_dilated(s, 1, x, w, dy)
+}
+
+/// [`reference`] with padding and dilation `d` (the whole-batch driver's reference).
+#[allow(clippy::needless_range_loop)]
+pub(in crate::nn) fn reference_dilated(
+    s: WinoShape,
+    d: usize,
+    x: &[f32],
+    w: &[f32],
+    dy: &[f32],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (n, c, k, h, wd, d) = (s.n, s.c, s.k, s.h, s.w, d as isize);
     let mut y = vec![0f64; n * k * h * wd];
     let mut dx = vec![0f64; n * c * h * wd];
     let mut dw = vec![0f64; k * c * 9];
@@ -26,8 +36,8 @@ pub(in crate::nn) fn reference(
                     for ch in 0..c {
                         for r in 0..3 {
                             for q in 0..3 {
-                                let (ii, jj) =
-                                    (i as isize + r as isize - 1, j as isize + q as isize - 1);
+                                let ii = i as isize + (r as isize - 1) * d;
+                                let jj = j as isize + (q as isize - 1) * d;
                                 if ii < 0 || jj < 0 || ii >= h as isize || jj >= wd as isize {
                                     continue;
                                 }
@@ -58,7 +68,7 @@ pub(in crate::nn) fn conv_case(rng: &mut impl Rng, s: WinoShape) -> (Vec<f32>, V
     (x, wt, bias)
 }
 
-fn close(got: &[f32], want: &[f64], scale: f64, what: &str) {
+pub(in crate::nn) fn close(got: &[f32], want: &[f64], scale: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let tol = 2e-5 * scale.max(1e-12);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -69,7 +79,7 @@ fn close(got: &[f32], want: &[f64], scale: f64, what: &str) {
     }
 }
 
-fn max_abs(v: &[f64]) -> f64 {
+pub(in crate::nn) fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0, |m, x| m.max(x.abs()))
 }
 
