@@ -5,7 +5,7 @@ a side-by-side speed run.
 Run from the repository root with the project's venv (`bash tools/torch_env.sh` makes it):
 
     tools/.venv/bin/python tools/seg_twin.py golden            # tests/fixtures/model/deeplab_*.safetensors
-    tools/.venv/bin/python tools/seg_twin.py bench [--threads 2] [--batch 8] [--side 64] [--json]
+    tools/.venv/bin/python tools/seg_twin.py bench [--threads 2] [--batch 8] [--side 64] [--rounds R] [--json]
     tools/.venv/bin/python tools/seg_twin.py train --init INIT.safetensors --scenes DIR --test-scenes DIR \\
         [--epochs 15] [--batch 8] [--lr 0.02] [--json]
 
@@ -24,8 +24,11 @@ golden   one training-mode forward/backward of two small networks (BatchNorm; Gr
 bench    a training step (zero_grad, forward, cross-entropy ignoring 255, backward) and inference
          (torch.inference_mode) of the default network (1x64x64 inputs, 11 classes, BatchNorm) in NCHW and
          channels_last, the faster of the two reported, against `normvision bench --task segment --json` in
-         the same run. Prints a table, or --json lines with the keys model, mode, batch, threads,
-         torch_img_s, normvision_img_s, speedup (and both layouts' numbers).
+         the same run. With --rounds R, R rounds of PyTorch then normvision back to back (each ratio compares
+         measurements taken under the same load), and the ratios' min / median / max. img/s and speedup come
+         from each side's median step; speedup_of_min compares the fastest steps, the ones least disturbed on
+         a shared machine. Prints a table, or --json lines with the keys model, mode, batch, threads,
+         torch_img_s, normvision_img_s, speedup (and speedup_of_min, both layouts' numbers and the round).
 train    the reference recipe of `normvision train --task segment` in PyTorch from the same initial weights
          (`--save-init` of that command) on the same scenes (`normvision scenes` writes the bytes the trainer
          draws on the fly) in the same order with the same augmentation: SGD momentum 0.9, weight decay 1e-4,
@@ -261,51 +264,75 @@ def bench(args) -> None:
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 2]
+        ts.sort()
+        return ts[len(ts) // 2], ts[0]
 
-    torch_img_s = {}
-    for layout in ["nchw", "channels_last"]:
-        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        m = net.to(memory_format=fmt)
-        xi = x.contiguous(memory_format=fmt)
-        m.train()
+    def torch_round():
+        out = {}
+        for layout in ["nchw", "channels_last"]:
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            m = net.to(memory_format=fmt)
+            xi = x.contiguous(memory_format=fmt)
+            m.train()
 
-        def step():
-            m.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(m(xi), t, ignore_index=IGNORE)
-            loss.backward()
+            def step():
+                m.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(m(xi), t, ignore_index=IGNORE)
+                loss.backward()
 
-        torch_img_s[("train", layout)] = b / timed(step, args.steps, 3)
-        m.eval()
+            out[("train", layout)] = timed(step, args.steps, 3)
+            m.eval()
 
-        def infer():
-            with torch.inference_mode():
-                m(xi)
+            def infer():
+                with torch.inference_mode():
+                    m(xi)
 
-        torch_img_s[("inference", layout)] = b / timed(infer, args.steps, 3)
+            out[("inference", layout)] = timed(infer, args.steps, 3)
+        return out
+
     cmd = [args.normvision, "--threads", str(args.threads), "bench", "--task", "segment", "--batch-size", str(b),
            "--side", str(s), "--steps", str(args.steps), "--json"]
-    nv = {}
-    for line in subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines():
-        r = json.loads(line)
-        nv[r["mode"]] = r["img_s"]
+
+    def normvision_round():
+        nv = {}
+        for line in subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines():
+            r = json.loads(line)
+            nv[r["mode"]] = (r["median_ms"] / 1e3, r["min_ms"] / 1e3)
+        return nv
+
+    # Each round measures PyTorch and then normvision back to back, so that a ratio compares two measurements
+    # taken under the same load (the machine is shared); the rounds' ratios give min / median / max.
     rows = []
-    for mode in ["train", "inference"]:
-        best = max(["nchw", "channels_last"], key=lambda l: torch_img_s[(mode, l)])
-        ti = torch_img_s[(mode, best)]
-        rows.append({"model": "deeplabv3", "mode": mode, "batch": b, "threads": args.threads, "side": s,
-                     "torch_img_s": ti, "torch_layout": best,
-                     "torch_nchw_img_s": torch_img_s[(mode, "nchw")],
-                     "torch_channels_last_img_s": torch_img_s[(mode, "channels_last")],
-                     "normvision_img_s": nv[mode], "speedup": nv[mode] / ti, "torch": torch.__version__})
-    if args.json:
+    for rnd in range(args.rounds):
+        torch_img_s = torch_round()
+        nv = normvision_round()
+        for mode in ["train", "inference"]:
+            # img/s from the median step; the fastest step (min) is the one least disturbed by the machine's
+            # other tenants, so the ratio of the minima is reported beside the ratio of the medians
+            best = min(["nchw", "channels_last"], key=lambda l: torch_img_s[(mode, l)][0])
+            (tmed, tmin), (nmed, nmin) = torch_img_s[(mode, best)], nv[mode]
+            rows.append({"model": "deeplabv3", "mode": mode, "batch": b, "threads": args.threads, "side": s,
+                         "torch_img_s": b / tmed, "torch_layout": best,
+                         "torch_nchw_img_s": b / torch_img_s[(mode, "nchw")][0],
+                         "torch_channels_last_img_s": b / torch_img_s[(mode, "channels_last")][0],
+                         "normvision_img_s": b / nmed, "speedup": tmed / nmed,
+                         "torch_min_ms": tmin * 1e3, "normvision_min_ms": nmin * 1e3, "speedup_of_min": tmin / nmin,
+                         "round": rnd, "torch": torch.__version__})
+            if args.json:
+                print(json.dumps(rows[-1]), flush=True)
+    if not args.json:
+        print(f"{'round':>5} {'mode':<10} {'batch':>5} {'threads':>7} {'torch img/s':>12} {'layout':>14} "
+              f"{'normvision':>11} {'speedup':>8} {'of min':>7}")
         for r in rows:
-            print(json.dumps(r))
-    else:
-        print(f"{'mode':<10} {'batch':>5} {'threads':>7} {'torch img/s':>12} {'layout':>14} {'normvision':>11} {'speedup':>8}")
-        for r in rows:
-            print(f"{r['mode']:<10} {r['batch']:>5} {r['threads']:>7} {r['torch_img_s']:>12.1f} {r['torch_layout']:>14} "
-                  f"{r['normvision_img_s']:>11.1f} {r['speedup']:>7.2f}x")
+            print(f"{r['round']:>5} {r['mode']:<10} {r['batch']:>5} {r['threads']:>7} {r['torch_img_s']:>12.1f} "
+                  f"{r['torch_layout']:>14} {r['normvision_img_s']:>11.1f} {r['speedup']:>7.2f}x "
+                  f"{r['speedup_of_min']:>6.2f}x")
+        if args.rounds > 1:
+            for mode in ["train", "inference"]:
+                for key in ["speedup", "speedup_of_min"]:
+                    sp = sorted(r[key] for r in rows if r["mode"] == mode)
+                    print(f"{mode}: {key} over {len(sp)} rounds min {sp[0]:.2f}x / median "
+                          f"{sp[len(sp) // 2]:.2f}x / max {sp[-1]:.2f}x")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -440,6 +467,8 @@ def main() -> int:
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--side", type=int, default=64)
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--rounds", type=int, default=1,
+                   help="measure PyTorch then normvision this many times (one ratio per round)")
     b.add_argument("--json", action="store_true")
     t = sub.add_parser("train")
     t.add_argument("--init", required=True)

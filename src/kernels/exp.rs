@@ -92,24 +92,35 @@ pub fn ln_lanes<const FMA: bool>(x: &mut [f64; LANES]) {
         let sub = v < f64::MIN_POSITIVE;
         let v = if sub { v * 18_014_398_509_481_984.0 } else { v }; // 2^54
         let bits = v.to_bits();
-        let ex = ((bits >> 52) & 0x7ff) as f64 - 1023.0 - if sub { 54.0 } else { 0.0 };
+        // the biased exponent as an f64 by the 2⁵² trick (an integer-to-float conversion would not vectorise
+        // without AVX-512 DQ)
+        let biased = f64::from_bits(0x4330_0000_0000_0000 | ((bits >> 52) & 0x7ff))
+            - 4_503_599_627_370_496.0;
+        let ex = biased - 1023.0 - if sub { 54.0 } else { 0.0 };
         let mant = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
         let big = mant > SQRT2;
         m[l] = if big { mant * 0.5 } else { mant };
         e[l] = if big { ex + 1.0 } else { ex };
     }
+    // passes over the lanes, each a loop that vectorises whole (a loop per lane around the series would not)
+    let mut s = [0f64; LANES];
+    let mut z = [0f64; LANES];
     for l in 0..LANES {
-        let s = (m[l] - 1.0) / (m[l] + 1.0);
-        let z = s * s;
-        let mut p = 1.0f64 / 21.0;
-        for d in [19.0, 17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0, 3.0, 1.0] {
-            p = if FMA {
-                p.mul_add(z, 1.0 / d)
+        s[l] = (m[l] - 1.0) / (m[l] + 1.0);
+        z[l] = s[l] * s[l];
+    }
+    let mut p = [1.0f64 / 21.0; LANES];
+    for d in [19.0, 17.0, 15.0, 13.0, 11.0, 9.0, 7.0, 5.0, 3.0, 1.0] {
+        for l in 0..LANES {
+            p[l] = if FMA {
+                p[l].mul_add(z[l], 1.0 / d)
             } else {
-                p * z + 1.0 / d
+                p[l] * z[l] + 1.0 / d
             };
         }
-        let lnm = 2.0 * s * p;
+    }
+    for l in 0..LANES {
+        let lnm = 2.0 * s[l] * p[l];
         let r = e[l] * LN2_HI + (lnm + e[l] * LN2_LO);
         let v = x[l];
         let r = if v == f64::INFINITY { v } else { r };

@@ -34,11 +34,13 @@
 mod edit;
 pub mod plan;
 
+use crate::kernels::elementwise::SyncPtr;
 use crate::layer::Layer;
 use crate::state::{join, StateDict, Stateful};
 use crate::{Ctx, NvError, Param, Real, Result};
 use ndarray::ArrayD;
 use plan::{Engine, PlanOptions, StepTime};
+use rayon::prelude::*;
 
 /// A value of a graph: a graph input or a node's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -622,6 +624,23 @@ impl<T: Real> Stateful<T> for Graph<T> {
         }
         self.engine.clear_saved();
         Ok(())
+    }
+    /// Zeroes every trainable gradient, in pieces over the threads: one thread filling DeepLab's 4 MB of
+    /// gradients took 0.6-0.7 ms of a 30 ms step.
+    fn zero_grad(&mut self) {
+        const PIECE: usize = 1 << 15;
+        let mut pieces = Vec::new();
+        self.visit_params("", &mut |_, p| {
+            let g = p.grads_mut();
+            for off in (0..g.len()).step_by(PIECE) {
+                pieces.push((SyncPtr(g.as_mut_ptr()), off, PIECE.min(g.len() - off)));
+            }
+        });
+        pieces.into_par_iter().for_each(|(ptr, off, len)| {
+            // SAFETY: the pieces are disjoint ranges of distinct parameters' gradients, which `&mut self`
+            // borrows for the whole call.
+            unsafe { ptr.slice(off, len) }.fill(T::zero());
+        });
     }
     /// The trainable parameters: those of frozen nodes are left out (as PyTorch optimizers skip
     /// `requires_grad = False` tensors).

@@ -81,6 +81,17 @@ fn im2col_rows<T: Real>(g: &Geom, x: &[T], col: &mut [T]) {
                     let start = (lo as isize * g.sw as isize + off) as usize;
                     if g.sw == 1 {
                         r[lo..hi].copy_from_slice(&xr[start..start + (hi - lo)]);
+                    } else if g.sw == 2 {
+                        // pairs, so that the loop vectorises (a deinterleaving shuffle; `step_by` does not);
+                        // the last value alone, as its pair may end past the row
+                        let n = hi - lo;
+                        for (d, s) in r[lo..hi - 1]
+                            .iter_mut()
+                            .zip(xr[start..start + 2 * (n - 1)].chunks_exact(2))
+                        {
+                            *d = s[0];
+                        }
+                        r[hi - 1] = xr[start + 2 * (n - 1)];
                     } else {
                         for (d, s) in r[lo..hi].iter_mut().zip(xr[start..].iter().step_by(g.sw)) {
                             *d = *s;
@@ -155,6 +166,17 @@ fn col2im_rows<T: Real>(g: &Geom, col: &[T], dx: &mut [T]) {
                         for (d, s) in dr[start..start + (hi - lo)].iter_mut().zip(&r[lo..hi]) {
                             *d = *d + *s;
                         }
+                    } else if g.sw == 2 {
+                        // pairs, so that the loop vectorises; the last value alone
+                        let n = hi - lo;
+                        for (d, s) in dr[start..start + 2 * (n - 1)]
+                            .chunks_exact_mut(2)
+                            .zip(&r[lo..hi - 1])
+                        {
+                            d[0] = d[0] + *s;
+                        }
+                        let last = &mut dr[start + 2 * (n - 1)];
+                        *last = *last + r[hi - 1];
                     } else {
                         for (d, s) in dr[start..].iter_mut().step_by(g.sw).zip(&r[lo..hi]) {
                             *d = *d + *s;

@@ -57,11 +57,19 @@ fn matches_direct_convolution() {
         Conv2dConfig::new(4, 4, 1).bias(false),
         Conv2dConfig::new(4, 2, 1).stride(2),
         Conv2dConfig::new(2, 3, 5).stride(3).padding(1),
+        // stride 2 along the rows (im2col's pairwise copy, col2im's pairwise add): a tap whose last pair
+        // would end past the row, odd and even widths, dilation
+        Conv2dConfig::new(3, 4, 3).stride(2).padding(1),
+        Conv2dConfig::new(3, 4, 3)
+            .stride((1, 2))
+            .padding((2, 0))
+            .dilation(2),
+        Conv2dConfig::new(2, 3, 3).stride(2).padding(2).bias(false),
     ];
-    for cfg in cfgs {
+    for (cfg, w) in cfgs.iter().flat_map(|c| [(c.clone(), 9), (c.clone(), 8)]) {
         for algo in [ConvAlgo::Gemm, ConvAlgo::GemmThreads] {
             let mut conv = cfg.clone().build::<f64>(&mut rng).unwrap();
-            let mut x = ArrayD::zeros(IxDyn(&[3, cfg.in_channels, 7, 9]));
+            let mut x = ArrayD::zeros(IxDyn(&[3, cfg.in_channels, 7, w]));
             crate::nn::init::normal(&mut x, 0.0, 1.0, &mut rng);
             let y = conv.forward_with(&x, algo, Epilogue::default()).unwrap();
             let want = direct(
@@ -74,6 +82,17 @@ fn matches_direct_convolution() {
             for (a, b) in y.iter().zip(want.iter()) {
                 assert!((a - b).abs() < 1e-12, "{cfg:?}: {a} vs {b}");
             }
+            // dx is the reference's adjoint: <conv(x) − bias, g> = <x, dx(g)> (col2im against the seven loops)
+            let mut g = ArrayD::zeros(want.raw_dim());
+            crate::nn::init::normal(&mut g, 0.0, 1.0, &mut rng);
+            let dx = conv.backward(&x, &g, Ctx::train()).unwrap();
+            let lin = direct(&cfg, &x, &conv.weight.value, None);
+            let lhs: f64 = lin.iter().zip(g.iter()).map(|(a, b)| a * b).sum();
+            let rhs: f64 = x.iter().zip(dx.iter()).map(|(a, b)| a * b).sum();
+            assert!(
+                (lhs - rhs).abs() <= 1e-10 * lhs.abs().max(1.0),
+                "{cfg:?} W={w}: <y, g> = {lhs}, <x, dx> = {rhs}"
+            );
         }
     }
 }

@@ -221,25 +221,39 @@ isa_fn! {
             }
             let mut ln_sum = sum;
             ln_lanes::<X2>(&mut ln_sum);
-            let (mut scale, mut inv_sum, mut target) = ([0f64; LANES], [0f64; LANES], [usize::MAX; LANES]);
+            // per lane: the gradient's scale w·inv (0 where ignored or past the plane), 1/Σe, the target class
+            // (as f64, −1 where none) and the loss term w·(lse − x_t)
+            let (mut scale, mut inv_sum, mut target) = ([0f64; LANES], [0f64; LANES], [-1f64; LANES]);
             for l in 0..n {
                 if live[l] {
                     let t = tg[p0 + l];
                     let w = weights.map_or(1.0, |w| w[t]);
                     loss += w * (ln_sum[l] - (xi[t * hw + p0 + l].as_f64() - m[l]));
-                    (scale[l], inv_sum[l], target[l]) = (w * inv, 1.0 / sum[l], t);
+                    (scale[l], target[l]) = (w * inv, t as f64);
                 }
             }
+            for l in 0..LANES {
+                inv_sum[l] = 1.0 / sum[l];
+            }
+            let mut g = [0f64; LANES];
             for (c, ec) in e.iter().enumerate() {
-                let g: [T; LANES] = std::array::from_fn(|l| {
-                    let q = if target[l] == c { 1.0 } else { 0.0 };
-                    if live[l] {
-                        T::of_f64(scale[l] * (ec[l] * inv_sum[l] - q))
-                    } else {
-                        T::zero()
+                let cf = c as f64;
+                for l in 0..LANES {
+                    let q = if target[l] == cf { 1.0 } else { 0.0 };
+                    let v = scale[l] * (ec[l] * inv_sum[l] - q);
+                    g[l] = if live[l] { v } else { 0.0 };
+                }
+                let row = &mut gi[c * hw + p0..][..n];
+                if let Ok(row) = <&mut [T; LANES]>::try_from(&mut *row) {
+                    // a whole block: a loop of known length, which vectorises
+                    for (d, v) in row.iter_mut().zip(&g) {
+                        *d = T::of_f64(*v);
                     }
-                });
-                gi[c * hw + p0..][..n].copy_from_slice(&g[..n]);
+                } else {
+                    for (d, v) in row.iter_mut().zip(&g) {
+                        *d = T::of_f64(*v);
+                    }
+                }
             }
         }
         Ok(loss)
