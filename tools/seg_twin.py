@@ -21,7 +21,8 @@ golden   one training-mode forward/backward of two small networks (BatchNorm; Gr
          in float32 and float64: `init.<key>` (the state dict), `x`, `targets` (with 255 = ignored pixels),
          `logits`/`logits64`, `loss`/`loss64`, `grad.<param>`/`grad64.<param>`, `state.<key>` (running
          statistics after the forward). Metadata `meta`: JSON with `config`, the DeepLabConfig normvision builds.
-bench    a training step (zero_grad, forward, cross-entropy ignoring 255, backward) and inference
+bench    a training step (zero_grad, forward, cross-entropy ignoring 255, backward, the recipe's SGD update at
+         lr 1e-3, so that the weights change every step on both sides) and inference
          (torch.inference_mode) of the default network (1x64x64 inputs, 11 classes, BatchNorm) in NCHW and
          channels_last, the faster of the two reported, against `normvision bench --task segment --json` in
          the same run. With --rounds R, R rounds of PyTorch then normvision back to back (each ratio compares
@@ -247,6 +248,10 @@ def golden(out_dir: Path) -> None:
 # speed, side by side
 # --------------------------------------------------------------------------------------------------------------
 
+# the learning rate of the benchmark's updates (normvision's `BENCH_LR`, src/bin/normvision/segment.rs)
+BENCH_LR = 1e-3
+
+
 def bench(args) -> None:
     import subprocess
     torch.set_num_threads(args.threads)
@@ -274,11 +279,14 @@ def bench(args) -> None:
             m = net.to(memory_format=fmt)
             xi = x.contiguous(memory_format=fmt)
             m.train()
+            # foreach: the multi-tensor update, the faster one on CPU (not the default there)
+            opt = torch.optim.SGD(m.parameters(), lr=BENCH_LR, momentum=0.9, weight_decay=1e-4, foreach=True)
 
             def step():
                 m.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(m(xi), t, ignore_index=IGNORE)
                 loss.backward()
+                opt.step()
 
             out[("train", layout)] = timed(step, args.steps, 3)
             m.eval()

@@ -11,11 +11,27 @@
 //! ```
 
 use super::{check_lr, check_shape, float_tensor, key, parse_key, DecayPolicy, Optimizer};
+use crate::kernels::elementwise::SyncPtr;
 use crate::state::{StateDict, Stateful};
 use crate::{NvError, Result};
 use ndarray::ArrayD;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Elements per task of a parallel update.
+const PIECE: usize = 1 << 15;
+
+/// A range of one parameter's value, gradient and momentum buffer (null without momentum).
+struct Piece {
+    x: SyncPtr<f32>,
+    g: SyncPtr<f32>,
+    b: SyncPtr<f32>,
+    off: usize,
+    len: usize,
+    wd: f32,
+    first: bool,
+}
 
 /// SGD hyper-parameters. `Default` is PyTorch's (everything 0/off). The learning rate is the schedule's
 /// ([`super::LrSchedule`]), passed to every [`Optimizer::step`].
@@ -104,17 +120,48 @@ impl Optimizer for Sgd {
         let (nesterov, decay) = (self.cfg.nesterov, self.cfg.decay);
         let wd_all = self.cfg.weight_decay;
         let buffers = &mut self.buffers;
+        // Gather every parameter's slices in pieces, then update the pieces over the threads: one thread took
+        // 1.6 ms for DeepLab's 1M parameters (a pass over 5 arrays of 4 MB). Each element's arithmetic is the
+        // same whatever the split, so the result does not depend on the number of threads.
+        let mut pieces: Vec<Piece> = Vec::new();
         model.visit_params("", &mut |name, p| {
             let wd = if wd_all != 0.0 && decay.applies(p.role()) {
                 wd_all as f32
             } else {
                 0.0
             };
-            // One pass over contiguous slices (parameters and gradients are standard-layout arrays), not four
-            // element-by-element passes over dynamic-rank arrays (see docs/PERFORMANCE.md, "Tuning constants").
-            let grad = p.grad.as_slice().expect("gradients are contiguous");
             let dim = p.value.raw_dim();
+            let g = p.grads_mut().as_mut_ptr();
             let v = p.value.as_slice_mut().expect("parameters are contiguous");
+            let (len, x) = (v.len(), v.as_mut_ptr());
+            let (first, b) = if momentum == 0.0 {
+                (false, std::ptr::null_mut())
+            } else {
+                let first = !buffers.contains_key(name);
+                let b = buffers
+                    .entry(name.to_string())
+                    .or_insert_with(|| ArrayD::zeros(dim));
+                let bs = b.as_slice_mut().expect("momentum buffers are contiguous");
+                (first, bs.as_mut_ptr())
+            };
+            for off in (0..len).step_by(PIECE) {
+                pieces.push(Piece {
+                    x: SyncPtr(x),
+                    g: SyncPtr(g),
+                    b: SyncPtr(b),
+                    off,
+                    len: PIECE.min(len - off),
+                    wd,
+                    first,
+                });
+            }
+        });
+        pieces.into_par_iter().for_each(|pc| {
+            // SAFETY: the pieces are disjoint ranges of distinct parameters' values, gradients and momentum
+            // buffers; the model (`&mut`) and the buffers (`&mut self`) stay borrowed for the whole step, and the
+            // pointers are to the arrays' heap data, which stays put when the map moves an array's header.
+            let (v, grad) = unsafe { (pc.x.slice(pc.off, pc.len), &*pc.g.slice(pc.off, pc.len)) };
+            let wd = pc.wd;
             let with_decay = |g: f32, x: f32| if wd != 0.0 { g + wd * x } else { g };
             if momentum == 0.0 {
                 for (x, &g) in v.iter_mut().zip(grad) {
@@ -123,15 +170,12 @@ impl Optimizer for Sgd {
                 }
                 return;
             }
-            let first = !buffers.contains_key(name);
-            let b = buffers
-                .entry(name.to_string())
-                .or_insert_with(|| ArrayD::zeros(dim));
-            let bs = b.as_slice_mut().expect("momentum buffers are contiguous");
+            // SAFETY: as above; with momentum every piece has a buffer.
+            let bs = unsafe { pc.b.slice(pc.off, pc.len) };
             for ((x, &g), b) in v.iter_mut().zip(grad).zip(bs.iter_mut()) {
                 let g = with_decay(g, *x);
                 // the first step starts the buffer at g (PyTorch: no dampening on the first step)
-                let nb = if first {
+                let nb = if pc.first {
                     g
                 } else {
                     *b * momentum + one_minus_damp * g

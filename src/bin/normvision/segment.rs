@@ -415,8 +415,13 @@ pub fn predict(
     Ok(())
 }
 
-/// `bench --task segment`: a training step and inference of the default deeplabv3 at `batch` × 1 × `side`²,
-/// median of `steps` after `warmup`.
+/// The learning rate of `bench --task segment`'s updates (tools/seg_twin.py bench uses the same).
+pub const BENCH_LR: f64 = 1e-3;
+
+/// `bench --task segment`: a training step (zero_grad, forward, loss, backward and the recipe's SGD update:
+/// momentum 0.9, weight decay 1e-4, at [`BENCH_LR`]) and inference of the default deeplabv3 at `batch` × 1 ×
+/// `side`², median of `steps` after `warmup`. The update changes the weights every step, so that no step
+/// reuses work that depends on them (the Winograd weight transforms), as in real training.
 #[allow(clippy::too_many_arguments)]
 pub fn bench(
     norm: NormKind,
@@ -436,8 +441,9 @@ pub fn bench(
     });
     let targets: Vec<usize> = (0..batch * side * side).map(|i| (i / 61) % 11).collect();
     let loss = PixelCrossEntropy::ignoring(255);
-    // the wall clock of the step's parts outside the layers (zero_grad, loss; no optimizer here)
-    let time = |g: &mut Graph, train: bool, k: u64, outside: &mut [f64; 3]| -> Result<f64> {
+    let mut opt = SegTrainConfig::reference(cfg.clone()).optim.build()?;
+    // the wall clock of the step's parts outside the layers (zero_grad, loss, optimizer)
+    let mut time = |g: &mut Graph, train: bool, k: u64, outside: &mut [f64; 3]| -> Result<f64> {
         let t0 = std::time::Instant::now();
         if train {
             g.zero_grad();
@@ -448,6 +454,9 @@ pub fn bench(
             let (_, d) = loss.forward(&y, &targets)?;
             outside[1] += t1.elapsed().as_secs_f64();
             g.backward(&[&x], &[&d], ctx, false)?;
+            let t2 = std::time::Instant::now();
+            opt.step(g, BENCH_LR)?;
+            outside[2] += t2.elapsed().as_secs_f64();
         } else {
             g.infer(&[&x])?;
         }
