@@ -116,6 +116,25 @@ fn folded_model_gives_the_same_eval_logits() {
         inferred, got,
         "the folded model's inference plan is bitwise its eval forward"
     );
+    // the plan fuses each 2×2 max pool into the convolution (+ folded BN) + ReLU before it
+    let plan = m
+        .graph_mut()
+        .describe_plan(&[&[16, 1, 28, 28]], Ctx::eval(), true)
+        .unwrap();
+    assert_eq!(plan.matches("+ 2x2 max pool").count(), 2, "{plan}");
+    // one image at a time (each convolution split over the threads by output channel)
+    for i in [0, 7] {
+        let xi = x
+            .slice(ndarray::s![i..i + 1, .., .., ..])
+            .to_owned()
+            .into_dyn();
+        let one = m.forward_inference(&xi).unwrap();
+        let want_i = m.forward(&xi, Ctx::eval()).unwrap();
+        assert_eq!(
+            one, want_i,
+            "image {i} alone: inference plan against eval forward"
+        );
+    }
     let keys: Vec<String> = m.state_dict().keys().cloned().collect();
     assert_eq!(
         keys.len(),

@@ -399,7 +399,8 @@ pub enum Cmd {
         #[arg(long)]
         fold_bn: bool,
         /// Also print where a step's time goes: wall-clock milliseconds per step for each top-level layer's
-        /// forward and backward (summed over the timed steps, divided by their number).
+        /// forward and backward (summed over the timed steps, divided by their number); with --inference, for
+        /// each step of the inference plan, from a second series of calls.
         #[arg(long)]
         profile: bool,
         /// Time deployment inference instead: the model folded, at batch 1 and --batch-size, each call timed

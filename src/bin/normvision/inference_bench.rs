@@ -29,6 +29,7 @@ pub fn run(
     warmup: usize,
     json_out: bool,
     plan: &PlanOptions,
+    profile: bool,
 ) -> Result<()> {
     let (mut model, folded, label, norm_label) = match subject {
         Subject::Zoo(kind, norm) => {
@@ -90,6 +91,21 @@ pub fn run(
                 p50 * 1e3,
                 p99 * 1e3,
                 t[0] * 1e3
+            );
+        }
+        if profile {
+            // a second series of calls with every step timed (the timing itself costs a little per step)
+            model.graph_mut().enable_timing();
+            for _ in 0..calls {
+                model.forward_inference(&x)?;
+            }
+            crate::commands::print_layer_profile(
+                model.graph(),
+                "inference",
+                calls,
+                p50,
+                &[0.0; 3],
+                json_out,
             );
         }
     }

@@ -504,7 +504,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                             None => crate::inference_bench::Subject::Zoo(model, norm),
                         };
                         return crate::inference_bench::run(
-                            subject, batch_size, steps, warmup, json, &plan,
+                            subject, batch_size, steps, warmup, json, &plan, profile,
                         );
                     }
                     if !["train", "eval", "both"].contains(&mode.as_str()) {

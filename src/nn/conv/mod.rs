@@ -112,7 +112,8 @@ pub struct Conv2d<T: Real = f32> {
     ws: Vec<Workspace<T>>,
     /// Packed weights (forward) or transposed weights (backward) for the AVX-512 kernels.
     packed: Vec<f32>,
-    /// Winograd-transformed weights of [`ConvAlgo::Winograd2Batch`], reused from forward to backward.
+    /// Winograd-transformed weights of [`ConvAlgo::Winograd2Batch`], reused from forward to backward, and the
+    /// packed ones of [`ConvAlgo::Winograd2`]'s forward, reused from call to call while the weights are unchanged.
     wino: winograd::Transformed,
 }
 
@@ -364,10 +365,13 @@ impl<T: Real> Conv2d<T> {
             }
             let shape = [g.n, g.o, g.oh / 2, g.ow / 2];
             let ws = algo::winograd_shape(&g).expect("checked");
-            return Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+            let mut kept = std::mem::take(&mut self.wino);
+            let y = self.f32_forward(x, &shape, |xf, wf, bias, yf| {
                 let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
-                winograd::forward_affine_relu_maxpool(ws, xf, wf, bias, affine, yf)
-            }));
+                winograd::forward_kept(ws, xf, wf, &mut kept, bias, affine, true, true, yf)
+            });
+            self.wino = kept;
+            return Ok(y);
         }
         let shape = [g.n, g.o, g.oh, g.ow];
         match algo {
@@ -379,10 +383,13 @@ impl<T: Real> Conv2d<T> {
             }
             ConvAlgo::Winograd2 => {
                 let ws = algo::winograd_shape(&g).expect("checked");
-                Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                let mut kept = std::mem::take(&mut self.wino);
+                let y = self.f32_forward(x, &shape, |xf, wf, bias, yf| {
                     let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
-                    winograd::forward_affine(ws, xf, wf, bias, affine, epi.relu, yf)
-                }))
+                    winograd::forward_kept(ws, xf, wf, &mut kept, bias, affine, epi.relu, false, yf)
+                });
+                self.wino = kept;
+                Ok(y)
             }
             ConvAlgo::Winograd2Batch => {
                 let bs = algo::batch_shape(&g).expect("checked");

@@ -107,6 +107,7 @@ pub fn forward(
         return;
     }
     let u = transform_weights(w, s.k, s.c);
+    let packed = pack_weights(&u, s.k, s.c, false);
     run_forward(
         &s,
         &Transforms {
@@ -115,11 +116,11 @@ pub fn forward(
             input: &|imgs, xc, v, _| input_transform(&s, xc, imgs, v),
         },
         x,
-        &pack_weights(&u, s.k, s.c, false),
+        (&packed.0, packed.1),
         os,
         y,
         moments,
-        &|imgs, m, yc| output_transform(&s, m, imgs, bias, relu, yc),
+        &|imgs, ks, m, yc| output_transform(&s, m, imgs, ks, bias, relu, yc),
     );
 }
 
@@ -210,23 +211,25 @@ fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32]) {
     }
 }
 
-/// y = Aᵀ M A for every tile (+ bias, then ReLU when `relu`), every element of the `imgs` images written.
+/// y = Aᵀ M A for every tile (+ bias, then ReLU when `relu`), every element of the `imgs` images written: `m`
+/// holds the products of the output channels `ks` only, and `y` their planes (image-major).
 fn output_transform(
     s: &WinoShape,
     m: &[f32],
     imgs: usize,
+    ks: std::ops::Range<usize>,
     bias: Option<&[f32]>,
     relu: bool,
     y: &mut [f32],
 ) {
-    let (h, w, k) = (s.h, s.w, s.k);
+    let (h, w, k) = (s.h, s.w, ks.len());
     let t_all = imgs * tiles(s);
     assert!(y.len() >= imgs * k * h * w && m.len() >= P * k * t_all);
     for img in 0..imgs {
         for kk in 0..k {
             let plane = &mut y[(img * k + kk) * h * w..(img * k + kk + 1) * h * w];
             let src = kk * t_all + img * tiles(s);
-            let b = bias.map_or(0.0, |b| b[kk]);
+            let b = bias.map_or(0.0, |b| b[ks.start + kk]);
             // SAFETY: AVX-512F is available; loads within the 36 planes of M (masked to tw lanes), stores masked
             // to the plane's h rows and w columns.
             unsafe { x86::output_plane(m, k * t_all, src, th(s), tw(s), h, w, b, relu, plane) };

@@ -25,6 +25,7 @@
 use crate::kernels::gemm_avx512 as simd;
 use crate::kernels::moments::plane_moments_into;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Tiles per chunk the work is split into (a chunk holds whole images): large enough for long GEMM rows, small
 /// enough for the chunk's transformed tiles (16·C·T floats, two or three buffers) to stay in L2; 100 beat 50,
@@ -145,7 +146,7 @@ pub fn forward_affine(
     relu: bool,
     y: &mut [f32],
 ) {
-    forward_impl(s, x, w, bias, affine, relu, false, None, y)
+    forward_impl(s, x, Weights::Raw(w), bias, affine, relu, false, None, y)
 }
 
 /// [`forward`] (no ReLU) that also reduces every output plane to its (mean, M2) while the plane is still in
@@ -160,7 +161,17 @@ pub fn forward_with_moments(
     moments: &mut [(f64, f64)],
 ) {
     assert_eq!(moments.len(), s.n * s.k, "one (mean, M2) per output plane");
-    forward_impl(s, x, w, bias, None, false, false, Some(moments), y)
+    forward_impl(
+        s,
+        x,
+        Weights::Raw(w),
+        bias,
+        None,
+        false,
+        false,
+        Some(moments),
+        y,
+    )
 }
 
 /// [`forward_affine`] with ReLU, followed in the same output pass by a 2×2, stride-2 max pool: `y` is
@@ -179,14 +190,51 @@ pub fn forward_affine_relu_maxpool(
         s.h.is_multiple_of(2) && s.w.is_multiple_of(2),
         "fused 2×2 max pool needs even H and W"
     );
-    forward_impl(s, x, w, bias, affine, true, true, None, y)
+    forward_impl(s, x, Weights::Raw(w), bias, affine, true, true, None, y)
+}
+
+/// [`forward_affine`] (with `pool`, [`forward_affine_relu_maxpool`]) with the transformed and packed weights
+/// kept in `kept` from call to call while `w` is unchanged: the inference path, whose weights never change.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_kept(
+    s: WinoShape,
+    x: &[f32],
+    w: &[f32],
+    kept: &mut Transformed,
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    pool: bool,
+    y: &mut [f32],
+) {
+    assert!(
+        !pool || (relu && s.h.is_multiple_of(2) && s.w.is_multiple_of(2)),
+        "fused 2×2 max pool needs ReLU and even H and W"
+    );
+    forward_impl(
+        s,
+        x,
+        Weights::Kept(w, kept),
+        bias,
+        affine,
+        relu,
+        pool,
+        None,
+        y,
+    )
+}
+
+/// The weights of a forward: transformed and packed for this call, or kept from call to call.
+enum Weights<'a> {
+    Raw(&'a [f32]),
+    Kept(&'a [f32], &'a mut Transformed),
 }
 
 #[allow(clippy::too_many_arguments)]
 fn forward_impl(
     s: WinoShape,
     x: &[f32],
-    w: &[f32],
+    w: Weights,
     bias: Option<&[f32]>,
     affine: Option<(&[f32], &[f32])>,
     relu: bool,
@@ -225,22 +273,24 @@ fn forward_impl(
         }
         return;
     }
-    let u = weights::transform(w, s.k, s.c);
+    let raw;
+    let packed = match w {
+        Weights::Raw(w) => {
+            let u = weights::transform(w, s.k, s.c);
+            raw = pack_weights(&u, s.k, s.c, false);
+            crate::kernels::arena::give(u);
+            (raw.0.as_slice(), raw.1)
+        }
+        Weights::Kept(w, kept) => kept.packed(w, s.k, s.c),
+    };
     let tf = Transforms {
         points: 16,
         tiles: s.tiles(),
         input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, v, rows),
     };
-    run_forward(
-        &s,
-        &tf,
-        x,
-        &pack_weights(&u, s.k, s.c, false),
-        os,
-        y,
-        moments,
-        &|imgs, m, yc| output_transform(&s, m, imgs, bias, affine, relu, pool, yc),
-    );
+    run_forward(&s, &tf, x, packed, os, y, moments, &|imgs, ks, m, yc| {
+        output_transform(&s, m, imgs, ks, bias, affine, relu, pool, yc)
+    });
 }
 
 /// What the chunk drivers ([`run_forward`], [`run_backward`]) need of a Winograd algorithm: products per tile,
@@ -285,23 +335,76 @@ fn point_products(
     }
 }
 
-/// The forward over chunks of images: input transform, the products with the packed U, then `output(imgs, M,
-/// y)` (which writes the chunk's `os` values per image); with `moments`, each output plane's (mean, M2)
-/// while it is in cache.
+/// The forward over chunks of images: input transform, the products with the packed U, then `output(imgs, ks,
+/// M, y)` (which writes the `os` values per image of the output channels `ks`); with `moments`, each output
+/// plane's (mean, M2) while it is in cache.
+///
+/// With fewer images than threads (inference at batch 1), each image's output channels are split instead, at
+/// multiples of the packed panel height: every part transforms the whole input (a few percent of the GEMM
+/// work) and computes its channels' products and output. Each output value is computed by the same operations
+/// in the same order either way, so the two splits give bitwise the same result.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn run_forward(
     s: &WinoShape,
     tf: &Transforms,
     x: &[f32],
-    (packed, plen): &(Vec<f32>, usize),
+    (packed, plen): (&[f32], usize),
     os: usize,
     y: &mut [f32],
     moments: Option<&mut [(f64, f64)]>,
-    output: &(dyn Fn(usize, &[f32], &mut [f32]) + Sync),
+    output: &(dyn Fn(usize, Range<usize>, &[f32], &mut [f32]) + Sync),
 ) {
-    let nb = tf.per_chunk();
     let is = s.in_size();
     let plane = s.h * s.w;
+    let parts = rayon::current_num_threads().min(s.k / simd::MR);
+    if s.n < rayon::current_num_threads() && parts > 1 {
+        let per = (s.k / parts).next_multiple_of(simd::MR);
+        let psize = os / s.k;
+        let mut moments = moments;
+        for img in 0..s.n {
+            let xi = &x[img * is..(img + 1) * is];
+            let yi = &mut y[img * os..(img + 1) * os];
+            let mi = moments
+                .as_deref_mut()
+                .map(|m| &mut m[img * s.k..(img + 1) * s.k]);
+            let mom_parts =
+                crate::kernels::elementwise::optional_chunks(mi, per, s.k.div_ceil(per));
+            yi.par_chunks_mut(per * psize)
+                .zip(mom_parts)
+                .enumerate()
+                .for_each(|(pi, (yc, mc))| {
+                    let ks = pi * per..((pi + 1) * per).min(s.k);
+                    let kn = ks.len();
+                    with_scratch(|sc| {
+                        let t = tf.tiles;
+                        at_least(&mut sc.a, tf.points * s.c * t);
+                        at_least(&mut sc.b, tf.points * kn * t);
+                        (tf.input)(1, xi, &mut sc.a, &mut sc.rows);
+                        let sub = simd::packed_len(kn, s.c);
+                        for p in 0..tf.points {
+                            let ap = &packed[p * plen + ks.start * s.c..][..sub];
+                            simd::gemm_nn(
+                                kn,
+                                t,
+                                s.c,
+                                ap,
+                                &sc.a[p * s.c * t..(p + 1) * s.c * t],
+                                t,
+                                &mut sc.b[p * kn * t..(p + 1) * kn * t],
+                                t,
+                                false,
+                            );
+                        }
+                        output(1, ks, &sc.b, yc);
+                        if let Some(mc) = mc {
+                            plane_moments_into(yc, plane, mc);
+                        }
+                    })
+                });
+        }
+        return;
+    }
+    let nb = tf.per_chunk();
     let chunks = s.n.div_ceil(nb);
     let mom_chunks = crate::kernels::elementwise::optional_chunks(moments, nb * s.k, chunks);
     x.par_chunks(nb * is)
@@ -314,8 +417,8 @@ pub(super) fn run_forward(
                 at_least(&mut sc.a, tf.points * s.c * t);
                 at_least(&mut sc.b, tf.points * s.k * t);
                 (tf.input)(imgs, xc, &mut sc.a, &mut sc.rows);
-                point_products(s.k, s.c, t, (packed, *plen), &sc.a, &mut sc.b);
-                output(imgs, &sc.b, yc);
+                point_products(s.k, s.c, t, (packed, plen), &sc.a, &mut sc.b);
+                output(imgs, 0..s.k, &sc.b, yc);
                 if let Some(mc) = mc {
                     // each plane was written just now: reduce it while it is in L1/L2
                     plane_moments_into(yc, plane, mc);
@@ -502,18 +605,20 @@ fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &
 
 /// y = Aᵀ M A for every tile (Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]), plus bias, then ReLU when `relu`; with
 /// `pool` (even H and W, ReLU on), each tile's maximum instead (a 2×2, stride-2 max pool, planes of H/2 × W/2).
+/// `m` holds the products of the output channels `ks` only, and `y` their planes (image-major).
 #[allow(clippy::too_many_arguments)]
 fn output_transform(
     s: &WinoShape,
     m: &[f32],
     imgs: usize,
+    ks: Range<usize>,
     bias: Option<&[f32]>,
     affine: Option<(&[f32], &[f32])>,
     relu: bool,
     pool: bool,
     y: &mut [f32],
 ) {
-    let (h, w, k) = (s.h, s.w, s.k);
+    let (h, w, k) = (s.h, s.w, ks.len());
     let (th, tw) = (s.th(), s.tw());
     let t_all = imgs * th * tw;
     let psize = if pool { th * tw } else { h * w };
@@ -522,8 +627,9 @@ fn output_transform(
     for img in 0..imgs {
         for kk in 0..k {
             let plane = &mut y[(img * k + kk) * psize..(img * k + kk + 1) * psize];
-            let b = bias.map_or(0.0, |b| b[kk]);
-            let aff = affine.map(|(a, bb)| (a[kk], bb[kk]));
+            let ko = ks.start + kk;
+            let b = bias.map_or(0.0, |b| b[ko]);
+            let aff = affine.map(|(a, bb)| (a[ko], bb[ko]));
             let src = kk * t_all + img * th * tw;
             // SAFETY: AVX-512F is available; tile loads are within the 16 planes of M (masked to j < tw),
             // stores are masked to the plane's h rows and w columns.

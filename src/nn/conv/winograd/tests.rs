@@ -278,3 +278,115 @@ pub(in crate::nn) fn assert_reproducible(backward: Backward, s: WinoShape) {
         }
     }
 }
+
+/// Fewer images than threads split each image's output channels over the threads instead of splitting the
+/// images: the forwards (plain, with moments, pooled, F(4×4)) must give bitwise what one thread gives, for
+/// channel counts that split evenly, unevenly, and into more parts than threads.
+#[test]
+fn a_forward_split_by_channels_is_bitwise_the_one_thread_forward() {
+    if !available() {
+        eprintln!("skipped: no AVX-512F");
+        return;
+    }
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(21);
+    for &(n, c, k, h, w) in &[
+        (1, 8, 32, 28, 28),
+        (1, 16, 64, 14, 14),
+        (2, 8, 40, 6, 10),
+        (1, 9, 17, 4, 4),
+        (1, 8, 24, 2, 34),
+    ] {
+        let s = WinoShape { n, c, k, h, w };
+        let (x, wt, bias) = conv_case(&mut rng, s);
+        let a: Vec<f32> = (0..k).map(|i| [1.5, 0.0, -0.7, 0.3][i % 4]).collect();
+        let b: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+        let run = |threads: usize| {
+            let tp = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            tp.install(|| {
+                let mut plain = vec![f32::NAN; n * k * h * w];
+                forward_affine(s, &x, &wt, Some(&bias), Some((&a, &b)), true, &mut plain);
+                let mut mom_y = vec![f32::NAN; n * k * h * w];
+                let mut mom = vec![(f64::NAN, f64::NAN); n * k];
+                forward_with_moments(s, &x, &wt, Some(&bias), &mut mom_y, &mut mom);
+                let mut pooled = vec![f32::NAN; n * k * h * w / 4];
+                forward_affine_relu_maxpool(s, &x, &wt, None, Some((&a, &b)), &mut pooled);
+                let mut f4y = vec![f32::NAN; n * k * h * w];
+                if f4::applies(&s) {
+                    f4::forward(s, &x, &wt, Some(&bias), false, None, &mut f4y);
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let mbits: Vec<(u64, u64)> =
+                    mom.iter().map(|m| (m.0.to_bits(), m.1.to_bits())).collect();
+                (bits(&plain), bits(&mom_y), mbits, bits(&pooled), bits(&f4y))
+            })
+        };
+        let want = run(1);
+        for threads in [2, 3] {
+            let got = run(threads);
+            assert_eq!(got.0, want.0, "{s:?}: affine + ReLU, {threads} threads");
+            assert_eq!(got.1, want.1, "{s:?}: with moments, {threads} threads");
+            assert_eq!(got.2, want.2, "{s:?}: the moments, {threads} threads");
+            assert_eq!(got.3, want.3, "{s:?}: pooled, {threads} threads");
+            assert_eq!(got.4, want.4, "{s:?}: F(4x4), {threads} threads");
+        }
+    }
+}
+
+/// [`forward_kept`] keeps the transformed weights from call to call, and transforms them again as soon as
+/// they change (a training step, a load): each call gives bitwise what [`forward_affine`] gives.
+#[test]
+fn kept_weights_follow_every_change_of_the_weights() {
+    if !available() {
+        eprintln!("skipped: no AVX-512F");
+        return;
+    }
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(22);
+    let s = WinoShape {
+        n: 2,
+        c: 8,
+        k: 16,
+        h: 6,
+        w: 8,
+    };
+    let (x, mut wt, bias) = conv_case(&mut rng, s);
+    let mut kept = Transformed::default();
+    for call in 0..4 {
+        if call == 2 {
+            wt[5] += 0.25; // one weight changes
+        }
+        let mut want = vec![f32::NAN; s.n * s.out_size()];
+        forward_affine(s, &x, &wt, Some(&bias), None, true, &mut want);
+        let mut got = vec![f32::NAN; want.len()];
+        forward_kept(
+            s,
+            &x,
+            &wt,
+            &mut kept,
+            Some(&bias),
+            None,
+            true,
+            false,
+            &mut got,
+        );
+        let mut pooled_want = vec![f32::NAN; want.len() / 4];
+        forward_affine_relu_maxpool(s, &x, &wt, Some(&bias), None, &mut pooled_want);
+        let mut pooled = vec![f32::NAN; want.len() / 4];
+        forward_kept(
+            s,
+            &x,
+            &wt,
+            &mut kept,
+            Some(&bias),
+            None,
+            true,
+            true,
+            &mut pooled,
+        );
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "call {call}");
+        assert_eq!(bits(&pooled), bits(&pooled_want), "call {call}, pooled");
+    }
+}

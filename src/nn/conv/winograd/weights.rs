@@ -59,22 +59,47 @@ pub(super) use wide;
 /// A layer's transformed weights, kept with the weights they came from: a training step's backward reuses
 /// its forward's U (the optimizer changes the weights only after both), and any change to the weights (a step,
 /// a load) is seen by comparing them, which costs a fifth of transforming them again.
+///
+/// The chunked forward's packed form of U ([`Transformed::packed`]) is kept the same way, so inference, whose
+/// weights never change, transforms and packs them once.
 #[derive(Debug, Clone, Default)]
 pub struct Transformed {
     of: Vec<f32>,
     u: Vec<f32>,
+    packed: Vec<f32>,
+    plen: usize,
 }
 
 impl Transformed {
+    /// Transforms `w` again unless it is the kept weights (and U of the same K×C): whether it did.
+    fn refresh(&mut self, w: &[f32], k: usize, c: usize) -> bool {
+        if self.of.as_slice() == w && self.u.len() == 16 * k * c {
+            return false;
+        }
+        arena::give(std::mem::take(&mut self.u));
+        self.u = transform(w, k, c);
+        self.packed.clear();
+        self.of.clear();
+        self.of.extend_from_slice(w);
+        true
+    }
+
     /// U for weights `w` (K, C, 3, 3): the kept one if `w` has not changed since, else a new one.
     pub fn get(&mut self, w: &[f32], k: usize, c: usize) -> &[f32] {
-        if self.of.as_slice() != w || self.u.len() != 16 * k * c {
-            arena::give(std::mem::take(&mut self.u));
-            self.u = transform(w, k, c);
-            self.of.clear();
-            self.of.extend_from_slice(w);
-        }
+        self.refresh(w, k, c);
         &self.u
+    }
+
+    /// U for weights `w` (K, C, 3, 3) packed for the chunked forward's GEMMs (see [`super::pack_weights`]),
+    /// with the length of one product's matrix: the kept one if `w` has not changed since.
+    pub fn packed(&mut self, w: &[f32], k: usize, c: usize) -> (&[f32], usize) {
+        self.refresh(w, k, c);
+        if self.packed.is_empty() && !self.u.is_empty() {
+            let (p, plen) = super::pack_weights(&self.u, k, c, false);
+            self.packed = p;
+            self.plen = plen;
+        }
+        (&self.packed, self.plen)
     }
 }
 

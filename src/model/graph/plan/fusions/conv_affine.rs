@@ -1,12 +1,11 @@
-//! Inference: convolution → eval BatchNorm or FrozenBatchNorm (+ ReLU) (+ 2×2 max pool): the convolution's
-//! output pass applies the norm's per-channel affine y·a + b, b = bias − running_mean·a (PyTorch's formula),
-//! the ReLU and, when its algorithm can (Winograd F(2×2): one output tile is one pool window), the pool. The
+//! Inference: convolution → eval BatchNorm or FrozenBatchNorm (+ ReLU): the convolution's output pass applies
+//! the norm's per-channel affine y·a + b, b = bias − running_mean·a (PyTorch's formula) and the ReLU (a 2×2
+//! max pool after it is [`super::conv_pool`]'s). The
 //! separate layers compute (y − running_mean)·a + bias, exact at any |mean|/std; the two agree to f32
 //! rounding of y·a, which matters only where |mean| ≫ std (the bound of [`super::fold`]).
 
 use super::super::builder::Builder;
 use super::super::step::StepKind;
-use crate::nn::MaxPool2d;
 use crate::norm::{BatchNorm, FrozenBatchNorm};
 use crate::Real;
 
@@ -40,27 +39,10 @@ pub(crate) fn apply<T: Real>(b: &mut Builder<T>) {
             }
             _ => continue,
         };
-        let algo = conv.algo;
         if let StepKind::Conv(c) = &mut b.step_mut(i).kind {
             c.affine = Some(norm);
             c.relu = relu;
         }
         b.absorb(i, r);
-        // a 2×2 max pool after the ReLU goes into the same pass where the algorithm can
-        let out = b.step(i).output;
-        let shape = &b.shapes[out.0];
-        let even = shape.len() == 4 && shape[2].is_multiple_of(2) && shape[3].is_multiple_of(2);
-        if !(relu && algo.fuses_affine_relu_pool() && even) {
-            continue;
-        }
-        let Some(p) = b.sole_reader(out) else {
-            continue;
-        };
-        if b.layer_step::<MaxPool2d<T>>(p).is_some_and(|m| m.is_2x2()) {
-            if let StepKind::Conv(c) = &mut b.step_mut(i).kind {
-                c.pool = true;
-            }
-            b.absorb(i, p);
-        }
     }
 }

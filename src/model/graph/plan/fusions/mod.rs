@@ -9,8 +9,9 @@
 //! | [`conv_moments`] | train, eval | the BatchNorm's statistics into the convolution that writes its input (plane moments) |
 //! | [`bn_pool`] | train, eval | a 2×2 max pool into the batch-statistics BatchNorm before it |
 //! | [`dx_planes`] | train | the BatchNorm's dx into the weight gradient of a first convolution, plane by plane |
-//! | [`conv_affine`] | inference | an eval BatchNorm (+ ReLU, + 2×2 max pool) into the convolution's output pass |
+//! | [`conv_affine`] | inference | an eval BatchNorm (+ ReLU) into the convolution's output pass |
 //! | [`conv_relu`] | inference | a ReLU into the convolution's output pass |
+//! | [`conv_pool`] | inference | a 2×2 max pool into the output pass of a convolution with a ReLU |
 //! | [`flatten_move`] | all | a flatten moves its input's buffer instead of copying it |
 //!
 //! [`fold`] is not a plan pattern but a rewrite of the graph that changes its weights (`Graph::fold_batch_norm`).
@@ -20,6 +21,7 @@ pub mod bn_pool;
 pub mod bn_relu;
 pub mod conv_affine;
 pub mod conv_moments;
+pub mod conv_pool;
 pub mod conv_relu;
 pub mod dx_planes;
 pub mod flatten_move;
@@ -43,6 +45,7 @@ pub(crate) fn apply_all<T: crate::Real>(b: &mut Builder<T>) {
         PlanKind::Inference => {
             conv_affine::apply(b);
             conv_relu::apply(b);
+            conv_pool::apply(b);
         }
     }
     flatten_move::apply(b);
