@@ -1,8 +1,8 @@
 //! The engine's results, pinned bit for bit: for each zoo model (cnn, mlp, resnet), each `--conv` choice and a
-//! few norms, 60 SGD steps (momentum 0.9, weight decay 5e-4 without norm/bias, cosine schedule with warm-up)
-//! on fixed pseudo-random batches, on a 2-thread pool. Every step's loss (f64 bits) and a hash of the whole state
-//! dict after steps 1, 20 and 60 must equal `tests/fixtures/engine/baseline.json`, as must the eval logits
-//! after the last step, from the plain eval forward and from the fused inference forward.
+//! few norms, the first 20 of 60 SGD steps (momentum 0.9, weight decay 5e-4 without norm/bias, a 60-step cosine
+//! schedule with warm-up) on fixed pseudo-random batches, on a 2-thread pool. Every step's loss (f64 bits) and a
+//! hash of the whole state dict after steps 1 and 20 must equal the fixture, as must the eval logits after the
+//! last step, from the plain eval forward and from the fused inference forward.
 //! `tests/fixtures/engine/baseline-<isa>.json` holds the values for the kernels of one instruction set: other
 //! kernels round differently. Every set this CPU has runs, forced through the plan's instruction-set option (a
 //! run-time switch of the one build), so CI checks the AVX2 and the portable kernels on an AVX2 machine and all
@@ -27,6 +27,12 @@
 //! winograd2 2.3623 → 2.3447). Bless with
 //! `NORMVISION_BLESS=1 cargo test --release --test suite engine_baseline::`; an instruction set without a fixture is
 //! reported and compared with nothing.
+//!
+//! The fixtures held all 60 steps until CI's time budget cut the run to its first 20 (issue #6's last sitting):
+//! the 20 losses and the two state hashes kept are the old fixtures' own. The eval and inference logits after
+//! step 20 were blessed then on an AVX-512 machine, so only the `-gemm512` fixtures have them; the two written
+//! on AVX2-only machines (`baseline-avx2.json`, `baseline-portable.json`) pin the losses and state hashes, and
+//! a run against them says that it compares no logits.
 
 use ndarray::{ArrayD, IxDyn};
 use normvision::model::{Model, ModelConfig, ModelKind, NormKind, PlanOptions};
@@ -40,9 +46,11 @@ use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
-const STEPS: u64 = 60;
+/// Steps run, of a schedule of [`SCHEDULE_STEPS`].
+const STEPS: u64 = 20;
+const SCHEDULE_STEPS: u64 = 60;
 const BATCH: usize = 24;
-const HASH_AT: [u64; 3] = [1, 20, 60];
+const HASH_AT: [u64; 2] = [1, 20];
 
 struct Case {
     kind: ModelKind,
@@ -153,7 +161,7 @@ fn run(case: &Case, isa: Isa) -> Value {
         Schedule::Cosine {
             lr: 0.05,
             min_lr: 0.0,
-            total_steps: STEPS,
+            total_steps: SCHEDULE_STEPS,
         },
         5,
         0.1,
@@ -238,6 +246,10 @@ fn check(isa: Isa) {
     for (name, w) in &want {
         let g = &got[name];
         for key in ["losses", "state", "eval_logits", "inference_logits"] {
+            if w.get(key).is_none() && key.ends_with("logits") {
+                eprintln!("{name}: the fixture has no {key} (written on an AVX2-only machine): not compared");
+                continue;
+            }
             if g[key] != w[key] {
                 let first = match (g[key].as_array(), w[key].as_array()) {
                     (Some(a), Some(b)) => a

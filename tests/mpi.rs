@@ -11,7 +11,8 @@
 //! `train --task segment --distributed --sync-bn` (DeepLabV3 on garment scenes) trains as one process, and so does
 //! `train --task detect --distributed --backbone-norm sync` (Faster R-CNN with a SyncBN backbone).
 //!
-//! `cargo test --features mpi --test mpi` (scripts/test.sh runs it; Open MPI from scripts/setup.sh).
+//! `cargo test --features mpi --test mpi` (scripts/test.sh runs every test with the feature; Open MPI from
+//! scripts/setup.sh).
 #![cfg(feature = "mpi")]
 
 mod common;
