@@ -3,6 +3,7 @@
 //! gradients), on the reference CNN's 3×3 layers at batch 128 (median of 12):
 //! `cargo run --release --example conv_algos -- [threads] [algorithm] [seg]`. With `seg`, on DeepLabV3's 3×3
 //! layers instead: the 8×8 maps of its dilated last stage and ASPP at batch 8 (64×64 images, output stride 8).
+//! With `b1` instead of `seg`, the reference CNN's layers at batch 1, forward only (inference; median of 500).
 //! "GFLOP/s direct-equiv" counts the direct convolution's 2·N·K·C·9·H·W flops for every algorithm.
 
 use normvision::ndarray::{ArrayD, IxDyn};
@@ -33,6 +34,7 @@ fn main() {
         .unwrap_or(1);
     let pick = std::env::args().nth(2).filter(|p| p != "all");
     let seg = std::env::args().nth(3).is_some_and(|s| s == "seg");
+    let b1 = std::env::args().nth(3).is_some_and(|s| s == "b1");
     // (input channels, output channels, input side, dilation, batch, stride[, kernel 1×1 when 1])
     let one_by_one = std::env::args().nth(4).is_some_and(|s| s == "1x1");
     let shapes: Vec<(usize, usize, usize, usize, usize, usize)> = if one_by_one {
@@ -60,6 +62,15 @@ fn main() {
             (64, 64, 14, 1, 128, 1),
         ]
     };
+    let shapes: Vec<_> = if b1 {
+        shapes
+            .into_iter()
+            .map(|(c, k, hw, d, _, st)| (c, k, hw, d, 1, st))
+            .collect()
+    } else {
+        shapes
+    };
+    let reps = if b1 { 500 } else { 12 };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -90,10 +101,14 @@ fn main() {
                     r => drop(r.unwrap()),
                 }
                 let (mut tf, mut tb) = (vec![], vec![]);
-                for _ in 0..12 {
+                for _ in 0..reps {
                     let t = Instant::now();
                     drop(conv.forward_with(&x, algo, Epilogue::default()).unwrap());
                     tf.push(t.elapsed().as_secs_f64());
+                    if b1 {
+                        tb.push(0.0); // forward only
+                        continue;
+                    }
                     let t = Instant::now();
                     conv.backward_with(&x, &dy, Some(&mut dx), algo).unwrap();
                     tb.push(t.elapsed().as_secs_f64());

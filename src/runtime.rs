@@ -47,8 +47,9 @@ std::thread_local! {
 /// is process-wide, not per pool).
 ///
 /// `normvision bench-kernels` calls it before every repetition, so its timings compare with PyTorch's under the
-/// same policy. Training does not use it: the spinning worker competes with the data-loading thread for a
-/// two-core machine's cores, and training was no faster with it.
+/// same policy, and inference (`Graph::infer`) at the start of every call, whose small layers at batch 1 are
+/// each shorter than a wake-up. Training does not use it: the spinning worker competes with the data-loading
+/// thread for a two-core machine's cores, and training was no faster with it.
 pub fn keep_workers_warm() {
     use std::sync::atomic::Ordering;
     let Some(me) = rayon::current_thread_index() else {

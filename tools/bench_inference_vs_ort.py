@@ -13,7 +13,9 @@
   imported by normvision's ONNX importer (BatchNorm already folded by the exporter), through the library's
   inference plan, each call timed in-process the same way.
 
-All three run the same weights, the same architecture and the same folding.
+All three run the same weights, the same architecture and the same folding. The three are timed in --rounds paired
+rounds (ORT, normvision, PyTorch back to back in each); the speedup is the median of the per-round ratios, with
+their range, and the throughputs and latencies are medians over the rounds.
 Prints a table, or with --json one line per batch size with the keys model, batch, threads, ort_img_s,
 torch_img_s, normvision_img_s, speedup_vs_ort (and the latency percentiles).
 """
@@ -57,6 +59,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,128")
     ap.add_argument("--calls", type=int, default=20, help="timed calls at batch > 1 (10x at batch 1)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="paired rounds (ORT, normvision, PyTorch back to back); ratios are per round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     import onnxruntime as ort
@@ -87,53 +91,74 @@ def main() -> int:
     one = np.zeros(1, np.float32)
     overhead = statistics.median(timed_calls(lambda: id_sess.run(None, {"a": one}), 2000, 200))
 
-    nv = subprocess.run([args.normvision, "--threads", str(args.threads), "bench", "--onnx", str(onnx_path), "--json",
-                         "--batch-size", str(max(int(b) for b in args.batches.split(","))),
-                         "--steps", str(args.calls)], check=True, capture_output=True, text=True)
-    nv_rows = {}
-    for line in nv.stdout.splitlines():
-        if line.strip():
-            r = json.loads(line)
-            nv_rows[r["batch"]] = r
+    batches = [int(v) for v in args.batches.split(",")]
+    xs = {b: np.random.default_rng(0).random((b, 1, 28, 28), dtype=np.float32) for b in batches}
+    # Paired rounds: each round times ONNX Runtime, then normvision, then PyTorch, back to back, so that a
+    # ratio compares runs seconds apart (this machine's speed drifts by up to 2x from minute to minute).
+    per_round = {b: [] for b in batches}
+    for _ in range(args.rounds):
+        ort_t = {}
+        for b in batches:
+            calls = args.calls * (10 if b == 1 else 1)
+            ort_t[b] = timed_calls(lambda: sess.run(None, {"x": xs[b]}), calls, max(5, calls // 10))
+        nv = subprocess.run([args.normvision, "--threads", str(args.threads), "bench", "--onnx", str(onnx_path),
+                             "--json", "--batch-size", str(max(batches)), "--steps", str(args.calls)],
+                            check=True, capture_output=True, text=True)
+        nv_rows = {}
+        for line in nv.stdout.splitlines():
+            if line.strip():
+                r = json.loads(line)
+                nv_rows[r["batch"]] = r
+        for b in batches:
+            calls = args.calls * (10 if b == 1 else 1)
+            xt = torch.from_numpy(xs[b])
+            best_torch = None
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                m = net.to(memory_format=fmt)
+                xi = xt.contiguous(memory_format=fmt)
+                with torch.inference_mode():
+                    t = timed_calls(lambda: m(xi), calls, max(5, calls // 10))
+                if best_torch is None or statistics.median(t) < statistics.median(best_torch):
+                    best_torch = t
+            r = nv_rows[b]
+            ort_img_s = b / statistics.median(ort_t[b])
+            per_round[b].append({
+                "ort_img_s": ort_img_s, "torch_img_s": b / statistics.median(best_torch),
+                "normvision_img_s": r["img_s"], "ratio": r["img_s"] / ort_img_s,
+                "ort_p50": pct(ort_t[b], 0.5), "ort_p99": pct(ort_t[b], 0.99),
+                "nv_p50": r["latency_ms_p50"] / 1e3, "nv_p99": r["latency_ms_p99"] / 1e3,
+            })
+
+    def med(b, key):
+        return statistics.median(x[key] for x in per_round[b])
 
     rows = []
-    for b in [int(v) for v in args.batches.split(",")]:
-        calls = args.calls * (10 if b == 1 else 1)
-        x = np.random.default_rng(0).random((b, 1, 28, 28), dtype=np.float32)
-        t_ort = timed_calls(lambda: sess.run(None, {"x": x}), calls, max(5, calls // 10))
-        xt = torch.from_numpy(x)
-        best_torch = None
-        for fmt in (torch.contiguous_format, torch.channels_last):
-            m = net.to(memory_format=fmt)
-            xi = xt.contiguous(memory_format=fmt)
-            with torch.inference_mode():
-                t = timed_calls(lambda: m(xi), calls, max(5, calls // 10))
-            if best_torch is None or statistics.median(t) < statistics.median(best_torch):
-                best_torch = t
-        r = nv_rows.get(b)
-        row = {
-            "model": "cnn", "batch": b, "threads": args.threads,
-            "ort_img_s": b / statistics.median(t_ort),
-            "torch_img_s": b / statistics.median(best_torch),
-            "normvision_img_s": r["img_s"] if r else None,
-            "ort_latency_ms_p50": pct(t_ort, 0.5) * 1e3, "ort_latency_ms_p99": pct(t_ort, 0.99) * 1e3,
-            "normvision_latency_ms_p50": r["latency_ms_p50"] if r else None,
-            "normvision_latency_ms_p99": r["latency_ms_p99"] if r else None,
+    for b in batches:
+        ratios = [x["ratio"] for x in per_round[b]]
+        rows.append({
+            "model": "cnn", "batch": b, "threads": args.threads, "rounds": args.rounds,
+            "ort_img_s": med(b, "ort_img_s"), "torch_img_s": med(b, "torch_img_s"),
+            "normvision_img_s": med(b, "normvision_img_s"),
+            "speedup_vs_ort": statistics.median(ratios),
+            "speedup_vs_ort_min": min(ratios), "speedup_vs_ort_max": max(ratios),
+            "ort_latency_ms_p50": med(b, "ort_p50") * 1e3, "ort_latency_ms_p99": med(b, "ort_p99") * 1e3,
+            "normvision_latency_ms_p50": med(b, "nv_p50") * 1e3,
+            "normvision_latency_ms_p99": med(b, "nv_p99") * 1e3,
             "ort_python_overhead_ms": overhead * 1e3,
-        }
-        row["speedup_vs_ort"] = row["normvision_img_s"] / row["ort_img_s"] if r else None
-        rows.append(row)
+        })
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
     print(f"reference CNN + BN (folded), {args.threads} threads; ONNX Runtime {ort.__version__}, torch {torch.__version__}; "
           f"ORT per-call Python overhead {overhead * 1e3:.3f} ms (Identity model)")
-    print(f"{'batch':>5} {'ORT img/s':>10} {'torch img/s':>11} {'normvision':>10} {'÷ ORT':>6} "
+    print(f"medians over {args.rounds} paired rounds; ÷ ORT is the median of the per-round ratios (min-max)")
+    print(f"{'batch':>5} {'ORT img/s':>10} {'torch img/s':>11} {'normvision':>10} {'÷ ORT':>6} {'(min-max)':>11} "
           f"{'ORT p50/p99 ms':>15} {'nv p50/p99 ms':>14}")
     for r in rows:
         print(f"{r['batch']:>5} {r['ort_img_s']:>10.0f} {r['torch_img_s']:>11.0f} {r['normvision_img_s']:>10.0f} "
-              f"{r['speedup_vs_ort']:>5.2f}x {r['ort_latency_ms_p50']:>7.3f}/{r['ort_latency_ms_p99']:<7.3f} "
+              f"{r['speedup_vs_ort']:>5.2f}x {r['speedup_vs_ort_min']:>5.2f}-{r['speedup_vs_ort_max']:<5.2f} "
+              f"{r['ort_latency_ms_p50']:>7.3f}/{r['ort_latency_ms_p99']:<7.3f} "
               f"{r['normvision_latency_ms_p50']:>6.3f}/{r['normvision_latency_ms_p99']:<7.3f}")
     return 0
 

@@ -66,6 +66,17 @@ impl<T> SyncPtr<T> {
     }
 }
 
+/// Values per task when a pass over every parameter runs in pieces over the threads (zeroing the gradients, an
+/// optimizer step): a parameter of any size becomes tasks of at most this many values.
+pub const PIECE: usize = 1 << 15;
+
+/// The `(offset, length)` pieces of an array of `len` values, [`PIECE`] at a time.
+pub fn pieces(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(PIECE)
+        .map(move |off| (off, PIECE.min(len - off)))
+}
+
 /// `buf` in chunks of `len` for the tasks of a parallel loop, or `count` `None`s when there is no buffer (an
 /// optional per-task output).
 pub fn optional_chunks<T>(

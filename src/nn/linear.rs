@@ -73,6 +73,30 @@ fn matmul_split_rows<T: Real>(
     accumulate: bool,
 ) {
     let threads = rayon::current_num_threads();
+    if m == 1 && op_b == Op::T && threads > 1 && !matches!(par_for(m, n, k), Par::Seq) {
+        // one row (inference at batch 1): a matrix-vector product that reads the whole weight matrix, so the
+        // output columns (weight rows) are split instead, each thread reading its own part of W (which then
+        // stays in that core's cache from call to call)
+        let cols = n.div_ceil(threads).next_multiple_of(16).min(n);
+        c[..n]
+            .par_chunks_mut(cols)
+            .zip(b[..n * k].par_chunks(cols * k))
+            .for_each(|(cc, bc)| {
+                matmul(
+                    1,
+                    cc.len(),
+                    k,
+                    a,
+                    Op::N,
+                    bc,
+                    Op::T,
+                    cc,
+                    accumulate,
+                    Par::Seq,
+                );
+            });
+        return;
+    }
     if matches!(par_for(m, n, k), Par::Seq) || threads < 2 || m < 2 * threads {
         return matmul(m, n, k, a, Op::N, b, op_b, c, accumulate, Par::Seq);
     }
@@ -301,6 +325,51 @@ impl<T: Real> Stateful<T> for Linear<T> {
         f(&join(prefix, "weight"), &mut self.weight);
         if let Some(b) = self.bias.as_mut() {
             f(&join(prefix, "bias"), b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// One row (inference at batch 1) splits the output columns over the threads: the products match an f64
+    /// reference, with and without bias, for column counts that split evenly, unevenly, and below one part.
+    #[test]
+    fn one_row_split_by_columns_matches_the_f64_product() {
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(3);
+        for &(k, n, bias) in &[
+            (3136, 128, true),
+            (3136, 128, false),
+            (2048, 130, true),
+            (4096, 70, false),
+        ] {
+            let lin: Linear<f32> = LinearConfig::new(k, n).bias(bias).build(&mut rng).unwrap();
+            let x = ArrayD::from_shape_fn(IxDyn(&[1, k]), |_| rng.gen::<f32>() * 2.0 - 1.0);
+            let w = lin.weight.values();
+            let want: Vec<f64> = (0..n)
+                .map(|o| {
+                    let b = lin.bias.as_ref().map_or(0.0, |b| b.values()[o] as f64);
+                    b + (0..k)
+                        .map(|i| w[o * k + i] as f64 * x[[0, i]] as f64)
+                        .sum::<f64>()
+                })
+                .collect();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let y = pool.install(|| lin.clone().forward(&x, Ctx::eval()).unwrap());
+                for (o, (g, w)) in y.iter().zip(&want).enumerate() {
+                    // f32 accumulation over k terms of size up to ~1/sqrt(k)
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-5 * (k as f64).sqrt(),
+                        "k {k} n {n} bias {bias}, {threads} threads, column {o}: {g} vs {w}"
+                    );
+                }
+            }
         }
     }
 }

@@ -19,9 +19,6 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Elements per task of a parallel update.
-const PIECE: usize = 1 << 15;
-
 /// A range of one parameter's value, gradient and momentum buffer (null without momentum).
 struct Piece {
     x: SyncPtr<f32>,
@@ -144,13 +141,13 @@ impl Optimizer for Sgd {
                 let bs = b.as_slice_mut().expect("momentum buffers are contiguous");
                 (first, bs.as_mut_ptr())
             };
-            for off in (0..len).step_by(PIECE) {
+            for (off, len) in crate::kernels::elementwise::pieces(len) {
                 pieces.push(Piece {
                     x: SyncPtr(x),
                     g: SyncPtr(g),
                     b: SyncPtr(b),
                     off,
-                    len: PIECE.min(len - off),
+                    len,
                     wd,
                     first,
                 });

@@ -441,9 +441,17 @@ impl<T: Real> Graph<T> {
     /// Inference: an eval-mode forward with the inference fusions (a convolution applies the eval BatchNorm,
     /// ReLU and 2×2 max pool after it in its output pass), bitwise the eval forward's outputs for finite
     /// values. Keeps nothing for a backward.
+    ///
+    /// The whole call runs on a worker of the current rayon pool (when called from outside it), with the pool's
+    /// other workers kept polling for work ([`crate::runtime::keep_workers_warm`]): each parallel kernel then
+    /// starts on a running thread instead of waking a sleeping one from outside the pool, which at batch 1
+    /// costs more than a small layer's work (a call from a serving loop hands off to the pool once).
     pub fn infer(&mut self, inputs: &[&ArrayD<T>]) -> Result<Vec<ArrayD<T>>> {
-        let (view, engine) = self.parts();
-        engine.forward(view, inputs, Ctx::eval(), true)
+        rayon::scope(|_| {
+            crate::runtime::keep_workers_warm();
+            let (view, engine) = self.parts();
+            engine.forward(view, inputs, Ctx::eval(), true)
+        })
     }
 
     /// Backward from dL/d(output) for every output (`dys` in [`Graph::outputs`] order), after a forward on the
@@ -628,12 +636,11 @@ impl<T: Real> Stateful<T> for Graph<T> {
     /// Zeroes every trainable gradient, in pieces over the threads: one thread filling DeepLab's 4 MB of
     /// gradients took 0.6-0.7 ms of a 30 ms step.
     fn zero_grad(&mut self) {
-        const PIECE: usize = 1 << 15;
         let mut pieces = Vec::new();
         self.visit_params("", &mut |_, p| {
             let g = p.grads_mut();
-            for off in (0..g.len()).step_by(PIECE) {
-                pieces.push((SyncPtr(g.as_mut_ptr()), off, PIECE.min(g.len() - off)));
+            for (off, len) in crate::kernels::elementwise::pieces(g.len()) {
+                pieces.push((SyncPtr(g.as_mut_ptr()), off, len));
             }
         });
         pieces.into_par_iter().for_each(|(ptr, off, len)| {
