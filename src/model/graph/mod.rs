@@ -442,11 +442,22 @@ impl<T: Real> Graph<T> {
     /// ReLU and 2×2 max pool after it in its output pass), bitwise the eval forward's outputs for finite
     /// values. Keeps nothing for a backward.
     ///
-    /// The whole call runs on a worker of the current rayon pool (when called from outside it), with the pool's
-    /// other workers kept polling for work ([`crate::runtime::keep_workers_warm`]): each parallel kernel then
-    /// starts on a running thread instead of waking a sleeping one from outside the pool, which at batch 1
-    /// costs more than a small layer's work (a call from a serving loop hands off to the pool once).
+    /// With fewer samples than threads (batch-1 serving), the whole call runs on a worker of the current rayon
+    /// pool (when called from outside it), with the pool's other workers kept polling for work
+    /// ([`crate::runtime::keep_workers_warm`]): each parallel kernel then starts on a running thread instead of
+    /// waking a sleeping one from outside the pool, which at batch 1 costs more than a small layer's work. Larger
+    /// batches run on the calling thread: their layers are long enough, and their activations, allocated on a
+    /// pool worker, made glibc's per-thread heaps grow from epoch to epoch of a training run's evaluations
+    /// (tests/resources.rs).
     pub fn infer(&mut self, inputs: &[&ArrayD<T>]) -> Result<Vec<ArrayD<T>>> {
+        let small = inputs
+            .first()
+            .and_then(|x| x.shape().first())
+            .is_some_and(|&n| n < rayon::current_num_threads());
+        if !small {
+            let (view, engine) = self.parts();
+            return engine.forward(view, inputs, Ctx::eval(), true);
+        }
         rayon::scope(|_| {
             crate::runtime::keep_workers_warm();
             let (view, engine) = self.parts();
