@@ -15,4 +15,6 @@ RUSTFLAGS="--cfg nv_portable_only -D warnings" CARGO_TARGET_DIR=target/portable-
 # One test build, with the `mpi` feature (a second build for tests/mpi.rs alone took 5.5 of CI's 34 minutes): it runs
 # SyncBatchNorm over Open MPI under mpirun on 2-3 ranks, and every other test runs as it would without the
 # feature, which only adds the MPI communicator (the build without it is checked above).
-cargo test --features mpi --no-fail-fast 2>&1 | tee /tmp/normvision-test.log
+# Examples are not built here: clippy --all-targets above has type-checked them, and no test runs one.
+cargo test --features mpi --no-fail-fast --lib --bins --tests 2>&1 | tee /tmp/normvision-test.log
+cargo test --features mpi --doc 2>&1 | tee -a /tmp/normvision-test.log
