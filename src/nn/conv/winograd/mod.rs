@@ -340,9 +340,11 @@ fn point_products(
 /// plane's (mean, M2) while it is in cache.
 ///
 /// With fewer images than threads (inference at batch 1), each image's output channels are split instead, at
-/// multiples of the packed panel height: every part transforms the whole input (a few percent of the GEMM
-/// work) and computes its channels' products and output. Each output value is computed by the same operations
-/// in the same order either way, so the two splits give bitwise the same result.
+/// multiples of the packed panel height: every part transforms the whole input and computes its channels'
+/// products and output. The duplicated input transform is not small (34 µs against 55 µs for the GEMMs of the
+/// 28×28, 32→32 layer on one thread), but a second parallel pass that split it by input channels was slower at
+/// batch 1 (see docs/PERFORMANCE.md §7). Each output value is computed by the same operations in the same
+/// order either way, so the two splits give bitwise the same result.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn run_forward(
     s: &WinoShape,
