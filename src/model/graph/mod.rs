@@ -454,14 +454,16 @@ impl<T: Real> Graph<T> {
             .first()
             .and_then(|x| x.shape().first())
             .is_some_and(|&n| n < rayon::current_num_threads());
-        if !small {
+        let mut run = || {
             let (view, engine) = self.parts();
-            return engine.forward(view, inputs, Ctx::eval(), true);
+            engine.forward(view, inputs, Ctx::eval(), true)
+        };
+        if !small {
+            return run();
         }
         rayon::scope(|_| {
             crate::runtime::keep_workers_warm();
-            let (view, engine) = self.parts();
-            engine.forward(view, inputs, Ctx::eval(), true)
+            run()
         })
     }
 

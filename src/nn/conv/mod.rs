@@ -349,31 +349,26 @@ impl<T: Real> Conv2d<T> {
                 )));
             }
         }
-        if epi.pool2x2 {
-            if !(algo.fuses_affine_relu_pool()
+        if epi.pool2x2
+            && !(algo.fuses_affine_relu_pool()
                 && epi.relu
                 && g.oh.is_multiple_of(2)
                 && g.ow.is_multiple_of(2))
-            {
-                return Err(NvError::Config(format!(
-                    "{}: {} cannot apply a 2x2 max pool in its output pass to a {}x{} output",
-                    self.name(),
-                    algo.name(),
-                    g.oh,
-                    g.ow
-                )));
-            }
-            let shape = [g.n, g.o, g.oh / 2, g.ow / 2];
-            let ws = algo::winograd_shape(&g).expect("checked");
-            let mut kept = std::mem::take(&mut self.wino);
-            let y = self.f32_forward(x, &shape, |xf, wf, bias, yf| {
-                let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
-                winograd::forward_kept(ws, xf, wf, &mut kept, bias, affine, true, true, yf)
-            });
-            self.wino = kept;
-            return Ok(y);
+        {
+            return Err(NvError::Config(format!(
+                "{}: {} cannot apply a 2x2 max pool in its output pass to a {}x{} output",
+                self.name(),
+                algo.name(),
+                g.oh,
+                g.ow
+            )));
         }
-        let shape = [g.n, g.o, g.oh, g.ow];
+        // with the fused pool (Winograd F(2×2) only, checked above) the output is the pooled one
+        let shape = if epi.pool2x2 {
+            [g.n, g.o, g.oh / 2, g.ow / 2]
+        } else {
+            [g.n, g.o, g.oh, g.ow]
+        };
         match algo {
             ConvAlgo::Winograd4 if epi.affine.is_none() => {
                 let ws = algo::winograd_shape(&g).expect("checked");
@@ -386,7 +381,8 @@ impl<T: Real> Conv2d<T> {
                 let mut kept = std::mem::take(&mut self.wino);
                 let y = self.f32_forward(x, &shape, |xf, wf, bias, yf| {
                     let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
-                    winograd::forward_kept(ws, xf, wf, &mut kept, bias, affine, epi.relu, false, yf)
+                    let (relu, pool) = (epi.relu, epi.pool2x2);
+                    winograd::forward_kept(ws, xf, wf, &mut kept, bias, affine, relu, pool, yf)
                 });
                 self.wino = kept;
                 Ok(y)

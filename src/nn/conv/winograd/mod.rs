@@ -311,21 +311,24 @@ impl Transforms<'_> {
     }
 }
 
-/// `dst[p] (M×T) = A[p] · src[p] (Kd×T)` for every product p, with the A[p] packed by [`pack_weights`].
+/// `dst[p] (M×T) = A[p] · src[p] (Kd×T)` for every product p, with the A[p] packed by [`pack_weights`]; `rows`
+/// picks rows of each A[p] (at a multiple of the packed panel height, or all of them), so M = its length.
 fn point_products(
-    m: usize,
+    rows: Range<usize>,
     kd: usize,
     t: usize,
     (packed, plen): (&[f32], usize),
     src: &[f32],
     dst: &mut [f32],
 ) {
+    let m = rows.len();
+    let sub = simd::packed_len(m, kd);
     for (p, ap) in packed.chunks_exact(plen).enumerate() {
         simd::gemm_nn(
             m,
             t,
             kd,
-            ap,
+            &ap[rows.start * kd..][..sub],
             &src[p * kd * t..(p + 1) * kd * t],
             t,
             &mut dst[p * m * t..(p + 1) * m * t],
@@ -382,21 +385,7 @@ pub(super) fn run_forward(
                         at_least(&mut sc.a, tf.points * s.c * t);
                         at_least(&mut sc.b, tf.points * kn * t);
                         (tf.input)(1, xi, &mut sc.a, &mut sc.rows);
-                        let sub = simd::packed_len(kn, s.c);
-                        for p in 0..tf.points {
-                            let ap = &packed[p * plen + ks.start * s.c..][..sub];
-                            simd::gemm_nn(
-                                kn,
-                                t,
-                                s.c,
-                                ap,
-                                &sc.a[p * s.c * t..(p + 1) * s.c * t],
-                                t,
-                                &mut sc.b[p * kn * t..(p + 1) * kn * t],
-                                t,
-                                false,
-                            );
-                        }
+                        point_products(ks.clone(), s.c, t, (packed, plen), &sc.a, &mut sc.b);
                         output(1, ks, &sc.b, yc);
                         if let Some(mc) = mc {
                             plane_moments_into(yc, plane, mc);
@@ -419,7 +408,7 @@ pub(super) fn run_forward(
                 at_least(&mut sc.a, tf.points * s.c * t);
                 at_least(&mut sc.b, tf.points * s.k * t);
                 (tf.input)(imgs, xc, &mut sc.a, &mut sc.rows);
-                point_products(s.k, s.c, t, (packed, plen), &sc.a, &mut sc.b);
+                point_products(0..s.k, s.c, t, (packed, plen), &sc.a, &mut sc.b);
                 output(imgs, 0..s.k, &sc.b, yc);
                 if let Some(mc) = mc {
                     // each plane was written just now: reduce it while it is in L1/L2
@@ -473,7 +462,7 @@ pub(super) fn run_backward(
                     at_least(&mut sc.b, tf.points * s.k * t); // dM
                     dy_tf(imgs, gc, &mut sc.b, &mut sc.rows);
                     if let (Some(dxc), Some((packed, plen))) = (dxc.take(), packed_t) {
-                        point_products(s.c, s.k, t, (packed, *plen), &sc.b, &mut sc.a);
+                        point_products(0..s.c, s.k, t, (packed, *plen), &sc.b, &mut sc.a);
                         adjoint(imgs, &sc.a, dxc, &mut sc.rows);
                     }
                     (tf.input)(imgs, xc, &mut sc.a, &mut sc.rows);
