@@ -33,7 +33,8 @@ pub(super) mod x86 {
         }
     }
 
-    /// Input tiles of one plane: its rows split into even/odd padded half-rows, then [`input_tiles`].
+    /// Input tiles of one plane: its rows split into even/odd padded half-rows, then [`input_tiles`]. The `th`
+    /// tile rows from tile row `row0` on (all of them: `row0 = 0`, `th` = ⌈h/2⌉).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn input_plane(
@@ -41,21 +42,23 @@ pub(super) mod x86 {
         h: usize,
         w: usize,
         rows: &mut [f32],
-        th: usize,
+        (row0, th): (usize, usize),
         tw: usize,
         v: &mut [f32],
         pstride: usize,
         dst: usize,
     ) {
         let wl = tw + 1;
-        prefetch_ahead(plane);
+        prefetch_ahead(&plane[(2 * row0).saturating_sub(1).min(h) * w..]);
         for r in 0..2 * th + 2 {
             let (e, o) = rows[r * 2 * wl..(r + 1) * 2 * wl].split_at_mut(wl);
-            if r == 0 || r > h {
+            // padded row r of the band is padded row 2·row0 + r of the plane, input row 2·row0 + r − 1
+            let pr = 2 * row0 + r;
+            if pr == 0 || pr > h {
                 e.fill(0.0);
                 o.fill(0.0);
             } else {
-                split(&plane[(r - 1) * w..r * w], 1, e, o);
+                split(&plane[(pr - 1) * w..pr * w], 1, e, o);
             }
         }
         input_tiles(rows, wl, th, tw, v, pstride, dst);
@@ -708,7 +711,7 @@ pub(super) mod x86 {
         _: usize,
         _: usize,
         _: &mut [f32],
-        _: usize,
+        _: (usize, usize),
         _: usize,
         _: &mut [f32],
         _: usize,

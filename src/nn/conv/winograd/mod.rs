@@ -283,6 +283,15 @@ fn forward_impl(
         }
         Weights::Kept(w, kept) => kept.packed(w, s.k, s.c),
     };
+    if moments.is_none() && s.n < rayon::current_num_threads() && s.th() > 1 {
+        let ep = bands::Epilogue {
+            bias,
+            affine,
+            relu,
+            pool,
+        };
+        return bands::forward(&s, x, packed, ep, y);
+    }
     let tf = Transforms {
         points: 16,
         tiles: s.tiles(),
@@ -342,12 +351,12 @@ fn point_products(
 /// M, y)` (which writes the `os` values per image of the output channels `ks`); with `moments`, each output
 /// plane's (mean, M2) while it is in cache.
 ///
-/// With fewer images than threads (inference at batch 1), each image's output channels are split instead, at
-/// multiples of the packed panel height: every part transforms the whole input and computes its channels'
-/// products and output. The duplicated input transform is not small (34 µs against 55 µs for the GEMMs of the
-/// 28×28, 32→32 layer on one thread), but a second parallel pass that split it by input channels was slower at
-/// batch 1 (see docs/PERFORMANCE.md §7). Each output value is computed by the same operations in the same
-/// order either way, so the two splits give bitwise the same result.
+/// With fewer images than threads, each image's output channels are split instead, at multiples of the packed
+/// panel height: every part transforms the whole input and computes its channels' products and output. That
+/// serves F(4×4) and the forward with moments; F(2×2)'s inference forwards split by bands of tile rows
+/// instead ([`bands`]), which transform nothing twice. A second parallel pass that split the input transform
+/// by input channels was slower at batch 1 (see docs/PERFORMANCE.md §7). Each output value is computed by the
+/// same operations in the same order either way, so the splits give bitwise the same result.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn run_forward(
     s: &WinoShape,
@@ -589,7 +598,7 @@ fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &
             // nrows·2·wl buffer (masked to w values read, wl written per half-row); the tile loads stay within
             // wl = tw + 1 values of each row and the 16 stores per tile row are at p·C·T + dst + i·tw + j
             // < 16·C·T with j < tw (masked).
-            unsafe { x86::input_plane(plane, h, w, rows, th, tw, v, c * t_all, dst) };
+            unsafe { x86::input_plane(plane, h, w, rows, (0, th), tw, v, c * t_all, dst) };
         }
     }
 }
@@ -671,6 +680,7 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &
 }
 
 pub mod batch;
+mod bands;
 mod f2_x86;
 pub mod f4;
 mod weights;

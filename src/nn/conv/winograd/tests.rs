@@ -279,11 +279,12 @@ pub(in crate::nn) fn assert_reproducible(backward: Backward, s: WinoShape) {
     }
 }
 
-/// Fewer images than threads split each image's output channels over the threads instead of splitting the
-/// images: the forwards (plain, with moments, pooled, F(4×4)) must give bitwise what one thread gives, for
-/// channel counts that split evenly, unevenly, and into more parts than threads.
+/// Fewer images than threads split each image instead of splitting the images: F(2×2) forwards by bands of
+/// tile rows (plain, pooled), the forward with moments and F(4×4) by output channels. Each must give bitwise
+/// what one thread gives: for channel counts that split evenly, unevenly and into more parts than threads, and
+/// for odd sizes (a last band with one output row) and fewer tile rows than threads.
 #[test]
-fn a_forward_split_by_channels_is_bitwise_the_one_thread_forward() {
+fn a_forward_split_by_bands_or_channels_is_bitwise_the_one_thread_forward() {
     if !available() {
         eprintln!("skipped: no AVX-512F");
         return;
@@ -295,8 +296,12 @@ fn a_forward_split_by_channels_is_bitwise_the_one_thread_forward() {
         (2, 8, 40, 6, 10),
         (1, 9, 17, 4, 4),
         (1, 8, 24, 2, 34),
+        (1, 8, 16, 7, 9),
+        (1, 5, 16, 13, 30),
+        (3, 4, 8, 10, 6),
     ] {
         let s = WinoShape { n, c, k, h, w };
+        let even = h % 2 == 0 && w % 2 == 0;
         let (x, wt, bias) = conv_case(&mut rng, s);
         let a: Vec<f32> = (0..k).map(|i| [1.5, 0.0, -0.7, 0.3][i % 4]).collect();
         let b: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
@@ -311,8 +316,10 @@ fn a_forward_split_by_channels_is_bitwise_the_one_thread_forward() {
                 let mut mom_y = vec![f32::NAN; n * k * h * w];
                 let mut mom = vec![(f64::NAN, f64::NAN); n * k];
                 forward_with_moments(s, &x, &wt, Some(&bias), &mut mom_y, &mut mom);
-                let mut pooled = vec![f32::NAN; n * k * h * w / 4];
-                forward_affine_relu_maxpool(s, &x, &wt, None, Some((&a, &b)), &mut pooled);
+                let mut pooled = vec![f32::NAN; n * k * (h / 2) * (w / 2)];
+                if even {
+                    forward_affine_relu_maxpool(s, &x, &wt, None, Some((&a, &b)), &mut pooled);
+                }
                 let mut f4y = vec![f32::NAN; n * k * h * w];
                 if f4::applies(&s) {
                     f4::forward(s, &x, &wt, Some(&bias), false, None, &mut f4y);
@@ -324,7 +331,7 @@ fn a_forward_split_by_channels_is_bitwise_the_one_thread_forward() {
             })
         };
         let want = run(1);
-        for threads in [2, 3] {
+        for threads in [2, 3, 4] {
             let got = run(threads);
             assert_eq!(got.0, want.0, "{s:?}: affine + ReLU, {threads} threads");
             assert_eq!(got.1, want.1, "{s:?}: with moments, {threads} threads");
