@@ -320,3 +320,19 @@ fn bench_inference_reports_throughput_and_latency_at_batch_1_and_n() {
         "the mlp's three BatchNorm1d fold into its linear layers"
     );
 }
+
+/// `bench --inference` serves from a pool that the main thread works in (rayon's `use_current_thread`); on two
+/// threads the reference CNN's batch-1 convolutions split by bands of tile rows. It runs to the end and reports
+/// both batch sizes.
+#[test]
+fn bench_inference_of_the_cnn_runs_on_two_threads() {
+    let o = Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args(["--threads", "2", "bench", "--inference", "--model", "cnn"])
+        .args(["--batch-size", "2", "--steps", "2", "--json"])
+        .output()
+        .expect("run normvision");
+    let rows = json_lines("bench --inference on 2 threads", &o);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["threads"], 2);
+    assert_eq!(rows[1]["batch"], 2);
+}

@@ -335,6 +335,15 @@ fn cli_export_onnx_then_eval_predict_and_bench_it() {
         "--json",
     ]);
     assert_ok("predict --onnx", &o);
+    // `predict` serves from a pool that the main thread works in (`use_current_thread`): on two threads, where
+    // the batch-1 linear layers split their columns over the threads, it predicts what one thread does
+    let two = std::process::Command::new(env!("CARGO_BIN_EXE_normvision"))
+        .args(["--threads", "2", "predict", "--onnx", s(&onnx)])
+        .args([s(&imgs.join("class1/0.png")), "--json"])
+        .output()
+        .expect("run normvision");
+    assert_ok("predict --onnx on 2 threads", &two);
+    assert_eq!(stdout(&two), stdout(&o), "2 threads predict what 1 does");
     let o = nv(&[
         "bench",
         "--onnx",

@@ -446,12 +446,27 @@ fn available_memory() -> Option<u64> {
 }
 
 /// Sets the global rayon pool's size (call once, before any parallel work).
-pub fn set_threads(threads: Option<usize>) -> Result<()> {
-    if let Some(t) = threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t.max(1))
-            .build_global()
-            .map_err(|e| NvError::Config(format!("--threads: {e}")))?;
+///
+/// With `serving` (commands that run inference on the main thread and nothing else: `bench --inference`,
+/// `bench --onnx`, `predict`), the main thread becomes the pool's first worker (`use_current_thread`), so a
+/// call enters the pool without a hand-off: each batch-1 call used to put the main thread to sleep and wake it
+/// again, and the per-layer kernels woke the other worker (5 context switches per call, 512 for 5000 calls
+/// after; docs/PERFORMANCE.md §7). Not for the other commands: a main thread that waits outside the pool for
+/// threads that use it (the data loader, an experiment's rank threads) would leave them one worker fewer, or,
+/// with `--threads 1`, none.
+pub fn set_threads(threads: Option<usize>, serving: bool) -> Result<()> {
+    if threads.is_none() && !serving {
+        return Ok(());
     }
-    Ok(())
+    let t = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let mut b = rayon::ThreadPoolBuilder::new().num_threads(t.max(1));
+    if serving {
+        b = b.use_current_thread();
+    }
+    b.build_global()
+        .map_err(|e| NvError::Config(format!("--threads: {e}")))
 }

@@ -54,7 +54,7 @@ pub fn as_rank(
         let result = (|| {
             let bound = normvision::dist::bound_cores();
             let t = threads.unwrap_or_else(normvision::dist::threads_per_rank);
-            crate::args::set_threads(Some(t))?;
+            crate::args::set_threads(Some(t), false)?;
             if comm.rank() == 0 && !quiet && bound.is_some_and(|b| t > b) {
                 eprintln!(
                     "note: each rank is bound to {} core(s) and runs {t} threads on them; give mpirun \

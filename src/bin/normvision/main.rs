@@ -172,7 +172,7 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                         "--shard-sizes applies to --distributed training only".into(),
                     ));
                 }
-                set_threads(cli.threads)?;
+                set_threads(cli.threads, false)?;
                 return segment::train(
                     &train, &data, &seg, out, log, &explicit, json, quiet, &plan, None,
                 );
@@ -196,11 +196,15 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
                     "--shard-sizes applies to --distributed training only".into(),
                 ));
             }
-            set_threads(cli.threads)?;
+            set_threads(cli.threads, false)?;
             commands::train(&train, &data, run, &explicit, json, quiet, &plan, None).map(|_| ())
         }
         cmd => {
-            set_threads(cli.threads)?;
+            let serving = matches!(
+                cmd,
+                Cmd::Predict { .. } | Cmd::Bench { inference: true, .. } | Cmd::Bench { onnx: Some(_), .. }
+            );
+            set_threads(cli.threads, serving)?;
             match cmd {
                 Cmd::Train { .. } => unreachable!("handled above"),
                 Cmd::Scenes {

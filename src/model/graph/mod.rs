@@ -449,6 +449,9 @@ impl<T: Real> Graph<T> {
     /// batches run on the calling thread: their layers are long enough, and their activations, allocated on a
     /// pool worker, made glibc's per-thread heaps grow from epoch to epoch of a training run's evaluations
     /// (tests/resources.rs).
+    ///
+    /// A serving thread that is itself a worker of the pool (built with rayon's `use_current_thread`, as the
+    /// CLI's `predict` and `bench --inference` do) runs the call in place, without that hand-off.
     pub fn infer(&mut self, inputs: &[&ArrayD<T>]) -> Result<Vec<ArrayD<T>>> {
         let small = inputs
             .first()
