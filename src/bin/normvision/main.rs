@@ -202,7 +202,12 @@ fn run(cli: Cli, explicit: Vec<String>) -> normvision::Result<()> {
         cmd => {
             let serving = matches!(
                 cmd,
-                Cmd::Predict { .. } | Cmd::Bench { inference: true, .. } | Cmd::Bench { onnx: Some(_), .. }
+                Cmd::Predict { .. }
+                    | Cmd::Bench {
+                        inference: true,
+                        ..
+                    }
+                    | Cmd::Bench { onnx: Some(_), .. }
             );
             set_threads(cli.threads, serving)?;
             match cmd {

@@ -88,7 +88,17 @@ pub(super) fn forward(
                     // SAFETY: AVX-512F is available (asserted by the caller); the band's 2·bt + 2 padded rows
                     // fit `rows` (resized above), and its tiles are stored at p·C·t + ch·t + i·tw + j < 16·C·t.
                     unsafe {
-                        x86::input_plane(plane, h, w, &mut sc.rows, (i0, bt), tw, &mut sc.a, c * t, ch * t)
+                        x86::input_plane(
+                            plane,
+                            h,
+                            w,
+                            &mut sc.rows,
+                            (i0, bt),
+                            tw,
+                            &mut sc.a,
+                            c * t,
+                            ch * t,
+                        )
                     };
                 }
                 point_products(0..k, c, t, (packed, plen), &sc.a, &mut sc.b);

@@ -679,8 +679,8 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &
     }
 }
 
-pub mod batch;
 mod bands;
+pub mod batch;
 mod f2_x86;
 pub mod f4;
 mod weights;
