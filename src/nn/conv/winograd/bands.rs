@@ -12,37 +12,11 @@
 //! band holds it (the GEMM sums each output over the input channels in order, whatever its column block), so
 //! the result is bitwise the chunked forward's, for any number of threads.
 
-use super::{at_least, point_products, with_scratch, x86, WinoShape};
+use super::{
+    at_least, input_transform, output_plane, point_products, with_scratch, Epilogue, WinoShape,
+};
+use crate::kernels::elementwise::SyncPtr;
 use rayon::prelude::*;
-
-/// The output pass of a forward: bias, eval BatchNorm `y·a + b`, ReLU, 2×2 max pool.
-#[derive(Clone, Copy)]
-pub(super) struct Epilogue<'a> {
-    pub bias: Option<&'a [f32]>,
-    pub affine: Option<(&'a [f32], &'a [f32])>,
-    pub relu: bool,
-    pub pool: bool,
-}
-
-/// The output, written band by band from several threads. Every band writes rows of the output planes that no
-/// other band writes.
-struct Out(*mut f32, usize);
-// SAFETY: the bands write disjoint ranges of the output (see `band_rows`), and the slice outlives the parallel
-// loop that uses the pointer.
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// `len` values from `start`.
-    ///
-    /// # Safety
-    /// No other live slice from this `Out` may overlap them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, start: usize, len: usize) -> &mut [f32] {
-        assert!(start + len <= self.1, "band outside the output");
-        // SAFETY: within the output (asserted); exclusive by the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
-}
 
 /// The tile rows `[i0, i1)` of band `b` of `parts`: contiguous, in order, sizes differing by at most one.
 fn band_rows(th: usize, parts: usize, b: usize) -> (usize, usize) {
@@ -67,7 +41,8 @@ pub(super) fn forward(
     for img in 0..s.n {
         let xi = &x[img * c * h * w..(img + 1) * c * h * w];
         let yi = &mut y[img * k * ph * pw..(img + 1) * k * ph * pw];
-        let out = Out(yi.as_mut_ptr(), yi.len());
+        let ylen = yi.len();
+        let out = SyncPtr(yi.as_mut_ptr());
         (0..parts).into_par_iter().for_each(|b| {
             let (i0, i1) = band_rows(th, parts, b);
             let bt = i1 - i0; // tile rows of the band
@@ -81,52 +56,15 @@ pub(super) fn forward(
             with_scratch(|sc| {
                 at_least(&mut sc.a, 16 * c * t);
                 at_least(&mut sc.b, 16 * k * t);
-                let wl = tw + 1;
-                sc.rows.resize((2 * bt + 2) * 2 * wl, 0.0);
-                for ch in 0..c {
-                    let plane = &xi[ch * h * w..(ch + 1) * h * w];
-                    // SAFETY: AVX-512F is available (asserted by the caller); the band's 2·bt + 2 padded rows
-                    // fit `rows` (resized above), and its tiles are stored at p·C·t + ch·t + i·tw + j < 16·C·t.
-                    unsafe {
-                        x86::input_plane(
-                            plane,
-                            h,
-                            w,
-                            &mut sc.rows,
-                            (i0, bt),
-                            tw,
-                            &mut sc.a,
-                            c * t,
-                            ch * t,
-                        )
-                    };
-                }
+                input_transform(s, xi, 1, (i0, bt), &mut sc.a, &mut sc.rows);
                 point_products(0..k, c, t, (packed, plen), &sc.a, &mut sc.b);
                 for kk in 0..k {
-                    let start = kk * ph * pw + r0 * pw;
-                    let len = (r1 - r0) * pw;
-                    // SAFETY: rows r0..r1 of plane kk belong to this band alone.
-                    let plane = unsafe { out.part(start, len) };
-                    let b = ep.bias.map_or(0.0, |b| b[kk]);
-                    let aff = ep.affine.map(|(a, ab)| (a[kk], ab[kk]));
-                    // SAFETY: AVX-512F is available; the loads are within the 16 planes of this band's M
-                    // (t values per channel), the stores masked to the band's r1 − r0 rows of w columns.
-                    unsafe {
-                        x86::output_tiles(
-                            &sc.b,
-                            k * t,
-                            kk * t,
-                            bt,
-                            tw,
-                            (2 * i1).min(h) - 2 * i0,
-                            w,
-                            b,
-                            aff,
-                            ep.relu,
-                            ep.pool,
-                            plane,
-                        )
-                    };
+                    let (start, len) = (kk * ph * pw + r0 * pw, (r1 - r0) * pw);
+                    assert!(start + len <= ylen, "band outside the output");
+                    // SAFETY: within this image's output (asserted); rows r0..r1 of plane kk belong to this
+                    // band alone, and `yi` outlives the parallel loop.
+                    let plane = unsafe { out.slice(start, len) };
+                    output_plane(s, &sc.b, k * t, kk * t, (i0, bt), kk, ep, plane);
                 }
             })
         });

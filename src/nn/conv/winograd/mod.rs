@@ -283,23 +283,32 @@ fn forward_impl(
         }
         Weights::Kept(w, kept) => kept.packed(w, s.k, s.c),
     };
+    let ep = Epilogue {
+        bias,
+        affine,
+        relu,
+        pool,
+    };
     if moments.is_none() && s.n < rayon::current_num_threads() && s.th() > 1 {
-        let ep = bands::Epilogue {
-            bias,
-            affine,
-            relu,
-            pool,
-        };
         return bands::forward(&s, x, packed, ep, y);
     }
     let tf = Transforms {
         points: 16,
         tiles: s.tiles(),
-        input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, v, rows),
+        input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, (0, s.th()), v, rows),
     };
     run_forward(&s, &tf, x, packed, os, y, moments, &|imgs, ks, m, yc| {
-        output_transform(&s, m, imgs, ks, bias, affine, relu, pool, yc)
+        output_transform(&s, m, imgs, ks, ep, yc)
     });
+}
+
+/// The output pass of a F(2×2) forward: bias, eval BatchNorm `y·a + b`, ReLU, 2×2 max pool.
+#[derive(Clone, Copy)]
+pub(super) struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub affine: Option<(&'a [f32], &'a [f32])>,
+    pub relu: bool,
+    pub pool: bool,
 }
 
 /// What the chunk drivers ([`run_forward`], [`run_backward`]) need of a Winograd algorithm: products per tile,
@@ -559,7 +568,7 @@ pub fn backward(
     let tf = Transforms {
         points: 16,
         tiles: s.tiles(),
-        input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, v, rows),
+        input: &|imgs, xc, v, rows| input_transform(&s, xc, imgs, (0, s.th()), v, rows),
     };
     let (du, dbs) = run_backward(
         &s,
@@ -580,64 +589,93 @@ pub fn backward(
     }
 }
 
-/// V[p][c][t] = (Bᵀ d B)[p] for every 4×4 tile d of the padded input of `imgs` images.
+/// V[p][c][t] = (Bᵀ d B)[p] for every 4×4 tile d of the padded input of `imgs` images, in the `bt` tile rows
+/// from tile row `i0` (all of them: `(0, ⌈h/2⌉)`; T = imgs·bt·tw tiles).
 /// Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-fn input_transform(s: &WinoShape, x: &[f32], imgs: usize, v: &mut [f32], rows: &mut Vec<f32>) {
+fn input_transform(
+    s: &WinoShape,
+    x: &[f32],
+    imgs: usize,
+    (i0, bt): (usize, usize),
+    v: &mut [f32],
+    rows: &mut Vec<f32>,
+) {
     let (h, w, c) = (s.h, s.w, s.c);
-    let (th, tw) = (s.th(), s.tw());
-    let t_all = imgs * th * tw;
+    let tw = s.tw();
+    assert!(i0 + bt <= s.th(), "tile rows within the plane");
+    let t_all = imgs * bt * tw;
     assert!(x.len() >= imgs * c * h * w && v.len() >= 16 * c * t_all);
-    let nrows = 2 * th + 2;
+    let nrows = 2 * bt + 2;
     let wl = tw + 1;
     rows.resize(nrows * 2 * wl, 0.0);
     for img in 0..imgs {
         for ch in 0..c {
             let plane = &x[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
-            let dst = ch * t_all + img * th * tw;
-            // SAFETY: AVX-512F is available (asserted by the callers); the plane's rows are split into the
+            let dst = ch * t_all + img * bt * tw;
+            // SAFETY: AVX-512F is available (asserted by the callers); the band's rows are split into the
             // nrows·2·wl buffer (masked to w values read, wl written per half-row); the tile loads stay within
             // wl = tw + 1 values of each row and the 16 stores per tile row are at p·C·T + dst + i·tw + j
-            // < 16·C·T with j < tw (masked).
-            unsafe { x86::input_plane(plane, h, w, rows, (0, th), tw, v, c * t_all, dst) };
+            // < 16·C·T with i < bt, j < tw (masked).
+            unsafe { x86::input_plane(plane, h, w, rows, (i0, bt), tw, v, c * t_all, dst) };
         }
     }
 }
 
-/// y = Aᵀ M A for every tile (Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]), plus bias, then ReLU when `relu`; with
-/// `pool` (even H and W, ReLU on), each tile's maximum instead (a 2×2, stride-2 max pool, planes of H/2 × W/2).
-/// `m` holds the products of the output channels `ks` only, and `y` their planes (image-major).
-#[allow(clippy::too_many_arguments)]
+/// y = Aᵀ M A for every tile (Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]), then `ep`: bias, the eval BatchNorm's
+/// affine, ReLU; with `ep.pool` (even H and W, ReLU on), each tile's maximum instead (a 2×2, stride-2 max
+/// pool, planes of H/2 × W/2). `m` holds the products of the output channels `ks` only, and `y` their planes
+/// (image-major).
 fn output_transform(
     s: &WinoShape,
     m: &[f32],
     imgs: usize,
     ks: Range<usize>,
-    bias: Option<&[f32]>,
-    affine: Option<(&[f32], &[f32])>,
-    relu: bool,
-    pool: bool,
+    ep: Epilogue,
     y: &mut [f32],
 ) {
     let (h, w, k) = (s.h, s.w, ks.len());
     let (th, tw) = (s.th(), s.tw());
     let t_all = imgs * th * tw;
-    let psize = if pool { th * tw } else { h * w };
-    assert!(!pool || (relu && h.is_multiple_of(2) && w.is_multiple_of(2)));
+    let psize = if ep.pool { th * tw } else { h * w };
     assert!(y.len() >= imgs * k * psize && m.len() >= 16 * k * t_all);
     for img in 0..imgs {
         for kk in 0..k {
             let plane = &mut y[(img * k + kk) * psize..(img * k + kk + 1) * psize];
-            let ko = ks.start + kk;
-            let b = bias.map_or(0.0, |b| b[ko]);
-            let aff = affine.map(|(a, bb)| (a[ko], bb[ko]));
             let src = kk * t_all + img * th * tw;
-            // SAFETY: AVX-512F is available; tile loads are within the 16 planes of M (masked to j < tw),
-            // stores are masked to the plane's h rows and w columns.
-            unsafe {
-                x86::output_tiles(m, k * t_all, src, th, tw, h, w, b, aff, relu, pool, plane)
-            };
+            output_plane(s, m, k * t_all, src, (0, th), ks.start + kk, ep, plane);
         }
     }
+}
+
+/// The output pass of one plane of output channel `ko`, tile rows `i0..i0 + bt` only, from the products at
+/// `m[p·pstride + src + i·tw + j]` (tile row i of the band). `plane` holds the band's output rows: 2·bt (fewer
+/// at the bottom edge) rows of W values, or bt rows of W/2 with the pool.
+#[allow(clippy::too_many_arguments)]
+fn output_plane(
+    s: &WinoShape,
+    m: &[f32],
+    pstride: usize,
+    src: usize,
+    (i0, bt): (usize, usize),
+    ko: usize,
+    ep: Epilogue,
+    plane: &mut [f32],
+) {
+    let (h, w, tw) = (s.h, s.w, s.tw());
+    assert!(!ep.pool || (ep.relu && h.is_multiple_of(2) && w.is_multiple_of(2)));
+    assert!(i0 + bt <= s.th(), "tile rows within the plane");
+    let hb = (2 * (i0 + bt)).min(h) - 2 * i0; // output rows of the band
+    let len = if ep.pool { bt * tw } else { hb * w };
+    assert!(plane.len() >= len && m.len() >= 15 * pstride + src + bt * tw);
+    let b = ep.bias.map_or(0.0, |b| b[ko]);
+    let aff = ep.affine.map(|(a, ab)| (a[ko], ab[ko]));
+    // SAFETY: AVX-512F is available (asserted by the callers); tile loads are within the 16 planes of M
+    // (asserted, masked to j < tw), stores are masked to the band's hb rows and w columns of `plane`.
+    unsafe {
+        x86::output_tiles(
+            m, pstride, src, bt, tw, hb, w, b, aff, ep.relu, ep.pool, plane,
+        )
+    };
 }
 
 /// dM[p][k][t] = (A dY Aᵀ)[p] for every 2×2 tile of dy (zero past the edges); A = [[1, 0], [1, 1], [1, -1], [0, -1]].
