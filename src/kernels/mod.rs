@@ -16,6 +16,7 @@
 //! | [`moments`] | (mean, M2) of contiguous planes |
 //! | [`pool2x2`] | the AVX-512 2×2 max pool of one plane, forward and backward |
 //! | [`shape`] | shape checks with PyTorch's errors, contiguous views |
+//! | [`transpose`] | AVX-512 16×16 transposes between planar and channel-last layouts |
 
 pub mod arena;
 pub mod cast;
@@ -29,3 +30,4 @@ pub mod lanes_x86;
 pub mod moments;
 pub mod pool2x2;
 pub mod shape;
+pub mod transpose;

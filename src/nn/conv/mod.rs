@@ -416,6 +416,108 @@ impl<T: Real> Conv2d<T> {
         }
     }
 
+    /// Whether [`Conv2d::forward_channel_last`] runs `algo` on an (N, C, H, W) input of this `shape` here: f32
+    /// weights and AVX-512F; Winograd F(2×2) with input and output channels in multiples of 16, or the
+    /// one-channel path with output channels in multiples of 16 (whose output alone can be channel-last).
+    pub fn can_run_channel_last(&self, shape: &[usize], algo: ConvAlgo) -> bool {
+        self.geom(shape).is_ok_and(|g| {
+            self.check_algo(&g, algo).is_ok()
+                && match algo {
+                    ConvAlgo::Winograd2 => winograd::channel_last::supports(g.c, g.o),
+                    ConvAlgo::OneChannel => {
+                        g.o.is_multiple_of(16) && crate::kernels::transpose::available()
+                    }
+                    _ => false,
+                }
+        })
+    }
+
+    /// [`Conv2d::forward_with`] for an activation kept channel-last between convolutions: `x` is (N, H, W, C)
+    /// when `layouts.input`, else (N, C, H, W); the output is (N, H', W', O) when `layouts.output`, else
+    /// (N, O, H', W'). Winograd F(2×2) runs on channel-last tiles ([`winograd::channel_last`]); the
+    /// one-channel path transposes its output rows (its input cannot be channel-last). The values are bitwise
+    /// those of `forward_with(x, algo, epi)`, transposed where a layout is channel-last. Errors unless
+    /// [`Conv2d::can_run_channel_last`].
+    pub fn forward_channel_last(
+        &mut self,
+        x: &ArrayD<T>,
+        algo: ConvAlgo,
+        epi: Epilogue<'_, T>,
+        layouts: winograd::channel_last::Layouts,
+    ) -> Result<ArrayD<T>> {
+        let sh = x.shape();
+        let planar = if layouts.input && sh.len() == 4 {
+            vec![sh[0], sh[3], sh[1], sh[2]]
+        } else {
+            sh.to_vec()
+        };
+        let one = algo == ConvAlgo::OneChannel;
+        if !self.can_run_channel_last(&planar, algo) || (one && layouts.input) {
+            return Err(NvError::Config(format!(
+                "{}: {} cannot run with channel-last layouts {layouts:?} on input {sh:?} on this CPU",
+                self.name(),
+                algo.name()
+            )));
+        }
+        let g = self.geom(&planar)?;
+        let o = g.o;
+        if epi
+            .affine
+            .is_some_and(|(a, b)| a.len() != o || b.len() != o)
+        {
+            return Err(NvError::Config(format!(
+                "{}: an affine of the wrong length for {o} output channels",
+                self.name()
+            )));
+        }
+        let poolable = !one && epi.relu && g.oh.is_multiple_of(2) && g.ow.is_multiple_of(2);
+        if epi.pool2x2 && !poolable {
+            return Err(NvError::Config(format!(
+                "{}: {} cannot apply a 2x2 max pool in its output pass to a {}x{} output",
+                self.name(),
+                algo.name(),
+                g.oh,
+                g.ow
+            )));
+        }
+        let (oh, ow) = if epi.pool2x2 {
+            (g.oh / 2, g.ow / 2)
+        } else {
+            (g.oh, g.ow)
+        };
+        let shape = if layouts.output {
+            [g.n, oh, ow, o]
+        } else {
+            [g.n, o, oh, ow]
+        };
+        if one {
+            let os = algo::one_channel_shape(&g).expect("checked");
+            return Ok(self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+                let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
+                if layouts.output {
+                    one_channel::forward_channel_last(os, xf, wf, bias, affine, epi.relu, yf)
+                } else {
+                    one_channel::forward(os, xf, wf, bias, affine, epi.relu, yf)
+                }
+            }));
+        }
+        let ws = algo::winograd_shape(&g).expect("checked");
+        let mut kept = std::mem::take(&mut self.wino);
+        let y = self.f32_forward(x, &shape, |xf, wf, bias, yf| {
+            let u = kept.channel_last(wf, ws.k, ws.c);
+            let affine = epi.affine.map(|(a, b)| (f32s(a), f32s(b)));
+            let ep = winograd::Epilogue {
+                bias,
+                affine,
+                relu: epi.relu,
+                pool: epi.pool2x2,
+            };
+            winograd::channel_last::forward(ws, xf, u, ep, layouts, yf)
+        });
+        self.wino = kept;
+        Ok(y)
+    }
+
     /// The forward, with each output plane also reduced to its (mean, M2) while it is in cache (N·O entries,
     /// n-major; [`crate::kernels::moments::plane_moments`]): a following training BatchNorm then needs no
     /// statistics pass of its own. Needs an algorithm that [`ConvAlgo::emits_moments`]; the output is bitwise

@@ -9,6 +9,7 @@
 
 #![allow(unsafe_code)]
 
+use crate::kernels::elementwise::SyncPtr;
 use crate::kernels::gemm_avx512 as simd;
 use rayon::prelude::*;
 
@@ -53,7 +54,26 @@ pub fn forward(
     relu: bool,
     y: &mut [f32],
 ) {
-    forward_impl(s, x, w, bias, affine, relu, None, y)
+    forward_impl(s, x, w, bias, affine, relu, None, false, y)
+}
+
+/// [`forward`] writing `y` channel-last, (N, H, W, K), for a channel-last convolution after it (see
+/// [`super::winograd::channel_last`]): each output row is computed as [`forward`] computes it, then transposed.
+/// K must be a multiple of 16.
+pub fn forward_channel_last(
+    s: OneChannelShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    assert!(
+        s.k.is_multiple_of(16),
+        "channel-last output in multiples of 16 channels"
+    );
+    forward_impl(s, x, w, bias, affine, relu, None, true, y)
 }
 
 /// [`forward`] (no affine, no ReLU) that also reduces every output plane to its (mean, M2) while it is in
@@ -68,7 +88,7 @@ pub fn forward_with_moments(
     moments: &mut [(f64, f64)],
 ) {
     assert_eq!(moments.len(), s.n * s.k, "one (mean, M2) per output plane");
-    forward_impl(s, x, w, bias, None, false, Some(moments), y)
+    forward_impl(s, x, w, bias, None, false, Some(moments), false, y)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -80,6 +100,7 @@ fn forward_impl(
     affine: Option<(&[f32], &[f32])>,
     relu: bool,
     moments: Option<&mut [(f64, f64)]>,
+    channel_last: bool,
     y: &mut [f32],
 ) {
     let (hw, k) = s.checked();
@@ -94,6 +115,9 @@ fn forward_impl(
     }
     if s.n == 0 || k == 0 {
         return;
+    }
+    if channel_last {
+        return forward_channel_last_impl(s, x, w, bias, affine, relu, y);
     }
     let min = (4096 / (k * hw)).max(1);
     let mom = crate::kernels::elementwise::optional_chunks(moments, k, s.n);
@@ -111,6 +135,49 @@ fn forward_impl(
                 crate::kernels::moments::plane_moments_into(yi, hw, mi);
             }
         });
+}
+
+/// The channel-last forward: each pixel's K outputs as vectors over output channels, the taps in the same
+/// order and with the same operations as the planar kernel (which vectorises over the pixels of a row), so the
+/// values are bitwise its values. Below one image per thread, each image's rows are split over the threads.
+fn forward_channel_last_impl(
+    s: OneChannelShape,
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    affine: Option<(&[f32], &[f32])>,
+    relu: bool,
+    y: &mut [f32],
+) {
+    let (hw, k) = (s.h * s.w, s.k);
+    // the weights tap-major, `wt[tap·k + o] = w[o·9 + tap]`, so that a tap's K weights are contiguous
+    let wt: Vec<f32> = (0..9 * k).map(|i| w[(i % k) * 9 + i / k]).collect();
+    let threads = rayon::current_num_threads();
+    let image = |xi: &[f32], yi: &mut [f32], pad: &mut Vec<f32>| {
+        padded(xi, s.h, s.w, pad);
+        let out = &SyncPtr(yi.as_mut_ptr());
+        let parts = if s.n < threads { threads.min(s.h) } else { 1 };
+        let pad: &[f32] = pad;
+        let ep = (bias, affine, relu);
+        (0..parts).into_par_iter().for_each(|b| {
+            let rows = (b * s.h / parts, (b + 1) * s.h / parts);
+            // SAFETY: AVX-512F is available (asserted); the padded plane has (h + 2) rows of MAX_WIDTH + 2
+            // values and the taps of output (i, x) read row i + di < h + 2 at column x + dj < w + 2; the stores
+            // are the K values of the pixels of rows `rows` of this image (k·h·w values), which no other part
+            // writes, and the image's output outlives the loop.
+            unsafe { x86::forward_rows_cl(pad, rows, s.w, &wt, ep, out.0) };
+        });
+    };
+    if s.n < threads {
+        let mut pad = Vec::new();
+        for (yi, xi) in y.chunks_mut(k * hw).zip(x.chunks(hw)) {
+            image(xi, yi, &mut pad);
+        }
+    } else {
+        y.par_chunks_mut(k * hw)
+            .zip(x.par_chunks(hw))
+            .for_each_init(Vec::new, |pad, (yi, xi)| image(xi, yi, pad));
+    }
 }
 
 /// Adds the weight gradient (K, 1, 3, 3) to `dw` and, when given, Σ dy per channel to `db`. The per-image sums
@@ -347,6 +414,98 @@ mod x86 {
         }
     }
 
+    /// Rows `r0..r1` of the channel-last forward: `y[(i·w + x)·k + o]` for every output pixel (i, x) of those
+    /// rows, from the padded plane and the tap-major weights `wt` (9 × k, k a multiple of 16). Per output: the
+    /// nine taps' fused multiply-adds from zero in tap order, then bias, affine and ReLU, as [`forward_image`].
+    #[allow(clippy::type_complexity)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn forward_rows_cl(
+        pad: &[f32],
+        (r0, r1): (usize, usize),
+        w: usize,
+        wt: &[f32],
+        ep: (Option<&[f32]>, Option<(&[f32], &[f32])>, bool),
+        y: *mut f32,
+    ) {
+        let k = wt.len() / 9;
+        for i in r0..r1 {
+            let mut x0 = 0;
+            while x0 < w {
+                let quad = x0 + 4 <= w;
+                let mut kk = 0;
+                while kk < k {
+                    let two = kk + 32 <= k;
+                    match (quad, two) {
+                        (true, true) => {
+                            pixels_cl::<4, 2>(pad, i, x0, wt, kk, ep, y.add((i * w + x0) * k))
+                        }
+                        (true, false) => {
+                            pixels_cl::<4, 1>(pad, i, x0, wt, kk, ep, y.add((i * w + x0) * k))
+                        }
+                        (false, true) => {
+                            pixels_cl::<1, 2>(pad, i, x0, wt, kk, ep, y.add((i * w + x0) * k))
+                        }
+                        (false, false) => {
+                            pixels_cl::<1, 1>(pad, i, x0, wt, kk, ep, y.add((i * w + x0) * k))
+                        }
+                    }
+                    kk += if two { 32 } else { 16 };
+                }
+                x0 += if quad { 4 } else { 1 };
+            }
+        }
+    }
+
+    /// P pixels from (i, x0) on, output channels kk..kk + 16·NV: see [`forward_rows_cl`].
+    #[allow(clippy::type_complexity)]
+    #[inline(always)]
+    unsafe fn pixels_cl<const P: usize, const NV: usize>(
+        pad: &[f32],
+        i: usize,
+        x0: usize,
+        wt: &[f32],
+        kk: usize,
+        (bias, affine, relu): (Option<&[f32]>, Option<(&[f32], &[f32])>, bool),
+        y: *mut f32,
+    ) {
+        let k = wt.len() / 9;
+        let pw = MAX_WIDTH + 2;
+        let zero = _mm512_setzero_ps();
+        let mut acc = [[zero; NV]; P];
+        for tap in 0..9 {
+            let (di, dj) = (tap / 3, tap % 3);
+            let wr = wt.as_ptr().add(tap * k + kk);
+            let wv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(wr.add(16 * v)));
+            let row = pad.as_ptr().add((i + di) * pw + x0 + dj);
+            for (p, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*row.add(p));
+                for (x, c) in a.iter_mut().zip(wv) {
+                    *x = _mm512_fmadd_ps(xv, c, *x);
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate() {
+            for (v, &x) in a.iter().enumerate() {
+                let o = kk + 16 * v;
+                let mut r = x;
+                if let Some(b) = bias {
+                    r = _mm512_add_ps(r, _mm512_loadu_ps(b.as_ptr().add(o)));
+                }
+                if let Some((a, b)) = affine {
+                    let (va, vb) = (
+                        _mm512_loadu_ps(a.as_ptr().add(o)),
+                        _mm512_loadu_ps(b.as_ptr().add(o)),
+                    );
+                    r = _mm512_add_ps(_mm512_mul_ps(r, va), vb);
+                }
+                if relu {
+                    r = _mm512_max_ps(r, zero);
+                }
+                _mm512_storeu_ps(y.add(p * k + o), r);
+            }
+        }
+    }
+
     /// Per output channel o: out[o·10 + tap] = Σ dy·x over the image for each of the 9 taps, out[o·10 + 9] = Σ dy.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn wgrad_image(
@@ -412,6 +571,17 @@ mod x86 {
     ) {
         unreachable!("needs AVX-512F")
     }
+    #[allow(clippy::type_complexity)]
+    pub unsafe fn forward_rows_cl(
+        _: &[f32],
+        _: (usize, usize),
+        _: usize,
+        _: &[f32],
+        _: (Option<&[f32]>, Option<(&[f32], &[f32])>, bool),
+        _: *mut f32,
+    ) {
+        unreachable!("needs AVX-512F")
+    }
     pub unsafe fn wgrad_image(_: &[f32], _: usize, _: usize, _: &[f32], _: usize, _: &mut [f64]) {
         unreachable!("needs AVX-512F")
     }
@@ -424,6 +594,58 @@ mod x86 {
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// The channel-last forward is the planar forward's values, transposed, bit for bit: every epilogue,
+    /// widths with and without a partial group of 4 pixels, 16 to 48 channels, rows split over 1 to 3 threads.
+    #[test]
+    fn channel_last_is_bitwise_the_planar_forward() {
+        if !available() {
+            return;
+        }
+        let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(4);
+        for &(n, k, h, w) in &[
+            (1, 32, 28, 28),
+            (3, 16, 5, 7),
+            (2, 48, 3, 32),
+            (1, 16, 2, 1),
+        ] {
+            let s = OneChannelShape { n, k, h, w };
+            let x: Vec<f32> = (0..n * h * w).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let wt: Vec<f32> = (0..k * 9).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let b: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            let a: Vec<f32> = (0..k).map(|_| rng.gen::<f32>() - 0.5).collect();
+            for (bias, affine, relu) in [
+                (None, None, false),
+                (Some(&b[..]), None, true),
+                (None, Some((&a[..], &b[..])), true),
+                (Some(&b[..]), Some((&a[..], &b[..])), false),
+            ] {
+                let mut planar = vec![0.0; n * k * h * w];
+                forward(s, &x, &wt, bias, affine, relu, &mut planar);
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut cl = vec![f32::NAN; n * k * h * w];
+                    pool.install(|| forward_channel_last(s, &x, &wt, bias, affine, relu, &mut cl));
+                    for img in 0..n {
+                        for o in 0..k {
+                            for p in 0..h * w {
+                                let want = planar[(img * k + o) * h * w + p];
+                                let got = cl[(img * h * w + p) * k + o];
+                                assert_eq!(
+                                    got.to_bits(),
+                                    want.to_bits(),
+                                    "{s:?} threads {threads}: image {img}, channel {o}, pixel {p}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn matches_an_f64_direct_convolution() {

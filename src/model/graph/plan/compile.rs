@@ -78,6 +78,7 @@ fn base_step<T: Real>(
                     relu: false,
                     pool: false,
                     moments: false,
+                    channel_last: None,
                 })
             } else if node.layer_as::<BatchNorm<T>>().is_some() {
                 StepKind::BatchNorm(BnStep {

@@ -168,7 +168,10 @@ fn conv_forward<T: Real>(
         relu: c.relu,
         pool2x2: c.pool,
     };
-    conv.forward_with(x, c.algo, epi)
+    match c.channel_last {
+        Some(layouts) => conv.forward_channel_last(x, c.algo, epi, layouts),
+        None => conv.forward_with(x, c.algo, epi),
+    }
 }
 
 /// The f32 eval affine of a BatchNorm or FrozenBatchNorm node.

@@ -2,6 +2,7 @@
 //! step is an ordinary step whose flags say what it does in its kernels.
 
 use crate::model::graph::{Node, ValueId};
+use crate::nn::conv::winograd::channel_last::Layouts;
 use crate::nn::ConvAlgo;
 
 /// A convolution with its algorithm and what the plan fused into it.
@@ -17,6 +18,8 @@ pub(crate) struct ConvStep {
     pub pool: bool,
     /// The forward also reduces each output plane to (mean, M2) for the BatchNorm that reads it.
     pub moments: bool,
+    /// Inference: Winograd F(2×2) on channel-last tiles, with these layouts of its input and output.
+    pub channel_last: Option<Layouts>,
 }
 
 /// A BatchNorm with what the plan fused into it.
@@ -96,6 +99,10 @@ impl Step {
             StepKind::Layer { node } => nodes[*node].op().describe(),
             StepKind::Conv(c) => {
                 let mut f = vec![c.algo.name().to_string()];
+                if let Some(l) = c.channel_last {
+                    let side = |cl: bool| if cl { "NHWC" } else { "NCHW" };
+                    f.push(format!("{} in, {} out", side(l.input), side(l.output)));
+                }
                 if c.moments {
                     f.push("plane moments".into());
                 }

@@ -100,6 +100,8 @@ struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
     rows: Vec<f32>,
+    /// The channel-last forward's staging of one tile row's output ([`channel_last`]).
+    out: Vec<f32>,
 }
 
 std::thread_local! {
@@ -304,7 +306,7 @@ fn forward_impl(
 
 /// The output pass of a F(2×2) forward: bias, eval BatchNorm `y·a + b`, ReLU, 2×2 max pool.
 #[derive(Clone, Copy)]
-pub(super) struct Epilogue<'a> {
+pub struct Epilogue<'a> {
     pub bias: Option<&'a [f32]>,
     pub affine: Option<(&'a [f32], &'a [f32])>,
     pub relu: bool,
@@ -719,6 +721,8 @@ fn input_adjoint(s: &WinoShape, dv: &[f32], imgs: usize, dx: &mut [f32], rows: &
 
 mod bands;
 pub mod batch;
+pub mod channel_last;
+mod cl_x86;
 mod f2_x86;
 pub mod f4;
 mod weights;

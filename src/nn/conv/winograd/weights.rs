@@ -60,14 +60,16 @@ pub(super) use wide;
 /// its forward's U (the optimizer changes the weights only after both), and any change to the weights (a step,
 /// a load) is seen by comparing them, which costs a fifth of transforming them again.
 ///
-/// The chunked forward's packed form of U ([`Transformed::packed`]) is kept the same way, so inference, whose
-/// weights never change, transforms and packs them once.
+/// The chunked forward's packed form of U ([`Transformed::packed`]) and the channel-last one
+/// ([`Transformed::channel_last`]) are kept the same way, so inference, whose weights never change, transforms
+/// and packs them once.
 #[derive(Debug, Clone, Default)]
 pub struct Transformed {
     of: Vec<f32>,
     u: Vec<f32>,
     packed: Vec<f32>,
     plen: usize,
+    cl: Vec<f32>,
 }
 
 impl Transformed {
@@ -79,6 +81,7 @@ impl Transformed {
         arena::give(std::mem::take(&mut self.u));
         self.u = transform(w, k, c);
         self.packed.clear();
+        self.cl.clear();
         self.of.clear();
         self.of.extend_from_slice(w);
         true
@@ -100,6 +103,27 @@ impl Transformed {
             self.plen = plen;
         }
         (&self.packed, self.plen)
+    }
+
+    /// U for weights `w` (K, C, 3, 3) channel-last, `U[p][c][k]` (the products of the channel-last forward,
+    /// [`super::channel_last`], are vectorised over k): the kept one if `w` has not changed since.
+    pub fn channel_last(&mut self, w: &[f32], k: usize, c: usize) -> &[f32] {
+        self.refresh(w, k, c);
+        if self.cl.is_empty() && !self.u.is_empty() {
+            self.cl = vec![0.0; self.u.len()];
+            for (up, cp) in self
+                .u
+                .chunks_exact(k * c)
+                .zip(self.cl.chunks_exact_mut(k * c))
+            {
+                for kk in 0..k {
+                    for ch in 0..c {
+                        cp[ch * k + kk] = up[kk * c + ch];
+                    }
+                }
+            }
+        }
+        &self.cl
     }
 }
 

@@ -12,6 +12,7 @@
 //! | [`conv_affine`] | inference | an eval BatchNorm (+ ReLU) into the convolution's output pass |
 //! | [`conv_relu`] | inference | a ReLU into the convolution's output pass |
 //! | [`conv_pool`] | inference | a 2×2 max pool into the output pass of a convolution with a ReLU |
+//! | [`channel_last`] | inference | Winograd F(2×2) on channel-last tiles, activations channel-last between two such convolutions |
 //! | [`flatten_move`] | all | a flatten moves its input's buffer instead of copying it |
 //!
 //! [`fold`] is not a plan pattern but a rewrite of the graph that changes its weights (`Graph::fold_batch_norm`).
@@ -19,6 +20,7 @@
 pub mod add_relu;
 pub mod bn_pool;
 pub mod bn_relu;
+pub mod channel_last;
 pub mod conv_affine;
 pub mod conv_moments;
 pub mod conv_pool;
@@ -46,6 +48,7 @@ pub(crate) fn apply_all<T: crate::Real>(b: &mut Builder<T>) {
             conv_affine::apply(b);
             conv_relu::apply(b);
             conv_pool::apply(b);
+            channel_last::apply(b);
         }
     }
     flatten_move::apply(b);
