@@ -114,6 +114,8 @@ pub struct Conv2d<T: Real = f32> {
     packed: Vec<f32>,
     /// Winograd-transformed weights of [`ConvAlgo::Winograd2Batch`], reused from forward to backward, and the
     /// packed ones of [`ConvAlgo::Winograd2`]'s forward, reused from call to call while the weights are unchanged.
+    /// Tracked: every method that can change the weights ([`Conv2d::weight_mut`], `reset_parameters`,
+    /// `fold_affine`, `load_state`, `visit_params`) invalidates it, so calls in between do not compare them.
     wino: winograd::Transformed,
 }
 
@@ -138,7 +140,7 @@ impl<T: Real> Conv2d<T> {
             bias,
             ws: Vec::new(),
             packed: Vec::new(),
-            wino: Default::default(),
+            wino: winograd::Transformed::tracked(),
         })
     }
 
@@ -149,6 +151,7 @@ impl<T: Real> Conv2d<T> {
         &self.weight
     }
     pub fn weight_mut(&mut self) -> &mut Param<T> {
+        self.wino.invalidate();
         &mut self.weight
     }
     pub fn bias(&self) -> Option<&Param<T>> {
@@ -165,6 +168,7 @@ impl<T: Real> Conv2d<T> {
         scale: f64,
         rng: &mut impl rand::Rng,
     ) -> Result<()> {
+        self.wino.invalidate();
         init.apply(&mut self.weight, self.bias.as_mut(), scale, rng)
     }
 
@@ -322,6 +326,7 @@ impl<T: Real> Conv2d<T> {
                 ),
             });
         }
+        self.wino.invalidate();
         super::fold::fold_affine(&mut self.weight, &mut self.bias, a, b);
         self.cfg.bias = true;
         Ok(())
@@ -728,6 +733,7 @@ impl<T: Real> Stateful<T> for Conv2d<T> {
         }
     }
     fn load_state(&mut self, prefix: &str, sd: &StateDict) -> Result<()> {
+        self.wino.invalidate();
         sd.load_float(&join(prefix, "weight"), &mut self.weight.value)?;
         if let Some(b) = self.bias.as_mut() {
             sd.load_float(&join(prefix, "bias"), &mut b.value)?;
@@ -735,6 +741,7 @@ impl<T: Real> Stateful<T> for Conv2d<T> {
         Ok(())
     }
     fn visit_params(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Param<T>)) {
+        self.wino.invalidate();
         f(&join(prefix, "weight"), &mut self.weight);
         if let Some(b) = self.bias.as_mut() {
             f(&join(prefix, "bias"), b);

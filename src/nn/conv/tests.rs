@@ -162,3 +162,96 @@ fn simd_backward_matches_the_f64_path() {
         }
     }
 }
+
+/// The kept Winograd transforms are not compared with the weights while the layer vouches for them, so every
+/// way of changing the weights must make the next forward use the new ones: `weight_mut`, `visit_params` (the
+/// optimizers), `load_state`, `fold_affine` and `reset_parameters`. Each change is checked against a fresh layer
+/// with the same weights, bitwise, on the planar and the channel-last forward.
+#[test]
+fn kept_transforms_follow_every_change_of_the_weights() {
+    use rand::SeedableRng;
+    if !winograd::channel_last::supports(16, 16) {
+        return;
+    }
+    let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(17);
+    let cfg = Conv2dConfig::new(16, 16, 3).padding(1);
+    let mut x = ArrayD::zeros(IxDyn(&[1, 16, 6, 6]));
+    crate::nn::init::normal(&mut x, 0.0, 1.0, &mut rng);
+    let x: ArrayD<f32> = x.mapv(|v: f64| v as f32);
+    let cl = winograd::channel_last::Layouts::default();
+    let run = |conv: &mut Conv2d<f32>| {
+        let a = conv
+            .forward_with(&x, ConvAlgo::Winograd2, Epilogue::default())
+            .unwrap();
+        let b = conv
+            .forward_channel_last(&x, ConvAlgo::Winograd2, Epilogue::default(), cl)
+            .unwrap();
+        (a, b)
+    };
+    let fresh = |conv: &Conv2d<f32>| {
+        let mut sd = crate::state::StateDict::new();
+        conv.save_state("", &mut sd);
+        let mut other = cfg
+            .clone()
+            .build::<f32>(&mut rand_pcg::Pcg64Mcg::seed_from_u64(1))
+            .unwrap();
+        other.load_state("", &sd).unwrap();
+        other
+    };
+    let mut conv = cfg.clone().build::<f32>(&mut rng).unwrap();
+    type Change = Box<dyn Fn(&mut Conv2d<f32>)>;
+    let changes: Vec<(&str, Change)> = vec![
+        (
+            "weight_mut",
+            Box::new(|c| c.weight_mut().value.mapv_inplace(|v| v * 2.0)),
+        ),
+        (
+            "visit_params",
+            Box::new(|c| c.visit_params("", &mut |_, p| p.value.mapv_inplace(|v| v - 0.25))),
+        ),
+        (
+            "load_state",
+            Box::new(|c| {
+                let mut sd = crate::state::StateDict::new();
+                c.save_state("", &mut sd);
+                let other = Conv2dConfig::new(16, 16, 3)
+                    .padding(1)
+                    .build::<f32>(&mut rand_pcg::Pcg64Mcg::seed_from_u64(2))
+                    .unwrap();
+                other.save_state("", &mut sd);
+                c.load_state("", &sd).unwrap();
+            }),
+        ),
+        (
+            "fold_affine",
+            Box::new(|c| c.fold_affine(&[1.5; 16], &[0.5; 16]).unwrap()),
+        ),
+        (
+            "reset_parameters",
+            Box::new(|c| {
+                c.reset_parameters(
+                    crate::nn::Init::Default,
+                    1.0,
+                    &mut rand_pcg::Pcg64Mcg::seed_from_u64(3),
+                )
+                .unwrap()
+            }),
+        ),
+    ];
+    let mut before = run(&mut conv);
+    for (what, change) in changes {
+        change(&mut conv);
+        let got = run(&mut conv);
+        let want = run(&mut fresh(&conv));
+        assert_ne!(got.0, before.0, "{what} changed nothing");
+        assert_eq!(
+            got.0, want.0,
+            "{what}: the planar forward used stale transforms"
+        );
+        assert_eq!(
+            got.1, want.1,
+            "{what}: the channel-last forward used stale transforms"
+        );
+        before = got;
+    }
+}
