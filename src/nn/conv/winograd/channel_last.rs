@@ -118,9 +118,14 @@ fn band(
     let (ia, ib) = (t0 / tw, (t1 - 1) / tw); // first and last tile row
                                              // the input rows the tiles read
     let (r0, r1) = ((2 * ia).saturating_sub(1), (2 * ib + 3).min(h));
+    // M overwrites V in place when one block of output-channel vectors computes all of it (K ≤ 64): a tile's
+    // products are stored after their last read of its V. Rows of ld = max(C, K) values for both.
+    let (shared, ld) = (k <= 64, c.max(k));
     with_scratch(|sc| {
-        at_least(&mut sc.a, (16 * tw + PAD_TILES) * c);
-        at_least(&mut sc.b, 16 * tw * k);
+        at_least(&mut sc.a, (16 * tw + PAD_TILES) * ld);
+        if !shared {
+            at_least(&mut sc.b, 16 * tw * ld);
+        }
         // the staged input rows (when planar), then c zeros for the pixels outside the image
         let stage = if lay.input { 0 } else { (r1 - r0) * w * c };
         at_least(&mut sc.rows, stage + c);
@@ -144,20 +149,14 @@ fn band(
             let j1 = if i == ib { (t1 - 1) % tw + 1 } else { tw };
             let rows = (h - 2 * i).min(2);
             // SAFETY: AVX-512F (asserted by `forward`); the tile reads are of rows 2i-1..2i+2 within r0..r1 at
-            // columns < w (or of `zeros`), c values each, and V's stores are at (p·tw + j - j0)·c + ch < 16·tw·c.
-            unsafe {
-                x86::input_row(
-                    src,
-                    r0,
-                    (c, h, w),
-                    i,
-                    (j0, j1),
-                    zeros,
-                    sc.a.as_mut_ptr(),
-                    tw,
-                )
-            };
-            products(j1 - j0, tw, c, k, &sc.a, u, &mut sc.b);
+            // columns < w (or of `zeros`), c values each, and V's stores are at (p·tw + j - j0)·ld + ch
+            // < 16·tw·ld.
+            let v = sc.a.as_mut_ptr();
+            unsafe { x86::input_row(src, r0, (c, h, w), i, (j0, j1), zeros, v, (tw, ld)) };
+            let mp = if shared { v } else { sc.b.as_mut_ptr() };
+            // SAFETY: V holds (16·tw + PAD_TILES)·ld values and M (the same buffer, or sc.b) 16·tw·ld.
+            unsafe { products(j1 - j0, (tw, ld), c, k, v, u, mp) };
+            let m: &[f32] = if shared { &sc.a } else { &sc.b };
             let seg = (j0, j1, w, rows);
             // the stores below are these tiles' output pixels only: no other band writes them
             if lay.output {
@@ -166,11 +165,11 @@ fn band(
                 assert!((pix0 + npix) * k <= ylen, "tile row outside the output");
                 // SAFETY: M's loads are within 16·tw·k; the stores are channel-last pixels of the tile row
                 // (from pix0) within the image's output (asserted), which outlives the call.
-                unsafe { output_row(&sc.b, tw, k, seg, epi, yo.0.add(pix0 * k)) };
+                unsafe { output_row(m, (tw, ld), k, seg, epi, yo.0.add(pix0 * k)) };
                 continue;
             }
             // SAFETY: as above, into the staging of one tile row's output pixels.
-            unsafe { output_row(&sc.b, tw, k, seg, epi, sc.out.as_mut_ptr()) };
+            unsafe { output_row(m, (tw, ld), k, seg, epi, sc.out.as_mut_ptr()) };
             // each output row's pixels of these tiles, channel-last in the staging, into the K planes
             let runs: &[(usize, usize, usize)] = if ep.pool {
                 &[(j0, i * tw + j0, j1 - j0)]
@@ -204,43 +203,53 @@ type Epi<'a> = (
 /// AVX-512F; `dst` must hold the tile row's output pixels (k values each) that `seg` (j0, j1, w, rows) covers.
 unsafe fn output_row(
     m: &[f32],
-    ts: usize,
+    (ts, ld): (usize, usize),
     k: usize,
     seg: (usize, usize, usize, usize),
     epi: Epi,
     dst: *mut f32,
 ) {
-    assert!(seg.0 < seg.1 && seg.1 - seg.0 <= ts && m.len() >= 15 * ts * k + (seg.1 - seg.0) * k);
+    assert!(k <= ld && seg.0 < seg.1 && seg.1 - seg.0 <= ts && m.len() >= 16 * ts * ld);
     let (bias, affine, flags) = epi;
-    x86::output_row(m.as_ptr(), ts, k, seg, bias, affine, flags, dst)
+    x86::output_row(m.as_ptr(), (ts, ld), k, seg, bias, affine, flags, dst)
 }
 
-/// `m[p][t][..]` = V[p] (nt × c, `v[(p·ts + t)·c + ch]`) · U[p] (c × k) for the 16 points, in blocks of
-/// output-channel vectors (at most 4) and of tiles.
-fn products(nt: usize, ts: usize, c: usize, k: usize, v: &[f32], u: &[f32], m: &mut [f32]) {
-    assert!(nt <= ts);
+/// `m[p][t][..]` = V[p] (nt × c, `v[(p·ts + t)·ld + ch]`) · U[p] (c × k) for the 16 points, into rows of `ld`
+/// as well, in blocks of output-channel vectors (at most 4) and of tiles. `m` may be `v` when K ≤ 64 (one block
+/// of vectors): each tile block stores its products after reading its V.
+///
+/// # Safety
+/// AVX-512F; `v` holds (16·ts + PAD_TILES)·ld values and `m` 16·ts·ld; `u` holds 16·c·k.
+unsafe fn products(
+    nt: usize,
+    (ts, ld): (usize, usize),
+    c: usize,
+    k: usize,
+    v: *const f32,
+    u: &[f32],
+    m: *mut f32,
+) {
+    assert!(nt <= ts && c <= ld && k <= ld && u.len() >= 16 * c * k);
     assert!(
-        v.len() >= (16 * ts + PAD_TILES) * c && u.len() >= 16 * c * k && m.len() >= 16 * ts * k
+        std::ptr::eq(v, m) <= (k <= 64),
+        "products overwrite V only in one block of vectors"
     );
     let nkv = k / 16;
     for p in 0..16 {
         let mut kv = 0;
         while kv < nkv {
             let part = (nkv - kv).min(4);
-            let (vp, up) = (v[p * ts * c..].as_ptr(), u[p * c * k + 16 * kv..].as_ptr());
-            let mp = m[p * ts * k + 16 * kv..].as_mut_ptr();
-            // SAFETY: AVX-512F (asserted by `forward`); each block reads NT ≤ 14 tiles of V from tile t0 < nt
-            // (within the PAD_TILES padding, asserted), c rows of U's `part` vectors at kv, and stores its
-            // valid tiles' `part` vectors at kv of M's rows (asserted lengths).
-            unsafe {
-                match (part, nt) {
-                    (4, _) => blocks::<4, 7>(nt, c, k, vp, up, mp),
-                    (3, _) => blocks::<3, 9>(nt, c, k, vp, up, mp),
-                    // a band's partial tile row of up to 7 tiles: 14 accumulators, not 28 with half unused
-                    (2, ..=7) => blocks::<2, 7>(nt, c, k, vp, up, mp),
-                    (2, _) => blocks::<2, 14>(nt, c, k, vp, up, mp),
-                    _ => blocks::<1, 14>(nt, c, k, vp, up, mp),
-                }
+            let (vp, up) = (v.add(p * ts * ld), u[p * c * k + 16 * kv..].as_ptr());
+            let mp = m.add(p * ts * ld + 16 * kv);
+            // each block reads NT ≤ 14 tiles of V from tile t0 < nt (within the PAD_TILES padding), c rows of
+            // U's `part` vectors at kv, and stores its valid tiles' `part` vectors at kv of M's rows
+            match (part, nt) {
+                (4, _) => blocks::<4, 7>(nt, (c, k, ld), vp, up, mp),
+                (3, _) => blocks::<3, 9>(nt, (c, k, ld), vp, up, mp),
+                // a band's partial tile row of up to 7 tiles: 14 accumulators, not 28 with half unused
+                (2, ..=7) => blocks::<2, 7>(nt, (c, k, ld), vp, up, mp),
+                (2, _) => blocks::<2, 14>(nt, (c, k, ld), vp, up, mp),
+                _ => blocks::<1, 14>(nt, (c, k, ld), vp, up, mp),
             }
             kv += part;
         }
@@ -248,18 +257,25 @@ fn products(nt: usize, ts: usize, c: usize, k: usize, v: &[f32], u: &[f32], m: &
 }
 
 /// # Safety
-/// As [`x86::products`], for the tiles 0..tw in blocks of NT.
+/// As [`x86::products`], for the tiles 0..nt in blocks of NT.
 unsafe fn blocks<const NKV: usize, const NT: usize>(
-    tw: usize,
-    c: usize,
-    k: usize,
+    nt: usize,
+    (c, k, ld): (usize, usize, usize),
     v: *const f32,
     u: *const f32,
     m: *mut f32,
 ) {
     let mut t0 = 0;
-    while t0 < tw {
-        x86::products::<NKV, NT>(c, v.add(t0 * c), u, k, m.add(t0 * k), k, (tw - t0).min(NT));
+    while t0 < nt {
+        x86::products::<NKV, NT>(
+            c,
+            v.add(t0 * ld),
+            u,
+            k,
+            m.add(t0 * ld),
+            ld,
+            (nt - t0).min(NT),
+        );
         t0 += NT;
     }
 }

@@ -11,7 +11,7 @@
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    /// V of the tiles j0..j1 of tile row `i`: `v[(p·ts + j - j0)·c + ch] = (Bᵀ d B)[p]` of tile j's 4×4 input
+    /// V of the tiles j0..j1 of tile row `i`: `v[(p·ts + j - j0)·ld + ch] = (Bᵀ d B)[p]` of tile j's 4×4 input
     /// (rows 2i-1.., columns 2j-1.., zero outside the image), from channel-last rows `src` holding image rows
     /// `r0..` (row r at `(r - r0)·w·c`); `zeros` holds at least c zeros, read for the pixels outside. C is a
     /// multiple of 16. The order of operations is the planar kernel's: the 4 column combinations of each row,
@@ -28,7 +28,7 @@ pub(super) mod x86 {
         (j0, j1): (usize, usize),
         zeros: *const f32,
         v: *mut f32,
-        ts: usize,
+        (ts, ld): (usize, usize),
     ) {
         let rows: [Option<*const f32>; 4] = std::array::from_fn(|a| {
             let r = (2 * i + a).checked_sub(1)?;
@@ -41,7 +41,7 @@ pub(super) mod x86 {
                     _ => zeros,
                 })
             });
-            let vt = v.add((j - j0) * c);
+            let vt = v.add((j - j0) * ld);
             let mut ch = 0;
             while ch < c {
                 let mut hh = [[_mm512_setzero_ps(); 4]; 4];
@@ -63,7 +63,7 @@ pub(super) mod x86 {
                         _mm512_sub_ps(hh[1][q], hh[3][q]),
                     ];
                     for (rr, val) in o.iter().enumerate() {
-                        _mm512_storeu_ps(vt.add((rr * 4 + q) * ts * c + ch), *val);
+                        _mm512_storeu_ps(vt.add((rr * 4 + q) * ts * ld + ch), *val);
                     }
                 }
                 ch += 16;
@@ -71,8 +71,9 @@ pub(super) mod x86 {
         }
     }
 
-    /// `m[t·ldm + ..16·NKV] = Σ_ch v[t·c + ch] · u[ch·ldu + ..16·NKV]` for the `nt` ≤ NT tiles of a block (NT
-    /// tiles of `v` are read), summed over ch in order, one fused multiply-add each, from zero.
+    /// `m[t·ld + ..16·NKV] = Σ_ch v[t·ld + ch] · u[ch·ldu + ..16·NKV]` for the `nt` ≤ NT tiles of a block (NT
+    /// tiles of `v` are read), summed over ch in order, one fused multiply-add each, from zero. `m` may be `v`:
+    /// every read of the block comes before its first store.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub unsafe fn products<const NKV: usize, const NT: usize>(
@@ -81,7 +82,7 @@ pub(super) mod x86 {
         u: *const f32,
         ldu: usize,
         m: *mut f32,
-        ldm: usize,
+        ld: usize,
         nt: usize,
     ) {
         let mut acc = [[_mm512_setzero_ps(); NKV]; NT];
@@ -89,7 +90,7 @@ pub(super) mod x86 {
             let ur = u.add(ch * ldu);
             let uv: [__m512; NKV] = std::array::from_fn(|q| _mm512_loadu_ps(ur.add(16 * q)));
             for (t, row) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*v.add(t * c + ch));
+                let b = _mm512_set1_ps(*v.add(t * ld + ch));
                 for (x, y) in row.iter_mut().zip(uv) {
                     *x = _mm512_fmadd_ps(b, y, *x);
                 }
@@ -97,12 +98,12 @@ pub(super) mod x86 {
         }
         for (t, row) in acc.iter().enumerate().take(nt) {
             for (q, x) in row.iter().enumerate() {
-                _mm512_storeu_ps(m.add(t * ldm + 16 * q), *x);
+                _mm512_storeu_ps(m.add(t * ld + 16 * q), *x);
             }
         }
     }
 
-    /// The output pass of the tiles j0..j1 of a tile row from `m[(p·ts + j - j0)·k + kk]`: y = Aᵀ M A, + bias,
+    /// The output pass of the tiles j0..j1 of a tile row from `m[(p·ts + j - j0)·ld + kk]`: y = Aᵀ M A, + bias,
     /// then `y·a + b` (separately rounded), ReLU, and with `pool` each tile's maximum. Channel-last into `dst`
     /// (the tile row's first output pixel): pooled, `dst[j·k + kk]`; else `dst[(a·w + x)·k + kk]` for the tile
     /// row's output rows a < `rows` (2, or 1 at an odd bottom edge) and x < w. K is a multiple of 16.
@@ -110,7 +111,7 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn output_row(
         m: *const f32,
-        ts: usize,
+        (ts, ld): (usize, usize),
         k: usize,
         (j0, j1, w, rows): (usize, usize, usize, usize),
         bias: Option<&[f32]>,
@@ -129,11 +130,11 @@ pub(super) mod x86 {
                 )
             });
             for j in j0..j1 {
-                let ld = |p: usize| _mm512_loadu_ps(m.add((p * ts + j - j0) * k + kk));
+                let load = |p: usize| _mm512_loadu_ps(m.add((p * ts + j - j0) * ld + kk));
                 let mut s0 = [zero; 4];
                 let mut s1 = [zero; 4];
                 for q in 0..4 {
-                    let (m0, m1, m2, m3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
+                    let (m0, m1, m2, m3) = (load(q), load(4 + q), load(8 + q), load(12 + q));
                     s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
                     s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
                 }
@@ -184,7 +185,7 @@ pub(super) mod x86 {
         _: (usize, usize),
         _: *const f32,
         _: *mut f32,
-        _: usize,
+        _: (usize, usize),
     ) {
         unreachable!("Winograd kernels need AVX-512F")
     }
@@ -202,7 +203,7 @@ pub(super) mod x86 {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn output_row(
         _: *const f32,
-        _: usize,
+        _: (usize, usize),
         _: usize,
         _: (usize, usize, usize, usize),
         _: Option<&[f32]>,
