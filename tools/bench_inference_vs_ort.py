@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gen_zoo_twins as twins  # noqa: E402
 
 
+# Seconds each runtime waits before it starts, for the previous one's spinning worker threads to go idle.
+IDLE_S = 0.5
+
 def timed_calls(fn, calls: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -94,13 +97,17 @@ def main() -> int:
     batches = [int(v) for v in args.batches.split(",")]
     xs = {b: np.random.default_rng(0).random((b, 1, 28, 28), dtype=np.float32) for b in batches}
     # Paired rounds: each round times ONNX Runtime, then normvision, then PyTorch, back to back, so that a
-    # ratio compares runs seconds apart (this machine's speed drifts by up to 2x from minute to minute).
+    # ratio compares runs seconds apart (this machine's speed drifts by up to 2x from minute to minute). Each
+    # runtime starts IDLE_S after the previous one stopped: ORT's and PyTorch's worker threads spin for a while
+    # after their last call, and on two cores they took the cores of the next runtime's first calls (its p99).
     per_round = {b: [] for b in batches}
     for _ in range(args.rounds):
         ort_t = {}
+        time.sleep(IDLE_S)
         for b in batches:
             calls = args.calls * (10 if b == 1 else 1)
             ort_t[b] = timed_calls(lambda: sess.run(None, {"x": xs[b]}), calls, max(5, calls // 10))
+        time.sleep(IDLE_S)
         nv = subprocess.run([args.normvision, "--threads", str(args.threads), "bench", "--onnx", str(onnx_path),
                              "--json", "--batch-size", str(max(batches)), "--steps", str(args.calls)],
                             check=True, capture_output=True, text=True)
@@ -109,6 +116,7 @@ def main() -> int:
             if line.strip():
                 r = json.loads(line)
                 nv_rows[r["batch"]] = r
+        time.sleep(IDLE_S)
         for b in batches:
             calls = args.calls * (10 if b == 1 else 1)
             xt = torch.from_numpy(xs[b])
