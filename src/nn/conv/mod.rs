@@ -332,20 +332,18 @@ impl<T: Real> Conv2d<T> {
         Ok(())
     }
 
-    /// The forward with algorithm `algo` and an output-pass `epi`logue. A ReLU epilogue runs with every
-    /// algorithm; an affine needs one that [`ConvAlgo::fuses_affine`], a 2×2 max pool (after affine and ReLU)
-    /// [`ConvAlgo::fuses_affine_relu_pool`] and even output sides.
-    pub fn forward_with(
-        &mut self,
-        x: &ArrayD<T>,
+    /// The (N, O, H', W') output of an output-pass epilogue `epi` with `algo` on geometry `g`, pooled with the
+    /// fused 2×2 max pool: errors unless `algo` can apply the epilogue. A ReLU runs with every algorithm; an
+    /// affine needs one that [`ConvAlgo::fuses_affine`], a pool (after affine and ReLU)
+    /// [`ConvAlgo::fuses_affine_relu_pool`], a ReLU and even output sides.
+    fn epilogue_output(
+        &self,
+        g: &Geom,
         algo: ConvAlgo,
-        epi: Epilogue<'_, T>,
-    ) -> Result<ArrayD<T>> {
-        let g = self.geom(x.shape())?;
-        self.check_algo(&g, algo)?;
-        let o = g.o;
+        epi: &Epilogue<'_, T>,
+    ) -> Result<[usize; 4]> {
         if let Some((a, b)) = epi.affine {
-            if a.len() != o || b.len() != o || !algo.fuses_affine() {
+            if a.len() != g.o || b.len() != g.o || !algo.fuses_affine() {
                 return Err(NvError::Config(format!(
                     "{}: {} cannot apply a {}-channel affine in its output pass",
                     self.name(),
@@ -368,12 +366,26 @@ impl<T: Real> Conv2d<T> {
                 g.ow
             )));
         }
-        // with the fused pool (Winograd F(2×2) only, checked above) the output is the pooled one
-        let shape = if epi.pool2x2 {
+        // with the fused pool (Winograd F(2×2) only) the output is the pooled one
+        Ok(if epi.pool2x2 {
             [g.n, g.o, g.oh / 2, g.ow / 2]
         } else {
             [g.n, g.o, g.oh, g.ow]
-        };
+        })
+    }
+
+    /// The forward with algorithm `algo` and an output-pass `epi`logue. A ReLU epilogue runs with every
+    /// algorithm; an affine needs one that [`ConvAlgo::fuses_affine`], a 2×2 max pool (after affine and ReLU)
+    /// [`ConvAlgo::fuses_affine_relu_pool`] and even output sides.
+    pub fn forward_with(
+        &mut self,
+        x: &ArrayD<T>,
+        algo: ConvAlgo,
+        epi: Epilogue<'_, T>,
+    ) -> Result<ArrayD<T>> {
+        let g = self.geom(x.shape())?;
+        self.check_algo(&g, algo)?;
+        let shape = self.epilogue_output(&g, algo, &epi)?;
         match algo {
             ConvAlgo::Winograd4 if epi.affine.is_none() => {
                 let ws = algo::winograd_shape(&g).expect("checked");
@@ -465,35 +477,11 @@ impl<T: Real> Conv2d<T> {
             )));
         }
         let g = self.geom(&planar)?;
-        let o = g.o;
-        if epi
-            .affine
-            .is_some_and(|(a, b)| a.len() != o || b.len() != o)
-        {
-            return Err(NvError::Config(format!(
-                "{}: an affine of the wrong length for {o} output channels",
-                self.name()
-            )));
-        }
-        let poolable = !one && epi.relu && g.oh.is_multiple_of(2) && g.ow.is_multiple_of(2);
-        if epi.pool2x2 && !poolable {
-            return Err(NvError::Config(format!(
-                "{}: {} cannot apply a 2x2 max pool in its output pass to a {}x{} output",
-                self.name(),
-                algo.name(),
-                g.oh,
-                g.ow
-            )));
-        }
-        let (oh, ow) = if epi.pool2x2 {
-            (g.oh / 2, g.ow / 2)
-        } else {
-            (g.oh, g.ow)
-        };
+        let [n, o, oh, ow] = self.epilogue_output(&g, algo, &epi)?;
         let shape = if layouts.output {
-            [g.n, oh, ow, o]
+            [n, oh, ow, o]
         } else {
-            [g.n, o, oh, ow]
+            [n, o, oh, ow]
         };
         if one {
             let os = algo::one_channel_shape(&g).expect("checked");

@@ -232,7 +232,7 @@ unsafe fn products(
 ) {
     assert!(nt <= ts && c <= ld && k <= ld && u.len() >= 16 * c * k);
     assert!(
-        std::ptr::eq(v, m) <= (k <= 64),
+        !std::ptr::eq(v, m) || k <= 64,
         "products overwrite V only in one block of vectors"
     );
     let nkv = k / 16;

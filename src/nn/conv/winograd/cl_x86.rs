@@ -9,6 +9,7 @@
 #[cfg(nv_x86)]
 #[allow(clippy::needless_range_loop)] // the tile algebra reads best with explicit row/column indices
 pub(super) mod x86 {
+    use super::super::f2_x86::x86::{epilogue, tile_output};
     use std::arch::x86_64::*;
 
     /// V of the tiles j0..j1 of tile row `i`: `v[(p·ts + j - j0)·ld + ch] = (Bᵀ d B)[p]` of tile j's 4×4 input
@@ -123,36 +124,20 @@ pub(super) mod x86 {
         let mut kk = 0;
         while kk < k {
             let vb = bias.map_or(zero, |b| _mm512_loadu_ps(b.as_ptr().add(kk)));
-            let (va, vab) = affine.map_or((zero, zero), |(a, b)| {
+            let aff = affine.map(|(a, b)| {
                 (
                     _mm512_loadu_ps(a.as_ptr().add(kk)),
                     _mm512_loadu_ps(b.as_ptr().add(kk)),
                 )
             });
             for j in j0..j1 {
-                let load = |p: usize| _mm512_loadu_ps(m.add((p * ts + j - j0) * ld + kk));
-                let mut s0 = [zero; 4];
-                let mut s1 = [zero; 4];
-                for q in 0..4 {
-                    let (m0, m1, m2, m3) = (load(q), load(4 + q), load(8 + q), load(12 + q));
-                    s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-                    s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-                }
+                let tile = tile_output(|p| _mm512_loadu_ps(m.add((p * ts + j - j0) * ld + kk)));
                 let mut pooled = zero;
-                for (a, s) in [s0, s1].iter().enumerate().take(rows) {
-                    let mut y = [
-                        _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
-                        _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
+                for (a, yr) in tile.iter().enumerate().take(rows) {
+                    let y = [
+                        epilogue(yr[0], vb, aff, relu),
+                        epilogue(yr[1], vb, aff, relu),
                     ];
-                    for v in y.iter_mut() {
-                        *v = _mm512_add_ps(*v, vb);
-                        if affine.is_some() {
-                            *v = _mm512_add_ps(_mm512_mul_ps(*v, va), vab);
-                        }
-                        if relu {
-                            *v = _mm512_max_ps(*v, zero);
-                        }
-                    }
                     if pool {
                         pooled = _mm512_max_ps(pooled, _mm512_max_ps(y[0], y[1]));
                         continue;

@@ -306,6 +306,49 @@ pub(super) mod x86 {
         }
     }
 
+    /// y = Aᵀ M A of a tile from its 16 products `load(p)`, as rows a of columns b: the row sums of each column
+    /// q first ((m0 + m1) + m2 and (m1 - m2) - m3), then the column sums of each row. Every F(2×2) output pass
+    /// (planar and channel-last) computes its tiles with this, so they round alike.
+    #[inline(always)]
+    pub(in crate::nn::conv::winograd) unsafe fn tile_output(
+        load: impl Fn(usize) -> __m512,
+    ) -> [[__m512; 2]; 2] {
+        let zero = _mm512_setzero_ps();
+        let mut s0 = [zero; 4];
+        let mut s1 = [zero; 4];
+        for q in 0..4 {
+            let (m0, m1, m2, m3) = (load(q), load(4 + q), load(8 + q), load(12 + q));
+            s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+            s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+        }
+        let cols = |s: &[__m512; 4]| {
+            [
+                _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
+                _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
+            ]
+        };
+        [cols(&s0), cols(&s1)]
+    }
+
+    /// The output pass's epilogue of one vector: + bias, then the eval BatchNorm's `y·a + b` (a rounded
+    /// product, then a rounded sum, as its own pass computes it), then max(·, 0).
+    #[inline(always)]
+    pub(in crate::nn::conv::winograd) unsafe fn epilogue(
+        y: __m512,
+        bias: __m512,
+        affine: Option<(__m512, __m512)>,
+        relu: bool,
+    ) -> __m512 {
+        let mut y = _mm512_add_ps(y, bias);
+        if let Some((a, b)) = affine {
+            y = _mm512_add_ps(_mm512_mul_ps(y, a), b);
+        }
+        if relu {
+            y = _mm512_max_ps(y, _mm512_setzero_ps());
+        }
+        y
+    }
+
     /// [`output_tiles`] for planes whose tile rows fit two to a vector (2·tw ≤ 16): tile rows i and i + 1
     /// are loaded from M with one load per transform plane and transformed together; their output rows
     /// (2i, 2i + 1 and 2i + 2, 2i + 3) are written from the low and the shifted-down high lanes.
@@ -326,10 +369,7 @@ pub(super) mod x86 {
         pool: bool,
         plane: &mut [f32],
     ) {
-        let (va, vab) = match affine {
-            Some((a, ab)) => (_mm512_set1_ps(a), _mm512_set1_ps(ab)),
-            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-        };
+        let aff = affine.map(|(a, ab)| (_mm512_set1_ps(a), _mm512_set1_ps(ab)));
         let mp = m.as_ptr();
         let yp = plane.as_mut_ptr();
         let vb = _mm512_set1_ps(b);
@@ -344,34 +384,11 @@ pub(super) mod x86 {
             let pair = (th - i).min(2);
             let mk = mask(pair * tw);
             let base = src + i * tw;
-            let ld = |p: usize| _mm512_maskz_loadu_ps(mk, mp.add(p * pstride + base));
-            let mut s0 = [zero; 4];
-            let mut s1 = [zero; 4];
-            for q in 0..4 {
-                let (m0, m1, m2, m3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
-                s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-                s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-            }
-            let cols = |s: &[__m512; 4]| {
-                (
-                    _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
-                    _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
-                )
-            };
+            let tile = tile_output(|p| _mm512_maskz_loadu_ps(mk, mp.add(p * pstride + base)));
             let mut pooled = zero;
-            for (a, s) in [s0, s1].iter().enumerate() {
-                let (mut y0, mut y1) = cols(s);
-                y0 = _mm512_add_ps(y0, vb);
-                y1 = _mm512_add_ps(y1, vb);
-                if affine.is_some() {
-                    // separate multiply and add, as the eval BatchNorm computes x·a + b
-                    y0 = _mm512_add_ps(_mm512_mul_ps(y0, va), vab);
-                    y1 = _mm512_add_ps(_mm512_mul_ps(y1, va), vab);
-                }
-                if relu {
-                    y0 = _mm512_max_ps(y0, zero);
-                    y1 = _mm512_max_ps(y1, zero);
-                }
+            for (a, yr) in tile.iter().enumerate() {
+                let y0 = epilogue(yr[0], vb, aff, relu);
+                let y1 = epilogue(yr[1], vb, aff, relu);
                 if pool {
                     // after the ReLU every value is +0 or positive, so the maximum is exact in any order
                     pooled = _mm512_max_ps(pooled, _mm512_max_ps(y0, y1));
@@ -414,15 +431,12 @@ pub(super) mod x86 {
         pool: bool,
         plane: &mut [f32],
     ) {
-        let (va, vab) = match affine {
-            Some((a, ab)) => (_mm512_set1_ps(a), _mm512_set1_ps(ab)),
-            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-        };
         if 2 * tw <= 16 {
             return output_tiles_paired(
                 m, pstride, src, th, tw, h, w, b, affine, relu, pool, plane,
             );
         }
+        let aff = affine.map(|(a, ab)| (_mm512_set1_ps(a), _mm512_set1_ps(ab)));
         let mp = m.as_ptr();
         let yp = plane.as_mut_ptr();
         let vb = _mm512_set1_ps(b);
@@ -433,40 +447,16 @@ pub(super) mod x86 {
                 let cnt = (tw - j0).min(16);
                 let mk = mask(cnt);
                 let base = src + i * tw + j0;
-                let ld = |p: usize| _mm512_maskz_loadu_ps(mk, mp.add(p * pstride + base));
-                // rows: s0 = m0 + m1 + m2, s1 = m1 - m2 - m3 (per column q)
-                let mut s0 = [zero; 4];
-                let mut s1 = [zero; 4];
-                for q in 0..4 {
-                    let (m0, m1, m2, m3) = (ld(q), ld(4 + q), ld(8 + q), ld(12 + q));
-                    s0[q] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-                    s1[q] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-                }
-                let cols = |s: &[__m512; 4]| {
-                    (
-                        _mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]),
-                        _mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]),
-                    )
-                };
+                let tile = tile_output(|p| _mm512_maskz_loadu_ps(mk, mp.add(p * pstride + base)));
                 let ncols = (w - 2 * j0).min(2 * cnt);
                 let mut pooled = zero;
-                for (a, s) in [s0, s1].iter().enumerate() {
+                for (a, yr) in tile.iter().enumerate() {
                     let row = 2 * i + a;
                     if row >= h {
                         break;
                     }
-                    let (mut y0, mut y1) = cols(s);
-                    y0 = _mm512_add_ps(y0, vb);
-                    y1 = _mm512_add_ps(y1, vb);
-                    if affine.is_some() {
-                        // separate multiply and add, as the eval BatchNorm computes x·a + b
-                        y0 = _mm512_add_ps(_mm512_mul_ps(y0, va), vab);
-                        y1 = _mm512_add_ps(_mm512_mul_ps(y1, va), vab);
-                    }
-                    if relu {
-                        y0 = _mm512_max_ps(y0, zero);
-                        y1 = _mm512_max_ps(y1, zero);
-                    }
+                    let y0 = epilogue(yr[0], vb, aff, relu);
+                    let y1 = epilogue(yr[1], vb, aff, relu);
                     if pool {
                         // after the ReLU every value is +0 or positive, so the maximum is exact in any order
                         pooled = _mm512_max_ps(pooled, _mm512_max_ps(y0, y1));
